@@ -1,0 +1,29 @@
+"""Python binding of the Iris decentralized messaging framework.
+
+Mirrors the official Go binding: ``connect`` for a plain client, ``register``
+for a service; request/reply, broadcast, publish/subscribe and tunnels.
+"""
+
+from .connection import Connection, connect
+from .errors import ClosedError, RemoteError, TimeoutError
+from .handlers import ServiceHandler, TopicHandler
+from .limits import ServiceLimits, TopicLimits
+from .logs import ContextLog
+from .service import Service, register
+from .tunnel import Tunnel
+
+__all__ = [
+    "ClosedError",
+    "Connection",
+    "ContextLog",
+    "RemoteError",
+    "Service",
+    "ServiceHandler",
+    "ServiceLimits",
+    "TimeoutError",
+    "TopicHandler",
+    "TopicLimits",
+    "Tunnel",
+    "connect",
+    "register",
+]

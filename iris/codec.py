@@ -1,0 +1,585 @@
+"""The Iris relay wire protocol (PROTOCOL.md), pure: no sockets, no threads.
+
+Bytes go into a :class:`Decoder` and packets come out; a packet's ``encode()``
+gives the bytes to send. The client binding and the embedded relay both drive
+this one module, so the two can never disagree about the wire.
+
+Packets are NamedTuples (cheap to build on the hot path). The two directions
+share an opcode space but not all formats, hence two packet families: what a
+client sends (decoded by the relay) and what a relay sends (decoded by a
+client). A decoder is told which side it listens to.
+
+Two error kinds: a peer breaking the protocol raises :class:`ProtocolError`;
+our own caller's mistakes are ``ValueError`` and are caught by the binding
+before anything is encoded.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+VERSION = "v1.0-draft2"
+CLIENT_MAGIC = "iris-client-magic"
+RELAY_MAGIC = "iris-relay-magic"
+
+# The largest message (request, reply, broadcast, event, tunnel chunk) a
+# decoder accepts. Both the original relay and this one refuse bigger ones, and
+# the bound keeps a hostile length field from becoming an allocation.
+MAX_MESSAGE = 64 * 1024 * 1024
+
+# A 64-bit value needs at most 10 base-128 groups; more is a violation.
+MAX_VARINT_OCTETS = 10
+
+
+class ProtocolError(Exception):
+    """The peer sent bytes that break the wire protocol."""
+
+
+class Op(enum.IntEnum):
+    INIT = 0x00
+    DENY = 0x01
+    CLOSE = 0x02
+    BROADCAST = 0x03
+    REQUEST = 0x04
+    REPLY = 0x05
+    SUBSCRIBE = 0x06
+    UNSUBSCRIBE = 0x07
+    PUBLISH = 0x08
+    TUN_INIT = 0x09
+    TUN_CONFIRM = 0x0A
+    TUN_ALLOW = 0x0B
+    TUN_TRANSFER = 0x0C
+    TUN_CLOSE = 0x0D
+
+
+class Side(enum.Enum):
+    """Which end of the connection sent the bytes a decoder reads."""
+
+    CLIENT = "client"
+    RELAY = "relay"
+
+
+# ---------------------------------------------------------------------------
+# Field encoders. Each returns bytes; packets join them in one copy.
+
+_SMALL_VARINTS = [bytes((i,)) for i in range(128)]
+_OPS = [bytes((op,)) for op in Op]
+_FALSE, _TRUE = b"\x00", b"\x01"
+
+
+def encode_varint(value: int) -> bytes:
+    if value < 0x80:
+        if value < 0:
+            raise ValueError(f"varint must be non-negative, got {value}")
+        return _SMALL_VARINTS[value]
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _string(text: str) -> tuple[bytes, bytes]:
+    data = text.encode()
+    return encode_varint(len(data)), data
+
+
+def _bool(flag: bool) -> bytes:
+    return _TRUE if flag else _FALSE
+
+
+# ---------------------------------------------------------------------------
+# Packets a client sends.
+
+
+class Init(NamedTuple):
+    cluster: str = ""  # empty: a plain client
+    version: str = VERSION
+
+    def encode(self) -> bytes:
+        return b"".join(
+            (_OPS[Op.INIT], *_string(CLIENT_MAGIC), *_string(self.version), *_string(self.cluster))
+        )
+
+
+class Close(NamedTuple):
+    def encode(self) -> bytes:
+        return _OPS[Op.CLOSE]
+
+
+class Broadcast(NamedTuple):
+    cluster: str
+    message: bytes
+
+    def encode(self) -> bytes:
+        return b"".join(
+            (
+                _OPS[Op.BROADCAST],
+                *_string(self.cluster),
+                encode_varint(len(self.message)),
+                self.message,
+            )
+        )
+
+
+class Request(NamedTuple):
+    id: int
+    cluster: str
+    request: bytes
+    timeout_ms: int
+
+    def encode(self) -> bytes:
+        return b"".join(
+            (
+                _OPS[Op.REQUEST],
+                encode_varint(self.id),
+                *_string(self.cluster),
+                encode_varint(len(self.request)),
+                self.request,
+                encode_varint(self.timeout_ms),
+            )
+        )
+
+
+class Reply(NamedTuple):
+    id: int
+    success: bool
+    payload: bytes | str  # the reply's bytes on success, else the fault text
+
+    def encode(self) -> bytes:
+        if self.success:
+            body = (encode_varint(len(self.payload)), self.payload)
+        else:
+            body = _string(self.payload)
+        return b"".join((_OPS[Op.REPLY], encode_varint(self.id), _bool(self.success), *body))
+
+
+class Subscribe(NamedTuple):
+    topic: str
+
+    def encode(self) -> bytes:
+        return b"".join((_OPS[Op.SUBSCRIBE], *_string(self.topic)))
+
+
+class Unsubscribe(NamedTuple):
+    topic: str
+
+    def encode(self) -> bytes:
+        return b"".join((_OPS[Op.UNSUBSCRIBE], *_string(self.topic)))
+
+
+class Publish(NamedTuple):
+    """Same format both ways: a client publishing, or the relay delivering."""
+
+    topic: str
+    event: bytes
+
+    def encode(self) -> bytes:
+        return b"".join(
+            (_OPS[Op.PUBLISH], *_string(self.topic), encode_varint(len(self.event)), self.event)
+        )
+
+
+class TunnelInit(NamedTuple):
+    id: int
+    cluster: str
+    timeout_ms: int
+
+    def encode(self) -> bytes:
+        return b"".join(
+            (
+                _OPS[Op.TUN_INIT],
+                encode_varint(self.id),
+                *_string(self.cluster),
+                encode_varint(self.timeout_ms),
+            )
+        )
+
+
+class TunnelConfirm(NamedTuple):
+    build_id: int
+    id: int
+
+    def encode(self) -> bytes:
+        return b"".join(
+            (_OPS[Op.TUN_CONFIRM], encode_varint(self.build_id), encode_varint(self.id))
+        )
+
+
+class TunnelAllow(NamedTuple):
+    """Same format both ways."""
+
+    id: int
+    size: int
+
+    def encode(self) -> bytes:
+        return b"".join((_OPS[Op.TUN_ALLOW], encode_varint(self.id), encode_varint(self.size)))
+
+
+class TunnelTransfer(NamedTuple):
+    """Same format both ways. ``size`` is the whole message's length on its
+    first chunk and 0 on continuation chunks."""
+
+    id: int
+    size: int
+    chunk: bytes
+
+    def encode(self) -> bytes:
+        return b"".join(
+            (
+                _OPS[Op.TUN_TRANSFER],
+                encode_varint(self.id),
+                encode_varint(self.size),
+                encode_varint(len(self.chunk)),
+                self.chunk,
+            )
+        )
+
+
+class TunnelClose(NamedTuple):
+    id: int
+
+    def encode(self) -> bytes:
+        return b"".join((_OPS[Op.TUN_CLOSE], encode_varint(self.id)))
+
+
+# ---------------------------------------------------------------------------
+# Packets a relay sends.
+
+
+class Accept(NamedTuple):
+    """The relay's INIT: the connection is accepted."""
+
+    version: str = VERSION
+
+    def encode(self) -> bytes:
+        return b"".join((_OPS[Op.INIT], *_string(RELAY_MAGIC), *_string(self.version)))
+
+
+class Deny(NamedTuple):
+    reason: str
+
+    def encode(self) -> bytes:
+        return b"".join((_OPS[Op.DENY], *_string(RELAY_MAGIC), *_string(self.reason)))
+
+
+class Closed(NamedTuple):
+    """The relay's CLOSE; an empty reason acknowledges a graceful close."""
+
+    reason: str = ""
+
+    def encode(self) -> bytes:
+        return b"".join((_OPS[Op.CLOSE], *_string(self.reason)))
+
+
+class BroadcastDelivery(NamedTuple):
+    message: bytes
+
+    def encode(self) -> bytes:
+        return b"".join((_OPS[Op.BROADCAST], encode_varint(len(self.message)), self.message))
+
+
+class RequestDelivery(NamedTuple):
+    id: int
+    request: bytes
+    timeout_ms: int
+
+    def encode(self) -> bytes:
+        return b"".join(
+            (
+                _OPS[Op.REQUEST],
+                encode_varint(self.id),
+                encode_varint(len(self.request)),
+                self.request,
+                encode_varint(self.timeout_ms),
+            )
+        )
+
+
+class ReplyDelivery(NamedTuple):
+    id: int
+    timed_out: bool
+    success: bool = False
+    payload: bytes | str = b""
+
+    def encode(self) -> bytes:
+        if self.timed_out:
+            return b"".join((_OPS[Op.REPLY], encode_varint(self.id), _TRUE))
+        if self.success:
+            body = (encode_varint(len(self.payload)), self.payload)
+        else:
+            body = _string(self.payload)
+        return b"".join(
+            (_OPS[Op.REPLY], encode_varint(self.id), _FALSE, _bool(self.success), *body)
+        )
+
+
+class TunnelOffer(NamedTuple):
+    """The relay's TUN_INIT: a member is asked to accept a tunnel."""
+
+    build_id: int
+    chunk_limit: int
+
+    def encode(self) -> bytes:
+        return b"".join(
+            (_OPS[Op.TUN_INIT], encode_varint(self.build_id), encode_varint(self.chunk_limit))
+        )
+
+
+class TunnelResult(NamedTuple):
+    """The relay's TUN_CONFIRM: the outcome of the initiator's TUN_INIT."""
+
+    id: int
+    timed_out: bool
+    chunk_limit: int = 0
+
+    def encode(self) -> bytes:
+        if self.timed_out:
+            return b"".join((_OPS[Op.TUN_CONFIRM], encode_varint(self.id), _TRUE))
+        return b"".join(
+            (_OPS[Op.TUN_CONFIRM], encode_varint(self.id), _FALSE, encode_varint(self.chunk_limit))
+        )
+
+
+class TunnelClosed(NamedTuple):
+    id: int
+    reason: str = ""
+
+    def encode(self) -> bytes:
+        return b"".join((_OPS[Op.TUN_CLOSE], encode_varint(self.id), *_string(self.reason)))
+
+
+# ---------------------------------------------------------------------------
+# Decoding.
+
+
+class _Incomplete(Exception):
+    """More bytes are needed; ``need`` is the buffer length that may suffice."""
+
+    def __init__(self, need: int):
+        self.need = need
+
+
+class _Reader:
+    """Field readers over one buffer; each returns (value, next position)."""
+
+    __slots__ = ("buf", "max_message")
+
+    def __init__(self, buf: bytearray, max_message: int):
+        self.buf = buf
+        self.max_message = max_message
+
+    def varint(self, pos: int) -> tuple[int, int]:
+        buf = self.buf
+        octet = buf[pos]
+        if octet < 0x80:
+            return octet, pos + 1
+        value, shift = octet & 0x7F, 7
+        for pos in range(pos + 1, pos + MAX_VARINT_OCTETS):  # noqa: B020
+            octet = buf[pos]
+            value |= (octet & 0x7F) << shift
+            if octet < 0x80:
+                return value, pos + 1
+            shift += 7
+        raise ProtocolError(f"varint longer than {MAX_VARINT_OCTETS} octets")
+
+    def binary(self, pos: int) -> tuple[bytes, int]:
+        size, pos = self.varint(pos)
+        if size > self.max_message:
+            raise ProtocolError(f"message of {size} bytes exceeds the {self.max_message} limit")
+        end = pos + size
+        if end > len(self.buf):
+            raise _Incomplete(end)
+        return bytes(self.buf[pos:end]), end
+
+    def string(self, pos: int) -> tuple[str, int]:
+        data, pos = self.binary(pos)
+        try:
+            return data.decode(), pos
+        except UnicodeDecodeError as err:
+            raise ProtocolError(f"string is not UTF-8: {err}") from err
+
+    def bool(self, pos: int) -> tuple[bool, int]:
+        octet = self.buf[pos]
+        if octet > 1:
+            raise ProtocolError(f"bool octet must be 0 or 1, got {octet:#04x}")
+        return octet == 1, pos + 1
+
+    def magic(self, pos: int, expected: str) -> int:
+        magic, pos = self.string(pos)
+        if magic != expected:
+            raise ProtocolError(f"bad magic {magic!r}, expected {expected!r}")
+        return pos
+
+
+def _client_packet(r: _Reader, op: int, pos: int):
+    """Parse one packet a client sent, opcode already read."""
+    if op == Op.REQUEST:
+        rid, pos = r.varint(pos)
+        cluster, pos = r.string(pos)
+        request, pos = r.binary(pos)
+        timeout, pos = r.varint(pos)
+        return Request(rid, cluster, request, timeout), pos
+    if op == Op.REPLY:
+        rid, pos = r.varint(pos)
+        success, pos = r.bool(pos)
+        payload, pos = r.binary(pos) if success else r.string(pos)
+        return Reply(rid, success, payload), pos
+    if op == Op.TUN_TRANSFER:
+        tid, pos = r.varint(pos)
+        size, pos = r.varint(pos)
+        chunk, pos = r.binary(pos)
+        return TunnelTransfer(tid, size, chunk), pos
+    if op == Op.TUN_ALLOW:
+        tid, pos = r.varint(pos)
+        size, pos = r.varint(pos)
+        return TunnelAllow(tid, size), pos
+    if op == Op.BROADCAST:
+        cluster, pos = r.string(pos)
+        message, pos = r.binary(pos)
+        return Broadcast(cluster, message), pos
+    if op == Op.PUBLISH:
+        topic, pos = r.string(pos)
+        event, pos = r.binary(pos)
+        return Publish(topic, event), pos
+    if op == Op.SUBSCRIBE or op == Op.UNSUBSCRIBE:
+        topic, pos = r.string(pos)
+        return (Subscribe if op == Op.SUBSCRIBE else Unsubscribe)(topic), pos
+    if op == Op.INIT:
+        pos = r.magic(pos, CLIENT_MAGIC)
+        version, pos = r.string(pos)
+        cluster, pos = r.string(pos)
+        return Init(cluster, version), pos
+    if op == Op.CLOSE:
+        return Close(), pos
+    if op == Op.TUN_INIT:
+        tid, pos = r.varint(pos)
+        cluster, pos = r.string(pos)
+        timeout, pos = r.varint(pos)
+        return TunnelInit(tid, cluster, timeout), pos
+    if op == Op.TUN_CONFIRM:
+        build_id, pos = r.varint(pos)
+        tid, pos = r.varint(pos)
+        return TunnelConfirm(build_id, tid), pos
+    if op == Op.TUN_CLOSE:
+        tid, pos = r.varint(pos)
+        return TunnelClose(tid), pos
+    if op == Op.DENY:
+        raise ProtocolError("a client may not send DENY")
+    raise ProtocolError(f"unknown opcode {op:#04x}")
+
+
+def _relay_packet(r: _Reader, op: int, pos: int):
+    """Parse one packet a relay sent, opcode already read."""
+    if op == Op.REPLY:
+        rid, pos = r.varint(pos)
+        timed_out, pos = r.bool(pos)
+        if timed_out:
+            return ReplyDelivery(rid, True), pos
+        success, pos = r.bool(pos)
+        payload, pos = r.binary(pos) if success else r.string(pos)
+        return ReplyDelivery(rid, False, success, payload), pos
+    if op == Op.REQUEST:
+        rid, pos = r.varint(pos)
+        request, pos = r.binary(pos)
+        timeout, pos = r.varint(pos)
+        return RequestDelivery(rid, request, timeout), pos
+    if op == Op.TUN_TRANSFER:
+        tid, pos = r.varint(pos)
+        size, pos = r.varint(pos)
+        chunk, pos = r.binary(pos)
+        return TunnelTransfer(tid, size, chunk), pos
+    if op == Op.TUN_ALLOW:
+        tid, pos = r.varint(pos)
+        size, pos = r.varint(pos)
+        return TunnelAllow(tid, size), pos
+    if op == Op.BROADCAST:
+        message, pos = r.binary(pos)
+        return BroadcastDelivery(message), pos
+    if op == Op.PUBLISH:
+        topic, pos = r.string(pos)
+        event, pos = r.binary(pos)
+        return Publish(topic, event), pos
+    if op == Op.INIT:
+        pos = r.magic(pos, RELAY_MAGIC)
+        version, pos = r.string(pos)
+        return Accept(version), pos
+    if op == Op.DENY:
+        pos = r.magic(pos, RELAY_MAGIC)
+        reason, pos = r.string(pos)
+        return Deny(reason), pos
+    if op == Op.CLOSE:
+        reason, pos = r.string(pos)
+        return Closed(reason), pos
+    if op == Op.TUN_INIT:
+        build_id, pos = r.varint(pos)
+        chunk_limit, pos = r.varint(pos)
+        return TunnelOffer(build_id, chunk_limit), pos
+    if op == Op.TUN_CONFIRM:
+        tid, pos = r.varint(pos)
+        timed_out, pos = r.bool(pos)
+        if timed_out:
+            return TunnelResult(tid, True), pos
+        chunk_limit, pos = r.varint(pos)
+        return TunnelResult(tid, False, chunk_limit), pos
+    if op == Op.TUN_CLOSE:
+        tid, pos = r.varint(pos)
+        reason, pos = r.string(pos)
+        return TunnelClosed(tid, reason), pos
+    if op in (Op.SUBSCRIBE, Op.UNSUBSCRIBE):
+        raise ProtocolError(f"a relay may not send {Op(op).name}")
+    raise ProtocolError(f"unknown opcode {op:#04x}")
+
+
+class Decoder:
+    """Turns a byte stream from one side into packets.
+
+    Memory is bounded: the buffer never holds more than one packet's worth of
+    unparsed bytes, and a packet's size is bounded by ``max_message``. A
+    ProtocolError leaves the decoder unusable; the connection must end.
+    """
+
+    def __init__(self, sender: Side, max_message: int = MAX_MESSAGE):
+        self._buf = bytearray()
+        self._reader = _Reader(self._buf, max_message)
+        self._parse = _client_packet if sender is Side.CLIENT else _relay_packet
+        # Skip re-parsing a large packet until enough bytes have arrived for it;
+        # without this, a 64 MiB message fed in 64 KiB reads costs quadratic time.
+        self._need = 1
+        self._failed: ProtocolError | None = None
+
+    def feed(self, data: bytes) -> list:
+        """Add bytes from the wire; return every packet they complete."""
+        if self._failed is not None:
+            raise ProtocolError("decoder already failed") from self._failed
+        buf = self._buf
+        buf += data
+        if len(buf) < self._need:
+            return []
+        packets = []
+        pos, parse, reader = 0, self._parse, self._reader
+        try:
+            while pos < len(buf):
+                try:
+                    packet, pos = parse(reader, buf[pos], pos + 1)
+                except IndexError:
+                    self._need = len(buf) - pos + 1
+                    break
+                except _Incomplete as inc:
+                    self._need = inc.need - pos
+                    break
+                packets.append(packet)
+            else:
+                self._need = 1
+        except ProtocolError as err:
+            self._failed = err
+            raise
+        del buf[:pos]
+        return packets
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet parsed into a packet."""
+        return len(self._buf)

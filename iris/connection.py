@@ -1,0 +1,553 @@
+"""A connection to the local Iris relay: the client half of the protocol.
+
+One TCP socket and one reader thread per connection. Calls from any thread
+encode a packet and write it under a lock; the reader thread decodes what the
+relay sends and completes the waiting call, or hands inbound work (requests,
+broadcasts, events, tunnels) to bounded handler pools.
+
+    caller threads --encode/send--> socket --> relay
+    reader thread  <--decode------- socket <-- relay
+        |-- replies / tunnel results -> waiting callers
+        |-- requests, broadcasts, events -> HandlerPools -> handlers
+        `-- tunnel allowance and data -> Tunnel objects
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from . import codec
+from .errors import ClosedError, RemoteError, TimeoutError
+from .handlers import ServiceHandler, TopicHandler
+from .limits import TUNNEL_BUFFER, ServiceLimits, TopicLimits
+from .logs import ContextLog, RateLimitedWarning
+from .pool import HandlerPool
+from .tunnel import Tunnel
+
+DEFAULT_PORT = 55555
+
+# How long to wait for the relay's INIT answer before giving up on it.
+HANDSHAKE_TIMEOUT = 10.0
+# The relay answers every request and tunnel by its deadline; this extra wait
+# only guards against a relay that has stopped working, so a call never hangs.
+RELAY_GRACE = 2.0
+# How long close() waits for the relay to acknowledge a graceful CLOSE.
+CLOSE_TIMEOUT = 5.0
+# Read size: large enough to take a whole batch of small packets or a tunnel
+# chunk in one system call.
+RECV_SIZE = 256 * 1024
+
+_client_ids = itertools.count(1)
+
+
+def _validate_name(kind: str, name: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{kind} name must be a non-empty string, got {name!r}")
+
+
+def _validate_message(kind: str, data: bytes) -> bytes:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ValueError(f"{kind} must be bytes, got {type(data).__name__}")
+    if not data:
+        raise ValueError(f"{kind} must not be empty")
+    return bytes(data)
+
+
+def timeout_ms(timeout: float) -> int:
+    """Seconds to the wire's milliseconds; under 1 ms is a caller error."""
+    if timeout is None or timeout < 0.001:
+        raise ValueError(f"timeout must be at least 1 ms, got {timeout!r}")
+    return round(timeout * 1000)
+
+
+class _Waiter:
+    """One caller blocked on one answer from the reader thread.
+
+    A pre-acquired lock is the cheapest blocking hand-off CPython offers.
+    """
+
+    __slots__ = ("lock", "result")
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.result = None
+
+    def resolve(self, result) -> None:
+        self.result = result
+        self.lock.release()
+
+    def wait(self, timeout: float):
+        if not self.lock.acquire(timeout=timeout):
+            raise TimeoutError("the relay did not answer in time")
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+
+class _Subscription:
+    __slots__ = ("callback", "pool", "overflow")
+
+    def __init__(self, callback: Callable[[bytes], None], pool: HandlerPool, overflow):
+        self.callback = callback
+        self.pool = pool
+        self.overflow = overflow
+
+
+class Connection:
+    """A live attachment to the relay; use :func:`connect` or :func:`register`."""
+
+    def __init__(
+        self,
+        port: int = DEFAULT_PORT,
+        cluster: str = "",
+        handler: ServiceHandler | None = None,
+        limits: ServiceLimits | None = None,
+        log: ContextLog | None = None,
+    ):
+        self.log = log or ContextLog().new(client=next(_client_ids))
+        self._cluster = cluster
+        self._handler = handler
+        self._send_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._ids = itertools.count()
+        self._requests: dict[int, _Waiter] = {}
+        self._tunnel_inits: dict[int, _Waiter] = {}
+        self._tunnels: dict[int, Tunnel] = {}
+        self._subscriptions: dict[str, _Subscription] = {}
+        self._closing = False
+        self._closed = threading.Event()
+        self._drop_reason: str | None = None
+        self._handlers_started = threading.Event()
+
+        if handler is not None:
+            limits = (limits or ServiceLimits()).with_defaults()
+            self._request_pool = HandlerPool(
+                "request", limits.request_threads, limits.request_memory, self.log
+            )
+            self._broadcast_pool = HandlerPool(
+                "broadcast", limits.broadcast_threads, limits.broadcast_memory, self.log
+            )
+            self._broadcast_overflow = RateLimitedWarning(
+                self.log, "broadcast dropped: memory limit reached"
+            )
+
+        self.log.info("connecting to relay", relay_port=port, cluster=cluster or None)
+        self._sock = self._handshake(port, cluster)
+        self._decoder = codec.Decoder(codec.Side.RELAY)
+        self._reader = threading.Thread(
+            target=self._read_loop, name=f"iris-reader-{port}", daemon=True
+        )
+        self._reader.start()
+        self.log.info("relay connection established")
+
+    # -- setup and teardown ------------------------------------------------
+
+    def _handshake(self, port: int, cluster: str) -> socket.socket:
+        sock = _dial(port)
+        try:
+            sock.settimeout(HANDSHAKE_TIMEOUT)
+            sock.sendall(codec.Init(cluster).encode())
+            decoder = codec.Decoder(codec.Side.RELAY)
+            while True:
+                data = sock.recv(RECV_SIZE)
+                if not data:
+                    raise ConnectionError(f"relay on port {port} closed during the handshake")
+                packets = decoder.feed(data)
+                if packets:
+                    break
+            answer = packets[0]
+            if isinstance(answer, codec.Deny):
+                raise ConnectionRefusedError(f"relay denied the connection: {answer.reason}")
+            if not isinstance(answer, codec.Accept) or len(packets) > 1:
+                raise ConnectionError(f"relay answered the handshake with {answer!r}")
+            sock.settimeout(None)
+            return sock
+        except BaseException:
+            sock.close()
+            raise
+
+    def close(self) -> None:
+        """Detach gracefully; pending calls on this connection raise ClosedError."""
+        with self._state_lock:
+            if self._closing:
+                already = True
+            else:
+                already, self._closing = False, True
+        if not already:
+            self.log.info("detaching from relay")
+            try:
+                self._send(codec.Close().encode())
+            except ClosedError:
+                pass
+        if threading.current_thread() is not self._reader:
+            self._closed.wait(CLOSE_TIMEOUT)
+        self._shutdown("connection closed")
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def _shutdown(self, reason: str) -> None:
+        """Fail everything pending and release the socket; idempotent."""
+        self._closed.set()  # from here on, _send refuses: nothing new can start waiting
+        with self._state_lock:
+            self._closing = True
+            requests, self._requests = self._requests, {}
+            inits, self._tunnel_inits = self._tunnel_inits, {}
+            tunnels, self._tunnels = self._tunnels, {}
+            subscriptions, self._subscriptions = self._subscriptions, {}
+        for waiter in (*requests.values(), *inits.values()):
+            waiter.resolve(ClosedError(reason))
+        for tunnel in tunnels.values():
+            tunnel._on_closed(reason)
+        for sub in subscriptions.values():
+            sub.pool.close()
+        if self._handler is not None:
+            self._request_pool.close()
+            self._broadcast_pool.close()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+
+    def _start_handlers(self) -> None:
+        """Let queued inbound work run; called once the service's init is done."""
+        self._request_pool.start()
+        self._broadcast_pool.start()
+        self._handlers_started.set()
+
+    # -- sending -------------------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        if self._closed.is_set():
+            raise ClosedError("connection closed")
+        try:
+            with self._send_lock:
+                self._sock.sendall(data)
+        except OSError as err:
+            raise ClosedError(f"connection lost: {err}") from err
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise ClosedError("connection closed")
+
+    # -- the public operations ---------------------------------------------------
+
+    def request(self, cluster: str, request: bytes, timeout: float) -> bytes:
+        """Send ``request`` to one member of ``cluster`` and wait for its reply.
+
+        Raises iris.TimeoutError, iris.RemoteError (the member's fault text) or
+        iris.ClosedError.
+        """
+        _validate_name("cluster", cluster)
+        request = _validate_message("request", request)
+        millis = timeout_ms(timeout)
+        self._check_open()
+        rid = next(self._ids)
+        waiter = _Waiter()
+        self._requests[rid] = waiter
+        try:
+            if self.log.is_debug():
+                self.log.debug("sending request", cluster=cluster, id=rid, size=len(request))
+            self._send(codec.Request(rid, cluster, request, millis).encode())
+            reply = waiter.wait(timeout + RELAY_GRACE)
+        finally:
+            self._requests.pop(rid, None)
+        if reply.timed_out:
+            raise TimeoutError(f"request to {cluster!r} timed out after {timeout:g} s")
+        if not reply.success:
+            raise RemoteError(reply.payload)
+        return reply.payload
+
+    def broadcast(self, cluster: str, message: bytes) -> None:
+        """Send ``message`` to every member of ``cluster`` (best effort)."""
+        _validate_name("cluster", cluster)
+        message = _validate_message("message", message)
+        self._check_open()
+        if self.log.is_debug():
+            self.log.debug("sending broadcast", cluster=cluster, size=len(message))
+        self._send(codec.Broadcast(cluster, message).encode())
+
+    def publish(self, topic: str, event: bytes) -> None:
+        """Deliver ``event`` to every subscriber of ``topic`` (best effort)."""
+        _validate_name("topic", topic)
+        event = _validate_message("event", event)
+        self._check_open()
+        if self.log.is_debug():
+            self.log.debug("publishing event", topic=topic, size=len(event))
+        self._send(codec.Publish(topic, event).encode())
+
+    def subscribe(
+        self,
+        topic: str,
+        handler: TopicHandler | Callable[[bytes], None],
+        limits: TopicLimits | None = None,
+    ) -> None:
+        """Receive the events of ``topic`` through ``handler``.
+
+        ``handler`` is a TopicHandler or any callable taking the event bytes.
+        """
+        _validate_name("topic", topic)
+        callback = handler.handle_event if isinstance(handler, TopicHandler) else handler
+        if not callable(callback):
+            raise ValueError("handler must be an iris.TopicHandler or a callable")
+        limits = (limits or TopicLimits()).with_defaults()
+        log = self.log.new(topic=topic)
+        pool = HandlerPool(f"topic-{topic}", limits.event_threads, limits.event_memory, log)
+        overflow = RateLimitedWarning(log, "event dropped: memory limit reached")
+        with self._state_lock:
+            self._check_open()
+            if topic in self._subscriptions:
+                raise ValueError(f"already subscribed to {topic!r}")
+            self._subscriptions[topic] = _Subscription(callback, pool, overflow)
+        pool.start()
+        self.log.info("subscribing to topic", topic=topic)
+        try:
+            self._send(codec.Subscribe(topic).encode())
+        except ClosedError:
+            self._subscriptions.pop(topic, None)
+            pool.close()
+            raise
+
+    def unsubscribe(self, topic: str) -> None:
+        """Stop receiving ``topic``; events already queued are still handled."""
+        _validate_name("topic", topic)
+        with self._state_lock:
+            self._check_open()
+            sub = self._subscriptions.pop(topic, None)
+        if sub is None:
+            raise ValueError(f"not subscribed to {topic!r}")
+        self.log.info("unsubscribing from topic", topic=topic)
+        sub.pool.close()
+        self._send(codec.Unsubscribe(topic).encode())
+
+    def tunnel(self, cluster: str, timeout: float) -> Tunnel:
+        """Open an ordered, flow-controlled stream to one member of ``cluster``."""
+        _validate_name("cluster", cluster)
+        millis = timeout_ms(timeout)
+        self._check_open()
+        tid = next(self._ids)
+        waiter = _Waiter()
+        self._tunnel_inits[tid] = waiter
+        try:
+            self.log.info("opening tunnel", cluster=cluster, tunnel=tid)
+            self._send(codec.TunnelInit(tid, cluster, millis).encode())
+            tunnel = waiter.wait(timeout + RELAY_GRACE)
+        finally:
+            abandoned = self._tunnel_inits.pop(tid, None) is not None
+        if tunnel is None:
+            raise TimeoutError(f"tunnel to {cluster!r} timed out after {timeout:g} s")
+        if abandoned:  # the relay answered just as we gave up: the tunnel has no owner
+            tunnel.close()
+            raise TimeoutError(f"tunnel to {cluster!r} timed out after {timeout:g} s")
+        return tunnel
+
+    # -- used by Tunnel ------------------------------------------------------------
+
+    def _forget_tunnel(self, tid: int) -> None:
+        self._tunnels.pop(tid, None)
+
+    # -- the reader thread -----------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        reason = "connection lost"
+        dispatch = self._dispatch
+        try:
+            recv, feed = self._sock.recv, self._decoder.feed
+            while True:
+                data = recv(RECV_SIZE)
+                if not data:
+                    break
+                for packet in feed(data):
+                    handle = dispatch.get(type(packet))
+                    if handle is None:
+                        raise codec.ProtocolError(f"unexpected packet {type(packet).__name__}")
+                    if handle(self, packet):
+                        reason = self._drop_reason or "connection closed"
+                        return
+        except codec.ProtocolError as err:
+            reason = f"protocol violation by relay: {err}"
+            self.log.error("relay broke the protocol", error=str(err))
+        except OSError as err:
+            reason = f"connection lost: {err}"
+        finally:
+            self._closed.set()
+            graceful = self._closing and self._drop_reason is None
+            self._shutdown(reason)
+            if not graceful:
+                self._on_drop(reason)
+
+    def _on_drop(self, reason: str) -> None:
+        self.log.warning("relay connection dropped", reason=reason)
+        if self._handler is not None:
+            try:
+                self._handler.handle_drop(ClosedError(reason))
+            except Exception as err:
+                self.log.error("drop handler raised", error=repr(err))
+
+    def _on_closed(self, packet: codec.Closed) -> bool:
+        if packet.reason:
+            self._drop_reason = packet.reason
+        return True  # the relay closes the socket next; stop reading
+
+    def _on_reply(self, packet: codec.ReplyDelivery) -> None:
+        waiter = self._requests.pop(packet.id, None)
+        if waiter is not None:
+            waiter.resolve(packet)
+
+    def _on_request(self, packet: codec.RequestDelivery) -> None:
+        if self._handler is None:
+            raise codec.ProtocolError("relay sent a request to a plain client")
+        if self.log.is_debug():
+            self.log.debug("request arrived", id=packet.id, size=len(packet.request))
+        deadline = time.monotonic() + packet.timeout_ms / 1000
+        pool = self._request_pool
+        if not pool.submit(self._serve_request, (packet, deadline), len(packet.request)):
+            fault = (
+                f"request memory limit exceeded: {pool.waiting_bytes} bytes waiting, "
+                f"limit {pool.memory} bytes"
+            )
+            self._send_reply(packet.id, False, fault)
+
+    def _serve_request(self, packet: codec.RequestDelivery, deadline: float) -> None:
+        if time.monotonic() > deadline:
+            self.log.debug("request expired before a handler was free", id=packet.id)
+            return
+        try:
+            reply = self._handler.handle_request(packet.request)
+            if not isinstance(reply, bytes | bytearray | memoryview):
+                raise TypeError(f"handle_request returned {type(reply).__name__}, not bytes")
+        except Exception as err:
+            self._send_reply(packet.id, False, str(err) or type(err).__name__)
+            return
+        self._send_reply(packet.id, True, bytes(reply))
+
+    def _send_reply(self, rid: int, success: bool, payload: bytes | str) -> None:
+        try:
+            self._send(codec.Reply(rid, success, payload).encode())
+        except ClosedError:
+            self.log.debug("reply lost: connection closed", id=rid)
+
+    def _on_broadcast(self, packet: codec.BroadcastDelivery) -> None:
+        if self._handler is None:
+            raise codec.ProtocolError("relay sent a broadcast to a plain client")
+        if self.log.is_debug():
+            self.log.debug("broadcast arrived", size=len(packet.message))
+        message = packet.message
+        if not self._broadcast_pool.submit(
+            self._handler.handle_broadcast, (message,), len(message)
+        ):
+            self._broadcast_overflow(size=len(message))
+
+    def _on_event(self, packet: codec.Publish) -> None:
+        sub = self._subscriptions.get(packet.topic)
+        if sub is None:
+            return  # unsubscribed while the event was in flight
+        if self.log.is_debug():
+            self.log.debug("event arrived", topic=packet.topic, size=len(packet.event))
+        if not sub.pool.submit(sub.callback, (packet.event,), len(packet.event)):
+            sub.overflow(size=len(packet.event))
+
+    def _on_tunnel_offer(self, packet: codec.TunnelOffer) -> None:
+        if self._handler is None:
+            raise codec.ProtocolError("relay offered a tunnel to a plain client")
+        tunnel = self._new_tunnel(next(self._ids), packet.chunk_limit)
+        self._send(
+            codec.TunnelConfirm(packet.build_id, tunnel.id).encode()
+            + codec.TunnelAllow(tunnel.id, TUNNEL_BUFFER).encode()
+        )
+        tunnel.log.info("inbound tunnel accepted")
+        threading.Thread(
+            target=self._serve_tunnel, args=(tunnel,), name="iris-tunnel", daemon=True
+        ).start()
+
+    def _serve_tunnel(self, tunnel: Tunnel) -> None:
+        while not self._handlers_started.wait(0.1):  # init runs before any callback
+            if self._closing:
+                return
+        try:
+            self._handler.handle_tunnel(tunnel)
+        except Exception as err:
+            tunnel.log.error("tunnel handler raised", error=repr(err))
+            tunnel.close()
+
+    def _on_tunnel_result(self, packet: codec.TunnelResult) -> None:
+        waiter = self._tunnel_inits.pop(packet.id, None)
+        if packet.timed_out:
+            if waiter is not None:
+                waiter.resolve(None)
+            return
+        tunnel = self._new_tunnel(packet.id, packet.chunk_limit)
+        self._send(codec.TunnelAllow(packet.id, TUNNEL_BUFFER).encode())
+        if waiter is None:  # its caller gave up already
+            tunnel.close_async()
+        else:
+            tunnel.log.info("tunnel established")
+            waiter.resolve(tunnel)
+
+    def _new_tunnel(self, tid: int, chunk_limit: int) -> Tunnel:
+        if chunk_limit < 1:
+            raise codec.ProtocolError(f"tunnel chunk limit {chunk_limit} is not positive")
+        tunnel = Tunnel(self, tid, chunk_limit, self.log.new(tunnel=tid))
+        self._tunnels[tid] = tunnel
+        return tunnel
+
+    def _on_tunnel_allow(self, packet: codec.TunnelAllow) -> None:
+        tunnel = self._tunnels.get(packet.id)
+        if tunnel is not None:
+            tunnel._on_allow(packet.size)
+
+    def _on_tunnel_transfer(self, packet: codec.TunnelTransfer) -> None:
+        tunnel = self._tunnels.get(packet.id)
+        if tunnel is not None:
+            tunnel._on_transfer(packet.size, packet.chunk)
+
+    def _on_tunnel_closed(self, packet: codec.TunnelClosed) -> None:
+        tunnel = self._tunnels.pop(packet.id, None)
+        if tunnel is not None:
+            tunnel._on_closed(packet.reason)
+
+    _dispatch = {
+        codec.ReplyDelivery: _on_reply,
+        codec.RequestDelivery: _on_request,
+        codec.BroadcastDelivery: _on_broadcast,
+        codec.Publish: _on_event,
+        codec.TunnelOffer: _on_tunnel_offer,
+        codec.TunnelResult: _on_tunnel_result,
+        codec.TunnelAllow: _on_tunnel_allow,
+        codec.TunnelTransfer: _on_tunnel_transfer,
+        codec.TunnelClosed: _on_tunnel_closed,
+        codec.Closed: _on_closed,
+    }
+
+
+def _dial(port: int) -> socket.socket:
+    """Connect to the relay on loopback, IPv4 first, then IPv6."""
+    errors = []
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.connect((host, port))
+            return sock
+        except OSError as err:
+            sock.close()
+            errors.append(err)
+    raise ConnectionRefusedError(f"no Iris relay on port {port}: {errors[0]}") from errors[0]
+
+
+def connect(port: int = DEFAULT_PORT) -> Connection:
+    """Attach to the local relay as a plain client (cannot receive requests)."""
+    return Connection(port)

@@ -1,0 +1,97 @@
+"""Contextual logging in the style of the Go binding's log15 loggers.
+
+Every Connection, Service and Tunnel carries a ``log`` that tags its entries
+with the entity's id (``client=1``, ``service=2``, ``tunnel=3``), so the lines
+of one entity can be picked out of a busy log. Entries go to the standard
+``logging`` logger ``iris``; configure it as any other (``logging.basicConfig``).
+
+Formatting is deferred: an entry's text is only built if a handler emits it,
+so DEBUG calls on the hot path cost one level check when DEBUG is off.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+logger = logging.getLogger("iris")
+
+
+def _quote(value: object) -> str:
+    text = str(value)
+    if not text or any(c in text for c in ' "='):
+        return '"' + text.replace('"', '\\"') + '"'
+    return text
+
+
+class _Entry:
+    """A log message whose text is rendered only when a handler asks for it."""
+
+    __slots__ = ("msg", "pairs")
+
+    def __init__(self, msg: str, pairs: tuple):
+        self.msg = msg
+        self.pairs = pairs
+
+    def __str__(self) -> str:
+        tail = " ".join(f"{key}={_quote(value)}" for key, value in self.pairs)
+        return f"{self.msg} {tail}" if tail else self.msg
+
+
+class ContextLog:
+    """A logger bound to key=value context, like log15's ``Logger.New``."""
+
+    def __init__(self, base: logging.Logger = logger, context: tuple = ()):
+        self.logger = base
+        self.context = context
+
+    def new(self, **context: object) -> ContextLog:
+        """A child logger carrying this one's context plus ``context``."""
+        return ContextLog(self.logger, self.context + tuple(context.items()))
+
+    def log(self, level: int, msg: str, **kv: object) -> None:
+        if self.logger.isEnabledFor(level):
+            self.logger.log(level, _Entry(msg, self.context + tuple(kv.items())), stacklevel=3)
+
+    def debug(self, msg: str, **kv: object) -> None:
+        self.log(logging.DEBUG, msg, **kv)
+
+    def info(self, msg: str, **kv: object) -> None:
+        self.log(logging.INFO, msg, **kv)
+
+    def warning(self, msg: str, **kv: object) -> None:
+        self.log(logging.WARNING, msg, **kv)
+
+    def error(self, msg: str, **kv: object) -> None:
+        self.log(logging.ERROR, msg, **kv)
+
+    def critical(self, msg: str, **kv: object) -> None:
+        self.log(logging.CRITICAL, msg, **kv)
+
+    def is_debug(self) -> bool:
+        """Guard for hot paths that would otherwise compute debug fields."""
+        return self.logger.isEnabledFor(logging.DEBUG)
+
+
+class RateLimitedWarning:
+    """Logs a recurring condition at most once per interval, with a count.
+
+    Dropped broadcasts under overload can arrive thousands of times a second;
+    one line per drop would turn an overload into a logging outage.
+    """
+
+    def __init__(self, log: ContextLog, msg: str, interval: float = 5.0):
+        self._log = log
+        self._msg = msg
+        self._interval = interval
+        self._next = 0.0
+        self._suppressed = 0
+
+    def __call__(self, **kv: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        self._log.warning(self._msg, suppressed=self._suppressed, **kv)
+        self._suppressed = 0
+        self._next = now + self._interval

@@ -1,0 +1,88 @@
+"""Bounded handler pools: the thread and memory caps of PROTOCOL.md section 7.
+
+Inbound work runs on at most ``threads`` threads; what waits for a thread is
+limited to ``memory`` bytes, so a flood of messages can neither spawn
+unbounded threads nor exhaust memory. Threads are started on demand and kept.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+
+from .logs import ContextLog
+
+_STOP = None
+
+
+class HandlerPool:
+    """Runs ``task(*args)`` on a capped number of threads, with a byte budget.
+
+    A pool starts *held*: tasks queue but do not run until :meth:`start`, which
+    is how a service's ``init`` runs before any other callback.
+    """
+
+    def __init__(self, name: str, threads: int, memory: int, log: ContextLog):
+        self.name = name
+        self.threads = threads
+        self.memory = memory
+        self._log = log
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._started = False
+        self._closed = False
+        self._workers = 0
+        self._idle = 0
+        self._queued = 0
+        self.waiting_bytes = 0
+
+    def submit(self, task: Callable, args: tuple, size: int) -> bool:
+        """Queue a task holding ``size`` bytes; False if it does not fit the budget."""
+        with self._lock:
+            if self._closed or self.waiting_bytes + size > self.memory:
+                return False
+            self.waiting_bytes += size
+            self._queued += 1
+            self._queue.put((task, args, size))
+            if self._started and self._queued > self._idle and self._workers < self.threads:
+                self._spawn()
+        return True
+
+    def start(self) -> None:
+        with self._lock:
+            self._started = True
+            for _ in range(min(self._queued, self.threads)):
+                self._spawn()
+
+    def close(self) -> None:
+        """Stop taking tasks; threads exit once their current task ends."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for _ in range(self._workers):
+                self._queue.put(_STOP)
+
+    def _spawn(self) -> None:
+        self._workers += 1
+        name = f"iris-{self.name}-{self._workers}"
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def _run(self) -> None:
+        get, lock = self._queue.get, self._lock
+        while True:
+            with lock:
+                self._idle += 1
+            item = get()
+            with lock:
+                self._idle -= 1
+                if item is _STOP:
+                    return
+                self._queued -= 1
+                self.waiting_bytes -= item[2]
+            task, args, _ = item
+            try:
+                task(*args)
+            except Exception as err:  # a handler bug must not kill the pool thread
+                self._log.error("handler raised", pool=self.name, error=repr(err))

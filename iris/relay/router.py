@@ -1,0 +1,345 @@
+"""What the relay does with packets: the semantics of PROTOCOL.md section 6.
+
+The router knows nothing of sockets. Each attached connection is a Peer with
+``send(bytes)`` and ``close(reason)``; the server feeds the router decoded
+packets and calls :meth:`Router.expire` when a deadline may have passed.
+
+Request and tunnel-build deadlines sit in one heap with lazy deletion: an
+entry whose request was already answered is skipped when it surfaces. A peer
+that leaves is only flagged closed; anything still addressed to it is dropped
+when it comes due, so leaving costs O(own state), not a scan of all requests.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import time
+from collections import deque
+from typing import Protocol
+
+from .. import codec
+
+log = logging.getLogger("iris.relay")
+
+# Largest tunnel chunk, as the original relay.
+CHUNK_LIMIT = 64 * 1024
+# The relay's buffer for each tunnel direction, granted to the sender.
+TUNNEL_ALLOWANCE = 4 * 1024 * 1024
+
+
+class Peer(Protocol):
+    """The router's view of one connection; see server.PeerConnection."""
+
+    name: str
+    cluster: str | None  # None until INIT; "" for a plain client
+    closed: bool
+    outstanding: int  # requests delivered to this member and not yet answered
+    topics: set[str]
+    tunnels: dict[int, TunnelEnd]
+
+    def send(self, data: bytes) -> None: ...
+
+    def close(self, reason: str) -> None: ...
+
+
+class ProtocolViolation(Exception):
+    """A peer broke a rule of the protocol above the byte level."""
+
+
+class _Cluster:
+    __slots__ = ("members", "cursor")
+
+    def __init__(self):
+        self.members: list[Peer] = []
+        self.cursor = 0  # round-robin start among equally loaded members
+
+    def pick(self) -> Peer:
+        """The member with the fewest outstanding requests, round-robin among ties."""
+        members, n = self.members, len(self.members)
+        best_index, best_load = 0, None
+        for step in range(n):
+            index = (self.cursor + step) % n
+            load = members[index].outstanding
+            if best_load is None or load < best_load:
+                best_index, best_load = index, load
+                if load == 0:
+                    break
+        self.cursor = (best_index + 1) % n
+        return members[best_index]
+
+
+class _PendingRequest:
+    __slots__ = ("requester", "client_id", "member")
+
+    def __init__(self, requester: Peer, client_id: int, member: Peer | None):
+        self.requester = requester
+        self.client_id = client_id
+        self.member = member
+
+
+class _PendingBuild:
+    __slots__ = ("initiator", "tunnel_id", "member")
+
+    def __init__(self, initiator: Peer, tunnel_id: int, member: Peer | None):
+        self.initiator = initiator
+        self.tunnel_id = tunnel_id
+        self.member = member
+
+
+class TunnelEnd:
+    """One side of a tunnel, as the relay sees it."""
+
+    __slots__ = ("peer", "id", "allowance", "credit", "queue", "other")
+
+    def __init__(self, peer: Peer, tid: int):
+        self.peer = peer
+        self.id = tid  # the peer's own id for the tunnel
+        self.allowance = 0  # bytes the peer lets us deliver to it
+        self.credit = TUNNEL_ALLOWANCE  # bytes we let the peer send us
+        self.queue: deque[tuple[int, bytes]] = deque()  # chunks waiting for allowance
+        self.other: TunnelEnd | None = None
+
+
+class Router:
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self._clusters: dict[str, _Cluster] = {}
+        self._topics: dict[str, dict[Peer, None]] = {}  # insertion-ordered sets
+        self._requests: dict[int, _PendingRequest] = {}
+        self._builds: dict[int, _PendingBuild] = {}
+        self._deadlines: list[tuple[float, int]] = []
+        self._ids = itertools.count()
+        self._handlers = {
+            codec.Request: self._on_request,
+            codec.Reply: self._on_reply,
+            codec.Broadcast: self._on_broadcast,
+            codec.Publish: self._on_publish,
+            codec.Subscribe: self._on_subscribe,
+            codec.Unsubscribe: self._on_unsubscribe,
+            codec.TunnelInit: self._on_tunnel_init,
+            codec.TunnelConfirm: self._on_tunnel_confirm,
+            codec.TunnelAllow: self._on_tunnel_allow,
+            codec.TunnelTransfer: self._on_tunnel_transfer,
+            codec.TunnelClose: self._on_tunnel_close,
+        }
+
+    # -- connection life cycle -------------------------------------------------
+
+    def handle(self, peer: Peer, packet) -> None:
+        """Act on one packet from ``peer``; raises ProtocolViolation."""
+        if peer.cluster is None:
+            self._on_init(peer, packet)
+            return
+        handler = self._handlers.get(type(packet))
+        if handler is None:
+            if isinstance(packet, codec.Close):
+                self.detach(peer)
+                peer.close("")
+                return
+            raise ProtocolViolation(f"unexpected {type(packet).__name__} after the handshake")
+        handler(peer, packet)
+
+    def _on_init(self, peer: Peer, packet) -> None:
+        if not isinstance(packet, codec.Init):
+            raise ProtocolViolation(f"expected INIT, got {type(packet).__name__}")
+        if packet.version != codec.VERSION:
+            reason = (
+                f"protocol version mismatch: relay speaks {codec.VERSION}, "
+                f"client speaks {packet.version}"
+            )
+            log.info("denied %s: %s", peer.name, reason)
+            peer.send(codec.Deny(reason).encode())
+            peer.close(None)
+            return
+        peer.cluster = packet.cluster
+        if packet.cluster:
+            self._clusters.setdefault(packet.cluster, _Cluster()).members.append(peer)
+        peer.send(codec.Accept().encode())
+        log.info("attached %s cluster=%s", peer.name, packet.cluster or "-")
+
+    def detach(self, peer: Peer) -> None:
+        """Stop routing to ``peer`` and close its tunnels; idempotent."""
+        if peer.closed:
+            return
+        peer.closed = True
+        if peer.cluster:
+            cluster = self._clusters[peer.cluster]
+            cluster.members.remove(peer)
+            if not cluster.members:
+                del self._clusters[peer.cluster]
+        for topic in peer.topics:
+            self._unsubscribe(peer, topic)
+        for end in peer.tunnels.values():
+            other = end.other
+            other.peer.tunnels.pop(other.id, None)
+            other.peer.send(codec.TunnelClosed(other.id, "remote end disconnected").encode())
+        peer.tunnels.clear()
+        if peer.cluster is not None:
+            log.info("detached %s", peer.name)
+
+    # -- deadlines ----------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        return self._deadlines[0][0] if self._deadlines else None
+
+    def expire(self) -> None:
+        """Answer every request and tunnel build whose deadline has passed."""
+        now, deadlines = self._clock(), self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, key = heapq.heappop(deadlines)
+            pending = self._requests.pop(key, None)
+            if pending is not None:
+                if pending.member is not None:
+                    pending.member.outstanding -= 1
+                if not pending.requester.closed:
+                    pending.requester.send(codec.ReplyDelivery(pending.client_id, True).encode())
+                continue
+            build = self._builds.pop(key, None)
+            if build is not None and not build.initiator.closed:
+                build.initiator.send(codec.TunnelResult(build.tunnel_id, True).encode())
+
+    def _schedule(self, timeout_ms: int) -> int:
+        key = next(self._ids)
+        heapq.heappush(self._deadlines, (self._clock() + timeout_ms / 1000, key))
+        return key
+
+    def _member(self, cluster: str) -> Peer | None:
+        group = self._clusters.get(cluster)
+        return group.pick() if group else None
+
+    # -- request/reply -----------------------------------------------------------------
+
+    def _on_request(self, peer: Peer, packet: codec.Request) -> None:
+        key = self._schedule(packet.timeout_ms)
+        member = self._member(packet.cluster)
+        self._requests[key] = _PendingRequest(peer, packet.id, member)
+        if member is not None:
+            member.outstanding += 1
+            member.send(codec.RequestDelivery(key, packet.request, packet.timeout_ms).encode())
+
+    def _on_reply(self, peer: Peer, packet: codec.Reply) -> None:
+        pending = self._requests.get(packet.id)
+        if pending is None or pending.member is not peer:
+            return  # expired, or never issued to this member: ignored, not a violation
+        del self._requests[packet.id]
+        peer.outstanding -= 1
+        if not pending.requester.closed:
+            pending.requester.send(
+                codec.ReplyDelivery(
+                    pending.client_id, False, packet.success, packet.payload
+                ).encode()
+            )
+
+    # -- broadcast and publish/subscribe ---------------------------------------------
+
+    def _on_broadcast(self, peer: Peer, packet: codec.Broadcast) -> None:
+        group = self._clusters.get(packet.cluster)
+        if group:
+            data = codec.BroadcastDelivery(packet.message).encode()
+            for member in group.members:
+                member.send(data)
+
+    def _on_subscribe(self, peer: Peer, packet: codec.Subscribe) -> None:
+        peer.topics.add(packet.topic)
+        self._topics.setdefault(packet.topic, {})[peer] = None
+
+    def _on_unsubscribe(self, peer: Peer, packet: codec.Unsubscribe) -> None:
+        if packet.topic in peer.topics:
+            peer.topics.discard(packet.topic)
+            self._unsubscribe(peer, packet.topic)
+
+    def _unsubscribe(self, peer: Peer, topic: str) -> None:
+        subscribers = self._topics[topic]
+        del subscribers[peer]
+        if not subscribers:
+            del self._topics[topic]
+
+    def _on_publish(self, peer: Peer, packet: codec.Publish) -> None:
+        subscribers = self._topics.get(packet.topic)
+        if subscribers:
+            data = packet.encode()  # the delivery has the publish packet's format
+            for subscriber in subscribers:
+                subscriber.send(data)
+
+    # -- tunnels ----------------------------------------------------------------------
+
+    def _on_tunnel_init(self, peer: Peer, packet: codec.TunnelInit) -> None:
+        if packet.id in peer.tunnels:
+            raise ProtocolViolation(f"tunnel id {packet.id} is already open")
+        key = self._schedule(packet.timeout_ms)
+        member = self._member(packet.cluster)
+        self._builds[key] = _PendingBuild(peer, packet.id, member)
+        if member is not None:
+            member.send(codec.TunnelOffer(key, CHUNK_LIMIT).encode())
+
+    def _on_tunnel_confirm(self, peer: Peer, packet: codec.TunnelConfirm) -> None:
+        if packet.id in peer.tunnels:
+            raise ProtocolViolation(f"tunnel id {packet.id} is already open")
+        build = self._builds.get(packet.build_id)
+        if build is None or build.member is not peer or build.initiator.closed:
+            # Too late (or not ours): the member's fresh tunnel has no other end.
+            peer.send(codec.TunnelClosed(packet.id, "tunnel build expired").encode())
+            return
+        del self._builds[packet.build_id]
+        initiator = build.initiator
+        near, far = TunnelEnd(initiator, build.tunnel_id), TunnelEnd(peer, packet.id)
+        near.other, far.other = far, near
+        initiator.tunnels[near.id] = near
+        peer.tunnels[far.id] = far
+        peer.send(codec.TunnelAllow(far.id, TUNNEL_ALLOWANCE).encode())
+        initiator.send(
+            codec.TunnelResult(near.id, False, CHUNK_LIMIT).encode()
+            + codec.TunnelAllow(near.id, TUNNEL_ALLOWANCE).encode()
+        )
+
+    def _on_tunnel_allow(self, peer: Peer, packet: codec.TunnelAllow) -> None:
+        end = peer.tunnels.get(packet.id)
+        if end is not None:  # else closed meanwhile
+            end.allowance += packet.size
+            self._pump(end)
+
+    def _on_tunnel_transfer(self, peer: Peer, packet: codec.TunnelTransfer) -> None:
+        end = peer.tunnels.get(packet.id)
+        if end is None:
+            return  # closed while the chunk was in flight
+        size = len(packet.chunk)
+        if size > CHUNK_LIMIT:
+            raise ProtocolViolation(f"tunnel chunk of {size} bytes exceeds {CHUNK_LIMIT}")
+        if size > end.credit:
+            raise ProtocolViolation(f"tunnel {packet.id} sent {size} bytes over its allowance")
+        if packet.size and packet.size < size:
+            raise ProtocolViolation(f"tunnel chunk longer than its message ({packet.size})")
+        end.credit -= size
+        end.other.queue.append((packet.size, packet.chunk))
+        self._pump(end.other)
+
+    def _pump(self, end: TunnelEnd) -> None:
+        """Forward queued chunks to ``end`` as its allowance permits.
+
+        Like the original relay, allowance is checked only before a message's
+        first chunk, so a message that has started always completes.
+        """
+        queue, freed = end.queue, 0
+        while queue:
+            size, chunk = queue[0]
+            if size and end.allowance < len(chunk):
+                break
+            queue.popleft()
+            end.allowance -= len(chunk)
+            freed += len(chunk)
+            end.peer.send(codec.TunnelTransfer(end.id, size, chunk).encode())
+        if freed:
+            source = end.other
+            source.credit += freed
+            source.peer.send(codec.TunnelAllow(source.id, freed).encode())
+
+    def _on_tunnel_close(self, peer: Peer, packet: codec.TunnelClose) -> None:
+        end = peer.tunnels.pop(packet.id, None)
+        if end is None:
+            return  # the other side closed first; its notice is the answer
+        other = end.other
+        other.peer.tunnels.pop(other.id, None)
+        other.peer.send(codec.TunnelClosed(other.id, "").encode())
+        peer.send(codec.TunnelClosed(end.id, "").encode())

@@ -1,0 +1,373 @@
+"""The relay's event loop: sockets, buffers and timers around the Router.
+
+One thread, one selector. Each loop turn reads what every ready socket has,
+routes the decoded packets, answers expired deadlines, then flushes every
+connection that got output in one ``send`` each, so a burst of small packets
+costs one system call per connection rather than one per packet.
+
+A connection that breaks the protocol, sends an oversized message, or stops
+reading until its outbound backlog passes the cap is closed alone, with the
+reason logged; the loop and every other connection carry on.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import selectors
+import socket
+import threading
+import time
+
+from .. import codec
+from .router import ProtocolViolation, Router, TunnelEnd
+
+log = logging.getLogger("iris.relay")
+
+DEFAULT_PORT = 55555
+# Beyond this many unsent bytes a peer is taken to have stopped reading.
+# Generous, because one 64 MiB message to a slow reader is legitimate.
+DEFAULT_OUTBOUND_CAP = 256 * 1024 * 1024
+# One read takes a whole batch of small packets or several tunnel chunks.
+RECV_SIZE = 256 * 1024
+# A closing connection whose peer does not read its last packets is cut after this.
+LINGER_SECONDS = 5.0
+
+
+class PeerConnection:
+    """One accepted socket: decoder, outbound buffer and the router's peer state."""
+
+    __slots__ = (
+        "sock",
+        "name",
+        "decoder",
+        "out",
+        "out_bytes",
+        "closing",
+        "cluster",
+        "closed",
+        "outstanding",
+        "topics",
+        "tunnels",
+        "_server",
+        "_writing",
+    )
+
+    def __init__(self, server: RelayServer, sock: socket.socket, address):
+        self.sock = sock
+        self.name = f"{address[0]}:{address[1]}"
+        self.decoder = codec.Decoder(codec.Side.CLIENT, server.max_message)
+        self.out: list[bytes] = []
+        self.out_bytes = 0
+        self.closing = False  # no more input is read; close once flushed
+        self.cluster: str | None = None
+        self.closed = False  # set by the router once it stops routing here
+        self.outstanding = 0
+        self.topics: set[str] = set()
+        self.tunnels: dict[int, TunnelEnd] = {}
+        self._server = server
+        self._writing = False  # registered for write readiness
+
+    def send(self, data: bytes) -> None:
+        if self.closing and self.closed:
+            return
+        if not self.out:
+            self._server.dirty.append(self)
+        self.out.append(data)
+        self.out_bytes += len(data)
+
+    def close(self, reason: str | None) -> None:
+        """Finish this connection: send CLOSE(reason) unless None, then hang up."""
+        if reason is not None:
+            self.send(codec.Closed(reason).encode())
+        self._server.drop(self, None)
+
+
+class RelayServer:
+    """A single-node Iris relay; run it with :meth:`serve_forever` or :meth:`start`."""
+
+    def __init__(
+        self,
+        port: int = DEFAULT_PORT,
+        max_message: int = codec.MAX_MESSAGE,
+        outbound_cap: int = DEFAULT_OUTBOUND_CAP,
+    ):
+        self.max_message = max_message
+        self.outbound_cap = outbound_cap
+        self.router = Router()
+        self.dirty: list[PeerConnection] = []
+        self.peers: set[PeerConnection] = set()
+        self._selector = selectors.DefaultSelector()
+        self._listeners = _listen(port)
+        self.port = self._listeners[0].getsockname()[1]
+        for listener in self._listeners:
+            listener.setblocking(False)
+            self._selector.register(listener, selectors.EVENT_READ, None)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, self)
+        self._lingering: dict[PeerConnection, float] = {}  # closing peers: hang-up deadline
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._finished = threading.Event()
+
+    @property
+    def addresses(self) -> list[str]:
+        return [_format_address(sock.getsockname()) for sock in self._listeners]
+
+    # -- running --------------------------------------------------------------------
+
+    def start(self) -> RelayServer:
+        """Serve on a background thread (in-process use: tests, irishost)."""
+        self._thread = threading.Thread(target=self.serve_forever, name="iris-relay", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Close every connection with "relay shutting down" and stop; any thread."""
+        self.request_stop()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        elif self._thread is None:
+            self._finished.wait()
+
+    def request_stop(self) -> None:
+        """Ask the loop to shut down, without waiting; safe in a signal handler."""
+        self._stopping = True
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # a wake-up is already pending
+
+    def __enter__(self) -> RelayServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def serve_forever(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+            self._finished.set()
+
+    def _loop(self) -> None:
+        select, router, dirty = self._selector.select, self.router, self.dirty
+        monotonic = time.monotonic
+        while not self._stopping:
+            deadline = router.next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - monotonic())
+            if self._lingering:
+                self._cut_lingering()
+                timeout = min(timeout, 1.0) if timeout is not None else 1.0
+            for key, mask in select(timeout):
+                peer = key.data
+                if peer is None:
+                    self._accept(key.fileobj)
+                elif peer is self:
+                    _drain(self._wake_r)
+                else:
+                    if mask & selectors.EVENT_READ:
+                        self._read(peer)
+                    if mask & selectors.EVENT_WRITE and not peer.out:
+                        self._set_writing(peer, False)
+            router.expire()
+            if dirty:
+                self._flush_all()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:  # e.g. out of file descriptors: keep serving the rest
+                log.warning("accept failed: %s", err)
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = PeerConnection(self, sock, address)
+            self.peers.add(peer)
+            self._selector.register(sock, selectors.EVENT_READ, peer)
+
+    def _read(self, peer: PeerConnection) -> None:
+        if peer.closing:
+            return
+        try:
+            data = peer.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as err:
+            self.drop(peer, f"read failed: {err}")
+            return
+        if not data:
+            self.drop(peer, "peer hung up" if peer.cluster is None else None)
+            return
+        try:
+            handle = self.router.handle
+            for packet in peer.decoder.feed(data):
+                handle(peer, packet)
+                if peer.closing:
+                    return
+        except (codec.ProtocolError, ProtocolViolation) as err:
+            reason = f"protocol violation: {err}"
+            peer.send(codec.Closed(reason).encode())
+            self.drop(peer, reason)
+
+    # -- output -----------------------------------------------------------------------
+
+    def _flush_all(self) -> None:
+        dirty, self.dirty = self.dirty, []
+        for peer in dirty:
+            self._flush(peer)
+
+    def _flush(self, peer: PeerConnection) -> None:
+        if not peer.out:
+            return
+        data = peer.out[0] if len(peer.out) == 1 else b"".join(peer.out)
+        try:
+            sent = peer.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as err:
+            peer.out.clear()
+            self._close_socket(peer, f"write failed: {err}")
+            return
+        if sent == len(data):
+            peer.out.clear()
+            peer.out_bytes = 0
+            if peer.closing:
+                self._close_socket(peer, None)
+            elif peer._writing:
+                self._set_writing(peer, False)
+            return
+        peer.out = [memoryview(data)[sent:]]  # later sends resume from its start
+        peer.out_bytes = len(data) - sent
+        if peer.out_bytes > self.outbound_cap and not peer.closing:
+            peer.out.clear()
+            self.drop(peer, f"peer stopped reading: over {self.outbound_cap} bytes unsent")
+            self._close_socket(peer, None)
+            return
+        self.dirty.append(peer)  # retried when writable
+        self._set_writing(peer, True)
+
+    def _set_writing(self, peer: PeerConnection, writing: bool) -> None:
+        if peer._writing != writing and peer in self.peers:
+            peer._writing = writing
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0)
+            self._selector.modify(peer.sock, events, peer)
+
+    # -- ending connections ---------------------------------------------------------
+
+    def drop(self, peer: PeerConnection, reason: str | None) -> None:
+        """Stop routing to ``peer`` and hang up once its output is flushed."""
+        if peer.closing:
+            return
+        peer.closing = True
+        self.router.detach(peer)
+        if reason:
+            log.warning("closing %s: %s", peer.name, reason)
+        if peer.out:
+            self._lingering[peer] = time.monotonic() + LINGER_SECONDS
+        else:
+            self._close_socket(peer, None)
+
+    def _cut_lingering(self) -> None:
+        now = time.monotonic()
+        for peer, deadline in list(self._lingering.items()):
+            if now >= deadline:
+                self._close_socket(peer, "closing peer did not read its last packets")
+
+    def _close_socket(self, peer: PeerConnection, reason: str | None) -> None:
+        if peer not in self.peers:
+            return
+        if reason:
+            log.warning("closing %s: %s", peer.name, reason)
+        self.router.detach(peer)
+        peer.closing = True
+        peer.out.clear()
+        self._lingering.pop(peer, None)
+        self.peers.discard(peer)
+        self._selector.unregister(peer.sock)
+        peer.sock.close()
+
+    def _shutdown(self) -> None:
+        """Say goodbye to every peer, flush what can be flushed quickly, close."""
+        for peer in list(self.peers):
+            if not peer.closing:
+                peer.send(codec.Closed("relay shutting down").encode())
+                self.router.detach(peer)
+        deadline = time.monotonic() + 1.0
+        for peer in list(self.peers):
+            self._flush_blocking(peer, deadline)
+            self._close_socket(peer, None)
+        for listener in self._listeners:
+            self._selector.unregister(listener)
+            listener.close()
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        log.info("relay stopped")
+
+    @staticmethod
+    def _flush_blocking(peer: PeerConnection, deadline: float) -> None:
+        data = b"".join(peer.out)
+        peer.out.clear()
+        remaining = deadline - time.monotonic()
+        if not data or remaining <= 0:
+            return
+        try:
+            peer.sock.settimeout(remaining)
+            peer.sock.sendall(data)
+        except OSError:
+            pass  # the peer is going away regardless
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _format_address(address) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _listen(port: int) -> list[socket.socket]:
+    """Listen on 127.0.0.1 and ::1 (the same port); fail only if neither works.
+
+    A busy port is an error on either address: a relay that shares its port
+    with another would split the clients between two unrelated relays.
+    """
+    listeners, errors = [], []
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as err:
+            errors.append(err)
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, port))
+            sock.listen(1024)
+        except OSError as err:
+            sock.close()
+            if err.errno == errno.EADDRINUSE:
+                for other in listeners:
+                    other.close()
+                raise OSError(err.errno, f"port {port} is already in use on {host}") from err
+            errors.append(err)
+            continue
+        listeners.append(sock)
+        port = sock.getsockname()[1]  # port 0: the v6 listener takes the v4 one's port
+    if not listeners:
+        raise OSError(f"cannot listen on 127.0.0.1 or ::1 port {port}: {errors}")
+    return listeners
