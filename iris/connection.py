@@ -17,13 +17,13 @@ from __future__ import annotations
 import itertools
 import socket
 import threading
-import time
 from collections.abc import Callable
 
 from . import codec
+from .dispatch import Inbound
 from .errors import ClosedError, RemoteError, TimeoutError
-from .handlers import ServiceHandler, TopicHandler
-from .limits import TUNNEL_BUFFER, ServiceLimits, TopicLimits
+from .handlers import TopicHandler
+from .limits import TUNNEL_BUFFER, TopicLimits
 from .logs import ContextLog, RateLimitedWarning
 from .pool import HandlerPool
 from .tunnel import Tunnel
@@ -105,13 +105,13 @@ class Connection:
         self,
         port: int = DEFAULT_PORT,
         cluster: str = "",
-        handler: ServiceHandler | None = None,
-        limits: ServiceLimits | None = None,
+        inbound: Callable[[Connection], Inbound] | None = None,
         log: ContextLog | None = None,
     ):
+        """Attach; a member (non-empty ``cluster``) passes ``inbound``, a factory
+        of the Inbound that receives its requests, broadcasts and tunnels."""
         self.log = log or ContextLog().new(client=next(_client_ids))
         self._cluster = cluster
-        self._handler = handler
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._ids = itertools.count()
@@ -122,19 +122,7 @@ class Connection:
         self._closing = False
         self._closed = threading.Event()
         self._drop_reason: str | None = None
-        self._handlers_started = threading.Event()
-
-        if handler is not None:
-            limits = (limits or ServiceLimits()).with_defaults()
-            self._request_pool = HandlerPool(
-                "request", limits.request_threads, limits.request_memory, self.log
-            )
-            self._broadcast_pool = HandlerPool(
-                "broadcast", limits.broadcast_threads, limits.broadcast_memory, self.log
-            )
-            self._broadcast_overflow = RateLimitedWarning(
-                self.log, "broadcast dropped: memory limit reached"
-            )
+        self.inbound: Inbound | None = inbound(self) if inbound else None
 
         self.log.info("connecting to relay", relay_port=port, cluster=cluster or None)
         self._sock = self._handshake(port, cluster)
@@ -213,20 +201,13 @@ class Connection:
             tunnel._on_closed(reason)
         for sub in subscriptions.values():
             sub.pool.close()
-        if self._handler is not None:
-            self._request_pool.close()
-            self._broadcast_pool.close()
+        if self.inbound is not None:
+            self.inbound.close()
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         self._sock.close()
-
-    def _start_handlers(self) -> None:
-        """Let queued inbound work run; called once the service's init is done."""
-        self._request_pool.start()
-        self._broadcast_pool.start()
-        self._handlers_started.set()
 
     # -- sending -------------------------------------------------------------
 
@@ -391,11 +372,8 @@ class Connection:
 
     def _on_drop(self, reason: str) -> None:
         self.log.warning("relay connection dropped", reason=reason)
-        if self._handler is not None:
-            try:
-                self._handler.handle_drop(ClosedError(reason))
-            except Exception as err:
-                self.log.error("drop handler raised", error=repr(err))
+        if self.inbound is not None:
+            self.inbound.drop(ClosedError(reason))
 
     def _on_closed(self, packet: codec.Closed) -> bool:
         if packet.reason:
@@ -407,49 +385,33 @@ class Connection:
         if waiter is not None:
             waiter.resolve(packet)
 
+    def _member_inbound(self, what: str) -> Inbound:
+        if self.inbound is None:
+            raise codec.ProtocolError(f"relay sent {what} to a plain client")
+        return self.inbound
+
     def _on_request(self, packet: codec.RequestDelivery) -> None:
-        if self._handler is None:
-            raise codec.ProtocolError("relay sent a request to a plain client")
+        inbound = self._member_inbound("a request")
         if self.log.is_debug():
             self.log.debug("request arrived", id=packet.id, size=len(packet.request))
-        deadline = time.monotonic() + packet.timeout_ms / 1000
-        pool = self._request_pool
-        if not pool.submit(self._serve_request, (packet, deadline), len(packet.request)):
-            fault = (
-                f"request memory limit exceeded: {pool.waiting_bytes} bytes waiting, "
-                f"limit {pool.memory} bytes"
-            )
-            self._send_reply(packet.id, False, fault)
+        inbound.request(packet.id, packet.request, packet.timeout_ms / 1000)
 
-    def _serve_request(self, packet: codec.RequestDelivery, deadline: float) -> None:
-        if time.monotonic() > deadline:
-            self.log.debug("request expired before a handler was free", id=packet.id)
-            return
-        try:
-            reply = self._handler.handle_request(packet.request)
-            if not isinstance(reply, bytes | bytearray | memoryview):
-                raise TypeError(f"handle_request returned {type(reply).__name__}, not bytes")
-        except Exception as err:
-            self._send_reply(packet.id, False, str(err) or type(err).__name__)
-            return
-        self._send_reply(packet.id, True, bytes(reply))
+    def reply(self, request_id: int, success: bool, payload: bytes | str) -> None:
+        """Answer an inbound request (for Inbound implementations).
 
-    def _send_reply(self, rid: int, success: bool, payload: bytes | str) -> None:
+        A reply that cannot be sent because the connection closed is dropped:
+        the relay times the request out for its caller.
+        """
         try:
-            self._send(codec.Reply(rid, success, payload).encode())
+            self._send(codec.Reply(request_id, success, payload).encode())
         except ClosedError:
-            self.log.debug("reply lost: connection closed", id=rid)
+            self.log.debug("reply lost: connection closed", id=request_id)
 
     def _on_broadcast(self, packet: codec.BroadcastDelivery) -> None:
-        if self._handler is None:
-            raise codec.ProtocolError("relay sent a broadcast to a plain client")
+        inbound = self._member_inbound("a broadcast")
         if self.log.is_debug():
             self.log.debug("broadcast arrived", size=len(packet.message))
-        message = packet.message
-        if not self._broadcast_pool.submit(
-            self._handler.handle_broadcast, (message,), len(message)
-        ):
-            self._broadcast_overflow(size=len(message))
+        inbound.broadcast(packet.message)
 
     def _on_event(self, packet: codec.Publish) -> None:
         sub = self._subscriptions.get(packet.topic)
@@ -461,27 +423,14 @@ class Connection:
             sub.overflow(size=len(packet.event))
 
     def _on_tunnel_offer(self, packet: codec.TunnelOffer) -> None:
-        if self._handler is None:
-            raise codec.ProtocolError("relay offered a tunnel to a plain client")
+        inbound = self._member_inbound("a tunnel")
         tunnel = self._new_tunnel(next(self._ids), packet.chunk_limit)
         self._send(
             codec.TunnelConfirm(packet.build_id, tunnel.id).encode()
             + codec.TunnelAllow(tunnel.id, TUNNEL_BUFFER).encode()
         )
         tunnel.log.info("inbound tunnel accepted")
-        threading.Thread(
-            target=self._serve_tunnel, args=(tunnel,), name="iris-tunnel", daemon=True
-        ).start()
-
-    def _serve_tunnel(self, tunnel: Tunnel) -> None:
-        while not self._handlers_started.wait(0.1):  # init runs before any callback
-            if self._closing:
-                return
-        try:
-            self._handler.handle_tunnel(tunnel)
-        except Exception as err:
-            tunnel.log.error("tunnel handler raised", error=repr(err))
-            tunnel.close()
+        inbound.tunnel(tunnel)
 
     def _on_tunnel_result(self, packet: codec.TunnelResult) -> None:
         waiter = self._tunnel_inits.pop(packet.id, None)

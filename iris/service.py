@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 from .connection import DEFAULT_PORT, Connection, _validate_name
+from .dispatch import HandlerDispatch
 from .handlers import ServiceHandler
 from .limits import ServiceLimits
 from .logs import ContextLog
@@ -29,14 +30,16 @@ class Service:
         self.cluster = cluster
         self.handler = handler
         self.log.info("registering service", cluster=cluster)
-        self.conn = Connection(port, cluster, handler, limits, self.log)
+        self.conn = Connection(
+            port, cluster, lambda conn: HandlerDispatch(conn, handler, limits, self.log), self.log
+        )
         try:
             handler.init(self.conn)
         except BaseException:
             self.log.error("service init failed; unregistering")
             self.conn.close()
             raise
-        self.conn._start_handlers()
+        self.conn.inbound.start()
         self.log.info("service registration completed")
 
     def unregister(self) -> None:

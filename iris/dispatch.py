@@ -1,0 +1,122 @@
+"""Where a member connection sends the work the relay routes to it.
+
+A Connection decodes inbound requests, broadcasts and tunnels and passes them
+to an :class:`Inbound`. :class:`HandlerDispatch` is the usual one: it runs a
+ServiceHandler's callbacks in bounded pools, as the Go binding does. irishost
+plugs in its own Inbound that forwards the work to worker processes instead.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Protocol
+
+from .errors import ClosedError
+from .handlers import ServiceHandler
+from .limits import ServiceLimits
+from .logs import ContextLog, RateLimitedWarning
+from .pool import HandlerPool
+
+if TYPE_CHECKING:
+    from .connection import Connection
+    from .tunnel import Tunnel
+
+
+class Inbound(Protocol):
+    """The receiving half of a service; all methods run on the reader thread."""
+
+    def request(self, request_id: int, request: bytes, timeout: float) -> None:
+        """Answer later with ``Connection.reply(request_id, ...)``; must not block."""
+
+    def broadcast(self, message: bytes) -> None: ...
+
+    def tunnel(self, tunnel: Tunnel) -> None:
+        """A tunnel already accepted on the wire; must not block."""
+
+    def drop(self, reason: ClosedError) -> None:
+        """The relay dropped the connection (not called on a graceful close)."""
+
+    def close(self) -> None:
+        """The connection ended; release threads."""
+
+
+class HandlerDispatch:
+    """Runs a ServiceHandler's callbacks in capped thread pools.
+
+    Pools start held, so that ``init`` runs before any other callback; call
+    :meth:`start` once it returned.
+    """
+
+    def __init__(
+        self, conn: Connection, handler: ServiceHandler, limits: ServiceLimits | None, log
+    ):
+        limits = (limits or ServiceLimits()).with_defaults()
+        self._conn = conn
+        self._handler = handler
+        self._log: ContextLog = log
+        self._requests = HandlerPool("request", limits.request_threads, limits.request_memory, log)
+        self._broadcasts = HandlerPool(
+            "broadcast", limits.broadcast_threads, limits.broadcast_memory, log
+        )
+        self._broadcast_overflow = RateLimitedWarning(log, "broadcast dropped: memory limit")
+        self._started = threading.Event()
+        self._closed = False
+
+    def start(self) -> None:
+        self._requests.start()
+        self._broadcasts.start()
+        self._started.set()
+
+    def request(self, request_id: int, request: bytes, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pool = self._requests
+        if not pool.submit(self._serve_request, (request_id, request, deadline), len(request)):
+            fault = (
+                f"request memory limit exceeded: {pool.waiting_bytes} bytes waiting, "
+                f"limit {pool.memory} bytes"
+            )
+            self._conn.reply(request_id, False, fault)
+
+    def _serve_request(self, request_id: int, request: bytes, deadline: float) -> None:
+        if time.monotonic() > deadline:  # its caller has timed out already
+            self._log.debug("request expired before a handler was free", id=request_id)
+            return
+        try:
+            reply = self._handler.handle_request(request)
+            if not isinstance(reply, bytes | bytearray | memoryview):
+                raise TypeError(f"handle_request returned {type(reply).__name__}, not bytes")
+        except Exception as err:
+            self._conn.reply(request_id, False, str(err) or type(err).__name__)
+            return
+        self._conn.reply(request_id, True, bytes(reply))
+
+    def broadcast(self, message: bytes) -> None:
+        if not self._broadcasts.submit(self._handler.handle_broadcast, (message,), len(message)):
+            self._broadcast_overflow(size=len(message))
+
+    def tunnel(self, tunnel: Tunnel) -> None:
+        threading.Thread(
+            target=self._serve_tunnel, args=(tunnel,), name="iris-tunnel", daemon=True
+        ).start()
+
+    def _serve_tunnel(self, tunnel: Tunnel) -> None:
+        while not self._started.wait(0.1):  # init runs before any callback
+            if self._closed:
+                return
+        try:
+            self._handler.handle_tunnel(tunnel)
+        except Exception as err:
+            tunnel.log.error("tunnel handler raised", error=repr(err))
+            tunnel.close()
+
+    def drop(self, reason: ClosedError) -> None:
+        try:
+            self._handler.handle_drop(reason)
+        except Exception as err:
+            self._log.error("drop handler raised", error=repr(err))
+
+    def close(self) -> None:
+        self._closed = True
+        self._requests.close()
+        self._broadcasts.close()
