@@ -204,7 +204,7 @@ class RelayServer:
             self.drop(peer, f"read failed: {err}")
             return
         if not data:
-            self.drop(peer, "peer hung up" if peer.cluster is None else None)
+            self.drop(peer, None)
             return
         try:
             handle = self.router.handle

@@ -1,0 +1,176 @@
+"""Compare irishost.ring with multiprocessing.Queue and multiprocessing.Pipe.
+
+Run as ``python bench/ring_bench.py``.  Every side runs in a forked child
+and the parent, measured in the same run, so the ratios hold for this
+machine at this moment.  Ring messages are msgpack-encoded and decoded,
+because Queue and Pipe pickle theirs.
+
+Targets (product spec): one-way ring throughput at least 3x Queue; ring
+round trip at most half of a Pipe round trip.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+
+import msgpack
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from irishost.ring import Ring  # noqa: E402
+
+CTX = multiprocessing.get_context("fork")
+MESSAGE = (1, b"x" * 100)
+THROUGHPUT_MESSAGES = 300_000
+ROUND_TRIPS = 20_000
+TIMEOUT = 10.0
+
+
+def _rate(count: int, seconds: float) -> float:
+    return count / seconds
+
+
+# ------------------------------------------------------------------ one way
+
+
+def _queue_producer(queue, count: int) -> None:
+    for _ in range(count):
+        queue.put(MESSAGE)
+
+
+def queue_throughput(count: int) -> float:
+    queue = CTX.Queue()
+    child = CTX.Process(target=_queue_producer, args=(queue, count))
+    child.start()
+    queue.get(timeout=TIMEOUT)
+    # The clock starts at the first message so the fork is not counted.
+    start = time.perf_counter()
+    for _ in range(count - 1):
+        queue.get(timeout=TIMEOUT)
+    elapsed = time.perf_counter() - start
+    child.join()
+    return _rate(count - 1, elapsed)
+
+
+def _ring_producer(ring: Ring, count: int) -> None:
+    pack = msgpack.packb
+    put = ring.put
+    for _ in range(count):
+        put(pack(MESSAGE), TIMEOUT)
+
+
+def ring_throughput(count: int) -> float:
+    ring = Ring.create(prefix="ringbench")
+    child = CTX.Process(target=_ring_producer, args=(ring, count))
+    child.start()
+    unpack = msgpack.unpackb
+    unpack(ring.get(TIMEOUT))
+    start = time.perf_counter()
+    received = 1
+    while received < count:
+        batch = ring.drain()
+        if not batch:
+            frame = ring.get(TIMEOUT)
+            if frame is None:
+                raise RuntimeError("ring producer stalled")
+            batch = [frame]
+        for frame in batch:
+            unpack(frame)
+        received += len(batch)
+    elapsed = time.perf_counter() - start
+    child.join()
+    ring.close()
+    return _rate(count - 1, elapsed)
+
+
+# --------------------------------------------------------------- round trip
+
+
+def _pipe_echo(conn) -> None:
+    while (message := conn.recv()) is not None:
+        conn.send(message)
+
+
+def pipe_round_trips(count: int) -> list[float]:
+    parent, child_end = CTX.Pipe()
+    child = CTX.Process(target=_pipe_echo, args=(child_end,))
+    child.start()
+    samples = []
+    clock = time.perf_counter_ns
+    for _ in range(count):
+        start = clock()
+        parent.send(MESSAGE)
+        parent.recv()
+        samples.append((clock() - start) / 1000)
+    parent.send(None)
+    child.join()
+    return samples
+
+
+def _ring_echo(requests: Ring, replies: Ring) -> None:
+    while (frame := requests.get(TIMEOUT)) is not None and frame:
+        replies.put(msgpack.packb(msgpack.unpackb(frame)), TIMEOUT)
+
+
+def ring_round_trips(count: int) -> list[float]:
+    requests = Ring.create(prefix="ringbench")
+    replies = Ring.create(prefix="ringbench")
+    child = CTX.Process(target=_ring_echo, args=(requests, replies))
+    child.start()
+    samples = []
+    clock = time.perf_counter_ns
+    for _ in range(count):
+        start = clock()
+        requests.put(msgpack.packb(MESSAGE), TIMEOUT)
+        msgpack.unpackb(replies.get(TIMEOUT))
+        samples.append((clock() - start) / 1000)
+    requests.put(b"", TIMEOUT)  # an empty frame tells the echo child to stop
+    child.join()
+    requests.close()
+    replies.close()
+    return samples
+
+
+def _percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
+
+
+def main() -> int:
+    started = time.perf_counter()
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    print(f"load average {load} on {os.cpu_count()} cores (compare on an idle machine)")
+    print()
+    queue_rate = queue_throughput(THROUGHPUT_MESSAGES)
+    ring_rate = ring_throughput(THROUGHPUT_MESSAGES)
+    pipe = pipe_round_trips(ROUND_TRIPS)
+    ring = ring_round_trips(ROUND_TRIPS)
+
+    pipe_median, ring_median = statistics.median(pipe), statistics.median(ring)
+    throughput_ratio = ring_rate / queue_rate
+    latency_ratio = ring_median / pipe_median
+    print(f"one way, {THROUGHPUT_MESSAGES} x 100-byte messages (msgs/s)")
+    print(f"  {'multiprocessing.Queue':<24}{queue_rate:>12,.0f}")
+    print(f"  {'Ring (drain)':<24}{ring_rate:>12,.0f}")
+    ok_throughput = throughput_ratio >= 3.0
+    verdict = "ok" if ok_throughput else "MISSED"
+    print(f"  ratio {throughput_ratio:.2f}x  (target >= 3x)  {verdict}")
+    print()
+    print(f"round trip, {ROUND_TRIPS} x 100-byte ping-pong (us)")
+    print(f"  {'':<24}{'median':>10}{'p99':>10}")
+    print(f"  {'multiprocessing.Pipe':<24}{pipe_median:>10.1f}{_percentile(pipe, 0.99):>10.1f}")
+    print(f"  {'Ring pair':<24}{ring_median:>10.1f}{_percentile(ring, 0.99):>10.1f}")
+    ok_latency = latency_ratio <= 0.5
+    verdict = "ok" if ok_latency else "MISSED"
+    print(f"  ratio {latency_ratio:.2f}x  (target <= 0.5x)  {verdict}")
+    print()
+    print(f"total {time.perf_counter() - started:.1f} s")
+    return 0 if ok_throughput and ok_latency else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""A deliberately CPU-bound irishost service: counts the primes below n.
+
+It exists to show why irishost runs worker processes instead of threads: pure
+Python arithmetic holds the GIL, so only more processes add throughput.
+"""
+
+import iris
+
+
+def count_primes_below(n: int) -> int:
+    """Trial division, kept naive on purpose so the work is all in the interpreter."""
+    count = 0
+    for candidate in range(2, n):
+        divisor = 2
+        while divisor * divisor <= candidate and candidate % divisor:
+            divisor += 1
+        if divisor * divisor > candidate:
+            count += 1
+    return count
+
+
+class PrimeHandler(iris.ServiceHandler):
+    """Request: n as ASCII digits, e.g. b"100000". Reply: the count as ASCII digits."""
+
+    def handle_request(self, request: bytes) -> bytes:
+        n = int(request.decode("ascii"))
+        return str(count_primes_below(n)).encode("ascii")

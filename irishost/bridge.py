@@ -1,0 +1,115 @@
+"""Carrying one relay tunnel between the supervisor and a worker.
+
+The tunnel itself (allowance, chunking) lives on the supervisor's relay
+connection; the worker's handler holds a WorkerTunnel. Two threads per
+tunnel keep the supervisor's loop from ever blocking on a tunnel: one
+receives from the relay and forwards to the worker, at most WINDOW bytes
+ahead of what the handler has consumed, so a slow handler pushes back on the
+remote sender; the other performs the worker's sends and closes in order.
+Tunnels are long-lived and few, which makes two threads each affordable.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+
+import iris
+
+from . import frames
+from .frames import Kind
+from .workers import WorkerHandle
+
+# Bytes forwarded to the worker and not yet consumed by its handler.
+WINDOW = 4 * 1024 * 1024
+
+
+class TunnelBridge:
+    def __init__(
+        self,
+        tunnel: iris.Tunnel,
+        worker: WorkerHandle,
+        forget: Callable[[TunnelBridge], None],
+    ):
+        self.tunnel = tunnel
+        self.worker = worker
+        self._forget = forget
+        self._cond = threading.Condition()
+        self._unconsumed = 0
+        self._stopped = False
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()  # the worker's sends/close
+
+    def start(self) -> None:
+        self.worker.put(frames.encode(Kind.TUNNEL, self.tunnel.id))
+        for target in (self._forward_inbound, self._perform_requests):
+            threading.Thread(target=target, name="irishost-tunnel", daemon=True).start()
+
+    def on_frame(self, kind: int, fields: list) -> None:
+        """A TUN_* frame from the worker (supervisor loop thread)."""
+        if kind == Kind.TUN_ACK:
+            with self._cond:
+                self._unconsumed -= fields[0]
+                self._cond.notify_all()
+        else:
+            self._requests.put((kind, fields))
+
+    def stop(self, reason: str) -> None:
+        """End the bridge from outside (worker died, connection closed)."""
+        with self._cond:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._cond.notify_all()
+        self.tunnel.log.info("tunnel bridge stopped", reason=reason)
+        self.tunnel.close_async()
+        self._requests.put(None)
+        self._forget(self)
+
+    def _forward_inbound(self) -> None:
+        tunnel = self.tunnel
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._unconsumed < WINDOW or self._stopped)
+                if self._stopped:
+                    return
+            try:
+                message = tunnel.recv()
+            except iris.ClosedError as err:
+                self._tell_worker(frames.encode(Kind.TUN_CLOSED, tunnel.id, str(err)))
+                self.stop("remote end closed")
+                return
+            with self._cond:
+                self._unconsumed += len(message)
+            if not self._tell_worker(frames.encode(Kind.TUN_DATA, tunnel.id, message)):
+                return
+
+    def _perform_requests(self) -> None:
+        tunnel = self.tunnel
+        while True:
+            request = self._requests.get()
+            if request is None:
+                return
+            kind, fields = request
+            if kind == Kind.TUN_CLOSE:
+                tunnel.close()
+                self.stop("closed by the handler")
+                return
+            payload, timeout = fields
+            try:
+                tunnel.send(payload, timeout)
+                outcome = None
+            except iris.TimeoutError:
+                outcome = "timeout"
+            except iris.ClosedError as err:
+                outcome = str(err) or "tunnel closed"
+            if not self._tell_worker(frames.encode(Kind.TUN_SENT, tunnel.id, outcome)):
+                return
+
+    def _tell_worker(self, frame: bytes) -> bool:
+        try:
+            self.worker.put(frame)
+            return True
+        except (TimeoutError, ValueError, OSError) as err:
+            self.stop(f"worker unreachable: {err}")
+            return False

@@ -1,0 +1,445 @@
+"""Loading and validating the host's TOML config (``irishost -c service.toml``).
+
+The host runs unattended under systemd, so a bad config must fail at start with
+one line that says which file, which key and what is wrong -- never with a
+traceback, and never by silently ignoring a misspelt key. Every section is
+described once, declaratively, in ``_SECTIONS``; ``load_config`` walks those
+specs, so adding a key means adding one line there and one dataclass field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from iris.limits import ServiceLimits, TopicLimits
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; ``str()`` is the one line to show the operator."""
+
+    def __init__(self, file: Path, key: str | None, problem: str):
+        # Passing the fields on to Exception keeps the error picklable.
+        super().__init__(file, key, problem)
+        self.file = file
+        self.key = key
+        self.problem = problem
+
+    def __str__(self) -> str:
+        if self.key is None:
+            return f"{self.file}: {self.problem}"
+        return f"{self.file}: {self.key}: {self.problem}"
+
+
+@dataclass(frozen=True)
+class ServiceSection:
+    cluster: str
+    handler: str  # "module:attribute", checked for shape only; irishost.loader imports it
+    path: tuple[Path, ...]  # absolute
+
+
+@dataclass(frozen=True)
+class RelaySection:
+    port: int
+    embedded: bool
+    connect_timeout: float
+
+
+@dataclass(frozen=True)
+class WorkersSection:
+    count: int
+    preload: bool
+    broadcast: str  # "all" or "one"
+    max_requests_jitter: int
+    timeout_grace: float
+    shutdown_timeout: float
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    request_threads: int
+    request_memory: int
+    broadcast_threads: int
+    broadcast_memory: int
+    max_rss: int  # bytes; 0 = never recycle for memory
+    max_requests: int  # 0 = never recycle for request count
+
+    def service_limits(self) -> ServiceLimits:
+        return ServiceLimits(
+            broadcast_threads=self.broadcast_threads,
+            broadcast_memory=self.broadcast_memory,
+            request_threads=self.request_threads,
+            request_memory=self.request_memory,
+        )
+
+
+@dataclass(frozen=True)
+class TopicSection:
+    name: str
+    deliver: str  # "all" or "one"
+    event_threads: int
+    event_memory: int
+
+    def topic_limits(self) -> TopicLimits:
+        return TopicLimits(event_threads=self.event_threads, event_memory=self.event_memory)
+
+
+@dataclass(frozen=True)
+class ControlSection:
+    socket: Path  # absolute
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    port: int  # 0 = off
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    level: str
+
+
+@dataclass(frozen=True)
+class Config:
+    file: Path  # absolute, so a reload still finds it after a chdir
+    service: ServiceSection
+    relay: RelaySection
+    workers: WorkersSection
+    limits: LimitsSection
+    topics: tuple[TopicSection, ...]
+    control: ControlSection
+    metrics: MetricsSection
+    logging: LoggingSection
+
+    def with_overrides(self, workers: int | None = None, log_level: str | None = None) -> Config:
+        """Apply ``--workers`` / ``--log-level``, validated like the keys they override.
+
+        A bad flag value raises ConfigError with the flag as the key, so the
+        command line reports it the same way as a bad file.
+        """
+        config = self
+        if workers is not None:
+            count = _flag(self.file, "--workers", _worker_count, workers)
+            config = replace(config, workers=replace(config.workers, count=count))
+        if log_level is not None:
+            level = _flag(self.file, "--log-level", _log_level, log_level)
+            config = replace(config, logging=LoggingSection(level=level))
+        return config
+
+
+# --- value parsers -------------------------------------------------------------------------
+# Each takes a raw TOML value and returns the typed value or raises ValueError whose message
+# reads "expected ..., got ..."; load_config prefixes the file and key.
+
+_Parser = Callable[[Any], Any]
+
+_SIZE_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KiB": 2**10,
+    "MiB": 2**20,
+    "GiB": 2**30,
+    "TiB": 2**40,
+}
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_NUMBER_WITH_UNIT = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]+)")
+
+
+def _show(value: Any) -> str:
+    """Render a value the way it looks in TOML, so the operator recognises it."""
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return f"a {type(value).__name__}"  # TOML dates and times
+
+
+def _is_number(value: Any) -> bool:
+    # TOML booleans arrive as Python bools, which are ints; they are never numbers here.
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in ``text``: an int, or a number with a unit such as "512MiB" or "10MB".
+
+    Binary units (KiB..TiB) and decimal ones (KB..TB) both exist because
+    operators copy numbers from tools that use either; the unit spells out which.
+    """
+    error = ValueError(f'expected a size such as "512MiB", got {_show(text)}')
+    if _is_number(text):
+        if isinstance(text, float) or text < 0:
+            raise error
+        return text
+    match = _NUMBER_WITH_UNIT.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is None or match[2] not in _SIZE_UNITS:
+        raise error
+    size = Fraction(match[1]) * _SIZE_UNITS[match[2]]
+    if size.denominator != 1:  # "0.5B"
+        raise error
+    return int(size)
+
+
+def parse_duration(text: str | float) -> float:
+    """Seconds in ``text``: a number of seconds, or a number with a unit such as "500ms"."""
+    error = ValueError(f'expected a duration such as "30s", got {_show(text)}')
+    match = _NUMBER_WITH_UNIT.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is not None and match[2] in _DURATION_UNITS:
+        seconds = float(match[1]) * _DURATION_UNITS[match[2]]
+    elif _is_number(text) and abs(text) < 1e300:  # float() of a huge int would overflow
+        seconds = float(text)
+    else:
+        raise error
+    if not math.isfinite(seconds) or seconds < 0:
+        raise error
+    return seconds
+
+
+def _positive_size(value: Any) -> int:
+    size = parse_size(value)
+    if size == 0:
+        raise ValueError(f'expected a size above 0 such as "64MiB", got {_show(value)}')
+    return size
+
+
+def _integer(low: int, high: int | None = None) -> _Parser:
+    wanted = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+
+    def parse(value: Any) -> int:
+        is_integer = isinstance(value, int) and not isinstance(value, bool)
+        if not is_integer or value < low or (high is not None and value > high):
+            raise ValueError(f"expected {wanted}, got {_show(value)}")
+        return value
+
+    return parse
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_show(value)}")
+    return value
+
+
+def _choice(*options: str) -> _Parser:
+    wanted = " or ".join(_show(option) for option in options)
+
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or value not in options:
+            raise ValueError(f"expected {wanted}, got {_show(value)}")
+        return value
+
+    return parse
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_show(value)}")
+    return value
+
+
+def _non_empty_string(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a non-empty string, got {_show(value)}")
+    return value
+
+
+def _handler_spec(value: Any) -> str:
+    module, colon, attribute = value.partition(":") if isinstance(value, str) else ("", "", "")
+    names = [*module.split("."), *attribute.split(".")]
+    if not colon or not all(name.isidentifier() for name in names):
+        raise ValueError(
+            f'expected "module:attribute" such as "primes:PrimeHandler", got {_show(value)}'
+        )
+    return value
+
+
+def _string_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f'expected an array of strings such as ["."], got {_show(value)}')
+    return tuple(value)
+
+
+_worker_count = _integer(1)
+_log_level = _choice("debug", "info", "warning", "error")
+_all_or_one = _choice("all", "one")
+
+# --- the schema ----------------------------------------------------------------------------
+# key -> (parser, default as it would be written in the file). Running defaults through the
+# parser keeps them in the file's own notation here and checks them like any other value.
+
+_REQUIRED = object()
+
+_Spec = dict[str, tuple[_Parser, Any]]
+
+_SECTIONS: dict[str, tuple[type, _Spec]] = {
+    "service": (
+        ServiceSection,
+        {
+            "cluster": (_non_empty_string, _REQUIRED),
+            "handler": (_handler_spec, _REQUIRED),
+            "path": (_string_list, ["."]),  # made absolute by load_config
+        },
+    ),
+    "relay": (
+        RelaySection,
+        {
+            "port": (_integer(1, 65535), 55555),
+            "embedded": (_boolean, False),
+            "connect_timeout": (parse_duration, "10s"),
+        },
+    ),
+    "workers": (
+        WorkersSection,
+        {
+            "count": (_worker_count, os.cpu_count() or 1),
+            "preload": (_boolean, True),
+            "broadcast": (_all_or_one, "all"),
+            "max_requests_jitter": (_integer(0), 0),
+            "timeout_grace": (parse_duration, "5s"),
+            "shutdown_timeout": (parse_duration, "30s"),
+        },
+    ),
+    "limits": (
+        LimitsSection,
+        {
+            "request_threads": (_integer(1), 1),
+            "request_memory": (_positive_size, "64MiB"),
+            "broadcast_threads": (_integer(1), 1),
+            "broadcast_memory": (_positive_size, "64MiB"),
+            "max_rss": (parse_size, 0),
+            "max_requests": (_integer(0), 0),
+        },
+    ),
+    "control": (ControlSection, {"socket": (_string, "")}),  # "" = see _control_socket
+    "metrics": (MetricsSection, {"port": (_integer(0, 65535), 0)}),
+    "logging": (LoggingSection, {"level": (_log_level, "info")}),
+}
+
+# Each [[topics]] entry.
+_TOPIC: _Spec = {
+    "name": (_non_empty_string, _REQUIRED),
+    "deliver": (_all_or_one, "all"),
+    "event_threads": (_integer(1), 1),
+    "event_memory": (_positive_size, "64MiB"),
+}
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, validate and complete the config at ``path``; raises ConfigError."""
+    file = Path(path)
+    data = _read_toml(file)
+    for name, value in data.items():
+        if name not in _SECTIONS and name != "topics":
+            kind = "table" if isinstance(value, dict) else "key"
+            known = ", ".join([*_SECTIONS, "topics"])
+            raise ConfigError(file, name, f"unknown {kind}; known tables: {known}")
+
+    sections = {
+        name: _parse_table(file, name, data.get(name, {}), spec)
+        for name, (_, spec) in _SECTIONS.items()
+    }
+    # Resolve relative paths against the config's directory rather than the current one, so
+    # the same file works from a shell and from systemd.
+    absolute = Path(os.path.abspath(file))
+    directory = absolute.parent
+    service = sections["service"]
+    service["path"] = tuple(Path(os.path.normpath(directory / entry)) for entry in service["path"])
+    control = sections["control"]
+    control["socket"] = _control_socket(control["socket"], directory, file.stem)
+
+    built = {name: cls(**sections[name]) for name, (cls, _) in _SECTIONS.items()}
+    return Config(file=absolute, topics=_parse_topics(file, data.get("topics", [])), **built)
+
+
+def _read_toml(file: Path) -> dict[str, Any]:
+    try:
+        raw = file.read_bytes()
+    except OSError as error:
+        raise ConfigError(file, None, f"cannot read: {error.strerror or error}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise ConfigError(file, None, f"invalid TOML: not UTF-8 (at line {line})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        # tomllib's message ends with "(at line L, column C)".
+        raise ConfigError(file, None, f"invalid TOML: {error}") from None
+
+
+def _parse_table(file: Path, where: str, table: Any, spec: _Spec) -> dict[str, Any]:
+    """Parse one table against its spec, filling in defaults."""
+    if not isinstance(table, dict):
+        raise ConfigError(file, where, f"expected a table, got {_show(table)}")
+    for key in table:
+        if key not in spec:
+            known = ", ".join(spec)
+            raise ConfigError(file, f"{where}.{key}", f"unknown key; known keys: {known}")
+    values = {}
+    for key, (parse, default) in spec.items():
+        if key not in table and default is _REQUIRED:
+            raise ConfigError(file, f"{where}.{key}", "required key is missing")
+        try:
+            values[key] = parse(table.get(key, default))
+        except ValueError as error:
+            raise ConfigError(file, f"{where}.{key}", str(error)) from None
+    return values
+
+
+def _parse_topics(file: Path, entries: Any) -> tuple[TopicSection, ...]:
+    if not isinstance(entries, list):
+        raise ConfigError(
+            file, "topics", f"expected an array of tables ([[topics]]), got {_show(entries)}"
+        )
+    topics = []
+    seen = set()
+    for index, entry in enumerate(entries):
+        topic = TopicSection(**_parse_table(file, f"topics[{index}]", entry, _TOPIC))
+        if topic.name in seen:
+            raise ConfigError(file, f"topics[{index}].name", f"duplicate topic {_show(topic.name)}")
+        seen.add(topic.name)
+        topics.append(topic)
+    return tuple(topics)
+
+
+def _control_socket(configured: str, directory: Path, stem: str) -> Path:
+    """Where the status/control socket lives when the config does not say.
+
+    Under systemd, RuntimeDirectory= gives a private directory that is cleaned up
+    on stop; elsewhere a per-user directory in /tmp keeps users' hosts apart.
+    Naming the socket after the config lets several hosts share a directory.
+    """
+    if configured:
+        return Path(os.path.normpath(directory / configured))
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "")
+    if runtime:
+        # systemd joins several RuntimeDirectory= entries with ":".
+        return Path(runtime.split(":")[0]) / f"{stem}.sock"
+    return Path("/tmp") / f"irishost-{os.getuid()}" / f"{stem}.sock"
+
+
+def _flag(file: Path, flag: str, parse: _Parser, value: Any) -> Any:
+    try:
+        return parse(value)
+    except ValueError as error:
+        raise ConfigError(file, flag, str(error)) from None

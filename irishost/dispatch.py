@@ -1,0 +1,209 @@
+"""Fanning the relay's inbound work out to workers, and answers back.
+
+:class:`RelayDispatch` is the ``iris.dispatch.Inbound`` of the supervisor's
+relay connection. The connection's reader thread calls it for every request,
+broadcast and tunnel; it picks a worker and writes a frame to that worker's
+ring, with no thread hop. The supervisor's loop calls :meth:`on_frame` with
+what workers send back. Both sides share the worker table under one lock.
+
+Every request the relay delivers gets exactly one answer from here: the
+worker's reply, a fault when no worker can take it, or a fault when its
+worker dies - unless its deadline passes first, when the relay has already
+answered the caller with a timeout.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import iris
+from iris.logs import ContextLog
+
+from . import frames
+from .bridge import TunnelBridge
+from .config import Config
+from .frames import Kind
+from .workers import DRAINING, READY, WorkerHandle
+
+
+class RelayDispatch:
+    def __init__(self, config: Config, log: ContextLog, recycle: Callable[[WorkerHandle], None]):
+        self.config = config
+        self.log = log
+        self.conn: iris.Connection | None = None
+        self.workers: list[WorkerHandle] = []  # every live worker process
+        self.lock = threading.Lock()
+        self.owner: dict[int, WorkerHandle] = {}  # request id -> its worker
+        self.bridges: dict[int, TunnelBridge] = {}
+        self.served = 0
+        self.accepting = True  # False while stopping: new requests get a fault
+        self._recycle = recycle
+        self._memory_cap = config.limits.request_memory
+
+    def attach(self, conn: iris.Connection) -> RelayDispatch:
+        """Used as the Connection's inbound factory."""
+        self.conn = conn
+        return self
+
+    def ready_workers(self) -> list[WorkerHandle]:
+        return [w for w in self.workers if w.state == READY]
+
+    def in_flight(self) -> int:
+        return len(self.owner)
+
+    # -- Inbound: called on the relay connection's reader thread ---------------------
+
+    def request(self, request_id: int, request: bytes, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        size = len(request)
+        with self.lock:
+            worker = self._pick_for_request(size)
+            if isinstance(worker, str):
+                fault = worker
+            else:
+                worker.in_flight[request_id] = (deadline, size)
+                worker.in_flight_bytes += size
+                self.owner[request_id] = worker
+        if isinstance(worker, str):
+            self.conn.reply(request_id, False, fault)
+            return
+        try:
+            worker.put(frames.encode(Kind.REQUEST, request_id, deadline, request))
+        except (TimeoutError, ValueError, OSError) as err:
+            if self._settle(request_id) is not None:
+                self.conn.reply(request_id, False, f"{worker} did not take the request: {err}")
+
+    def _pick_for_request(self, size: int) -> WorkerHandle | str:
+        """The least loaded worker with room, or the fault text saying why none."""
+        if not self.accepting:
+            return "service is shutting down"
+        best, ready = None, 0
+        for worker in self.workers:
+            if worker.state != READY:
+                continue
+            ready += 1
+            if worker.in_flight_bytes + size > self._memory_cap:
+                continue
+            if best is None or len(worker.in_flight) < len(best.in_flight):
+                best = worker
+        if best is not None:
+            return best
+        if not ready:
+            return "no worker is ready to take the request"
+        return (
+            f"all {ready} workers are at their request memory limit "
+            f"({self._memory_cap} bytes each, request is {size} bytes)"
+        )
+
+    def broadcast(self, message: bytes) -> None:
+        self._deliver(self.config.workers.broadcast, frames.encode(Kind.BROADCAST, message))
+
+    def event(self, topic: str, deliver: str) -> Callable[[bytes], None]:
+        """The subscription callback for one configured topic."""
+        return lambda event: self._deliver(deliver, frames.encode(Kind.EVENT, topic, event))
+
+    def _deliver(self, rule: str, frame: bytes) -> None:
+        """Best effort, as broadcasts and events are on the relay itself."""
+        with self.lock:
+            targets = self.ready_workers()
+            if rule == "one" and targets:
+                targets = [min(targets, key=lambda w: len(w.in_flight))]
+        for worker in targets:
+            try:
+                worker.put(frame)
+            except (TimeoutError, ValueError, OSError) as err:
+                self.log.warning("delivery dropped", worker=worker.slot, error=str(err))
+
+    def tunnel(self, tunnel: iris.Tunnel) -> None:
+        with self.lock:
+            ready = self.ready_workers()
+            worker = min(ready, key=lambda w: len(w.tunnels)) if ready else None
+            if worker is not None:
+                worker.tunnels.add(tunnel.id)
+        if worker is None:
+            tunnel.log.warning("no worker ready for the tunnel; closing it")
+            tunnel.close_async()
+            return
+        bridge = TunnelBridge(tunnel, worker, self._forget_bridge)
+        self.bridges[tunnel.id] = bridge
+        bridge.start()
+
+    def _forget_bridge(self, bridge: TunnelBridge) -> None:
+        self.bridges.pop(bridge.tunnel.id, None)
+        bridge.worker.tunnels.discard(bridge.tunnel.id)
+
+    def drop(self, reason: iris.ClosedError) -> None:
+        with self.lock:
+            targets = list(self.workers)
+        for worker in targets:
+            try:
+                worker.put(frames.encode(Kind.DROP, str(reason)))
+            except (TimeoutError, ValueError, OSError):
+                pass  # a wedged worker is the stuck-worker check's business
+
+    def close(self) -> None:
+        for bridge in list(self.bridges.values()):
+            bridge.stop("relay connection closed")
+
+    # -- answers from workers: called on the supervisor's loop -------------------------
+
+    def on_frame(self, worker: WorkerHandle, kind: int, fields: list) -> None:
+        if kind == Kind.REPLY:
+            request_id, success, payload = fields
+            if self._settle(request_id) is not None:
+                self.conn.reply(request_id, success, payload)
+                self.served += 1
+                worker.served += 1
+                if worker.max_requests and worker.served >= worker.max_requests:
+                    self._recycle(worker)
+        elif kind == Kind.EXPIRED:
+            self._settle(fields[0])
+        elif kind in (Kind.TUN_SEND, Kind.TUN_ACK, Kind.TUN_CLOSE):
+            bridge = self.bridges.get(fields[0])
+            if bridge is not None:
+                bridge.on_frame(kind, fields[1:])
+        else:
+            raise frames.FrameError(f"unexpected frame kind {kind} from {worker}")
+
+    def _settle(self, request_id: int) -> WorkerHandle | None:
+        """Forget a request's bookkeeping; None if it was settled already."""
+        with self.lock:
+            worker = self.owner.pop(request_id, None)
+            if worker is not None:
+                _, size = worker.in_flight.pop(request_id)
+                worker.in_flight_bytes -= size
+        return worker
+
+    def fail_worker(self, worker: WorkerHandle, how: str) -> None:
+        """Fault everything a dead worker held, and close its tunnels."""
+        with self.lock:
+            if worker in self.workers:
+                self.workers.remove(worker)
+            held = list(worker.in_flight)
+            for request_id in held:
+                del self.owner[request_id]
+            worker.in_flight.clear()
+            worker.in_flight_bytes = 0
+        for request_id in held:
+            self.conn.reply(request_id, False, f"{worker} died while handling the request: {how}")
+        for tunnel_id in list(worker.tunnels):
+            bridge = self.bridges.get(tunnel_id)
+            if bridge is not None:
+                bridge.stop(f"{worker} died: {how}")
+        if held:
+            self.log.warning(
+                "faulted requests of a dead worker", worker=worker.slot, count=len(held)
+            )
+
+    def retire(self, worker: WorkerHandle) -> None:
+        """Stop sending new work to ``worker`` and let it drain and exit."""
+        with self.lock:
+            if worker.state == DRAINING:
+                return
+            worker.state = DRAINING
+        try:
+            worker.put(frames.encode(Kind.DRAIN))
+        except (TimeoutError, ValueError, OSError) as err:
+            self.log.warning("could not ask worker to drain", worker=worker.slot, error=str(err))

@@ -1,0 +1,91 @@
+"""Importing the user's handler class named by ``service.handler``.
+
+Import failures are the most common first-run problem, and they happen inside
+user code the operator may not own; the error therefore says which spec, which
+config file and what went wrong, and keeps the user module's traceback for the
+host to print.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import traceback
+
+from iris.handlers import ServiceHandler
+
+from .config import Config
+
+
+class HandlerImportError(Exception):
+    """``service.handler`` cannot be turned into a ServiceHandler subclass.
+
+    ``details`` holds the formatted traceback when the user's module raised
+    while being imported, and is empty when the message already says it all.
+    """
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message, details)
+        self.details = details
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def load_handler(config: Config) -> type[ServiceHandler]:
+    """Import and return the handler class named by ``config.service.handler``."""
+    spec = config.service.handler
+    module_name, _, attribute = spec.partition(":")
+
+    def fail(cause: str, details: str = "") -> HandlerImportError:
+        return HandlerImportError(f'{config.file}: handler "{spec}": {cause}', details)
+
+    _prepend_to_sys_path([str(entry) for entry in config.service.path])
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        # Only the named module itself (or a parent package) being absent is a path problem;
+        # a missing dependency of the user's module deserves its traceback like any error.
+        if error.name is not None and _is_same_or_parent(error.name, module_name):
+            searched = ", ".join(str(entry) for entry in config.service.path) or "(none)"
+            raise fail(f"no module named {error.name!r} in service.path ({searched})") from error
+        raise fail(f"importing {module_name!r} failed: {error}", _format(error)) from error
+    # A module calling sys.exit() at import time (say, argparse at the top level) would
+    # otherwise end the host with no hint of where the exit came from.
+    except (Exception, SystemExit) as error:
+        raise fail(
+            f"importing {module_name!r} raised {type(error).__name__}: {error}", _format(error)
+        ) from error
+
+    handler = module
+    names = attribute.split(".")
+    for depth, name in enumerate(names, 1):
+        try:
+            handler = getattr(handler, name)
+        except AttributeError as error:
+            missing = ".".join(names[:depth])
+            where = getattr(module, "__file__", None) or "no file"
+            raise fail(f"module {module_name!r} ({where}) has no attribute {missing!r}") from error
+
+    if not (isinstance(handler, type) and issubclass(handler, ServiceHandler)):
+        raise fail(f"{attribute!r} is {handler!r}, not a subclass of iris.ServiceHandler")
+    return handler
+
+
+def _prepend_to_sys_path(entries: list[str]) -> None:
+    """Put the config's import paths first, keeping their order, without duplicating them.
+
+    Loading twice (preloaded in the supervisor, then again in a worker) must not
+    grow sys.path.
+    """
+    for entry in reversed(entries):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+
+
+def _is_same_or_parent(name: str, module_name: str) -> bool:
+    return module_name == name or module_name.startswith(name + ".")
+
+
+def _format(error: BaseException) -> str:
+    return "".join(traceback.format_exception(error))

@@ -1,0 +1,529 @@
+"""Single-producer/single-consumer frame rings in shared memory.
+
+The supervisor creates one pair of rings per worker *before* forking it, so
+both processes hold the same :class:`Ring` object: the shared mapping and the
+two eventfds are inherited by ``fork``.  Exactly one process writes a given
+ring (``put``) and exactly one other process reads it (``get``, ``drain``).
+Frames are opaque bytes here; the layer above encodes them.
+
+Memory layout of one mapping (all integers little-endian)::
+
+    offset 0     +-------------------------------+
+                 | head            u64           |  bytes consumed; only the reader stores it
+    offset 64    +-------------------------------+
+                 | tail            u64           |  bytes produced; only the writer stores it
+    offset 128   +-------------------------------+
+                 | reader_waiting  u32           |  1 while the reader sleeps on data_fd
+    offset 192   +-------------------------------+
+                 | writer_waiting  u32           |  1 while the writer sleeps on space_fd
+    offset 256   +-------------------------------+
+                 | data: capacity bytes          |  records at tail % capacity, head % capacity
+                 +-------------------------------+
+
+Each header field has its own 64-byte cache line, so the two sides never
+write to the same line.  ``head`` and ``tail`` only grow; ``tail - head`` is
+the number of bytes in use.
+
+A record is a 4-byte length word followed by the payload, padded so the
+next record starts on an 8-byte boundary::
+
+    | word: bit 31 = more fragments follow, bits 0-30 = payload length | payload | pad |
+
+Records may run past the end of the data area and continue at its start;
+the length word itself never straddles, because records are 8-aligned and
+the capacity is a multiple of 8.  The word ``0xFFFFFFFF`` is an abort
+record: the writer gave up in the middle of a fragmented frame and the
+reader drops the fragments it has collected.
+
+Publishing is "write the record, then store ``tail``" (consuming: "copy
+the record out, then store ``head``"), so the peer never sees an index
+before the bytes it covers.  That relies on stores becoming visible in
+program order, which x86-64 guarantees and CPython does not disturb; a
+weakly ordered CPU would need fences that Python cannot express.
+
+Wakeups travel through eventfds, never through the data: a sleeper sets its
+``*_waiting`` flag, re-checks the ring and polls its eventfd; the other side
+writes the eventfd after publishing only when it sees the flag set.  Before
+sleeping a waiter spins for up to :data:`SPIN_SECONDS`, because a sleep/wake
+round trip through the kernel costs tens of microseconds, far more than a
+peer that is busy answering needs.  The spin shrinks when it keeps failing
+(see ``_Waiter``), so a loaded machine is not made busier.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import re
+import secrets
+import select
+import time
+from collections.abc import Callable, Sequence
+
+import psutil
+
+__all__ = [
+    "DEFAULT_CAPACITY",
+    "SPIN_SECONDS",
+    "Ring",
+    "remove_stale_segments",
+    "wait_readable",
+]
+
+DEFAULT_CAPACITY = 4 * 1024 * 1024
+
+#: Longest time a waiter polls the ring before it goes to sleep on its
+#: eventfd.  Long enough to cover a peer that answers a request straight away
+#: (a few microseconds of Python per message), short enough that idle
+#: processes cost nothing measurable.
+SPIN_SECONDS = 100e-6
+#: A spin budget that fails its way below this stops spinning altogether...
+MIN_SPIN_SECONDS = 2e-6
+#: ...except for one full-length probe this often, to notice when spinning
+#: pays off again.  Bounds the waste on a busy machine to about 1% of a core.
+SPIN_PROBE_INTERVAL = 0.01
+
+#: Longest single sleep.  Python offers no memory fence, so the waiter's
+#: "set flag, then read the index" and the publisher's "store the index,
+#: then read the flag" may in theory both see the old value (a store-load
+#: reordering), and the wakeup is lost.  Capping each sleep turns such a
+#: loss into a delay of at most this long, never a hang.
+SLEEP_SLICE_SECONDS = 0.02
+
+SHM_DIR = "/dev/shm"
+
+HEADER_SIZE = 256
+# Indexes into the header viewed as u64 and as u32 words.
+_HEAD = 0
+_TAIL = 64 // 8
+_READER_WAITING = 128 // 4
+_WRITER_WAITING = 192 // 4
+
+_MORE = 1 << 31
+_LENGTH_MASK = _MORE - 1
+_ABORT = 0xFFFFFFFF
+# The writer never uses the last few bytes for data, so an abort record can
+# always be written, even into a ring the reader has stopped emptying.
+_ABORT_RESERVE = 8
+_MAX_CAPACITY = 1 << 31
+
+
+def _record_size(payload_len: int) -> int:
+    return (payload_len + 4 + 7) & ~7
+
+
+def _drain_eventfd(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        os.eventfd_read(fd)
+
+
+class _Waiter:
+    """Waits for a ring condition: spin first, then sleep on eventfds.
+
+    Spinning pays off only while the peer runs and answers within the spin.
+    When the cores are oversubscribed the peer may be waiting for the very
+    core we spin on, and a peer that takes long to answer makes every spin
+    wasted CPU.  So the spin adapts: a spin that ends empty-handed halves the
+    next one, a spin that finds the condition doubles it, and once the budget
+    drops below MIN_SPIN_SECONDS only a rare probe spins at all.
+    """
+
+    __slots__ = ("_spin_seconds", "_next_probe")
+
+    def __init__(self) -> None:
+        self._spin_seconds = SPIN_SECONDS
+        self._next_probe = 0.0
+
+    def wait(
+        self,
+        ready: Callable[[], bool],
+        flags: Sequence[tuple[memoryview, int]],
+        fds: Sequence[int],
+        deadline: float | None,
+        wake_fds: Sequence[int] = (),
+    ) -> bool:
+        """Return True once ``ready()`` or a ``wake_fds`` is readable, False if
+        the deadline passed first."""
+        now = time.monotonic()
+        spin = self._spin_seconds
+        if not spin and now >= self._next_probe:
+            spin = SPIN_SECONDS
+            self._next_probe = now + SPIN_PROBE_INTERVAL
+        if spin:
+            end = now + spin
+            # A spin cut short by the deadline says nothing about the peer.
+            cut_short = deadline is not None and deadline < end
+            if cut_short:
+                end = deadline
+            while now < end:
+                if ready():
+                    self._spin_seconds = min(2 * spin, SPIN_SECONDS)
+                    return True
+                now = time.monotonic()
+            if not cut_short:
+                self._spin_seconds /= 2
+                if self._spin_seconds < MIN_SPIN_SECONDS:
+                    self._spin_seconds = 0.0
+        return _sleep_until(ready, flags, fds, deadline, wake_fds)
+
+
+def _sleep_until(
+    ready: Callable[[], bool],
+    flags: Sequence[tuple[memoryview, int]],
+    fds: Sequence[int],
+    deadline: float | None,
+    wake_fds: Sequence[int] = (),
+) -> bool:
+    """Sleep on ``fds`` until ``ready()`` or the deadline; False on timeout.
+
+    ``flags`` are the ``*_waiting`` words that tell the peers to write one of
+    ``fds``.  Setting them before the final check of ``ready()`` closes the
+    window in which a peer publishes after our check but before our sleep.
+    """
+    poller = select.poll()
+    for fd in (*fds, *wake_fds):
+        poller.register(fd, select.POLLIN)
+    while True:
+        for words, index in flags:
+            words[index] = 1
+        try:
+            if ready():
+                return True
+            if deadline is None:
+                sleep = SLEEP_SLICE_SECONDS
+            else:
+                sleep = min(deadline - time.monotonic(), SLEEP_SLICE_SECONDS)
+                if sleep <= 0:
+                    return False
+            # poll() takes whole milliseconds; round up so we never wake early.
+            woken = False
+            for fd, _events in poller.poll(int(sleep * 1000) + 1):
+                if fd in wake_fds:
+                    woken = True  # the caller reads its own descriptor
+                else:
+                    _drain_eventfd(fd)
+            if woken:
+                return True
+        finally:
+            for words, index in flags:
+                words[index] = 0
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+class Ring:
+    """One direction of a supervisor/worker channel.
+
+    Create it with :meth:`create` before forking; afterwards one process only
+    writes and the other only reads, each from one thread at a time.
+    Reader-side state (a frame whose fragments are still arriving) lives in
+    the reader's copy of the object.  A ring belongs to one writer/reader
+    pair for its whole life: give a restarted worker new rings rather than
+    reusing the old ones.
+    """
+
+    def __init__(self, mm: mmap.mmap, capacity: int, data_fd: int, space_fd: int) -> None:
+        self._mm = mm
+        self._capacity = capacity
+        #: Written by the writer when the reader may be asleep; poll it for
+        #: POLLIN to learn about new data together with other descriptors.
+        self.data_fd = data_fd
+        #: Written by the reader when the writer may be waiting for space.
+        self.space_fd = space_fd
+        view = memoryview(mm)
+        self._hdr64 = view[:HEADER_SIZE].cast("Q")
+        self._hdr32 = view[:HEADER_SIZE].cast("I")
+        self._data = view[HEADER_SIZE:]
+        self._words = self._data.cast("I")
+        view.release()
+        self._usable = capacity - _ABORT_RESERVE
+        # Fragments are kept below a half of the ring so the writer can fill
+        # one half while the reader copies out the other.
+        self._max_fragment = capacity // 2 - 8
+        self._fragments: list[bytes] = []
+        self._data_waiter = _Waiter()
+        self._space_waiter = _Waiter()
+        self._closed = False
+
+    @classmethod
+    def create(cls, capacity: int = DEFAULT_CAPACITY, prefix: str = "irishost") -> Ring:
+        """Create a ring in a private, already unlinked shared-memory segment.
+
+        The name exists only between ``O_CREAT`` and ``unlink`` a few lines
+        later, so not even a ``kill -9`` of the creator can leave it behind
+        in /dev/shm, except inside that window (see
+        :func:`remove_stale_segments`).
+        """
+        if capacity % 8 or not 64 <= capacity <= _MAX_CAPACITY:
+            raise ValueError(f"capacity must be a multiple of 8 in [64, 2**31], got {capacity}")
+        if "/" in prefix or not prefix:
+            raise ValueError(f"bad segment prefix {prefix!r}")
+        path = os.path.join(SHM_DIR, f"{prefix}-{os.getpid()}-{secrets.token_hex(8)}")
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.unlink(path)
+            os.ftruncate(fd, HEADER_SIZE + capacity)
+            mm = mmap.mmap(fd, HEADER_SIZE + capacity, mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        data_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        space_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        return cls(mm, capacity, data_fd, space_fd)
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    # ----------------------------------------------------------------- writer
+
+    def put(self, frame: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
+        """Append one frame, waiting for the reader to make room if needed.
+
+        Raises :class:`TimeoutError` when room did not appear in time.  A
+        frame that fits in one record is then not written at all.  A larger
+        frame goes out in fragments as the reader frees space; if the timeout
+        hits after some of them, an abort record tells the reader to drop
+        them.  Either way the ring stays usable and the frame is not
+        delivered.
+        """
+        if type(frame) is not bytes:
+            frame = memoryview(frame).cast("B")
+        if len(frame) > self._max_fragment:
+            self._put_fragmented(frame, _deadline(timeout))
+            return
+        hdr = self._hdr64
+        tail = hdr[_TAIL]
+        size = _record_size(len(frame))
+        full = tail - hdr[_HEAD] + size > self._usable
+        if full and not self._wait_space(size, _deadline(timeout)):
+            raise TimeoutError("ring full: the reader did not make room in time")
+        self._write_record(tail, len(frame), frame)
+        hdr[_TAIL] = tail + size
+        if self._hdr32[_READER_WAITING]:
+            os.eventfd_write(self.data_fd, 1)
+
+    def _put_fragmented(self, frame: memoryview | bytes, deadline: float | None) -> None:
+        view = memoryview(frame)
+        step = self._max_fragment
+        hdr = self._hdr64
+        for start in range(0, len(view), step):
+            chunk = view[start : start + step]
+            more = _MORE if start + step < len(view) else 0
+            size = _record_size(len(chunk))
+            if not self._wait_space(size, deadline):
+                if start:
+                    self._write_abort()
+                raise TimeoutError("ring full: the reader did not make room in time")
+            tail = hdr[_TAIL]
+            self._write_record(tail, more | len(chunk), chunk)
+            hdr[_TAIL] = tail + size
+            if self._hdr32[_READER_WAITING]:
+                os.eventfd_write(self.data_fd, 1)
+
+    def _write_abort(self) -> None:
+        tail = self._hdr64[_TAIL]
+        self._words[(tail % self._capacity) >> 2] = _ABORT
+        self._hdr64[_TAIL] = tail + _record_size(0)
+        if self._hdr32[_READER_WAITING]:
+            os.eventfd_write(self.data_fd, 1)
+
+    def _write_record(self, tail: int, word: int, payload: bytes | memoryview) -> None:
+        capacity = self._capacity
+        pos = tail % capacity
+        self._words[pos >> 2] = word
+        start = pos + 4
+        end = start + len(payload)
+        if end <= capacity:
+            self._data[start:end] = payload
+        else:
+            first = capacity - start
+            self._data[start:capacity] = payload[:first]
+            self._data[: end - capacity] = payload[first:]
+
+    def _wait_space(self, size: int, deadline: float | None) -> bool:
+        hdr = self._hdr64
+        room = self._usable - size
+
+        def has_space() -> bool:
+            return hdr[_TAIL] - hdr[_HEAD] <= room
+
+        flags = [(self._hdr32, _WRITER_WAITING)]
+        return self._space_waiter.wait(has_space, flags, [self.space_fd], deadline)
+
+    # ----------------------------------------------------------------- reader
+
+    def readable(self) -> bool:
+        """True when at least one record is waiting.
+
+        A record can be one fragment of a frame still being written, so a
+        ring that is readable may still yield no complete frame.
+        """
+        return self._hdr64[_TAIL] != self._hdr64[_HEAD]
+
+    def get_nowait(self) -> bytes | None:
+        frames = self._read(1)
+        return frames[0] if frames else None
+
+    def get(self, timeout: float | None = None) -> bytes | None:
+        """Return the next frame, or None if none arrived within ``timeout``.
+
+        Fragments of a frame that is not complete at the timeout stay with
+        the reader and are joined by a later call.
+        """
+        deadline = _deadline(timeout)
+        while True:
+            frames = self._read(1)
+            if frames:
+                return frames[0]
+            if not self._wait_data(deadline):
+                return None
+
+    def drain(self, max_frames: int = 1024) -> list[bytes]:
+        """Return every complete frame already in the ring, without blocking.
+
+        This is the hot path for a busy reader: one call, one head update and
+        at most one wakeup of the writer for a whole batch.
+        """
+        return self._read(max_frames)
+
+    def arm(self) -> None:
+        """Ask the writer to signal :attr:`data_fd` on its next publish.
+
+        For callers that poll ``data_fd`` themselves: arm, check
+        :meth:`readable`, poll, then :meth:`disarm`.
+        """
+        self._hdr32[_READER_WAITING] = 1
+
+    def disarm(self) -> None:
+        self._hdr32[_READER_WAITING] = 0
+        _drain_eventfd(self.data_fd)
+
+    def _wait_data(self, deadline: float | None) -> bool:
+        flags = [(self._hdr32, _READER_WAITING)]
+        return self._data_waiter.wait(self.readable, flags, [self.data_fd], deadline)
+
+    def _read(self, max_frames: int) -> list[bytes]:
+        hdr = self._hdr64
+        head = hdr[_HEAD]
+        tail = hdr[_TAIL]
+        if head == tail:
+            return []
+        frames: list[bytes] = []
+        capacity = self._capacity
+        words = self._words
+        mm = self._mm
+        data_end = HEADER_SIZE + capacity
+        while head != tail:
+            pos = head % capacity
+            word = words[pos >> 2]
+            if word == _ABORT:
+                self._fragments.clear()
+                head += _record_size(0)
+                continue
+            length = word & _LENGTH_MASK
+            start = HEADER_SIZE + pos + 4
+            end = start + length
+            if end <= data_end:
+                payload = mm[start:end]
+            else:  # the payload runs past the end of the data area
+                payload = mm[start:data_end] + mm[HEADER_SIZE : end - capacity]
+            head += (length + 11) & ~7  # _record_size(length), inlined
+            if word & _MORE:
+                self._fragments.append(payload)
+                continue
+            if self._fragments:
+                self._fragments.append(payload)
+                payload = b"".join(self._fragments)
+                self._fragments.clear()
+            frames.append(payload)
+            if len(frames) >= max_frames:
+                break
+        hdr[_HEAD] = head
+        if self._hdr32[_WRITER_WAITING]:
+            os.eventfd_write(self.space_fd, 1)
+        return frames
+
+    # -------------------------------------------------------------- lifecycle
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Release this process's mapping and descriptors.
+
+        The peer keeps its own; the memory goes away when the last process
+        that maps it closes it or exits.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for view in (self._hdr64, self._hdr32, self._words, self._data):
+            view.release()
+        self._mm.close()
+        os.close(self.data_fd)
+        os.close(self.space_fd)
+
+
+#: The spin budget of wait_readable().  One per process, because the call is
+#: meant for the single thread that collects from all workers.
+_collector = _Waiter()
+
+
+def wait_readable(
+    rings: Sequence[Ring], timeout: float | None, wake_fds: Sequence[int] = ()
+) -> list[Ring]:
+    """Block until at least one ring has data; return those that do.
+
+    Lets one thread serve many workers with the same spin-then-sleep logic as
+    :meth:`Ring.get`.  Returns an empty list on timeout, or early when one of
+    ``wake_fds`` (a signal wake-up pipe, say) becomes readable; the caller
+    reads those itself.
+    """
+    if not rings and not wake_fds:
+        raise ValueError("wait_readable() needs a ring or a wake fd")
+
+    def any_readable() -> bool:
+        return any(ring.readable() for ring in rings)
+
+    flags = [(ring._hdr32, _READER_WAITING) for ring in rings]
+    fds = [ring.data_fd for ring in rings]
+    _collector.wait(any_readable, flags, fds, _deadline(timeout), wake_fds)
+    return [ring for ring in rings if ring.readable()]
+
+
+def remove_stale_segments(prefix: str = "irishost") -> list[str]:
+    """Delete segments that a killed creator left in /dev/shm.
+
+    :meth:`Ring.create` unlinks its segment at once, so a leftover can only
+    come from a creator killed inside that short window.  A segment is stale
+    when its creator's pid is gone, or was reused by a process started after
+    the segment was made.  Returns the names removed.
+    """
+    pattern = re.compile(re.escape(prefix) + r"-(\d+)-[0-9a-f]+")
+    uid = os.getuid()
+    removed = []
+    for name in os.listdir(SHM_DIR):
+        match = pattern.fullmatch(name)
+        if not match:
+            continue
+        path = os.path.join(SHM_DIR, name)
+        try:
+            st = os.stat(path)
+            if st.st_uid != uid or _creator_alive(int(match.group(1)), st.st_mtime):
+                continue
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        removed.append(name)
+    return removed
+
+
+def _creator_alive(pid: int, segment_mtime: float) -> bool:
+    try:
+        return psutil.Process(pid).create_time() <= segment_mtime + 1.0
+    except psutil.NoSuchProcess:
+        return False

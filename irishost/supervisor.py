@@ -1,0 +1,395 @@
+"""The supervisor: one loop that owns the relay connection and the workers.
+
+Like gunicorn's arbiter, the loop wakes on a timeout, on a signal (the
+handlers only note the signal; ``signal.set_wakeup_fd`` wakes the loop) or
+on data from a worker, and then does the steps in order: collect answers,
+handle signals, reap dead workers, murder stuck ones, recycle bloated ones,
+respawn what is missing. Nothing else runs on this thread, so the steps
+never race each other; the relay connection's reader thread only touches the
+worker table through RelayDispatch, under its lock.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import random
+import signal
+import socket
+import sys
+import time
+
+import setproctitle
+
+import iris
+from iris.logs import ContextLog
+from iris.relay import RelayServer
+
+from . import frames, worker
+from .config import Config
+from .dispatch import RelayDispatch
+from .frames import Kind
+from .ring import Ring, remove_stale_segments, wait_readable
+from .workers import BOOTING, DRAINING, READY, WorkerHandle
+
+# The loop wakes at least this often to check deadlines, memory and respawns.
+TICK_SECONDS = 0.25
+# Resident memory is sampled this often (psutil reads /proc; not free).
+RSS_CHECK_SECONDS = 1.0
+# Respawn backoff after a crash: doubles per quick death, up to the cap.
+BACKOFF_START, BACKOFF_CAP = 0.1, 10.0
+# A worker that lived this long resets its slot's backoff.
+STABLE_SECONDS = 10.0
+# This many workers in a row dying before they are ready means they cannot
+# start at all; the host exits instead of forking forever.
+MAX_BOOT_DEATHS = 3
+# Reconnect backoff when the relay goes away.
+RECONNECT_START, RECONNECT_CAP = 0.1, 5.0
+
+
+class Exit(enum.IntEnum):
+    """Fixed exit codes, for systemd units (RestartPreventExitStatus) and operators."""
+
+    OK = 0
+    FAILURE = 1
+    USAGE = 2
+    CONFIG = 3
+    HANDLER = 4
+    RELAY = 5
+
+
+class HostError(Exception):
+    """A reason to stop the host with a given exit code."""
+
+    def __init__(self, code: Exit, message: str, details: str = ""):
+        super().__init__(message)
+        self.code = code
+        self.details = details
+
+
+def describe_exit(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    if code >= 0:
+        return f"exited with code {code}"
+    name = signal.Signals(-code).name
+    hint = " (out of memory, or killed by an operator)" if -code == signal.SIGKILL else ""
+    return f"killed by {name}{hint}"
+
+
+class Supervisor:
+    def __init__(self, config: Config, handler_class: type | None):
+        self.config = config
+        self.handler_class = handler_class
+        self.log = ContextLog().new(service=config.service.cluster)
+        self.dispatch = RelayDispatch(config, self.log, self._recycle)
+        self.prefix = f"irishost-{config.service.cluster}"
+        self.relay: RelayServer | None = None
+        self.conn: iris.Connection | None = None
+        self.restarts = 0
+        self._by_pid: dict[int, WorkerHandle] = {}
+        self._respawns: list[tuple[float, int]] = []  # (when, slot)
+        self._slot_failures: dict[int, int] = {}
+        self._boot_deaths = 0
+        self._signals: list[int] = []
+        self._stopping = False
+        self._next_rss_check = 0.0
+        self._reconnect_at = 0.0
+        self._reconnect_delay = RECONNECT_START
+
+    # -- the whole life ----------------------------------------------------------------
+
+    def run(self) -> Exit:
+        """Start, serve until told to stop, stop; HostError for fatal problems."""
+        removed = remove_stale_segments(self.prefix)
+        if removed:
+            self.log.info("removed stale shared memory", segments=len(removed))
+        self._install_signals()
+        try:
+            self._ensure_relay()
+            for slot in range(self.config.workers.count):
+                self._spawn(slot)
+            self._wait_until_ready()
+            self._connect()
+            self.log.info("service ready", workers=len(self.dispatch.workers))
+            while not self._stopping:
+                self._step()
+            self._stop_gracefully()
+            return Exit.OK
+        finally:
+            self._kill_all()
+            if self.relay is not None:
+                self.relay.stop()
+
+    def _install_signals(self) -> None:
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(signum, self._note_signal)
+
+    def _note_signal(self, signum: int, frame) -> None:
+        self._signals.append(signum)
+
+    def _title(self) -> None:
+        ready = len(self.dispatch.ready_workers())
+        setproctitle.setproctitle(
+            f"irishost: supervisor {self.config.service.cluster} "
+            f"({self.config.file.name}) workers={ready}/{self.config.workers.count}"
+        )
+
+    # -- relay -------------------------------------------------------------------------------
+
+    def _ensure_relay(self) -> None:
+        """Wait for the relay to listen; start the embedded one if configured."""
+        port = self.config.relay.port
+        deadline = time.monotonic() + self.config.relay.connect_timeout
+        while not _listening(port):
+            if self.config.relay.embedded:
+                try:
+                    self.relay = RelayServer(port).start()
+                    self.log.info("started embedded relay", port=self.relay.port)
+                    return
+                except OSError as err:  # lost a race with another relay starting: use it
+                    self.log.warning("embedded relay did not start", error=str(err))
+            if time.monotonic() >= deadline:
+                raise HostError(Exit.RELAY, f"no Iris relay is listening on port {port}")
+            time.sleep(0.1)
+
+    def _connect(self) -> None:
+        """Register the cluster member that fans work out to the workers."""
+        config = self.config
+        try:
+            self.conn = iris.Connection(
+                config.relay.port, config.service.cluster, self.dispatch.attach, self.log
+            )
+            for topic in config.topics:
+                self.conn.subscribe(
+                    topic.name,
+                    self.dispatch.event(topic.name, topic.deliver),
+                    iris.TopicLimits(event_threads=1, event_memory=topic.event_memory),
+                )
+        except (OSError, iris.ClosedError) as err:
+            raise HostError(
+                Exit.RELAY, f"cannot register with the relay on port {config.relay.port}: {err}"
+            ) from err
+        self._reconnect_delay = RECONNECT_START
+
+    def _reconnect(self) -> None:
+        now = time.monotonic()
+        if now < self._reconnect_at:
+            return
+        try:
+            self._connect()
+            self.log.info("reconnected to relay")
+        except HostError as err:
+            self._reconnect_at = now + self._reconnect_delay
+            self._reconnect_delay = min(2 * self._reconnect_delay, RECONNECT_CAP)
+            self.log.warning("relay unreachable; retrying", error=str(err))
+
+    # -- workers ---------------------------------------------------------------------------
+
+    def _spawn(self, slot: int) -> WorkerHandle:
+        limits = self.config.limits
+        max_requests = 0
+        if limits.max_requests:
+            jitter = self.config.workers.max_requests_jitter
+            max_requests = limits.max_requests + random.randint(0, jitter)
+        inbox, outbox = Ring.create(prefix=self.prefix), Ring.create(prefix=self.prefix)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            spec = worker.WorkerSpec(slot, self.config, inbox, outbox, self.handler_class)
+            worker.run(spec)  # never returns
+        handle = WorkerHandle(slot, pid, inbox, outbox, max_requests)
+        with self.dispatch.lock:
+            self.dispatch.workers.append(handle)
+        self._by_pid[pid] = handle
+        self.log.info("spawned worker", worker=slot, pid=pid)
+        self._title()
+        return handle
+
+    def _wait_until_ready(self) -> None:
+        while any(w.state == BOOTING for w in self.dispatch.workers):
+            self._step(serving=False)
+            if self._stopping:
+                raise HostError(Exit.OK, "stopped during start-up")
+
+    def _recycle(self, handle: WorkerHandle, reason: str = "reached max_requests") -> None:
+        """Replace a worker: fork its successor, then let it drain and exit."""
+        if handle.state != READY or self._stopping:
+            return
+        self.log.info("recycling worker", worker=handle.slot, pid=handle.pid, reason=reason)
+        handle.drain_deadline = time.monotonic() + self.config.workers.shutdown_timeout
+        self._spawn(handle.slot)
+        self.dispatch.retire(handle)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            handle = self._by_pid.pop(pid, None)
+            if handle is not None:
+                self._on_exit(handle, status)
+
+    def _on_exit(self, handle: WorkerHandle, status: int) -> None:
+        # Frames written just before death (FAILED, last replies) still count.
+        self._collect(handle)
+        how = handle.kill_reason or describe_exit(status)
+        was_state = handle.state
+        self.dispatch.fail_worker(handle, how)
+        handle.close()
+        self._title()
+        if self._stopping:
+            return
+        if was_state == DRAINING:
+            self.log.info("retired worker exited", worker=handle.slot, pid=handle.pid, how=how)
+            return
+        if handle.failure is not None:
+            raise HostError(Exit.HANDLER, f"worker {handle.slot} failed to start", handle.failure)
+        self.restarts += 1
+        if was_state == BOOTING:
+            self._boot_deaths += 1
+            if self._boot_deaths >= MAX_BOOT_DEATHS:
+                raise HostError(
+                    Exit.HANDLER, f"workers keep dying during start-up; the last one {how}"
+                )
+        self.log.error("worker died", worker=handle.slot, pid=handle.pid, how=how)
+        lived = time.monotonic() - handle.started
+        failures = 0 if lived >= STABLE_SECONDS else self._slot_failures.get(handle.slot, 0)
+        self._slot_failures[handle.slot] = failures + 1
+        delay = min(BACKOFF_START * 2**failures, BACKOFF_CAP)
+        self._respawns.append((time.monotonic() + delay, handle.slot))
+
+    def _murder_stuck(self, now: float) -> None:
+        grace = self.config.workers.timeout_grace
+        for handle in list(self.dispatch.workers):
+            if handle.kill_reason is not None:
+                continue
+            oldest = handle.oldest_deadline()
+            if oldest is not None and now > oldest + grace:
+                handle.kill_reason = (
+                    f"killed by the supervisor: a handler ran past its deadline plus {grace:g} s"
+                )
+            elif handle.state == DRAINING and now > handle.drain_deadline:
+                handle.kill_reason = "killed by the supervisor: did not drain in time"
+            else:
+                continue
+            self.log.error("killing worker", worker=handle.slot, pid=handle.pid)
+            _kill(handle.pid, signal.SIGKILL)
+
+    def _check_memory(self, now: float) -> None:
+        max_rss = self.config.limits.max_rss
+        if not max_rss or now < self._next_rss_check:
+            return
+        self._next_rss_check = now + RSS_CHECK_SECONDS
+        for handle in self.dispatch.ready_workers():
+            rss = handle.rss()
+            if rss > max_rss:
+                self._recycle(handle, f"resident memory {rss} bytes is over max_rss {max_rss}")
+
+    def _respawn_due(self, now: float) -> None:
+        due = [slot for when, slot in self._respawns if when <= now]
+        self._respawns = [(when, slot) for when, slot in self._respawns if when > now]
+        for slot in due:
+            self._spawn(slot)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def _step(self, serving: bool = True) -> None:
+        """One turn of the loop."""
+        now = time.monotonic()
+        timeout = TICK_SECONDS
+        if self._respawns:
+            timeout = max(0.0, min(timeout, min(when for when, _ in self._respawns) - now))
+        rings = {handle.outbox: handle for handle in self.dispatch.workers}
+        for ring in wait_readable(list(rings), timeout, (self._wake_r,)):
+            self._collect(rings[ring])
+        self._handle_signals()
+        self._reap()
+        now = time.monotonic()
+        self._murder_stuck(now)
+        self._check_memory(now)
+        self._respawn_due(now)
+        if serving and self.conn is not None and self.conn.closed and not self._stopping:
+            self._reconnect()
+
+    def _collect(self, handle: WorkerHandle) -> None:
+        """Act on every frame a worker has written."""
+        if handle.outbox.closed:
+            return
+        for data in handle.outbox.drain():
+            fields = frames.decode(data)
+            kind = fields[0]
+            if kind == Kind.READY:
+                handle.state = READY
+                self._boot_deaths = 0
+                self.log.info("worker ready", worker=handle.slot, pid=handle.pid)
+                self._title()
+            elif kind == Kind.FAILED:
+                handle.failure = fields[1]
+            else:
+                self.dispatch.on_frame(handle, kind, fields[1:])
+
+    def _handle_signals(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        signals, self._signals = self._signals, []
+        for signum in signals:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                if self._stopping and signum == signal.SIGINT:
+                    raise HostError(Exit.OK, "second SIGINT: stopping at once")
+                self.log.info("stopping", signal=signal.Signals(signum).name)
+                self._stopping = True
+
+    # -- stopping --------------------------------------------------------------------------
+
+    def _stop_gracefully(self) -> None:
+        """Finish in-flight work within the shutdown timeout, then take everything down."""
+        dispatch = self.dispatch
+        dispatch.accepting = False
+        deadline = time.monotonic() + self.config.workers.shutdown_timeout
+        while dispatch.in_flight() and time.monotonic() < deadline:
+            self._step(serving=False)
+        if self.conn is not None:
+            self.conn.close()
+        for handle in list(dispatch.workers):
+            _kill(handle.pid, signal.SIGTERM)
+        while self._by_pid and time.monotonic() < deadline:
+            self._step(serving=False)
+        self.log.info("stopped")
+
+    def _kill_all(self) -> None:
+        """Last resort on the way out: no worker outlives the supervisor."""
+        for pid in self._by_pid:
+            _kill(pid, signal.SIGKILL)
+        for pid, handle in list(self._by_pid.items()):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            handle.close()
+        self._by_pid.clear()
+        if self.conn is not None and not self.conn.closed:
+            self.conn.close()
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(1.0)
+        return probe.connect_ex(("127.0.0.1", port)) == 0

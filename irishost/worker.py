@@ -1,0 +1,287 @@
+"""A worker process: runs the service's handler on work from the supervisor.
+
+The worker is forked by the supervisor and never returns into the
+supervisor's code: :func:`run` ends in ``os._exit``. Its main thread reads
+frames from the inbound ring and hands them to the binding's bounded pools
+(``iris.pool.HandlerPool``), so the thread and memory caps of a worker are
+exactly those of ``iris.register``; handler threads write their answers to
+the outbound ring.
+
+Exit codes tell the supervisor how a worker ended: 0 after a requested
+drain, BOOT_FAILED when the handler could not be imported or initialised
+(the FAILED frame carries the traceback), PARENT_GONE when the supervisor
+disappeared.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+import setproctitle
+
+import iris
+from iris.logs import ContextLog, RateLimitedWarning
+from iris.pool import HandlerPool
+
+from . import frames
+from .config import Config
+from .frames import Kind
+from .loader import load_handler
+from .ring import Ring
+from .worker_tunnel import WorkerTunnel
+
+BOOT_FAILED = 3
+PARENT_GONE = 4
+
+# How often an idle worker looks up from its ring to check on its parent.
+IDLE_CHECK_SECONDS = 1.0
+
+
+@dataclass
+class WorkerSpec:
+    """What a worker needs from the supervisor, set before fork."""
+
+    index: int
+    config: Config
+    inbox: Ring  # supervisor -> worker
+    outbox: Ring  # worker -> supervisor
+    handler_class: type | None  # preloaded in the supervisor, or None to import here
+
+
+def run(spec: WorkerSpec) -> None:
+    """Body of a forked worker; never returns."""
+    code = 1
+    try:
+        code = Worker(spec).serve()
+    except BaseException:  # the last line of defence in a child: report, then exit
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def _close_inherited_fds(keep: set[int]) -> None:
+    """Close the supervisor's descriptors (relay sockets, siblings' rings).
+
+    Otherwise a worker would hold the relay's listening port open after the
+    supervisor died, and keep siblings' eventfds alive.
+    """
+    keep = {0, 1, 2, *keep}
+    low = 3
+    for fd in sorted(keep):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.config = spec.config
+        self.log = ContextLog().new(worker=spec.index)
+        self._parent = os.getppid()
+        self._out_lock = threading.Lock()
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+        self._tunnels: dict[int, WorkerTunnel] = {}
+        self._draining = False
+
+    # -- life cycle ---------------------------------------------------------------
+
+    def serve(self) -> int:
+        config = self.config
+        setproctitle.setproctitle(
+            f"irishost: worker {self.spec.index} {config.service.cluster} ({config.file.name})"
+        )
+        for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(signum, signal.SIG_IGN)  # the supervisor handles these
+        for signum in (signal.SIGTERM, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        inbox, outbox = self.spec.inbox, self.spec.outbox
+        _close_inherited_fds({inbox.data_fd, inbox.space_fd, outbox.data_fd, outbox.space_fd})
+        try:
+            self._boot()
+        except BaseException:
+            self.send(frames.encode(Kind.FAILED, traceback.format_exc()))
+            return BOOT_FAILED
+        self.send(frames.encode(Kind.READY, os.getpid()))
+        self.log.info("worker ready", pid=os.getpid())
+        return self._loop()
+
+    def _boot(self) -> None:
+        config = self.config
+        handler_class = self.spec.handler_class or load_handler(config)
+        self.handler = handler_class()
+        if config.topics and not callable(getattr(self.handler, "handle_event", None)):
+            raise TypeError(
+                f"{config.service.handler} has no handle_event(topic, event) method, "
+                f"but the config subscribes to {', '.join(t.name for t in config.topics)}"
+            )
+        # init's connection is the worker's own plain client: outbound traffic
+        # goes straight to the relay instead of through the supervisor.
+        self.conn = iris.connect(config.relay.port)
+        self.handler.init(self.conn)
+        limits = config.limits
+        self._requests = HandlerPool(
+            "request", limits.request_threads, limits.request_memory, self.log
+        )
+        self._broadcasts = HandlerPool(
+            "broadcast", limits.broadcast_threads, limits.broadcast_memory, self.log
+        )
+        self._topics = {
+            topic.name: (
+                HandlerPool(
+                    f"topic-{topic.name}", topic.event_threads, topic.event_memory, self.log
+                ),
+                RateLimitedWarning(self.log.new(topic=topic.name), "event dropped: memory limit"),
+            )
+            for topic in config.topics
+        }
+        self._broadcast_overflow = RateLimitedWarning(self.log, "broadcast dropped: memory limit")
+        for pool in (self._requests, self._broadcasts, *(p for p, _ in self._topics.values())):
+            pool.start()
+
+    def _loop(self) -> int:
+        inbox = self.spec.inbox
+        handlers = {
+            Kind.REQUEST: self._on_request,
+            Kind.BROADCAST: self._on_broadcast,
+            Kind.EVENT: self._on_event,
+            Kind.TUNNEL: self._on_tunnel,
+            Kind.TUN_DATA: self._tunnel_handler("on_data"),
+            Kind.TUN_SENT: self._tunnel_handler("on_sent"),
+            Kind.TUN_CLOSED: self._tunnel_handler("on_closed"),
+            Kind.DROP: self._on_drop,
+            Kind.DRAIN: self._on_drain,
+        }
+        while True:
+            data = inbox.get(IDLE_CHECK_SECONDS)
+            if data is None:
+                if os.getppid() != self._parent:
+                    self.log.error("supervisor is gone; exiting")
+                    return PARENT_GONE
+                if self._draining and self._idle():
+                    return self._finish()
+                continue
+            for frame in [data, *inbox.drain()]:
+                fields = frames.decode(frame)
+                handlers[fields[0]](*fields[1:])
+            if self._draining and self._idle():
+                return self._finish()
+
+    def _finish(self) -> int:
+        self.log.info("worker drained; exiting")
+        self.conn.close()
+        return 0
+
+    def _idle(self) -> bool:
+        return self._in_flight == 0 and not self._tunnels
+
+    def send(self, frame: bytes) -> None:
+        """Write one frame to the supervisor; handler threads share the ring."""
+        with self._out_lock:
+            while True:
+                try:
+                    self.spec.outbox.put(frame, timeout=IDLE_CHECK_SECONDS)
+                    return
+                except TimeoutError:
+                    if os.getppid() != self._parent:
+                        os._exit(PARENT_GONE)
+
+    # -- work ------------------------------------------------------------------------
+
+    def _track(self, delta: int) -> None:
+        with self._in_flight_lock:
+            self._in_flight += delta
+
+    def _on_request(self, request_id: int, deadline: float, payload: bytes) -> None:
+        self._track(1)
+        if not self._requests.submit(self._serve, (request_id, deadline, payload), len(payload)):
+            self._track(-1)
+            pool = self._requests
+            fault = (
+                f"request memory limit exceeded in worker {self.spec.index}: "
+                f"{pool.waiting_bytes} bytes waiting, limit {pool.memory} bytes"
+            )
+            self.send(frames.encode(Kind.REPLY, request_id, False, fault))
+
+    def _serve(self, request_id: int, deadline: float, payload: bytes) -> None:
+        try:
+            if time.monotonic() > deadline:  # its caller has timed out already
+                self.send(frames.encode(Kind.EXPIRED, request_id))
+                return
+            try:
+                reply = self.handler.handle_request(payload)
+                if not isinstance(reply, bytes | bytearray | memoryview):
+                    raise TypeError(f"handle_request returned {type(reply).__name__}, not bytes")
+                frame = frames.encode(Kind.REPLY, request_id, True, bytes(reply))
+            except Exception as err:
+                frame = frames.encode(Kind.REPLY, request_id, False, str(err) or type(err).__name__)
+            self.send(frame)
+        finally:
+            self._track(-1)
+
+    def _on_broadcast(self, message: bytes) -> None:
+        self._run_counted(
+            self._broadcasts,
+            self.handler.handle_broadcast,
+            (message,),
+            len(message),
+            self._broadcast_overflow,
+        )
+
+    def _on_event(self, topic: str, event: bytes) -> None:
+        pool, overflow = self._topics[topic]
+        self._run_counted(pool, self.handler.handle_event, (topic, event), len(event), overflow)
+
+    def _run_counted(self, pool: HandlerPool, callback, args: tuple, size: int, overflow) -> None:
+        """Submit a fire-and-forget callback, counted so a drain waits for it."""
+
+        def task(*args):
+            try:
+                callback(*args)
+            finally:
+                self._track(-1)
+
+        self._track(1)
+        if not pool.submit(task, args, size):
+            self._track(-1)
+            overflow(size=size)
+
+    def _on_tunnel(self, tunnel_id: int) -> None:
+        tunnel = WorkerTunnel(tunnel_id, self.send, self.log.new(tunnel=tunnel_id), self._tunnels)
+        self._tunnels[tunnel_id] = tunnel
+        threading.Thread(
+            target=self._serve_tunnel, args=(tunnel,), name="irishost-tunnel", daemon=True
+        ).start()
+
+    def _serve_tunnel(self, tunnel: WorkerTunnel) -> None:
+        try:
+            self.handler.handle_tunnel(tunnel)
+        except Exception as err:
+            tunnel.log.error("tunnel handler raised", error=repr(err))
+            tunnel.close()
+
+    def _tunnel_handler(self, method: str):
+        """A frame handler passing a tunnel frame to that tunnel's ``method``."""
+
+        def handle(tunnel_id: int, value) -> None:
+            tunnel = self._tunnels.get(tunnel_id)
+            if tunnel is not None:  # else closed meanwhile
+                getattr(tunnel, method)(value)
+
+        return handle
+
+    def _on_drop(self, reason: str) -> None:
+        threading.Thread(
+            target=self.handler.handle_drop, args=(iris.ClosedError(reason),), daemon=True
+        ).start()
+
+    def _on_drain(self) -> None:
+        self._draining = True

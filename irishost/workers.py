@@ -1,0 +1,66 @@
+"""The supervisor's record of one worker process and the work it holds."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psutil
+
+from .ring import Ring
+
+BOOTING, READY, DRAINING = "booting", "ready", "draining"
+
+# A frame for a worker that cannot take it within this long is given up on:
+# the worker is wedged, and the caller gets a fault rather than a hang.
+PUT_TIMEOUT = 1.0
+
+
+class WorkerHandle:
+    """A forked worker, seen from the supervisor.
+
+    ``in_flight`` maps request id to (deadline, size) in dispatch order; a
+    worker's pool is first-in first-out, so the first entry is the request
+    that has waited (or run) longest, which is what stuck detection looks at.
+    """
+
+    def __init__(self, slot: int, pid: int, inbox: Ring, outbox: Ring, max_requests: int):
+        self.slot = slot  # the worker's number, kept by its replacements
+        self.pid = pid
+        self.inbox = inbox  # supervisor -> worker
+        self.outbox = outbox  # worker -> supervisor
+        self.max_requests = max_requests  # 0: never recycle by count
+        self.state = BOOTING
+        self.started = time.monotonic()
+        self.in_flight: dict[int, tuple[float, int]] = {}
+        self.in_flight_bytes = 0
+        self.served = 0
+        self.tunnels: set[int] = set()
+        self.failure: str | None = None  # traceback from a FAILED frame
+        self.kill_reason: str | None = None  # why the supervisor killed it, if it did
+        self.drain_deadline = 0.0  # when DRAINING: killed if still alive after this
+        self.process = psutil.Process(pid)
+        self._put_lock = threading.Lock()  # several supervisor threads write to the inbox
+
+    def put(self, frame: bytes) -> None:
+        """Send a frame; raises TimeoutError if the worker does not take it."""
+        with self._put_lock:
+            self.inbox.put(frame, timeout=PUT_TIMEOUT)
+
+    def rss(self) -> int:
+        try:
+            return self.process.memory_info().rss
+        except psutil.Error:
+            return 0
+
+    def oldest_deadline(self) -> float | None:
+        for deadline, _ in self.in_flight.values():
+            return deadline
+        return None
+
+    def close(self) -> None:
+        self.inbox.close()
+        self.outbox.close()
+
+    def __repr__(self) -> str:
+        return f"worker {self.slot} (pid {self.pid})"
