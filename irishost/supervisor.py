@@ -12,6 +12,7 @@ worker table through RelayDispatch, under its lock.
 from __future__ import annotations
 
 import enum
+import logging
 import os
 import random
 import signal
@@ -80,7 +81,7 @@ class Supervisor:
     def __init__(self, config: Config, handler_class: type | None):
         self.config = config
         self.handler_class = handler_class
-        self.log = ContextLog().new(service=config.service.cluster)
+        self.log = ContextLog(logging.getLogger("irishost")).new(service=config.service.cluster)
         self.dispatch = RelayDispatch(config, self.log, self._recycle)
         self.prefix = f"irishost-{config.service.cluster}"
         self.relay: RelayServer | None = None

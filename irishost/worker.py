@@ -15,6 +15,7 @@ disappeared.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -83,7 +84,7 @@ class Worker:
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
         self.config = spec.config
-        self.log = ContextLog().new(worker=spec.index)
+        self.log = ContextLog(logging.getLogger("irishost")).new(worker=spec.index)
         self._parent = os.getppid()
         self._out_lock = threading.Lock()
         self._in_flight = 0
