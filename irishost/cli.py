@@ -30,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        config = load_config(args.config).with_overrides(args.workers, args.log_level)
+        overrides = {"workers": args.workers, "log_level": args.log_level}
+        config = load_config(args.config).with_overrides(**overrides)
     except ConfigError as err:
         print(f"irishost: config error: {err}", file=sys.stderr)
         return Exit.CONFIG
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"irishost: {config.file}: OK (handler {config.service.handler})")
         return Exit.OK
     try:
-        return Supervisor(config, handler_class).run()
+        return Supervisor(config, handler_class, overrides).run()
     except HostError as err:
         if err.code != Exit.OK:
             print(f"irishost: {err}", file=sys.stderr)

@@ -40,7 +40,13 @@ class RelayDispatch:
         self.served = 0
         self.accepting = True  # False while stopping: new requests get a fault
         self._recycle = recycle
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Take the rules of a reloaded config."""
+        self.config = config
         self._memory_cap = config.limits.request_memory
+        self._topic_rules = {topic.name: topic.deliver for topic in config.topics}
 
     def attach(self, conn: iris.Connection) -> RelayDispatch:
         """Used as the Connection's inbound factory."""
@@ -100,9 +106,15 @@ class RelayDispatch:
     def broadcast(self, message: bytes) -> None:
         self._deliver(self.config.workers.broadcast, frames.encode(Kind.BROADCAST, message))
 
-    def event(self, topic: str, deliver: str) -> Callable[[bytes], None]:
+    def event(self, topic: str) -> Callable[[bytes], None]:
         """The subscription callback for one configured topic."""
-        return lambda event: self._deliver(deliver, frames.encode(Kind.EVENT, topic, event))
+
+        def deliver(event: bytes) -> None:
+            rule = self._topic_rules.get(topic)
+            if rule is not None:  # else dropped from the config by a reload
+                self._deliver(rule, frames.encode(Kind.EVENT, topic, event))
+
+        return deliver
 
     def _deliver(self, rule: str, frame: bytes) -> None:
         """Best effort, as broadcasts and events are on the relay itself."""

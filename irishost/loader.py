@@ -9,6 +9,7 @@ host to print.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import traceback
 
@@ -70,6 +71,22 @@ def load_handler(config: Config) -> type[ServiceHandler]:
     if not (isinstance(handler, type) and issubclass(handler, ServiceHandler)):
         raise fail(f"{attribute!r} is {handler!r}, not a subclass of iris.ServiceHandler")
     return handler
+
+
+def reload_handler(config: Config) -> type[ServiceHandler]:
+    """Import the handler afresh, for a reload (SIGHUP) after a code change.
+
+    Python caches modules, so a plain import would return the old code: the
+    modules loaded from the config's import paths are forgotten first.
+    Everything else (the standard library, installed packages) stays cached.
+    """
+    roots = tuple(str(entry) + os.sep for entry in config.service.path)
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None) or ""
+        if file.startswith(roots):
+            del sys.modules[name]
+    importlib.invalidate_caches()
+    return load_handler(config)
 
 
 def _prepend_to_sys_path(entries: list[str]) -> None:

@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass
 
 import setproctitle
 
@@ -27,9 +28,10 @@ from iris.logs import ContextLog
 from iris.relay import RelayServer
 
 from . import frames, worker
-from .config import Config
+from .config import Config, ConfigError, load_config
 from .dispatch import RelayDispatch
 from .frames import Kind
+from .loader import HandlerImportError, reload_handler
 from .ring import Ring, remove_stale_segments, wait_readable
 from .workers import BOOTING, DRAINING, READY, WorkerHandle
 
@@ -44,6 +46,14 @@ STABLE_SECONDS = 10.0
 # This many workers in a row dying before they are ready means they cannot
 # start at all; the host exits instead of forking forever.
 MAX_BOOT_DEATHS = 3
+_HANDLED_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGCHLD,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+)
 # Reconnect backoff when the relay goes away.
 RECONNECT_START, RECONNECT_CAP = 0.1, 5.0
 
@@ -77,10 +87,27 @@ def describe_exit(status: int) -> str:
     return f"killed by {name}{hint}"
 
 
+@dataclass(frozen=True)
+class Generation:
+    """The workers started from one reading of the config (one per reload)."""
+
+    number: int
+    config: Config
+    handler_class: type | None  # imported in the supervisor when preloading
+
+
 class Supervisor:
-    def __init__(self, config: Config, handler_class: type | None):
-        self.config = config
-        self.handler_class = handler_class
+    def __init__(
+        self,
+        config: Config,
+        handler_class: type | None,
+        overrides: dict | None = None,
+    ):
+        self.config = config  # the running generation's
+        self.overrides = overrides or {}  # command-line flags, re-applied on reload
+        self.count = config.workers.count  # changed by SIGTTIN/SIGTTOU and reloads
+        self.generation = Generation(0, config, handler_class)
+        self._next_generation: Generation | None = None  # a reload in progress
         self.log = ContextLog(logging.getLogger("irishost")).new(service=config.service.cluster)
         self.dispatch = RelayDispatch(config, self.log, self._recycle)
         self.prefix = f"irishost-{config.service.cluster}"
@@ -90,6 +117,7 @@ class Supervisor:
         self._by_pid: dict[int, WorkerHandle] = {}
         self._respawns: list[tuple[float, int]] = []  # (when, slot)
         self._slot_failures: dict[int, int] = {}
+        self.slot_restarts: dict[int, int] = {}
         self._boot_deaths = 0
         self._signals: list[int] = []
         self._stopping = False
@@ -126,7 +154,7 @@ class Supervisor:
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        for signum in _HANDLED_SIGNALS:
             signal.signal(signum, self._note_signal)
 
     def _note_signal(self, signum: int, frame) -> None:
@@ -164,17 +192,20 @@ class Supervisor:
             self.conn = iris.Connection(
                 config.relay.port, config.service.cluster, self.dispatch.attach, self.log
             )
-            for topic in config.topics:
-                self.conn.subscribe(
-                    topic.name,
-                    self.dispatch.event(topic.name, topic.deliver),
-                    iris.TopicLimits(event_threads=1, event_memory=topic.event_memory),
-                )
+            self._subscribe(config.topics)
         except (OSError, iris.ClosedError) as err:
             raise HostError(
                 Exit.RELAY, f"cannot register with the relay on port {config.relay.port}: {err}"
             ) from err
         self._reconnect_delay = RECONNECT_START
+
+    def _subscribe(self, topics) -> None:
+        for topic in topics:
+            self.conn.subscribe(
+                topic.name,
+                self.dispatch.event(topic.name),
+                iris.TopicLimits(event_threads=1, event_memory=topic.event_memory),
+            )
 
     def _reconnect(self) -> None:
         now = time.monotonic()
@@ -190,20 +221,24 @@ class Supervisor:
 
     # -- workers ---------------------------------------------------------------------------
 
-    def _spawn(self, slot: int) -> WorkerHandle:
-        limits = self.config.limits
+    def _spawn(self, slot: int, generation: Generation | None = None) -> WorkerHandle:
+        """Fork a worker for ``slot`` of ``generation`` (default: the running one)."""
+        generation = generation or self.generation
+        config = generation.config
+        limits = config.limits
         max_requests = 0
         if limits.max_requests:
-            jitter = self.config.workers.max_requests_jitter
+            jitter = config.workers.max_requests_jitter
             max_requests = limits.max_requests + random.randint(0, jitter)
         inbox, outbox = Ring.create(prefix=self.prefix), Ring.create(prefix=self.prefix)
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            spec = worker.WorkerSpec(slot, self.config, inbox, outbox, self.handler_class)
+            spec = worker.WorkerSpec(slot, config, inbox, outbox, generation.handler_class)
             worker.run(spec)  # never returns
         handle = WorkerHandle(slot, pid, inbox, outbox, max_requests)
+        handle.generation = generation.number
         with self.dispatch.lock:
             self.dispatch.workers.append(handle)
         self._by_pid[pid] = handle
@@ -222,9 +257,8 @@ class Supervisor:
         if handle.state != READY or self._stopping:
             return
         self.log.info("recycling worker", worker=handle.slot, pid=handle.pid, reason=reason)
-        handle.drain_deadline = time.monotonic() + self.config.workers.shutdown_timeout
         self._spawn(handle.slot)
-        self.dispatch.retire(handle)
+        self._retire(handle)
 
     def _reap(self) -> None:
         while True:
@@ -251,9 +285,15 @@ class Supervisor:
         if was_state == DRAINING:
             self.log.info("retired worker exited", worker=handle.slot, pid=handle.pid, how=how)
             return
+        if handle.generation > self.generation.number:  # a worker of a reload in progress
+            self._abort_reload(f"new worker {handle.slot} {how}", handle.failure)
+            return
         if handle.failure is not None:
             raise HostError(Exit.HANDLER, f"worker {handle.slot} failed to start", handle.failure)
+        if handle.slot >= self.count:
+            return  # scaled down meanwhile
         self.restarts += 1
+        self.slot_restarts[handle.slot] = self.slot_restarts.get(handle.slot, 0) + 1
         if was_state == BOOTING:
             self._boot_deaths += 1
             if self._boot_deaths >= MAX_BOOT_DEATHS:
@@ -298,7 +338,96 @@ class Supervisor:
         due = [slot for when, slot in self._respawns if when <= now]
         self._respawns = [(when, slot) for when, slot in self._respawns if when > now]
         for slot in due:
-            self._spawn(slot)
+            if slot < self.count:
+                self._spawn(slot)
+
+    # -- reload and scaling ----------------------------------------------------------------
+
+    def _reload(self) -> None:
+        """Start a new generation of workers from the re-read config.
+
+        The old workers keep serving until every new one is ready; then they
+        drain and exit. Any failure on the way (bad config, handler import,
+        a new worker dying in init) leaves the old generation running.
+        """
+        if self._next_generation is not None:
+            self.log.warning("reload already in progress; SIGHUP ignored")
+            return
+        self.log.info("reloading", config=str(self.config.file))
+        try:
+            config = load_config(self.config.file).with_overrides(**self.overrides)
+            if (config.service.cluster, config.relay.port) != (
+                self.config.service.cluster,
+                self.config.relay.port,
+            ):
+                raise ConfigError(
+                    config.file, "service.cluster", "cluster and relay port need a restart"
+                )
+            handler_class = reload_handler(config) if config.workers.preload else None
+        except (ConfigError, HandlerImportError) as err:
+            self.log.error("reload failed; keeping the running workers", error=str(err))
+            return
+        generation = Generation(self.generation.number + 1, config, handler_class)
+        self._next_generation = generation
+        for slot in range(config.workers.count):
+            self._spawn(slot, generation)
+
+    def _finish_reload_if_ready(self) -> None:
+        generation = self._next_generation
+        if generation is None:
+            return
+        fresh = [w for w in self.dispatch.workers if w.generation == generation.number]
+        if any(w.state != READY for w in fresh):
+            return
+        old = [w for w in self.dispatch.workers if w.generation < generation.number]
+        self._next_generation = None
+        self._apply(generation)
+        for handle in old:
+            self._retire(handle)
+        self.log.info("reload complete", workers=len(fresh), generation=generation.number)
+
+    def _abort_reload(self, why: str, details: str | None) -> None:
+        self.log.error("reload failed; keeping the running workers", error=why)
+        if details:
+            self.log.error("traceback of the failed worker", traceback=details)
+        self._next_generation = None
+        for handle in self.dispatch.workers:
+            if handle.generation > self.generation.number:
+                handle.kill_reason = "killed by the supervisor: its reload failed"
+                _kill(handle.pid, signal.SIGKILL)
+
+    def _apply(self, generation: Generation) -> None:
+        """Make ``generation`` the running one: topics, dispatch rules, worker count."""
+        old_topics = {t.name for t in self.config.topics}
+        config = generation.config
+        self.generation = generation
+        self.config = config
+        self.count = config.workers.count
+        self.dispatch.reconfigure(config)
+        if self.conn is not None and not self.conn.closed:
+            for topic in old_topics - {t.name for t in config.topics}:
+                self.conn.unsubscribe(topic)
+            self._subscribe(t for t in config.topics if t.name not in old_topics)
+
+    def _scale(self, count: int) -> None:
+        if count < 1:
+            self.log.warning("SIGTTOU ignored: at least one worker must stay")
+            return
+        self.log.info("scaling workers", before=self.count, after=count)
+        self.count = count
+        current = [w for w in self.dispatch.workers if w.state != DRAINING]
+        slots = {w.slot for w in current}
+        for slot in range(count):
+            if slot not in slots:
+                self._spawn(slot)
+        for handle in current:
+            if handle.slot >= count:
+                self._retire(handle)
+
+    def _retire(self, handle: WorkerHandle) -> None:
+        handle.drain_deadline = time.monotonic() + self.config.workers.shutdown_timeout
+        self.dispatch.retire(handle)
+        self._title()
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -332,6 +461,8 @@ class Supervisor:
                 self._boot_deaths = 0
                 self.log.info("worker ready", worker=handle.slot, pid=handle.pid)
                 self._title()
+                if handle.generation > self.generation.number:
+                    self._finish_reload_if_ready()
             elif kind == Kind.FAILED:
                 handle.failure = fields[1]
             else:
@@ -350,6 +481,12 @@ class Supervisor:
                     raise HostError(Exit.OK, "second SIGINT: stopping at once")
                 self.log.info("stopping", signal=signal.Signals(signum).name)
                 self._stopping = True
+            elif signum == signal.SIGHUP and not self._stopping:
+                self._reload()
+            elif signum == signal.SIGTTIN and not self._stopping:
+                self._scale(self.count + 1)
+            elif signum == signal.SIGTTOU and not self._stopping:
+                self._scale(self.count - 1)
 
     # -- stopping --------------------------------------------------------------------------
 

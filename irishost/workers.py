@@ -31,6 +31,7 @@ class WorkerHandle:
         self.outbox = outbox  # worker -> supervisor
         self.max_requests = max_requests  # 0: never recycle by count
         self.state = BOOTING
+        self.generation = 0  # which reload of the config it was started from
         self.started = time.monotonic()
         self.in_flight: dict[int, tuple[float, int]] = {}
         self.in_flight_bytes = 0
