@@ -1,13 +1,18 @@
-"""``irishost -c service.toml``: run a service's handler on a pool of workers."""
+"""``irishost -c service.toml``: run a service's handler on a pool of workers.
+
+``irishost status -c service.toml`` asks the running host, over its control
+socket, what every worker is doing.
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from .config import ConfigError, load_config
+from .control import ControlError, format_status, query_status
 from .loader import HandlerImportError, load_handler
+from .logfmt import configure_logging
 from .supervisor import Exit, HostError, Supervisor
 
 
@@ -15,8 +20,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="irishost",
         description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="exit codes: 0 ok, 1 failure, 2 usage, 3 config error, "
         "4 handler import/init error, 5 relay unreachable",
+    )
+    parser.add_argument(
+        "command", nargs="?", choices=["run", "status"], default="run", help="default: run"
     )
     parser.add_argument("-c", "--config", required=True, help="the service's TOML file")
     parser.add_argument("--check", action="store_true", help="validate config and handler, exit")
@@ -29,17 +38,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    overrides = {"workers": args.workers, "log_level": args.log_level}
     try:
-        overrides = {"workers": args.workers, "log_level": args.log_level}
         config = load_config(args.config).with_overrides(**overrides)
     except ConfigError as err:
         print(f"irishost: config error: {err}", file=sys.stderr)
         return Exit.CONFIG
-    logging.basicConfig(
-        level=config.logging.level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    if args.command == "status":
+        return _status(config.control.socket)
+    configure_logging(config.logging.level)
     try:
         handler_class = load_handler(config) if config.workers.preload or args.check else None
     except HandlerImportError as err:
@@ -58,3 +65,12 @@ def main(argv: list[str] | None = None) -> int:
             if err.details:
                 print(err.details, file=sys.stderr, end="")
         return err.code
+
+
+def _status(socket_path) -> int:
+    try:
+        print(format_status(query_status(socket_path)))
+    except ControlError as err:
+        print(f"irishost: {err}", file=sys.stderr)
+        return Exit.FAILURE
+    return Exit.OK

@@ -29,9 +29,12 @@ from iris.relay import RelayServer
 
 from . import frames, worker
 from .config import Config, ConfigError, load_config
+from .control import ControlError, ControlServer
 from .dispatch import RelayDispatch
 from .frames import Kind
 from .loader import HandlerImportError, reload_handler
+from .metrics import MetricsServer
+from .notify import Notifier
 from .ring import Ring, remove_stale_segments, wait_readable
 from .workers import BOOTING, DRAINING, READY, WorkerHandle
 
@@ -54,6 +57,8 @@ _HANDLED_SIGNALS = (
     signal.SIGTTIN,
     signal.SIGTTOU,
 )
+# How often systemd's STATUS= line is refreshed.
+STATUS_SECONDS = 2.0
 # Reconnect backoff when the relay goes away.
 RECONNECT_START, RECONNECT_CAP = 0.1, 5.0
 
@@ -124,6 +129,10 @@ class Supervisor:
         self._next_rss_check = 0.0
         self._reconnect_at = 0.0
         self._reconnect_delay = RECONNECT_START
+        self.notifier = Notifier.from_environ()
+        self._started = time.monotonic()
+        self._next_status = 0.0
+        self._next_watchdog = 0.0
 
     # -- the whole life ----------------------------------------------------------------
 
@@ -133,19 +142,28 @@ class Supervisor:
         if removed:
             self.log.info("removed stale shared memory", segments=len(removed))
         self._install_signals()
+        servers = []
         try:
+            servers.append(ControlServer(self.config.control.socket, self.snapshot))
+            if self.config.metrics.port:
+                servers.append(MetricsServer(self.config.metrics.port, self.snapshot))
             self._ensure_relay()
             for slot in range(self.config.workers.count):
                 self._spawn(slot)
             self._wait_until_ready()
             self._connect()
             self.log.info("service ready", workers=len(self.dispatch.workers))
+            self.notifier.ready()
             while not self._stopping:
                 self._step()
             self._stop_gracefully()
             return Exit.OK
+        except ControlError as err:
+            raise HostError(Exit.FAILURE, f"control socket: {err}") from err
         finally:
             self._kill_all()
+            for server in servers:
+                server.close()
             if self.relay is not None:
                 self.relay.stop()
 
@@ -247,7 +265,10 @@ class Supervisor:
         return handle
 
     def _wait_until_ready(self) -> None:
-        while any(w.state == BOOTING for w in self.dispatch.workers):
+        """Return once every worker is ready, including replacements of any that died
+        booting: a pending respawn counts too, or the cluster would be registered with
+        no worker to take its requests."""
+        while self._respawns or any(w.state == BOOTING for w in self.dispatch.workers):
             self._step(serving=False)
             if self._stopping:
                 raise HostError(Exit.OK, "stopped during start-up")
@@ -309,11 +330,13 @@ class Supervisor:
 
     def _murder_stuck(self, now: float) -> None:
         grace = self.config.workers.timeout_grace
+        threads = self.config.limits.request_threads
         for handle in list(self.dispatch.workers):
             if handle.kill_reason is not None:
                 continue
-            oldest = handle.oldest_deadline()
-            if oldest is not None and now > oldest + grace:
+            with self.dispatch.lock:
+                deadline = handle.running_deadline(threads)
+            if deadline is not None and now > deadline + grace:
                 handle.kill_reason = (
                     f"killed by the supervisor: a handler ran past its deadline plus {grace:g} s"
                 )
@@ -354,6 +377,7 @@ class Supervisor:
             self.log.warning("reload already in progress; SIGHUP ignored")
             return
         self.log.info("reloading", config=str(self.config.file))
+        self.notifier.reloading()
         try:
             config = load_config(self.config.file).with_overrides(**self.overrides)
             if (config.service.cluster, config.relay.port) != (
@@ -366,6 +390,7 @@ class Supervisor:
             handler_class = reload_handler(config) if config.workers.preload else None
         except (ConfigError, HandlerImportError) as err:
             self.log.error("reload failed; keeping the running workers", error=str(err))
+            self.notifier.ready()
             return
         generation = Generation(self.generation.number + 1, config, handler_class)
         self._next_generation = generation
@@ -385,12 +410,14 @@ class Supervisor:
         for handle in old:
             self._retire(handle)
         self.log.info("reload complete", workers=len(fresh), generation=generation.number)
+        self.notifier.ready()
 
     def _abort_reload(self, why: str, details: str | None) -> None:
         self.log.error("reload failed; keeping the running workers", error=why)
         if details:
             self.log.error("traceback of the failed worker", traceback=details)
         self._next_generation = None
+        self.notifier.ready()
         for handle in self.dispatch.workers:
             if handle.generation > self.generation.number:
                 handle.kill_reason = "killed by the supervisor: its reload failed"
@@ -446,8 +473,66 @@ class Supervisor:
         self._murder_stuck(now)
         self._check_memory(now)
         self._respawn_due(now)
+        self._tell_systemd(now)
         if serving and self.conn is not None and self.conn.closed and not self._stopping:
             self._reconnect()
+
+    def _tell_systemd(self, now: float) -> None:
+        """Status and watchdog pings, from this loop so a hung loop stops pinging."""
+        interval = self.notifier.watchdog_interval()
+        if interval and now >= self._next_watchdog:
+            self.notifier.watchdog()
+            self._next_watchdog = now + interval
+        if now >= self._next_status:
+            self.notifier.status(self.status_line())
+            self._next_status = now + STATUS_SECONDS
+
+    def relay_state(self) -> str:
+        if self.conn is None:
+            return "starting"
+        if not self.conn.closed:
+            return "connected"
+        return "stopped" if self._stopping else "reconnecting"
+
+    def status_line(self) -> str:
+        ready = len(self.dispatch.ready_workers())
+        return (
+            f"workers {ready}/{self.count}, served {self.dispatch.served}, "
+            f"in flight {self.dispatch.in_flight()}, restarts {self.restarts}, "
+            f"relay {self.relay_state()}"
+        )
+
+    def snapshot(self) -> dict:
+        """What `irishost status` and the metrics show; runs on their threads."""
+        now = time.monotonic()
+        with self.dispatch.lock:
+            workers = [
+                {
+                    "slot": w.slot,
+                    "pid": w.pid,
+                    "state": w.state,
+                    "served": w.served,
+                    "in_flight": len(w.in_flight),
+                    "restarts": self.slot_restarts.get(w.slot, 0),
+                    "uptime": now - w.started,
+                    "process": w,
+                }
+                for w in self.dispatch.workers
+            ]
+            in_flight = self.dispatch.in_flight()
+        for entry in workers:  # outside the lock: reading /proc is slow
+            entry["rss"] = entry.pop("process").rss()
+        return {
+            "service": self.config.file.stem,
+            "cluster": self.config.service.cluster,
+            "pid": os.getpid(),
+            "uptime": now - self._started,
+            "relay": {"state": self.relay_state(), "port": self.config.relay.port},
+            "served": self.dispatch.served,
+            "in_flight": in_flight,
+            "restarts": self.restarts,
+            "workers": workers,
+        }
 
     def _collect(self, handle: WorkerHandle) -> None:
         """Act on every frame a worker has written."""
@@ -481,6 +566,7 @@ class Supervisor:
                     raise HostError(Exit.OK, "second SIGINT: stopping at once")
                 self.log.info("stopping", signal=signal.Signals(signum).name)
                 self._stopping = True
+                self.notifier.stopping()
             elif signum == signal.SIGHUP and not self._stopping:
                 self._reload()
             elif signum == signal.SIGTTIN and not self._stopping:

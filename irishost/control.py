@@ -1,0 +1,279 @@
+"""The local control socket behind ``irishost status -c service.toml``.
+
+The running host listens on a unix stream socket (``[control] socket``, by
+default in systemd's RuntimeDirectory). A client sends one JSON line,
+``{"cmd": "status"}``, and reads one JSON line back: the snapshot below, or
+``{"error": "..."}``. A unix socket rather than TCP because file permissions
+then decide who may look: the socket is 0600 (in a 0700 directory, when
+irishost creates it), so only the service's user and root can connect.
+
+The snapshot, as built by the supervisor's ``snapshot`` callable::
+
+    {
+      "service": str,        # the config's name (its file's stem)
+      "cluster": str,        # the Iris cluster the workers serve
+      "pid": int,            # the supervisor's
+      "uptime": float,       # seconds since the supervisor started
+      "relay": {"state": str, "port": int},  # state "connected" when usable
+      "served": int,         # requests answered since start, by any worker
+      "in_flight": int,      # requests handed to workers and not yet answered
+      "restarts": int,       # workers that died unexpectedly and were respawned
+      "workers": [           # live worker processes (booting, ready or draining)
+        {
+          "slot": int,       # shared by a draining worker and its successor
+          "pid": int,
+          "state": str,      # "booting", "ready" or "draining"
+          "served": int,
+          "in_flight": int,
+          "rss": int,        # resident memory, bytes
+          "restarts": int,   # unexpected deaths in this slot
+          "uptime": float,   # seconds
+        },
+      ],
+    }
+
+``snapshot`` runs on the server's connection threads, concurrently with the
+supervisor loop, so it must read shared state under the lock that guards it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import socketserver
+import stat
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from iris.logs import ContextLog
+
+Snapshot = dict[str, Any]
+
+# A command is a few bytes; anything longer than this is not a client of ours.
+MAX_COMMAND = 4096
+# A status answer is a few hundred bytes per worker; this allows thousands.
+MAX_ANSWER = 16 * 2**20
+# A client that connects and then says nothing is dropped after this long.
+CLIENT_TIMEOUT = 5.0
+# How quickly close() takes effect: the accept loop checks for it this often.
+POLL_INTERVAL = 0.1
+
+log = ContextLog(logging.getLogger(__name__))
+
+
+class ControlError(Exception):
+    """The control socket cannot be served or queried; ``str()`` is the line to show."""
+
+
+class ControlServer:
+    """Answers status queries on a unix socket at ``path`` until closed."""
+
+    def __init__(self, path: Path, snapshot: Callable[[], Snapshot]):
+        self.path = path
+        try:
+            _make_private_directory(path.parent)
+            _remove_stale_socket(path)
+            self._server = _UnixServer(str(path), snapshot)
+        except OSError as err:  # e.g. a path over the 107 bytes AF_UNIX allows
+            raise ControlError(f"cannot listen on {path}: {err.strerror or err}") from err
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            args=(POLL_INTERVAL,),
+            name="irishost-control",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class _UnixServer(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True  # a stuck client must not hold up the host's exit
+
+    def __init__(self, path: str, snapshot: Callable[[], Snapshot]):
+        self.snapshot = snapshot
+        super().__init__(path, _Handler)
+
+    def server_bind(self) -> None:
+        # Linux creates a socket file with the socket's own mode (less the
+        # umask), so setting it before bind leaves no moment in which the
+        # file exists and others could connect.
+        os.fchmod(self.socket.fileno(), 0o600)
+        super().server_bind()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # The default prints a traceback to stderr; a client that hung up
+        # early or never spoke is not worth one.
+        log.warning("control connection failed", error=repr(sys.exception()))
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    timeout = CLIENT_TIMEOUT
+    server: _UnixServer
+
+    def handle(self) -> None:
+        line = self.rfile.readline(MAX_COMMAND)
+        answer = _answer(line, self.server.snapshot)
+        self.wfile.write(json.dumps(answer).encode() + b"\n")
+
+
+def _answer(line: bytes, snapshot: Callable[[], Snapshot]) -> Snapshot:
+    try:
+        command = json.loads(line)
+    except ValueError:
+        return {"error": f"not a JSON command: {line[:80]!r}"}
+    cmd = command.get("cmd") if isinstance(command, dict) else None
+    if cmd != "status":
+        return {"error": f"unknown command {cmd!r}; known: 'status'"}
+    try:
+        return snapshot()
+    except Exception as err:  # the host carries on; the operator sees why status failed
+        log.logger.exception("status snapshot failed")
+        return {"error": f"status snapshot failed: {err!r}"}
+
+
+def _make_private_directory(directory: Path) -> None:
+    """Create ``directory`` 0700, or check that an existing one is ours.
+
+    A directory another user owns (the /tmp fallback is world-writable, so
+    anyone can create it first) would let that user replace our socket.
+    """
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    owner = directory.stat().st_uid
+    if owner not in (os.geteuid(), 0):
+        raise ControlError(
+            f"{directory} belongs to uid {owner}, not to this user; "
+            "another user could replace the control socket there"
+        )
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a socket left by a host that died; refuse if one still answers."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ControlError(f"{path} exists and is not a socket; not replacing it")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        error = probe.connect_ex(str(path))
+    if error == 0:
+        raise ControlError(f"another irishost is already running with control socket {path}")
+    if error != errno.ECONNREFUSED:
+        raise ControlError(f"cannot tell whether {path} is in use: {os.strerror(error)}")
+    log.info("removing stale control socket", path=path)
+    path.unlink()
+
+
+def query_status(path: Path, timeout: float = 5.0) -> Snapshot:
+    """Ask the host listening at ``path`` for its snapshot; ControlError on failure."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+            sock.sendall(b'{"cmd": "status"}\n')
+            with sock.makefile("rb") as reader:
+                line = reader.readline(MAX_ANSWER)
+        except FileNotFoundError:
+            raise ControlError(
+                f"no irishost is running for this config: {path} not found"
+            ) from None
+        except ConnectionRefusedError:
+            raise ControlError(
+                f"no irishost is running for this config: nothing listens on {path}"
+            ) from None
+        except PermissionError:
+            raise ControlError(
+                f"permission denied on {path}: run as the service's user or root"
+            ) from None
+        except (BrokenPipeError, ConnectionResetError):
+            line = b""  # reported below, like a clean hang-up
+        except TimeoutError:
+            raise ControlError(f"irishost at {path} did not answer within {timeout:g} s") from None
+    if not line:
+        raise ControlError(f"irishost at {path} hung up without answering")
+    try:
+        answer = json.loads(line)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise ControlError(f"irishost at {path} sent a malformed answer: {line[:80]!r}")
+    if "error" in answer:
+        raise ControlError(f"irishost at {path}: {answer['error']}")
+    return answer
+
+
+def format_status(snapshot: Snapshot) -> str:
+    """The snapshot as a summary and a table of workers, for a terminal."""
+    relay = snapshot["relay"]
+    workers = sorted(snapshot["workers"], key=lambda worker: (worker["slot"], worker["uptime"]))
+    summary = [
+        ("service", snapshot["service"]),
+        ("cluster", snapshot["cluster"]),
+        ("pid", snapshot["pid"]),
+        ("uptime", _duration(snapshot["uptime"])),
+        ("relay", f"{relay['state']} (port {relay['port']})"),
+        ("served", snapshot["served"]),
+        ("in flight", snapshot["in_flight"]),
+        ("restarts", snapshot["restarts"]),
+        ("workers", f"{len(workers)} alive"),
+    ]
+    header = ["WORKER", "PID", "STATE", "SERVED", "IN FLIGHT", "RSS", "RESTARTS", "UPTIME"]
+    rows = [
+        [
+            worker["slot"],
+            worker["pid"],
+            worker["state"],
+            worker["served"],
+            worker["in_flight"],
+            _size(worker["rss"]),
+            worker["restarts"],
+            _duration(worker["uptime"]),
+        ]
+        for worker in workers
+    ]
+    lines = [f"{name + ':':<11}{value}" for name, value in summary]
+    return "\n".join([*lines, "", *_table([header, *rows])]) + "\n"
+
+
+def _table(rows: list[list[object]]) -> list[str]:
+    cells = [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[column]) for row in cells) for column in range(len(cells[0]))]
+    return ["  ".join(map(str.ljust, row, widths)).rstrip() for row in cells]
+
+
+def _size(count: int) -> str:
+    """Bytes in binary units, as free(1) and the config's sizes use."""
+    value, unit = float(count), "B"
+    for larger in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, larger
+    return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def _duration(seconds: float) -> str:
+    """Two units at most: enough to tell a fresh worker from an old one."""
+    whole = int(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours:02d}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"

@@ -1,0 +1,129 @@
+"""Prometheus metrics for the host, in the text exposition format, on 127.0.0.1 only.
+
+Off unless ``[metrics] port`` is set. The numbers come from the same snapshot
+as ``irishost status`` (its schema is in :mod:`irishost.control`), so the two
+never disagree. Loopback only: the endpoint has no authentication, and a
+scraper on another machine should go through a proxy that adds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from iris.logs import ContextLog
+
+Snapshot = dict[str, Any]
+
+# The exposition format's version, which Prometheus reads from the content type.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# How quickly close() takes effect: the accept loop checks for it this often.
+POLL_INTERVAL = 0.1
+
+log = ContextLog(logging.getLogger(__name__))
+
+
+def render(snapshot: Snapshot) -> str:
+    """The snapshot in the Prometheus text format."""
+    per_slot = _by_slot(snapshot["workers"])
+    families = [
+        ("workers_alive", "gauge", "Worker processes alive (booting, ready or draining).",
+         {"": len(snapshot["workers"])}),
+        ("requests_served_total", "counter", "Requests answered since the host started.",
+         {"": snapshot["served"]}),
+        ("requests_in_flight", "gauge", "Requests handed to workers and not yet answered.",
+         {"": snapshot["in_flight"]}),
+        ("worker_restarts_total", "counter", "Workers that died unexpectedly and were respawned.",
+         {"": snapshot["restarts"]}),
+        ("relay_connected", "gauge", "1 if the host is connected to the Iris relay, else 0.",
+         {"": int(snapshot["relay"]["state"] == "connected")}),
+        ("worker_rss_bytes", "gauge", "Resident memory of the worker processes in a slot.",
+         per_slot["rss"]),
+        ("worker_requests_served_total", "counter", "Requests answered by a slot's worker.",
+         per_slot["served"]),
+        ("worker_requests_in_flight", "gauge", "Requests held by a slot's worker processes.",
+         per_slot["in_flight"]),
+    ]  # fmt: skip
+    lines = []
+    for name, kind, description, samples in families:
+        lines += [f"# HELP irishost_{name} {description}", f"# TYPE irishost_{name} {kind}"]
+        lines += [f"irishost_{name}{labels} {value}" for labels, value in samples.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _by_slot(workers: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per-slot totals: {"rss": {'{worker="0"}': bytes, ...}, "served": ..., "in_flight": ...}.
+
+    A draining worker and its successor share a slot for a while; two samples
+    with the same labels would make the whole scrape invalid, and a pid label
+    would start a new series at every recycle. Summing them keeps one series
+    per slot, and a counter that drops when the old worker leaves is a reset
+    that Prometheus's rate() already handles.
+    """
+    totals: dict[str, dict[str, int]] = {key: {} for key in ("rss", "served", "in_flight")}
+    for worker in sorted(workers, key=lambda worker: worker["slot"]):
+        labels = f'{{worker="{worker["slot"]}"}}'
+        for key, samples in totals.items():
+            samples[labels] = samples.get(labels, 0) + worker[key]
+    return totals
+
+
+class MetricsServer:
+    """Serves GET /metrics on 127.0.0.1:``port`` from a daemon thread until closed.
+
+    ``port`` 0 picks a free port; ``port`` says which one was bound.
+    ``snapshot`` runs on the server's request threads (see :mod:`irishost.control`).
+    """
+
+    def __init__(self, port: int, snapshot: Callable[[], Snapshot]):
+        self._server = _HTTPServer(port, snapshot)
+        self.port: int = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            args=(POLL_INTERVAL,),
+            name="irishost-metrics",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True  # a stuck scraper must not hold up the host's exit
+
+    def __init__(self, port: int, snapshot: Callable[[], Snapshot]):
+        self.snapshot = snapshot
+        super().__init__(("127.0.0.1", port), _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    # A scraper that connects and sends nothing is dropped after this long.
+    timeout = 10.0
+    server: _HTTPServer
+
+    def do_GET(self) -> None:
+        if self.path.partition("?")[0] != "/metrics":
+            self.send_error(404, "only /metrics is served here")
+            return
+        try:
+            body = render(self.server.snapshot()).encode()
+        except Exception:  # the host carries on; the scrape fails visibly
+            log.logger.exception("metrics snapshot failed")
+            self.send_error(500, "snapshot failed; see the host's log")
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # The default writes every request to stderr, which under systemd is
+        # the journal; a scrape every 15 s is not news.
+        log.debug("metrics request", client=self.client_address[0], line=format % args)

@@ -1,0 +1,253 @@
+"""Tests for irishost.control: a real server on a unix socket in a temporary directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import threading
+
+import pytest
+
+from irishost.control import ControlError, ControlServer, format_status, query_status
+
+SNAPSHOT = {
+    "service": "primes",
+    "cluster": "primes-cluster",
+    "pid": 4242,
+    "uptime": 7530.4,
+    "relay": {"state": "connected", "port": 55555},
+    "served": 1523,
+    "in_flight": 2,
+    "restarts": 1,
+    "workers": [
+        {
+            "slot": 1,
+            "pid": 4301,
+            "state": "ready",
+            "served": 1000,
+            "in_flight": 0,
+            "rss": 43_200_000,
+            "restarts": 1,
+            "uptime": 95.2,
+        },
+        {
+            "slot": 0,
+            "pid": 4243,
+            "state": "draining",
+            "served": 523,
+            "in_flight": 2,
+            "rss": 900,
+            "restarts": 0,
+            "uptime": 7529.0,
+        },
+    ],
+}
+
+
+@pytest.fixture
+def servers():
+    """``servers(path, snapshot)`` starts a ControlServer; all are closed at teardown."""
+    started: list[ControlServer] = []
+
+    def start(path, snapshot=lambda: SNAPSHOT) -> ControlServer:
+        server = ControlServer(path, snapshot)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.close()
+
+
+@pytest.fixture
+def sock_path(tmp_path):
+    return tmp_path / "run" / "primes.sock"
+
+
+def raw_exchange(path, data: bytes) -> dict:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5.0)
+        sock.connect(str(path))
+        sock.sendall(data)
+        with sock.makefile("rb") as reader:
+            return json.loads(reader.readline())
+
+
+def test_status_round_trip(servers, sock_path):
+    servers(sock_path)
+    assert query_status(sock_path) == SNAPSHOT
+
+
+def test_each_query_sees_a_fresh_snapshot(servers, sock_path):
+    calls = iter(range(100))
+    servers(sock_path, lambda: {"call": next(calls)})
+    assert [query_status(sock_path)["call"] for _ in range(3)] == [0, 1, 2]
+
+
+def test_directory_is_private_and_socket_is_owner_only(servers, sock_path):
+    old_umask = os.umask(0)  # the modes must not depend on the caller's umask
+    try:
+        servers(sock_path)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(sock_path.parent.stat().st_mode) == 0o700
+    mode = sock_path.stat().st_mode
+    assert stat.S_ISSOCK(mode)
+    assert stat.S_IMODE(mode) == 0o600
+
+
+def test_existing_directory_owned_by_another_user_is_refused(servers, sock_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the directory away")
+    sock_path.parent.mkdir()
+    os.chown(sock_path.parent, 65534, 65534)
+    with pytest.raises(ControlError, match="belongs to uid 65534"):
+        servers(sock_path)
+
+
+def test_unusable_path_is_a_control_error(servers, tmp_path):
+    too_long = tmp_path / ("x" * 120) / "primes.sock"
+    with pytest.raises(ControlError, match="cannot listen on .*primes.sock: AF_UNIX path too long"):
+        servers(too_long)
+
+
+def test_close_removes_the_socket_file(servers, sock_path):
+    server = servers(sock_path)
+    server.close()
+    assert not sock_path.exists()
+    with pytest.raises(ControlError, match="no irishost is running for this config"):
+        query_status(sock_path)
+
+
+def test_stale_socket_is_replaced(servers, sock_path):
+    sock_path.parent.mkdir(mode=0o700)
+    with socket.socket(socket.AF_UNIX) as dead:  # bound, then closed: what a SIGKILL leaves
+        dead.bind(str(sock_path))
+    with pytest.raises(ControlError, match="nothing listens on"):
+        query_status(sock_path)
+    servers(sock_path)
+    assert query_status(sock_path) == SNAPSHOT
+
+
+def test_live_server_is_not_replaced(servers, sock_path):
+    servers(sock_path)
+    with pytest.raises(ControlError, match="another irishost is already running"):
+        ControlServer(sock_path, dict)
+    assert query_status(sock_path) == SNAPSHOT
+
+
+def test_a_file_that_is_not_a_socket_is_left_alone(servers, sock_path):
+    sock_path.parent.mkdir(mode=0o700)
+    sock_path.write_text("operator's notes")
+    with pytest.raises(ControlError, match="is not a socket"):
+        servers(sock_path)
+    assert sock_path.read_text() == "operator's notes"
+
+
+def test_silent_client_does_not_block_others(servers, sock_path):
+    servers(sock_path)
+    with socket.socket(socket.AF_UNIX) as silent:
+        silent.connect(str(sock_path))
+        assert query_status(sock_path, timeout=2.0) == SNAPSHOT
+
+
+def test_unknown_and_malformed_commands_get_errors(servers, sock_path):
+    servers(sock_path)
+    assert "unknown command 'restart'" in raw_exchange(sock_path, b'{"cmd": "restart"}\n')["error"]
+    assert "not a JSON command" in raw_exchange(sock_path, b"status\n")["error"]
+    assert "unknown command None" in raw_exchange(sock_path, b"[1, 2]\n")["error"]
+
+
+def test_failing_snapshot_is_reported_and_server_survives(servers, sock_path):
+    outcomes = iter([RuntimeError("worker table busy"), SNAPSHOT])
+
+    def snapshot():
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    servers(sock_path, snapshot)
+    with pytest.raises(ControlError, match="status snapshot failed: RuntimeError"):
+        query_status(sock_path)
+    assert query_status(sock_path) == SNAPSHOT
+
+
+def test_missing_socket_says_no_host_is_running(tmp_path):
+    path = tmp_path / "absent.sock"
+    with pytest.raises(ControlError) as caught:
+        query_status(path)
+    assert str(caught.value) == f"no irishost is running for this config: {path} not found"
+
+
+def test_server_that_never_answers_times_out(sock_path):
+    sock_path.parent.mkdir()
+    with socket.socket(socket.AF_UNIX) as mute:  # listens, never accepts
+        mute.bind(str(sock_path))
+        mute.listen()
+        with pytest.raises(ControlError, match="did not answer within 0.2 s"):
+            query_status(sock_path, timeout=0.2)
+
+
+def test_server_that_hangs_up_is_reported(sock_path):
+    sock_path.parent.mkdir()
+    with socket.socket(socket.AF_UNIX) as rude:
+        rude.bind(str(sock_path))
+        rude.listen()
+        hang_up = threading.Thread(target=lambda: rude.accept()[0].close())
+        hang_up.start()
+        with pytest.raises(ControlError, match="hung up without answering"):
+            query_status(sock_path)
+        hang_up.join()
+
+
+def test_other_users_get_permission_denied(servers, sock_path):
+    """Run the query as nobody (root ignores file modes) and report its error through a pipe."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to another user")
+    servers(sock_path)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        os.close(read_end)
+        try:
+            os.setuid(65534)
+            query_status(sock_path)
+            message = "no error"
+        except BaseException as err:
+            message = str(err)
+        os.write(write_end, message.encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        message = reader.read().decode()
+    os.waitpid(pid, 0)
+    assert message == f"permission denied on {sock_path}: run as the service's user or root"
+
+
+def test_format_status():
+    assert format_status(SNAPSHOT) == (
+        "service:   primes\n"
+        "cluster:   primes-cluster\n"
+        "pid:       4242\n"
+        "uptime:    2h 05m\n"
+        "relay:     connected (port 55555)\n"
+        "served:    1523\n"
+        "in flight: 2\n"
+        "restarts:  1\n"
+        "workers:   2 alive\n"
+        "\n"
+        "WORKER  PID   STATE     SERVED  IN FLIGHT  RSS       RESTARTS  UPTIME\n"
+        "0       4243  draining  523     2          900 B     0         2h 05m\n"
+        "1       4301  ready     1000    0          41.2 MiB  1         1m 35s\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.4, "0s"), (59.9, "59s"), (61, "1m 01s"), (3600, "1h 00m"), (90061, "1d 01h")],
+)
+def test_format_status_uptime_units(seconds, text):
+    assert f"uptime:    {text}\n" in format_status({**SNAPSHOT, "uptime": seconds})
