@@ -82,24 +82,32 @@ class RelayDispatch:
                 self.conn.reply(request_id, False, f"{worker} did not take the request: {err}")
 
     def _pick_for_request(self, size: int) -> WorkerHandle | str:
-        """The least loaded worker with room, or the fault text saying why none."""
+        """The least loaded worker with room, or the fault text saying why none.
+
+        Ready workers come first. When none of them has room, a booting one
+        will do: the request waits in its ring until it is up. Otherwise a
+        service of one worker would turn requests away each time that worker
+        is recycled, in the moment between its retirement and its successor's
+        readiness.
+        """
         if not self.accepting:
             return "service is shutting down"
-        best, ready = None, 0
+        best, best_load, open_workers = None, None, 0
         for worker in self.workers:
-            if worker.state != READY:
+            if worker.state == DRAINING:
                 continue
-            ready += 1
+            open_workers += 1
             if worker.in_flight_bytes + size > self._memory_cap:
                 continue
-            if best is None or len(worker.in_flight) < len(best.in_flight):
-                best = worker
+            load = (worker.state != READY, len(worker.in_flight))
+            if best is None or load < best_load:
+                best, best_load = worker, load
         if best is not None:
             return best
-        if not ready:
+        if not open_workers:
             return "no worker is ready to take the request"
         return (
-            f"all {ready} workers are at their request memory limit "
+            f"all {open_workers} workers are at their request memory limit "
             f"({self._memory_cap} bytes each, request is {size} bytes)"
         )
 
@@ -165,11 +173,14 @@ class RelayDispatch:
         if kind == Kind.REPLY:
             request_id, success, payload = fields
             if self._settle(request_id) is not None:
-                self.conn.reply(request_id, success, payload)
                 self.served += 1
                 worker.served += 1
+                # Retire the worker before its last reply goes out, so that the
+                # caller's next request cannot reach it: a worker serves
+                # max_requests, not one more per caller that was quick.
                 if worker.max_requests and worker.served >= worker.max_requests:
                     self._recycle(worker)
+                self.conn.reply(request_id, success, payload)
         elif kind == Kind.EXPIRED:
             self._settle(fields[0])
         elif kind in (Kind.TUN_SEND, Kind.TUN_ACK, Kind.TUN_CLOSE):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -20,8 +21,8 @@ class WorkerHandle:
     """A forked worker, seen from the supervisor.
 
     ``in_flight`` maps request id to (deadline, size) in dispatch order; a
-    worker's pool is first-in first-out, so the first entry is the request
-    that has waited (or run) longest, which is what stuck detection looks at.
+    worker's pool is first-in first-out, so the entries its handler threads
+    can be running are the first ones, which is what stuck detection looks at.
     """
 
     def __init__(self, slot: int, pid: int, inbox: Ring, outbox: Ring, max_requests: int):
@@ -54,10 +55,20 @@ class WorkerHandle:
         except psutil.Error:
             return 0
 
-    def oldest_deadline(self) -> float | None:
-        for deadline, _ in self.in_flight.values():
-            return deadline
-        return None
+    def running_deadline(self, threads: int) -> float | None:
+        """The earliest deadline among the requests its ``threads`` handler threads may run.
+
+        Those are the first ``threads`` entries of ``in_flight``. Looking at the
+        first entry alone would let a handler stuck next to a long, legitimate
+        request go unnoticed until that request's deadline; looking at all of
+        them would kill a worker for a request that merely expired in the
+        queue, which the worker drops unstarted. A booting worker runs nothing.
+        Call under the dispatch lock, as the relay's reader thread adds entries.
+        """
+        if self.state == BOOTING:
+            return None
+        running = itertools.islice(self.in_flight.values(), threads)
+        return min((deadline for deadline, _ in running), default=None)
 
     def close(self) -> None:
         self.inbox.close()
