@@ -41,7 +41,13 @@ class TunnelBridge:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()  # the worker's sends/close
 
     def start(self) -> None:
-        self.worker.put(frames.encode(Kind.TUNNEL, self.tunnel.id))
+        """Hand the tunnel to the worker, or close it if the worker cannot take it.
+
+        This runs on the relay connection's reader thread: an exception here
+        would end that thread and with it the supervisor's registration.
+        """
+        if not self._tell_worker(frames.encode(Kind.TUNNEL, self.tunnel.id)):
+            return
         for target in (self._forward_inbound, self._perform_requests):
             threading.Thread(target=target, name="irishost-tunnel", daemon=True).start()
 

@@ -175,9 +175,9 @@ class RelayDispatch:
             if self._settle(request_id) is not None:
                 self.served += 1
                 worker.served += 1
-                # Retire the worker before its last reply goes out, so that the
-                # caller's next request cannot reach it: a worker serves
-                # max_requests, not one more per caller that was quick.
+                # Retire the worker before its last reply goes out, or the
+                # caller's next request could still reach it: a worker serves
+                # max_requests, not one more.
                 if worker.max_requests and worker.served >= worker.max_requests:
                     self._recycle(worker)
                 self.conn.reply(request_id, success, payload)

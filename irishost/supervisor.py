@@ -87,7 +87,10 @@ def describe_exit(status: int) -> str:
     code = os.waitstatus_to_exitcode(status)
     if code >= 0:
         return f"exited with code {code}"
-    name = signal.Signals(-code).name
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:  # real-time signals between SIGRTMIN and SIGRTMAX have no name
+        name = f"signal {-code}"
     hint = " (out of memory, or killed by an operator)" if -code == signal.SIGKILL else ""
     return f"killed by {name}{hint}"
 
@@ -265,9 +268,11 @@ class Supervisor:
         return handle
 
     def _wait_until_ready(self) -> None:
-        """Return once every worker is ready, including replacements of any that died
-        booting: a pending respawn counts too, or the cluster would be registered with
-        no worker to take its requests."""
+        """Return once every worker is ready.
+
+        A pending respawn (of a worker that died booting) counts as not ready,
+        or the cluster would be registered with no worker to take its requests.
+        """
         while self._respawns or any(w.state == BOOTING for w in self.dispatch.workers):
             self._step(serving=False)
             if self._stopping:

@@ -1,0 +1,44 @@
+"""Small helpers for the irishost tests: ports, polling, process state."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import psutil
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, what: str = ""):
+    """Poll ``condition()`` until it returns something truthy; return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+def gone(pid: int, wait: float = 0.0) -> bool:
+    """True once ``pid`` has exited, waiting up to ``wait`` seconds for it.
+
+    A zombie counts as exited: a worker whose supervisor died is reparented,
+    and whoever inherits it may be slow to reap it.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)

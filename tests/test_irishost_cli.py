@@ -1,0 +1,146 @@
+"""The ``irishost`` command line: --check, --workers, --log-level and the exit codes
+that systemd units and operators rely on (3 config, 4 handler, 5 relay).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from irishost_support import free_port
+
+pytest_plugins = ["irishost_fixtures"]
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+BROKEN_MODULE = """
+import iris
+
+raise RuntimeError("cannot import: the licence file is missing")
+
+
+class Handler(iris.ServiceHandler):
+    pass
+"""
+
+
+def test_check_validates_config_and_handler_then_exits_0_without_serving(service):
+    service.config()
+
+    result = service.run("--check")
+
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout and "probe:ProbeHandler" in result.stdout
+    assert service.records() == [], "--check started workers"
+
+
+@pytest.mark.parametrize("example", ["echo.toml", "primes.toml"])
+def test_the_installed_command_checks_the_example_configs(example):
+    command = shutil.which("irishost")
+    assert command, "the irishost console script is not installed"
+
+    result = subprocess.run(
+        [command, "--check", "-c", str(CONFIGS / example)], capture_output=True, text=True
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert f"{CONFIGS / example}: OK" in result.stdout
+
+
+def test_check_fails_with_exit_4_on_a_handler_that_does_not_import(service):
+    service.config(service={"handler": "missing_module:Handler"})
+
+    result = service.run("--check")
+
+    assert result.returncode == 4
+    assert "irishost: handler error:" in result.stderr
+    assert "no module named 'missing_module'" in result.stderr
+
+
+def test_a_config_error_exits_3_naming_file_and_key(service):
+    config = service.config(workers={"cuont": 2})
+
+    result = service.run()
+
+    assert result.returncode == 3
+    assert f"irishost: config error: {config}: workers.cuont: unknown key" in result.stderr
+
+
+def test_a_bad_workers_flag_exits_3_naming_the_flag(service):
+    service.config()
+
+    result = service.run("--workers", "0")
+
+    assert result.returncode == 3
+    assert "--workers: expected an integer >= 1, got 0" in result.stderr
+
+
+def test_a_handler_module_raising_at_import_exits_4_with_its_traceback(service):
+    (service.dir / "broken.py").write_text(BROKEN_MODULE)
+    service.config(service={"handler": "broken:Handler"})
+
+    result = service.run()
+
+    assert result.returncode == 4
+    assert "irishost: handler error:" in result.stderr
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "RuntimeError: cannot import: the licence file is missing" in result.stderr
+
+
+def test_a_handler_failing_to_import_in_the_workers_exits_4_with_its_traceback(service):
+    """Without preload the workers import the handler; the same failure, the same exit."""
+    (service.dir / "broken.py").write_text(BROKEN_MODULE)
+    service.config(service={"handler": "broken:Handler"}, workers={"preload": False})
+
+    result = service.run()
+
+    assert result.returncode == 4
+    assert "failed to start" in result.stderr
+    assert "RuntimeError: cannot import: the licence file is missing" in result.stderr
+
+
+def test_topics_for_a_handler_without_handle_event_exit_4_naming_the_method(service):
+    service.config(
+        service={"handler": "echo:EchoHandler", "path": [str(CONFIGS)]},
+        topics=[{"name": "news"}],
+    )
+
+    result = service.run()
+
+    assert result.returncode == 4
+    assert "has no handle_event(topic, event) method" in result.stderr
+    assert "subscribes to news" in result.stderr
+
+
+def test_no_relay_listening_exits_5_naming_the_port(service):
+    port = free_port()
+    service.config(relay={"port": port, "embedded": False, "connect_timeout": "300ms"})
+
+    result = service.run(timeout=10)
+
+    assert result.returncode == 5
+    assert f"irishost: no Iris relay is listening on port {port}" in result.stderr
+
+
+def test_workers_flag_overrides_the_worker_count(service):
+    service.config(workers={"count": 1})
+
+    host = service.start("--workers", "3")
+
+    assert len(host.worker_count(3)) == 3
+
+
+def test_log_level_flag_overrides_the_file(service):
+    service.config(logging={"level": "debug"})
+    logs = {}
+    for level in ("warning", "debug"):  # each host brings its own embedded relay
+        host = service.start("--log-level", level)
+        service.connect().request(service.cluster, b"pid", 5)
+        assert host.stop() == 0
+        logs[level] = host.log()
+
+    assert not re.search(r" (DEBUG|INFO) ", logs["warning"]), logs["warning"]
+    assert " DEBUG " in logs["debug"]
