@@ -31,6 +31,13 @@ MAX_MESSAGE = 64 * 1024 * 1024
 # A 64-bit value needs at most 10 base-128 groups; more is a violation.
 MAX_VARINT_OCTETS = 10
 
+# Room in one packet for everything besides its message: the opcode, ids,
+# lengths and names. Each binary field is bounded by max_message on its own,
+# so without a bound on the whole a packet with a name and a message each at
+# the limit would make a decoder buffer twice max_message. Real names are a
+# few dozen bytes; this is generous.
+PACKET_OVERHEAD = 64 * 1024
+
 
 class ProtocolError(Exception):
     """The peer sent bytes that break the wire protocol."""
@@ -365,11 +372,12 @@ class _Incomplete(Exception):
 class _Reader:
     """Field readers over one buffer; each returns (value, next position)."""
 
-    __slots__ = ("buf", "max_message")
+    __slots__ = ("buf", "max_message", "limit")
 
     def __init__(self, buf: bytearray, max_message: int):
         self.buf = buf
         self.max_message = max_message
+        self.limit = 0  # buffer position the current packet may not extend past
 
     def varint(self, pos: int) -> tuple[int, int]:
         buf = self.buf
@@ -390,6 +398,10 @@ class _Reader:
         if size > self.max_message:
             raise ProtocolError(f"message of {size} bytes exceeds the {self.max_message} limit")
         end = pos + size
+        if end > self.limit:
+            raise ProtocolError(
+                f"packet exceeds the limit of {self.max_message} + {PACKET_OVERHEAD} bytes"
+            )
         if end > len(self.buf):
             raise _Incomplete(end)
         return bytes(self.buf[pos:end]), end
@@ -537,8 +549,9 @@ class Decoder:
     """Turns a byte stream from one side into packets.
 
     Memory is bounded: the buffer never holds more than one packet's worth of
-    unparsed bytes, and a packet's size is bounded by ``max_message``. A
-    ProtocolError leaves the decoder unusable; the connection must end.
+    unparsed bytes, and a packet's size is bounded by ``max_message`` plus
+    PACKET_OVERHEAD. A ProtocolError leaves the decoder unusable; the
+    connection must end.
     """
 
     def __init__(self, sender: Side, max_message: int = MAX_MESSAGE):
@@ -560,8 +573,10 @@ class Decoder:
             return []
         packets = []
         pos, parse, reader = 0, self._parse, self._reader
+        bound = reader.max_message + PACKET_OVERHEAD
         try:
             while pos < len(buf):
+                reader.limit = pos + bound
                 try:
                     packet, pos = parse(reader, buf[pos], pos + 1)
                 except IndexError:

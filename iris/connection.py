@@ -125,17 +125,22 @@ class Connection:
         self.inbound: Inbound | None = inbound(self) if inbound else None
 
         self.log.info("connecting to relay", relay_port=port, cluster=cluster or None)
-        self._sock = self._handshake(port, cluster)
-        self._decoder = codec.Decoder(codec.Side.RELAY)
+        self._sock, self._decoder, early = self._handshake(port, cluster)
         self._reader = threading.Thread(
-            target=self._read_loop, name=f"iris-reader-{port}", daemon=True
+            target=self._read_loop, args=(early,), name=f"iris-reader-{port}", daemon=True
         )
         self._reader.start()
         self.log.info("relay connection established")
 
     # -- setup and teardown ------------------------------------------------
 
-    def _handshake(self, port: int, cluster: str) -> socket.socket:
+    def _handshake(self, port: int, cluster: str) -> tuple[socket.socket, codec.Decoder, list]:
+        """Send INIT and wait for the answer; return the socket, its decoder and
+        the packets that came with the answer.
+
+        The relay may route traffic to a new member in the same write as its
+        INIT, so what follows the answer in that read belongs to the reader.
+        """
         sock = _dial(port)
         try:
             sock.settimeout(HANDSHAKE_TIMEOUT)
@@ -148,13 +153,13 @@ class Connection:
                 packets = decoder.feed(data)
                 if packets:
                     break
-            answer = packets[0]
+            answer, *early = packets
             if isinstance(answer, codec.Deny):
                 raise ConnectionRefusedError(f"relay denied the connection: {answer.reason}")
-            if not isinstance(answer, codec.Accept) or len(packets) > 1:
+            if not isinstance(answer, codec.Accept):
                 raise ConnectionError(f"relay answered the handshake with {answer!r}")
             sock.settimeout(None)
-            return sock
+            return sock, decoder, early
         except BaseException:
             sock.close()
             raise
@@ -342,22 +347,23 @@ class Connection:
 
     # -- the reader thread -----------------------------------------------------------
 
-    def _read_loop(self) -> None:
+    def _read_loop(self, packets: list) -> None:
         reason = "connection lost"
         dispatch = self._dispatch
         try:
             recv, feed = self._sock.recv, self._decoder.feed
             while True:
-                data = recv(RECV_SIZE)
-                if not data:
-                    break
-                for packet in feed(data):
+                for packet in packets:
                     handle = dispatch.get(type(packet))
                     if handle is None:
                         raise codec.ProtocolError(f"unexpected packet {type(packet).__name__}")
                     if handle(self, packet):
                         reason = self._drop_reason or "connection closed"
                         return
+                data = recv(RECV_SIZE)
+                if not data:
+                    break
+                packets = feed(data)
         except codec.ProtocolError as err:
             reason = f"protocol violation by relay: {err}"
             self.log.error("relay broke the protocol", error=str(err))

@@ -171,10 +171,9 @@ class Router:
                 del self._clusters[peer.cluster]
         for topic in peer.topics:
             self._unsubscribe(peer, topic)
-        for end in peer.tunnels.values():
-            other = end.other
-            other.peer.tunnels.pop(other.id, None)
-            other.peer.send(codec.TunnelClosed(other.id, "remote end disconnected").encode())
+        # A copy: a tunnel to the peer's own cluster has both ends in this dict.
+        for end in list(peer.tunnels.values()):
+            self._close_end(end.other, "remote end disconnected")
         peer.tunnels.clear()
         if peer.cluster is not None:
             log.info("detached %s", peer.name)
@@ -339,7 +338,21 @@ class Router:
         end = peer.tunnels.pop(packet.id, None)
         if end is None:
             return  # the other side closed first; its notice is the answer
-        other = end.other
-        other.peer.tunnels.pop(other.id, None)
-        other.peer.send(codec.TunnelClosed(other.id, "").encode())
+        self._close_end(end.other, "")
         peer.send(codec.TunnelClosed(end.id, "").encode())
+
+    @staticmethod
+    def _close_end(end: TunnelEnd, reason: str) -> None:
+        """Close ``end`` for its peer, after delivering the data queued for it.
+
+        The queued chunks were sent before the close, and order is preserved
+        per direction: dropping them would lose messages a sender sent and then
+        closed, e.g. a reply written before the receiver had granted allowance.
+        They go out regardless of allowance, which a binding must tolerate
+        (PROTOCOL.md section 6); the relay's buffer bounds them.
+        """
+        end.peer.tunnels.pop(end.id, None)
+        for size, chunk in end.queue:
+            end.peer.send(codec.TunnelTransfer(end.id, size, chunk).encode())
+        end.queue.clear()
+        end.peer.send(codec.TunnelClosed(end.id, reason).encode())

@@ -33,6 +33,10 @@ DEFAULT_OUTBOUND_CAP = 256 * 1024 * 1024
 RECV_SIZE = 256 * 1024
 # A closing connection whose peer does not read its last packets is cut after this.
 LINGER_SECONDS = 5.0
+# How long a stopping relay keeps flushing goodbyes to peers slow to read them.
+SHUTDOWN_GRACE = 1.0
+# Buffers handed to one sendmsg call; Linux refuses more than IOV_MAX (1024).
+MAX_IOV = 1024
 
 
 class PeerConnection:
@@ -134,7 +138,13 @@ class RelayServer:
             self._finished.wait()
 
     def request_stop(self) -> None:
-        """Ask the loop to shut down, without waiting; safe in a signal handler."""
+        """Ask the loop to shut down, without waiting; safe in a signal handler.
+
+        Only the first request wakes the loop: once the loop has ended its
+        wake-up pipe is closed, and its descriptor may already be reused.
+        """
+        if self._stopping:
+            return
         self._stopping = True
         try:
             os.write(self._wake_w, b"x")
@@ -151,6 +161,7 @@ class RelayServer:
         try:
             self._loop()
         finally:
+            self._stopping = True  # also when the loop failed: later requests are no-ops
             self._shutdown()
             self._finished.set()
 
@@ -225,27 +236,37 @@ class RelayServer:
             self._flush(peer)
 
     def _flush(self, peer: PeerConnection) -> None:
-        if not peer.out:
+        """Send what the socket takes of ``peer.out``, gathered without copying.
+
+        Joining the backlog into one buffer per attempt would copy all of it
+        each loop turn: quadratic in the backlog of a slow reader, and paid by
+        every other connection while it grows.
+        """
+        out = peer.out
+        if not out:
             return
-        data = peer.out[0] if len(peer.out) == 1 else b"".join(peer.out)
         try:
-            sent = peer.sock.send(data)
+            sent = peer.sock.sendmsg(out[:MAX_IOV])
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as err:
-            peer.out.clear()
+            out.clear()
             self._close_socket(peer, f"write failed: {err}")
             return
-        if sent == len(data):
-            peer.out.clear()
-            peer.out_bytes = 0
+        peer.out_bytes -= sent
+        done = 0
+        while done < len(out) and sent >= len(out[done]):
+            sent -= len(out[done])
+            done += 1
+        del out[:done]
+        if not out:
             if peer.closing:
                 self._close_socket(peer, None)
             elif peer._writing:
                 self._set_writing(peer, False)
             return
-        peer.out = [memoryview(data)[sent:]]  # later sends resume from its start
-        peer.out_bytes = len(data) - sent
+        if sent:
+            out[0] = memoryview(out[0])[sent:]  # later sends resume from here
         if peer.out_bytes > self.outbound_cap and not peer.closing:
             peer.out.clear()
             self.drop(peer, f"peer stopped reading: over {self.outbound_cap} bytes unsent")
@@ -272,6 +293,10 @@ class RelayServer:
             log.warning("closing %s: %s", peer.name, reason)
         if peer.out:
             self._lingering[peer] = time.monotonic() + LINGER_SECONDS
+            # Its input is no longer read: left watched, unread bytes or an EOF
+            # would wake the selector at once, every turn, until the cut.
+            peer._writing = True
+            self._selector.modify(peer.sock, selectors.EVENT_WRITE, peer)
         else:
             self._close_socket(peer, None)
 
@@ -295,35 +320,31 @@ class RelayServer:
         peer.sock.close()
 
     def _shutdown(self) -> None:
-        """Say goodbye to every peer, flush what can be flushed quickly, close."""
-        for peer in list(self.peers):
-            if not peer.closing:
-                peer.send(codec.Closed("relay shutting down").encode())
-                self.router.detach(peer)
-        deadline = time.monotonic() + 1.0
-        for peer in list(self.peers):
-            self._flush_blocking(peer, deadline)
-            self._close_socket(peer, None)
+        """Say goodbye to every peer, flush for up to SHUTDOWN_GRACE, close.
+
+        Flushing is non-blocking and shared: a peer that does not read cannot
+        use up the grace period of those that do, which would leave them
+        without the reason they were closed.
+        """
         for listener in self._listeners:
             self._selector.unregister(listener)
             listener.close()
+        self._selector.unregister(self._wake_r)
+        for peer in list(self.peers):
+            if not peer.closing:
+                peer.send(codec.Closed("relay shutting down").encode())
+                self.drop(peer, None)
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        self._flush_all()
+        while self.dirty and (remaining := deadline - time.monotonic()) > 0:
+            self._selector.select(remaining)  # until a backed-up peer can take more
+            self._flush_all()
+        for peer in list(self.peers):
+            self._close_socket(peer, None)
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
         log.info("relay stopped")
-
-    @staticmethod
-    def _flush_blocking(peer: PeerConnection, deadline: float) -> None:
-        data = b"".join(peer.out)
-        peer.out.clear()
-        remaining = deadline - time.monotonic()
-        if not data or remaining <= 0:
-            return
-        try:
-            peer.sock.settimeout(remaining)
-            peer.sock.sendall(data)
-        except OSError:
-            pass  # the peer is going away regardless
 
 
 def _drain(fd: int) -> None:
