@@ -361,6 +361,22 @@ class TunnelClosed(NamedTuple):
 # ---------------------------------------------------------------------------
 # Decoding.
 
+# Plain ints: comparing an int with an IntEnum member costs ten times as much.
+_BROADCAST = int(Op.BROADCAST)
+_CLOSE = int(Op.CLOSE)
+_DENY = int(Op.DENY)
+_INIT = int(Op.INIT)
+_PUBLISH = int(Op.PUBLISH)
+_REPLY = int(Op.REPLY)
+_REQUEST = int(Op.REQUEST)
+_SUBSCRIBE = int(Op.SUBSCRIBE)
+_TUN_ALLOW = int(Op.TUN_ALLOW)
+_TUN_CLOSE = int(Op.TUN_CLOSE)
+_TUN_CONFIRM = int(Op.TUN_CONFIRM)
+_TUN_INIT = int(Op.TUN_INIT)
+_TUN_TRANSFER = int(Op.TUN_TRANSFER)
+_UNSUBSCRIBE = int(Op.UNSUBSCRIBE)
+
 
 class _Incomplete(Exception):
     """More bytes are needed; ``need`` is the buffer length that may suffice."""
@@ -428,64 +444,64 @@ class _Reader:
 
 def _client_packet(r: _Reader, op: int, pos: int):
     """Parse one packet a client sent, opcode already read."""
-    if op == Op.REQUEST:
+    if op == _REQUEST:
         rid, pos = r.varint(pos)
         cluster, pos = r.string(pos)
         request, pos = r.binary(pos)
         timeout, pos = r.varint(pos)
         return Request(rid, cluster, request, timeout), pos
-    if op == Op.REPLY:
+    if op == _REPLY:
         rid, pos = r.varint(pos)
         success, pos = r.bool(pos)
         payload, pos = r.binary(pos) if success else r.string(pos)
         return Reply(rid, success, payload), pos
-    if op == Op.TUN_TRANSFER:
+    if op == _TUN_TRANSFER:
         tid, pos = r.varint(pos)
         size, pos = r.varint(pos)
         chunk, pos = r.binary(pos)
         return TunnelTransfer(tid, size, chunk), pos
-    if op == Op.TUN_ALLOW:
+    if op == _TUN_ALLOW:
         tid, pos = r.varint(pos)
         size, pos = r.varint(pos)
         return TunnelAllow(tid, size), pos
-    if op == Op.BROADCAST:
+    if op == _BROADCAST:
         cluster, pos = r.string(pos)
         message, pos = r.binary(pos)
         return Broadcast(cluster, message), pos
-    if op == Op.PUBLISH:
+    if op == _PUBLISH:
         topic, pos = r.string(pos)
         event, pos = r.binary(pos)
         return Publish(topic, event), pos
-    if op == Op.SUBSCRIBE or op == Op.UNSUBSCRIBE:
+    if op in (_SUBSCRIBE, _UNSUBSCRIBE):
         topic, pos = r.string(pos)
-        return (Subscribe if op == Op.SUBSCRIBE else Unsubscribe)(topic), pos
-    if op == Op.INIT:
+        return (Subscribe if op == _SUBSCRIBE else Unsubscribe)(topic), pos
+    if op == _INIT:
         pos = r.magic(pos, CLIENT_MAGIC)
         version, pos = r.string(pos)
         cluster, pos = r.string(pos)
         return Init(cluster, version), pos
-    if op == Op.CLOSE:
+    if op == _CLOSE:
         return Close(), pos
-    if op == Op.TUN_INIT:
+    if op == _TUN_INIT:
         tid, pos = r.varint(pos)
         cluster, pos = r.string(pos)
         timeout, pos = r.varint(pos)
         return TunnelInit(tid, cluster, timeout), pos
-    if op == Op.TUN_CONFIRM:
+    if op == _TUN_CONFIRM:
         build_id, pos = r.varint(pos)
         tid, pos = r.varint(pos)
         return TunnelConfirm(build_id, tid), pos
-    if op == Op.TUN_CLOSE:
+    if op == _TUN_CLOSE:
         tid, pos = r.varint(pos)
         return TunnelClose(tid), pos
-    if op == Op.DENY:
+    if op == _DENY:
         raise ProtocolError("a client may not send DENY")
     raise ProtocolError(f"unknown opcode {op:#04x}")
 
 
 def _relay_packet(r: _Reader, op: int, pos: int):
     """Parse one packet a relay sent, opcode already read."""
-    if op == Op.REPLY:
+    if op == _REPLY:
         rid, pos = r.varint(pos)
         timed_out, pos = r.bool(pos)
         if timed_out:
@@ -493,54 +509,54 @@ def _relay_packet(r: _Reader, op: int, pos: int):
         success, pos = r.bool(pos)
         payload, pos = r.binary(pos) if success else r.string(pos)
         return ReplyDelivery(rid, False, success, payload), pos
-    if op == Op.REQUEST:
+    if op == _REQUEST:
         rid, pos = r.varint(pos)
         request, pos = r.binary(pos)
         timeout, pos = r.varint(pos)
         return RequestDelivery(rid, request, timeout), pos
-    if op == Op.TUN_TRANSFER:
+    if op == _TUN_TRANSFER:
         tid, pos = r.varint(pos)
         size, pos = r.varint(pos)
         chunk, pos = r.binary(pos)
         return TunnelTransfer(tid, size, chunk), pos
-    if op == Op.TUN_ALLOW:
+    if op == _TUN_ALLOW:
         tid, pos = r.varint(pos)
         size, pos = r.varint(pos)
         return TunnelAllow(tid, size), pos
-    if op == Op.BROADCAST:
+    if op == _BROADCAST:
         message, pos = r.binary(pos)
         return BroadcastDelivery(message), pos
-    if op == Op.PUBLISH:
+    if op == _PUBLISH:
         topic, pos = r.string(pos)
         event, pos = r.binary(pos)
         return Publish(topic, event), pos
-    if op == Op.INIT:
+    if op == _INIT:
         pos = r.magic(pos, RELAY_MAGIC)
         version, pos = r.string(pos)
         return Accept(version), pos
-    if op == Op.DENY:
+    if op == _DENY:
         pos = r.magic(pos, RELAY_MAGIC)
         reason, pos = r.string(pos)
         return Deny(reason), pos
-    if op == Op.CLOSE:
+    if op == _CLOSE:
         reason, pos = r.string(pos)
         return Closed(reason), pos
-    if op == Op.TUN_INIT:
+    if op == _TUN_INIT:
         build_id, pos = r.varint(pos)
         chunk_limit, pos = r.varint(pos)
         return TunnelOffer(build_id, chunk_limit), pos
-    if op == Op.TUN_CONFIRM:
+    if op == _TUN_CONFIRM:
         tid, pos = r.varint(pos)
         timed_out, pos = r.bool(pos)
         if timed_out:
             return TunnelResult(tid, True), pos
         chunk_limit, pos = r.varint(pos)
         return TunnelResult(tid, False, chunk_limit), pos
-    if op == Op.TUN_CLOSE:
+    if op == _TUN_CLOSE:
         tid, pos = r.varint(pos)
         reason, pos = r.string(pos)
         return TunnelClosed(tid, reason), pos
-    if op in (Op.SUBSCRIBE, Op.UNSUBSCRIBE):
+    if op in (_SUBSCRIBE, _UNSUBSCRIBE):
         raise ProtocolError(f"a relay may not send {Op(op).name}")
     raise ProtocolError(f"unknown opcode {op:#04x}")
 

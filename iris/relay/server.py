@@ -29,8 +29,10 @@ DEFAULT_PORT = 55555
 # Beyond this many unsent bytes a peer is taken to have stopped reading.
 # Generous, because one 64 MiB message to a slow reader is legitimate.
 DEFAULT_OUTBOUND_CAP = 256 * 1024 * 1024
-# One read takes a whole batch of small packets or several tunnel chunks.
-RECV_SIZE = 256 * 1024
+# One read takes a whole batch of small packets or a tunnel chunk. Not larger:
+# glibc serves allocations over 128 KiB with mmap, which made every 256 KiB
+# read cost ten times as much as a 64 KiB one.
+RECV_SIZE = 64 * 1024
 # A closing connection whose peer does not read its last packets is cut after this.
 LINGER_SECONDS = 5.0
 # How long a stopping relay keeps flushing goodbyes to peers slow to read them.
