@@ -331,13 +331,11 @@ class Connection:
         try:
             self.log.info("opening tunnel", cluster=cluster, tunnel=tid)
             self._send(codec.TunnelInit(tid, cluster, millis).encode())
+            # A late answer finds no waiter, and the reader closes its tunnel.
             tunnel = waiter.wait(timeout + RELAY_GRACE)
         finally:
-            abandoned = self._tunnel_inits.pop(tid, None) is not None
+            self._tunnel_inits.pop(tid, None)
         if tunnel is None:
-            raise TimeoutError(f"tunnel to {cluster!r} timed out after {timeout:g} s")
-        if abandoned:  # the relay answered just as we gave up: the tunnel has no owner
-            tunnel.close()
             raise TimeoutError(f"tunnel to {cluster!r} timed out after {timeout:g} s")
         return tunnel
 
@@ -368,7 +366,7 @@ class Connection:
         except codec.ProtocolError as err:
             reason = f"protocol violation by relay: {err}"
             self.log.error("relay broke the protocol", error=str(err))
-        except OSError as err:
+        except (OSError, ClosedError) as err:  # ClosedError: a send of ours met the end
             reason = f"connection lost: {err}"
         finally:
             self._closed.set()

@@ -86,7 +86,7 @@ class HandlerDispatch:
             reply = self._handler.handle_request(request)
             if not isinstance(reply, bytes | bytearray | memoryview):
                 raise TypeError(f"handle_request returned {type(reply).__name__}, not bytes")
-        except Exception as err:
+        except BaseException as err:  # even SystemExit: the caller is owed an answer
             self._conn.reply(request_id, False, str(err) or type(err).__name__)
             return
         self._conn.reply(request_id, True, bytes(reply))

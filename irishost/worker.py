@@ -222,7 +222,7 @@ class Worker:
                 if not isinstance(reply, bytes | bytearray | memoryview):
                     raise TypeError(f"handle_request returned {type(reply).__name__}, not bytes")
                 frame = frames.encode(Kind.REPLY, request_id, True, bytes(reply))
-            except Exception as err:
+            except BaseException as err:  # even SystemExit: the caller is owed an answer
                 frame = frames.encode(Kind.REPLY, request_id, False, str(err) or type(err).__name__)
             self.send(frame)
         finally:

@@ -33,6 +33,8 @@ DEFAULT_OUTBOUND_CAP = 256 * 1024 * 1024
 # glibc serves allocations over 128 KiB with mmap, which made every 256 KiB
 # read cost ten times as much as a 64 KiB one.
 RECV_SIZE = 64 * 1024
+# How many ports to try when asked for any free one (port 0).
+PORT_PICKS = 5
 # A closing connection whose peer does not read its last packets is cut after this.
 LINGER_SECONDS = 5.0
 # How long a stopping relay keeps flushing goodbyes to peers slow to read them.
@@ -116,6 +118,7 @@ class RelayServer:
         self._selector.register(self._wake_r, selectors.EVENT_READ, self)
         self._lingering: dict[PeerConnection, float] = {}  # closing peers: hang-up deadline
         self._stopping = False
+        self._serving = False
         self._thread: threading.Thread | None = None
         self._finished = threading.Event()
 
@@ -136,8 +139,10 @@ class RelayServer:
         self.request_stop()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
-        elif self._thread is None:
+        elif self._serving:
             self._finished.wait()
+        else:  # never served: release the sockets here
+            self._shutdown()
 
     def request_stop(self) -> None:
         """Ask the loop to shut down, without waiting; safe in a signal handler.
@@ -160,6 +165,7 @@ class RelayServer:
         self.stop()
 
     def serve_forever(self) -> None:
+        self._serving = True
         try:
             self._loop()
         finally:
@@ -229,6 +235,12 @@ class RelayServer:
             reason = f"protocol violation: {err}"
             peer.send(codec.Closed(reason).encode())
             self.drop(peer, reason)
+        except Exception:
+            # A bug of ours, met while serving this peer: losing the one
+            # connection beats losing every connection with the relay.
+            log.exception("internal error while serving %s; closing it", peer.name)
+            peer.send(codec.Closed("relay internal error").encode())
+            self.drop(peer, "internal error")
 
     # -- output -----------------------------------------------------------------------
 
@@ -366,8 +378,20 @@ def _listen(port: int) -> list[socket.socket]:
     """Listen on 127.0.0.1 and ::1 (the same port); fail only if neither works.
 
     A busy port is an error on either address: a relay that shares its port
-    with another would split the clients between two unrelated relays.
+    with another would split the clients between two unrelated relays. With
+    port 0 the kernel picks the IPv4 port, which may happen to be taken on
+    ::1; then another pick is tried.
     """
+    for _ in range(PORT_PICKS - 1 if port == 0 else 0):
+        try:
+            return _listen_once(port)
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE:
+                raise
+    return _listen_once(port)
+
+
+def _listen_once(port: int) -> list[socket.socket]:
     listeners, errors = [], []
     for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
         try:
