@@ -1,0 +1,977 @@
+"""Benchmark irishost against its product targets, all side by side in one run.
+
+Run as ``python bench/irishost_bench.py`` (under a minute; ``--quick`` for a
+smoke test of a few seconds, ``--only NAME`` for one benchmark, ``--json
+FILE`` to keep the figures, ``--strict`` to exit 1 when a target is missed,
+``--profile DIR`` to profile irishost's request path instead).
+
+Each comparison measures both sides in the same run on the same machine, so
+a ratio holds for this machine at this moment; absolute figures on a shared
+2-core box move with its load, which is printed first for that reason.
+
+- cpu-bound: a handler spending a few ms of pure-Python CPU per request
+  (counting primes by trial division), once under plain ``iris.register``
+  in a service process (default limits) and once under irishost with 2
+  workers of 1 request thread; each side has its relay in its own process.
+  8 requester threads in this process share one client connection. Target:
+  irishost >= 1.8x the plain service's requests/s, which is what forking
+  workers is for (the plain service holds one GIL).
+- ring: irishost's shared-memory Ring against multiprocessing.Queue (one
+  way, 100-byte messages; target >= 3x) and multiprocessing.Pipe (round
+  trip; target <= 0.5x), with the functions of ``bench/ring_bench.py``.
+- dispatch: supervisor -> worker -> supervisor with no relay. This process
+  plays the supervisor: it creates a ring pair, forks a real
+  ``irishost.worker`` with an echo handler and speaks frames to it, one at
+  a time (latency) and PIPELINE_DEPTH in flight (throughput); the same
+  against ``ProcessPoolExecutor(max_workers=1)``, ``submit().result()`` and
+  ``map(chunksize=1)``. Target: irishost throughput >= 5x the executor's.
+- echo-overhead: sequential 1-byte requests to an echo handler, plain
+  ``iris.register`` against irishost with 1 worker, relay in its own
+  process. Target: irishost's mean latency at most 1.30x the plain one.
+
+The two sides of cpu-bound, ring and echo-overhead run in alternating
+rounds (ABBA order; for the services, on rigs that are both up), so a load
+spike from elsewhere on the machine lands on both sides rather than on one.
+
+A missed target prints MISSED and still exits 0, since the figures are
+information; ``--strict`` makes it exit 1. A benchmark that fails to run
+always exits 1, as does anything this run leaves behind in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import itertools
+import json
+import multiprocessing
+import os
+import pstats
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import _util
+import psutil
+import ring_bench
+
+import iris
+from irishost import cli, frames, worker
+from irishost.config import Config, load_config
+from irishost.frames import Kind
+from irishost.loader import load_handler
+from irishost.ring import Ring
+
+T = TypeVar("T")
+
+BENCHMARKS = ("cpu-bound", "ring", "dispatch", "echo-overhead")
+
+# The handlers both sides serve, written into the run's temp dir so that
+# irishost imports them through ``[service] path`` like any deployment, and
+# the plain service imports the very same module.
+HANDLER_MODULE = "hostbench_handlers"
+HANDLER_SOURCE = '''\
+"""Handlers of bench/irishost_bench.py, written here for one run."""
+
+import iris
+
+
+def count_primes_below(n: int) -> int:
+    """Trial division, naive on purpose: all of its time is in the interpreter."""
+    count = 0
+    for candidate in range(2, n):
+        divisor = 2
+        while divisor * divisor <= candidate and candidate % divisor:
+            divisor += 1
+        if divisor * divisor > candidate:
+            count += 1
+    return count
+
+
+class PrimeHandler(iris.ServiceHandler):
+    def handle_request(self, request: bytes) -> bytes:
+        return str(count_primes_below(int(request))).encode()
+
+
+class EchoHandler(iris.ServiceHandler):
+    def handle_request(self, request: bytes) -> bytes:
+        return request
+'''
+# About 4 ms of trial division on the project's 2-core Xeon: long enough that the
+# relay, supervisor and client CPU per request stay a small share of the two
+# cores, short enough for a few hundred requests per second.
+PRIME_LIMIT = 8_000
+PRIME_REQUEST = str(PRIME_LIMIT).encode()
+CPU_REQUESTERS = 8
+CPU_WORKERS = 2
+ECHO_REQUEST = b"x"
+# Frames to the worker in the dispatch benchmark: 100 bytes, as in ring_bench.
+DISPATCH_PAYLOAD = b"x" * 100
+# Enough to keep the worker's main thread and handler thread both busy; the
+# ring holds 4 MiB, so it never fills at this depth.
+PIPELINE_DEPTH = 64
+# Prefix of this benchmark's own rings (dispatch); irishost names its own
+# after the cluster, ring_bench uses "ringbench".
+RING_PREFIX = "irishostbench"
+CLUSTER = "hostbench"
+SHM_PREFIXES = (f"{RING_PREFIX}-", f"irishost-{CLUSTER}-", "ringbench-")
+
+# A relay answers timed-out requests itself; this only stops a stalled run.
+REPLY_TIMEOUT = 10.0
+# irishost registers with the relay only once its workers are ready; until
+# then a request waits for its timeout, so probes use a short one.
+PROBE_TIMEOUT = 0.25
+START_TIMEOUT = 30.0
+# A forked dispatch worker gets this long to exit after DRAIN before SIGKILL.
+WORKER_STOP_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How long each measurement runs; --quick shrinks every one of them."""
+
+    rounds: int  # alternating rounds per side in cpu-bound, ring and echo-overhead
+    cpu_seconds: float  # one cpu-bound window
+    warmup_seconds: float  # requesters run this long before each window
+    latency_seconds: float  # one echo-latency window
+    warmup_count: int  # sequential requests before each latency window
+    ring_messages: int
+    ring_round_trips: int
+    dispatch_seconds: float  # each irishost dispatch measurement
+    executor_tasks: int  # ProcessPoolExecutor.map is given a fixed list
+
+
+FULL = Settings(
+    rounds=3,
+    cpu_seconds=1.0,
+    warmup_seconds=0.3,
+    latency_seconds=1.0,
+    warmup_count=200,
+    ring_messages=100_000,
+    ring_round_trips=10_000,
+    dispatch_seconds=1.5,
+    executor_tasks=15_000,
+)
+QUICK = Settings(
+    rounds=1,
+    cpu_seconds=0.3,
+    warmup_seconds=0.05,
+    latency_seconds=0.2,
+    warmup_count=20,
+    ring_messages=20_000,
+    ring_round_trips=1_000,
+    dispatch_seconds=0.2,
+    executor_tasks=500,
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A product target on the ratio of a figure to its baseline."""
+
+    threshold: float
+    higher_is_better: bool = True
+
+    def describe(self) -> str:
+        return f"{'>=' if self.higher_is_better else '<='} {self.threshold:g}x"
+
+    def met(self, ratio: float) -> bool:
+        return ratio >= self.threshold if self.higher_is_better else ratio <= self.threshold
+
+
+CPU_TARGET = Target(1.8)
+QUEUE_TARGET = Target(3.0)
+PIPE_TARGET = Target(0.5, higher_is_better=False)
+DISPATCH_TARGET = Target(5.0)
+ECHO_TARGET = Target(1.30, higher_is_better=False)
+
+
+@dataclass
+class Row:
+    benchmark: str
+    value: float
+    unit: str
+    ratio: float | None = None  # value / the baseline row's value
+    target: str = ""
+    verdict: str = ""
+
+
+@dataclass
+class Report:
+    machine: dict
+    mode: str
+    rows: list[Row] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def add(
+        self,
+        benchmark: str,
+        value: float,
+        unit: str,
+        baseline: float | None = None,
+        target: Target | None = None,
+    ) -> None:
+        row = Row(benchmark, value, unit)
+        if baseline:
+            row.ratio = value / baseline
+            if target is not None:
+                row.target = target.describe()
+                row.verdict = "ok" if target.met(row.ratio) else "MISSED"
+        self.rows.append(row)
+
+    def add_latencies(
+        self,
+        benchmark: str,
+        samples_us: list[float],
+        baseline: dict[str, float] | None = None,
+        target: Target | None = None,
+    ) -> dict[str, float]:
+        """Mean, p50 and p99 rows; ratios against ``baseline``'s, the target on the mean."""
+        ordered = sorted(samples_us)
+        stats = {
+            "mean": statistics.fmean(ordered),
+            "p50": _util.percentile(ordered, 0.50),
+            "p99": _util.percentile(ordered, 0.99),
+        }
+        for name, value in stats.items():
+            reference = baseline[name] if baseline else None
+            self.add(
+                f"{benchmark}, {name}",
+                value,
+                "us",
+                reference,
+                target if name == "mean" else None,
+            )
+        return stats
+
+    def missed(self) -> list[str]:
+        return [row.benchmark for row in self.rows if row.verdict == "MISSED"]
+
+
+# ---------------------------------------------------------------------------
+# The services under test.
+
+
+def write_config(directory: Path, name: str, handler: str, port: int, workers: int) -> Path:
+    """One service's TOML: irishost reads all of it, the plain service its
+    [service] and [relay] tables.
+
+    The relay is external (``embedded = false``), so it runs in its own
+    process on both sides. Logging stays at warning: an info line per
+    event would be measured too.
+    """
+    path = directory / f"{name}.toml"
+    path.write_text(
+        f"""\
+[service]
+cluster = "{CLUSTER}"
+handler = "{HANDLER_MODULE}:{handler}"
+path = ["."]
+
+[relay]
+port = {port}
+embedded = false
+
+[workers]
+count = {workers}
+shutdown_timeout = "2s"
+
+[limits]
+request_threads = 1
+
+[logging]
+level = "warning"
+"""
+    )
+    return path
+
+
+def irishost_argv(config: Path) -> list[str]:
+    """``python -m irishost`` where the package has a __main__, else the script."""
+    if importlib.util.find_spec("irishost.__main__") is not None:
+        return [sys.executable, "-m", "irishost", "-c", str(config)]
+    script = shutil.which("irishost")
+    if script is None:
+        raise RuntimeError("neither irishost/__main__.py nor an irishost script is installed")
+    return [script, "-c", str(config)]
+
+
+def serve_plain(config_path: str) -> int:
+    """The plain service process: the handler under ``iris.register``, default limits.
+
+    SIGTERM is blocked and then awaited with sigwait, so the binding's
+    threads (which inherit the mask) never see it and no handler is needed.
+    """
+    config = load_config(config_path)
+    handler = load_handler(config)()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    with iris.register(config.relay.port, config.service.cluster, handler):
+        signal.sigwait({signal.SIGTERM})
+    return 0
+
+
+class Rig:
+    """A fresh relay, one service on it, and a client connection from here.
+
+    ``workers`` None runs the plain service (this script with ``--serve``),
+    a number runs irishost with that many workers. Ready means a probe
+    request came back with the expected answer, which for irishost also
+    proves its workers are up. Everything is torn down by :meth:`close`,
+    which runs even when setup fails half way.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        handler: str,
+        workers: int | None,
+        probe: tuple[bytes, bytes],
+        argv: Callable[[Path], list[str]] = irishost_argv,
+    ):
+        if workers is None:
+            self.label = "plain iris.register"
+        else:
+            self.label = f"irishost {workers} worker{'s' if workers > 1 else ''}"
+        self.relay = self.service = self.conn = None
+        try:
+            self.relay, port = _util.start_relay()
+            name = f"{handler}-{'plain' if workers is None else f'host{workers}'}-{port}"
+            config = write_config(directory, name, handler, port, workers or 1)
+            if workers is None:
+                command = [sys.executable, __file__, "--serve", str(config)]
+            else:
+                command = argv(config)
+            self.service = _util.Child(command, self.label)
+            self.conn = iris.connect(port)
+            self._wait_serving(*probe)
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_serving(self, request: bytes, expected: bytes) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                reply = self.conn.request(CLUSTER, request, PROBE_TIMEOUT)
+                break
+            except (iris.TimeoutError, iris.RemoteError) as err:
+                if not self.service.alive():
+                    # stdout is at EOF, so this raises with the child's stderr.
+                    self.service.readline(1.0)
+                    raise RuntimeError(f"{self.label} exited during start-up") from err
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"{self.label} not serving after {START_TIMEOUT:g} s"
+                    ) from err
+        if reply != expected:
+            raise RuntimeError(f"{self.label} answered {reply!r}, expected {expected!r}")
+
+    def processes(self) -> list[psutil.Process]:
+        """The service's processes: irishost's supervisor and its workers."""
+        return [self.service.ps, *self.service.ps.children(recursive=True)]
+
+    def __enter__(self) -> Rig:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            if self.conn is not None:
+                self.conn.close()
+        finally:
+            for child in (self.service, self.relay):
+                if child is not None:
+                    child.stop()
+
+
+def timed_calls(operation: Callable[[], object], warmup: int, seconds: float) -> list[float]:
+    """Durations in us of sequential calls for ``seconds``, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        operation()
+    samples = []
+    clock = time.perf_counter_ns
+    end = clock() + int(seconds * 1e9)
+    while True:
+        start = clock()
+        operation()
+        stop = clock()
+        samples.append((stop - start) / 1000)
+        if stop >= end:
+            return samples
+
+
+def alternating(sides: tuple[T, T], rounds: int) -> Iterator[T]:
+    """Each side once per round, in ABBA order, so a slow drift of the
+    machine's load favours neither side."""
+    for number in range(rounds):
+        yield from (sides if number % 2 == 0 else sides[::-1])
+
+
+# ---------------------------------------------------------------------------
+# 1. CPU-bound handler: plain service against irishost with 2 workers.
+
+
+def handler_seconds(config: Config, request: bytes, calls: int = 20) -> tuple[float, bytes]:
+    """Seconds one request costs the handler in this process, and its answer.
+
+    The fastest of ``calls``: the cost with a core to itself, which other
+    work on a shared machine can only add to.
+    """
+    handler = load_handler(config)()
+    reply = handler.handle_request(request)
+    fastest = float("inf")
+    for _ in range(calls):
+        start = time.perf_counter()
+        handler.handle_request(request)
+        fastest = min(fastest, time.perf_counter() - start)
+    return fastest, reply
+
+
+def cpu_window(rig: Rig, settings: Settings) -> tuple[int, float, float]:
+    """Requests, seconds and service CPU seconds of one window of CPU_REQUESTERS.
+
+    The requesters run through warm-up and window without pause; the window
+    is cut out of the middle by snapshots of the counters, so thread start
+    and stop fall outside it.
+    """
+    stop = threading.Event()
+    counts = [0] * CPU_REQUESTERS
+    errors: list[BaseException] = []
+    request = rig.conn.request
+
+    def requester(index: int) -> None:
+        try:
+            while not stop.is_set():
+                request(CLUSTER, PRIME_REQUEST, REPLY_TIMEOUT)
+                counts[index] += 1
+        except BaseException as err:  # reported by the main thread
+            errors.append(err)
+            stop.set()
+
+    threads = [
+        threading.Thread(target=requester, args=(i,), name=f"hostbench-requester-{i}")
+        for i in range(CPU_REQUESTERS)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(settings.warmup_seconds)
+        processes = rig.processes()
+        before = sum(counts), time.perf_counter(), sum(map(_cpu_seconds, processes))
+        stop.wait(settings.cpu_seconds)
+        after = sum(counts), time.perf_counter(), sum(map(_cpu_seconds, processes))
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(REPLY_TIMEOUT + 5)
+    if errors:
+        raise RuntimeError(f"a requester failed: {errors[0]!r}") from errors[0]
+    requests, seconds, cpu = (a - b for a, b in zip(after, before, strict=True))
+    return int(requests), seconds, cpu
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def bench_cpu_bound(report: Report, settings: Settings, directory: Path) -> None:
+    config = load_config(write_config(directory, "calibrate", "PrimeHandler", 1, 1))
+    seconds, answer = handler_seconds(config, PRIME_REQUEST)
+    report.add(
+        f"cpu-bound: handler time per request (primes < {PRIME_LIMIT:,})", seconds * 1e3, "ms"
+    )
+    probe = (PRIME_REQUEST, answer)
+    with (
+        Rig(directory, "PrimeHandler", None, probe) as plain,
+        Rig(directory, "PrimeHandler", CPU_WORKERS, probe) as host,
+    ):
+        totals = {plain: [0, 0.0, 0.0], host: [0, 0.0, 0.0]}
+        for rig in alternating((plain, host), settings.rounds):
+            for index, value in enumerate(cpu_window(rig, settings)):
+                totals[rig][index] += value
+    plain_requests, plain_seconds, plain_cpu = totals[plain]
+    host_requests, host_seconds, host_cpu = totals[host]
+    plain_rate = plain_requests / plain_seconds
+    label = f"{CPU_REQUESTERS} requesters"
+    report.add(f"cpu-bound: {plain.label}, {label}", plain_rate, "requests/s")
+    report.add(
+        f"cpu-bound: {host.label} (1 request thread each), {label}",
+        host_requests / host_seconds,
+        "requests/s",
+        plain_rate,
+        CPU_TARGET,
+    )
+    # Cores the service kept busy: what explains the ratio (1 against ~2).
+    report.add(f"cpu-bound: {plain.label}, CPU in use", plain_cpu / plain_seconds, "cores")
+    report.add(f"cpu-bound: {host.label}, CPU in use", host_cpu / host_seconds, "cores")
+
+
+# ---------------------------------------------------------------------------
+# 2. The shared-memory ring against multiprocessing's Queue and Pipe.
+
+
+def bench_ring(report: Report, settings: Settings, directory: Path) -> None:
+    """ring_bench's measurements in ABBA rounds; the median rate of the rounds
+    and the median of all round trips, so one noisy round does not decide."""
+    rates: dict[Callable, list[float]] = {
+        ring_bench.queue_throughput: [],
+        ring_bench.ring_throughput: [],
+    }
+    round_trips: dict[Callable, list[float]] = {
+        ring_bench.pipe_round_trips: [],
+        ring_bench.ring_round_trips: [],
+    }
+    try:
+        for measure in alternating(tuple(rates), settings.rounds):
+            rates[measure].append(measure(settings.ring_messages))
+        for measure in alternating(tuple(round_trips), settings.rounds):
+            round_trips[measure] += measure(settings.ring_round_trips)
+    finally:
+        _reap_multiprocessing_children()
+    queue_rate = statistics.median(rates[ring_bench.queue_throughput])
+    ring_rate = statistics.median(rates[ring_bench.ring_throughput])
+    pipe = statistics.median(round_trips[ring_bench.pipe_round_trips])
+    ring = statistics.median(round_trips[ring_bench.ring_round_trips])
+    report.add("ring: one way 100 B, multiprocessing.Queue", queue_rate, "msgs/s")
+    report.add("ring: one way 100 B, Ring", ring_rate, "msgs/s", queue_rate, QUEUE_TARGET)
+    report.add("ring: round trip 100 B, multiprocessing.Pipe, median", pipe, "us")
+    report.add("ring: round trip 100 B, Ring pair, median", ring, "us", pipe, PIPE_TARGET)
+
+
+def _reap_multiprocessing_children() -> None:
+    """ring_bench joins its children only on success; a failure must not leave them."""
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join()
+
+
+# ---------------------------------------------------------------------------
+# 3. Task dispatch without the relay: a real worker against ProcessPoolExecutor.
+
+
+def echo(payload: bytes) -> bytes:
+    """The executor's task: the same nothing the EchoHandler does."""
+    return payload
+
+
+@contextlib.contextmanager
+def forked_worker(config: Config) -> Iterator[tuple[Ring, Ring]]:
+    """Fork an ``irishost.worker`` as the supervisor would; yield (inbox, outbox).
+
+    The handler is preloaded here and the rings made before the fork, as in
+    ``Supervisor._spawn``. On the way out the worker is asked to drain, then
+    killed if it does not exit; the rings are closed either way (their names
+    were unlinked when they were made, so /dev/shm never sees them).
+    """
+    handler_class = load_handler(config)
+    rings: list[Ring] = []
+    pid = 0
+    try:
+        rings += [Ring.create(prefix=RING_PREFIX), Ring.create(prefix=RING_PREFIX)]
+        inbox, outbox = rings
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                worker.run(worker.WorkerSpec(0, config, inbox, outbox, handler_class))
+            finally:  # run() never returns; this keeps the child out of our code if it raises
+                os._exit(1)
+        first = outbox.get(START_TIMEOUT)
+        if first is None:
+            raise RuntimeError(f"dispatch worker not ready after {START_TIMEOUT:g} s")
+        fields = frames.decode(first)
+        if fields[0] != Kind.READY:
+            raise RuntimeError(f"dispatch worker did not start: {fields[1:]}")
+        yield inbox, outbox
+    finally:
+        if pid:
+            _stop_worker(pid, rings[0])
+        for ring in rings:
+            ring.close()
+
+
+def _stop_worker(pid: int, inbox: Ring) -> None:
+    with contextlib.suppress(TimeoutError, ValueError, OSError):
+        inbox.put(frames.encode(Kind.DRAIN), timeout=1.0)
+    deadline = time.monotonic() + WORKER_STOP_TIMEOUT
+    while time.monotonic() < deadline:
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            return
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+def _request_frame(request_id: int) -> bytes:
+    """What RelayDispatch.request writes, deadline included."""
+    deadline = time.monotonic() + REPLY_TIMEOUT
+    return frames.encode(Kind.REQUEST, request_id, deadline, DISPATCH_PAYLOAD)
+
+
+def _check_reply(data: bytes) -> int:
+    """Decode a REPLY frame as the supervisor's loop does; return its request id."""
+    kind, request_id, success, payload = frames.decode(data)
+    if kind != Kind.REPLY or not success or payload != DISPATCH_PAYLOAD:
+        raise RuntimeError(f"unexpected frame from the worker: {kind}, {success}, {payload!r:.60}")
+    return request_id
+
+
+def dispatch_round_trip(inbox: Ring, outbox: Ring) -> Callable[[], None]:
+    """One REQUEST -> REPLY exchange with the worker, for timed_calls."""
+    ids = itertools.count(1)
+
+    def round_trip() -> None:
+        request_id = next(ids)
+        inbox.put(_request_frame(request_id), REPLY_TIMEOUT)
+        data = outbox.get(REPLY_TIMEOUT)
+        if data is None or _check_reply(data) != request_id:
+            raise RuntimeError(f"no reply to request {request_id}")
+
+    return round_trip
+
+
+def dispatch_pipelined(inbox: Ring, outbox: Ring, seconds: float) -> float:
+    """Tasks per second with PIPELINE_DEPTH in flight: replies received
+    divided by the time from the first request to the last reply."""
+    sent = received = 0
+    start = time.perf_counter()
+    end = start + seconds
+    while True:
+        if time.perf_counter() < end:
+            while sent - received < PIPELINE_DEPTH:
+                sent += 1
+                inbox.put(_request_frame(sent), REPLY_TIMEOUT)
+        elif received == sent:
+            return received / (time.perf_counter() - start)
+        batch = outbox.drain()
+        if not batch:
+            data = outbox.get(REPLY_TIMEOUT)
+            if data is None:
+                raise RuntimeError(f"worker stalled with {sent - received} tasks in flight")
+            batch = [data]
+        for data in batch:
+            _check_reply(data)
+        received += len(batch)
+
+
+def executor_map_rate(pool: ProcessPoolExecutor, tasks: int) -> float:
+    """map() submits every item up front, so the count is fixed, not the time."""
+    items = [DISPATCH_PAYLOAD] * tasks
+    start = time.perf_counter()
+    done = sum(1 for _ in pool.map(echo, items, chunksize=1))
+    return done / (time.perf_counter() - start)
+
+
+def bench_dispatch(report: Report, settings: Settings, directory: Path) -> None:
+    relay, port = _util.start_relay()  # only for the worker's own client connection in init
+    try:
+        config = load_config(write_config(directory, "dispatch", "EchoHandler", port, 1))
+        with forked_worker(config) as (inbox, outbox):
+            host_samples = timed_calls(
+                dispatch_round_trip(inbox, outbox), settings.warmup_count, settings.dispatch_seconds
+            )
+            dispatch_pipelined(inbox, outbox, settings.warmup_seconds)
+            host_rate = dispatch_pipelined(inbox, outbox, settings.dispatch_seconds)
+    finally:
+        relay.stop()
+    with ProcessPoolExecutor(max_workers=1) as pool:
+        pool_samples = timed_calls(
+            lambda: pool.submit(echo, DISPATCH_PAYLOAD).result(),
+            settings.warmup_count,
+            settings.dispatch_seconds,
+        )
+        executor_map_rate(pool, settings.warmup_count)
+        pool_rate = executor_map_rate(pool, settings.executor_tasks)
+    baseline = report.add_latencies(
+        "dispatch: round trip 100 B, ProcessPoolExecutor(1) submit().result()", pool_samples
+    )
+    report.add_latencies("dispatch: round trip 100 B, irishost worker", host_samples, baseline)
+    report.add("dispatch: ProcessPoolExecutor(1) map, chunksize=1", pool_rate, "tasks/s")
+    report.add(
+        f"dispatch: irishost worker, {PIPELINE_DEPTH} in flight",
+        host_rate,
+        "tasks/s",
+        pool_rate,
+        DISPATCH_TARGET,
+    )
+
+
+# ---------------------------------------------------------------------------
+# 4. Echo overhead: what irishost adds to a request's latency.
+
+
+def latency_window(rig: Rig, settings: Settings) -> list[float]:
+    """Sequential echo round trips for one window, in us."""
+    request = rig.conn.request
+    return timed_calls(
+        lambda: request(CLUSTER, ECHO_REQUEST, REPLY_TIMEOUT),
+        settings.warmup_count,
+        settings.latency_seconds,
+    )
+
+
+def bench_echo_overhead(report: Report, settings: Settings, directory: Path) -> None:
+    """Latency of both sides, and the CPU each process of the service spends
+    per request, which is where irishost's extra hop shows when the machine
+    is busy."""
+    probe = (ECHO_REQUEST, ECHO_REQUEST)
+    with (
+        Rig(directory, "EchoHandler", None, probe) as plain,
+        Rig(directory, "EchoHandler", 1, probe) as host,
+    ):
+        samples: dict[Rig, list[float]] = {plain: [], host: []}
+        # Per process (irishost: supervisor, then its worker): CPU seconds.
+        cpu = {plain: [0.0], host: [0.0, 0.0]}
+        for rig in alternating((plain, host), settings.rounds):
+            processes = rig.processes()
+            before = [_cpu_seconds(process) for process in processes]
+            samples[rig] += latency_window(rig, settings)
+            for index, process in enumerate(processes):
+                cpu[rig][index] += _cpu_seconds(process) - before[index]
+    baseline = report.add_latencies(f"echo latency: {plain.label}", samples[plain])
+    report.add_latencies(f"echo latency: {host.label}", samples[host], baseline, ECHO_TARGET)
+    # latency_window also sends warmup_count requests per round.
+    per_request = {
+        rig: 1e6 / (len(samples[rig]) + settings.rounds * settings.warmup_count)
+        for rig in (plain, host)
+    }
+    plain_cpu = cpu[plain][0] * per_request[plain]
+    report.add(f"echo CPU per request: {plain.label} service process", plain_cpu, "us")
+    supervisor, worker_cpu = (seconds * per_request[host] for seconds in cpu[host])
+    report.add(f"echo CPU per request: {host.label}, supervisor", supervisor, "us")
+    report.add(f"echo CPU per request: {host.label}, worker", worker_cpu, "us")
+    report.add(
+        f"echo CPU per request: {host.label}, supervisor + worker",
+        supervisor + worker_cpu,
+        "us",
+        plain_cpu,
+    )
+
+
+RUNNERS: dict[str, Callable[[Report, Settings, Path], None]] = {
+    "cpu-bound": bench_cpu_bound,
+    "ring": bench_ring,
+    "dispatch": bench_dispatch,
+    "echo-overhead": bench_echo_overhead,
+}
+
+
+# ---------------------------------------------------------------------------
+# Profiling irishost's request path.
+
+
+def run_profiled_host(directory: str, config: str) -> int:
+    """irishost's own ``main``, with its supervisor and every worker under cProfile.
+
+    The supervisor's statistics are written when it returns (it stops on
+    SIGTERM). Workers are forked from it and end in ``os._exit``, and the
+    supervisor stops them with SIGTERM, so neither path writes anything: a
+    fork hook starts a fresh profile in each worker and installs a SIGUSR1
+    handler, a signal irishost leaves alone, that writes the worker's file.
+    """
+    profile = _util.AllThreadsProfile()
+    os.register_at_fork(after_in_child=lambda: _profile_worker(directory))
+    profile.enable()
+    try:
+        return cli.main(["-c", config])
+    finally:
+        profile.stats().dump_stats(os.path.join(directory, "supervisor.prof"))
+
+
+def _profile_worker(directory: str) -> None:
+    profile = _util.AllThreadsProfile()
+    profile.enable()
+
+    def dump(*_signal) -> None:
+        path = os.path.join(directory, f"worker-{os.getpid()}.prof")
+        profile.stats().dump_stats(f"{path}.part")
+        os.replace(f"{path}.part", path)  # so the benchmark never reads half a file
+
+    signal.signal(signal.SIGUSR1, dump)
+
+
+def profile_echo(directory: str, settings: Settings) -> None:
+    """The echo-latency run against irishost with 1 worker, profiled; prints the hot spots.
+
+    Deterministic profiling slows every call, small ones most, so the
+    latency printed here is not a benchmark figure; read the output for
+    proportions. Start-up is profiled too, but is small next to thousands
+    of requests.
+    """
+    os.makedirs(directory, exist_ok=True)
+
+    def profiled_argv(config: Path) -> list[str]:
+        return [sys.executable, __file__, "--profiled-host", directory, str(config)]
+
+    with tempfile.TemporaryDirectory(prefix="irishost-bench-") as work:
+        workdir = Path(work)
+        (workdir / f"{HANDLER_MODULE}.py").write_text(HANDLER_SOURCE)
+        probe = (ECHO_REQUEST, ECHO_REQUEST)
+        with Rig(workdir, "EchoHandler", 1, probe, profiled_argv) as rig:
+            samples = []
+            for _ in range(settings.rounds):
+                samples += latency_window(rig, settings)
+            requests = len(samples) + settings.rounds * settings.warmup_count
+            workers = rig.processes()[1:]
+            for process in workers:
+                process.send_signal(signal.SIGUSR1)
+            paths = [os.path.join(directory, f"worker-{p.pid}.prof") for p in workers]
+            deadline = time.monotonic() + START_TIMEOUT
+            while not all(map(os.path.exists, paths)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+    print(
+        f"profiled run: {requests} sequential echo requests, mean "
+        f"{statistics.fmean(samples):.0f} us (slowed by profiling)\n"
+    )
+    for path in [os.path.join(directory, "supervisor.prof"), *paths]:
+        stats = pstats.Stats(path)
+        per_request = stats.total_tt / requests * 1e6
+        print(f"## {path}: {per_request:.0f} us profiled per request; top functions by own time")
+        stats.sort_stats("tottime").print_stats(25)
+        print(f"## {path}: irishost and iris functions by cumulative time")
+        stats.sort_stats("cumulative").print_stats(r"irishost/|iris/", 25)
+
+
+# ---------------------------------------------------------------------------
+
+
+def _selected(only: list[str] | None) -> list[str]:
+    """--only takes full names or prefixes ("echo" runs echo-overhead)."""
+    if not only:
+        return list(BENCHMARKS)
+    chosen = set()
+    for wanted in only:
+        matches = [name for name in BENCHMARKS if name.startswith(wanted)]
+        if not matches:
+            raise SystemExit(f"unknown benchmark {wanted!r}; choose from {', '.join(BENCHMARKS)}")
+        chosen.update(matches)
+    return [name for name in BENCHMARKS if name in chosen]
+
+
+def _cpu_split() -> tuple[float, float]:
+    """CPU seconds used so far by the whole machine, and by this benchmark.
+
+    The benchmark's share is this process and every child it has reaped;
+    the kernel adds a child's own reaped children (irishost's workers) to
+    the child's account, so by the time a benchmark's rigs are closed all
+    of their processes are in. Whatever else ran meanwhile competed for the
+    same two cores, which a reader needs to know to trust the figures.
+    """
+    machine = psutil.cpu_times()
+    busy = machine.user + machine.nice + machine.system + machine.irq + machine.softirq
+    busy += machine.steal  # another guest on the host holding our core
+    own = os.times()
+    return busy, own.user + own.system + own.children_user + own.children_system
+
+
+def _load_average() -> str:
+    return ", ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def _shm_names() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if name.startswith(SHM_PREFIXES)}
+
+
+def print_report(report: Report) -> None:
+    m = report.machine
+    print(
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['python']}, {m['os']}; "
+        f"load average {m['load']} at start, {m['load_at_end']} at end; mode: {report.mode}"
+    )
+    print()
+    header = ("benchmark", "value", "unit", "ratio", "target", "verdict")
+    rows = [
+        (
+            r.benchmark,
+            _util.format_value(r.value),
+            r.unit,
+            "" if r.ratio is None else f"{r.ratio:.2f}x",
+            r.target,
+            r.verdict,
+        )
+        for r in report.rows
+    ]
+    print(_util.markdown_table(header, rows))
+    for name, error in report.errors.items():
+        print(f"\nERROR in {name}: {error}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="much shorter runs (smoke test)")
+    parser.add_argument(
+        "--only", action="append", metavar="NAME", help=f"run only NAME: {', '.join(BENCHMARKS)}"
+    )
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument(
+        "--profile", metavar="DIR", help="profile irishost's echo request path instead"
+    )
+    parser.add_argument("--serve", metavar="CONFIG", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--profiled-host", nargs=2, metavar=("DIR", "CONFIG"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args(argv)
+
+    if args.serve:
+        return serve_plain(args.serve)
+    if args.profiled_host:
+        return run_profiled_host(*args.profiled_host)
+    settings = QUICK if args.quick else FULL
+    if args.profile:
+        profile_echo(args.profile, settings)
+        return 0
+
+    machine = _util.machine()
+    machine["load"] = _load_average()
+    report = Report(machine, "quick" if args.quick else "full")
+    shm_before = _shm_names()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="irishost-bench-") as work:
+        directory = Path(work)
+        (directory / f"{HANDLER_MODULE}.py").write_text(HANDLER_SOURCE)
+        for name in _selected(args.only):
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            busy, ours = _cpu_split()
+            start = time.monotonic()
+            try:
+                RUNNERS[name](report, settings, directory)
+            except Exception as err:  # one failed benchmark must not hide the others
+                report.errors[name] = f"{type(err).__name__}: {err}"
+                continue
+            busy_after, ours_after = _cpu_split()
+            # The machine's counters tick in 10 ms steps and ours do not, so an
+            # idle machine can come out a hair below zero.
+            others = max(0.0, (busy_after - busy) - (ours_after - ours))
+            seconds = time.monotonic() - start
+            report.add(f"{name}: CPU used by other work meanwhile", others / seconds, "cores")
+    machine["load_at_end"] = _load_average()
+    leftover = _shm_names() - shm_before
+    if leftover:
+        report.errors["cleanup"] = f"left in /dev/shm: {', '.join(sorted(leftover))}"
+    print_report(report)
+    print(f"\ntotal {time.monotonic() - started:.1f} s", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({**asdict(report), "settings": asdict(settings)}, out, indent=2)
+    if report.errors:
+        return 1
+    return 1 if args.strict and report.missed() else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
