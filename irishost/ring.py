@@ -142,9 +142,12 @@ class _Waiter:
         fds: Sequence[int],
         deadline: float | None,
         wake_fds: Sequence[int] = (),
+        spin: bool = True,
     ) -> bool:
         """Return True once ``ready()`` or a ``wake_fds`` is readable, False if
-        the deadline passed first."""
+        the deadline passed first. ``spin=False`` sleeps at once (see Ring.get)."""
+        if not spin:
+            return _sleep_until(ready, flags, fds, deadline, wake_fds)
         now = time.monotonic()
         spin = self._spin_seconds
         if not spin and now >= self._next_probe:
@@ -367,18 +370,20 @@ class Ring:
         frames = self._read(1)
         return frames[0] if frames else None
 
-    def get(self, timeout: float | None = None) -> bytes | None:
+    def get(self, timeout: float | None = None, spin: bool = True) -> bytes | None:
         """Return the next frame, or None if none arrived within ``timeout``.
 
         Fragments of a frame that is not complete at the timeout stay with
-        the reader and are joined by a later call.
+        the reader and are joined by a later call. Pass ``spin=False`` while
+        other threads of the process have work: a spin in Python holds the
+        GIL, so they would wait for it to end.
         """
         deadline = _deadline(timeout)
         while True:
             frames = self._read(1)
             if frames:
                 return frames[0]
-            if not self._wait_data(deadline):
+            if not self._wait_data(deadline, spin):
                 return None
 
     def drain(self, max_frames: int = 1024) -> list[bytes]:
@@ -401,9 +406,9 @@ class Ring:
         self._hdr32[_READER_WAITING] = 0
         _drain_eventfd(self.data_fd)
 
-    def _wait_data(self, deadline: float | None) -> bool:
+    def _wait_data(self, deadline: float | None, spin: bool = True) -> bool:
         flags = [(self._hdr32, _READER_WAITING)]
-        return self._data_waiter.wait(self.readable, flags, [self.data_fd], deadline)
+        return self._data_waiter.wait(self.readable, flags, [self.data_fd], deadline, spin=spin)
 
     def _read(self, max_frames: int) -> list[bytes]:
         hdr = self._hdr64

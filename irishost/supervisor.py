@@ -12,6 +12,7 @@ worker table through RelayDispatch, under its lock.
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import os
 import random
@@ -115,6 +116,9 @@ class Supervisor:
         self.overrides = overrides or {}  # command-line flags, re-applied on reload
         self.count = config.workers.count  # changed by SIGTTIN/SIGTTOU and reloads
         self.generation = Generation(0, config, handler_class)
+        # Never reused: workers of an aborted reload may still be waiting to be
+        # reaped when the next reload starts, and must not pass for its workers.
+        self._generation_numbers = itertools.count(1)
         self._next_generation: Generation | None = None  # a reload in progress
         self.log = ContextLog(logging.getLogger("irishost")).new(service=config.service.cluster)
         self.dispatch = RelayDispatch(config, self.log, self._recycle)
@@ -135,6 +139,8 @@ class Supervisor:
         self.notifier = Notifier.from_environ()
         self._started = time.monotonic()
         self._next_status = 0.0
+        self._next_tick = 0.0
+        self._ring_table: dict | None = None
         self._next_watchdog = 0.0
 
     # -- the whole life ----------------------------------------------------------------
@@ -262,6 +268,7 @@ class Supervisor:
         handle.generation = generation.number
         with self.dispatch.lock:
             self.dispatch.workers.append(handle)
+        self._ring_table = None
         self._by_pid[pid] = handle
         self.log.info("spawned worker", worker=slot, pid=pid)
         self._title()
@@ -304,6 +311,7 @@ class Supervisor:
         how = handle.kill_reason or describe_exit(status)
         was_state = handle.state
         self.dispatch.fail_worker(handle, how)
+        self._ring_table = None
         handle.close()
         self._title()
         if self._stopping:
@@ -311,8 +319,11 @@ class Supervisor:
         if was_state == DRAINING:
             self.log.info("retired worker exited", worker=handle.slot, pid=handle.pid, how=how)
             return
-        if handle.generation > self.generation.number:  # a worker of a reload in progress
-            self._abort_reload(f"new worker {handle.slot} {how}", handle.failure)
+        if handle.generation > self.generation.number:
+            pending = self._next_generation
+            if pending is not None and handle.generation == pending.number:
+                self._abort_reload(f"new worker {handle.slot} {how}", handle.failure)
+            # else one of the workers an aborted reload killed: reported already
             return
         if handle.failure is not None:
             raise HostError(Exit.HANDLER, f"worker {handle.slot} failed to start", handle.failure)
@@ -397,7 +408,7 @@ class Supervisor:
             self.log.error("reload failed; keeping the running workers", error=str(err))
             self.notifier.ready()
             return
-        generation = Generation(self.generation.number + 1, config, handler_class)
+        generation = Generation(next(self._generation_numbers), config, handler_class)
         self._next_generation = generation
         for slot in range(config.workers.count):
             self._spawn(slot, generation)
@@ -464,23 +475,39 @@ class Supervisor:
     # -- the loop --------------------------------------------------------------------------
 
     def _step(self, serving: bool = True) -> None:
-        """One turn of the loop."""
-        now = time.monotonic()
-        timeout = TICK_SECONDS
-        if self._respawns:
-            timeout = max(0.0, min(timeout, min(when for when, _ in self._respawns) - now))
-        rings = {handle.outbox: handle for handle in self.dispatch.workers}
-        for ring in wait_readable(list(rings), timeout, (self._wake_r,)):
+        """One turn of the loop: answers and signals at once, housekeeping when due.
+
+        Under load a turn happens per reply batch, so housekeeping (reaping,
+        stuck and memory checks, respawns, systemd pings) waits for its tick
+        instead of costing every reply.
+        """
+        # Wake for the next respawn and the next watchdog ping, not only on the
+        # tick: with a short WatchdogSec the tick alone would ping late.
+        due = min([self._next_tick, *(when for when, _ in self._respawns)])
+        if self.notifier.watchdog_interval():
+            due = min(due, self._next_watchdog)
+        rings = self._rings()
+        for ring in wait_readable(list(rings), max(0.0, due - time.monotonic()), (self._wake_r,)):
             self._collect(rings[ring])
-        self._handle_signals()
-        self._reap()
+        if self._signals:
+            self._handle_signals()
         now = time.monotonic()
+        if now < due:
+            return
+        self._next_tick = now + TICK_SECONDS
+        self._reap()  # SIGCHLD reaps at once; this is the safety net
         self._murder_stuck(now)
         self._check_memory(now)
         self._respawn_due(now)
         self._tell_systemd(now)
         if serving and self.conn is not None and self.conn.closed and not self._stopping:
             self._reconnect()
+
+    def _rings(self) -> dict:
+        """Each live worker's outbox, mapped to its worker; rebuilt when workers change."""
+        if self._ring_table is None:
+            self._ring_table = {handle.outbox: handle for handle in self.dispatch.workers}
+        return self._ring_table
 
     def _tell_systemd(self, now: float) -> None:
         """Status and watchdog pings, from this loop so a hung loop stops pinging."""
@@ -565,12 +592,17 @@ class Supervisor:
         except BlockingIOError:
             pass
         signals, self._signals = self._signals, []
+        if signal.SIGCHLD in signals:
+            self._reap()
         for signum in signals:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 if self._stopping and signum == signal.SIGINT:
                     raise HostError(Exit.OK, "second SIGINT: stopping at once")
                 self.log.info("stopping", signal=signal.Signals(signum).name)
                 self._stopping = True
+                # A reload in progress is abandoned: its workers stop with the
+                # rest, and must not send READY=1 after STOPPING=1 on finishing.
+                self._next_generation = None
                 self.notifier.stopping()
             elif signum == signal.SIGHUP and not self._stopping:
                 self._reload()

@@ -162,7 +162,7 @@ class Worker:
             Kind.DRAIN: self._on_drain,
         }
         while True:
-            data = inbox.get(IDLE_CHECK_SECONDS)
+            data = inbox.get(IDLE_CHECK_SECONDS, spin=not self._in_flight)
             if data is None:
                 if os.getppid() != self._parent:
                     self.log.error("supervisor is gone; exiting")
