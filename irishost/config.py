@@ -385,6 +385,13 @@ def _read_toml(file: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as error:
         # tomllib's message ends with "(at line L, column C)".
         raise ConfigError(file, None, f"invalid TOML: {error}") from None
+    except (ValueError, RecursionError) as error:
+        # What tomllib lets through undressed: an integer of over 4300 digits
+        # (int()'s ValueError) and arrays or inline tables nested deeper than
+        # the interpreter's recursion limit. Uncaught, either would be a
+        # traceback at start and would end a running host on SIGHUP.
+        problem = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+        raise ConfigError(file, None, f"invalid TOML: {problem}") from None
 
 
 def _parse_table(file: Path, where: str, table: Any, spec: _Spec) -> dict[str, Any]:

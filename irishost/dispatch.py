@@ -10,13 +10,21 @@ Every request the relay delivers gets exactly one answer from here: the
 worker's reply, a fault when no worker can take it, or a fault when its
 worker dies - unless its deadline passes first, when the relay has already
 answered the caller with a timeout.
+
+Workers never see the relay's request ids. Those are only unique within one
+relay process: a restarted relay numbers its requests from 0 again, and a
+late reply to a request of the dead one would answer whichever new request
+now has its number. So each request gets a ticket of ours, unique for the
+host's life, and the ticket remembers the connection and id to answer.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import iris
 from iris.logs import ContextLog
@@ -28,6 +36,14 @@ from .frames import Kind
 from .workers import DRAINING, READY, WorkerHandle
 
 
+class Pending(NamedTuple):
+    """A request a worker holds, under its ticket: who runs it, where the answer goes."""
+
+    worker: WorkerHandle
+    conn: iris.Connection  # the connection it came in on, perhaps closed since
+    request_id: int  # the relay's id for it, on that connection
+
+
 class RelayDispatch:
     def __init__(self, config: Config, log: ContextLog, recycle: Callable[[WorkerHandle], None]):
         self.config = config
@@ -35,7 +51,9 @@ class RelayDispatch:
         self.conn: iris.Connection | None = None
         self.workers: list[WorkerHandle] = []  # every live worker process
         self.lock = threading.Lock()
-        self.owner: dict[int, WorkerHandle] = {}  # request id -> its worker
+        self.owner: dict[int, Pending] = {}  # ticket -> the request
+        self._tickets = itertools.count()
+        self.dropped: iris.Connection | None = None  # the last connection drop() was told of
         self.bridges: dict[int, TunnelBridge] = {}
         self.served = 0
         self.accepting = True  # False while stopping: new requests get a fault
@@ -64,22 +82,24 @@ class RelayDispatch:
     def request(self, request_id: int, request: bytes, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         size = len(request)
+        conn = self.conn  # the one whose reader thread this is
         with self.lock:
             worker = self._pick_for_request(size)
             if isinstance(worker, str):
                 fault = worker
             else:
-                worker.in_flight[request_id] = (deadline, size)
+                ticket = next(self._tickets)
+                worker.in_flight[ticket] = (deadline, size)
                 worker.in_flight_bytes += size
-                self.owner[request_id] = worker
+                self.owner[ticket] = Pending(worker, conn, request_id)
         if isinstance(worker, str):
-            self.conn.reply(request_id, False, fault)
+            conn.reply(request_id, False, fault)
             return
         try:
-            worker.put(frames.encode(Kind.REQUEST, request_id, deadline, request))
+            worker.put(frames.encode(Kind.REQUEST, ticket, deadline, request))
         except (TimeoutError, ValueError, OSError) as err:
-            if self._settle(request_id) is not None:
-                self.conn.reply(request_id, False, f"{worker} did not take the request: {err}")
+            if self._settle(ticket) is not None:
+                conn.reply(request_id, False, f"{worker} did not take the request: {err}")
 
     def _pick_for_request(self, size: int) -> WorkerHandle | str:
         """The least loaded worker with room, or the fault text saying why none.
@@ -155,6 +175,12 @@ class RelayDispatch:
         bridge.worker.tunnels.discard(bridge.tunnel.id)
 
     def drop(self, reason: iris.ClosedError) -> None:
+        """Tell every worker's handler (handle_drop); then set ``dropped``.
+
+        The supervisor replaces the workers before it registers again, and
+        waits for ``dropped`` first, so that a worker forked for the new
+        connection can never be told of the old one's drop.
+        """
         with self.lock:
             targets = list(self.workers)
         for worker in targets:
@@ -162,6 +188,7 @@ class RelayDispatch:
                 worker.put(frames.encode(Kind.DROP, str(reason)))
             except (TimeoutError, ValueError, OSError):
                 pass  # a wedged worker is the stuck-worker check's business
+        self.dropped = self.conn
 
     def close(self) -> None:
         for bridge in list(self.bridges.values()):
@@ -171,8 +198,9 @@ class RelayDispatch:
 
     def on_frame(self, worker: WorkerHandle, kind: int, fields: list) -> None:
         if kind == Kind.REPLY:
-            request_id, success, payload = fields
-            if self._settle(request_id) is not None:
+            ticket, success, payload = fields
+            pending = self._settle(ticket)
+            if pending is not None:
                 self.served += 1
                 worker.served += 1
                 # Retire the worker before its last reply goes out, or the
@@ -180,37 +208,42 @@ class RelayDispatch:
                 # max_requests, not one more.
                 if worker.max_requests and worker.served >= worker.max_requests:
                     self._recycle(worker)
-                self.conn.reply(request_id, success, payload)
+                # On a connection closed since, the reply is dropped: its relay
+                # has answered the caller already, or is gone with the caller.
+                pending.conn.reply(pending.request_id, success, payload)
         elif kind == Kind.EXPIRED:
             self._settle(fields[0])
         elif kind in (Kind.TUN_SEND, Kind.TUN_ACK, Kind.TUN_CLOSE):
             bridge = self.bridges.get(fields[0])
-            if bridge is not None:
+            # Tunnel ids restart with each connection too: a frame from the
+            # worker of a tunnel that died with an old connection must not
+            # reach a new tunnel that has its id.
+            if bridge is not None and bridge.worker is worker:
                 bridge.on_frame(kind, fields[1:])
         else:
             raise frames.FrameError(f"unexpected frame kind {kind} from {worker}")
 
-    def _settle(self, request_id: int) -> WorkerHandle | None:
+    def _settle(self, ticket: int) -> Pending | None:
         """Forget a request's bookkeeping; None if it was settled already."""
         with self.lock:
-            worker = self.owner.pop(request_id, None)
-            if worker is not None:
-                _, size = worker.in_flight.pop(request_id)
-                worker.in_flight_bytes -= size
-        return worker
+            pending = self.owner.pop(ticket, None)
+            if pending is not None:
+                _, size = pending.worker.in_flight.pop(ticket)
+                pending.worker.in_flight_bytes -= size
+        return pending
 
     def fail_worker(self, worker: WorkerHandle, how: str) -> None:
         """Fault everything a dead worker held, and close its tunnels."""
         with self.lock:
             if worker in self.workers:
                 self.workers.remove(worker)
-            held = list(worker.in_flight)
-            for request_id in held:
-                del self.owner[request_id]
+            held = [self.owner.pop(ticket) for ticket in worker.in_flight]
             worker.in_flight.clear()
             worker.in_flight_bytes = 0
-        for request_id in held:
-            self.conn.reply(request_id, False, f"{worker} died while handling the request: {how}")
+        for pending in held:
+            pending.conn.reply(
+                pending.request_id, False, f"{worker} died while handling the request: {how}"
+            )
         for tunnel_id in list(worker.tunnels):
             bridge = self.bridges.get(tunnel_id)
             if bridge is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import tempfile
 import traceback
 
 from iris.handlers import ServiceHandler
@@ -79,6 +80,13 @@ def reload_handler(config: Config) -> type[ServiceHandler]:
     Python caches modules, so a plain import would return the old code: the
     modules loaded from the config's import paths are forgotten first.
     Everything else (the standard library, installed packages) stays cached.
+
+    The import also bypasses __pycache__: a cached .pyc is only checked
+    against its source's mtime in whole seconds and its size, so an edit
+    that keeps both (a deployment that preserves or fixes file times, or a
+    one-character change within the second) would bring the old code back.
+    An empty cache directory for the length of the import forces a compile
+    from source; modules imported for the first time here merely compile.
     """
     roots = tuple(str(entry) + os.sep for entry in config.service.path)
     for name, module in list(sys.modules.items()):
@@ -86,7 +94,13 @@ def reload_handler(config: Config) -> type[ServiceHandler]:
         if file.startswith(roots):
             del sys.modules[name]
     importlib.invalidate_caches()
-    return load_handler(config)
+    saved = sys.pycache_prefix
+    with tempfile.TemporaryDirectory(prefix="irishost-pycache-") as empty:
+        sys.pycache_prefix = empty
+        try:
+            return load_handler(config)
+        finally:
+            sys.pycache_prefix = saved
 
 
 def _prepend_to_sys_path(entries: list[str]) -> None:

@@ -98,11 +98,16 @@ def describe_exit(status: int) -> str:
 
 @dataclass(frozen=True)
 class Generation:
-    """The workers started from one reading of the config (one per reload)."""
+    """The workers started from one reading of the config (one per reload).
+
+    A ``reconnect`` generation has the running config and code: the fresh
+    workers that take over after the relay dropped the connection.
+    """
 
     number: int
     config: Config
     handler_class: type | None  # imported in the supervisor when preloading
+    reconnect: bool = False
 
 
 class Supervisor:
@@ -119,7 +124,7 @@ class Supervisor:
         # Never reused: workers of an aborted reload may still be waiting to be
         # reaped when the next reload starts, and must not pass for its workers.
         self._generation_numbers = itertools.count(1)
-        self._next_generation: Generation | None = None  # a reload in progress
+        self._next_generation: Generation | None = None  # a reload or reconnect in progress
         self.log = ContextLog(logging.getLogger("irishost")).new(service=config.service.cluster)
         self.dispatch = RelayDispatch(config, self.log, self._recycle)
         self.prefix = f"irishost-{config.service.cluster}"
@@ -139,6 +144,7 @@ class Supervisor:
         self.notifier = Notifier.from_environ()
         self._started = time.monotonic()
         self._next_status = 0.0
+        self._status_relay = ""  # the relay state in the last STATUS= line
         self._next_tick = 0.0
         self._ring_table: dict | None = None
         self._next_watchdog = 0.0
@@ -235,16 +241,45 @@ class Supervisor:
             )
 
     def _reconnect(self) -> None:
+        """Register again after the relay dropped the connection, with fresh workers.
+
+        Every worker's handler has had handle_drop, after which no callback
+        may follow, and the connection its init() got went down with the
+        relay. So, as at start, new workers boot once the relay listens again
+        (their init connects afresh), and the cluster is registered once they
+        are ready (see _finish_generation_if_ready); only then do the old
+        ones drain and exit. A reload in progress is given up: its workers
+        were told of the drop too.
+        """
+        pending = self._next_generation
+        if pending is not None and pending.reconnect:
+            return  # its workers are booting
+        if self.dispatch.dropped is not self.conn:
+            return  # the workers are still being told; a worker forked now might be too
+        if pending is not None:
+            self._abort_generation("the relay connection was dropped", None)
         now = time.monotonic()
         if now < self._reconnect_at:
             return
-        try:
-            self._connect()
-            self.log.info("reconnected to relay")
-        except HostError as err:
-            self._reconnect_at = now + self._reconnect_delay
-            self._reconnect_delay = min(2 * self._reconnect_delay, RECONNECT_CAP)
-            self.log.warning("relay unreachable; retrying", error=str(err))
+        port = self.config.relay.port
+        if not _listening(port):
+            self._retry_reconnect(f"no Iris relay is listening on port {port}")
+            return
+        generation = Generation(
+            next(self._generation_numbers),
+            self.config,
+            self.generation.handler_class,
+            reconnect=True,
+        )
+        self.log.info("relay is back; starting fresh workers", generation=generation.number)
+        self._next_generation = generation
+        for slot in range(self.count):
+            self._spawn(slot, generation)
+
+    def _retry_reconnect(self, why: str) -> None:
+        self._reconnect_at = time.monotonic() + self._reconnect_delay
+        self._reconnect_delay = min(2 * self._reconnect_delay, RECONNECT_CAP)
+        self.log.warning("relay unreachable; retrying", error=why)
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -322,7 +357,7 @@ class Supervisor:
         if handle.generation > self.generation.number:
             pending = self._next_generation
             if pending is not None and handle.generation == pending.number:
-                self._abort_reload(f"new worker {handle.slot} {how}", handle.failure)
+                self._abort_generation(f"new worker {handle.slot} {how}", handle.failure)
             # else one of the workers an aborted reload killed: reported already
             return
         if handle.failure is not None:
@@ -390,7 +425,8 @@ class Supervisor:
         a new worker dying in init) leaves the old generation running.
         """
         if self._next_generation is not None:
-            self.log.warning("reload already in progress; SIGHUP ignored")
+            what = "reconnect" if self._next_generation.reconnect else "reload"
+            self.log.warning(f"{what} already in progress; SIGHUP ignored")
             return
         self.log.info("reloading", config=str(self.config.file))
         self.notifier.reloading()
@@ -413,7 +449,12 @@ class Supervisor:
         for slot in range(config.workers.count):
             self._spawn(slot, generation)
 
-    def _finish_reload_if_ready(self) -> None:
+    def _finish_generation_if_ready(self) -> None:
+        """Once all workers of a reload or reconnect are ready, retire the old ones.
+
+        A reconnect then registers with the relay again; the old workers are
+        retired first, so no request of the new connection reaches them.
+        """
         generation = self._next_generation
         if generation is None:
             return
@@ -422,21 +463,36 @@ class Supervisor:
             return
         old = [w for w in self.dispatch.workers if w.generation < generation.number]
         self._next_generation = None
-        self._apply(generation)
+        if generation.reconnect:
+            self.generation = generation
+        else:
+            self._apply(generation)
         for handle in old:
             self._retire(handle)
-        self.log.info("reload complete", workers=len(fresh), generation=generation.number)
-        self.notifier.ready()
+        if not generation.reconnect:
+            self.log.info("reload complete", workers=len(fresh), generation=generation.number)
+            self.notifier.ready()
+            return
+        try:
+            self._connect()
+        except HostError as err:  # the relay went away again: fresh workers next time too
+            self._retry_reconnect(str(err))
+            return
+        self.log.info("reconnected to relay", workers=len(fresh), generation=generation.number)
 
-    def _abort_reload(self, why: str, details: str | None) -> None:
-        self.log.error("reload failed; keeping the running workers", error=why)
+    def _abort_generation(self, why: str, details: str | None) -> None:
+        """Kill the workers of a reload or reconnect that cannot complete."""
+        if self._next_generation.reconnect:
+            self._retry_reconnect(f"fresh workers did not start: {why}")
+        else:
+            self.log.error("reload failed; keeping the running workers", error=why)
+            self.notifier.ready()
         if details:
             self.log.error("traceback of the failed worker", traceback=details)
         self._next_generation = None
-        self.notifier.ready()
         for handle in self.dispatch.workers:
             if handle.generation > self.generation.number:
-                handle.kill_reason = "killed by the supervisor: its reload failed"
+                handle.kill_reason = "killed by the supervisor: its generation was given up"
                 _kill(handle.pid, signal.SIGKILL)
 
     def _apply(self, generation: Generation) -> None:
@@ -515,9 +571,13 @@ class Supervisor:
         if interval and now >= self._next_watchdog:
             self.notifier.watchdog()
             self._next_watchdog = now + interval
-        if now >= self._next_status:
+        # A change of the relay's state is news at once: an outage shorter
+        # than STATUS_SECONDS would otherwise never show.
+        relay = self.relay_state()
+        if now >= self._next_status or relay != self._status_relay:
             self.notifier.status(self.status_line())
             self._next_status = now + STATUS_SECONDS
+            self._status_relay = relay
 
     def relay_state(self) -> str:
         if self.conn is None:
@@ -579,7 +639,7 @@ class Supervisor:
                 self.log.info("worker ready", worker=handle.slot, pid=handle.pid)
                 self._title()
                 if handle.generation > self.generation.number:
-                    self._finish_reload_if_ready()
+                    self._finish_generation_if_ready()
             elif kind == Kind.FAILED:
                 handle.failure = fields[1]
             else:

@@ -280,9 +280,23 @@ class Worker:
         return handle
 
     def _on_drop(self, reason: str) -> None:
-        threading.Thread(
-            target=self.handler.handle_drop, args=(iris.ClosedError(reason),), daemon=True
-        ).start()
+        """Run handle_drop on a thread of its own, counted like a request.
+
+        The supervisor retires the worker soon after (fresh workers take over
+        once the relay is back); counting it makes that drain wait for the
+        handler to finish instead of exiting under it.
+        """
+
+        def task() -> None:
+            try:
+                self.handler.handle_drop(iris.ClosedError(reason))
+            except Exception as err:
+                self.log.error("drop handler raised", error=repr(err))
+            finally:
+                self._track(-1)
+
+        self._track(1)
+        threading.Thread(target=task, name="irishost-drop", daemon=True).start()
 
     def _on_drain(self) -> None:
         self._draining = True

@@ -20,7 +20,7 @@ PUT_TIMEOUT = 1.0
 class WorkerHandle:
     """A forked worker, seen from the supervisor.
 
-    ``in_flight`` maps request id to (deadline, size) in dispatch order; a
+    ``in_flight`` maps request ticket to (deadline, size) in dispatch order; a
     worker's pool is first-in first-out, so the entries its handler threads
     can be running are the first ones, which is what stuck detection looks at.
     """

@@ -18,9 +18,7 @@ def test_quickstart_runs_as_written(relay, tmp_path):
     script = "\n".join(blocks).replace("55555", str(relay.port))
     path = tmp_path / "quickstart.py"
     path.write_text(script)
-    done = subprocess.run(
-        [sys.executable, str(path)], capture_output=True, text=True, timeout=60
-    )
+    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "reply arrived: b'some request binary'" in done.stdout
     assert "request completed: b'request'" in done.stdout
