@@ -34,6 +34,7 @@ from .control import ControlError, ControlServer
 from .dispatch import RelayDispatch
 from .frames import Kind
 from .loader import HandlerImportError, reload_handler
+from .logfmt import configure_logging
 from .metrics import MetricsServer
 from .notify import Notifier
 from .ring import Ring, remove_stale_segments, wait_readable
@@ -197,7 +198,7 @@ class Supervisor:
         ready = len(self.dispatch.ready_workers())
         setproctitle.setproctitle(
             f"irishost: supervisor {self.config.service.cluster} "
-            f"({self.config.file.name}) workers={ready}/{self.config.workers.count}"
+            f"({self.config.file.name}) workers={ready}/{self.count}"
         )
 
     # -- relay -------------------------------------------------------------------------------
@@ -409,6 +410,8 @@ class Supervisor:
                 self._recycle(handle, f"resident memory {rss} bytes is over max_rss {max_rss}")
 
     def _respawn_due(self, now: float) -> None:
+        if self.conn is not None and self.conn.closed:
+            return  # a worker's init needs the relay; reconnecting boots fresh workers
         due = [slot for when, slot in self._respawns if when <= now]
         self._respawns = [(when, slot) for when, slot in self._respawns if when > now]
         for slot in due:
@@ -427,6 +430,9 @@ class Supervisor:
         if self._next_generation is not None:
             what = "reconnect" if self._next_generation.reconnect else "reload"
             self.log.warning(f"{what} already in progress; SIGHUP ignored")
+            # Type=notify-reload waits for this pair after each SIGHUP it sends.
+            self.notifier.reloading()
+            self.notifier.ready()
             return
         self.log.info("reloading", config=str(self.config.file))
         self.notifier.reloading()
@@ -503,6 +509,7 @@ class Supervisor:
         self.config = config
         self.count = config.workers.count
         self.dispatch.reconfigure(config)
+        configure_logging(config.logging.level)
         if self.conn is not None and not self.conn.closed:
             for topic in old_topics - {t.name for t in config.topics}:
                 self.conn.unsubscribe(topic)

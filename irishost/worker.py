@@ -126,7 +126,7 @@ class Worker:
             )
         # init's connection is the worker's own plain client: outbound traffic
         # goes straight to the relay instead of through the supervisor.
-        self.conn = iris.connect(config.relay.port)
+        self.conn = self._connect()
         self.handler.init(self.conn)
         limits = config.limits
         self._requests = HandlerPool(
@@ -147,6 +147,17 @@ class Worker:
         self._broadcast_overflow = RateLimitedWarning(self.log, "broadcast dropped: memory limit")
         for pool in (self._requests, self._broadcasts, *(p for p, _ in self._topics.values())):
             pool.start()
+
+    def _connect(self) -> iris.Connection:
+        """The relay may be restarting just as a worker boots: retry a while."""
+        deadline = time.monotonic() + self.config.relay.connect_timeout
+        while True:
+            try:
+                return iris.connect(self.config.relay.port)
+            except ConnectionRefusedError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)
 
     def _loop(self) -> int:
         inbox = self.spec.inbox
