@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import codec
@@ -22,6 +23,26 @@ if TYPE_CHECKING:
 
 # How long close() waits for the relay to acknowledge the TUN_CLOSE.
 CLOSE_TIMEOUT = 5.0
+
+
+def wait_until(
+    cond: threading.Condition,
+    ready: Callable[[], bool],
+    raise_if_closed: Callable[[], None],
+    deadline: float | None,
+    what: str,
+) -> None:
+    """Wait on ``cond`` (held by the caller) until ``ready()``.
+
+    Raises what ``raise_if_closed`` raises once the tunnel is closed, and
+    iris.TimeoutError naming ``what`` at the monotonic ``deadline``.
+    """
+    while not ready():
+        raise_if_closed()
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise TimeoutError(f"tunnel {what} timed out")
+        cond.wait(remaining)
 
 
 class Tunnel:
@@ -70,12 +91,13 @@ class Tunnel:
 
     def _spend(self, size: int, deadline: float | None) -> None:
         with self._cond:
-            while self._allowance < size:
-                self._raise_if_closed()
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError("tunnel send timed out waiting for allowance")
-                self._cond.wait(remaining)
+            wait_until(
+                self._cond,
+                lambda: self._allowance >= size,
+                self._raise_if_closed,
+                deadline,
+                "send waiting for allowance",
+            )
             self._raise_if_closed()
             self._allowance -= size
 
@@ -83,12 +105,7 @@ class Tunnel:
         """The next whole message; ClosedError once closed and drained."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while not self._inbox:
-                self._raise_if_closed()
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError("tunnel receive timed out")
-                self._cond.wait(remaining)
+            wait_until(self._cond, lambda: self._inbox, self._raise_if_closed, deadline, "receive")
             message = self._inbox.popleft()
         self._grant(len(message))
         return message

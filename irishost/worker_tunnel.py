@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import iris
 from iris.logs import ContextLog
+from iris.tunnel import wait_until
 
 from . import frames
 from .frames import Kind
@@ -66,12 +67,7 @@ class WorkerTunnel:
     def recv(self, timeout: float | None = None) -> bytes:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while not self._inbox:
-                self._raise_if_closed()
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise iris.TimeoutError("tunnel receive timed out")
-                self._cond.wait(remaining)
+            wait_until(self._cond, lambda: self._inbox, self._raise_if_closed, deadline, "receive")
             message = self._inbox.popleft()
         self._send_frame(frames.encode(Kind.TUN_ACK, self.id, len(message)))
         return message
