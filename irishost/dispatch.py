@@ -56,6 +56,7 @@ class RelayDispatch:
         self.dropped: iris.Connection | None = None  # the last connection drop() was told of
         self.bridges: dict[int, TunnelBridge] = {}
         self.served = 0
+        self._cursor = 0  # where the round-robin among equally loaded workers starts
         self.accepting = True  # False while stopping: new requests get a fault
         self._recycle = recycle
         self.reconfigure(config)
@@ -108,12 +109,16 @@ class RelayDispatch:
         will do: the request waits in its ring until it is up. Otherwise a
         service of one worker would turn requests away each time that worker
         is recycled, in the moment between its retirement and its successor's
-        readiness.
+        readiness. Ties go round-robin, as on the relay: with quick handlers
+        every worker is idle whenever a request arrives, and the first one in
+        the list would otherwise get them all.
         """
         if not self.accepting:
             return "service is shutting down"
         best, best_load, open_workers = None, None, 0
-        for worker in self.workers:
+        workers, start = self.workers, self._cursor
+        for step in range(len(workers)):
+            worker = workers[(start + step) % len(workers)]
             if worker.state == DRAINING:
                 continue
             open_workers += 1
@@ -122,6 +127,7 @@ class RelayDispatch:
             load = (worker.state != READY, len(worker.in_flight))
             if best is None or load < best_load:
                 best, best_load = worker, load
+                self._cursor = (start + step + 1) % len(workers)
         if best is not None:
             return best
         if not open_workers:
