@@ -41,6 +41,11 @@ LINGER_SECONDS = 5.0
 SHUTDOWN_GRACE = 1.0
 # Buffers handed to one sendmsg call; Linux refuses more than IOV_MAX (1024).
 MAX_IOV = 1024
+# Longest single wait of the loop. A client's timeout is an unbounded varint,
+# and epoll refuses waits past 2**31 ms (about 25 days) with OverflowError,
+# which would end the loop for every connection; a far deadline is reached
+# in several waits instead.
+MAX_WAIT_SECONDS = 3600.0
 
 
 class PeerConnection:
@@ -178,7 +183,11 @@ class RelayServer:
         monotonic = time.monotonic
         while not self._stopping:
             deadline = router.next_deadline()
-            timeout = None if deadline is None else max(0.0, deadline - monotonic())
+            timeout = (
+                None
+                if deadline is None
+                else min(max(0.0, deadline - monotonic()), MAX_WAIT_SECONDS)
+            )
             if self._lingering:
                 self._cut_lingering()
                 timeout = min(timeout, 1.0) if timeout is not None else 1.0
