@@ -298,7 +298,10 @@ class Supervisor:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            spec = worker.WorkerSpec(slot, config, inbox, outbox, generation.handler_class)
+            siblings = tuple(r for w in self.dispatch.workers for r in (w.inbox, w.outbox))
+            spec = worker.WorkerSpec(
+                slot, config, inbox, outbox, generation.handler_class, siblings
+            )
             worker.run(spec)  # never returns
         handle = WorkerHandle(slot, pid, inbox, outbox, max_requests)
         handle.generation = generation.number

@@ -52,6 +52,7 @@ class WorkerSpec:
     inbox: Ring  # supervisor -> worker
     outbox: Ring  # worker -> supervisor
     handler_class: type | None  # preloaded in the supervisor, or None to import here
+    siblings: tuple[Ring, ...] = ()  # the other workers' rings, mapped by the fork too
 
 
 def run(spec: WorkerSpec) -> None:
@@ -105,6 +106,13 @@ class Worker:
             signal.signal(signum, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
         inbox, outbox = self.spec.inbox, self.spec.outbox
+        # Unmap the siblings' rings (before their descriptors go, which close()
+        # also closes): a worker that corrupts memory must not reach theirs.
+        for ring in self.spec.siblings:
+            try:
+                ring.close()
+            except BufferError:
+                pass  # mid-write by another supervisor thread at fork: left mapped
         _close_inherited_fds({inbox.data_fd, inbox.space_fd, outbox.data_fd, outbox.space_fd})
         try:
             self._boot()
