@@ -76,36 +76,22 @@ T = TypeVar("T")
 
 BENCHMARKS = ("cpu-bound", "ring", "dispatch", "echo-overhead")
 
-# The handlers both sides serve, written into the run's temp dir so that
-# irishost imports them through ``[service] path`` like any deployment, and
-# the plain service imports the very same module.
+# The handlers both sides serve: the example services of configs/, so the
+# figures are those of the code the README runs. A module written into the
+# run's temp dir makes them importable by one name, so that irishost imports
+# them through ``[service] path`` like any deployment, and the plain service
+# imports the very same module.
 HANDLER_MODULE = "hostbench_handlers"
-HANDLER_SOURCE = '''\
-"""Handlers of bench/irishost_bench.py, written here for one run."""
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+HANDLER_SOURCE = f'''\
+"""Handlers of bench/irishost_bench.py: the examples of configs/."""
 
-import iris
+import sys
 
+sys.path.insert(0, {str(CONFIGS)!r})
 
-def count_primes_below(n: int) -> int:
-    """Trial division, naive on purpose: all of its time is in the interpreter."""
-    count = 0
-    for candidate in range(2, n):
-        divisor = 2
-        while divisor * divisor <= candidate and candidate % divisor:
-            divisor += 1
-        if divisor * divisor > candidate:
-            count += 1
-    return count
-
-
-class PrimeHandler(iris.ServiceHandler):
-    def handle_request(self, request: bytes) -> bytes:
-        return str(count_primes_below(int(request))).encode()
-
-
-class EchoHandler(iris.ServiceHandler):
-    def handle_request(self, request: bytes) -> bytes:
-        return request
+from echo import EchoHandler  # noqa: E402,F401
+from primes import PrimeHandler  # noqa: E402,F401
 '''
 # About 4 ms of trial division on the project's 2-core Xeon: long enough that the
 # relay, supervisor and client CPU per request stay a small share of the two
