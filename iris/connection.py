@@ -112,7 +112,6 @@ class Connection:
         """Attach; a member (non-empty ``cluster``) passes ``inbound``, a factory
         of the Inbound that receives its requests, broadcasts and tunnels."""
         self.log = log or ContextLog().new(client=next(_client_ids))
-        self._cluster = cluster
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._ids = itertools.count()
