@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from iris.logfmt import configure_logging
+
 from .config import ConfigError, load_config
 from .control import ControlError, format_status, query_status
 from .loader import HandlerImportError, load_handler
-from .logfmt import configure_logging
 from .supervisor import Exit, HostError, Supervisor
 
 

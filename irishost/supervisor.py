@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import setproctitle
 
 import iris
+from iris.logfmt import configure_logging
 from iris.logs import ContextLog
 from iris.relay import RelayServer
 
@@ -34,7 +35,6 @@ from .control import ControlError, ControlServer
 from .dispatch import RelayDispatch
 from .frames import Kind
 from .loader import HandlerImportError, reload_handler
-from .logfmt import configure_logging
 from .metrics import MetricsServer
 from .notify import Notifier
 from .ring import Ring, remove_stale_segments, wait_readable

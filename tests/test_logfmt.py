@@ -1,4 +1,4 @@
-"""Tests for irishost.logfmt, writing to real files that stand in for stderr and the journal."""
+"""Tests for iris.logfmt, writing to real files that stand in for stderr and the journal."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import re
 
 import pytest
 
+from iris.logfmt import configure_logging
 from iris.logs import ContextLog
-from irishost.logfmt import configure_logging
 
 PLAIN_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?P<rest>.*)")
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 
 from .. import codec
+from ..logfmt import configure_logging
 from .server import DEFAULT_OUTBOUND_CAP, DEFAULT_PORT, RelayServer
 
 SINGLE_NODE = (
@@ -52,9 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.net is not None or args.rsa is not None:
         print(f"iris-relay: {SINGLE_NODE}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level)
     try:
         server = RelayServer(args.port, args.max_message, args.outbound_cap)
     except OSError as err:

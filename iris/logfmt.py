@@ -1,4 +1,4 @@
-"""Log output for the host: plain lines on a terminal, priority-tagged lines for journald.
+"""Log lines of the relay and the host: plain on a terminal, priority-tagged for journald.
 
 The binding's ContextLog already renders "msg key=value ..." into each
 message, so only the line around it is decided here.
