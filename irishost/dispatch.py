@@ -27,13 +27,13 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import iris
-from iris.logs import ContextLog
+from iris.logs import ContextLog, RateLimitedWarning
 
 from . import frames
 from .bridge import TunnelBridge
 from .config import Config
 from .frames import Kind
-from .workers import DRAINING, READY, WorkerHandle
+from .workers import BEST_EFFORT_TIMEOUT, DRAINING, READY, WorkerHandle
 
 
 class Pending(NamedTuple):
@@ -57,6 +57,7 @@ class RelayDispatch:
         self.bridges: dict[int, TunnelBridge] = {}
         self.served = 0
         self._cursor = 0  # where the round-robin among equally loaded workers starts
+        self._delivery_dropped = RateLimitedWarning(log, "broadcast or event dropped")
         self.accepting = True  # False while stopping: new requests get a fault
         self._recycle = recycle
         self.reconfigure(config)
@@ -115,13 +116,16 @@ class RelayDispatch:
         """
         if not self.accepting:
             return "service is shutting down"
-        best, best_load, open_workers = None, None, 0
-        workers, start = self.workers, self._cursor
+        best, best_load, open_workers, stalled = None, None, 0, 0
+        workers, start, now = self.workers, self._cursor, time.monotonic()
         for step in range(len(workers)):
             worker = workers[(start + step) % len(workers)]
             if worker.state == DRAINING:
                 continue
             open_workers += 1
+            if worker.stalled(now):
+                stalled += 1
+                continue
             if worker.in_flight_bytes + size > self._memory_cap:
                 continue
             load = (worker.state != READY, len(worker.in_flight))
@@ -132,9 +136,12 @@ class RelayDispatch:
             return best
         if not open_workers:
             return "no worker is ready to take the request"
+        if stalled == open_workers:
+            return f"all {open_workers} workers are stalled: none took a frame in time lately"
         return (
             f"all {open_workers} workers are at their request memory limit "
             f"({self._memory_cap} bytes each, request is {size} bytes)"
+            + (f" or stalled ({stalled})" if stalled else "")
         )
 
     def broadcast(self, message: bytes) -> None:
@@ -152,15 +159,16 @@ class RelayDispatch:
 
     def _deliver(self, rule: str, frame: bytes) -> None:
         """Best effort, as broadcasts and events are on the relay itself."""
+        now = time.monotonic()
         with self.lock:
-            targets = self.ready_workers()
+            targets = [w for w in self.ready_workers() if not w.stalled(now)]
             if rule == "one" and targets:
                 targets = [min(targets, key=lambda w: len(w.in_flight))]
         for worker in targets:
             try:
-                worker.put(frame)
+                worker.put(frame, BEST_EFFORT_TIMEOUT)
             except (TimeoutError, ValueError, OSError) as err:
-                self.log.warning("delivery dropped", worker=worker.slot, error=str(err))
+                self._delivery_dropped(worker=worker.slot, error=str(err) or "worker busy")
 
     def tunnel(self, tunnel: iris.Tunnel) -> None:
         with self.lock:

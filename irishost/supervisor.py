@@ -640,7 +640,10 @@ class Supervisor:
         """Act on every frame a worker has written."""
         if handle.outbox.closed:
             return
-        for data in handle.outbox.drain():
+        batch = handle.outbox.drain()
+        if batch:
+            handle.stalled_until = 0.0  # it is running again
+        for data in batch:
             fields = frames.decode(data)
             kind = fields[0]
             if kind == Kind.READY:

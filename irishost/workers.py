@@ -15,6 +15,12 @@ BOOTING, READY, DRAINING = "booting", "ready", "draining"
 # A frame for a worker that cannot take it within this long is given up on:
 # the worker is wedged, and the caller gets a fault rather than a hang.
 PUT_TIMEOUT = 1.0
+# Broadcasts and events are best effort: a worker gets this long to take one.
+BEST_EFFORT_TIMEOUT = 0.05
+# A worker that let a frame time out is passed over this long, or until it
+# answers again, so that one wedged worker costs the relay reader one wait
+# per period, not one per frame.
+STALL_SECONDS = 1.0
 
 
 class WorkerHandle:
@@ -41,13 +47,22 @@ class WorkerHandle:
         self.failure: str | None = None  # traceback from a FAILED frame
         self.kill_reason: str | None = None  # why the supervisor killed it, if it did
         self.drain_deadline = 0.0  # when DRAINING: killed if still alive after this
+        self.stalled_until = 0.0  # passed over until then; see put()
         self.process = psutil.Process(pid)
         self._put_lock = threading.Lock()  # several supervisor threads write to the inbox
 
-    def put(self, frame: bytes) -> None:
+    def put(self, frame: bytes, timeout: float = PUT_TIMEOUT) -> None:
         """Send a frame; raises TimeoutError if the worker does not take it."""
         with self._put_lock:
-            self.inbox.put(frame, timeout=PUT_TIMEOUT)
+            try:
+                self.inbox.put(frame, timeout=timeout)
+            except TimeoutError:
+                self.stalled_until = time.monotonic() + STALL_SECONDS
+                raise
+
+    def stalled(self, now: float) -> bool:
+        """Whether a frame for it timed out lately (see STALL_SECONDS)."""
+        return now < self.stalled_until
 
     def rss(self) -> int:
         try:

@@ -264,3 +264,24 @@ def test_a_wedged_worker_costs_only_the_work_it_cannot_take(service):
     with pytest.raises(iris.ClosedError):
         tunnel.recv(5)
     assert int(service.request(b"pid")) == worker
+
+
+def test_a_wedged_worker_does_not_hold_up_broadcasts_or_the_other_worker(service):
+    """Best-effort frames for a stopped worker give up quickly, and it is passed
+    over until it answers again, instead of holding the relay reader a second
+    per frame."""
+    service.config(workers={"count": 2})
+    host = service.start()
+    stopped, other = (worker.pid for worker in host.worker_count(2))
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        for _ in range(8):  # 8 MiB: twice the stopped worker's inbox
+            service.conn.broadcast(service.cluster, b"b" * (1 << 20))
+        answers = {int(service.request(b"pid", timeout=2)) for _ in range(20)}
+        elapsed = time.monotonic() - started
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    assert answers == {other}
+    assert elapsed < PUT_TIMEOUT, f"the stopped worker held the others up for {elapsed:.2f} s"
+    assert wait_for(lambda: int(service.request(b"pid")) == stopped, what="the worker back")
