@@ -25,6 +25,8 @@ log = logging.getLogger("iris.relay")
 
 # Largest tunnel chunk, as the original relay.
 CHUNK_LIMIT = 64 * 1024
+# Deadline entries beyond twice the pending ones tolerated before compacting.
+COMPACT_SLACK = 4096
 # The relay's buffer for each tunnel direction, granted to the sender.
 TUNNEL_ALLOWANCE = 4 * 1024 * 1024
 
@@ -200,9 +202,25 @@ class Router:
                 build.initiator.send(codec.TunnelResult(build.tunnel_id, True).encode())
 
     def _schedule(self, timeout_ms: int) -> int:
+        live = len(self._requests) + len(self._builds)
+        if len(self._deadlines) > 2 * live + COMPACT_SLACK:
+            self._compact()
         key = next(self._ids)
         heapq.heappush(self._deadlines, (self._clock() + timeout_ms / 1000, key))
         return key
+
+    def _compact(self) -> None:
+        """Drop the entries of answered requests from the deadline heap.
+
+        Answered entries are otherwise only dropped when their deadline comes,
+        so the heap would hold rate x timeout entries: at 20k requests/s with
+        one-hour timeouts, 72 million. Rebuilding whenever it is over twice
+        the live entries keeps it proportional to what is pending, at an
+        amortized cost of O(1) per request.
+        """
+        pending = self._requests.keys() | self._builds.keys()
+        self._deadlines = [entry for entry in self._deadlines if entry[1] in pending]
+        heapq.heapify(self._deadlines)
 
     def _member(self, cluster: str) -> Peer | None:
         group = self._clusters.get(cluster)

@@ -1,0 +1,62 @@
+"""The relay's routing state, driven directly: bounded bookkeeping under load."""
+
+from iris import codec
+from iris.relay.router import COMPACT_SLACK, Router
+
+
+class Peer:
+    """A connection as the router sees it, collecting what it is sent."""
+
+    def __init__(self):
+        self.name = "peer"
+        self.cluster = None
+        self.closed = False
+        self.outstanding = 0
+        self.topics = set()
+        self.tunnels = {}
+        self.sent = []
+
+    def send(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    def close(self, reason) -> None:
+        self.closed = True
+
+
+def attach(router: Router, cluster: str) -> Peer:
+    peer = Peer()
+    router.handle(peer, codec.Init(cluster))
+    return peer
+
+
+def test_answered_requests_do_not_accumulate_in_the_deadline_heap():
+    router = Router()
+    member, client = attach(router, "echo"), attach(router, "")
+    decoder = codec.Decoder(codec.Side.RELAY)
+    for rid in range(10 * COMPACT_SLACK):
+        router.handle(client, codec.Request(rid, "echo", b"x", 3_600_000))  # one hour
+        (delivery,) = decoder.feed(member.sent.pop())
+        router.handle(member, codec.Reply(delivery.id, True, b"y"))
+    assert len(router._requests) == 0
+    assert len(router._deadlines) <= COMPACT_SLACK + 1
+    replies = codec.Decoder(codec.Side.RELAY).feed(b"".join(client.sent[1:]))
+    assert len(replies) == 10 * COMPACT_SLACK
+    assert all(reply.success and reply.payload == b"y" for reply in replies)
+
+
+def test_pending_requests_survive_compaction_and_still_time_out():
+    now = [0.0]
+    router = Router(clock=lambda: now[0])
+    member, client = attach(router, "echo"), attach(router, "")
+    decoder = codec.Decoder(codec.Side.RELAY)
+    router.handle(client, codec.Request(0, "echo", b"unanswered", 1000))
+    decoder.feed(member.sent.pop())
+    for rid in range(1, 4 * COMPACT_SLACK):
+        router.handle(client, codec.Request(rid, "echo", b"x", 1000))
+        (delivery,) = decoder.feed(member.sent.pop())
+        router.handle(member, codec.Reply(delivery.id, True, b"y"))
+    client.sent.clear()
+    now[0] = 1.0
+    router.expire()
+    (timed_out,) = codec.Decoder(codec.Side.RELAY).feed(b"".join(client.sent))
+    assert timed_out == codec.ReplyDelivery(0, True)
