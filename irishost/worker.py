@@ -32,7 +32,7 @@ from iris.pool import HandlerPool
 from . import frames
 from .config import Config
 from .frames import Kind
-from .loader import load_handler
+from .loader import reload_handler
 from .ring import Ring
 from .worker_tunnel import WorkerTunnel
 
@@ -125,7 +125,9 @@ class Worker:
 
     def _boot(self) -> None:
         config = self.config
-        handler_class = self.spec.handler_class or load_handler(config)
+        # Imported here (preload = false): from source, for the same reason
+        # reloads do, so a worker never runs code older than its files.
+        handler_class = self.spec.handler_class or reload_handler(config)
         self.handler = handler_class()
         if config.topics and not callable(getattr(self.handler, "handle_event", None)):
             raise TypeError(
