@@ -12,6 +12,7 @@ class Peer:
         self.cluster = None
         self.closed = False
         self.outstanding = 0
+        self.requests = set()
         self.topics = set()
         self.tunnels = {}
         self.sent = []
@@ -60,3 +61,15 @@ def test_pending_requests_survive_compaction_and_still_time_out():
     router.expire()
     (timed_out,) = codec.Decoder(codec.Side.RELAY).feed(b"".join(client.sent))
     assert timed_out == codec.ReplyDelivery(0, True)
+
+
+def test_a_departed_requester_takes_its_pending_requests_with_it():
+    router = Router()
+    member, client = attach(router, "echo"), attach(router, "")
+    for rid in range(100):
+        router.handle(client, codec.Request(rid, "echo", b"x", 3_600_000))
+    assert member.outstanding == 100
+    router.detach(client)
+    assert len(router._requests) == 0
+    assert member.outstanding == 0  # the member is not left looking busy
+    router.handle(member, codec.Reply(0, True, b"late"))  # ignored, not an error

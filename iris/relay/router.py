@@ -5,9 +5,11 @@ The router knows nothing of sockets. Each attached connection is a Peer with
 packets and calls :meth:`Router.expire` when a deadline may have passed.
 
 Request and tunnel-build deadlines sit in one heap with lazy deletion: an
-entry whose request was already answered is skipped when it surfaces. A peer
-that leaves is only flagged closed; anything still addressed to it is dropped
-when it comes due, so leaving costs O(own state), not a scan of all requests.
+entry whose request was already answered is skipped when it surfaces (and
+compacted away in bulk). A peer that leaves takes its own pending requests
+with it; requests it was serving stay until their deadline answers their
+callers with a timeout, so leaving costs O(own state), not a scan of all
+requests.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Peer(Protocol):
     cluster: str | None  # None until INIT; "" for a plain client
     closed: bool
     outstanding: int  # requests delivered to this member and not yet answered
+    requests: set[int]  # the relay's keys of its own requests still pending
     topics: set[str]
     tunnels: dict[int, TunnelEnd]
 
@@ -173,6 +176,11 @@ class Router:
                 del self._clusters[peer.cluster]
         for topic in peer.topics:
             self._unsubscribe(peer, topic)
+        for key in peer.requests:  # nobody is left to answer
+            pending = self._requests.pop(key)
+            if pending.member is not None:
+                pending.member.outstanding -= 1
+        peer.requests.clear()
         # A copy: a tunnel to the peer's own cluster has both ends in this dict.
         for end in list(peer.tunnels.values()):
             self._close_end(end.other, "remote end disconnected")
@@ -194,8 +202,8 @@ class Router:
             if pending is not None:
                 if pending.member is not None:
                     pending.member.outstanding -= 1
-                if not pending.requester.closed:
-                    pending.requester.send(codec.ReplyDelivery(pending.client_id, True).encode())
+                pending.requester.requests.discard(key)
+                pending.requester.send(codec.ReplyDelivery(pending.client_id, True).encode())
                 continue
             build = self._builds.pop(key, None)
             if build is not None and not build.initiator.closed:
@@ -232,6 +240,7 @@ class Router:
         key = self._schedule(packet.timeout_ms)
         member = self._member(packet.cluster)
         self._requests[key] = _PendingRequest(peer, packet.id, member)
+        peer.requests.add(key)
         if member is not None:
             member.outstanding += 1
             member.send(codec.RequestDelivery(key, packet.request, packet.timeout_ms).encode())
@@ -242,12 +251,10 @@ class Router:
             return  # expired, or never issued to this member: ignored, not a violation
         del self._requests[packet.id]
         peer.outstanding -= 1
-        if not pending.requester.closed:
-            pending.requester.send(
-                codec.ReplyDelivery(
-                    pending.client_id, False, packet.success, packet.payload
-                ).encode()
-            )
+        pending.requester.requests.discard(packet.id)
+        pending.requester.send(
+            codec.ReplyDelivery(pending.client_id, False, packet.success, packet.payload).encode()
+        )
 
     # -- broadcast and publish/subscribe ---------------------------------------------
 

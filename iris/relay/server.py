@@ -61,6 +61,7 @@ class PeerConnection:
         "cluster",
         "closed",
         "outstanding",
+        "requests",
         "topics",
         "tunnels",
         "_server",
@@ -77,6 +78,7 @@ class PeerConnection:
         self.cluster: str | None = None
         self.closed = False  # set by the router once it stops routing here
         self.outstanding = 0
+        self.requests: set[int] = set()
         self.topics: set[str] = set()
         self.tunnels: dict[int, TunnelEnd] = {}
         self._server = server
