@@ -39,11 +39,12 @@ Publishing is "write the record, then store ``tail``" (consuming: "copy
 the record out, then store ``head``"), so the peer never sees an index
 before the bytes it covers.  That relies on stores becoming visible in
 program order, which x86-64 guarantees and CPython does not disturb; a
-weakly ordered CPU would need fences that Python cannot express.
+weakly ordered CPU would need more fences than _fence() provides.
 
 Wakeups travel through eventfds, never through the data: a sleeper sets its
-``*_waiting`` flag, re-checks the ring and polls its eventfd; the other side
-writes the eventfd after publishing only when it sees the flag set.  Before
+``*_waiting`` flag, fences, re-checks the ring and polls its eventfd; the
+other side publishes, fences, and writes the eventfd only when it sees the
+flag set.  Before
 sleeping a waiter spins for up to :data:`SPIN_SECONDS`, because a sleep/wake
 round trip through the kernel costs tens of microseconds, far more than a
 peer that is busy answering needs.  The spin shrinks when it keeps failing
@@ -58,6 +59,7 @@ import os
 import re
 import secrets
 import select
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -84,12 +86,10 @@ MIN_SPIN_SECONDS = 2e-6
 #: pays off again.  Bounds the waste on a busy machine to about 1% of a core.
 SPIN_PROBE_INTERVAL = 0.01
 
-#: Longest single sleep.  Python offers no memory fence, so the waiter's
-#: "set flag, then read the index" and the publisher's "store the index,
-#: then read the flag" may in theory both see the old value (a store-load
-#: reordering), and the wakeup is lost.  Capping each sleep turns such a
-#: loss into a delay of at most this long, never a hang.
-SLEEP_SLICE_SECONDS = 0.02
+#: Longest single sleep: a safety net only, since _fence() makes the wakeup
+#: handshake sound. Short enough that a lost wakeup (a bug, say) is a delay
+#: and not a hang; long enough that an idle process wakes once a second.
+SLEEP_SLICE_SECONDS = 1.0
 
 SHM_DIR = "/dev/shm"
 
@@ -111,6 +111,23 @@ _MAX_CAPACITY = 1 << 31
 
 def _record_size(payload_len: int) -> int:
     return (payload_len + 4 + 7) & ~7
+
+
+_FENCE_LOCK = threading.Lock()
+
+
+def _fence() -> None:
+    """A full memory barrier.
+
+    Waking is a Dekker-style handshake: the publisher stores the index and
+    then reads the sleeper's flag; the sleeper stores its flag and then reads
+    the index. x86 may let a load overtake an earlier store, and then both
+    sides miss each other and the wakeup is lost. Python has no fence, but
+    taking and releasing a lock runs atomic read-modify-write instructions,
+    which on x86 order all earlier stores before all later loads.
+    """
+    _FENCE_LOCK.acquire()
+    _FENCE_LOCK.release()
 
 
 def _drain_eventfd(fd: int) -> None:
@@ -190,6 +207,7 @@ def _sleep_until(
     while True:
         for words, index in flags:
             words[index] = 1
+        _fence()
         try:
             if ready():
                 return True
@@ -304,9 +322,7 @@ class Ring:
         if full and not self._wait_space(size, _deadline(timeout)):
             raise TimeoutError("ring full: the reader did not make room in time")
         self._write_record(tail, len(frame), frame)
-        hdr[_TAIL] = tail + size
-        if self._hdr32[_READER_WAITING]:
-            os.eventfd_write(self.data_fd, 1)
+        self._publish(tail + size)
 
     def _put_fragmented(self, frame: memoryview | bytes, deadline: float | None) -> None:
         view = memoryview(frame)
@@ -322,14 +338,17 @@ class Ring:
                 raise TimeoutError("ring full: the reader did not make room in time")
             tail = hdr[_TAIL]
             self._write_record(tail, more | len(chunk), chunk)
-            hdr[_TAIL] = tail + size
-            if self._hdr32[_READER_WAITING]:
-                os.eventfd_write(self.data_fd, 1)
+            self._publish(tail + size)
 
     def _write_abort(self) -> None:
         tail = self._hdr64[_TAIL]
         self._words[(tail % self._capacity) >> 2] = _ABORT
-        self._hdr64[_TAIL] = tail + _record_size(0)
+        self._publish(tail + _record_size(0))
+
+    def _publish(self, tail: int) -> None:
+        """Make records up to ``tail`` visible, and wake a sleeping reader."""
+        self._hdr64[_TAIL] = tail
+        _fence()
         if self._hdr32[_READER_WAITING]:
             os.eventfd_write(self.data_fd, 1)
 
@@ -401,6 +420,7 @@ class Ring:
         :meth:`readable`, poll, then :meth:`disarm`.
         """
         self._hdr32[_READER_WAITING] = 1
+        _fence()
 
     def disarm(self) -> None:
         self._hdr32[_READER_WAITING] = 0
@@ -447,6 +467,7 @@ class Ring:
             if len(frames) >= max_frames:
                 break
         hdr[_HEAD] = head
+        _fence()
         if self._hdr32[_WRITER_WAITING]:
             os.eventfd_write(self.space_fd, 1)
         return frames
