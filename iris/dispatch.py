@@ -23,6 +23,38 @@ if TYPE_CHECKING:
     from .tunnel import Tunnel
 
 
+def answer(handler: ServiceHandler, request: bytes) -> tuple[bool, bytes | str]:
+    """Run ``handle_request``: (True, reply) or (False, the fault text).
+
+    Never raises, not even for SystemExit: the caller is owed an answer.
+    Shared by iris.register's pools and irishost's workers.
+    """
+    try:
+        reply = handler.handle_request(request)
+        if not isinstance(reply, bytes | bytearray | memoryview):
+            raise TypeError(f"handle_request returned {type(reply).__name__}, not bytes")
+    except BaseException as err:
+        return False, str(err) or type(err).__name__
+    return True, bytes(reply)
+
+
+def memory_fault(pool: HandlerPool, where: str = "") -> str:
+    """The fault for a request refused because ``pool``'s byte budget is full."""
+    return (
+        f"request memory limit exceeded{where}: {pool.waiting_bytes} bytes waiting, "
+        f"limit {pool.memory} bytes"
+    )
+
+
+def serve_tunnel(handler: ServiceHandler, tunnel) -> None:
+    """Run ``handle_tunnel``; a handler that raises has its tunnel closed."""
+    try:
+        handler.handle_tunnel(tunnel)
+    except Exception as err:
+        tunnel.log.error("tunnel handler raised", error=repr(err))
+        tunnel.close()
+
+
 class Inbound(Protocol):
     """The receiving half of a service; all methods run on the reader thread."""
 
@@ -72,24 +104,13 @@ class HandlerDispatch:
         deadline = time.monotonic() + timeout
         pool = self._requests
         if not pool.submit(self._serve_request, (request_id, request, deadline), len(request)):
-            fault = (
-                f"request memory limit exceeded: {pool.waiting_bytes} bytes waiting, "
-                f"limit {pool.memory} bytes"
-            )
-            self._conn.reply(request_id, False, fault)
+            self._conn.reply(request_id, False, memory_fault(pool))
 
     def _serve_request(self, request_id: int, request: bytes, deadline: float) -> None:
         if time.monotonic() > deadline:  # its caller has timed out already
             self._log.debug("request expired before a handler was free", id=request_id)
             return
-        try:
-            reply = self._handler.handle_request(request)
-            if not isinstance(reply, bytes | bytearray | memoryview):
-                raise TypeError(f"handle_request returned {type(reply).__name__}, not bytes")
-        except BaseException as err:  # even SystemExit: the caller is owed an answer
-            self._conn.reply(request_id, False, str(err) or type(err).__name__)
-            return
-        self._conn.reply(request_id, True, bytes(reply))
+        self._conn.reply(request_id, *answer(self._handler, request))
 
     def broadcast(self, message: bytes) -> None:
         if not self._broadcasts.submit(self._handler.handle_broadcast, (message,), len(message)):
@@ -104,11 +125,7 @@ class HandlerDispatch:
         while not self._started.wait(0.1):  # init runs before any callback
             if self._closed:
                 return
-        try:
-            self._handler.handle_tunnel(tunnel)
-        except Exception as err:
-            tunnel.log.error("tunnel handler raised", error=repr(err))
-            tunnel.close()
+        serve_tunnel(self._handler, tunnel)
 
     def drop(self, reason: ClosedError) -> None:
         try:

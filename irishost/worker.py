@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import setproctitle
 
 import iris
+from iris.dispatch import answer, memory_fault, serve_tunnel
 from iris.logs import ContextLog, RateLimitedWarning
 from iris.pool import HandlerPool
 
@@ -226,11 +227,7 @@ class Worker:
         self._track(1)
         if not self._requests.submit(self._serve, (request_id, deadline, payload), len(payload)):
             self._track(-1)
-            pool = self._requests
-            fault = (
-                f"request memory limit exceeded in worker {self.spec.index}: "
-                f"{pool.waiting_bytes} bytes waiting, limit {pool.memory} bytes"
-            )
+            fault = memory_fault(self._requests, f" in worker {self.spec.index}")
             self.send(frames.encode(Kind.REPLY, request_id, False, fault))
 
     def _serve(self, request_id: int, deadline: float, payload: bytes) -> None:
@@ -238,14 +235,7 @@ class Worker:
             if time.monotonic() > deadline:  # its caller has timed out already
                 self.send(frames.encode(Kind.EXPIRED, request_id))
                 return
-            try:
-                reply = self.handler.handle_request(payload)
-                if not isinstance(reply, bytes | bytearray | memoryview):
-                    raise TypeError(f"handle_request returned {type(reply).__name__}, not bytes")
-                frame = frames.encode(Kind.REPLY, request_id, True, bytes(reply))
-            except BaseException as err:  # even SystemExit: the caller is owed an answer
-                frame = frames.encode(Kind.REPLY, request_id, False, str(err) or type(err).__name__)
-            self.send(frame)
+            self.send(frames.encode(Kind.REPLY, request_id, *answer(self.handler, payload)))
         finally:
             self._track(-1)
 
@@ -280,15 +270,8 @@ class Worker:
         tunnel = WorkerTunnel(tunnel_id, self.send, self.log.new(tunnel=tunnel_id), self._tunnels)
         self._tunnels[tunnel_id] = tunnel
         threading.Thread(
-            target=self._serve_tunnel, args=(tunnel,), name="irishost-tunnel", daemon=True
+            target=serve_tunnel, args=(self.handler, tunnel), name="irishost-tunnel", daemon=True
         ).start()
-
-    def _serve_tunnel(self, tunnel: WorkerTunnel) -> None:
-        try:
-            self.handler.handle_tunnel(tunnel)
-        except Exception as err:
-            tunnel.log.error("tunnel handler raised", error=repr(err))
-            tunnel.close()
 
     def _tunnel_handler(self, method: str):
         """A frame handler passing a tunnel frame to that tunnel's ``method``."""
