@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,9 @@ def test_check_validates_config_and_handler_then_exits_0_without_serving(service
 
 @pytest.mark.parametrize("example", ["echo.toml", "primes.toml"])
 def test_the_installed_command_checks_the_example_configs(example):
-    command = shutil.which("irishost")
+    # The script sits beside the interpreter running the tests (a venv's bin/),
+    # whether or not that venv is activated.
+    command = shutil.which("irishost", path=str(Path(sys.executable).parent))
     assert command, "the irishost console script is not installed"
 
     result = subprocess.run(
