@@ -4,10 +4,13 @@ Bytes go into a :class:`Decoder` and packets come out; a packet's ``encode()``
 gives the bytes to send. The client binding and the embedded relay both drive
 this one module, so the two can never disagree about the wire.
 
-Packets are NamedTuples (cheap to build on the hot path). The two directions
-share an opcode space but not all formats, hence two packet families: what a
-client sends (decoded by the relay) and what a relay sends (decoded by a
-client). A decoder is told which side it listens to.
+Packets are NamedTuples (cheap to build on the hot path), each with its
+writer (``encode``) and its reader (``read``) side by side, so a format is
+written down once. The two directions share an opcode space but not all
+formats, hence two packet families, :data:`ClientPacket` (decoded by the
+relay) and :data:`RelayPacket` (decoded by a client), and one reader table
+per direction (:data:`CLIENT_READERS`, :data:`RELAY_READERS`). A decoder is
+told which side it listens to.
 
 Two error kinds: a peer breaking the protocol raises :class:`ProtocolError`;
 our own caller's mistakes are ``ValueError`` and are caught by the binding
@@ -17,7 +20,8 @@ before anything is encoded.
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 VERSION = "v1.0-draft2"
 CLIENT_MAGIC = "iris-client-magic"
@@ -98,284 +102,7 @@ def _bool(flag: bool) -> bytes:
 
 
 # ---------------------------------------------------------------------------
-# Packets a client sends.
-
-
-class Init(NamedTuple):
-    cluster: str = ""  # empty: a plain client
-    version: str = VERSION
-
-    def encode(self) -> bytes:
-        return b"".join(
-            (_OPS[Op.INIT], *_string(CLIENT_MAGIC), *_string(self.version), *_string(self.cluster))
-        )
-
-
-class Close(NamedTuple):
-    def encode(self) -> bytes:
-        return _OPS[Op.CLOSE]
-
-
-class Broadcast(NamedTuple):
-    cluster: str
-    message: bytes
-
-    def encode(self) -> bytes:
-        return b"".join(
-            (
-                _OPS[Op.BROADCAST],
-                *_string(self.cluster),
-                encode_varint(len(self.message)),
-                self.message,
-            )
-        )
-
-
-class Request(NamedTuple):
-    id: int
-    cluster: str
-    request: bytes
-    timeout_ms: int
-
-    def encode(self) -> bytes:
-        return b"".join(
-            (
-                _OPS[Op.REQUEST],
-                encode_varint(self.id),
-                *_string(self.cluster),
-                encode_varint(len(self.request)),
-                self.request,
-                encode_varint(self.timeout_ms),
-            )
-        )
-
-
-class Reply(NamedTuple):
-    id: int
-    success: bool
-    payload: bytes | str  # the reply's bytes on success, else the fault text
-
-    def encode(self) -> bytes:
-        if self.success:
-            body = (encode_varint(len(self.payload)), self.payload)
-        else:
-            body = _string(self.payload)
-        return b"".join((_OPS[Op.REPLY], encode_varint(self.id), _bool(self.success), *body))
-
-
-class Subscribe(NamedTuple):
-    topic: str
-
-    def encode(self) -> bytes:
-        return b"".join((_OPS[Op.SUBSCRIBE], *_string(self.topic)))
-
-
-class Unsubscribe(NamedTuple):
-    topic: str
-
-    def encode(self) -> bytes:
-        return b"".join((_OPS[Op.UNSUBSCRIBE], *_string(self.topic)))
-
-
-class Publish(NamedTuple):
-    """Same format both ways: a client publishing, or the relay delivering."""
-
-    topic: str
-    event: bytes
-
-    def encode(self) -> bytes:
-        return b"".join(
-            (_OPS[Op.PUBLISH], *_string(self.topic), encode_varint(len(self.event)), self.event)
-        )
-
-
-class TunnelInit(NamedTuple):
-    id: int
-    cluster: str
-    timeout_ms: int
-
-    def encode(self) -> bytes:
-        return b"".join(
-            (
-                _OPS[Op.TUN_INIT],
-                encode_varint(self.id),
-                *_string(self.cluster),
-                encode_varint(self.timeout_ms),
-            )
-        )
-
-
-class TunnelConfirm(NamedTuple):
-    build_id: int
-    id: int
-
-    def encode(self) -> bytes:
-        return b"".join(
-            (_OPS[Op.TUN_CONFIRM], encode_varint(self.build_id), encode_varint(self.id))
-        )
-
-
-class TunnelAllow(NamedTuple):
-    """Same format both ways."""
-
-    id: int
-    size: int
-
-    def encode(self) -> bytes:
-        return b"".join((_OPS[Op.TUN_ALLOW], encode_varint(self.id), encode_varint(self.size)))
-
-
-class TunnelTransfer(NamedTuple):
-    """Same format both ways. ``size`` is the whole message's length on its
-    first chunk and 0 on continuation chunks."""
-
-    id: int
-    size: int
-    chunk: bytes
-
-    def encode(self) -> bytes:
-        return b"".join(
-            (
-                _OPS[Op.TUN_TRANSFER],
-                encode_varint(self.id),
-                encode_varint(self.size),
-                encode_varint(len(self.chunk)),
-                self.chunk,
-            )
-        )
-
-
-class TunnelClose(NamedTuple):
-    id: int
-
-    def encode(self) -> bytes:
-        return b"".join((_OPS[Op.TUN_CLOSE], encode_varint(self.id)))
-
-
-# ---------------------------------------------------------------------------
-# Packets a relay sends.
-
-
-class Accept(NamedTuple):
-    """The relay's INIT: the connection is accepted."""
-
-    version: str = VERSION
-
-    def encode(self) -> bytes:
-        return b"".join((_OPS[Op.INIT], *_string(RELAY_MAGIC), *_string(self.version)))
-
-
-class Deny(NamedTuple):
-    reason: str
-
-    def encode(self) -> bytes:
-        return b"".join((_OPS[Op.DENY], *_string(RELAY_MAGIC), *_string(self.reason)))
-
-
-class Closed(NamedTuple):
-    """The relay's CLOSE; an empty reason acknowledges a graceful close."""
-
-    reason: str = ""
-
-    def encode(self) -> bytes:
-        return b"".join((_OPS[Op.CLOSE], *_string(self.reason)))
-
-
-class BroadcastDelivery(NamedTuple):
-    message: bytes
-
-    def encode(self) -> bytes:
-        return b"".join((_OPS[Op.BROADCAST], encode_varint(len(self.message)), self.message))
-
-
-class RequestDelivery(NamedTuple):
-    id: int
-    request: bytes
-    timeout_ms: int
-
-    def encode(self) -> bytes:
-        return b"".join(
-            (
-                _OPS[Op.REQUEST],
-                encode_varint(self.id),
-                encode_varint(len(self.request)),
-                self.request,
-                encode_varint(self.timeout_ms),
-            )
-        )
-
-
-class ReplyDelivery(NamedTuple):
-    id: int
-    timed_out: bool
-    success: bool = False
-    payload: bytes | str = b""
-
-    def encode(self) -> bytes:
-        if self.timed_out:
-            return b"".join((_OPS[Op.REPLY], encode_varint(self.id), _TRUE))
-        if self.success:
-            body = (encode_varint(len(self.payload)), self.payload)
-        else:
-            body = _string(self.payload)
-        return b"".join(
-            (_OPS[Op.REPLY], encode_varint(self.id), _FALSE, _bool(self.success), *body)
-        )
-
-
-class TunnelOffer(NamedTuple):
-    """The relay's TUN_INIT: a member is asked to accept a tunnel."""
-
-    build_id: int
-    chunk_limit: int
-
-    def encode(self) -> bytes:
-        return b"".join(
-            (_OPS[Op.TUN_INIT], encode_varint(self.build_id), encode_varint(self.chunk_limit))
-        )
-
-
-class TunnelResult(NamedTuple):
-    """The relay's TUN_CONFIRM: the outcome of the initiator's TUN_INIT."""
-
-    id: int
-    timed_out: bool
-    chunk_limit: int = 0
-
-    def encode(self) -> bytes:
-        if self.timed_out:
-            return b"".join((_OPS[Op.TUN_CONFIRM], encode_varint(self.id), _TRUE))
-        return b"".join(
-            (_OPS[Op.TUN_CONFIRM], encode_varint(self.id), _FALSE, encode_varint(self.chunk_limit))
-        )
-
-
-class TunnelClosed(NamedTuple):
-    id: int
-    reason: str = ""
-
-    def encode(self) -> bytes:
-        return b"".join((_OPS[Op.TUN_CLOSE], encode_varint(self.id), *_string(self.reason)))
-
-
-# ---------------------------------------------------------------------------
-# Decoding.
-
-# Plain ints: comparing an int with an IntEnum member costs ten times as much.
-_BROADCAST = int(Op.BROADCAST)
-_CLOSE = int(Op.CLOSE)
-_DENY = int(Op.DENY)
-_INIT = int(Op.INIT)
-_PUBLISH = int(Op.PUBLISH)
-_REPLY = int(Op.REPLY)
-_REQUEST = int(Op.REQUEST)
-_SUBSCRIBE = int(Op.SUBSCRIBE)
-_TUN_ALLOW = int(Op.TUN_ALLOW)
-_TUN_CLOSE = int(Op.TUN_CLOSE)
-_TUN_CONFIRM = int(Op.TUN_CONFIRM)
-_TUN_INIT = int(Op.TUN_INIT)
-_TUN_TRANSFER = int(Op.TUN_TRANSFER)
-_UNSUBSCRIBE = int(Op.UNSUBSCRIBE)
+# Field readers: each returns (value, next position) or raises _Incomplete.
 
 
 class _Incomplete(Exception):
@@ -442,66 +169,341 @@ class _Reader:
         return pos
 
 
-def _client_packet(r: _Reader, op: int, pos: int):
-    """Parse one packet a client sent, opcode already read."""
-    if op == _REQUEST:
+# ---------------------------------------------------------------------------
+# Packets a client sends.
+
+
+class Init(NamedTuple):
+    cluster: str = ""  # empty: a plain client
+    version: str = VERSION
+
+    def encode(self) -> bytes:
+        return b"".join(
+            (_OPS[Op.INIT], *_string(CLIENT_MAGIC), *_string(self.version), *_string(self.cluster))
+        )
+
+    @staticmethod
+    def read(r: _Reader, pos: int) -> tuple[Init, int]:
+        pos = r.magic(pos, CLIENT_MAGIC)
+        version, pos = r.string(pos)
+        cluster, pos = r.string(pos)
+        return Init(cluster, version), pos
+
+
+class Close(NamedTuple):
+    def encode(self) -> bytes:
+        return _OPS[Op.CLOSE]
+
+    @staticmethod
+    def read(r: _Reader, pos: int) -> tuple[Close, int]:
+        return Close(), pos
+
+
+class Broadcast(NamedTuple):
+    cluster: str
+    message: bytes
+
+    def encode(self) -> bytes:
+        return b"".join(
+            (
+                _OPS[Op.BROADCAST],
+                *_string(self.cluster),
+                encode_varint(len(self.message)),
+                self.message,
+            )
+        )
+
+    @staticmethod
+    def read(r: _Reader, pos: int) -> tuple[Broadcast, int]:
+        cluster, pos = r.string(pos)
+        message, pos = r.binary(pos)
+        return Broadcast(cluster, message), pos
+
+
+class Request(NamedTuple):
+    id: int
+    cluster: str
+    request: bytes
+    timeout_ms: int
+
+    def encode(self) -> bytes:
+        return b"".join(
+            (
+                _OPS[Op.REQUEST],
+                encode_varint(self.id),
+                *_string(self.cluster),
+                encode_varint(len(self.request)),
+                self.request,
+                encode_varint(self.timeout_ms),
+            )
+        )
+
+    @staticmethod
+    def read(r: _Reader, pos: int) -> tuple[Request, int]:
         rid, pos = r.varint(pos)
         cluster, pos = r.string(pos)
         request, pos = r.binary(pos)
         timeout, pos = r.varint(pos)
         return Request(rid, cluster, request, timeout), pos
-    if op == _REPLY:
+
+
+class Reply(NamedTuple):
+    id: int
+    success: bool
+    payload: bytes | str  # the reply's bytes on success, else the fault text
+
+    def encode(self) -> bytes:
+        if self.success:
+            body = (encode_varint(len(self.payload)), self.payload)
+        else:
+            body = _string(self.payload)
+        return b"".join((_OPS[Op.REPLY], encode_varint(self.id), _bool(self.success), *body))
+
+    @staticmethod
+    def read(r: _Reader, pos: int) -> tuple[Reply, int]:
         rid, pos = r.varint(pos)
         success, pos = r.bool(pos)
         payload, pos = r.binary(pos) if success else r.string(pos)
         return Reply(rid, success, payload), pos
-    if op == _TUN_TRANSFER:
-        tid, pos = r.varint(pos)
-        size, pos = r.varint(pos)
-        chunk, pos = r.binary(pos)
-        return TunnelTransfer(tid, size, chunk), pos
-    if op == _TUN_ALLOW:
-        tid, pos = r.varint(pos)
-        size, pos = r.varint(pos)
-        return TunnelAllow(tid, size), pos
-    if op == _BROADCAST:
-        cluster, pos = r.string(pos)
-        message, pos = r.binary(pos)
-        return Broadcast(cluster, message), pos
-    if op == _PUBLISH:
+
+
+class Subscribe(NamedTuple):
+    topic: str
+
+    def encode(self) -> bytes:
+        return b"".join((_OPS[Op.SUBSCRIBE], *_string(self.topic)))
+
+    @staticmethod
+    def read(r: _Reader, pos: int) -> tuple[Subscribe, int]:
+        topic, pos = r.string(pos)
+        return Subscribe(topic), pos
+
+
+class Unsubscribe(NamedTuple):
+    topic: str
+
+    def encode(self) -> bytes:
+        return b"".join((_OPS[Op.UNSUBSCRIBE], *_string(self.topic)))
+
+    @staticmethod
+    def read(r: _Reader, pos: int) -> tuple[Unsubscribe, int]:
+        topic, pos = r.string(pos)
+        return Unsubscribe(topic), pos
+
+
+class Publish(NamedTuple):
+    """Same format both ways: a client publishing, or the relay delivering."""
+
+    topic: str
+    event: bytes
+
+    def encode(self) -> bytes:
+        return b"".join(
+            (_OPS[Op.PUBLISH], *_string(self.topic), encode_varint(len(self.event)), self.event)
+        )
+
+    @staticmethod
+    def read(r: _Reader, pos: int) -> tuple[Publish, int]:
         topic, pos = r.string(pos)
         event, pos = r.binary(pos)
         return Publish(topic, event), pos
-    if op in (_SUBSCRIBE, _UNSUBSCRIBE):
-        topic, pos = r.string(pos)
-        return (Subscribe if op == _SUBSCRIBE else Unsubscribe)(topic), pos
-    if op == _INIT:
-        pos = r.magic(pos, CLIENT_MAGIC)
-        version, pos = r.string(pos)
-        cluster, pos = r.string(pos)
-        return Init(cluster, version), pos
-    if op == _CLOSE:
-        return Close(), pos
-    if op == _TUN_INIT:
+
+
+class TunnelInit(NamedTuple):
+    id: int
+    cluster: str
+    timeout_ms: int
+
+    def encode(self) -> bytes:
+        return b"".join(
+            (
+                _OPS[Op.TUN_INIT],
+                encode_varint(self.id),
+                *_string(self.cluster),
+                encode_varint(self.timeout_ms),
+            )
+        )
+
+    @staticmethod
+    def read(r: _Reader, pos: int) -> tuple[TunnelInit, int]:
         tid, pos = r.varint(pos)
         cluster, pos = r.string(pos)
         timeout, pos = r.varint(pos)
         return TunnelInit(tid, cluster, timeout), pos
-    if op == _TUN_CONFIRM:
+
+
+class TunnelConfirm(NamedTuple):
+    build_id: int
+    id: int
+
+    def encode(self) -> bytes:
+        return b"".join(
+            (_OPS[Op.TUN_CONFIRM], encode_varint(self.build_id), encode_varint(self.id))
+        )
+
+    @staticmethod
+    def read(r: _Reader, pos: int) -> tuple[TunnelConfirm, int]:
         build_id, pos = r.varint(pos)
         tid, pos = r.varint(pos)
         return TunnelConfirm(build_id, tid), pos
-    if op == _TUN_CLOSE:
+
+
+class TunnelAllow(NamedTuple):
+    """Same format both ways."""
+
+    id: int
+    size: int
+
+    def encode(self) -> bytes:
+        return b"".join((_OPS[Op.TUN_ALLOW], encode_varint(self.id), encode_varint(self.size)))
+
+    @staticmethod
+    def read(r: _Reader, pos: int) -> tuple[TunnelAllow, int]:
+        tid, pos = r.varint(pos)
+        size, pos = r.varint(pos)
+        return TunnelAllow(tid, size), pos
+
+
+class TunnelTransfer(NamedTuple):
+    """Same format both ways. ``size`` is the whole message's length on its
+    first chunk and 0 on continuation chunks."""
+
+    id: int
+    size: int
+    chunk: bytes
+
+    def encode(self) -> bytes:
+        return b"".join(
+            (
+                _OPS[Op.TUN_TRANSFER],
+                encode_varint(self.id),
+                encode_varint(self.size),
+                encode_varint(len(self.chunk)),
+                self.chunk,
+            )
+        )
+
+    @staticmethod
+    def read(r: _Reader, pos: int) -> tuple[TunnelTransfer, int]:
+        tid, pos = r.varint(pos)
+        size, pos = r.varint(pos)
+        chunk, pos = r.binary(pos)
+        return TunnelTransfer(tid, size, chunk), pos
+
+
+class TunnelClose(NamedTuple):
+    id: int
+
+    def encode(self) -> bytes:
+        return b"".join((_OPS[Op.TUN_CLOSE], encode_varint(self.id)))
+
+    @staticmethod
+    def read(r: _Reader, pos: int) -> tuple[TunnelClose, int]:
         tid, pos = r.varint(pos)
         return TunnelClose(tid), pos
-    if op == _DENY:
-        raise ProtocolError("a client may not send DENY")
-    raise ProtocolError(f"unknown opcode {op:#04x}")
 
 
-def _relay_packet(r: _Reader, op: int, pos: int):
-    """Parse one packet a relay sent, opcode already read."""
-    if op == _REPLY:
+# ---------------------------------------------------------------------------
+# Packets a relay sends.
+
+
+class Accept(NamedTuple):
+    """The relay's INIT: the connection is accepted."""
+
+    version: str = VERSION
+
+    def encode(self) -> bytes:
+        return b"".join((_OPS[Op.INIT], *_string(RELAY_MAGIC), *_string(self.version)))
+
+    @staticmethod
+    def read(r: _Reader, pos: int) -> tuple[Accept, int]:
+        pos = r.magic(pos, RELAY_MAGIC)
+        version, pos = r.string(pos)
+        return Accept(version), pos
+
+
+class Deny(NamedTuple):
+    reason: str
+
+    def encode(self) -> bytes:
+        return b"".join((_OPS[Op.DENY], *_string(RELAY_MAGIC), *_string(self.reason)))
+
+    @staticmethod
+    def read(r: _Reader, pos: int) -> tuple[Deny, int]:
+        pos = r.magic(pos, RELAY_MAGIC)
+        reason, pos = r.string(pos)
+        return Deny(reason), pos
+
+
+class Closed(NamedTuple):
+    """The relay's CLOSE; an empty reason acknowledges a graceful close."""
+
+    reason: str = ""
+
+    def encode(self) -> bytes:
+        return b"".join((_OPS[Op.CLOSE], *_string(self.reason)))
+
+    @staticmethod
+    def read(r: _Reader, pos: int) -> tuple[Closed, int]:
+        reason, pos = r.string(pos)
+        return Closed(reason), pos
+
+
+class BroadcastDelivery(NamedTuple):
+    message: bytes
+
+    def encode(self) -> bytes:
+        return b"".join((_OPS[Op.BROADCAST], encode_varint(len(self.message)), self.message))
+
+    @staticmethod
+    def read(r: _Reader, pos: int) -> tuple[BroadcastDelivery, int]:
+        message, pos = r.binary(pos)
+        return BroadcastDelivery(message), pos
+
+
+class RequestDelivery(NamedTuple):
+    id: int
+    request: bytes
+    timeout_ms: int
+
+    def encode(self) -> bytes:
+        return b"".join(
+            (
+                _OPS[Op.REQUEST],
+                encode_varint(self.id),
+                encode_varint(len(self.request)),
+                self.request,
+                encode_varint(self.timeout_ms),
+            )
+        )
+
+    @staticmethod
+    def read(r: _Reader, pos: int) -> tuple[RequestDelivery, int]:
+        rid, pos = r.varint(pos)
+        request, pos = r.binary(pos)
+        timeout, pos = r.varint(pos)
+        return RequestDelivery(rid, request, timeout), pos
+
+
+class ReplyDelivery(NamedTuple):
+    id: int
+    timed_out: bool
+    success: bool = False
+    payload: bytes | str = b""
+
+    def encode(self) -> bytes:
+        if self.timed_out:
+            return b"".join((_OPS[Op.REPLY], encode_varint(self.id), _TRUE))
+        if self.success:
+            body = (encode_varint(len(self.payload)), self.payload)
+        else:
+            body = _string(self.payload)
+        return b"".join(
+            (_OPS[Op.REPLY], encode_varint(self.id), _FALSE, _bool(self.success), *body)
+        )
+
+    @staticmethod
+    def read(r: _Reader, pos: int) -> tuple[ReplyDelivery, int]:
         rid, pos = r.varint(pos)
         timed_out, pos = r.bool(pos)
         if timed_out:
@@ -509,56 +511,135 @@ def _relay_packet(r: _Reader, op: int, pos: int):
         success, pos = r.bool(pos)
         payload, pos = r.binary(pos) if success else r.string(pos)
         return ReplyDelivery(rid, False, success, payload), pos
-    if op == _REQUEST:
-        rid, pos = r.varint(pos)
-        request, pos = r.binary(pos)
-        timeout, pos = r.varint(pos)
-        return RequestDelivery(rid, request, timeout), pos
-    if op == _TUN_TRANSFER:
-        tid, pos = r.varint(pos)
-        size, pos = r.varint(pos)
-        chunk, pos = r.binary(pos)
-        return TunnelTransfer(tid, size, chunk), pos
-    if op == _TUN_ALLOW:
-        tid, pos = r.varint(pos)
-        size, pos = r.varint(pos)
-        return TunnelAllow(tid, size), pos
-    if op == _BROADCAST:
-        message, pos = r.binary(pos)
-        return BroadcastDelivery(message), pos
-    if op == _PUBLISH:
-        topic, pos = r.string(pos)
-        event, pos = r.binary(pos)
-        return Publish(topic, event), pos
-    if op == _INIT:
-        pos = r.magic(pos, RELAY_MAGIC)
-        version, pos = r.string(pos)
-        return Accept(version), pos
-    if op == _DENY:
-        pos = r.magic(pos, RELAY_MAGIC)
-        reason, pos = r.string(pos)
-        return Deny(reason), pos
-    if op == _CLOSE:
-        reason, pos = r.string(pos)
-        return Closed(reason), pos
-    if op == _TUN_INIT:
+
+
+class TunnelOffer(NamedTuple):
+    """The relay's TUN_INIT: a member is asked to accept a tunnel."""
+
+    build_id: int
+    chunk_limit: int
+
+    def encode(self) -> bytes:
+        return b"".join(
+            (_OPS[Op.TUN_INIT], encode_varint(self.build_id), encode_varint(self.chunk_limit))
+        )
+
+    @staticmethod
+    def read(r: _Reader, pos: int) -> tuple[TunnelOffer, int]:
         build_id, pos = r.varint(pos)
         chunk_limit, pos = r.varint(pos)
         return TunnelOffer(build_id, chunk_limit), pos
-    if op == _TUN_CONFIRM:
+
+
+class TunnelResult(NamedTuple):
+    """The relay's TUN_CONFIRM: the outcome of the initiator's TUN_INIT."""
+
+    id: int
+    timed_out: bool
+    chunk_limit: int = 0
+
+    def encode(self) -> bytes:
+        if self.timed_out:
+            return b"".join((_OPS[Op.TUN_CONFIRM], encode_varint(self.id), _TRUE))
+        return b"".join(
+            (_OPS[Op.TUN_CONFIRM], encode_varint(self.id), _FALSE, encode_varint(self.chunk_limit))
+        )
+
+    @staticmethod
+    def read(r: _Reader, pos: int) -> tuple[TunnelResult, int]:
         tid, pos = r.varint(pos)
         timed_out, pos = r.bool(pos)
         if timed_out:
             return TunnelResult(tid, True), pos
         chunk_limit, pos = r.varint(pos)
         return TunnelResult(tid, False, chunk_limit), pos
-    if op == _TUN_CLOSE:
+
+
+class TunnelClosed(NamedTuple):
+    id: int
+    reason: str = ""
+
+    def encode(self) -> bytes:
+        return b"".join((_OPS[Op.TUN_CLOSE], encode_varint(self.id), *_string(self.reason)))
+
+    @staticmethod
+    def read(r: _Reader, pos: int) -> tuple[TunnelClosed, int]:
         tid, pos = r.varint(pos)
         reason, pos = r.string(pos)
         return TunnelClosed(tid, reason), pos
-    if op in (_SUBSCRIBE, _UNSUBSCRIBE):
-        raise ProtocolError(f"a relay may not send {Op(op).name}")
-    raise ProtocolError(f"unknown opcode {op:#04x}")
+
+
+# ---------------------------------------------------------------------------
+# Decoding: one reader table per direction, keyed by opcode. An opcode that a
+# side may not send is simply missing from its table.
+
+ClientPacket = (
+    Init
+    | Close
+    | Broadcast
+    | Request
+    | Reply
+    | Subscribe
+    | Unsubscribe
+    | Publish
+    | TunnelInit
+    | TunnelConfirm
+    | TunnelAllow
+    | TunnelTransfer
+    | TunnelClose
+)
+RelayPacket = (
+    Accept
+    | Deny
+    | Closed
+    | BroadcastDelivery
+    | RequestDelivery
+    | ReplyDelivery
+    | Publish
+    | TunnelOffer
+    | TunnelResult
+    | TunnelAllow
+    | TunnelTransfer
+    | TunnelClosed
+)
+PacketReader = Callable[[_Reader, int], tuple[Any, int]]
+
+# Plain int keys: hashing an IntEnum member per lookup costs several times as much.
+CLIENT_READERS: dict[int, PacketReader] = {
+    int(Op.INIT): Init.read,
+    int(Op.CLOSE): Close.read,
+    int(Op.BROADCAST): Broadcast.read,
+    int(Op.REQUEST): Request.read,
+    int(Op.REPLY): Reply.read,
+    int(Op.SUBSCRIBE): Subscribe.read,
+    int(Op.UNSUBSCRIBE): Unsubscribe.read,
+    int(Op.PUBLISH): Publish.read,
+    int(Op.TUN_INIT): TunnelInit.read,
+    int(Op.TUN_CONFIRM): TunnelConfirm.read,
+    int(Op.TUN_ALLOW): TunnelAllow.read,
+    int(Op.TUN_TRANSFER): TunnelTransfer.read,
+    int(Op.TUN_CLOSE): TunnelClose.read,
+}
+RELAY_READERS: dict[int, PacketReader] = {
+    int(Op.INIT): Accept.read,
+    int(Op.DENY): Deny.read,
+    int(Op.CLOSE): Closed.read,
+    int(Op.BROADCAST): BroadcastDelivery.read,
+    int(Op.REQUEST): RequestDelivery.read,
+    int(Op.REPLY): ReplyDelivery.read,
+    int(Op.PUBLISH): Publish.read,
+    int(Op.TUN_INIT): TunnelOffer.read,
+    int(Op.TUN_CONFIRM): TunnelResult.read,
+    int(Op.TUN_ALLOW): TunnelAllow.read,
+    int(Op.TUN_TRANSFER): TunnelTransfer.read,
+    int(Op.TUN_CLOSE): TunnelClosed.read,
+}
+
+
+def _illegal(sender: Side, op: int) -> ProtocolError:
+    if op in Op._value2member_map_:
+        return ProtocolError(f"a {sender.value} may not send {Op(op).name}")
+    return ProtocolError(f"unknown opcode {op:#04x}")
 
 
 class Decoder:
@@ -573,13 +654,14 @@ class Decoder:
     def __init__(self, sender: Side, max_message: int = MAX_MESSAGE):
         self._buf = bytearray()
         self._reader = _Reader(self._buf, max_message)
-        self._parse = _client_packet if sender is Side.CLIENT else _relay_packet
+        self._sender = sender
+        self._readers = CLIENT_READERS if sender is Side.CLIENT else RELAY_READERS
         # Skip re-parsing a large packet until enough bytes have arrived for it;
         # without this, a 64 MiB message fed in 64 KiB reads costs quadratic time.
         self._need = 1
         self._failed: ProtocolError | None = None
 
-    def feed(self, data: bytes) -> list:
+    def feed(self, data: bytes) -> list[Any]:
         """Add bytes from the wire; return every packet they complete."""
         if self._failed is not None:
             raise ProtocolError("decoder already failed") from self._failed
@@ -588,13 +670,16 @@ class Decoder:
         if len(buf) < self._need:
             return []
         packets = []
-        pos, parse, reader = 0, self._parse, self._reader
+        pos, readers, reader = 0, self._readers, self._reader
         bound = reader.max_message + PACKET_OVERHEAD
         try:
             while pos < len(buf):
                 reader.limit = pos + bound
+                read = readers.get(buf[pos])
+                if read is None:
+                    raise _illegal(self._sender, buf[pos])
                 try:
-                    packet, pos = parse(reader, buf[pos], pos + 1)
+                    packet, pos = read(reader, pos + 1)
                 except IndexError:
                     self._need = len(buf) - pos + 1
                     break

@@ -219,6 +219,16 @@ def test_samples_cover_every_opcode():
 
 
 @pytest.mark.parametrize("side, packet", SAMPLES, ids=lambda v: type(v).__name__)
+def test_each_packet_is_read_by_its_own_reader(side, packet):
+    """The reader table of a direction maps an opcode to the reader written
+    beside that packet's encoder, and holds no opcode the side may not send."""
+    readers = codec.CLIENT_READERS if side is Side.CLIENT else codec.RELAY_READERS
+    assert readers[packet.encode()[0]] == type(packet).read
+    samples = CLIENT_PACKETS if side is Side.CLIENT else RELAY_PACKETS
+    assert set(readers) == {p.encode()[0] for p in samples}
+
+
+@pytest.mark.parametrize("side, packet", SAMPLES, ids=lambda v: type(v).__name__)
 def test_round_trip_whole(side, packet):
     same(decode(side, packet.encode()), [packet])
 
