@@ -5,7 +5,7 @@ for a service; request/reply, broadcast, publish/subscribe and tunnels.
 """
 
 from .connection import Connection, connect
-from .errors import ClosedError, RemoteError, TimeoutError
+from .errors import ClosedError, Error, RemoteError, TimeoutError
 from .handlers import ServiceHandler, TopicHandler
 from .limits import ServiceLimits, TopicLimits
 from .logs import ContextLog
@@ -16,6 +16,7 @@ __all__ = [
     "ClosedError",
     "Connection",
     "ContextLog",
+    "Error",
     "RemoteError",
     "Service",
     "ServiceHandler",

@@ -246,6 +246,22 @@ def test_timeout_error_is_the_builtin_kind():
     assert issubclass(iris.TimeoutError, builtins.TimeoutError)
 
 
+def test_the_binding_reports_every_failure_as_an_iris_error(relay, attach):
+    """One ``except iris.Error`` catches timeouts, closed connections and remote
+    faults alike, but not the caller's own argument mistakes."""
+    assert all(
+        issubclass(kind, iris.Error)
+        for kind in (iris.TimeoutError, iris.ClosedError, iris.RemoteError)
+    )
+    assert not issubclass(ValueError, iris.Error)
+    conn = attach.connect(relay.port)
+    with pytest.raises(iris.Error):
+        conn.request("nobody", b"x", 0.01)
+    conn.close()
+    with pytest.raises(iris.Error):
+        conn.publish("news", b"x")
+
+
 def test_request_without_members_times_out_at_the_timeout(relay, attach):
     conn = attach.connect(relay.port)
     err, took = timed(conn.request, "nobody", b"x", 0.3)
