@@ -197,7 +197,7 @@ class Connection:
         return self._closed.wait(timeout)
 
     def _mark_closed(self, reason: str) -> None:
-        """From here on, _send refuses: nothing new can start waiting."""
+        """Record why the connection ended; from here on, _send refuses."""
         if self.close_reason is None:
             self.close_reason = reason  # before the event: wait_closed() callers read it
         self._closed.set()

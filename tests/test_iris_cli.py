@@ -11,6 +11,7 @@ import os
 import pty
 import queue
 import select
+import shutil
 import signal
 import socket
 import stat
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -121,6 +123,20 @@ class Recorder(iris.ServiceHandler):
 
 def test_version_comes_from_the_package_metadata():
     assert iris.__version__ == metadata.version("iris-python")
+
+
+def test_version_without_package_metadata(tmp_path):
+    """A copy of the source that was never installed still imports, with a placeholder."""
+    shutil.copytree(Path(iris.__file__).parent, tmp_path / "iris")
+    done = subprocess.run(
+        # -S: no site-packages, so neither the installed copy nor its metadata is found.
+        [sys.executable, "-S", "-c", "import iris; print(iris.__version__, iris.__file__)"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.stdout.split() == ["0+unknown", str(tmp_path / "iris" / "__init__.py")], done.stderr
 
 
 @pytest.mark.parametrize(
