@@ -102,7 +102,7 @@ def run_clients(plan: Plan, operations: list[Callable[[], None]], what: str) -> 
 
 
 class Progress:
-    """The live line on stderr: messages so far, current rate, elapsed time."""
+    """The live line on stderr: messages so far, the rate so far, elapsed time."""
 
     def __init__(self, what: str, clients: list[Client]):
         self.what = what
