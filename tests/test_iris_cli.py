@@ -72,7 +72,8 @@ class IrisProcess:
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.communicate()
+        self.proc.wait()
+        self.proc.stdout.close()
         self._stderr.close()
 
 
@@ -283,6 +284,20 @@ def test_subscribe_runs_until_interrupted(relay, attach, start_iris, signum):
     # Signal only once the event is printed, or the test would race the delivery.
     assert select.select([subscriber.proc.stdout], [], [], 5)[0], "the event was not printed"
     assert subscriber.finish(signum) == (0, b"only\n")
+
+
+def test_subscribe_into_a_closed_pipe_ends_quietly(relay, attach, start_iris):
+    """``iris subscribe news | head -1``: the reader leaving is not an error."""
+    subscriber = start_iris(relay.port, "subscribe", "news")
+    subscriber.wait_for_stderr("subscribed")
+    publisher = attach.connect(relay.port)
+    publisher.publish("news", b"first")
+    assert subscriber.proc.stdout.readline() == b"first\n"
+    subscriber.proc.stdout.close()
+    for _ in range(3):  # the next write meets the closed pipe
+        publisher.publish("news", b"more")
+    assert subscriber.proc.wait(10) == 0
+    assert "Traceback" not in subscriber.stderr()
 
 
 def test_subscribe_fails_when_the_relay_goes_away(relay_factory, start_iris):

@@ -69,7 +69,10 @@ def subscribe(port: int, topic: str, count: int | None) -> Exit:
 
     Events are handled on one thread, so lines come out in arrival order.
     """
-    events: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+    # One event in hand at a time: while stdout is slow, the handler thread
+    # blocks, events wait in the subscription's pool, and its memory cap
+    # (TopicLimits.event_memory) bounds them instead of an unbounded queue.
+    events: queue.Queue[bytes | None] = queue.Queue(maxsize=1)
     with connect(port) as conn:
         conn.subscribe(topic, events.put, iris.TopicLimits(event_threads=1))
 
