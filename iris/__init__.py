@@ -9,8 +9,9 @@ from .errors import ClosedError, Error, RemoteError, TimeoutError
 from .handlers import ServiceHandler, TopicHandler
 from .limits import ServiceLimits, TopicLimits
 from .logs import ContextLog
-from .service import Service, register
+from .service import Service, register, serve
 from .tunnel import Tunnel
+from .version import __version__
 
 __all__ = [
     "ClosedError",
@@ -26,5 +27,7 @@ __all__ = [
     "TopicLimits",
     "Tunnel",
     "connect",
+    "__version__",
     "register",
+    "serve",
 ]

@@ -1,4 +1,4 @@
-"""The Iris relay wire protocol (PROTOCOL.md), pure: no sockets, no threads.
+"""The Iris relay wire protocol (docs/protocol.md), pure: no sockets, no threads.
 
 Bytes go into a :class:`Decoder` and packets come out; a packet's ``encode()``
 gives the bytes to send. The client binding and the embedded relay both drive

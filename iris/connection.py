@@ -122,6 +122,7 @@ class Connection:
         self._closing = False
         self._closed = threading.Event()
         self._drop_reason: str | None = None
+        self.close_reason: str | None = None  # why the connection ended, once it has
         self.inbound: Inbound | None = inbound(self) if inbound else None
 
         self.log.info("connecting to relay", relay_port=port, cluster=cluster or None)
@@ -191,9 +192,19 @@ class Connection:
     def closed(self) -> bool:
         return self._closed.is_set()
 
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Block until the connection has ended (closed or dropped); False on timeout."""
+        return self._closed.wait(timeout)
+
+    def _mark_closed(self, reason: str) -> None:
+        """Record why the connection ended; from here on, _send refuses."""
+        if self.close_reason is None:
+            self.close_reason = reason  # before the event: wait_closed() callers read it
+        self._closed.set()
+
     def _shutdown(self, reason: str) -> None:
         """Fail everything pending and release the socket; idempotent."""
-        self._closed.set()  # from here on, _send refuses: nothing new can start waiting
+        self._mark_closed(reason)
         with self._state_lock:
             self._closing = True
             requests, self._requests = self._requests, {}
@@ -368,7 +379,7 @@ class Connection:
         except (OSError, ClosedError) as err:  # ClosedError: a send of ours met the end
             reason = f"connection lost: {err}"
         finally:
-            self._closed.set()
+            self._mark_closed(reason)
             graceful = self._closing and self._drop_reason is None
             self._shutdown(reason)
             if not graceful:

@@ -2,7 +2,7 @@
 
 The relay pushes work at a binding as fast as senders produce it; without caps
 a slow handler would let inbound messages pile up in memory without bound.
-Unset (zero) fields take the defaults of the official bindings, PROTOCOL.md
+Unset (zero) fields take the defaults of the official bindings, docs/protocol.md
 section 7.
 """
 

@@ -1,4 +1,4 @@
-"""Bounded handler pools: the thread and memory caps of PROTOCOL.md section 7.
+"""Bounded handler pools: the thread and memory caps of docs/protocol.md section 7.
 
 Inbound work runs on at most ``threads`` threads; what waits for a thread is
 limited to ``memory`` bytes, so a flood of messages can neither spawn

@@ -1,16 +1,27 @@
-"""Registering a service: a connection that is also a member of a cluster."""
+"""Registering a service: a connection that is also a member of a cluster.
+
+``register`` returns at once and the service runs on the binding's threads;
+``serve`` is the blocking form for a program that is just the service: it
+registers, waits for SIGINT or SIGTERM, and unregisters.
+"""
 
 from __future__ import annotations
 
 import itertools
+import signal
+import threading
 
 from .connection import DEFAULT_PORT, Connection, _validate_name
 from .dispatch import HandlerDispatch
+from .errors import ClosedError
 from .handlers import ServiceHandler
 from .limits import ServiceLimits
 from .logs import ContextLog
 
 _service_ids = itertools.count(1)
+
+# The signals that end iris.serve: Ctrl-C, and what systemd and kill send.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Service:
@@ -47,6 +58,14 @@ class Service:
         self.log.info("unregistering service")
         self.conn.close()
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the service has stopped; False if ``timeout`` passed first.
+
+        The service stops when ``unregister`` is called (from another thread)
+        or when the relay drops it; ``conn.close_reason`` says which.
+        """
+        return self.conn.wait_closed(timeout)
+
     def __enter__(self) -> Service:
         return self
 
@@ -66,3 +85,37 @@ def register(
     service is unregistered and the exception propagates.
     """
     return Service(port if port is not None else DEFAULT_PORT, cluster, handler, limits)
+
+
+def serve(
+    port: int,
+    cluster: str,
+    handler: ServiceHandler,
+    limits: ServiceLimits | None = None,
+) -> None:
+    """Register ``handler`` under ``cluster`` and serve until SIGINT or SIGTERM.
+
+    The whole main loop of a program that is just a service. On a signal the
+    service unregisters and ``serve`` returns. If the relay drops the service
+    first, ``serve`` raises iris.ClosedError with the reason, so the program
+    ends with an error instead of idling unregistered. Must be called from the
+    main thread (Python delivers signals there); the previous signal handlers
+    are restored on return.
+    """
+    stop = threading.Event()
+    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in STOP_SIGNALS}
+    try:
+        with register(port, cluster, handler, limits) as service:
+
+            def stop_when_dropped() -> None:
+                service.wait()
+                stop.set()
+
+            # The signal handler and the end of the connection wake the same event.
+            threading.Thread(target=stop_when_dropped, name="iris-serve", daemon=True).start()
+            stop.wait()
+            if service.conn.closed:
+                raise ClosedError(f"service {cluster!r} dropped: {service.conn.close_reason}")
+    finally:
+        for signum, handler_before in previous.items():
+            signal.signal(signum, handler_before)

@@ -1,6 +1,6 @@
 """Tunnels: ordered, flow-controlled message streams to one cluster member.
 
-Flow control follows PROTOCOL.md section 6: the sender spends allowance the
+Flow control follows docs/protocol.md section 6: the sender spends allowance the
 relay granted before each chunk and blocks while it has none; the receiver
 grants allowance back as the application consumes each message. A message
 larger than the chunk limit travels as several chunks and is reassembled.

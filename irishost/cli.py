@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from iris.logfmt import configure_logging
+from iris.version import add_version_option
 
 from .config import ConfigError, load_config
 from .control import ControlError, format_status, query_status
@@ -25,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 ok, 1 failure, 2 usage, 3 config error, "
         "4 handler import/init error, 5 relay unreachable",
     )
+    add_version_option(parser)
     parser.add_argument(
         "command", nargs="?", choices=["run", "status"], default="run", help="default: run"
     )

@@ -1,4 +1,4 @@
-"""The pure codec: PROTOCOL.md's worked bytes, round trips, and hostile input.
+"""The pure codec: docs/protocol.md's worked bytes, round trips, and hostile input.
 
 Every input is fed whole, one byte at a time, and followed by the first bytes
 of the next packet; the decoder must give the same packets every way.
@@ -75,7 +75,7 @@ def same(decoded: list, expected: list) -> None:
 
 
 # ---------------------------------------------------------------------------
-# PROTOCOL.md section 2 and 4, byte for byte.
+# docs/protocol.md section 2 and 4, byte for byte.
 
 CLIENT_INIT = b"\x00\x11iris-client-magic\x0bv1.0-draft2\x00"
 SERVICE_INIT = b"\x00\x11iris-client-magic\x0bv1.0-draft2\x04echo"
@@ -118,7 +118,7 @@ def test_request_300_bytes():
 
 
 def test_direction_asymmetries():
-    """PROTOCOL.md section 4: REPLY, CLOSE and TUN_CLOSE differ by direction."""
+    """docs/protocol.md section 4: REPLY, CLOSE and TUN_CLOSE differ by direction."""
     assert Reply(1, True, b"x").encode() == b"\x05\x01\x01\x01x"
     assert ReplyDelivery(1, False, True, b"x").encode() == b"\x05\x01\x00\x01\x01x"
     assert ReplyDelivery(1, True).encode() == b"\x05\x01\x01"
@@ -132,7 +132,7 @@ def test_direction_asymmetries():
 
 
 def test_tunnel_example_from_protocol():
-    """The packet-by-packet tunnel of PROTOCOL.md section 6, both decoders."""
+    """The packet-by-packet tunnel of docs/protocol.md section 6, both decoders."""
     from_a = [TunnelInit(0, "echo", 1000), TunnelAllow(0, 67108864)]
     from_a.append(TunnelTransfer(0, 100, bytes(100)))
     from_a.append(TunnelClose(0))
@@ -144,7 +144,7 @@ def test_tunnel_example_from_protocol():
 
 
 def chunk_message(tid: int, message: bytes, limit: int) -> list[TunnelTransfer]:
-    """PROTOCOL.md section 6 rule 6: the first chunk carries the size, the rest 0."""
+    """docs/protocol.md section 6 rule 6: the first chunk carries the size, the rest 0."""
     return [
         TunnelTransfer(tid, 0 if pos else len(message), message[pos : pos + limit])
         for pos in range(0, len(message), limit)

@@ -1,29 +1,93 @@
-"""The README's quickstart runs as written, against a real relay process."""
+"""The README's quickstart is examples/, and examples/ runs against a real relay process.
+
+examples/echo_service.py is the README's first example in full, and the
+README's later snippets, in order, are the body of examples/client.py. Both
+files run here: the echo service as a process of its own, the client against
+it. They run from copies whose port 55555 is the test relay's.
+"""
 
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+import pytest
+
+import iris
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+EXAMPLES = ROOT / "examples"
+SERVICE = "echo_service.py"
+CLIENT = "client.py"
 
 
 def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
 
-def test_quickstart_runs_as_written(relay, tmp_path):
-    blocks = python_blocks()
-    assert len(blocks) >= 6, "the quickstart lost its examples"
-    script = "\n".join(blocks).replace("55555", str(relay.port))
-    path = tmp_path / "quickstart.py"
-    path.write_text(script)
-    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert "reply arrived: b'some request binary'" in done.stdout
-    assert "request completed: b'request'" in done.stdout
-    assert "broadcast: b'to every member of the cluster'" in done.stdout
-    assert "event: b'to every subscriber of the topic'" in done.stdout
-    assert "info entry, client context included client=1" in done.stderr
-    assert 'warning entry client=1 extra="some value"' in done.stderr
-    assert "debug entry" not in done.stderr
+def test_first_example_is_the_whole_echo_service():
+    assert python_blocks()[0] == (EXAMPLES / SERVICE).read_text()
+
+
+def test_later_snippets_are_the_client_example():
+    client = (EXAMPLES / CLIENT).read_text()
+    _, imports_end, body = client.partition("import iris\n\n")
+    assert imports_end, f"{CLIENT} no longer imports iris last"
+    assert "\n".join(python_blocks()[1:]) == body
+
+
+@pytest.fixture
+def examples(tmp_path, relay) -> Path:
+    """Copies of examples/ that use the test relay's port."""
+    for example in EXAMPLES.glob("*.py"):
+        (tmp_path / example.name).write_text(example.read_text().replace("55555", str(relay.port)))
+    yield tmp_path
+    shutil.rmtree(tmp_path / "__pycache__", ignore_errors=True)
+
+
+def wait_until_served(conn: iris.Connection, cluster: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn.request(cluster, b"ping", 0.2)
+            return
+        except iris.TimeoutError:
+            assert time.monotonic() < deadline, f"nothing serves {cluster!r}"
+
+
+def test_examples_run_as_written(examples, relay, attach):
+    service = subprocess.Popen(
+        [sys.executable, str(examples / SERVICE)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        probe = attach.connect(relay.port)
+        wait_until_served(probe, "echo")
+        client = subprocess.run(
+            [sys.executable, str(examples / CLIENT)], capture_output=True, text=True, timeout=60
+        )
+        service.send_signal(signal.SIGTERM)
+        service_out, service_err = service.communicate(timeout=10)
+    finally:
+        if service.poll() is None:
+            service.kill()
+            service.communicate()
+
+    assert client.returncode == 0, client.stderr
+    assert "reply arrived: b'some request binary'" in client.stdout
+    assert "request completed: b'request'" in client.stdout
+    assert "event: b'to every subscriber of the topic'" in client.stdout
+    assert "info entry, client context included client=1" in client.stderr
+    assert 'warning entry client=1 extra="some value"' in client.stderr
+    assert "debug entry" not in client.stderr
+
+    assert service.returncode == 0, service_err
+    assert "broadcast: b'to every member of the cluster'" in service_out
+    with pytest.raises(iris.TimeoutError):  # iris.serve unregistered it on SIGTERM
+        probe.request("echo", b"ping", 0.3)

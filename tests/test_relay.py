@@ -395,7 +395,7 @@ def test_sigterm_reaches_readers_despite_a_stuck_peer(relay_factory, raw, attach
 
 
 def test_tunnel_packet_by_packet(relay, raw):
-    """PROTOCOL.md section 6, "A tunnel, packet by packet"."""
+    """docs/protocol.md section 6, "A tunnel, packet by packet"."""
     a = raw(relay.port).handshake()
     b = raw(relay.port).handshake("echo")
     a.send(TunnelInit(0, "echo", 1000))

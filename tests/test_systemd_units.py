@@ -13,9 +13,10 @@ from irishost.supervisor import Exit
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 HOST = "irishost@.service"
 RELAY = "iris-relay.service"
+NODE = "iris-node@.service"
 INSTALLED_BIN = "/usr/local/bin/"
 
-# Both units run untrusted-input network code; neither may lose any of these.
+# All units run untrusted-input network code; neither may lose any of these.
 HARDENING = {
     "NoNewPrivileges": "yes",
     "CapabilityBoundingSet": "",
@@ -64,7 +65,7 @@ def verify(tmp_path):
         pytest.skip("systemd-analyze is not installed; cannot verify the unit files")
     stubs = tmp_path / "bin"
     stubs.mkdir()
-    for program in ("irishost", "iris-relay"):
+    for program in ("irishost", "iris-relay", "iris-node"):
         (stubs / program).write_text("#!/bin/sh\nexit 0\n")
         (stubs / program).chmod(0o755)
     for unit in UNITS.glob("*.service"):
@@ -137,5 +138,27 @@ def test_relay_unit_directives():
         "Restart": "on-failure",
         "DynamicUser": "yes",
         **HARDENING,
+    }
+    assert {key: service.get(key) for key in expected} == expected
+
+
+def test_node_unit_passes_systemd_analyze_verify(verify):
+    assert verify("iris-node@prod.service") == (0, "")
+
+
+def test_node_unit_directives():
+    unit = parse_unit(NODE)
+    assert unit["Unit"]["Conflicts"] == RELAY  # both serve port 55555
+    service = unit["Service"]
+    hardening = {**HARDENING, "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK"}
+    expected = {
+        # Not /usr/local/bin/iris: that is our own command.
+        "ExecStart": "/usr/local/bin/iris-node -net %i -rsa %d/network.pem -port 55555",
+        "LoadCredential": "network.pem:/etc/iris/%i.pem",
+        "KillSignal": "SIGINT",
+        "Type": "exec",
+        "Restart": "on-failure",
+        "DynamicUser": "yes",
+        **hardening,
     }
     assert {key: service.get(key) for key in expected} == expected

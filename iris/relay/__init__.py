@@ -1,6 +1,6 @@
 """The embedded single-node Iris relay (``iris-relay``).
 
-Speaks the relay side of PROTOCOL.md so that the Python binding, irishost
+Speaks the relay side of docs/protocol.md so that the Python binding, irishost
 and any official Iris binding can run on one machine with nothing else
 installed. It does not federate: multi-machine networks use the Iris node.
 """

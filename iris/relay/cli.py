@@ -8,6 +8,7 @@ import sys
 
 from .. import codec
 from ..logfmt import configure_logging
+from ..version import add_version_option
 from .server import DEFAULT_OUTBOUND_CAP, DEFAULT_PORT, RelayServer
 
 SINGLE_NODE = (
@@ -28,6 +29,7 @@ def _size(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iris-relay", description=__doc__)
+    add_version_option(parser)
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (0: any free)")
     parser.add_argument("--dev", action="store_true", help="accepted for parity with iris -dev")
     parser.add_argument(

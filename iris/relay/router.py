@@ -1,4 +1,4 @@
-"""What the relay does with packets: the semantics of PROTOCOL.md section 6.
+"""What the relay does with packets: the semantics of docs/protocol.md section 6.
 
 The router knows nothing of sockets. Each attached connection is a Peer with
 ``send(bytes)`` and ``close(reason)``; the server feeds the router decoded
@@ -374,7 +374,7 @@ class Router:
         per direction: dropping them would lose messages a sender sent and then
         closed, e.g. a reply written before the receiver had granted allowance.
         They go out regardless of allowance, which a binding must tolerate
-        (PROTOCOL.md section 6); the relay's buffer bounds them.
+        (docs/protocol.md section 6); the relay's buffer bounds them.
         """
         end.peer.tunnels.pop(end.id, None)
         for size, chunk in end.queue:

@@ -1,0 +1,7 @@
+"""``python -m iris.tool``: the same as the ``iris`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,197 @@
+"""``iris bench request`` / ``iris bench publish``: load tests in the shape of ``nats bench``.
+
+Each client is a thread with its own connection. A request client sends one
+request at a time and times each round trip; publish clients send as fast as
+they can while one subscriber, on its own connection, times each event from
+the moment it was published (the publish time travels in the event's first
+8 bytes). While the clients run, a progress line is redrawn on stderr when
+stderr is a terminal; the report goes to stdout.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import iris
+
+from .exits import Exit, ToolError
+from .latency import Latencies, latency_lines, rate_line
+from .messaging import connect, note
+
+# How long a benchmark runs when neither --seconds nor --count is given.
+DEFAULT_SECONDS = 5.0
+# How often the progress line is redrawn.
+PROGRESS_INTERVAL = 0.5
+# After the last publish, how long to wait for events still in flight: the
+# wait ends when every event arrived or none arrived for this long.
+DRAIN_QUIET = 1.0
+DRAIN_POLL = 0.01
+# The publish time at the start of each bench event: perf_counter_ns, 8 bytes.
+STAMP = struct.Struct("<q")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to run: ``clients`` threads, ``size``-byte messages, for ``seconds`` or ``count``."""
+
+    clients: int
+    size: int
+    seconds: float | None
+    count: int | None
+    timeout: float | None  # of each request; None for publish
+
+    def share(self, client: int) -> int | None:
+        """How many messages client number ``client`` sends in count mode."""
+        if self.count is None:
+            return None
+        return self.count // self.clients + (client < self.count % self.clients)
+
+
+class Client(threading.Thread):
+    """Runs ``operation`` in a loop until its share is done or the deadline passed."""
+
+    def __init__(self, operation: Callable[[], None], share: int | None, deadline: float | None):
+        super().__init__(daemon=True)
+        self.operation = operation
+        self.share = share
+        self.deadline = deadline
+        self.latencies: list[int] = []  # nanoseconds per completed operation
+        self.failed = 0
+        self.error: BaseException | None = None  # what stopped the client early
+
+    def run(self) -> None:
+        clock, latencies = time.perf_counter_ns, self.latencies
+        try:
+            while (self.share is None or len(latencies) + self.failed < self.share) and (
+                self.deadline is None or time.monotonic() < self.deadline
+            ):
+                start = clock()
+                try:
+                    self.operation()
+                except (iris.RemoteError, iris.TimeoutError):
+                    self.failed += 1
+                    continue
+                latencies.append(clock() - start)
+        except BaseException as err:  # reported by the main thread, not lost with the thread
+            self.error = err
+
+
+def run_clients(plan: Plan, operations: list[Callable[[], None]], what: str) -> list[Client]:
+    deadline = None if plan.seconds is None else time.monotonic() + plan.seconds
+    clients = [Client(op, plan.share(i), deadline) for i, op in enumerate(operations)]
+    progress = Progress(what, clients) if sys.stderr.isatty() else None
+    for client in clients:
+        client.start()
+    for client in clients:
+        while client.is_alive():
+            client.join(PROGRESS_INTERVAL)
+            if progress:
+                progress.draw()
+    if progress:
+        progress.clear()
+    errors = [client.error for client in clients if client.error is not None]
+    if errors:
+        raise errors[0]
+    return clients
+
+
+class Progress:
+    """The live line on stderr: messages so far, the rate so far, elapsed time."""
+
+    def __init__(self, what: str, clients: list[Client]):
+        self.what = what
+        self.clients = clients
+        self.started = time.monotonic()
+
+    def draw(self) -> None:
+        done = sum(len(client.latencies) for client in self.clients)
+        elapsed = time.monotonic() - self.started
+        line = f"{done:,} {self.what}  {done / elapsed:,.0f}/s  {elapsed:.1f} s"
+        sys.stderr.write(f"\r{line}\x1b[K")
+        sys.stderr.flush()
+
+    @staticmethod
+    def clear() -> None:
+        sys.stderr.write("\r\x1b[K")
+        sys.stderr.flush()
+
+
+def describe(plan: Plan, what: str) -> str:
+    until = f"{plan.seconds:g} s" if plan.seconds is not None else f"{plan.count:,} {what}"
+    return f"{plan.clients} client(s), {plan.size}-byte {what}, {until}"
+
+
+def bench_requests(port: int, cluster: str, plan: Plan) -> Exit:
+    """Round trips to ``cluster``; something must serve it (``iris reply CLUSTER --echo``)."""
+    message = b"x" * plan.size
+    conns = [connect(port) for _ in range(plan.clients)]
+    try:
+        try:
+            conns[0].request(cluster, message, plan.timeout)  # fails fast if nobody serves
+        except (iris.TimeoutError, iris.RemoteError):
+            note(f"the first request failed; is anything serving {cluster!r}?")
+            raise
+        note(f"bench request {cluster!r}: {describe(plan, 'requests')}")
+        operations = [
+            functools.partial(conn.request, cluster, message, plan.timeout) for conn in conns
+        ]
+        started = time.monotonic()
+        clients = run_clients(plan, operations, "requests")
+        elapsed = time.monotonic() - started
+    finally:
+        for conn in conns:
+            conn.close()
+    samples = [sample for client in clients for sample in client.latencies]
+    failed = sum(client.failed for client in clients)
+    print(rate_line("requests", len(samples), elapsed, plan.size, failed))
+    print("\n".join(latency_lines("latency", Latencies(samples))))
+    return Exit.OK if not failed else Exit.FAILURE
+
+
+def bench_publish(port: int, topic: str, plan: Plan) -> Exit:
+    """Events to ``topic``, timed from publish to delivery at our own subscriber."""
+    if plan.size < STAMP.size:
+        raise ToolError(Exit.USAGE, f"--size must be at least {STAMP.size} for publish")
+    padding = b"x" * (plan.size - STAMP.size)
+    delays: list[int] = []
+
+    def on_event(event: bytes) -> None:
+        delays.append(time.perf_counter_ns() - STAMP.unpack_from(event)[0])
+
+    def publisher(conn: iris.Connection) -> Callable[[], None]:
+        return lambda: conn.publish(topic, STAMP.pack(time.perf_counter_ns()) + padding)
+
+    subscriber = connect(port)
+    conns: list[iris.Connection] = []
+    try:
+        subscriber.subscribe(topic, on_event, iris.TopicLimits(event_threads=1))
+        conns = [connect(port) for _ in range(plan.clients)]
+        note(f"bench publish {topic!r}: {describe(plan, 'events')}")
+        operations = [publisher(conn) for conn in conns]
+        started = time.monotonic()
+        clients = run_clients(plan, operations, "events")
+        elapsed = time.monotonic() - started
+        published = sum(len(client.latencies) for client in clients)
+        wait_for_delivery(delays, published)
+    finally:
+        for conn in [*conns, subscriber]:
+            conn.close()
+    print(rate_line("events published", published, elapsed, plan.size, 0))
+    print(f"{len(delays):,} delivered to our subscriber, {published - len(delays):,} lost")
+    print("\n".join(latency_lines("delivery latency", Latencies(delays))))
+    return Exit.OK
+
+
+def wait_for_delivery(delays: list[int], published: int) -> None:
+    """Until every event arrived, or none arrived for DRAIN_QUIET seconds."""
+    seen, changed = len(delays), time.monotonic()
+    while len(delays) < published and time.monotonic() - changed < DRAIN_QUIET:
+        time.sleep(DRAIN_POLL)
+        if len(delays) != seen:
+            seen, changed = len(delays), time.monotonic()
