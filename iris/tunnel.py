@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from . import codec
+from . import chunks, codec
 from .errors import ClosedError, TimeoutError
 from .logs import ContextLog
 
@@ -57,9 +57,7 @@ class Tunnel:
         self._send_lock = threading.Lock()  # one message's chunks must not interleave
         self._allowance = 0  # bytes the relay lets us send
         self._inbox: deque[bytes] = deque()
-        self._partial: list[bytes] = []  # chunks of the message being received
-        self._partial_size = 0  # its announced length
-        self._partial_have = 0
+        self._reassembly = chunks.Reassembly(tid)
         self._close_sent = False
         self._closed_reason: str | None = None
 
@@ -79,15 +77,12 @@ class Tunnel:
         if not isinstance(message, bytes | bytearray | memoryview) or not message:
             raise ValueError("tunnel message must be non-empty bytes")
         deadline = None if timeout is None else time.monotonic() + timeout
-        view = memoryview(message)
-        size, limit = len(view), self._chunk_limit
         with self._send_lock:
-            for pos in range(0, size, limit):
-                chunk = bytes(view[pos : pos + limit])
+            for size_field, chunk in chunks.split(message, self._chunk_limit):
                 self._spend(len(chunk), deadline)
-                self._conn._send(codec.TunnelTransfer(self.id, 0 if pos else size, chunk).encode())
+                self._conn._send(codec.TunnelTransfer(self.id, size_field, chunk).encode())
         if self.log.is_debug():
-            self.log.debug("tunnel message sent", size=size)
+            self.log.debug("tunnel message sent", size=len(message))
 
     def _spend(self, size: int, deadline: float | None) -> None:
         with self._cond:
@@ -150,21 +145,10 @@ class Tunnel:
             self._cond.notify_all()
 
     def _on_transfer(self, size: int, chunk: bytes) -> None:
-        discarded = 0
         with self._cond:
-            if size:  # a first chunk: an unfinished message before it is abandoned
-                if self._partial:
-                    discarded = self._partial_have
-                self._partial, self._partial_size, self._partial_have = [], size, 0
-            elif not self._partial_size:
-                raise codec.ProtocolError(f"tunnel {self.id}: continuation without a message")
-            self._partial.append(chunk)
-            self._partial_have += len(chunk)
-            if self._partial_have > self._partial_size:
-                raise codec.ProtocolError(f"tunnel {self.id}: message longer than announced")
-            if self._partial_have == self._partial_size:
-                self._inbox.append(b"".join(self._partial))
-                self._partial, self._partial_size, self._partial_have = [], 0, 0
+            message, discarded = self._reassembly.add(size, chunk)
+            if message is not None:
+                self._inbox.append(message)
                 self._cond.notify_all()
         if discarded:
             # The sender timed out mid-message; return the allowance the
