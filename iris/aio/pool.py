@@ -6,12 +6,11 @@ other ``*_threads`` limits keep that meaning), what waits for a slot is
 limited to ``memory`` bytes, and a pool starts *held* so that a service's
 ``init`` runs before any other callback.
 
-A callback may be a plain function or return a coroutine. Speed is why it is
-run the way it is: with a free slot it starts at once, on the loop, inside the
-read that delivered its message. A coroutine is stepped eagerly up to its
-first real suspension, so a handler that never awaits (an echo) completes
-with no Task and no extra loop turn. Only a coroutine that does suspend is
-handed to a Task, which resumes it where the eager step left off.
+A callback may be a plain function, which runs at once on the loop, inside
+the read that delivered its message; or it may return a coroutine, which
+runs in a Task of its own, as any coroutine on the loop expects
+(``asyncio.current_task()``, ``asyncio.timeout()`` and cancellation work in
+handlers as everywhere else).
 
 A handler that blocks the loop is the user's bug, but a hard one to see:
 every step a handler takes on the loop is timed, and one that holds the loop
@@ -38,9 +37,6 @@ UNCAPPED = sys.maxsize
 
 # done(key, ok, value): told the outcome of one callback.
 Done = Callable[[Any, bool, Any], None]
-
-_NOTHING = object()
-
 
 class HandlerPool:
     """Runs callbacks on the running loop, at most ``concurrency`` at once.
@@ -114,16 +110,10 @@ class HandlerPool:
         try:
             result = fn(*args)
             if isinstance(result, collections.abc.Coroutine):
-                coro = result
-                try:
-                    yielded = coro.send(None)
-                except StopIteration as stop:
-                    result = stop.value
-                else:
-                    task = asyncio.get_running_loop().create_task(_Resumed(coro, yielded, self))
-                    self._tasks.add(task)
-                    task.add_done_callback(lambda task: self._task_done(task, done, key))
-                    return
+                task = asyncio.get_running_loop().create_task(_Timed(result, self))
+                self._tasks.add(task)
+                task.add_done_callback(lambda task: self._task_done(task, done, key))
+                return
         except BaseException as err:  # noqa: B036 - the callback's outcome, whatever it was
             self._finish(done, key, False, err)
             return
@@ -187,39 +177,23 @@ class HandlerPool:
             self._draining = False
 
 
-class _Resumed(collections.abc.Coroutine):
-    """A handler coroutine stepped once already, handed on to a Task.
+class _Timed(collections.abc.Coroutine):
+    """A handler coroutine whose every step on the loop the pool times."""
 
-    The Task's first step gets back what the eager step yielded (the future
-    the handler waits on, or None for a bare yield), so the Task waits on it
-    exactly as if it had taken that step itself; every later step goes to the
-    coroutine, timed by the pool.
-    """
+    __slots__ = ("_coro", "_pool")
 
-    __slots__ = ("_coro", "_yielded", "_pool")
-
-    def __init__(self, coro: collections.abc.Coroutine, yielded: Any, pool: HandlerPool):
+    def __init__(self, coro: collections.abc.Coroutine, pool: HandlerPool):
         self._coro = coro
-        self._yielded = yielded
         self._pool = pool
 
     def send(self, value: Any) -> Any:
-        yielded = self._yielded
-        if yielded is not _NOTHING:
-            self._yielded = _NOTHING
-            return yielded
         return self._pool._step(self._coro.send, value)
 
     def throw(self, exc: BaseException) -> Any:
-        yielded, self._yielded = self._yielded, _NOTHING
-        if isinstance(yielded, asyncio.Future):
-            # Cancelled before the Task took its first step: the Task never
-            # learnt of this future, so cancel it as the Task would have.
-            yielded.cancel()
         return self._pool._step(self._coro.throw, exc)
 
     def close(self) -> None:
         self._coro.close()
 
     def __await__(self):
-        raise TypeError("a resumed handler is driven by its Task only")
+        raise TypeError("a handler coroutine is driven by its Task only")
