@@ -244,14 +244,13 @@ def test_cancelling_a_request_frees_its_slot_and_drops_the_late_reply(relay):
 def test_close_wakes_every_waiter_with_closed_error(relay):
     async def main():
         gate = Gate()
-        async with iris.aio.register(relay.port, "gate", gate), iris.aio.register(
-            relay.port, "echo", Echo()
+        async with (
+            iris.aio.register(relay.port, "gate", gate),
+            iris.aio.register(relay.port, "echo", Echo()),
         ):
             conn = await iris.aio.connect(relay.port)
             tunnel = await conn.tunnel("echo", 1)
-            waiters = [
-                asyncio.ensure_future(conn.request("gate", b"%d" % i, 10)) for i in range(5)
-            ]
+            waiters = [asyncio.ensure_future(conn.request("gate", b"%d" % i, 10)) for i in range(5)]
             waiters.append(asyncio.ensure_future(tunnel.recv()))
             await until(lambda: gate.started == 5)
             await conn.close()
@@ -405,16 +404,16 @@ def test_tunnel_carries_16_mib_messages_both_ways(relay):
         async with (
             iris.aio.register(relay.port, "stream", Echo()),
             iris.aio.connect(relay.port) as conn,
+            await conn.tunnel("stream", 2) as tunnel,
         ):
-            async with await conn.tunnel("stream", 2) as tunnel:
-                for fill in (b"a", b"b"):
-                    message = fill * (16 * MiB)
-                    await tunnel.send(message, timeout=20)
-                    assert await tunnel.recv(timeout=20) == message
-                small = [b"%d" % i for i in range(100)]
-                for message in small:
-                    await tunnel.send(message)
-                assert [await tunnel.recv(5) for _ in small] == small
+            for fill in (b"a", b"b"):
+                message = fill * (16 * MiB)
+                await tunnel.send(message, timeout=20)
+                assert await tunnel.recv(timeout=20) == message
+            small = [b"%d" % i for i in range(100)]
+            for message in small:
+                await tunnel.send(message)
+            assert [await tunnel.recv(5) for _ in small] == small
 
     run(main())
 
@@ -428,10 +427,12 @@ def test_threaded_and_asyncio_tunnel_ends_interoperate(relay, attach):
     attach.register(relay.port, "threaded", ThreadedEcho())
 
     async def main():
-        async with iris.aio.connect(relay.port) as conn:
-            async with await conn.tunnel("threaded", 2) as tunnel:
-                await tunnel.send(b"z" * (3 * MiB), timeout=10)
-                assert await tunnel.recv(10) == b"z" * (3 * MiB)
+        async with (
+            iris.aio.connect(relay.port) as conn,
+            await conn.tunnel("threaded", 2) as tunnel,
+        ):
+            await tunnel.send(b"z" * (3 * MiB), timeout=10)
+            assert await tunnel.recv(10) == b"z" * (3 * MiB)
 
     run(main())
 

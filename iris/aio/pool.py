@@ -1,21 +1,24 @@
 """Capped handler concurrency on an event loop: the asyncio HandlerPool.
 
-Mirrors :class:`iris.pool.HandlerPool`, with coroutines in place of threads:
-at most ``concurrency`` callbacks run at once (``request_threads`` and the
-other ``*_threads`` limits keep that meaning), what waits for a slot is
-limited to ``memory`` bytes, and a pool starts *held* so that a service's
-``init`` runs before any other callback.
+Mirrors :class:`iris.pool.HandlerPool`, with worker Tasks in place of
+threads: at most ``concurrency`` callbacks run at once (``request_threads``
+and the other ``*_threads`` limits keep that meaning), what waits for a
+worker is limited to ``memory`` bytes, and a pool starts *held* so that a
+service's ``init`` runs before any other callback.
 
-A callback may be a plain function, which runs at once on the loop, inside
-the read that delivered its message; or it may return a coroutine, which
-runs in a Task of its own, as any coroutine on the loop expects
-(``asyncio.current_task()``, ``asyncio.timeout()`` and cancellation work in
-handlers as everywhere else).
+A callback may be a plain function or an ``async def``; either runs in a
+worker Task, so ``asyncio.current_task()``, ``asyncio.timeout()`` and
+cancellation work in handlers as in any coroutine. Speed is why workers are
+long-lived rather than one Task per message: a worker woken for a batch of
+messages runs them one after another, and a handler that completes without
+suspending (an echo) costs no Task, no future and no loop turn of its own.
+Before running a message a worker wakes one idle colleague if more are
+waiting, so handlers that do suspend still run ``concurrency`` at a time.
 
 A handler that blocks the loop is the user's bug, but a hard one to see:
-every step a handler takes on the loop is timed, and one that holds the loop
-longer than ``slow_step`` seconds is logged, in the manner of asyncio's debug
-mode (whose ``slow_callback_duration`` default is the 0.1 s used here).
+every step a worker takes on the loop is timed, and one that holds the loop
+longer than ``slow_step`` seconds is logged, in the manner of asyncio's
+debug mode (whose ``slow_callback_duration`` default is the 0.1 s used here).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import asyncio
 import collections.abc
 import sys
 import time
+import types
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -32,11 +36,12 @@ from ..logs import ContextLog
 
 # As asyncio debug mode's slow_callback_duration: longer on the loop is a stall.
 SLOW_STEP = 0.1
-# For pools with no cap, such as one tunnel handler per tunnel.
+# For pools with no cap, such as the tunnel handlers (one per tunnel).
 UNCAPPED = sys.maxsize
 
-# done(key, ok, value): told the outcome of one callback.
+# done(key, ok, value): told the outcome of one callback, its result or exception.
 Done = Callable[[Any, bool, Any], None]
+
 
 class HandlerPool:
     """Runs callbacks on the running loop, at most ``concurrency`` at once.
@@ -59,126 +64,130 @@ class HandlerPool:
         self.concurrency = concurrency
         self.memory = memory
         self.slow_step = slow_step
-        self.waiting_bytes = 0  # bytes of the callbacks waiting for a slot
+        self.waiting_bytes = 0  # bytes of the callbacks waiting for a worker
         self.running = 0
         self._log = log
+        self._loop = asyncio.get_running_loop()
         self._queue: deque[tuple] = deque()
-        self._tasks: set[asyncio.Task] = set()
+        self._workers: set[asyncio.Task] = set()
+        self._parked: list[asyncio.Future] = []  # idle workers wait on these
+        self._waking = False  # a worker was woken (or started) and has not run yet
         self._started = False
         self._closed = False
-        self._draining = False  # guards against recursing through _release
+        self._cancelled = False
 
     def submit(
         self, fn: Callable, args: tuple, size: int, done: Done | None = None, key: Any = None
     ) -> bool:
-        """Run or queue ``fn(*args)`` holding ``size`` bytes; False if over budget.
-
-        As in the threaded pool, the budget applies even when a slot is free,
-        so a single message over ``memory`` is refused rather than run.
-        """
+        """Queue ``fn(*args)`` holding ``size`` bytes; False if over the budget."""
         if self._closed or self.waiting_bytes + size > self.memory:
             return False
-        if self._started and self.running < self.concurrency:
-            self._run(fn, args, done, key)
-        else:
-            self.waiting_bytes += size
-            self._queue.append((fn, args, size, done, key))
+        self.waiting_bytes += size
+        self._queue.append((fn, args, size, done, key))
+        if not self._waking and self._started:
+            self._wake_one()
         return True
 
     def start(self) -> None:
         """Let queued and future callbacks run."""
         self._started = True
-        self._release_waiting()
+        if self._queue:
+            self._wake_one()
 
     def close(self) -> None:
         """Take no more callbacks; queued and running ones still finish."""
         self._closed = True
+        parked, self._parked = self._parked, []
+        for waiter in parked:
+            if not waiter.done():
+                waiter.set_result(None)  # the worker finds the pool closed and ends
 
     def cancel(self) -> None:
         """Take no more callbacks, drop the queued ones, cancel the running ones."""
-        self._closed = True
+        self._closed = self._cancelled = True
         self._queue.clear()
         self.waiting_bytes = 0
-        for task in list(self._tasks):
-            task.cancel()
+        for worker in list(self._workers):
+            worker.cancel()
 
-    # -- running -----------------------------------------------------------------
+    # -- workers ------------------------------------------------------------------
 
-    def _run(self, fn: Callable, args: tuple, done: Done | None, key: Any) -> None:
-        self.running += 1
-        start = time.perf_counter()
-        try:
-            result = fn(*args)
-            if isinstance(result, collections.abc.Coroutine):
-                task = asyncio.get_running_loop().create_task(_Timed(result, self))
-                self._tasks.add(task)
-                task.add_done_callback(lambda task: self._task_done(task, done, key))
+    def _wake_one(self) -> None:
+        """Get one more worker going for the queue: an idle one, else a new one."""
+        while self._parked:
+            waiter = self._parked.pop()
+            if not waiter.done():
+                waiter.set_result(None)
+                self._waking = True
                 return
-        except BaseException as err:  # noqa: B036 - the callback's outcome, whatever it was
-            self._finish(done, key, False, err)
-            return
-        finally:
-            self._timed(time.perf_counter() - start)
-        self._finish(done, key, True, result)
+        if len(self._workers) < self.concurrency:
+            worker = self._loop.create_task(_Timed(self._work(), self))
+            self._workers.add(worker)
+            worker.add_done_callback(self._workers.discard)
+            self._waking = True
 
-    def _step(self, step: Callable, value: Any) -> Any:
-        """One resumption of a suspended handler coroutine, timed."""
-        start = time.perf_counter()
-        try:
-            return step(value)
-        finally:
-            self._timed(time.perf_counter() - start)
-
-    def _timed(self, seconds: float) -> None:
-        if seconds > self.slow_step:
-            self._log.warning(
-                "handler held the event loop; blocking calls belong in a thread "
-                "(asyncio.to_thread)",
-                pool=self.name,
-                seconds=round(seconds, 3),
-            )
-
-    def _task_done(self, task: asyncio.Task, done: Done | None, key: Any) -> None:
-        self._tasks.discard(task)
-        if task.cancelled():
-            self._finish(done, key, False, asyncio.CancelledError())
-        elif task.exception() is not None:
-            self._finish(done, key, False, task.exception())
-        else:
-            self._finish(done, key, True, task.result())
+    async def _work(self) -> None:
+        queue, loop = self._queue, self._loop
+        while True:
+            self._waking = False  # this is the worker that was woken
+            while queue:
+                fn, args, size, done, key = queue.popleft()
+                self.waiting_bytes -= size
+                if queue and not self._waking:
+                    self._wake_one()  # in case this callback suspends
+                self.running += 1
+                try:
+                    result = fn(*args)
+                    if type(result) is types.CoroutineType or isinstance(
+                        result, collections.abc.Coroutine
+                    ):
+                        result = await result
+                except asyncio.CancelledError as err:
+                    if self._cancelled:  # the pool is being torn down
+                        self._finish(done, key, False, err)
+                        raise
+                    # The handler cancelled itself (or something cancelled
+                    # the task it ran in): answer for it and carry on.
+                    asyncio.current_task().uncancel()
+                    self._finish(done, key, False, err)
+                except BaseException as err:  # noqa: B036 - the callback's outcome, whatever it was
+                    self._finish(done, key, False, err)
+                else:
+                    self._finish(done, key, True, result)
+            if self._closed:
+                return
+            waiter = loop.create_future()
+            self._parked.append(waiter)
+            await waiter
 
     def _finish(self, done: Done | None, key: Any, ok: bool, value: Any) -> None:
+        self.running -= 1
         if done is not None:
             try:
                 done(key, ok, value)
             except Exception as err:
                 self._log.error("handler completion raised", pool=self.name, error=repr(err))
-        elif not ok:
+        elif not ok and not isinstance(value, asyncio.CancelledError):
             self._log.error("handler raised", pool=self.name, error=repr(value))
-        self.running -= 1
-        self._release_waiting()
 
-    def _release_waiting(self) -> None:
-        """Start queued callbacks while slots are free.
-
-        Iterative: a callback that completes at once would otherwise start
-        the next from inside its own completion, one stack frame per message.
-        """
-        if self._draining or not self._started:
-            return
-        self._draining = True
+    def _step(self, step: Callable, value: Any) -> Any:
+        """One step of a worker on the loop, timed."""
+        start = time.perf_counter()
         try:
-            queue = self._queue
-            while queue and self.running < self.concurrency:
-                fn, args, size, done, key = queue.popleft()
-                self.waiting_bytes -= size
-                self._run(fn, args, done, key)
+            return step(value)
         finally:
-            self._draining = False
+            seconds = time.perf_counter() - start
+            if seconds > self.slow_step:
+                self._log.warning(
+                    "handler held the event loop; blocking calls belong in a thread "
+                    "(asyncio.to_thread)",
+                    pool=self.name,
+                    seconds=round(seconds, 3),
+                )
 
 
 class _Timed(collections.abc.Coroutine):
-    """A handler coroutine whose every step on the loop the pool times."""
+    """A worker coroutine whose every step on the loop the pool times."""
 
     __slots__ = ("_coro", "_pool")
 
@@ -196,4 +205,4 @@ class _Timed(collections.abc.Coroutine):
         self._coro.close()
 
     def __await__(self):
-        raise TypeError("a handler coroutine is driven by its Task only")
+        raise TypeError("a pool worker is driven by its Task only")

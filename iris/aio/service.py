@@ -66,7 +66,8 @@ class HandlerDispatch:
     def request(self, request_id: int, request: bytes, timeout: float) -> None:
         pool = self._requests
         deadline = self._time() + timeout
-        if not pool.submit(self._serve, (request, deadline), len(request), self._answer, request_id):
+        size = len(request)
+        if not pool.submit(self._serve, (request, deadline), size, self._answer, request_id):
             self._conn.reply(request_id, False, memory_fault(pool))
 
     def _serve(self, request: bytes, deadline: float) -> object:
