@@ -37,7 +37,7 @@ def test_check_validates_config_and_handler_then_exits_0_without_serving(service
     assert service.records() == [], "--check started workers"
 
 
-@pytest.mark.parametrize("example", ["echo.toml", "primes.toml"])
+@pytest.mark.parametrize("example", ["echo.toml", "primes.toml", "async_echo.toml"])
 def test_the_installed_command_checks_the_example_configs(example):
     command = shutil.which("irishost")
     assert command, "the irishost console script is not installed"

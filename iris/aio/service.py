@@ -25,7 +25,23 @@ from .pool import UNCAPPED, HandlerPool
 from .tunnel import Tunnel
 
 # A request whose caller had timed out before a handler was free: no answer.
-_EXPIRED = object()
+EXPIRED = object()
+
+
+def answer(ok: bool, value: object) -> tuple[bool, bytes | str]:
+    """A request handler's outcome as (True, reply) or (False, the fault text).
+
+    The asyncio twin of iris.dispatch.answer, for an outcome the pool
+    reports; shared with irishost's loop workers.
+    """
+    if not ok:
+        if isinstance(value, asyncio.CancelledError):
+            return False, "request handler was cancelled"
+        return False, fault_text(value)
+    try:
+        return checked_reply(value)
+    except TypeError as err:
+        return False, fault_text(err)
 
 
 async def settle(result: object) -> object:
@@ -72,22 +88,14 @@ class HandlerDispatch:
 
     def _serve(self, request: bytes, deadline: float) -> object:
         if self._time() > deadline:  # its caller has timed out already
-            return _EXPIRED
+            return EXPIRED
         return self._handler.handle_request(request)
 
     def _answer(self, request_id: int, ok: bool, value: object) -> None:
-        if value is _EXPIRED:
+        if value is EXPIRED:
             self._log.debug("request expired before a handler was free", id=request_id)
             return
-        if ok:
-            try:
-                self._conn.reply(request_id, *checked_reply(value))
-            except TypeError as err:
-                self._conn.reply(request_id, False, fault_text(err))
-        elif isinstance(value, asyncio.CancelledError):
-            self._conn.reply(request_id, False, "request handler was cancelled")
-        else:
-            self._conn.reply(request_id, False, fault_text(value))
+        self._conn.reply(request_id, *answer(ok, value))
 
     def broadcast(self, message: bytes) -> None:
         if not self._broadcasts.submit(self._handler.handle_broadcast, (message,), len(message)):
