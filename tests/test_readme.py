@@ -27,3 +27,7 @@ def test_quickstart_runs_as_written(relay, tmp_path):
     assert "info entry, client context included client=1" in done.stderr
     assert 'warning entry client=1 extra="some value"' in done.stderr
     assert "debug entry" not in done.stderr
+    assert "async replies: 100" in done.stdout
+    assert "async request timed out" in done.stdout
+    assert "async event: b'extra!'" in done.stdout
+    assert "async tunnel echoed: 200000" in done.stdout
