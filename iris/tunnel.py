@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from . import chunks, codec
 from .errors import ClosedError, TimeoutError
 from .logs import ContextLog
+from .tunnel_core import TunnelCore
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -45,21 +46,16 @@ def wait_until(
         cond.wait(remaining)
 
 
-class Tunnel:
+class Tunnel(TunnelCore):
     """One end of a tunnel; made by Connection.tunnel or given to handle_tunnel."""
 
     def __init__(self, conn: Connection, tid: int, chunk_limit: int, log: ContextLog):
-        self.id = tid
-        self.log = log
-        self._conn = conn
-        self._chunk_limit = chunk_limit
+        super().__init__(conn, tid, chunk_limit, log)
         self._cond = threading.Condition(threading.Lock())
         self._send_lock = threading.Lock()  # one message's chunks must not interleave
         self._allowance = 0  # bytes the relay lets us send
         self._inbox: deque[bytes] = deque()
         self._reassembly = chunks.Reassembly(tid)
-        self._close_sent = False
-        self._closed_reason: str | None = None
 
     def __enter__(self) -> Tunnel:
         return self
@@ -124,18 +120,6 @@ class Tunnel:
             self._on_closed("connection closed")
             return False
         return True
-
-    def _raise_if_closed(self) -> None:
-        if self._closed_reason is not None:
-            raise ClosedError(self._closed_reason or "tunnel closed")
-        if self._close_sent:
-            raise ClosedError("tunnel closed")
-
-    def _grant(self, size: int) -> None:
-        try:
-            self._conn._send(codec.TunnelAllow(self.id, size).encode())
-        except ClosedError:
-            pass  # the tunnel died with its connection; nothing left to grant
 
     # -- called by the connection's reader thread ---------------------------------
 

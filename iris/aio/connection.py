@@ -47,6 +47,7 @@ from ..errors import ClosedError, RemoteError, TimeoutError
 from ..handlers import TopicHandler
 from ..limits import TUNNEL_BUFFER, TopicLimits
 from ..logs import ContextLog, RateLimitedWarning
+from ..tunnel_core import TunnelRoutes
 from .pool import HandlerPool
 from .tunnel import Tunnel
 
@@ -97,8 +98,10 @@ class _Subscription:
         self.overflow = overflow
 
 
-class Connection:
+class Connection(TunnelRoutes):
     """A live attachment to the relay; use :func:`connect` or :func:`iris.aio.register`."""
+
+    tunnel_class = Tunnel
 
     def __init__(self, cluster: str = "", log: ContextLog | None = None):
         """Not attached yet: :meth:`_attach` does that (connect and register call it)."""
@@ -390,11 +393,6 @@ class Connection:
         except ClosedError:
             self.log.debug("reply lost: connection closed", id=request_id)
 
-    # -- used by Tunnel ------------------------------------------------------------------
-
-    def _forget_tunnel(self, tid: int) -> None:
-        self._tunnels.pop(tid, None)
-
     # -- received packets ------------------------------------------------------------------
 
     def _on_bytes(self, data: memoryview) -> None:
@@ -485,28 +483,6 @@ class Connection:
             tunnel.log.info("tunnel established")
             future.set_result(tunnel)
 
-    def _new_tunnel(self, tid: int, chunk_limit: int) -> Tunnel:
-        if chunk_limit < 1:
-            raise codec.ProtocolError(f"tunnel chunk limit {chunk_limit} is not positive")
-        tunnel = Tunnel(self, tid, chunk_limit, self.log.new(tunnel=tid))
-        self._tunnels[tid] = tunnel
-        return tunnel
-
-    def _on_tunnel_allow(self, packet: codec.TunnelAllow) -> None:
-        tunnel = self._tunnels.get(packet.id)
-        if tunnel is not None:
-            tunnel._on_allow(packet.size)
-
-    def _on_tunnel_transfer(self, packet: codec.TunnelTransfer) -> None:
-        tunnel = self._tunnels.get(packet.id)
-        if tunnel is not None:
-            tunnel._on_transfer(packet.size, packet.chunk)
-
-    def _on_tunnel_closed(self, packet: codec.TunnelClosed) -> None:
-        tunnel = self._tunnels.pop(packet.id, None)
-        if tunnel is not None:
-            tunnel._on_closed(packet.reason)
-
 
 # What the relay may send before, and after, it accepted the connection.
 _HANDSHAKE = {
@@ -521,9 +497,9 @@ _DISPATCH = {
     codec.Publish: Connection._on_event,
     codec.TunnelOffer: Connection._on_tunnel_offer,
     codec.TunnelResult: Connection._on_tunnel_result,
-    codec.TunnelAllow: Connection._on_tunnel_allow,
-    codec.TunnelTransfer: Connection._on_tunnel_transfer,
-    codec.TunnelClosed: Connection._on_tunnel_closed,
+    codec.TunnelAllow: TunnelRoutes._on_tunnel_allow,
+    codec.TunnelTransfer: TunnelRoutes._on_tunnel_transfer,
+    codec.TunnelClosed: TunnelRoutes._on_tunnel_closed,
     codec.Closed: Connection._on_closed,
 }
 

@@ -18,27 +18,23 @@ from .. import chunks, codec
 from ..errors import ClosedError, TimeoutError
 from ..logs import ContextLog
 from ..tunnel import CLOSE_TIMEOUT
+from ..tunnel_core import TunnelCore
 
 if TYPE_CHECKING:
     from .connection import Connection
 
 
-class Tunnel:
+class Tunnel(TunnelCore):
     """One end of a tunnel; made by Connection.tunnel or given to handle_tunnel."""
 
     def __init__(self, conn: Connection, tid: int, chunk_limit: int, log: ContextLog):
-        self.id = tid
-        self.log = log
-        self._conn = conn
+        super().__init__(conn, tid, chunk_limit, log)
         self._loop = asyncio.get_running_loop()
-        self._chunk_limit = chunk_limit
         self._send_lock = asyncio.Lock()  # one message's chunks must not interleave
         self._allowance = 0  # bytes the relay lets us send
         self._inbox: deque[bytes] = deque()
         self._reassembly = chunks.Reassembly(tid)
         self._waiters: list[asyncio.Future] = []  # woken on any change of state
-        self._close_sent = False
-        self._closed_reason: str | None = None
 
     async def __aenter__(self) -> Tunnel:
         return self
@@ -132,18 +128,6 @@ class Tunnel:
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
-
-    def _raise_if_closed(self) -> None:
-        if self._closed_reason is not None:
-            raise ClosedError(self._closed_reason or "tunnel closed")
-        if self._close_sent:
-            raise ClosedError("tunnel closed")
-
-    def _grant(self, size: int) -> None:
-        try:
-            self._conn._send(codec.TunnelAllow(self.id, size).encode())
-        except ClosedError:
-            pass  # the tunnel died with its connection; nothing left to grant
 
     # -- called from the connection's read callback ------------------------------
 
