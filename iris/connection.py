@@ -424,16 +424,6 @@ class Connection(TunnelRoutes):
         if not sub.pool.submit(sub.callback, (packet.event,), len(packet.event)):
             sub.overflow(size=len(packet.event))
 
-    def _on_tunnel_offer(self, packet: codec.TunnelOffer) -> None:
-        inbound = self._member_inbound("a tunnel")
-        tunnel = self._new_tunnel(next(self._ids), packet.chunk_limit)
-        self._send(
-            codec.TunnelConfirm(packet.build_id, tunnel.id).encode()
-            + codec.TunnelAllow(tunnel.id, TUNNEL_BUFFER).encode()
-        )
-        tunnel.log.info("inbound tunnel accepted")
-        inbound.tunnel(tunnel)
-
     def _on_tunnel_result(self, packet: codec.TunnelResult) -> None:
         waiter = self._tunnel_inits.pop(packet.id, None)
         if packet.timed_out:
@@ -453,7 +443,7 @@ class Connection(TunnelRoutes):
         codec.RequestDelivery: _on_request,
         codec.BroadcastDelivery: _on_broadcast,
         codec.Publish: _on_event,
-        codec.TunnelOffer: _on_tunnel_offer,
+        codec.TunnelOffer: TunnelRoutes._on_tunnel_offer,
         codec.TunnelResult: _on_tunnel_result,
         codec.TunnelAllow: TunnelRoutes._on_tunnel_allow,
         codec.TunnelTransfer: TunnelRoutes._on_tunnel_transfer,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import chunks, codec
-from .errors import ClosedError, TimeoutError
+from .errors import TimeoutError
 from .logs import ContextLog
 from .tunnel_core import TunnelCore
 
@@ -114,12 +114,7 @@ class Tunnel(TunnelCore):
             if self._close_sent or self._closed_reason is not None:
                 return False
             self._close_sent = True
-        try:
-            self._conn._send(codec.TunnelClose(self.id).encode())
-        except ClosedError:
-            self._on_closed("connection closed")
-            return False
-        return True
+        return self._send_close()
 
     # -- called by the connection's reader thread ---------------------------------
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from . import codec
 from .errors import ClosedError
+from .limits import TUNNEL_BUFFER
 from .logs import ContextLog
 
 
@@ -33,6 +34,15 @@ class TunnelCore:
         if self._close_sent:
             raise ClosedError("tunnel closed")
 
+    def _send_close(self) -> bool:
+        """Send TUN_CLOSE; False, and closed here, if the connection is gone."""
+        try:
+            self._conn._send(codec.TunnelClose(self.id).encode())
+        except ClosedError:
+            self._on_closed("connection closed")
+            return False
+        return True
+
     def _grant(self, size: int) -> None:
         try:
             self._conn._send(codec.TunnelAllow(self.id, size).encode())
@@ -44,7 +54,8 @@ class TunnelRoutes:
     """A connection's tunnels, and the routing of the relay's tunnel packets.
 
     The connection sets ``_tunnels`` to a dict and ``tunnel_class`` to its
-    kind of tunnel, and dispatches TUN_ALLOW, TUN_TRANSFER and TUN_CLOSE
+    kind of tunnel, has ``_ids``, ``_send`` and ``_member_inbound``, and
+    dispatches the relay's TUN_INIT, TUN_ALLOW, TUN_TRANSFER and TUN_CLOSE
     packets to the handlers here.
     """
 
@@ -61,6 +72,17 @@ class TunnelRoutes:
 
     def _forget_tunnel(self, tid: int) -> None:
         self._tunnels.pop(tid, None)
+
+    def _on_tunnel_offer(self, packet: codec.TunnelOffer) -> None:
+        """A member is offered a tunnel: accept it and hand it to the service."""
+        inbound = self._member_inbound("a tunnel")
+        tunnel = self._new_tunnel(next(self._ids), packet.chunk_limit)
+        self._send(
+            codec.TunnelConfirm(packet.build_id, tunnel.id).encode()
+            + codec.TunnelAllow(tunnel.id, TUNNEL_BUFFER).encode()
+        )
+        tunnel.log.info("inbound tunnel accepted")
+        inbound.tunnel(tunnel)
 
     def _on_tunnel_allow(self, packet: codec.TunnelAllow) -> None:
         tunnel = self._tunnels.get(packet.id)

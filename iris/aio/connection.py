@@ -460,14 +460,6 @@ class Connection(TunnelRoutes):
         if not sub.pool.submit(sub.callback, (packet.event,), len(packet.event)):
             sub.overflow(size=len(packet.event))
 
-    def _on_tunnel_offer(self, packet: codec.TunnelOffer) -> None:
-        inbound = self._member_inbound("a tunnel")
-        tunnel = self._new_tunnel(next(self._ids), packet.chunk_limit)
-        self._send(codec.TunnelConfirm(packet.build_id, tunnel.id).encode())
-        self._send(codec.TunnelAllow(tunnel.id, TUNNEL_BUFFER).encode())
-        tunnel.log.info("inbound tunnel accepted")
-        inbound.tunnel(tunnel)
-
     def _on_tunnel_result(self, packet: codec.TunnelResult) -> None:
         pending = self._tunnel_inits.pop(packet.id, None)
         future = pending[0] if pending is not None and not pending[0].done() else None
@@ -495,7 +487,7 @@ _DISPATCH = {
     codec.RequestDelivery: Connection._on_request,
     codec.BroadcastDelivery: Connection._on_broadcast,
     codec.Publish: Connection._on_event,
-    codec.TunnelOffer: Connection._on_tunnel_offer,
+    codec.TunnelOffer: TunnelRoutes._on_tunnel_offer,
     codec.TunnelResult: Connection._on_tunnel_result,
     codec.TunnelAllow: TunnelRoutes._on_tunnel_allow,
     codec.TunnelTransfer: TunnelRoutes._on_tunnel_transfer,

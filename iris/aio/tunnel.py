@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .. import chunks, codec
-from ..errors import ClosedError, TimeoutError
+from ..errors import TimeoutError
 from ..logs import ContextLog
 from ..tunnel import CLOSE_TIMEOUT
 from ..tunnel_core import TunnelCore
@@ -95,12 +95,7 @@ class Tunnel(TunnelCore):
             return False
         self._close_sent = True
         self._wake()
-        try:
-            self._conn._send(codec.TunnelClose(self.id).encode())
-        except ClosedError:
-            self._on_closed("connection closed")
-            return False
-        return True
+        return self._send_close()
 
     async def _wait_until(
         self,
