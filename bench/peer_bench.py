@@ -1,6 +1,6 @@
 """Peer benchmark: iris.aio, threaded iris and NATS side by side, same workloads.
 
-Run as ``python bench/peer_bench.py`` (about three minutes; ``--quick`` for a
+Run as ``python bench/peer_bench.py`` (about five minutes; ``--quick`` for a
 smoke test, ``--seconds S`` per measurement, ``--rounds N`` to keep the best
 of N runs per cell, ``--json FILE`` to keep the figures, ``--stacks
 aio,threads`` or ``--workloads echo`` to run part of the grid).
