@@ -143,6 +143,18 @@ def test_request_reply_with_async_with_and_await(relay):
     run(main())
 
 
+def test_connect_without_relay_fails(relay_factory):
+    relay = relay_factory()
+    port = relay.port
+    assert relay.stop() == 0
+
+    async def main():
+        with pytest.raises(ConnectionRefusedError, match=str(port)):
+            await iris.aio.connect(port)
+
+    run(main())
+
+
 def test_plain_handler_methods_run_on_the_loop(relay):
     async def main():
         async with (

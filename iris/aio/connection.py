@@ -142,9 +142,8 @@ class Connection(TunnelRoutes):
             except OSError as err:
                 errors.append(err)
         else:
-            raise ConnectionRefusedError(f"no Iris relay on port {port}: {errors[0]}") from errors[
-                0
-            ]
+            first = errors[0]
+            raise ConnectionRefusedError(f"no Iris relay on port {port}: {first}") from first
         self._transport.write(codec.Init(self.cluster).encode())
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
