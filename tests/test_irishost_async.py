@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import time
 from pathlib import Path
 
 import pytest
-from irishost_support import wait_for
+from irishost_support import gone, wait_for
 
 import iris
 
@@ -73,3 +74,15 @@ def test_a_tunnel_to_an_async_handler_carries_large_messages_both_ways(service):
         assert tunnel.recv(5) == b"small"
         tunnel.send(large, timeout=10)
         assert tunnel.recv(10) == large
+
+
+def test_sigterm_lets_running_coroutines_finish_then_exits_zero(service):
+    async_config(service)
+    host = service.start()
+    worker = host.worker_count(1)[0].pid
+    held = service.request_async(b"peak:0.5")
+    time.sleep(0.2)  # the request is on its way to, or in, the worker's handler
+
+    assert host.stop() == 0
+    assert json.loads(held.result(5))[0] == worker
+    assert gone(worker)

@@ -5,6 +5,10 @@ The same operations, semantics and errors as the threaded binding
 loop. Both share the wire codec (``iris.codec``), the limits and the errors.
 Handlers and subscription callbacks may be ``async def`` or plain functions;
 both run on the loop, so neither may block it.
+
+Objects of this package belong to the event loop they were made on: use
+them from that loop's thread only (the threaded binding is the one to share
+between threads).
 """
 
 from ..errors import ClosedError, RemoteError, TimeoutError
