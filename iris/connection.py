@@ -27,6 +27,7 @@ from .limits import TUNNEL_BUFFER, TopicLimits
 from .logs import ContextLog, RateLimitedWarning
 from .pool import HandlerPool
 from .tunnel import Tunnel
+from .tunnel_core import TunnelRoutes
 
 DEFAULT_PORT = 55555
 
@@ -99,8 +100,10 @@ class _Subscription:
         self.overflow = overflow
 
 
-class Connection:
+class Connection(TunnelRoutes):
     """A live attachment to the relay; use :func:`connect` or :func:`register`."""
+
+    tunnel_class = Tunnel
 
     def __init__(
         self,
@@ -349,11 +352,6 @@ class Connection:
             raise TimeoutError(f"tunnel to {cluster!r} timed out after {timeout:g} s")
         return tunnel
 
-    # -- used by Tunnel ------------------------------------------------------------
-
-    def _forget_tunnel(self, tid: int) -> None:
-        self._tunnels.pop(tid, None)
-
     # -- the reader thread -----------------------------------------------------------
 
     def _read_loop(self, packets: list) -> None:
@@ -437,16 +435,6 @@ class Connection:
         if not sub.pool.submit(sub.callback, (packet.event,), len(packet.event)):
             sub.overflow(size=len(packet.event))
 
-    def _on_tunnel_offer(self, packet: codec.TunnelOffer) -> None:
-        inbound = self._member_inbound("a tunnel")
-        tunnel = self._new_tunnel(next(self._ids), packet.chunk_limit)
-        self._send(
-            codec.TunnelConfirm(packet.build_id, tunnel.id).encode()
-            + codec.TunnelAllow(tunnel.id, TUNNEL_BUFFER).encode()
-        )
-        tunnel.log.info("inbound tunnel accepted")
-        inbound.tunnel(tunnel)
-
     def _on_tunnel_result(self, packet: codec.TunnelResult) -> None:
         waiter = self._tunnel_inits.pop(packet.id, None)
         if packet.timed_out:
@@ -461,38 +449,16 @@ class Connection:
             tunnel.log.info("tunnel established")
             waiter.resolve(tunnel)
 
-    def _new_tunnel(self, tid: int, chunk_limit: int) -> Tunnel:
-        if chunk_limit < 1:
-            raise codec.ProtocolError(f"tunnel chunk limit {chunk_limit} is not positive")
-        tunnel = Tunnel(self, tid, chunk_limit, self.log.new(tunnel=tid))
-        self._tunnels[tid] = tunnel
-        return tunnel
-
-    def _on_tunnel_allow(self, packet: codec.TunnelAllow) -> None:
-        tunnel = self._tunnels.get(packet.id)
-        if tunnel is not None:
-            tunnel._on_allow(packet.size)
-
-    def _on_tunnel_transfer(self, packet: codec.TunnelTransfer) -> None:
-        tunnel = self._tunnels.get(packet.id)
-        if tunnel is not None:
-            tunnel._on_transfer(packet.size, packet.chunk)
-
-    def _on_tunnel_closed(self, packet: codec.TunnelClosed) -> None:
-        tunnel = self._tunnels.pop(packet.id, None)
-        if tunnel is not None:
-            tunnel._on_closed(packet.reason)
-
     _dispatch = {
         codec.ReplyDelivery: _on_reply,
         codec.RequestDelivery: _on_request,
         codec.BroadcastDelivery: _on_broadcast,
         codec.Publish: _on_event,
-        codec.TunnelOffer: _on_tunnel_offer,
+        codec.TunnelOffer: TunnelRoutes._on_tunnel_offer,
         codec.TunnelResult: _on_tunnel_result,
-        codec.TunnelAllow: _on_tunnel_allow,
-        codec.TunnelTransfer: _on_tunnel_transfer,
-        codec.TunnelClosed: _on_tunnel_closed,
+        codec.TunnelAllow: TunnelRoutes._on_tunnel_allow,
+        codec.TunnelTransfer: TunnelRoutes._on_tunnel_transfer,
+        codec.TunnelClosed: TunnelRoutes._on_tunnel_closed,
         codec.Closed: _on_closed,
     }
 

@@ -30,12 +30,24 @@ def answer(handler: ServiceHandler, request: bytes) -> tuple[bool, bytes | str]:
     Shared by iris.register's pools and irishost's workers.
     """
     try:
-        reply = handler.handle_request(request)
-        if not isinstance(reply, bytes | bytearray | memoryview):
-            raise TypeError(f"handle_request returned {type(reply).__name__}, not bytes")
+        return checked_reply(handler.handle_request(request))
     except BaseException as err:
-        return False, str(err) or type(err).__name__
+        return False, fault_text(err)
+
+
+def checked_reply(reply: object) -> tuple[bool, bytes]:
+    """(True, the reply as bytes); TypeError if ``handle_request`` returned no bytes.
+
+    Shared with iris.aio, whose handlers may return their reply from a coroutine.
+    """
+    if not isinstance(reply, bytes | bytearray | memoryview):
+        raise TypeError(f"handle_request returned {type(reply).__name__}, not bytes")
     return True, bytes(reply)
+
+
+def fault_text(err: BaseException) -> str:
+    """The fault a caller sees for a handler that raised ``err``."""
+    return str(err) or type(err).__name__
 
 
 def memory_fault(pool: HandlerPool, where: str = "") -> str:

@@ -14,9 +14,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from . import codec
-from .errors import ClosedError, TimeoutError
+from . import chunks, codec
+from .errors import TimeoutError
 from .logs import ContextLog
+from .tunnel_core import TunnelCore
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -45,23 +46,16 @@ def wait_until(
         cond.wait(remaining)
 
 
-class Tunnel:
+class Tunnel(TunnelCore):
     """One end of a tunnel; made by Connection.tunnel or given to handle_tunnel."""
 
     def __init__(self, conn: Connection, tid: int, chunk_limit: int, log: ContextLog):
-        self.id = tid
-        self.log = log
-        self._conn = conn
-        self._chunk_limit = chunk_limit
+        super().__init__(conn, tid, chunk_limit, log)
         self._cond = threading.Condition(threading.Lock())
         self._send_lock = threading.Lock()  # one message's chunks must not interleave
         self._allowance = 0  # bytes the relay lets us send
         self._inbox: deque[bytes] = deque()
-        self._partial: list[bytes] = []  # chunks of the message being received
-        self._partial_size = 0  # its announced length
-        self._partial_have = 0
-        self._close_sent = False
-        self._closed_reason: str | None = None
+        self._reassembly = chunks.Reassembly(tid)
 
     def __enter__(self) -> Tunnel:
         return self
@@ -79,15 +73,12 @@ class Tunnel:
         if not isinstance(message, bytes | bytearray | memoryview) or not message:
             raise ValueError("tunnel message must be non-empty bytes")
         deadline = None if timeout is None else time.monotonic() + timeout
-        view = memoryview(message)
-        size, limit = len(view), self._chunk_limit
         with self._send_lock:
-            for pos in range(0, size, limit):
-                chunk = bytes(view[pos : pos + limit])
+            for size_field, chunk in chunks.split(message, self._chunk_limit):
                 self._spend(len(chunk), deadline)
-                self._conn._send(codec.TunnelTransfer(self.id, 0 if pos else size, chunk).encode())
+                self._conn._send(codec.TunnelTransfer(self.id, size_field, chunk).encode())
         if self.log.is_debug():
-            self.log.debug("tunnel message sent", size=size)
+            self.log.debug("tunnel message sent", size=len(message))
 
     def _spend(self, size: int, deadline: float | None) -> None:
         with self._cond:
@@ -123,24 +114,7 @@ class Tunnel:
             if self._close_sent or self._closed_reason is not None:
                 return False
             self._close_sent = True
-        try:
-            self._conn._send(codec.TunnelClose(self.id).encode())
-        except ClosedError:
-            self._on_closed("connection closed")
-            return False
-        return True
-
-    def _raise_if_closed(self) -> None:
-        if self._closed_reason is not None:
-            raise ClosedError(self._closed_reason or "tunnel closed")
-        if self._close_sent:
-            raise ClosedError("tunnel closed")
-
-    def _grant(self, size: int) -> None:
-        try:
-            self._conn._send(codec.TunnelAllow(self.id, size).encode())
-        except ClosedError:
-            pass  # the tunnel died with its connection; nothing left to grant
+        return self._send_close()
 
     # -- called by the connection's reader thread ---------------------------------
 
@@ -150,21 +124,10 @@ class Tunnel:
             self._cond.notify_all()
 
     def _on_transfer(self, size: int, chunk: bytes) -> None:
-        discarded = 0
         with self._cond:
-            if size:  # a first chunk: an unfinished message before it is abandoned
-                if self._partial:
-                    discarded = self._partial_have
-                self._partial, self._partial_size, self._partial_have = [], size, 0
-            elif not self._partial_size:
-                raise codec.ProtocolError(f"tunnel {self.id}: continuation without a message")
-            self._partial.append(chunk)
-            self._partial_have += len(chunk)
-            if self._partial_have > self._partial_size:
-                raise codec.ProtocolError(f"tunnel {self.id}: message longer than announced")
-            if self._partial_have == self._partial_size:
-                self._inbox.append(b"".join(self._partial))
-                self._partial, self._partial_size, self._partial_have = [], 0, 0
+            message, discarded = self._reassembly.add(size, chunk)
+            if message is not None:
+                self._inbox.append(message)
                 self._cond.notify_all()
         if discarded:
             # The sender timed out mid-message; return the allowance the

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import setproctitle
 
 import iris
+import iris.aio
 from iris.dispatch import answer, memory_fault, serve_tunnel
 from iris.logs import ContextLog, RateLimitedWarning
 from iris.pool import HandlerPool
@@ -93,6 +94,7 @@ class Worker:
         self._in_flight_lock = threading.Lock()
         self._tunnels: dict[int, WorkerTunnel] = {}
         self._draining = False
+        self._loop_worker = None  # an iris.aio handler's event loop (irishost/async_worker.py)
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -135,6 +137,12 @@ class Worker:
                 f"{config.service.handler} has no handle_event(topic, event) method, "
                 f"but the config subscribes to {', '.join(t.name for t in config.topics)}"
             )
+        if isinstance(self.handler, iris.aio.ServiceHandler):
+            from .async_worker import LoopWorker  # here: async_worker imports this module
+
+            self._loop_worker = LoopWorker(self)
+            self._loop_worker.boot()
+            return
         # init's connection is the worker's own plain client: outbound traffic
         # goes straight to the relay instead of through the supervisor.
         self.conn = self._connect()
@@ -171,6 +179,8 @@ class Worker:
                 time.sleep(0.1)
 
     def _loop(self) -> int:
+        if self._loop_worker is not None:
+            return self._loop_worker.serve()
         inbox = self.spec.inbox
         handlers = {
             Kind.REQUEST: self._on_request,

@@ -5,10 +5,12 @@ cross the rings: TUN_DATA frames bring the remote end's messages, a TUN_ACK
 after each ``recv`` lets the supervisor fetch more (so flow control reaches
 all the way to the handler), and each ``send`` waits for the supervisor's
 TUN_SENT, so a send returns or times out exactly as iris.Tunnel.send does.
+:class:`AsyncWorkerTunnel` is the same for iris.aio handlers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import deque
@@ -103,4 +105,104 @@ class WorkerTunnel:
             if self._closed_reason is None:
                 self._closed_reason = reason
             self._cond.notify_all()
+        self._registry.pop(self.id, None)
+
+
+class AsyncWorkerTunnel:
+    """The iris.aio.Tunnel surface, proxied, for handlers on a worker's event loop.
+
+    The same frames as :class:`WorkerTunnel`; the waits are futures resolved
+    by the loop worker's frame pump instead of condition variables.
+    """
+
+    def __init__(
+        self,
+        tunnel_id: int,
+        send_frame: Callable[[bytes], None],
+        log: ContextLog,
+        registry: dict[int, AsyncWorkerTunnel],
+    ):
+        self.id = tunnel_id
+        self.log = log
+        self._send_frame = send_frame
+        self._registry = registry
+        self._loop = asyncio.get_running_loop()
+        self._send_lock = asyncio.Lock()
+        self._inbox: deque[bytes] = deque()
+        self._sent: deque[str | None] = deque()  # outcomes of TUN_SEND, in order
+        self._changed = self._loop.create_future()
+        self._closed_reason: str | None = None
+
+    async def __aenter__(self) -> AsyncWorkerTunnel:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def send(self, message: bytes, timeout: float | None = None) -> None:
+        if not isinstance(message, bytes | bytearray | memoryview) or not message:
+            raise ValueError("tunnel message must be non-empty bytes")
+        async with self._send_lock:
+            self._raise_if_closed()
+            self._send_frame(frames.encode(Kind.TUN_SEND, self.id, bytes(message), timeout))
+            # The supervisor answers by the timeout; it never stays silent
+            # unless it dies, and then the tunnel is closed for us.
+            while not self._sent:
+                self._raise_if_closed()
+                await self._next_change(None)
+            error = self._sent.popleft()
+        if error == "timeout":
+            raise iris.TimeoutError("tunnel send timed out waiting for allowance")
+        if error is not None:
+            raise iris.ClosedError(error)
+
+    async def recv(self, timeout: float | None = None) -> bytes:
+        deadline = None if timeout is None else self._loop.time() + timeout
+        while not self._inbox:
+            self._raise_if_closed()
+            remaining = None if deadline is None else deadline - self._loop.time()
+            if remaining is not None and remaining <= 0:
+                raise iris.TimeoutError("tunnel receive timed out")
+            await self._next_change(remaining)
+        message = self._inbox.popleft()
+        self._send_frame(frames.encode(Kind.TUN_ACK, self.id, len(message)))
+        return message
+
+    async def close(self) -> None:
+        self.close_nowait()
+
+    def close_nowait(self) -> None:
+        """Close at once: the supervisor needs no answer to a TUN_CLOSE."""
+        if self._closed_reason is not None:
+            return
+        self.on_closed("")
+        self._send_frame(frames.encode(Kind.TUN_CLOSE, self.id))
+        self.log.info("tunnel closed")
+
+    def _raise_if_closed(self) -> None:
+        if self._closed_reason is not None:
+            raise iris.ClosedError(self._closed_reason or "tunnel closed")
+
+    async def _next_change(self, timeout: float | None) -> None:
+        await asyncio.wait([self._changed], timeout=timeout)
+
+    def _notify(self) -> None:
+        if not self._changed.done():
+            self._changed.set_result(None)
+        self._changed = self._loop.create_future()
+
+    # -- frames from the supervisor, on the worker's loop ------------------------
+
+    def on_data(self, message: bytes) -> None:
+        self._inbox.append(message)
+        self._notify()
+
+    def on_sent(self, error: str | None) -> None:
+        self._sent.append(error)
+        self._notify()
+
+    def on_closed(self, reason: str) -> None:
+        if self._closed_reason is None:
+            self._closed_reason = reason
+        self._notify()
         self._registry.pop(self.id, None)

@@ -174,7 +174,7 @@ def test_sections_convert_to_binding_limits(in_tmp):
 
 
 def test_example_configs_are_valid():
-    for name in ("echo.toml", "primes.toml"):
+    for name in ("echo.toml", "primes.toml", "async_echo.toml"):
         config = load_config(CONFIGS / name)
         assert config.service.path == (CONFIGS,)
         assert config.relay.embedded

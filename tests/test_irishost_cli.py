@@ -38,7 +38,7 @@ def test_check_validates_config_and_handler_then_exits_0_without_serving(service
     assert service.records() == [], "--check started workers"
 
 
-@pytest.mark.parametrize("example", ["echo.toml", "primes.toml"])
+@pytest.mark.parametrize("example", ["echo.toml", "primes.toml", "async_echo.toml"])
 def test_the_installed_command_checks_the_example_configs(example):
     # The script sits beside the interpreter running the tests (a venv's bin/),
     # whether or not that venv is activated.

@@ -1,9 +1,10 @@
 """The README's quickstart is examples/, and examples/ runs against a real relay process.
 
-examples/echo_service.py is the README's first example in full, and the
-README's later snippets, in order, are the body of examples/client.py. Both
-files run here: the echo service as a process of its own, the client against
-it. They run from copies whose port 55555 is the test relay's.
+examples/echo_service.py is the README's first example in full, the README's
+later snippets, in order, are the body of examples/client.py, and its last
+snippet is examples/aio_echo.py. All run here: the echo service as a process
+of its own, the client against it, and the asyncio example alone. They run
+from copies whose port 55555 is the test relay's.
 """
 
 import re
@@ -23,6 +24,7 @@ README = ROOT / "README.md"
 EXAMPLES = ROOT / "examples"
 SERVICE = "echo_service.py"
 CLIENT = "client.py"
+ASYNC = "aio_echo.py"
 
 
 def python_blocks() -> list[str]:
@@ -37,7 +39,11 @@ def test_later_snippets_are_the_client_example():
     client = (EXAMPLES / CLIENT).read_text()
     _, imports_end, body = client.partition("import iris\n\n")
     assert imports_end, f"{CLIENT} no longer imports iris last"
-    assert "\n".join(python_blocks()[1:]) == body
+    assert "\n".join(python_blocks()[1:-1]) == body
+
+
+def test_last_example_is_the_asyncio_one():
+    assert python_blocks()[-1] == (EXAMPLES / ASYNC).read_text()
 
 
 @pytest.fixture
@@ -91,3 +97,14 @@ def test_examples_run_as_written(examples, relay, attach):
     assert "broadcast: b'to every member of the cluster'" in service_out
     with pytest.raises(iris.TimeoutError):  # iris.serve unregistered it on SIGTERM
         probe.request("echo", b"ping", 0.3)
+
+
+def test_asyncio_example_runs_as_written(examples):
+    done = subprocess.run(
+        [sys.executable, str(examples / ASYNC)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "async replies: 100" in done.stdout
+    assert "async request timed out" in done.stdout
+    assert "async event: b'extra!'" in done.stdout
+    assert "async tunnel echoed: 200000" in done.stdout

@@ -1,0 +1,529 @@
+"""A connection to the local Iris relay, on an asyncio event loop.
+
+The same protocol and semantics as :class:`iris.Connection`, driven by the
+loop instead of a reader thread: the transport hands received bytes to the
+shared codec (``iris.codec``), and the decoded packets complete waiting
+futures or go to handler pools (``iris.aio.pool``).
+
+    coroutines --encode--> outbound batch --one write per loop turn--> relay
+    protocol   <--decode-- received bytes <--------------------------- relay
+        |-- replies / tunnel results -> waiting futures
+        |-- requests, broadcasts, tunnels -> the service's Inbound
+        |-- events -> subscription pools
+        `-- tunnel allowance and data -> Tunnel objects
+
+Why it is built this way (speed is the point of this binding):
+
+- ``asyncio.BufferedProtocol``, not streams: bytes are received into one
+  preallocated buffer and fed straight to the decoder, with no StreamReader
+  and no task per connection.
+- A request is a future, not a task: the reply completes it from inside
+  the read that brought it.
+- Writes are batched: packets queued in one loop turn leave in one
+  ``transport.write``; those queued while handling a read leave at its end.
+- The relay answers every request by its deadline, so there is no timer per
+  request; one sweep a second fails the calls of a relay that stopped
+  answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Awaitable, Callable
+
+from .. import codec
+from ..connection import (
+    CLOSE_TIMEOUT,
+    DEFAULT_PORT,
+    HANDSHAKE_TIMEOUT,
+    RECV_SIZE,
+    RELAY_GRACE,
+    _validate_message,
+    _validate_name,
+    timeout_ms,
+)
+from ..errors import ClosedError, RemoteError, TimeoutError
+from ..handlers import TopicHandler
+from ..limits import TUNNEL_BUFFER, TopicLimits
+from ..logs import ContextLog, RateLimitedWarning
+from ..tunnel_core import TunnelRoutes
+from .pool import HandlerPool
+from .tunnel import Tunnel
+
+# How often pending calls are checked against their deadline plus RELAY_GRACE.
+SWEEP_SECONDS = 1.0
+# Outbound bytes buffered in the transport before senders wait (tunnel data,
+# floods of publishes): a few chunks, enough to keep the socket busy.
+WRITE_HIGH_WATER = 1024 * 1024
+
+_client_ids = itertools.count(1)
+
+
+class _RelayProtocol(asyncio.BufferedProtocol):
+    """The transport's callbacks, passed on to the connection."""
+
+    def __init__(self, conn: Connection):
+        self._conn = conn
+        self._buffer = memoryview(bytearray(RECV_SIZE))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._conn._on_bytes(self._buffer[:nbytes])
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._conn._on_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._conn._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._conn._writable.set()
+
+
+class _Subscription:
+    __slots__ = ("callback", "pool", "overflow")
+
+    def __init__(self, callback: Callable, pool: HandlerPool, overflow: RateLimitedWarning):
+        self.callback = callback
+        self.pool = pool
+        self.overflow = overflow
+
+
+class Connection(TunnelRoutes):
+    """A live attachment to the relay; use :func:`connect` or :func:`iris.aio.register`."""
+
+    tunnel_class = Tunnel
+
+    def __init__(self, cluster: str = "", log: ContextLog | None = None):
+        """Not attached yet: :meth:`_attach` does that (connect and register call it)."""
+        self.log = log or ContextLog().new(client=next(_client_ids))
+        self.cluster = cluster
+        self.inbound = None  # a member's iris.aio.service dispatch, set before attaching
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._decoder = codec.Decoder(codec.Side.RELAY)
+        self._ids = itertools.count()
+        self._requests: dict[int, tuple[asyncio.Future, float]] = {}
+        self._tunnel_inits: dict[int, tuple[asyncio.Future, float]] = {}
+        self._tunnels: dict[int, Tunnel] = {}
+        self._subscriptions: dict[str, _Subscription] = {}
+        self._out: list[bytes] = []
+        self._flush_pending = False
+        self._reading = False  # inside _on_bytes: its end flushes what was queued
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._accepted = self._loop.create_future()
+        self._finished = self._loop.create_future()  # set once shut down
+        self._dispatch = _HANDSHAKE
+        self._closing = False
+        self._closed = False
+        self._drop_reason: str | None = None
+
+    async def _attach(self, port: int) -> None:
+        """Dial the relay, send INIT and wait for its answer."""
+        self.log.info("connecting to relay", relay_port=port, cluster=self.cluster or None)
+        errors = []
+        for host in ("127.0.0.1", "::1"):
+            try:
+                self._transport, _ = await self._loop.create_connection(
+                    lambda: _RelayProtocol(self), host, port
+                )
+                break
+            except OSError as err:
+                errors.append(err)
+        else:
+            first = errors[0]
+            raise ConnectionRefusedError(f"no Iris relay on port {port}: {first}") from first
+        self._transport.write(codec.Init(self.cluster).encode())
+        try:
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+                await asyncio.shield(self._accepted)
+        except BaseException:
+            self._transport.abort()
+            raise
+        self.log.info("relay connection established")
+
+    # -- teardown ---------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Detach gracefully; pending calls on this connection raise ClosedError."""
+        if not self._closing:
+            self._closing = True
+            self.log.info("detaching from relay")
+            try:
+                self._send(codec.Close().encode())
+            except ClosedError:
+                pass
+        await asyncio.wait([self._finished], timeout=CLOSE_TIMEOUT)
+        self._shutdown("connection closed")
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _shutdown(self, reason: str) -> None:
+        """Fail everything pending and release the transport; idempotent."""
+        if self._closed:
+            return
+        self._closed = self._closing = True
+        self._out.clear()
+        requests, self._requests = self._requests, {}
+        inits, self._tunnel_inits = self._tunnel_inits, {}
+        tunnels, self._tunnels = self._tunnels, {}
+        subscriptions, self._subscriptions = self._subscriptions, {}
+        for future, _ in (*requests.values(), *inits.values()):
+            if not future.done():
+                future.set_exception(ClosedError(reason))
+        for tunnel in tunnels.values():
+            tunnel._on_closed(reason)
+        for sub in subscriptions.values():
+            sub.pool.cancel()
+        if self.inbound is not None:
+            self.inbound.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self._writable.set()  # wake senders waiting for room; they find the end
+        if not self._accepted.done():
+            self._accepted.set_exception(ConnectionError(f"relay ended the handshake: {reason}"))
+        if self._transport is not None:
+            self._transport.close()
+        if not self._finished.done():
+            self._finished.set_result(None)
+
+    def _on_lost(self, exc: Exception | None) -> None:
+        if self._closed:
+            return
+        if self._drop_reason is not None:
+            reason = self._drop_reason
+        elif exc is not None:
+            reason = f"connection lost: {exc}"
+        else:
+            reason = "connection closed" if self._closing else "connection lost"
+        graceful = self._closing and self._drop_reason is None
+        self._shutdown(reason)
+        if not graceful:
+            self.log.warning("relay connection dropped", reason=reason)
+            if self.inbound is not None:
+                self.inbound.drop(ClosedError(reason))
+
+    def _fail(self, reason: str) -> None:
+        """End the connection because the relay broke the protocol."""
+        self.log.error("relay broke the protocol", error=reason)
+        self._drop_reason = f"protocol violation by relay: {reason}"
+        self._on_lost(None)
+
+    # -- sending ---------------------------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        """Queue ``data`` for this loop turn's write."""
+        if self._closed:
+            raise ClosedError("connection closed")
+        self._out.append(data)
+        if not self._flush_pending and not self._reading:
+            self._flush_pending = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        out = self._out
+        if out and not self._closed:
+            self._out = []
+            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    async def _drain(self) -> None:
+        """Wait while the transport holds more than WRITE_HIGH_WATER unsent bytes."""
+        if not self._writable.is_set():
+            await self._writable.wait()
+        if self._closed:
+            raise ClosedError("connection closed")
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise ClosedError("connection closed")
+
+    def _watch_deadlines(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = self._loop.call_later(SWEEP_SECONDS, self._sweep)
+
+    def _sweep(self) -> None:
+        """Fail calls whose relay has not answered by their deadline and the grace."""
+        self._sweeper = None
+        now = self._loop.time()
+        for pending in (self._requests, self._tunnel_inits):
+            late = [key for key, (_, deadline) in pending.items() if deadline < now]
+            for key in late:
+                future, _ = pending.pop(key)
+                if not future.done():
+                    future.set_exception(TimeoutError("the relay did not answer in time"))
+        if self._requests or self._tunnel_inits:
+            self._watch_deadlines()
+
+    # -- the public operations ---------------------------------------------------------
+
+    async def request(self, cluster: str, request: bytes, timeout: float) -> bytes:
+        """Send ``request`` to one member of ``cluster`` and wait for its reply.
+
+        Raises iris.TimeoutError, iris.RemoteError (the member's fault text) or
+        iris.ClosedError. Cancelling the call forgets the request; a late
+        reply is dropped.
+        """
+        _validate_name("cluster", cluster)
+        request = _validate_message("request", request)
+        millis = timeout_ms(timeout)
+        if self._closing:
+            raise ClosedError("connection closed")
+        rid = next(self._ids)
+        future = self._loop.create_future()
+        self._requests[rid] = (future, self._loop.time() + timeout + RELAY_GRACE)
+        if self._sweeper is None:
+            self._watch_deadlines()
+        self._send(codec.Request(rid, cluster, request, millis).encode())
+        try:
+            reply = await future
+        finally:
+            self._requests.pop(rid, None)
+        if reply.timed_out:
+            raise TimeoutError(f"request to {cluster!r} timed out after {timeout:g} s")
+        if not reply.success:
+            raise RemoteError(reply.payload)
+        return reply.payload
+
+    async def broadcast(self, cluster: str, message: bytes) -> None:
+        """Send ``message`` to every member of ``cluster`` (best effort)."""
+        _validate_name("cluster", cluster)
+        message = _validate_message("message", message)
+        self._check_open()
+        self._send(codec.Broadcast(cluster, message).encode())
+        await self._drain()
+
+    async def publish(self, topic: str, event: bytes) -> None:
+        """Deliver ``event`` to every subscriber of ``topic`` (best effort)."""
+        _validate_name("topic", topic)
+        event = _validate_message("event", event)
+        self._check_open()
+        self._send(codec.Publish(topic, event).encode())
+        await self._drain()
+
+    async def subscribe(
+        self,
+        topic: str,
+        handler: TopicHandler | Callable[[bytes], Awaitable[None] | None],
+        limits: TopicLimits | None = None,
+    ) -> None:
+        """Receive the events of ``topic`` through ``handler``.
+
+        ``handler`` is an ``async def`` or a plain callable taking the event
+        bytes, or a TopicHandler whose ``handle_event`` is either. At most
+        ``limits.event_threads`` of its calls run at once.
+        """
+        _validate_name("topic", topic)
+        callback = handler.handle_event if isinstance(handler, TopicHandler) else handler
+        if not callable(callback):
+            raise ValueError("handler must be an iris.TopicHandler or a callable")
+        limits = (limits or TopicLimits()).with_defaults()
+        self._check_open()
+        if topic in self._subscriptions:
+            raise ValueError(f"already subscribed to {topic!r}")
+        log = self.log.new(topic=topic)
+        pool = HandlerPool(f"topic-{topic}", limits.event_threads, limits.event_memory, log)
+        overflow = RateLimitedWarning(log, "event dropped: memory limit reached")
+        self._subscriptions[topic] = _Subscription(callback, pool, overflow)
+        pool.start()
+        self.log.info("subscribing to topic", topic=topic)
+        self._send(codec.Subscribe(topic).encode())
+        await self._drain()
+
+    async def unsubscribe(self, topic: str) -> None:
+        """Stop receiving ``topic``; events already queued are still handled."""
+        _validate_name("topic", topic)
+        self._check_open()
+        sub = self._subscriptions.pop(topic, None)
+        if sub is None:
+            raise ValueError(f"not subscribed to {topic!r}")
+        self.log.info("unsubscribing from topic", topic=topic)
+        sub.pool.close()
+        self._send(codec.Unsubscribe(topic).encode())
+        await self._drain()
+
+    async def tunnel(self, cluster: str, timeout: float) -> Tunnel:
+        """Open an ordered, flow-controlled stream to one member of ``cluster``."""
+        _validate_name("cluster", cluster)
+        millis = timeout_ms(timeout)
+        self._check_open()
+        tid = next(self._ids)
+        future = self._loop.create_future()
+        self._tunnel_inits[tid] = (future, self._loop.time() + timeout + RELAY_GRACE)
+        self._watch_deadlines()
+        try:
+            self.log.info("opening tunnel", cluster=cluster, tunnel=tid)
+            self._send(codec.TunnelInit(tid, cluster, millis).encode())
+            # A late answer finds no future, and its tunnel is closed at once.
+            tunnel = await future
+        finally:
+            self._tunnel_inits.pop(tid, None)
+        if tunnel is None:
+            raise TimeoutError(f"tunnel to {cluster!r} timed out after {timeout:g} s")
+        return tunnel
+
+    def reply(self, request_id: int, success: bool, payload: bytes | str) -> None:
+        """Answer an inbound request (for the service dispatch).
+
+        A reply that cannot be sent because the connection closed is dropped:
+        the relay times the request out for its caller.
+        """
+        try:
+            self._send(codec.Reply(request_id, success, payload).encode())
+        except ClosedError:
+            self.log.debug("reply lost: connection closed", id=request_id)
+
+    # -- received packets ------------------------------------------------------------------
+
+    def _on_bytes(self, data: memoryview) -> None:
+        try:
+            packets = self._decoder.feed(data)
+        except codec.ProtocolError as err:
+            self._fail(str(err))
+            return
+        self._reading = True
+        try:
+            for packet in packets:
+                handle = self._dispatch.get(type(packet))
+                if handle is None:
+                    raise codec.ProtocolError(f"unexpected packet {type(packet).__name__}")
+                handle(self, packet)
+                if self._closed:
+                    return
+        except codec.ProtocolError as err:
+            self._fail(str(err))
+            return
+        finally:
+            self._reading = False
+        if self._out:
+            self._flush()
+
+    def _on_accept(self, packet: codec.Accept) -> None:
+        self._dispatch = _DISPATCH
+        self._accepted.set_result(None)
+
+    def _on_deny(self, packet: codec.Deny) -> None:
+        self._accepted.set_exception(
+            ConnectionRefusedError(f"relay denied the connection: {packet.reason}")
+        )
+        self._drop_reason = f"relay denied the connection: {packet.reason}"
+        self._shutdown(self._drop_reason)
+
+    def _on_closed(self, packet: codec.Closed) -> None:
+        """The relay's CLOSE: an acknowledgement, or a drop with its reason."""
+        if packet.reason:
+            self._drop_reason = packet.reason
+        self._on_lost(None)
+
+    def _on_reply(self, packet: codec.ReplyDelivery) -> None:
+        pending = self._requests.pop(packet.id, None)
+        if pending is not None and not pending[0].done():
+            pending[0].set_result(packet)
+
+    def _member_inbound(self, what: str):
+        if self.inbound is None:
+            raise codec.ProtocolError(f"relay sent {what} to a plain client")
+        return self.inbound
+
+    def _on_request(self, packet: codec.RequestDelivery) -> None:
+        self._member_inbound("a request").request(
+            packet.id, packet.request, packet.timeout_ms / 1000
+        )
+
+    def _on_broadcast(self, packet: codec.BroadcastDelivery) -> None:
+        self._member_inbound("a broadcast").broadcast(packet.message)
+
+    def _on_event(self, packet: codec.Publish) -> None:
+        sub = self._subscriptions.get(packet.topic)
+        if sub is None:
+            return  # unsubscribed while the event was in flight
+        if not sub.pool.submit(sub.callback, (packet.event,), len(packet.event)):
+            sub.overflow(size=len(packet.event))
+
+    def _on_tunnel_result(self, packet: codec.TunnelResult) -> None:
+        pending = self._tunnel_inits.pop(packet.id, None)
+        future = pending[0] if pending is not None and not pending[0].done() else None
+        if packet.timed_out:
+            if future is not None:
+                future.set_result(None)
+            return
+        tunnel = self._new_tunnel(packet.id, packet.chunk_limit)
+        self._send(codec.TunnelAllow(packet.id, TUNNEL_BUFFER).encode())
+        if future is None:  # its caller gave up already
+            tunnel.close_nowait()
+        else:
+            tunnel.log.info("tunnel established")
+            future.set_result(tunnel)
+
+
+# What the relay may send before, and after, it accepted the connection.
+_HANDSHAKE = {
+    codec.Accept: Connection._on_accept,
+    codec.Deny: Connection._on_deny,
+    codec.Closed: Connection._on_closed,
+}
+_DISPATCH = {
+    codec.ReplyDelivery: Connection._on_reply,
+    codec.RequestDelivery: Connection._on_request,
+    codec.BroadcastDelivery: Connection._on_broadcast,
+    codec.Publish: Connection._on_event,
+    codec.TunnelOffer: TunnelRoutes._on_tunnel_offer,
+    codec.TunnelResult: Connection._on_tunnel_result,
+    codec.TunnelAllow: TunnelRoutes._on_tunnel_allow,
+    codec.TunnelTransfer: TunnelRoutes._on_tunnel_transfer,
+    codec.TunnelClosed: TunnelRoutes._on_tunnel_closed,
+    codec.Closed: Connection._on_closed,
+}
+
+
+class Opening:
+    """What :func:`connect` and :func:`iris.aio.register` return: await it for
+    the connection or service, or use it in ``async with``, which closes it."""
+
+    def __init__(self, open_: Callable[[], Awaitable]):
+        self._open = open_
+        self._opened = None
+
+    def __await__(self):
+        return self._open().__await__()
+
+    async def __aenter__(self):
+        self._opened = await self._open()
+        return self._opened
+
+    async def __aexit__(self, *exc) -> None:
+        await self._opened.__aexit__(*exc)
+
+
+def connect(port: int = DEFAULT_PORT) -> Opening:
+    """Attach to the local relay as a plain client (cannot receive requests).
+
+    ``conn = await iris.aio.connect(port)``, or ``async with
+    iris.aio.connect(port) as conn:`` to have it closed at the block's end.
+    """
+
+    async def open_() -> Connection:
+        conn = Connection()
+        await conn._attach(port)
+        return conn
+
+    return Opening(open_)

@@ -1,0 +1,42 @@
+"""The callbacks of a service on an event loop.
+
+Each may be an ``async def`` or a plain method; plain ones run on the loop
+too, so neither kind may block it (use ``asyncio.to_thread`` for blocking
+work). A subclass of :class:`iris.ServiceHandler`, so irishost's loader
+accepts it and its workers know to run it on a loop.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .. import handlers
+
+if TYPE_CHECKING:
+    from .connection import Connection
+    from .tunnel import Tunnel
+
+
+class ServiceHandler(handlers.ServiceHandler):
+    """Callbacks of a service registered with :func:`iris.aio.register`."""
+
+    async def init(self, conn: Connection) -> None:
+        """Runs once after registration, before any other callback.
+
+        ``conn`` is the service's own connection, for outbound traffic.
+        Raising here unregisters the service and makes ``register`` raise.
+        """
+
+    async def handle_broadcast(self, message: bytes) -> None:
+        """A broadcast sent to this service's cluster."""
+
+    async def handle_request(self, request: bytes) -> bytes:
+        """Answer a request; an exception (or cancellation) becomes the caller's fault."""
+        raise NotImplementedError(f"{type(self).__name__} does not handle requests")
+
+    async def handle_tunnel(self, tunnel: Tunnel) -> None:
+        """An inbound tunnel; the handler owns it and should close it."""
+        await tunnel.close()
+
+    async def handle_drop(self, reason: Exception) -> None:
+        """The relay dropped the connection; no more callbacks will follow."""

@@ -1,0 +1,185 @@
+"""Registering a service on an event loop: a connection that is also a cluster member.
+
+:class:`HandlerDispatch` is the asyncio counterpart of
+:class:`iris.dispatch.HandlerDispatch`: requests, broadcasts and tunnels the
+relay routes to the member run as the handler's callbacks in capped pools
+(``iris.aio.pool``), so ``request_threads`` caps concurrently running request
+handlers, and ``request_memory`` caps the bytes waiting for one, with the same
+immediate fault for a request over it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+from ..connection import DEFAULT_PORT, _validate_name
+from ..dispatch import checked_reply, fault_text, memory_fault
+from ..errors import ClosedError
+from ..limits import ServiceLimits
+from ..logs import ContextLog, RateLimitedWarning
+from ..service import _service_ids
+from .connection import Connection, Opening
+from .handlers import ServiceHandler
+from .pool import UNCAPPED, HandlerPool
+from .tunnel import Tunnel
+
+# A request whose caller had timed out before a handler was free: no answer.
+EXPIRED = object()
+
+
+def answer(ok: bool, value: object) -> tuple[bool, bytes | str]:
+    """A request handler's outcome as (True, reply) or (False, the fault text).
+
+    The asyncio twin of iris.dispatch.answer, for an outcome the pool
+    reports; shared with irishost's loop workers.
+    """
+    if not ok:
+        if isinstance(value, asyncio.CancelledError):
+            return False, "request handler was cancelled"
+        return False, fault_text(value)
+    try:
+        return checked_reply(value)
+    except TypeError as err:
+        return False, fault_text(err)
+
+
+async def settle(result: object) -> object:
+    """Await ``result`` if a callback returned an awaitable (an ``async def``'s call)."""
+    return await result if inspect.isawaitable(result) else result
+
+
+class HandlerDispatch:
+    """Runs a ServiceHandler's callbacks, coroutines or plain, in capped pools.
+
+    Pools start held, so that ``init`` runs before any other callback; call
+    :meth:`start` once it returned. Closing cancels the callbacks still
+    running: their answers could no longer be sent.
+    """
+
+    def __init__(
+        self, conn: Connection, handler: ServiceHandler, limits: ServiceLimits | None, log
+    ):
+        limits = (limits or ServiceLimits()).with_defaults()
+        self._conn = conn
+        self._handler = handler
+        self._log: ContextLog = log
+        self._time = asyncio.get_running_loop().time
+        self._requests = HandlerPool("request", limits.request_threads, limits.request_memory, log)
+        self._broadcasts = HandlerPool(
+            "broadcast", limits.broadcast_threads, limits.broadcast_memory, log
+        )
+        self._tunnels = HandlerPool("tunnel", UNCAPPED, UNCAPPED, log)
+        # Not closed with the others: handle_drop runs after the connection ended.
+        self._drops = HandlerPool("drop", UNCAPPED, UNCAPPED, log)
+        self._drops.start()
+        self._broadcast_overflow = RateLimitedWarning(log, "broadcast dropped: memory limit")
+
+    def start(self) -> None:
+        for pool in (self._requests, self._broadcasts, self._tunnels):
+            pool.start()
+
+    def request(self, request_id: int, request: bytes, timeout: float) -> None:
+        pool = self._requests
+        deadline = self._time() + timeout
+        size = len(request)
+        if not pool.submit(self._serve, (request, deadline), size, self._answer, request_id):
+            self._conn.reply(request_id, False, memory_fault(pool))
+
+    def _serve(self, request: bytes, deadline: float) -> object:
+        if self._time() > deadline:  # its caller has timed out already
+            return EXPIRED
+        return self._handler.handle_request(request)
+
+    def _answer(self, request_id: int, ok: bool, value: object) -> None:
+        if value is EXPIRED:
+            self._log.debug("request expired before a handler was free", id=request_id)
+            return
+        self._conn.reply(request_id, *answer(ok, value))
+
+    def broadcast(self, message: bytes) -> None:
+        if not self._broadcasts.submit(self._handler.handle_broadcast, (message,), len(message)):
+            self._broadcast_overflow(size=len(message))
+
+    def tunnel(self, tunnel: Tunnel) -> None:
+        self._tunnels.submit(self._handler.handle_tunnel, (tunnel,), 0, self._tunnel_done, tunnel)
+
+    def _tunnel_done(self, tunnel: Tunnel, ok: bool, value: object) -> None:
+        """A handler that raised has its tunnel closed, as in iris.dispatch."""
+        if not ok:
+            if not isinstance(value, asyncio.CancelledError):
+                tunnel.log.error("tunnel handler raised", error=repr(value))
+            tunnel.close_nowait()
+
+    def drop(self, reason: ClosedError) -> None:
+        self._drops.submit(self._handler.handle_drop, (reason,), 0, self._drop_done)
+
+    def _drop_done(self, _key: None, ok: bool, value: object) -> None:
+        if not ok:
+            self._log.error("drop handler raised", error=repr(value))
+
+    def close(self) -> None:
+        for pool in (self._requests, self._broadcasts, self._tunnels):
+            pool.cancel()
+
+
+class Service:
+    """A registered cluster member; ``unregister`` (or ``async with``) detaches it."""
+
+    def __init__(self, conn: Connection, cluster: str, handler: ServiceHandler):
+        self.conn = conn
+        self.cluster = cluster
+        self.handler = handler
+        self.log = conn.log
+
+    async def unregister(self) -> None:
+        """Leave the cluster and close the service's connection.
+
+        Handlers still running then are cancelled: their answers could no
+        longer reach anyone.
+        """
+        self.log.info("unregistering service")
+        await self.conn.close()
+
+    async def __aenter__(self) -> Service:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.unregister()
+
+
+def register(
+    port: int,
+    cluster: str,
+    handler: ServiceHandler,
+    limits: ServiceLimits | None = None,
+) -> Opening:
+    """Join ``cluster`` with ``handler`` serving its requests, broadcasts and tunnels.
+
+    ``service = await iris.aio.register(...)``, or ``async with`` it.
+    ``handler.init(conn)`` runs before any other callback; if it raises, the
+    service is unregistered and the exception propagates.
+    """
+    _validate_name("cluster", cluster)
+    if not isinstance(handler, ServiceHandler):
+        raise ValueError("handler must be an iris.aio.ServiceHandler instance")
+    port = port if port is not None else DEFAULT_PORT
+
+    async def open_() -> Service:
+        log = ContextLog().new(service=next(_service_ids))
+        log.info("registering service", cluster=cluster)
+        conn = Connection(cluster, log)
+        dispatch = HandlerDispatch(conn, handler, limits, log)
+        conn.inbound = dispatch
+        await conn._attach(port)
+        try:
+            await settle(handler.init(conn))
+        except BaseException:
+            log.error("service init failed; unregistering")
+            await conn.close()
+            raise
+        dispatch.start()
+        log.info("service registration completed")
+        return Service(conn, cluster, handler)
+
+    return Opening(open_)
