@@ -45,6 +45,19 @@ def wait_until(
         cond.wait(remaining)
 
 
+def validate_message(message: bytes) -> None:
+    """Refuse what ``send`` cannot deliver, with a ValueError.
+
+    A tunnel message travels in chunks, but the receiving binding buffers
+    whole messages against an allowance of TUNNEL_BUFFER (the relay's
+    message limit), so the limit of every other message applies to it too.
+    """
+    if not isinstance(message, bytes | bytearray | memoryview) or not message:
+        raise ValueError("tunnel message must be non-empty bytes")
+    if len(message) > codec.MAX_MESSAGE:
+        raise ValueError(codec.too_large("tunnel message", len(message)))
+
+
 class Tunnel:
     """One end of a tunnel; made by Connection.tunnel or given to handle_tunnel."""
 
@@ -76,8 +89,7 @@ class Tunnel:
         discards that part when the next message starts, so the tunnel stays
         usable.
         """
-        if not isinstance(message, bytes | bytearray | memoryview) or not message:
-            raise ValueError("tunnel message must be non-empty bytes")
+        validate_message(message)
         deadline = None if timeout is None else time.monotonic() + timeout
         view = memoryview(message)
         size, limit = len(view), self._chunk_limit
