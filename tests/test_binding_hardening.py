@@ -299,6 +299,17 @@ class Handler(iris.ServiceHandler):
     def handle_event(self, topic, event):
         _raise_for(event)
         record("event", event.decode())
+
+    def handle_tunnel(self, tunnel):
+        """Try to send an oversized message; answer what that raised."""
+        with tunnel:
+            tunnel.recv(10)
+            try:
+                tunnel.send(bytes(OVERSIZE), timeout=10)
+                outcome = b"sent"
+            except ValueError as err:
+                outcome = str(err).encode()
+            tunnel.send(outcome, timeout=10)
 '''
 
 
@@ -329,6 +340,16 @@ def test_under_irishost_an_oversized_reply_is_a_fault_and_nothing_is_lost(hosted
     assert slow.result(10) == b"echo:in flight"
     assert service.request(b"pid") == pid  # same worker, same relay connection
     assert "relay connection dropped" not in host.log()
+
+
+def test_under_irishost_an_oversized_tunnel_message_is_a_value_error_in_the_handler(hosted):
+    service, host = hosted
+    with service.conn.tunnel(service.cluster, 5) as tunnel:
+        tunnel.send(b"go")
+        outcome = tunnel.recv(timeout=10)
+
+    assert outcome[:200].decode(errors="replace") == f"tunnel message of {LIMIT_TEXT}"
+    assert service.request(b"echo:after") == b"echo:after"
 
 
 @pytest.mark.parametrize(
