@@ -48,9 +48,9 @@ def wait_until(
 def validate_message(message: bytes) -> None:
     """Refuse what ``send`` cannot deliver, with a ValueError.
 
-    A tunnel message travels in chunks, but the receiving binding buffers
-    whole messages against an allowance of TUNNEL_BUFFER (the relay's
-    message limit), so the limit of every other message applies to it too.
+    A tunnel message travels in chunks, but the receiving binding holds it
+    whole, within the allowance it grants a tunnel (64 MiB, TUNNEL_BUFFER),
+    so the relay's limit on every other message applies to it too.
     """
     if not isinstance(message, bytes | bytearray | memoryview) or not message:
         raise ValueError("tunnel message must be non-empty bytes")

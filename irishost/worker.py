@@ -86,8 +86,9 @@ class Worker:
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
         self.config = spec.config
+        # The supervisor's context too: "service=<cluster>" finds both in a log.
         self.log = ContextLog(logging.getLogger("irishost")).new(
-            cluster=spec.config.service.cluster, worker=spec.index
+            service=spec.config.service.cluster, worker=spec.index
         )
         self.errors = HandlerErrorLog(self.log)  # every callback of this worker shares it
         self._parent = os.getppid()

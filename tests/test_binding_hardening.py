@@ -34,6 +34,16 @@ OVERSIZE = codec.MAX_MESSAGE + 1
 LIMIT_TEXT = f"{OVERSIZE} bytes exceeds the relay's message limit of {codec.MAX_MESSAGE} bytes"
 
 
+# What _fail's requests make the caller read.
+FAULT_TEXTS = [
+    (b"key", "KeyError: 'user'"),
+    (b"exit", "SystemExit: 3"),
+    (b"interrupt", "KeyboardInterrupt"),
+    (b"unprintable", "UnprintableError"),
+    (b"surrogates", "ValueError: caf?"),
+]
+
+
 class CustomStop(BaseException):
     """A BaseException of the user's own, outside the Exception tree."""
 
@@ -190,16 +200,7 @@ def test_base_exceptions_in_subscription_callbacks_do_not_kill_the_pool(relay, a
 # -- items 4, 5 and 15: every failure is answered, typed and logged -----------------------------
 
 
-@pytest.mark.parametrize(
-    ("request_", "expected"),
-    [
-        (b"key", "KeyError: 'user'"),
-        (b"exit", "SystemExit: 3"),
-        (b"interrupt", "KeyboardInterrupt"),
-        (b"unprintable", "UnprintableError"),
-        (b"surrogates", "ValueError: caf?"),
-    ],
-)
+@pytest.mark.parametrize(("request_", "expected"), FAULT_TEXTS)
 def test_a_failed_request_is_answered_with_type_and_text(failing, request_, expected):
     conn, _ = failing
 
@@ -352,15 +353,7 @@ def test_under_irishost_an_oversized_tunnel_message_is_a_value_error_in_the_hand
     assert service.request(b"echo:after") == b"echo:after"
 
 
-@pytest.mark.parametrize(
-    ("request_", "expected"),
-    [
-        (b"key", "KeyError: 'user'"),
-        (b"exit", "SystemExit: 3"),
-        (b"unprintable", "UnprintableError"),
-        (b"surrogates", "ValueError: caf?"),
-    ],
-)
+@pytest.mark.parametrize(("request_", "expected"), FAULT_TEXTS)
 def test_under_irishost_a_failed_request_is_answered_with_type_and_text(hosted, request_, expected):
     service, host = hosted
     pid = service.request(b"pid")
@@ -369,13 +362,13 @@ def test_under_irishost_a_failed_request_is_answered_with_type_and_text(hosted, 
     assert service.request(b"pid") == pid  # the worker was not replaced
 
 
-def test_under_irishost_handler_exceptions_are_logged_with_cluster_and_worker(hosted):
+def test_under_irishost_handler_exceptions_are_logged_with_service_and_worker(hosted):
     service, host = hosted
     remote_fault(service.conn, service.cluster, b"key")
 
     log = wait_for(lambda: "Traceback" in host.log() and host.log())
     line = next(line for line in log.splitlines() if "request handler raised" in line)
-    assert "ERROR" in line and f"cluster={service.cluster}" in line and "worker=0" in line
+    assert "ERROR" in line and f"service={service.cluster} worker=0" in line
     assert "in _fail" in log and "KeyError: 'user'" in log
 
 
