@@ -56,9 +56,13 @@ class UnprintableError(Exception):
 def _fail(command: bytes) -> bytes:
     """The request handler of both the in-process and the irishost tests.
 
-    ``echo:...`` answers the request; anything else fails one particular way.
+    ``echo:...`` answers the request, ``sleep:<seconds>`` after a while;
+    anything else fails one particular way.
     """
     if command.startswith(b"echo"):
+        return command
+    if command.startswith(b"sleep:"):
+        time.sleep(float(command.removeprefix(b"sleep:")))
         return command
     if command == b"big-reply":
         return bytes(OVERSIZE)
@@ -264,6 +268,7 @@ HOSTED_HANDLER = f'''
 import json
 import os
 import sys
+import time
 
 import iris
 
@@ -333,12 +338,12 @@ def hosted(service):
 def test_under_irishost_an_oversized_reply_is_a_fault_and_nothing_is_lost(hosted):
     service, host = hosted
     pid = service.request(b"pid")
-    slow = service.request_async(b"echo:in flight")  # a neighbour that must survive
+    slow = service.request_async(b"sleep:1")  # in flight meanwhile: it must not be lost
 
     fault = remote_fault(service.conn, service.cluster, b"big-reply", timeout=10)
 
     assert fault.startswith("reply") and LIMIT_TEXT in fault
-    assert slow.result(10) == b"echo:in flight"
+    assert slow.result(10) == b"sleep:1"
     assert service.request(b"pid") == pid  # same worker, same relay connection
     assert "relay connection dropped" not in host.log()
 
