@@ -121,7 +121,7 @@ def handler_errors(caplog) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.levelno == logging.ERROR and r.exc_info]
 
 
-# -- item 2: sizes are checked before anything is sent ----------------------------------------
+# -- sizes are checked before anything is sent ------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -165,7 +165,7 @@ def test_oversized_outbound_messages_are_a_local_value_error(failing):
     assert handler.broadcasts.get(timeout=5) == b"after"
 
 
-# -- item 3: pools survive whatever user code raises ----------------------------------------
+# -- pools survive whatever user code raises ------------------------------------------------
 
 
 def test_base_exceptions_in_broadcast_handlers_do_not_kill_the_pool(failing, caplog):
@@ -201,7 +201,7 @@ def test_base_exceptions_in_subscription_callbacks_do_not_kill_the_pool(relay, a
     assert all("pool=topic-" in r.getMessage() for r in handler_errors(caplog))
 
 
-# -- items 4, 5 and 15: every failure is answered, typed and logged -----------------------------
+# -- every failure is answered, typed and logged ---------------------------------------------
 
 
 @pytest.mark.parametrize(("request_", "expected"), FAULT_TEXTS)
@@ -325,7 +325,8 @@ def _source(*functions) -> str:
 
 @pytest.fixture
 def hosted(service):
-    """irishost running the failing handler in one worker with one thread per pool."""
+    """irishost running the failing handler in one worker: one thread for
+    broadcasts and one for events (the defaults), two for requests."""
     (service.dir / "hardening.py").write_text(HOSTED_HANDLER + "\n\n" + _source(_fail, _raise_for))
     service.config(
         [{"name": "hardening-news"}],
