@@ -232,11 +232,11 @@ def test_handler_exception_logging_is_rate_limited(failing, caplog):
 
 
 def test_the_rate_limited_log_reports_what_it_left_out(caplog):
-    log = logs.HandlerErrorLog(logs.ContextLog().new(cluster="c"), burst=2, interval=0.2)
+    log = logs.HandlerErrorLog(logs.ContextLog().new(cluster="c"), burst=2, interval=0.5)
     caplog.set_level(logging.ERROR, "iris")
     for number in range(5):
         log("request handler raised", ValueError(number))
-    time.sleep(0.25)
+    time.sleep(0.55)  # into the next interval
     log("request handler raised", ValueError("next interval"))
 
     messages = [r.getMessage() for r in caplog.records]
