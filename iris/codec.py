@@ -32,6 +32,17 @@ RELAY_MAGIC = "iris-relay-magic"
 # the bound keeps a hostile length field from becoming an allocation.
 MAX_MESSAGE = 64 * 1024 * 1024
 
+
+def too_large(what: str, size: int) -> str:
+    """The error for a ``what`` (say "request") of ``size`` bytes over MAX_MESSAGE.
+
+    Senders check sizes before encoding: sent anyway, such a message is a
+    protocol violation, for which the relay drops the whole connection and
+    everything in flight on it.
+    """
+    return f"{what} of {size} bytes exceeds the relay's message limit of {MAX_MESSAGE} bytes"
+
+
 # A 64-bit value needs at most 10 base-128 groups; more is a violation.
 MAX_VARINT_OCTETS = 10
 
@@ -92,8 +103,8 @@ def encode_varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _string(text: str) -> tuple[bytes, bytes]:
-    data = text.encode()
+def _string(text: str, errors: str = "strict") -> tuple[bytes, bytes]:
+    data = text.encode("utf-8", errors)
     return encode_varint(len(data)), data
 
 
@@ -255,8 +266,8 @@ class Reply(NamedTuple):
     def encode(self) -> bytes:
         if self.success:
             body = (encode_varint(len(self.payload)), self.payload)
-        else:
-            body = _string(self.payload)
+        else:  # a handler's text: lone surrogates become "?" rather than cost the answer
+            body = _string(self.payload, "replace")
         return b"".join((_OPS[Op.REPLY], encode_varint(self.id), _bool(self.success), *body))
 
     @staticmethod

@@ -24,7 +24,7 @@ from .dispatch import Inbound
 from .errors import ClosedError, RemoteError, TimeoutError
 from .handlers import TopicHandler
 from .limits import TUNNEL_BUFFER, TopicLimits
-from .logs import ContextLog, RateLimitedWarning
+from .logs import ContextLog, HandlerErrorLog, RateLimitedWarning
 from .pool import HandlerPool
 from .tunnel import Tunnel
 from .tunnel_core import TunnelRoutes
@@ -56,6 +56,8 @@ def _validate_message(kind: str, data: bytes) -> bytes:
         raise ValueError(f"{kind} must be bytes, got {type(data).__name__}")
     if not data:
         raise ValueError(f"{kind} must not be empty")
+    if len(data) > codec.MAX_MESSAGE:  # else the relay would drop the connection
+        raise ValueError(codec.too_large(kind, len(data)))
     return bytes(data)
 
 
@@ -126,6 +128,7 @@ class Connection(TunnelRoutes):
         self._closed = threading.Event()
         self._drop_reason: str | None = None
         self.close_reason: str | None = None  # why the connection ended, once it has
+        self._event_errors = HandlerErrorLog(self.log)  # all subscriptions share one budget
         self.inbound: Inbound | None = inbound(self) if inbound else None
 
         self.log.info("connecting to relay", relay_port=port, cluster=cluster or None)
@@ -305,7 +308,9 @@ class Connection(TunnelRoutes):
             raise ValueError("handler must be an iris.TopicHandler or a callable")
         limits = (limits or TopicLimits()).with_defaults()
         log = self.log.new(topic=topic)
-        pool = HandlerPool(f"topic-{topic}", limits.event_threads, limits.event_memory, log)
+        pool = HandlerPool(
+            f"topic-{topic}", limits.event_threads, limits.event_memory, self._event_errors
+        )
         overflow = RateLimitedWarning(log, "event dropped: memory limit reached")
         with self._state_lock:
             self._check_open()
@@ -412,9 +417,16 @@ class Connection(TunnelRoutes):
     def reply(self, request_id: int, success: bool, payload: bytes | str) -> None:
         """Answer an inbound request (for Inbound implementations).
 
-        A reply that cannot be sent because the connection closed is dropped:
-        the relay times the request out for its caller.
+        A reply or fault text over the relay's message limit goes out as a
+        fault saying so: sent, it would make the relay drop this connection
+        and with it every request in flight. A reply that cannot be sent
+        because the connection closed is dropped: the relay times the
+        request out for its caller.
         """
+        size = len(payload) if success else len(payload.encode("utf-8", "replace"))
+        if size > codec.MAX_MESSAGE:
+            success, payload = False, codec.too_large("reply" if success else "fault text", size)
+            self.log.error("reply refused", id=request_id, reason=payload)
         try:
             self._send(codec.Reply(request_id, success, payload).encode())
         except ClosedError:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 from .errors import ClosedError
 from .handlers import ServiceHandler
 from .limits import ServiceLimits
-from .logs import ContextLog, RateLimitedWarning
+from .logs import ContextLog, HandlerErrorLog, RateLimitedWarning
 from .pool import HandlerPool
 
 if TYPE_CHECKING:
@@ -23,15 +23,37 @@ if TYPE_CHECKING:
     from .tunnel import Tunnel
 
 
-def answer(handler: ServiceHandler, request: bytes) -> tuple[bool, bytes | str]:
+def fault_text(err: BaseException) -> str:
+    """The fault a caller reads for ``err``: ``"KeyError: 'user'"``.
+
+    The type name comes first because ``str()`` alone loses it (a KeyError's
+    text is just the key); an empty text leaves the type name alone. Never
+    raises: an exception whose ``__str__`` fails is named by its type, and
+    text that UTF-8 cannot carry (lone surrogates, as surrogateescape makes)
+    has those characters replaced, since the fault must reach the caller.
+    """
+    name = type(err).__name__
+    try:
+        detail = str(err)
+    except BaseException:  # a broken __str__ must not cost the caller the answer
+        detail = ""
+    text = f"{name}: {detail}" if detail else name
+    return text.encode("utf-8", "replace").decode()
+
+
+def answer(
+    handler: ServiceHandler, request: bytes, errors: HandlerErrorLog
+) -> tuple[bool, bytes | str]:
     """Run ``handle_request``: (True, reply) or (False, the fault text).
 
-    Never raises, not even for SystemExit: the caller is owed an answer.
-    Shared by iris.register's pools and irishost's workers.
+    Never raises, not even for SystemExit: the caller is owed an answer. The
+    exception is logged with its traceback through ``errors``. Shared by
+    iris.register's pools and irishost's workers.
     """
     try:
         return checked_reply(handler.handle_request(request))
     except BaseException as err:
+        errors("request handler raised", err)
         return False, fault_text(err)
 
 
@@ -45,11 +67,6 @@ def checked_reply(reply: object) -> tuple[bool, bytes]:
     return True, bytes(reply)
 
 
-def fault_text(err: BaseException) -> str:
-    """The fault a caller sees for a handler that raised ``err``."""
-    return str(err) or type(err).__name__
-
-
 def memory_fault(pool: HandlerPool, where: str = "") -> str:
     """The fault for a request refused because ``pool``'s byte budget is full."""
     return (
@@ -58,12 +75,12 @@ def memory_fault(pool: HandlerPool, where: str = "") -> str:
     )
 
 
-def serve_tunnel(handler: ServiceHandler, tunnel) -> None:
+def serve_tunnel(handler: ServiceHandler, tunnel, errors: HandlerErrorLog) -> None:
     """Run ``handle_tunnel``; a handler that raises has its tunnel closed."""
     try:
         handler.handle_tunnel(tunnel)
-    except Exception as err:
-        tunnel.log.error("tunnel handler raised", error=repr(err))
+    except BaseException as err:  # the thread is ours: even SystemExit is only logged
+        errors("tunnel handler raised", err, tunnel=tunnel.id)
         tunnel.close()
 
 
@@ -99,9 +116,12 @@ class HandlerDispatch:
         self._conn = conn
         self._handler = handler
         self._log: ContextLog = log
-        self._requests = HandlerPool("request", limits.request_threads, limits.request_memory, log)
+        self._errors = HandlerErrorLog(log)
+        self._requests = HandlerPool(
+            "request", limits.request_threads, limits.request_memory, self._errors
+        )
         self._broadcasts = HandlerPool(
-            "broadcast", limits.broadcast_threads, limits.broadcast_memory, log
+            "broadcast", limits.broadcast_threads, limits.broadcast_memory, self._errors
         )
         self._broadcast_overflow = RateLimitedWarning(log, "broadcast dropped: memory limit")
         self._started = threading.Event()
@@ -122,7 +142,7 @@ class HandlerDispatch:
         if time.monotonic() > deadline:  # its caller has timed out already
             self._log.debug("request expired before a handler was free", id=request_id)
             return
-        self._conn.reply(request_id, *answer(self._handler, request))
+        self._conn.reply(request_id, *answer(self._handler, request, self._errors))
 
     def broadcast(self, message: bytes) -> None:
         if not self._broadcasts.submit(self._handler.handle_broadcast, (message,), len(message)):
@@ -137,13 +157,13 @@ class HandlerDispatch:
         while not self._started.wait(0.1):  # init runs before any callback
             if self._closed:
                 return
-        serve_tunnel(self._handler, tunnel)
+        serve_tunnel(self._handler, tunnel, self._errors)
 
     def drop(self, reason: ClosedError) -> None:
         try:
             self._handler.handle_drop(reason)
-        except Exception as err:
-            self._log.error("drop handler raised", error=repr(err))
+        except BaseException as err:  # the reader thread must still shut down in order
+            self._errors("drop handler raised", err)
 
     def close(self) -> None:
         self._closed = True

@@ -26,7 +26,11 @@ class ClosedError(Error):
 
 
 class RemoteError(Error):
-    """The remote handler failed; ``fault`` is the text it sent back."""
+    """The remote handler failed; ``fault`` is the text it sent back.
+
+    From this binding that is the exception's type and text, as in
+    ``"KeyError: 'user'"``; other bindings send their own texts.
+    """
 
     def __init__(self, fault: str):
         super().__init__(fault)

@@ -12,6 +12,7 @@ so DEBUG calls on the hot path cost one level check when DEBUG is off.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 logger = logging.getLogger("iris")
@@ -49,9 +50,12 @@ class ContextLog:
         """A child logger carrying this one's context plus ``context``."""
         return ContextLog(self.logger, self.context + tuple(context.items()))
 
-    def log(self, level: int, msg: str, **kv: object) -> None:
+    def log(
+        self, level: int, msg: str, exc_info: BaseException | None = None, **kv: object
+    ) -> None:
         if self.logger.isEnabledFor(level):
-            self.logger.log(level, _Entry(msg, self.context + tuple(kv.items())), stacklevel=3)
+            entry = _Entry(msg, self.context + tuple(kv.items()))
+            self.logger.log(level, entry, exc_info=exc_info, stacklevel=3)
 
     def debug(self, msg: str, **kv: object) -> None:
         self.log(logging.DEBUG, msg, **kv)
@@ -64,6 +68,10 @@ class ContextLog:
 
     def error(self, msg: str, **kv: object) -> None:
         self.log(logging.ERROR, msg, **kv)
+
+    def exception(self, msg: str, err: BaseException, **kv: object) -> None:
+        """An ERROR entry followed by ``err``'s traceback."""
+        self.log(logging.ERROR, msg, exc_info=err, **kv)
 
     def critical(self, msg: str, **kv: object) -> None:
         self.log(logging.CRITICAL, msg, **kv)
@@ -95,3 +103,46 @@ class RateLimitedWarning:
         self._log.warning(self._msg, suppressed=self._suppressed, **kv)
         self._suppressed = 0
         self._next = now + self._interval
+
+
+class HandlerErrorLog:
+    """Logs the exceptions of a service's callbacks at ERROR, with tracebacks.
+
+    A traceback is what lets an operator fix a handler, but a handler that
+    fails on every request would write thousands a second and turn one bug
+    into a logging outage. So the first ``burst`` exceptions of each
+    ``interval`` are logged in full; the rest are only counted, and the count
+    is logged when the next exception after the interval arrives. One
+    instance serves all pools of a service (or an irishost worker), so its
+    callbacks share one budget.
+    """
+
+    def __init__(self, log: ContextLog, burst: int = 10, interval: float = 60.0):
+        self._log = log
+        self._burst = burst
+        self._interval = interval
+        self._lock = threading.Lock()  # pool threads report concurrently
+        self._window_end = 0.0
+        self._logged = 0
+        self._suppressed = 0
+
+    def __call__(self, msg: str, err: BaseException, **kv: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            suppressed = 0
+            if now >= self._window_end:
+                suppressed, self._suppressed = self._suppressed, 0
+                self._window_end, self._logged = now + self._interval, 0
+            full = self._logged < self._burst
+            if full:
+                self._logged += 1
+            else:
+                self._suppressed += 1
+        if suppressed:
+            self._log.error(
+                "handler exceptions not logged: over the limit",
+                count=suppressed,
+                limit=f"{self._burst} per {self._interval:g} s",
+            )
+        if full:
+            self._log.exception(msg, err, **kv)

@@ -11,7 +11,7 @@ import queue
 import threading
 from collections.abc import Callable
 
-from .logs import ContextLog
+from .logs import HandlerErrorLog
 
 _STOP = None
 
@@ -23,11 +23,11 @@ class HandlerPool:
     is how a service's ``init`` runs before any other callback.
     """
 
-    def __init__(self, name: str, threads: int, memory: int, log: ContextLog):
+    def __init__(self, name: str, threads: int, memory: int, errors: HandlerErrorLog):
         self.name = name
         self.threads = threads
         self.memory = memory
-        self._log = log
+        self._errors = errors
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._started = False
@@ -84,5 +84,8 @@ class HandlerPool:
             task, args, _ = item
             try:
                 task(*args)
-            except Exception as err:  # a handler bug must not kill the pool thread
-                self._log.error("handler raised", pool=self.name, error=repr(err))
+            except BaseException as err:
+                # Whatever user code raises, SystemExit included, is logged and
+                # the thread carries on: a pool of one thread that lost it
+                # would never run anything again, and nobody would be told.
+                self._errors("handler raised", err, pool=self.name)

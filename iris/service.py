@@ -41,8 +41,14 @@ class Service:
         self.cluster = cluster
         self.handler = handler
         self.log.info("registering service", cluster=cluster)
+        # Handler errors name the cluster, so a process hosting several
+        # services shows which one failed.
+        handler_log = self.log.new(cluster=cluster)
         self.conn = Connection(
-            port, cluster, lambda conn: HandlerDispatch(conn, handler, limits, self.log), self.log
+            port,
+            cluster,
+            lambda conn: HandlerDispatch(conn, handler, limits, handler_log),
+            self.log,
         )
         try:
             handler.init(self.conn)

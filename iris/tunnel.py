@@ -46,6 +46,19 @@ def wait_until(
         cond.wait(remaining)
 
 
+def validate_message(message: bytes) -> None:
+    """Refuse what ``send`` cannot deliver, with a ValueError.
+
+    A tunnel message travels in chunks, but the receiving binding holds it
+    whole, within the allowance it grants a tunnel (64 MiB, TUNNEL_BUFFER),
+    so the relay's limit on every other message applies to it too.
+    """
+    if not isinstance(message, bytes | bytearray | memoryview) or not message:
+        raise ValueError("tunnel message must be non-empty bytes")
+    if len(message) > codec.MAX_MESSAGE:
+        raise ValueError(codec.too_large("tunnel message", len(message)))
+
+
 class Tunnel(TunnelCore):
     """One end of a tunnel; made by Connection.tunnel or given to handle_tunnel."""
 
@@ -70,8 +83,7 @@ class Tunnel(TunnelCore):
         discards that part when the next message starts, so the tunnel stays
         usable.
         """
-        if not isinstance(message, bytes | bytearray | memoryview) or not message:
-            raise ValueError("tunnel message must be non-empty bytes")
+        validate_message(message)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._send_lock:
             for size_field, chunk in chunks.split(message, self._chunk_limit):

@@ -28,7 +28,7 @@ import setproctitle
 import iris
 import iris.aio
 from iris.dispatch import answer, memory_fault, serve_tunnel
-from iris.logs import ContextLog, RateLimitedWarning
+from iris.logs import ContextLog, HandlerErrorLog, RateLimitedWarning
 from iris.pool import HandlerPool
 
 from . import frames
@@ -87,7 +87,11 @@ class Worker:
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
         self.config = spec.config
-        self.log = ContextLog(logging.getLogger("irishost")).new(worker=spec.index)
+        # The supervisor's context too: "service=<cluster>" finds both in a log.
+        self.log = ContextLog(logging.getLogger("irishost")).new(
+            service=spec.config.service.cluster, worker=spec.index
+        )
+        self.errors = HandlerErrorLog(self.log)  # every callback of this worker shares it
         self._parent = os.getppid()
         self._out_lock = threading.Lock()
         self._in_flight = 0
@@ -149,15 +153,15 @@ class Worker:
         self.handler.init(self.conn)
         limits = config.limits
         self._requests = HandlerPool(
-            "request", limits.request_threads, limits.request_memory, self.log
+            "request", limits.request_threads, limits.request_memory, self.errors
         )
         self._broadcasts = HandlerPool(
-            "broadcast", limits.broadcast_threads, limits.broadcast_memory, self.log
+            "broadcast", limits.broadcast_threads, limits.broadcast_memory, self.errors
         )
         self._topics = {
             topic.name: (
                 HandlerPool(
-                    f"topic-{topic.name}", topic.event_threads, topic.event_memory, self.log
+                    f"topic-{topic.name}", topic.event_threads, topic.event_memory, self.errors
                 ),
                 RateLimitedWarning(self.log.new(topic=topic.name), "event dropped: memory limit"),
             )
@@ -245,7 +249,9 @@ class Worker:
             if time.monotonic() > deadline:  # its caller has timed out already
                 self.send(frames.encode(Kind.EXPIRED, request_id))
                 return
-            self.send(frames.encode(Kind.REPLY, request_id, *answer(self.handler, payload)))
+            self.send(
+                frames.encode(Kind.REPLY, request_id, *answer(self.handler, payload, self.errors))
+            )
         finally:
             self._track(-1)
 
@@ -280,7 +286,10 @@ class Worker:
         tunnel = WorkerTunnel(tunnel_id, self.send, self.log.new(tunnel=tunnel_id), self._tunnels)
         self._tunnels[tunnel_id] = tunnel
         threading.Thread(
-            target=serve_tunnel, args=(self.handler, tunnel), name="irishost-tunnel", daemon=True
+            target=serve_tunnel,
+            args=(self.handler, tunnel, self.errors),
+            name="irishost-tunnel",
+            daemon=True,
         ).start()
 
     def _tunnel_handler(self, method: str):
@@ -304,8 +313,8 @@ class Worker:
         def task() -> None:
             try:
                 self.handler.handle_drop(iris.ClosedError(reason))
-            except Exception as err:
-                self.log.error("drop handler raised", error=repr(err))
+            except BaseException as err:
+                self.errors("drop handler raised", err)
             finally:
                 self._track(-1)
 

@@ -117,6 +117,12 @@ def test_request_300_bytes():
     same(decode(Side.CLIENT, REQUEST_300), [Request(300, "echo", b"hi", 1000)])
 
 
+def test_a_fault_text_with_lone_surrogates_is_encoded_with_replacement():
+    """A handler's text from surrogateescape must still make an answer."""
+    fault = b"caf\xe9".decode("utf-8", "surrogateescape")
+    assert Reply(1, False, fault).encode() == b"\x05\x01\x00\x04caf?"
+
+
 def test_direction_asymmetries():
     """docs/protocol.md section 4: REPLY, CLOSE and TUN_CLOSE differ by direction."""
     assert Reply(1, True, b"x").encode() == b"\x05\x01\x01\x01x"

@@ -48,7 +48,7 @@ def test_handler_exception_becomes_the_callers_fault(service):
     with pytest.raises(iris.RemoteError) as caught:
         service.request(b"fail:no such customer")
 
-    assert caught.value.fault == "no such customer"
+    assert caught.value.fault == "ValueError: no such customer"
     assert int(service.request(b"pid"))  # the worker carries on
 
 
