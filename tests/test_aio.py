@@ -174,7 +174,7 @@ def test_handler_failures_are_remote_errors(relay):
         ):
             with pytest.raises(iris.RemoteError) as failed:
                 await conn.request("echo", b"fail", 1)
-            assert failed.value.fault == "the database is down"
+            assert failed.value.fault == "RuntimeError: the database is down"
             with pytest.raises(iris.RemoteError, match="returned str, not bytes"):
                 await conn.request("echo", b"not-bytes", 1)
 
