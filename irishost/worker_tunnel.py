@@ -9,6 +9,7 @@ TUN_SENT, so a send returns or times out exactly as iris.Tunnel.send does.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -20,6 +21,19 @@ from iris.tunnel import wait_until
 
 from . import frames
 from .frames import Kind
+
+
+def _check_timeout(timeout: float | None) -> None:
+    """Refuse here what the supervisor's Tunnel.send could not take.
+
+    The send runs in the supervisor; a timeout it cannot use would fail
+    there, far from the handler's mistake.
+    """
+    is_number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
+    if timeout is not None and not (is_number and math.isfinite(timeout) and timeout >= 0):
+        raise ValueError(
+            f"tunnel send timeout must be None or a number of seconds >= 0, got {timeout!r}"
+        )
 
 
 class WorkerTunnel:
@@ -49,6 +63,7 @@ class WorkerTunnel:
     def send(self, message: bytes, timeout: float | None = None) -> None:
         if not isinstance(message, bytes | bytearray | memoryview) or not message:
             raise ValueError("tunnel message must be non-empty bytes")
+        _check_timeout(timeout)
         with self._send_lock:
             self._raise_if_closed()
             self._send_frame(frames.encode(Kind.TUN_SEND, self.id, bytes(message), timeout))
