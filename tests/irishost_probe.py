@@ -24,6 +24,8 @@ import threading
 import time
 
 import iris
+from irishost import frames
+from irishost.frames import Kind
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECORDS = os.path.join(HERE, "records.jsonl")
@@ -193,10 +195,23 @@ class ProbeHandler(iris.ServiceHandler):
         record("event", topic, event.decode())
 
     def handle_tunnel(self, tunnel) -> None:
-        """The first message picks the mode: "echo", "close" or "hold:<gate>"."""
+        """The first message picks the mode: "echo", "close", "hold:<gate>",
+        "bad-timeout" (a send with a timeout of the wrong type; the error goes
+        back as a message) or "bad-frame" (a TUN_SEND frame the supervisor
+        cannot perform, written past the tunnel's checks, as a broken worker
+        would)."""
         record("tunnel")
         try:
             mode = tunnel.recv(10).decode()
+            if mode == "bad-timeout":
+                try:
+                    tunnel.send(b"never sent", timeout="5")
+                except ValueError as err:
+                    tunnel.send(f"{type(err).__name__}: {err}".encode(), timeout=10)
+                mode = "echo"
+            if mode == "bad-frame":
+                tunnel._send_frame(frames.encode(Kind.TUN_SEND, tunnel.id, b"x", "5"))
+                tunnel.recv(10)
             if mode == "echo":
                 while True:
                     message = tunnel.recv()
