@@ -526,7 +526,10 @@ class Chaos:
             injection.note = f"a {OVERSIZE_MIB} MiB reply"
             replaced = 0
         elif kind == "broadcast-exit":
-            self._broadcast_after_exit(injection, before)
+            conn = self._connection()
+            if conn is not None:
+                conn.broadcast(rig.cluster, b"exit")
+                conn.broadcast(rig.cluster, b"mark:%d" % len(self.injections))
             replaced = 0
         elif kind == "relay":
             rig.kill_relay()
@@ -555,16 +558,12 @@ class Chaos:
                 for o in self.ledger.snapshot()
             )
             injection.survived = own is not None and own.kind == "fault" and not hurt
+        if kind == "broadcast-exit":
+            self._check_broadcast_marker(injection, len(self.injections) - 1, before)
 
-    def _broadcast_after_exit(self, injection: Injection, workers: set[int]) -> None:
-        """Broadcast one that raises SystemExit, then one each worker must still see."""
-        conn = self._connection()
-        if conn is None:
-            return
-        marker = len(self.injections)
-        conn.broadcast(self.rig.cluster, b"exit")
-        conn.broadcast(self.rig.cluster, b"mark:%d" % marker)
-        deadline = time.monotonic() + BROADCAST_CHECK_SECONDS
+    def _check_broadcast_marker(self, injection: Injection, marker: int, workers: set[int]):
+        """Whether the broadcast sent after the SystemExit one reached every worker."""
+        deadline = injection.at + BROADCAST_CHECK_SECONDS
         while True:
             alive = workers & self.rig.ready_pids()
             seen = {pid for pid in alive if (self.rig.dir / f"mark-{marker}-{pid}").exists()}
