@@ -75,6 +75,24 @@ def test_a_replacement_failing_in_init_is_a_crash_of_its_slot(notify, service):
     notify.wait_status("workers 2/2", since=time.monotonic(), timeout=5)
 
 
+def test_a_recycled_worker_whose_successor_fails_in_init_leaves_requests_waiting(service):
+    """max_requests retires the only worker while its successor cannot start: the
+    host stays up, and requests wait for the successor instead of failing."""
+    service.config(limits={"max_requests": 2})
+    host = service.start(env={"PROBE_INIT": "raise-while:init-fails"})  # served 1: the ping
+    retired = host.worker_count(1)[0].pid
+    service.open_gate("init-fails")
+
+    assert int(service.request(b"pid")) == retired  # the second: recycled
+    assert gone(retired, wait=5)
+    waiting = service.request_async(b"pid", timeout=15)
+    wait_for(lambda: "worker failed to start; retrying" in host.log(), what="a failed start")
+    (service.dir / "init-fails").unlink()
+
+    assert int(waiting.result(15)) != retired
+    assert host.proc.poll() is None
+
+
 def test_a_hung_init_at_start_is_killed_after_boot_timeout_with_exit_4(service):
     service.config(workers={"boot_timeout": "1s"})
     service.open_gate("init-hangs")
