@@ -14,15 +14,26 @@ Faults come one at a time, in an order drawn from the seed, each once the
 previous one has recovered (plus a short random gap):
 
 - kill: SIGKILL a worker (chosen by the seed);
-- balloon: a request whose handler allocates 200 MiB and keeps it, past
-  ``max_rss``, so the supervisor recycles its worker;
+- balloon: a request whose handler allocates 170 MiB and keeps it, past
+  ``max_rss`` (but below the 1.5 x ``max_rss`` that kills a worker at
+  once), so the supervisor recycles its worker;
+- init-fail: SIGKILL a worker while ``init`` raises in every new worker (a
+  flag file the handler checks: a database briefly down) for INIT_OUTAGE
+  seconds; the slot must be retried with backoff, not stop the host;
 - hang: a request (1 s timeout) whose handler never returns, so the
   supervisor kills its worker at deadline + ``timeout_grace``;
 - raise: a request whose handler raises;
 - reload: SIGHUP to the host (a new generation of workers takes over);
 - relay: SIGKILL the relay process and start it again on the same port.
   Clients' connections break: pending calls end with ClosedError ("closed"
-  below) and the client threads reconnect with backoff.
+  below) and the client threads reconnect with backoff;
+- oversize: a request whose reply is over the relay's 64 MiB message
+  limit; its caller must get a fault, and nobody else may notice;
+- broadcast-exit: a broadcast whose handler raises SystemExit (a
+  BaseException); a broadcast sent after it must still reach every worker.
+
+The last two test the binding's own guards (iris.connection, iris.pool);
+the "survived" column says whether the promise held.
 
 Every request is accounted for: a reply (checked), a fault (grouped by its
 text with the numbers blanked), a timeout, closed, or unanswered: a call
@@ -71,8 +82,15 @@ TIMEOUT = 2.0  # every load request's
 # relay never answers; a call still running past this margin is a hang.
 MARGIN = 5.0
 MAX_RSS_MIB = 150
-BALLOON_MIB = 200
+BALLOON_MIB = 170
 HANG_TIMEOUT = 1.0
+# How long new workers fail in init during an init-fail fault.
+INIT_OUTAGE = 1.0
+INIT_FLAG = "init-fails"
+# The "oversize" reply: just over the relay's default 64 MiB message limit.
+OVERSIZE_MIB = 65
+# How long a broadcast sent after "broadcast-exit" may take to reach every worker.
+BROADCAST_CHECK_SECONDS = 3.0
 TIMEOUT_GRACE = 1.0
 # Longest wait for full strength before the next fault is injected anyway.
 RECOVERY_LIMIT = 20.0
@@ -81,7 +99,17 @@ GAP_SECONDS = (0.5, 2.0)
 # Load replies to see before the first fault.
 WARM_UP_REPLIES = 100
 RECONNECT_START, RECONNECT_CAP = 0.05, 1.0
-FAULTS = ("kill", "balloon", "hang", "raise", "reload", "relay")
+FAULTS = (
+    "kill",
+    "balloon",
+    "hang",
+    "raise",
+    "reload",
+    "relay",
+    "init-fail",
+    "oversize",
+    "broadcast-exit",
+)
 
 HANDLER_MODULE = "chaos_handler"
 HANDLER_SOURCE = '''\
@@ -94,9 +122,15 @@ import iris
 
 MiB = 1 << 20
 _hoard = []  # what "balloon" keeps
+HERE = os.path.dirname(os.path.abspath(__file__))
+INIT_FLAG = os.path.join(HERE, "{init_flag}")
 
 
 class ChaosHandler(iris.ServiceHandler):
+    def init(self, conn):
+        if os.path.exists(INIT_FLAG):
+            raise RuntimeError("chaos: init fails while the flag file exists")
+
     def handle_request(self, request: bytes) -> bytes:
         kind, _, argument = request.partition(b":")
         if kind == b"ok":
@@ -108,7 +142,16 @@ class ChaosHandler(iris.ServiceHandler):
             threading.Event().wait()
         if kind == b"raise":
             raise RuntimeError("chaos: the handler raised on purpose")
+        if kind == b"oversize":
+            return b"x" * (int(argument) * MiB)
         raise ValueError(f"unknown request {request[:40]!r}")
+
+    def handle_broadcast(self, message: bytes) -> None:
+        kind, _, argument = message.partition(b":")
+        if kind == b"exit":
+            raise SystemExit("chaos: a broadcast handler raised SystemExit on purpose")
+        if kind == b"mark":  # seen by this worker: a file the chaos run looks for
+            open(os.path.join(HERE, f"mark-{argument.decode()}-{os.getpid()}"), "w").close()
 '''
 
 CONFIG = """\
@@ -217,6 +260,7 @@ class Injection:
     at: float
     note: str = ""
     full_strength: float | None = None  # seconds after `at`, None if never
+    survived: bool | None = None  # for faults with a promise of their own: whether it held
     thread: threading.Thread | None = None
     result: list = field(default_factory=list)
 
@@ -237,7 +281,9 @@ class Rig:
         self.dir = Path(tempfile.mkdtemp(prefix="irishost-chaos-"))
         self.cluster = f"chaos-{uuid.uuid4().hex[:8]}"
         self.port = free_port()
-        (self.dir / f"{HANDLER_MODULE}.py").write_text(HANDLER_SOURCE)
+        (self.dir / f"{HANDLER_MODULE}.py").write_text(
+            HANDLER_SOURCE.replace("{init_flag}", INIT_FLAG)
+        )
         self.config = self.dir / "chaos.toml"
         self.config.write_text(
             CONFIG.format(
@@ -283,6 +329,10 @@ class Rig:
             return None
         self.worker_pids.update(worker["pid"] for worker in status["workers"])
         return status
+
+    def restarts(self) -> int:
+        status = self.status()
+        return status["restarts"] if status is not None else 0
 
     def ready_pids(self) -> set[int]:
         status = self.status()
@@ -417,11 +467,15 @@ class Chaos:
             self.rng.shuffle(kinds)
             yield from kinds
 
-    def _request(self, injection: Injection, payload: bytes, timeout: float, check) -> None:
-        """Send a fault-inducing request on its own thread (a hang blocks)."""
+    def _connection(self) -> iris.Connection | None:
+        """The injector's own client connection (None when stopping)."""
         if self._conn is None or self._conn.closed:
             self._conn = self.load.dial()
-        conn = self._conn
+        return self._conn
+
+    def _request(self, injection: Injection, payload: bytes, timeout: float, check) -> None:
+        """Send a fault-inducing request on its own thread (a hang blocks)."""
+        conn = self._connection()
         if conn is None:  # stopping
             return
 
@@ -455,6 +509,28 @@ class Chaos:
         elif kind == "reload":
             os.kill(rig.host.proc.pid, signal.SIGHUP)
             replaced = WORKERS
+        elif kind == "init-fail":
+            victim = self.rng.choice(sorted(before)) if before else None
+            flag = rig.dir / INIT_FLAG
+            flag.touch()
+            restarts = rig.restarts()
+            if victim is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(victim, signal.SIGKILL)
+            time.sleep(INIT_OUTAGE)
+            flag.unlink()
+            failed = rig.restarts() - restarts - 1  # the kill itself is one restart
+            injection.note = f"init failed {failed} times in {INIT_OUTAGE:g} s, pid {victim}"
+        elif kind == "oversize":
+            self._request(injection, b"oversize:%d" % OVERSIZE_MIB, 5.0, lambda r: False)
+            injection.note = f"a {OVERSIZE_MIB} MiB reply"
+            replaced = 0
+        elif kind == "broadcast-exit":
+            conn = self._connection()
+            if conn is not None:
+                conn.broadcast(rig.cluster, b"exit")
+                conn.broadcast(rig.cluster, b"mark:%d" % len(self.injections))
+            replaced = 0
         elif kind == "relay":
             rig.kill_relay()
             rig.start_relay()
@@ -475,6 +551,27 @@ class Chaos:
             time.sleep(0.02)
         if injection.thread is not None:
             injection.thread.join(TIMEOUT + MARGIN)
+        if kind == "oversize":
+            own = injection.result[0] if injection.result else None
+            hurt = any(
+                o.source == "load" and o.kind != "reply" and o.answered >= injection.at
+                for o in self.ledger.snapshot()
+            )
+            injection.survived = own is not None and own.kind == "fault" and not hurt
+        if kind == "broadcast-exit":
+            self._check_broadcast_marker(injection, len(self.injections) - 1, before)
+
+    def _check_broadcast_marker(self, injection: Injection, marker: int, workers: set[int]):
+        """Whether the broadcast sent after the SystemExit one reached every worker."""
+        deadline = injection.at + BROADCAST_CHECK_SECONDS
+        while True:
+            alive = workers & self.rig.ready_pids()
+            seen = {pid for pid in alive if (self.rig.dir / f"mark-{marker}-{pid}").exists()}
+            if seen == alive or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        injection.survived = seen == alive
+        injection.note = f"a later broadcast reached {len(seen)} of {len(alive)} workers"
 
     def run(self, seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -568,6 +665,7 @@ def report(
                 seconds(first_success_after(outcomes, injection.at)),
                 seconds(injection.full_strength),
                 ", ".join(f"{v} {k}" for k, v in sorted(hurt.items())) or "none",
+                {None: "-", True: "yes", False: "**no**"}[injection.survived],
                 injection.note,
             ]
         )
@@ -581,6 +679,7 @@ def report(
         "first success after s",
         "host at full strength after s",
         "load requests hurt until next fault",
+        "survived",
         "note",
     ]
     print(_util.markdown_table(header, rows))
@@ -612,6 +711,7 @@ def report(
 
     unanswered = [o for o in outcomes if o.kind == "unanswered"]
     undocumented = [o for o in outcomes if o.kind in ("wrong", "error")]
+    broken = [i for i in chaos.injections if i.survived is False]
     rows = [[key, str(value)] for key, value in extra.items()]
     print("### Clean-up")
     print()
@@ -620,6 +720,7 @@ def report(
     ok = (
         not unanswered
         and not undocumented
+        and not broken
         and not extra.get("clients that never ended")
         and extra.get("host exit") == 0
         and extra.get("relay exit") == 0
@@ -628,7 +729,11 @@ def report(
     )
     for outcome in [*unanswered, *undocumented][:20]:
         print(f"PROBLEM: {outcome}")
-    print("RESULT:", "every request answered exactly once" if ok else "FAILED")
+    for injection in broken:
+        print(f"PROBLEM: not survived: {injection.kind} ({injection.note})")
+    print(
+        "RESULT:", "every request answered exactly once, every fault survived" if ok else "FAILED"
+    )
     return ok
 
 

@@ -568,12 +568,13 @@ def forked_worker(config: Config) -> Iterator[tuple[Ring, Ring]]:
     try:
         rings += [Ring.create(prefix=RING_PREFIX), Ring.create(prefix=RING_PREFIX)]
         inbox, outbox = rings
+        spec = worker.WorkerSpec(0, config, inbox, outbox, handler_class, os.getpid())
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
             try:
-                worker.run(worker.WorkerSpec(0, config, inbox, outbox, handler_class))
+                worker.run(spec)
             finally:  # run() never returns; this keeps the child out of our code if it raises
                 os._exit(1)
         first = outbox.get(START_TIMEOUT)

@@ -8,6 +8,7 @@ larger than the chunk limit travels as several chunks and is reassembled.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -46,17 +47,25 @@ def wait_until(
         cond.wait(remaining)
 
 
-def validate_message(message: bytes) -> None:
+def validate_send(message: bytes, timeout: float | None) -> None:
     """Refuse what ``send`` cannot deliver, with a ValueError.
 
     A tunnel message travels in chunks, but the receiving binding holds it
     whole, within the allowance it grants a tunnel (64 MiB, TUNNEL_BUFFER),
-    so the relay's limit on every other message applies to it too.
+    so the relay's limit on every other message applies to it too. The
+    timeout is checked here, before anything is sent, so that a mistake
+    surfaces in the caller's code (under irishost the send itself runs in
+    the supervisor, far from the handler).
     """
     if not isinstance(message, bytes | bytearray | memoryview) or not message:
         raise ValueError("tunnel message must be non-empty bytes")
     if len(message) > codec.MAX_MESSAGE:
         raise ValueError(codec.too_large("tunnel message", len(message)))
+    is_number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
+    if timeout is not None and not (is_number and math.isfinite(timeout) and timeout >= 0):
+        raise ValueError(
+            f"tunnel send timeout must be None or a number of seconds >= 0, got {timeout!r}"
+        )
 
 
 class Tunnel(TunnelCore):
@@ -83,7 +92,7 @@ class Tunnel(TunnelCore):
         discards that part when the next message starts, so the tunnel stays
         usable.
         """
-        validate_message(message)
+        validate_send(message, timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._send_lock:
             for size_field, chunk in chunks.split(message, self._chunk_limit):

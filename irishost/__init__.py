@@ -28,7 +28,8 @@ before fork, their names unlinked at once, so nothing lingers in /dev/shm)
 and the bookkeeping of every request in flight; a worker owns its handler
 instance and its pools. A request is answered exactly once: by its worker's
 reply, by a fault when no worker has room, or by a fault when its worker
-dies; a worker's death fails exactly the work it held.
+dies; a worker's death fails exactly the work it held. While no worker is
+ready at all, requests wait in the supervisor for one (until their deadline).
 
 Modules: ``cli`` (command line), ``config`` (TOML), ``loader`` (handler
 import), ``supervisor`` (the loop), ``dispatch`` (relay -> workers),

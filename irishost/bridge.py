@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import traceback
 from collections.abc import Callable
 
 import iris
@@ -49,7 +50,9 @@ class TunnelBridge:
         if not self._tell_worker(frames.encode(Kind.TUNNEL, self.tunnel.id)):
             return
         for target in (self._forward_inbound, self._perform_requests):
-            threading.Thread(target=target, name="irishost-tunnel", daemon=True).start()
+            threading.Thread(
+                target=self._guarded, args=(target,), name="irishost-tunnel", daemon=True
+            ).start()
 
     def on_frame(self, kind: int, fields: list) -> None:
         """A TUN_* frame from the worker (supervisor loop thread)."""
@@ -71,6 +74,24 @@ class TunnelBridge:
         self.tunnel.close_async()
         self._requests.put(None)
         self._forget(self)
+
+    def _guarded(self, target: Callable[[], None]) -> None:
+        """Run one of the bridge's threads; whatever it raises closes the tunnel.
+
+        An unexpected error (a malformed frame from the worker, a bug) must
+        not end the thread silently: both ends would wait on it forever. The
+        worker's handler is told the tunnel closed, and why.
+        """
+        try:
+            target()
+        except Exception as err:
+            self.tunnel.log.error(
+                "tunnel bridge failed", error=repr(err), traceback=traceback.format_exc()
+            )
+            self._tell_worker(
+                frames.encode(Kind.TUN_CLOSED, self.tunnel.id, f"tunnel bridge failed: {err!r}")
+            )
+            self.stop(f"failed: {err!r}")
 
     def _forward_inbound(self) -> None:
         tunnel = self.tunnel

@@ -61,6 +61,7 @@ class WorkersSection:
     max_requests_jitter: int
     timeout_grace: float
     shutdown_timeout: float
+    boot_timeout: float  # a worker still in import or init() after this is killed
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class LimitsSection:
     broadcast_threads: int
     broadcast_memory: int
     max_rss: int  # bytes; 0 = never recycle for memory
+    max_rss_kill_factor: float  # above max_rss times this, killed at once instead of drained
     max_requests: int  # 0 = never recycle for request count
 
     def service_limits(self) -> ServiceLimits:
@@ -218,6 +220,20 @@ def _positive_size(value: Any) -> int:
     return size
 
 
+def _positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds == 0:
+        raise ValueError(f'expected a duration above 0 such as "60s", got {_show(value)}')
+    return seconds
+
+
+def _kill_factor(value: Any) -> float:
+    """How far over max_rss a worker may get before it is killed instead of drained."""
+    if not _is_number(value) or not 1 <= value <= 1000:
+        raise ValueError(f"expected a number from 1 to 1000 such as 1.5, got {_show(value)}")
+    return float(value)
+
+
 def _integer(low: int, high: int | None = None) -> _Parser:
     wanted = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
 
@@ -313,6 +329,7 @@ _SECTIONS: dict[str, tuple[type, _Spec]] = {
             "max_requests_jitter": (_integer(0), 0),
             "timeout_grace": (parse_duration, "5s"),
             "shutdown_timeout": (parse_duration, "30s"),
+            "boot_timeout": (_positive_duration, "60s"),
         },
     ),
     "limits": (
@@ -323,6 +340,7 @@ _SECTIONS: dict[str, tuple[type, _Spec]] = {
             "broadcast_threads": (_integer(1), 1),
             "broadcast_memory": (_positive_size, "64MiB"),
             "max_rss": (parse_size, 0),
+            "max_rss_kill_factor": (_kill_factor, 1.5),
             "max_requests": (_integer(0), 0),
         },
     ),

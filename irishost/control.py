@@ -17,7 +17,11 @@ The snapshot, as built by the supervisor's ``snapshot`` callable::
       "relay": {"state": str, "port": int},  # state "connected" when usable
       "served": int,         # requests answered since start, by any worker
       "in_flight": int,      # requests handed to workers and not yet answered
+      "waiting": int,        # requests waiting for a worker to be ready
       "restarts": int,       # workers that died unexpectedly and were respawned
+      "degraded": [          # slots down (crashed, failing to start) until ready again
+        {"slot": int, "problem": str},
+      ],
       "workers": [           # live worker processes (booting, ready or draining)
         {
           "slot": int,       # shared by a draining worker and its successor
@@ -227,8 +231,10 @@ def format_status(snapshot: Snapshot) -> str:
         ("relay", f"{relay['state']} (port {relay['port']})"),
         ("served", snapshot["served"]),
         ("in flight", snapshot["in_flight"]),
+        ("waiting", snapshot["waiting"]),
         ("restarts", snapshot["restarts"]),
         ("workers", f"{len(workers)} alive"),
+        ("health", _health(snapshot["degraded"])),
     ]
     header = ["WORKER", "PID", "STATE", "SERVED", "IN FLIGHT", "RSS", "RESTARTS", "UPTIME"]
     rows = [
@@ -246,6 +252,12 @@ def format_status(snapshot: Snapshot) -> str:
     ]
     lines = [f"{name + ':':<11}{value}" for name, value in summary]
     return "\n".join([*lines, "", *_table([header, *rows])]) + "\n"
+
+
+def _health(degraded: list[dict]) -> str:
+    if not degraded:
+        return "ok"
+    return "degraded: " + "; ".join(f"worker {d['slot']} {d['problem']}" for d in degraded)
 
 
 def _table(rows: list[list[object]]) -> list[str]:

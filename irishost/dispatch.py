@@ -11,6 +11,14 @@ worker's reply, a fault when no worker can take it, or a fault when its
 worker dies - unless its deadline passes first, when the relay has already
 answered the caller with a timeout.
 
+When no worker is ready at all (every one crashed and waiting for its
+respawn, or still booting), requests wait here, as connections wait in the
+listen queue in front of gunicorn's workers: up to ``limits.request_memory``
+bytes of them, handed to the first worker that becomes ready. One whose
+deadline passes while it waits is dropped unrun; its caller gets the
+relay's timeout, as a client of gunicorn gets its proxy's. Only when that
+budget is full does a request get a fault at once.
+
 Workers never see the relay's request ids. Those are only unique within one
 relay process: a restarted relay numbers its requests from 0 again, and a
 late reply to a request of the dead one would answer whichever new request
@@ -23,6 +31,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -44,6 +53,15 @@ class Pending(NamedTuple):
     request_id: int  # the relay's id for it, on that connection
 
 
+class Waiting(NamedTuple):
+    """A request on its way to a worker, or waiting here for one to be ready."""
+
+    conn: iris.Connection  # the connection it came in on
+    request_id: int  # the relay's id for it, on that connection
+    deadline: float  # monotonic; its caller has timed out after this
+    request: bytes
+
+
 class RelayDispatch:
     def __init__(self, config: Config, log: ContextLog, recycle: Callable[[WorkerHandle], None]):
         self.config = config
@@ -57,6 +75,8 @@ class RelayDispatch:
         self.bridges: dict[int, TunnelBridge] = {}
         self.served = 0
         self._cursor = 0  # where the round-robin among equally loaded workers starts
+        self._waiting: deque[Waiting] = deque()  # for a worker to be ready, oldest first
+        self._waiting_bytes = 0
         self._delivery_dropped = RateLimitedWarning(log, "broadcast or event dropped")
         self.accepting = True  # False while stopping: new requests get a fault
         self._recycle = recycle
@@ -79,50 +99,106 @@ class RelayDispatch:
     def in_flight(self) -> int:
         return len(self.owner)
 
+    def waiting(self) -> int:
+        """Requests waiting for a worker to be ready."""
+        return len(self._waiting)
+
     # -- Inbound: called on the relay connection's reader thread ---------------------
 
     def request(self, request_id: int, request: bytes, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        size = len(request)
-        conn = self.conn  # the one whose reader thread this is
+        # self.conn is the connection whose reader thread this is.
+        waiting = Waiting(self.conn, request_id, time.monotonic() + timeout, request)
         with self.lock:
-            worker = self._pick_for_request(size)
-            if isinstance(worker, str):
-                fault = worker
-            else:
-                ticket = next(self._tickets)
-                worker.in_flight[ticket] = (deadline, size)
-                worker.in_flight_bytes += size
-                self.owner[ticket] = Pending(worker, conn, request_id)
-        if isinstance(worker, str):
-            conn.reply(request_id, False, fault)
+            choice = self._pick_for_request(len(request))
+            if choice is None:
+                choice = self._wait_for_worker(waiting)
+                if choice is None:
+                    return
+            ticket = self._book(choice, waiting)
+        self._hand_over(waiting, choice, ticket)
+
+    def _wait_for_worker(self, waiting: Waiting) -> str | None:
+        """Keep a request until a worker is ready; the fault text if the budget is full."""
+        size = len(waiting.request)
+        if self._waiting_bytes + size > self._memory_cap:
+            return (
+                f"no worker is ready, and the requests waiting for one fill the request "
+                f"memory limit ({self._memory_cap} bytes, request is {size} bytes)"
+            )
+        self._waiting.append(waiting)
+        self._waiting_bytes += size
+        return None
+
+    def _book(self, choice: WorkerHandle | str, waiting: Waiting) -> int | None:
+        """Record a request as held by the worker chosen for it; its ticket. Under the lock."""
+        if isinstance(choice, str):
+            return None
+        size = len(waiting.request)
+        ticket = next(self._tickets)
+        choice.in_flight[ticket] = (waiting.deadline, size)
+        choice.in_flight_bytes += size
+        self.owner[ticket] = Pending(choice, waiting.conn, waiting.request_id)
+        return ticket
+
+    def _hand_over(self, waiting: Waiting, choice: WorkerHandle | str, ticket: int | None) -> None:
+        """Write a booked request to its worker's ring, or answer with the fault text."""
+        if isinstance(choice, str):
+            waiting.conn.reply(waiting.request_id, False, choice)
             return
         try:
-            worker.put(frames.encode(Kind.REQUEST, ticket, deadline, request))
+            choice.put(frames.encode(Kind.REQUEST, ticket, waiting.deadline, waiting.request))
         except (TimeoutError, ValueError, OSError) as err:
             if self._settle(ticket) is not None:
-                conn.reply(request_id, False, f"{worker} did not take the request: {err}")
+                waiting.conn.reply(
+                    waiting.request_id, False, f"{choice} did not take the request: {err}"
+                )
 
-    def _pick_for_request(self, size: int) -> WorkerHandle | str:
-        """The least loaded worker with room, or the fault text saying why none.
+    def release_waiting(self) -> None:
+        """Hand waiting requests to workers once one is ready; forget expired ones.
+
+        Called by the supervisor's loop when a worker becomes ready, on every
+        tick, and when stopping (the requests then get the shutdown fault).
+        """
+        now = time.monotonic()
+        handed = []
+        with self.lock:
+            if not self._waiting:
+                return
+            live = [w for w in self._waiting if w.deadline > now and not w.conn.closed]
+            self._waiting = deque(live)
+            self._waiting_bytes = sum(len(w.request) for w in live)
+            while self._waiting:
+                waiting = self._waiting[0]
+                choice = self._pick_for_request(len(waiting.request))
+                if choice is None:
+                    break
+                self._waiting.popleft()
+                self._waiting_bytes -= len(waiting.request)
+                handed.append((waiting, choice, self._book(choice, waiting)))
+        for waiting, choice, ticket in handed:
+            self._hand_over(waiting, choice, ticket)
+
+    def _pick_for_request(self, size: int) -> WorkerHandle | str | None:
+        """The least loaded worker with room, the fault text saying why none, or
+        None when no worker is ready at all (the request waits for one).
 
         Ready workers come first. When none of them has room, a booting one
-        will do: the request waits in its ring until it is up. Otherwise a
-        service of one worker would turn requests away each time that worker
-        is recycled, in the moment between its retirement and its successor's
-        readiness. Ties go round-robin, as on the relay: with quick handlers
-        every worker is idle whenever a request arrives, and the first one in
-        the list would otherwise get them all.
+        will do: the request waits in its ring until it is up. Ties go
+        round-robin, as on the relay: with quick handlers every worker is idle
+        whenever a request arrives, and the first one in the list would
+        otherwise get them all.
         """
         if not self.accepting:
             return "service is shutting down"
-        best, best_load, open_workers, stalled = None, None, 0, 0
+        best, best_load, open_workers, ready, stalled = None, None, 0, 0, 0
         workers, start, now = self.workers, self._cursor, time.monotonic()
         for step in range(len(workers)):
             worker = workers[(start + step) % len(workers)]
             if worker.state == DRAINING:
                 continue
             open_workers += 1
+            if worker.state == READY:
+                ready += 1
             if worker.stalled(now):
                 stalled += 1
                 continue
@@ -132,10 +208,10 @@ class RelayDispatch:
             if best is None or load < best_load:
                 best, best_load = worker, load
                 self._cursor = (start + step + 1) % len(workers)
+        if not ready:
+            return None
         if best is not None:
             return best
-        if not open_workers:
-            return "no worker is ready to take the request"
         if stalled == open_workers:
             return f"all {open_workers} workers are stalled: none took a frame in time lately"
         return (

@@ -42,14 +42,17 @@ from .workers import BOOTING, DRAINING, READY, WorkerHandle
 
 # The loop wakes at least this often to check deadlines, memory and respawns.
 TICK_SECONDS = 0.25
-# Resident memory is sampled this often (psutil reads /proc; not free).
-RSS_CHECK_SECONDS = 1.0
+# Resident memory is sampled this often when max_rss is set: psutil reads
+# /proc/<pid>/statm, some microseconds per worker. Often enough that a handler
+# growing 320 MiB a second gets 32 MiB past the kill threshold at most.
+RSS_CHECK_SECONDS = 0.1
 # Respawn backoff after a crash: doubles per quick death, up to the cap.
 BACKOFF_START, BACKOFF_CAP = 0.1, 10.0
 # A worker that lived this long resets its slot's backoff.
 STABLE_SECONDS = 10.0
-# This many workers in a row dying before they are ready means they cannot
-# start at all; the host exits instead of forking forever.
+# This many workers in a row dying before any was ever ready means they
+# cannot start at all; the host exits instead of forking forever. Once one
+# has been ready, a worker that fails to start is a crash of its slot.
 MAX_BOOT_DEATHS = 3
 _HANDLED_SIGNALS = (
     signal.SIGTERM,
@@ -137,6 +140,8 @@ class Supervisor:
         self._slot_failures: dict[int, int] = {}
         self.slot_restarts: dict[int, int] = {}
         self._boot_deaths = 0
+        self._ever_ready = False  # a worker has been ready: start-up failures stop being fatal
+        self._slot_problems: dict[int, str] = {}  # why a slot is down, until it is ready again
         self._signals: list[int] = []
         self._stopping = False
         self._next_rss_check = 0.0
@@ -294,15 +299,15 @@ class Supervisor:
             jitter = config.workers.max_requests_jitter
             max_requests = limits.max_requests + random.randint(0, jitter)
         inbox, outbox = Ring.create(prefix=self.prefix), Ring.create(prefix=self.prefix)
+        siblings = tuple(r for w in self.dispatch.workers for r in (w.inbox, w.outbox))
+        spec = worker.WorkerSpec(
+            slot, config, inbox, outbox, generation.handler_class, os.getpid(), siblings
+        )
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            siblings = tuple(r for w in self.dispatch.workers for r in (w.inbox, w.outbox))
-            spec = worker.WorkerSpec(
-                slot, config, inbox, outbox, generation.handler_class, siblings
-            )
-            worker.run(spec)  # never returns
+            worker.run(spec)  # never returns; nothing may run in the child before it
         handle = WorkerHandle(slot, pid, inbox, outbox, max_requests)
         handle.generation = generation.number
         with self.dispatch.lock:
@@ -314,12 +319,17 @@ class Supervisor:
         return handle
 
     def _wait_until_ready(self) -> None:
-        """Return once every worker is ready.
+        """Return once every worker has booted, and at least one is ready.
 
-        A pending respawn (of a worker that died booting) counts as not ready,
-        or the cluster would be registered with no worker to take its requests.
+        While none is ready, a pending respawn (of a worker that died booting)
+        counts as not ready, or the cluster would be registered with no worker
+        to take its requests. Once one is ready, a slot that failed to start is
+        retried with backoff like any crash, and the service starts degraded.
         """
-        while self._respawns or any(w.state == BOOTING for w in self.dispatch.workers):
+        workers = self.dispatch.workers
+        while not any(w.state == READY for w in workers) or any(
+            w.state == BOOTING for w in workers
+        ):
             self._step(serving=False)
             if self._stopping:
                 raise HostError(Exit.OK, "stopped during start-up")
@@ -364,27 +374,52 @@ class Supervisor:
                 self._abort_generation(f"new worker {handle.slot} {how}", handle.failure)
             # else one of the workers an aborted reload killed: reported already
             return
-        if handle.failure is not None:
-            raise HostError(Exit.HANDLER, f"worker {handle.slot} failed to start", handle.failure)
+        # It failed to start: init raised (the traceback came in a FAILED
+        # frame), or the supervisor killed it booting (boot_timeout, max_rss).
+        failed_start = was_state == BOOTING and (
+            handle.failure is not None or handle.kill_reason is not None
+        )
+        if not self._ever_ready:
+            self._check_start_up(handle, how, failed_start)
         if handle.slot >= self.count:
             return  # scaled down meanwhile
         self.restarts += 1
         self.slot_restarts[handle.slot] = self.slot_restarts.get(handle.slot, 0) + 1
-        if was_state == BOOTING:
-            self._boot_deaths += 1
-            if self._boot_deaths >= MAX_BOOT_DEATHS:
-                raise HostError(
-                    Exit.HANDLER, f"workers keep dying during start-up; the last one {how}"
-                )
-        self.log.error("worker died", worker=handle.slot, pid=handle.pid, how=how)
+        if failed_start:
+            problem = f"failed to start: {_last_line(handle.failure) or how}"
+            self.log.error(
+                "worker failed to start; retrying", worker=handle.slot, pid=handle.pid, how=how
+            )
+            if handle.failure:
+                self.log.error("traceback of the failed worker", traceback=handle.failure)
+        else:
+            problem = how
+            self.log.error("worker died", worker=handle.slot, pid=handle.pid, how=how)
+        self._slot_problems[handle.slot] = problem
         lived = time.monotonic() - handle.started
         failures = 0 if lived >= STABLE_SECONDS else self._slot_failures.get(handle.slot, 0)
         self._slot_failures[handle.slot] = failures + 1
         delay = min(BACKOFF_START * 2**failures, BACKOFF_CAP)
         self._respawns.append((time.monotonic() + delay, handle.slot))
 
+    def _check_start_up(self, handle: WorkerHandle, how: str, failed_start: bool) -> None:
+        """Before any worker was ever ready, a worker that cannot start stops the host."""
+        if failed_start:
+            if handle.failure is not None:
+                message, details = f"worker {handle.slot} failed to start", handle.failure
+            else:
+                message, details = f"worker {handle.slot} failed to start: {how}", ""
+            raise HostError(Exit.HANDLER, message, details)
+        if handle.state == BOOTING:
+            self._boot_deaths += 1
+            if self._boot_deaths >= MAX_BOOT_DEATHS:
+                raise HostError(
+                    Exit.HANDLER, f"workers keep dying during start-up; the last one {how}"
+                )
+
     def _murder_stuck(self, now: float) -> None:
         grace = self.config.workers.timeout_grace
+        boot_timeout = self.config.workers.boot_timeout
         threads = self.config.limits.request_threads
         for handle in list(self.dispatch.workers):
             if handle.kill_reason is not None:
@@ -392,25 +427,46 @@ class Supervisor:
             with self.dispatch.lock:
                 deadline = handle.running_deadline(threads)
             if deadline is not None and now > deadline + grace:
-                handle.kill_reason = (
-                    f"killed by the supervisor: a handler ran past its deadline plus {grace:g} s"
-                )
+                reason = f"a handler ran past its deadline plus {grace:g} s"
             elif handle.state == DRAINING and now > handle.drain_deadline:
-                handle.kill_reason = "killed by the supervisor: did not drain in time"
+                reason = "did not drain in time"
+            elif handle.state == BOOTING and now > handle.started + boot_timeout:
+                reason = f"still starting after workers.boot_timeout ({boot_timeout:g} s)"
             else:
                 continue
-            self.log.error("killing worker", worker=handle.slot, pid=handle.pid)
-            _kill(handle.pid, signal.SIGKILL)
+            self._kill(handle, reason)
+
+    def _kill(self, handle: WorkerHandle, reason: str) -> None:
+        """SIGKILL a worker; ``reason`` becomes the fault of every request it held."""
+        handle.kill_reason = f"killed by the supervisor: {reason}"
+        self.log.error("killing worker", worker=handle.slot, pid=handle.pid, reason=reason)
+        _kill(handle.pid, signal.SIGKILL)
 
     def _check_memory(self, now: float) -> None:
-        max_rss = self.config.limits.max_rss
-        if not max_rss or now < self._next_rss_check:
+        """Recycle workers over max_rss; kill those far over it at once.
+
+        Recycling drains a worker first, which takes as long as its slowest
+        request: a handler leaking fast would reach many times the cap
+        meanwhile. So beyond ``max_rss_kill_factor`` times the cap a worker,
+        booting, ready or draining, is killed without waiting.
+        """
+        limits = self.config.limits
+        if not limits.max_rss or now < self._next_rss_check:
             return
         self._next_rss_check = now + RSS_CHECK_SECONDS
-        for handle in self.dispatch.ready_workers():
+        kill_above = limits.max_rss * limits.max_rss_kill_factor
+        for handle in list(self.dispatch.workers):
+            if handle.kill_reason is not None:
+                continue
             rss = handle.rss()
-            if rss > max_rss:
-                self._recycle(handle, f"resident memory {rss} bytes is over max_rss {max_rss}")
+            if rss > kill_above:
+                self._kill(
+                    handle,
+                    f"resident memory {_mib(rss)} exceeded max_rss {_mib(limits.max_rss)} "
+                    f"more than {limits.max_rss_kill_factor:g} times",
+                )
+            elif rss > limits.max_rss and handle.state == READY:
+                self._recycle(handle, f"resident memory {_mib(rss)} is over max_rss")
 
     def _respawn_due(self, now: float) -> None:
         if self.conn is not None and self.conn.closed:
@@ -552,6 +608,8 @@ class Supervisor:
         due = min([self._next_tick, *(when for when, _ in self._respawns)])
         if self.notifier.watchdog_interval():
             due = min(due, self._next_watchdog)
+        if self.config.limits.max_rss:
+            due = min(due, self._next_rss_check)
         rings = self._rings()
         for ring in wait_readable(list(rings), max(0.0, due - time.monotonic()), (self._wake_r,)):
             self._collect(rings[ring])
@@ -565,6 +623,7 @@ class Supervisor:
         self._murder_stuck(now)
         self._check_memory(now)
         self._respawn_due(now)
+        self.dispatch.release_waiting()  # drops the expired ones
         self._tell_systemd(now)
         if serving and self.conn is not None and self.conn.closed and not self._stopping:
             self._reconnect()
@@ -598,11 +657,28 @@ class Supervisor:
 
     def status_line(self) -> str:
         ready = len(self.dispatch.ready_workers())
-        return (
+        line = (
             f"workers {ready}/{self.count}, served {self.dispatch.served}, "
             f"in flight {self.dispatch.in_flight()}, restarts {self.restarts}, "
             f"relay {self.relay_state()}"
         )
+        waiting = self.dispatch.waiting()
+        if waiting:
+            line += f", waiting for a worker {waiting}"
+        problems = self.slot_problems()
+        if problems:
+            line += "; degraded: " + "; ".join(
+                f"worker {slot} {problem}" for slot, problem in problems.items()
+            )
+        return line
+
+    def slot_problems(self) -> dict[int, str]:
+        """Slots that are down and why (a crash, a failed start), until they are ready again."""
+        return {
+            slot: problem
+            for slot, problem in sorted(self._slot_problems.items())
+            if slot < self.count
+        }
 
     def snapshot(self) -> dict:
         """What `irishost status` and the metrics show; runs on their threads."""
@@ -622,6 +698,7 @@ class Supervisor:
                 for w in self.dispatch.workers
             ]
             in_flight = self.dispatch.in_flight()
+            waiting = self.dispatch.waiting()
         for entry in workers:  # outside the lock: reading /proc is slow
             entry["rss"] = entry.pop("process").rss()
         return {
@@ -632,7 +709,11 @@ class Supervisor:
             "relay": {"state": self.relay_state(), "port": self.config.relay.port},
             "served": self.dispatch.served,
             "in_flight": in_flight,
+            "waiting": waiting,
             "restarts": self.restarts,
+            "degraded": [
+                {"slot": slot, "problem": problem} for slot, problem in self.slot_problems().items()
+            ],
             "workers": workers,
         }
 
@@ -648,7 +729,9 @@ class Supervisor:
             kind = fields[0]
             if kind == Kind.READY:
                 handle.state = READY
-                self._boot_deaths = 0
+                self._ever_ready = True
+                self._slot_problems.pop(handle.slot, None)
+                self.dispatch.release_waiting()
                 self.log.info("worker ready", worker=handle.slot, pid=handle.pid)
                 self._title()
                 if handle.generation > self.generation.number:
@@ -690,6 +773,7 @@ class Supervisor:
         """Finish in-flight work within the shutdown timeout, then take everything down."""
         dispatch = self.dispatch
         dispatch.accepting = False
+        dispatch.release_waiting()  # with the shutdown fault
         deadline = time.monotonic() + self.config.workers.shutdown_timeout
         while dispatch.in_flight() and time.monotonic() < deadline:
             self._step(serving=False)
@@ -721,6 +805,16 @@ def _kill(pid: int, signum: int) -> None:
         os.kill(pid, signum)
     except ProcessLookupError:
         pass
+
+
+def _last_line(text: str | None) -> str:
+    """A traceback's last line (the exception), to name a failure in one line."""
+    lines = (text or "").strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
 
 
 def _listening(port: int) -> bool:

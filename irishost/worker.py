@@ -11,10 +11,19 @@ Exit codes tell the supervisor how a worker ended: 0 after a requested
 drain, BOOT_FAILED when the handler could not be imported or initialised
 (the FAILED frame carries the traceback), PARENT_GONE when the supervisor
 disappeared.
+
+A worker never outlives its supervisor: the kernel kills it when the
+supervisor dies (PR_SET_PDEATHSIG, set before anything else in the child),
+whatever it is doing, even blocked in a C call inside ``init``. And a
+process a handler forks never touches the worker's rings: it shares their
+mapping, and two writers on a ring meant for one would corrupt it or hand a
+caller the child's reply. Should such a child return from the handler into
+the worker's code, it exits there instead (see ``_leave_if_forked``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -40,6 +49,13 @@ from .worker_tunnel import WorkerTunnel
 
 BOOT_FAILED = 3
 PARENT_GONE = 4
+# The exit code of a process forked by a handler that returned into the worker's code.
+FORKED_CHILD_EXIT = 0
+
+# prctl(2) option: the signal the kernel sends this process when its parent dies.
+PR_SET_PDEATHSIG = 1
+# Loaded before any fork, so a fresh worker only makes the call.
+_libc = ctypes.CDLL(None, use_errno=True)
 
 # How often an idle worker looks up from its ring to check on its parent.
 IDLE_CHECK_SECONDS = 1.0
@@ -54,18 +70,35 @@ class WorkerSpec:
     inbox: Ring  # supervisor -> worker
     outbox: Ring  # worker -> supervisor
     handler_class: type | None  # preloaded in the supervisor, or None to import here
+    supervisor: int  # its pid: the parent the worker must not outlive
     siblings: tuple[Ring, ...] = ()  # the other workers' rings, mapped by the fork too
 
 
 def run(spec: WorkerSpec) -> None:
-    """Body of a forked worker; never returns."""
+    """Body of a forked worker, called first thing after fork; never returns."""
     code = 1
     try:
+        die_with_parent(spec.supervisor)
         code = Worker(spec).serve()
     except BaseException:  # the last line of defence in a child: report, then exit
         traceback.print_exc()
     finally:
         os._exit(code)
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when ``parent`` dies, at any stage.
+
+    Polling ``getppid`` alone leaves gaps: a worker blocked in ``init``
+    never polls. SIGKILL, because handlers may catch or block anything
+    milder. The supervisor may have died between fork and prctl, when no
+    signal is sent any more: the check after it closes that gap.
+    """
+    if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+    if os.getppid() != parent:
+        os._exit(PARENT_GONE)
 
 
 def _close_inherited_fds(keep: set[int]) -> None:
@@ -92,7 +125,8 @@ class Worker:
             service=spec.config.service.cluster, worker=spec.index
         )
         self.errors = HandlerErrorLog(self.log)  # every callback of this worker shares it
-        self._parent = os.getppid()
+        self._parent = spec.supervisor
+        self._forked = False  # True only in a process a handler forked; see _leave_if_forked
         self._out_lock = threading.Lock()
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
@@ -121,6 +155,7 @@ class Worker:
             except BufferError:
                 pass  # mid-write by another supervisor thread at fork: left mapped
         _close_inherited_fds({inbox.data_fd, inbox.space_fd, outbox.data_fd, outbox.space_fd})
+        os.register_at_fork(after_in_child=self._note_fork)
         try:
             self._boot()
         except BaseException:
@@ -220,8 +255,26 @@ class Worker:
     def _idle(self) -> bool:
         return self._in_flight == 0 and not self._tunnels
 
+    def _note_fork(self) -> None:
+        self._forked = True
+
+    def _leave_if_forked(self) -> None:
+        """End a process a handler forked, should it come back into the worker's code.
+
+        Called where handler code returns to ours and before any ring
+        access. Exiting is the only safe course: only the forking thread
+        exists in the child, so the pools it would return to are never fed
+        again (it would block forever), and the locks other threads held at
+        fork stay held. A flag set by an at-fork hook costs the hot path
+        one attribute read, where ``os.getpid()`` would cost a system call.
+        """
+        if self._forked:
+            self.log.warning("a process forked by a handler returned into the worker; it exits")
+            os._exit(FORKED_CHILD_EXIT)
+
     def send(self, frame: bytes) -> None:
         """Write one frame to the supervisor; handler threads share the ring."""
+        self._leave_if_forked()
         with self._out_lock:
             while True:
                 try:
@@ -253,6 +306,7 @@ class Worker:
                 frames.encode(Kind.REPLY, request_id, *answer(self.handler, payload, self.errors))
             )
         finally:
+            self._leave_if_forked()
             self._track(-1)
 
     def _on_broadcast(self, message: bytes) -> None:
@@ -275,6 +329,7 @@ class Worker:
             try:
                 callback(*args)
             finally:
+                self._leave_if_forked()
                 self._track(-1)
 
         self._track(1)
@@ -285,12 +340,14 @@ class Worker:
     def _on_tunnel(self, tunnel_id: int) -> None:
         tunnel = WorkerTunnel(tunnel_id, self.send, self.log.new(tunnel=tunnel_id), self._tunnels)
         self._tunnels[tunnel_id] = tunnel
-        threading.Thread(
-            target=serve_tunnel,
-            args=(self.handler, tunnel, self.errors),
-            name="irishost-tunnel",
-            daemon=True,
-        ).start()
+
+        def serve() -> None:
+            try:
+                serve_tunnel(self.handler, tunnel, self.errors)
+            finally:
+                self._leave_if_forked()
+
+        threading.Thread(target=serve, name="irishost-tunnel", daemon=True).start()
 
     def _tunnel_handler(self, method: str):
         """A frame handler passing a tunnel frame to that tunnel's ``method``."""
@@ -316,6 +373,7 @@ class Worker:
             except BaseException as err:
                 self.errors("drop handler raised", err)
             finally:
+                self._leave_if_forked()
                 self._track(-1)
 
         self._track(1)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import iris
 from iris.logs import ContextLog
-from iris.tunnel import validate_message, wait_until
+from iris.tunnel import validate_send, wait_until
 
 from . import frames
 from .frames import Kind
@@ -49,7 +49,7 @@ class WorkerTunnel:
         self.close()
 
     def send(self, message: bytes, timeout: float | None = None) -> None:
-        validate_message(message)
+        validate_send(message, timeout)
         with self._send_lock:
             self._raise_if_closed()
             self._send_frame(frames.encode(Kind.TUN_SEND, self.id, bytes(message), timeout))
@@ -139,8 +139,7 @@ class AsyncWorkerTunnel:
         await self.close()
 
     async def send(self, message: bytes, timeout: float | None = None) -> None:
-        if not isinstance(message, bytes | bytearray | memoryview) or not message:
-            raise ValueError("tunnel message must be non-empty bytes")
+        validate_send(message, timeout)
         async with self._send_lock:
             self._raise_if_closed()
             self._send_frame(frames.encode(Kind.TUN_SEND, self.id, bytes(message), timeout))

@@ -8,8 +8,10 @@ is appended to ``records.jsonl`` beside the module, one JSON array per line
 starting with what happened and the worker's pid, for the test to read back.
 
 ``PROBE_INIT`` in the environment makes ``init`` misbehave: ``raise``,
-``exit`` (``os._exit(9)``), ``kill`` (SIGKILL itself) or ``exit-once`` (die
-only in the first worker that boots).
+``exit`` (``os._exit(9)``), ``kill`` (SIGKILL itself), ``exit-once`` (die
+only in the first worker that boots), ``raise-while:<file>`` (raise while a
+file of that name exists beside the module: a database that is briefly
+down) or ``hang-while:<file>`` (block until that file is gone).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import threading
 import time
 
 import iris
+from irishost import frames
+from irishost.frames import Kind
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECORDS = os.path.join(HERE, "records.jsonl")
@@ -62,6 +66,13 @@ class ProbeHandler(iris.ServiceHandler):
             os._exit(9)
         if mode == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        condition, _, flag = mode.partition("-while:")
+        flag_path = os.path.join(HERE, flag)
+        if condition == "raise" and os.path.exists(flag_path):
+            raise RuntimeError(f"init refused while {flag} exists")
+        if condition == "hang":
+            while os.path.exists(flag_path):
+                time.sleep(0.01)
         if mode == "exit-once":
             try:
                 os.close(os.open(os.path.join(HERE, "died-once"), os.O_CREAT | os.O_EXCL))
@@ -135,6 +146,27 @@ class ProbeHandler(iris.ServiceHandler):
         threading.Event().wait()
         raise AssertionError("unreachable")
 
+    def do_fork(self, delay: str) -> bytes:
+        """Fork; the child returns at once, the worker after ``delay`` seconds.
+
+        A careless handler's child that returns carries on in the worker's
+        code with the worker's rings mapped; its reply would come first.
+        """
+        child = os.fork()
+        if child == 0:
+            return b"child %d" % os.getpid()
+        record("forked", child)
+        time.sleep(float(delay or 0))
+        return self.do_pid("")
+
+    def do_grow(self, rate_and_limit: str) -> bytes:
+        """Grow resident memory by ``rate`` MiB a second, up to ``limit`` MiB."""
+        rate, _, limit = rate_and_limit.partition(",")
+        for _ in range(int(limit) // 10):
+            _hoard.append(b"x" * (10 * MiB))
+            time.sleep(10 / float(rate))
+        return self.do_pid("")
+
     def do_alloc(self, mebibytes: str) -> bytes:
         # Written bytes, not calloc'ed ones, so the pages are really resident.
         _hoard.append(b"x" * (int(mebibytes) * MiB))
@@ -163,10 +195,23 @@ class ProbeHandler(iris.ServiceHandler):
         record("event", topic, event.decode())
 
     def handle_tunnel(self, tunnel) -> None:
-        """The first message picks the mode: "echo", "close" or "hold:<gate>"."""
+        """The first message picks the mode: "echo", "close", "hold:<gate>",
+        "bad-timeout" (a send with a timeout of the wrong type; the error goes
+        back as a message) or "bad-frame" (a TUN_SEND frame the supervisor
+        cannot perform, written past the tunnel's checks, as a broken worker
+        would)."""
         record("tunnel")
         try:
             mode = tunnel.recv(10).decode()
+            if mode == "bad-timeout":
+                try:
+                    tunnel.send(b"never sent", timeout="5")
+                except ValueError as err:
+                    tunnel.send(f"{type(err).__name__}: {err}".encode(), timeout=10)
+                mode = "echo"
+            if mode == "bad-frame":
+                tunnel._send_frame(frames.encode(Kind.TUN_SEND, tunnel.id, b"x", "5"))
+                tunnel.recv(10)
             if mode == "echo":
                 while True:
                     message = tunnel.recv()

@@ -142,6 +142,22 @@ def test_an_oversized_answer_is_a_fault_and_the_service_stays(failing, caplog, r
     assert conn.request("failing", b"echo:still here", 5) == b"echo:still here"
 
 
+@pytest.mark.parametrize("timeout", ["5", -1.0, float("nan"), float("inf"), True])
+def test_a_bad_tunnel_send_timeout_is_a_value_error_and_the_tunnel_stays(relay, attach, timeout):
+    class TunnelEcho(iris.ServiceHandler):
+        def handle_tunnel(self, tunnel):
+            with tunnel:
+                tunnel.send(tunnel.recv(10), timeout=10)
+
+    attach.register(relay.port, "tunnel-echo", TunnelEcho())
+    conn = attach.connect(relay.port)
+    with conn.tunnel("tunnel-echo", 5) as tunnel:
+        with pytest.raises(ValueError, match="tunnel send timeout must be None or a number"):
+            tunnel.send(b"x", timeout=timeout)
+        tunnel.send(b"first", timeout=5)  # nothing was sent before: this is the first message
+        assert tunnel.recv(timeout=5) == b"first"
+
+
 def test_oversized_outbound_messages_are_a_local_value_error(failing):
     conn, handler = failing
     big = bytes(OVERSIZE)

@@ -53,6 +53,7 @@ broadcast = "one"
 max_requests_jitter = 50
 timeout_grace = "500ms"
 shutdown_timeout = 12.5
+boot_timeout = "90s"
 
 [limits]
 request_threads = 4
@@ -60,6 +61,7 @@ request_memory = "1GiB"
 broadcast_threads = 2
 broadcast_memory = 1000
 max_rss = "10MB"
+max_rss_kill_factor = 2
 max_requests = 1000
 
 [[topics]]
@@ -118,6 +120,7 @@ def test_minimal_config_gets_every_default(in_tmp):
             max_requests_jitter=0,
             timeout_grace=5.0,
             shutdown_timeout=30.0,
+            boot_timeout=60.0,
         ),
         limits=LimitsSection(
             request_threads=1,
@@ -125,6 +128,7 @@ def test_minimal_config_gets_every_default(in_tmp):
             broadcast_threads=1,
             broadcast_memory=64 * MiB,
             max_rss=0,
+            max_rss_kill_factor=1.5,
             max_requests=0,
         ),
         topics=(),
@@ -146,6 +150,7 @@ def test_full_config(in_tmp):
         max_requests_jitter=50,
         timeout_grace=0.5,
         shutdown_timeout=12.5,
+        boot_timeout=90.0,
     )
     assert config.limits == LimitsSection(
         request_threads=4,
@@ -153,6 +158,7 @@ def test_full_config(in_tmp):
         broadcast_threads=2,
         broadcast_memory=1000,
         max_rss=10_000_000,
+        max_rss_kill_factor=2.0,
         max_requests=1000,
     )
     assert config.topics == (
@@ -251,6 +257,12 @@ KNOWN_TABLES = "known tables: service, relay, workers, limits, control, metrics,
          '"512MiB", got "lots"'),
         (MINIMAL + "[limits]\nmax_rss = 1.5", 'limits.max_rss: expected a size such as '
          '"512MiB", got 1.5'),
+        (MINIMAL + "[limits]\nmax_rss_kill_factor = 0.5", "limits.max_rss_kill_factor: "
+         "expected a number from 1 to 1000 such as 1.5, got 0.5"),
+        (MINIMAL + "[limits]\nmax_rss_kill_factor = '2x'", "limits.max_rss_kill_factor: "
+         'expected a number from 1 to 1000 such as 1.5, got "2x"'),
+        (MINIMAL + "[workers]\nboot_timeout = 0", 'workers.boot_timeout: expected a '
+         'duration above 0 such as "60s", got 0'),
         (MINIMAL + "[limits]\nrequest_memory = 0", 'limits.request_memory: expected a size '
          'above 0 such as "64MiB", got 0'),
         (MINIMAL + "[limits]\nrequest_threads = 0", "limits.request_threads: expected an "

@@ -20,7 +20,9 @@ SNAPSHOT = {
     "relay": {"state": "connected", "port": 55555},
     "served": 1523,
     "in_flight": 2,
+    "waiting": 0,
     "restarts": 1,
+    "degraded": [],
     "workers": [
         {
             "slot": 1,
@@ -236,13 +238,23 @@ def test_format_status():
         "relay:     connected (port 55555)\n"
         "served:    1523\n"
         "in flight: 2\n"
+        "waiting:   0\n"
         "restarts:  1\n"
         "workers:   2 alive\n"
+        "health:    ok\n"
         "\n"
         "WORKER  PID   STATE     SERVED  IN FLIGHT  RSS       RESTARTS  UPTIME\n"
         "0       4243  draining  523     2          900 B     0         2h 05m\n"
         "1       4301  ready     1000    0          41.2 MiB  1         1m 35s\n"
     )
+
+
+def test_format_status_names_the_slots_that_are_down():
+    degraded = [{"slot": 1, "problem": "failed to start: RuntimeError: database down"}]
+
+    text = format_status({**SNAPSHOT, "degraded": degraded})
+
+    assert "health:    degraded: worker 1 failed to start: RuntimeError: database down\n" in text
 
 
 @pytest.mark.parametrize(

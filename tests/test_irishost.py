@@ -216,7 +216,8 @@ def test_a_worker_over_max_rss_is_replaced(service):
     service.config(limits={"max_rss": "150MiB"})
     host = service.start()
     assert host.worker_count(1)[0].memory_info().rss < 100 * 2**20  # well below at first
-    bloated = int(service.request(b"alloc:200", timeout=10))
+    # Over max_rss, and below the 1.5 x max_rss at which it would be killed outright.
+    bloated = int(service.request(b"alloc:170", timeout=10))
 
     replaced = wait_for(lambda: int(service.request(b"pid")) != bloated, timeout=10)
 

@@ -32,20 +32,12 @@ def fault_of(call, timeout: float = 5.0) -> str:
 
 
 def serving_pid(service) -> int:
-    """Poll until some worker answers; its pid.
+    """The pid of the worker that answers next.
 
-    Requests made while no worker is up fail at once ("no worker is
-    ready"); that is the expected answer in the moment before a replacement.
+    A request made while no worker is up waits for the replacement to be
+    ready (tests/test_irishost_hardening.py has the details).
     """
-
-    def answer():
-        try:
-            return int(service.request(b"pid", timeout=1))
-        except iris.RemoteError as err:
-            assert "no worker is ready" in err.fault
-            return None
-
-    return wait_for(answer, timeout=10, what="a worker to answer")
+    return int(service.request(b"pid", timeout=10))
 
 
 @pytest.mark.parametrize(

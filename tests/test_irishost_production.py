@@ -235,8 +235,8 @@ def test_irishost_status_shows_the_host_and_a_row_per_worker_then_fails_once_it_
     header, rows = shown["header"], shown["rows"]
 
     assert list(header) == [
-        "service", "cluster", "pid", "uptime", "relay", "served", "in flight", "restarts",
-        "workers",
+        "service", "cluster", "pid", "uptime", "relay", "served", "in flight", "waiting",
+        "restarts", "workers", "health",
     ]  # fmt: skip
     assert header["service"] == "service"  # the config's name
     assert header["cluster"] == service.cluster
@@ -244,7 +244,8 @@ def test_irishost_status_shows_the_host_and_a_row_per_worker_then_fails_once_it_
     assert re.fullmatch(r"\d+s", header["uptime"])
     assert header["relay"] == f"connected (port {service.port})"
     assert int(header["served"]) >= 6
-    assert (header["in flight"], header["restarts"], header["workers"]) == ("0", "1", "2 alive")
+    assert (header["in flight"], header["waiting"]) == ("0", "0")
+    assert (header["restarts"], header["workers"]) == ("1", "2 alive")
     assert shown["columns"] == [
         "WORKER", "PID", "STATE", "SERVED", "IN FLIGHT", "RSS", "RESTARTS", "UPTIME",
     ]  # fmt: skip
@@ -255,6 +256,7 @@ def test_irishost_status_shows_the_host_and_a_row_per_worker_then_fails_once_it_
     assert all(re.fullmatch(r"\d+\.\d MiB", row["RSS"]) for row in rows), rows
     assert all(re.fullmatch(r"\d+s", row["UPTIME"]) for row in rows), rows
     assert {row["WORKER"]: row["RESTARTS"] for row in rows} == {"0": "0", "1": "1"}
+    assert header["health"] == "ok"  # the crashed slot is back
 
     assert host.stop() == 0
     gone_host = service.run("status", timeout=15)

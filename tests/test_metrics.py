@@ -18,7 +18,9 @@ SNAPSHOT = {
     "relay": {"state": "connected", "port": 55555},
     "served": 1523,
     "in_flight": 3,
+    "waiting": 4,
     "restarts": 1,
+    "degraded": [{"slot": 2, "problem": "failed to start: RuntimeError: database down"}],
     "workers": [
         # Slot 1 is being recycled: the draining worker and its successor both count.
         {"slot": 1, "pid": 11, "state": "draining", "served": 900, "in_flight": 1, "rss": 5000,
@@ -40,9 +42,15 @@ irishost_requests_served_total 1523
 # HELP irishost_requests_in_flight Requests handed to workers and not yet answered.
 # TYPE irishost_requests_in_flight gauge
 irishost_requests_in_flight 3
+# HELP irishost_requests_waiting Requests waiting for a worker to be ready.
+# TYPE irishost_requests_waiting gauge
+irishost_requests_waiting 4
 # HELP irishost_worker_restarts_total Workers that died unexpectedly and were respawned.
 # TYPE irishost_worker_restarts_total counter
 irishost_worker_restarts_total 1
+# HELP irishost_slots_down Worker slots down (crashed, failing to start) until ready again.
+# TYPE irishost_slots_down gauge
+irishost_slots_down 1
 # HELP irishost_relay_connected 1 if the host is connected to the Iris relay, else 0.
 # TYPE irishost_relay_connected gauge
 irishost_relay_connected 1

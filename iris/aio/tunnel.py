@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from .. import chunks, codec
 from ..errors import TimeoutError
 from ..logs import ContextLog
-from ..tunnel import CLOSE_TIMEOUT
+from ..tunnel import CLOSE_TIMEOUT, validate_send
 from ..tunnel_core import TunnelCore
 
 if TYPE_CHECKING:
@@ -49,8 +49,7 @@ class Tunnel(TunnelCore):
         discards that part when the next message starts, so the tunnel stays
         usable.
         """
-        if not isinstance(message, bytes | bytearray | memoryview) or not message:
-            raise ValueError("tunnel message must be non-empty bytes")
+        validate_send(message, timeout)
         deadline = None if timeout is None else self._loop.time() + timeout
         async with self._send_lock:
             for size_field, chunk in chunks.split(message, self._chunk_limit):
