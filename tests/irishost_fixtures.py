@@ -31,6 +31,7 @@ import pytest
 from irishost_support import free_port, gone, wait_for
 
 import iris
+from irishost.ring import segment_prefix
 
 PROBE = Path(__file__).resolve().parent / "irishost_probe.py"
 SHM = "/dev/shm"
@@ -238,7 +239,7 @@ class Service:
         self._callers.shutdown()
 
     def shm_leftovers(self) -> list[str]:
-        prefix = f"irishost-{self.cluster}-"
+        prefix = segment_prefix(self.cluster) + "-"
         return [name for name in os.listdir(SHM) if name.startswith(prefix)]
 
 
