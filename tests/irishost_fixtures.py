@@ -8,8 +8,11 @@ helpers they import are in irishost_support.py.
     (tests/irishost_probe.py) into the test's tmp_path; ``service.start()``
     runs ``python -m irishost -c service.toml`` and waits until it answers.
     At teardown every host is stopped with SIGTERM (which must exit 0), its
-    workers must be gone, and no ``irishost-<cluster>-*`` segment may remain
-    in /dev/shm.
+    workers must be gone, and none of the cluster's segments may remain in
+    /dev/shm.
+
+``other_service``
+    Another such service, in tmp_path/other, with a cluster of its own.
 """
 
 from __future__ import annotations
@@ -245,7 +248,19 @@ class Service:
 
 @pytest.fixture
 def service(tmp_path, request):
-    svc = Service(tmp_path, request.node.name)
+    yield from _serve(Service(tmp_path, request.node.name))
+
+
+@pytest.fixture
+def other_service(tmp_path, request):
+    """A second service, in tmp_path/other, whose config has the same name (service.toml)."""
+    directory = tmp_path / "other"
+    directory.mkdir()
+    yield from _serve(Service(directory, request.node.name))
+
+
+def _serve(svc: Service):
+    """Yield ``svc``; then stop its hosts and check that they left nothing behind."""
     yield svc
     svc.close_clients()
     problems = []
