@@ -31,7 +31,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from irishost_support import free_port, gone, wait_for
+from irishost_support import free_port, gone, journal_stream, wait_for
 
 import iris
 from irishost.ring import segment_prefix
@@ -66,12 +66,14 @@ def render_config(tables: dict[str, dict], topics: list[dict]) -> str:
 class Host:
     """One ``irishost`` process and the service it runs."""
 
-    def __init__(self, service: Service, args: list[str], env: dict[str, str]):
+    def __init__(self, service: Service, args: list[str], env: dict[str, str], journal: bool):
         self.service = service
         self.cluster = service.cluster
         self.port = service.port
         self._log_file = (service.dir / f"host-{len(service.hosts)}.log").open("wb")
         self.log_path = Path(self._log_file.name)
+        if journal:
+            env = {**env, **journal_stream(self._log_file)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "irishost", "-c", str(service.config_path), *args],
             stdin=subprocess.DEVNULL,
@@ -171,11 +173,20 @@ class Service:
         self.config_path.write_text(render_config(defaults, list(topics)))
         return self.config_path
 
-    def start(self, *args: str, env: dict[str, str] | None = None, wait: bool = True) -> Host:
-        """Run irishost on the config (written with defaults if not yet)."""
+    def start(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        journal: bool = False,
+    ) -> Host:
+        """Run irishost on the config (written with defaults if not yet).
+
+        ``journal``: its log file stands in for journald's stream, as under systemd.
+        """
         if not self.config_path.exists():
             self.config()
-        host = Host(self, list(args), env or {})
+        host = Host(self, list(args), env or {}, journal)
         self.hosts.append(host)
         if wait:
             host.wait_serving(self.connect())

@@ -8,6 +8,7 @@ import os
 import re
 
 import pytest
+from irishost_support import journal_stream
 
 from iris.logfmt import configure_logging
 from iris.logs import ContextLog
@@ -28,12 +29,6 @@ def restore_root_logger():
 def stream(tmp_path):
     with open(tmp_path / "stderr.log", "w+") as file:
         yield file
-
-
-def journal_environ(stream) -> dict[str, str]:
-    """JOURNAL_STREAM as systemd sets it when ``stream`` is its connection to journald."""
-    status = os.fstat(stream.fileno())
-    return {"JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"}
 
 
 def emit_all_levels() -> None:
@@ -65,7 +60,7 @@ def test_plain_lines_carry_time_level_name_and_context(stream):
 
 
 def test_journal_lines_carry_priority_and_no_time(stream):
-    configure_logging("debug", stream, environ=journal_environ(stream))
+    configure_logging("debug", stream, environ=journal_stream(stream))
     emit_all_levels()
     assert written(stream) == [
         "<7>DEBUG irishost.test: probing service=primes n=1",
@@ -77,7 +72,7 @@ def test_journal_lines_carry_priority_and_no_time(stream):
 
 
 def test_journal_traceback_lines_each_carry_the_priority(stream):
-    configure_logging("info", stream, environ=journal_environ(stream))
+    configure_logging("info", stream, environ=journal_stream(stream))
     try:
         raise ValueError("bad frame")
     except ValueError:
