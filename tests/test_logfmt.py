@@ -1,4 +1,6 @@
-"""Tests for iris.logfmt, writing to real files that stand in for stderr and the journal."""
+"""Tests for iris.logfmt, writing to real files that stand in for stderr and the journal,
+in this process and from real irishost and iris-relay processes.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +8,21 @@ import io
 import logging
 import os
 import re
+import signal
+import subprocess
+import sys
 
 import pytest
-from irishost_support import journal_stream
+from irishost_support import journal_stream, wait_for
 
-from iris.logfmt import configure_logging
+from iris.logfmt import configure_logging, tag_standard_streams
 from iris.logs import ContextLog
 
+pytest_plugins = ["irishost_fixtures"]
+
 PLAIN_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?P<rest>.*)")
+# One syslog priority, as journald reads it, and not a second one after it.
+TAGGED_LINE = re.compile(r"<[0-7]>(?!<[0-7]>).*")
 
 
 @pytest.fixture(autouse=True)
@@ -115,3 +124,109 @@ def test_level_filters_and_reconfiguring_does_not_duplicate(stream):
         "ERROR",
         "CRITICAL",
     ]
+
+
+# -- text outside logging -----------------------------------------------------------------
+
+
+def test_standard_streams_tag_each_line_once_however_it_is_written(stream, monkeypatch):
+    monkeypatch.setattr(sys, "stderr", stream)
+    tag_standard_streams(journal_stream(stream))
+    tag_standard_streams(journal_stream(stream))  # a second call must not wrap twice
+
+    sys.stderr.write("usage: irishost")
+    sys.stderr.write(" -c CONFIG\n\nirishost: error: ")
+    print("no config", file=sys.stderr)
+    sys.stderr.write("<4>already tagged\n")
+    sys.stderr.flush()
+
+    stream.seek(0)
+    assert stream.read().splitlines() == [
+        "<3>usage: irishost -c CONFIG",
+        "<3>",
+        "<3>irishost: error: no config",
+        "<4>already tagged",
+    ]
+
+
+def test_standard_streams_elsewhere_stay_as_they_are(stream, monkeypatch):
+    monkeypatch.setattr(sys, "stderr", stream)
+    tag_standard_streams({"JOURNAL_STREAM": "1:1"})
+    assert sys.stderr is stream
+
+
+def test_a_config_error_under_journald_is_an_error_entry(service):
+    config = service.config(workers={"cuont": 2})
+
+    host = service.start(journal=True, wait=False)
+
+    assert host.wait_exit() == 3
+    assert host.log().splitlines() == [
+        f"<3>irishost: config error: {config}: workers.cuont: unknown key; known keys: count, "
+        "preload, broadcast, max_requests_jitter, timeout_grace, shutdown_timeout"
+    ]
+
+
+BROKEN_MODULE = """
+import iris
+
+raise RuntimeError("cannot import: the licence file is missing")
+
+
+class Handler(iris.ServiceHandler):
+    pass
+"""
+
+
+def test_a_worker_failing_to_start_under_journald_is_all_error_entries(service):
+    """The reason a unit failed must show in ``journalctl -p err``, traceback and all."""
+    (service.dir / "broken.py").write_text(BROKEN_MODULE)
+    service.config(service={"handler": "broken:Handler"}, workers={"preload": False})
+
+    host = service.start(journal=True, wait=False)
+
+    assert host.wait_exit() == 4
+    lines = host.log().splitlines()
+    assert [line for line in lines if not TAGGED_LINE.fullmatch(line)] == []
+    errors = [line for line in lines if line.startswith("<3>")]
+    assert "<3>irishost: worker 0 failed to start" in errors
+    assert "<3>Traceback (most recent call last):" in errors
+    assert "<3>RuntimeError: cannot import: the licence file is missing" in errors
+
+
+def test_a_usage_error_under_journald_is_an_error_entry(tmp_path):
+    with open(tmp_path / "journal.log", "w+") as journal:
+        result = subprocess.run(
+            [sys.executable, "-m", "irishost", "--workers", "2"],
+            stdout=journal,
+            stderr=journal,
+            env={**os.environ, **journal_stream(journal)},
+            timeout=20,
+        )
+        journal.seek(0)
+        lines = journal.read().splitlines()
+
+    assert result.returncode == 2
+    assert lines[0].startswith("<3>usage: irishost ")
+    assert lines[-1] == "<3>irishost: error: the following arguments are required: -c/--config"
+    assert [line for line in lines if not TAGGED_LINE.fullmatch(line)] == []
+
+
+def test_iris_relay_under_journald_tags_every_line(tmp_path):
+    with open(tmp_path / "journal.log", "w+") as journal:
+        relay = subprocess.Popen(
+            [sys.executable, "-m", "iris.relay", "--port", "0"],
+            stdout=journal,
+            stderr=journal,
+            env={**os.environ, **journal_stream(journal)},
+        )
+        try:
+            wait_for(lambda: "listening on" in (tmp_path / "journal.log").read_text())
+        finally:
+            relay.send_signal(signal.SIGTERM)
+            assert relay.wait(10) == 0
+        journal.seek(0)
+        lines = journal.read().splitlines()
+
+    assert lines[0].startswith("<6>iris-relay: listening on 127.0.0.1:")
+    assert [line for line in lines if not TAGGED_LINE.fullmatch(line)] == []
