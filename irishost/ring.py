@@ -286,7 +286,10 @@ class Ring:
         path = os.path.join(SHM_DIR, f"{prefix}-{os.getpid()}-{secrets.token_hex(8)}")
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            os.unlink(path)
+            # Already gone if systemd's RemoveIPC= swept the user's /dev/shm in
+            # between, as another unit of the same user stopped: no matter.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
             os.ftruncate(fd, HEADER_SIZE + capacity)
             mm = mmap.mmap(fd, HEADER_SIZE + capacity, mmap.MAP_SHARED)
         finally:
