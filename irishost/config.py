@@ -265,8 +265,7 @@ def _name(value: Any) -> str:
         raise ValueError(f"expected a non-empty string, got {_show(value)}")
     if any(unicodedata.category(char) == "Cc" for char in value):
         raise ValueError(
-            f"expected a name without control characters (NUL, tab, newline...), "
-            f"got {_show(value)}"
+            f"expected a name without control characters (NUL, tab, newline...), got {_show(value)}"
         )
     return value
 
@@ -497,7 +496,9 @@ def _control_socket(file: Path, configured: str) -> Path:
         path = _runtime_directory() / f"{file.stem[:40]}-{digest}.sock"
     size = len(os.fsencode(path))
     if size > MAX_SOCKET_PATH:
-        raise ValueError(f"{path} is {size} bytes long; a unix socket path has at most {MAX_SOCKET_PATH}")
+        raise ValueError(
+            f"{path} is {size} bytes long; a unix socket path has at most {MAX_SOCKET_PATH}"
+        )
     return path
 
 

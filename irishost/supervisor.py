@@ -523,7 +523,9 @@ class Supervisor:
             self.log.warning("SIGTTOU ignored: at least one worker must stay")
             return
         if count > MAX_WORKERS:
-            self.log.warning("SIGTTIN ignored: already at the most workers allowed", limit=MAX_WORKERS)
+            self.log.warning(
+                "SIGTTIN ignored: already at the most workers allowed", limit=MAX_WORKERS
+            )
             return
         self.log.info("scaling workers", before=self.count, after=count)
         self.count = count
