@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from irishost_support import journal_stream, wait_for
@@ -194,39 +195,40 @@ def test_a_worker_failing_to_start_under_journald_is_all_error_entries(service):
     assert "<3>RuntimeError: cannot import: the licence file is missing" in errors
 
 
-def test_a_usage_error_under_journald_is_an_error_entry(tmp_path):
-    with open(tmp_path / "journal.log", "w+") as journal:
-        result = subprocess.run(
-            [sys.executable, "-m", "irishost", "--workers", "2"],
-            stdout=journal,
-            stderr=journal,
-            env={**os.environ, **journal_stream(journal)},
-            timeout=20,
+def start_with_journal(journal: Path, *command: str) -> subprocess.Popen:
+    """Run ``command`` with stdout and stderr on ``journal``, standing in for journald."""
+    with open(journal, "w") as stream:
+        return subprocess.Popen(
+            [sys.executable, *command],
+            stdin=subprocess.DEVNULL,
+            stdout=stream,
+            stderr=stream,
+            env={**os.environ, **journal_stream(stream)},
         )
-        journal.seek(0)
-        lines = journal.read().splitlines()
 
-    assert result.returncode == 2
+
+def test_a_usage_error_under_journald_is_an_error_entry(tmp_path):
+    journal = tmp_path / "journal.log"
+
+    code = start_with_journal(journal, "-m", "irishost", "--workers", "2").wait(20)
+
+    lines = journal.read_text().splitlines()
+    assert code == 2
     assert lines[0].startswith("<3>usage: irishost ")
     assert lines[-1] == "<3>irishost: error: the following arguments are required: -c/--config"
     assert [line for line in lines if not TAGGED_LINE.fullmatch(line)] == []
 
 
 def test_iris_relay_under_journald_tags_every_line(tmp_path):
-    with open(tmp_path / "journal.log", "w+") as journal:
-        relay = subprocess.Popen(
-            [sys.executable, "-m", "iris.relay", "--port", "0"],
-            stdout=journal,
-            stderr=journal,
-            env={**os.environ, **journal_stream(journal)},
-        )
-        try:
-            wait_for(lambda: "listening on" in (tmp_path / "journal.log").read_text())
-        finally:
-            relay.send_signal(signal.SIGTERM)
-            assert relay.wait(10) == 0
-        journal.seek(0)
-        lines = journal.read().splitlines()
+    journal = tmp_path / "journal.log"
 
+    relay = start_with_journal(journal, "-m", "iris.relay", "--port", "0")
+    try:
+        wait_for(lambda: "listening on" in journal.read_text(), what="the relay to listen")
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        assert relay.wait(10) == 0
+
+    lines = journal.read_text().splitlines()
     assert lines[0].startswith("<6>iris-relay: listening on 127.0.0.1:")
     assert [line for line in lines if not TAGGED_LINE.fullmatch(line)] == []
