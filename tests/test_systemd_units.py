@@ -201,6 +201,19 @@ def test_exposure_stays_as_low_as_the_hardening_made_it(analyze, tmp_path, unit)
     assert float(found[1]) <= EXPOSURE[unit], result.stdout
 
 
+def test_readme_deploys_where_the_units_run_from_and_quotes_their_exposure():
+    readme = (UNITS.parent / "README.md").read_text()
+    deploy = readme[readme.index("## Deploying with systemd") :]
+    venv = INSTALLED_BIN.removesuffix("/bin/")
+    assert f"python3 -m venv {venv}\n" in deploy
+    assert f"{INSTALLED_BIN}pip install ." in deploy
+    assert "python3 -m pip install ." not in deploy  # refused on Debian 12 (PEP 668)
+    quoted = " ".join(deploy.split())  # the scores sit in wrapped prose
+    assert f"irishost@ {EXPOSURE['irishost@primes.service']} and iris-relay {EXPOSURE[RELAY]}" in (
+        quoted
+    )
+
+
 # -- real processes under strace -------------------------------------------------------------
 
 _TRACED_CALL = re.compile(r"\d+ +(?:<\.\.\. )?([a-z0-9_]+)(?:\(| resumed>)")
