@@ -74,6 +74,7 @@ import psutil
 
 import iris
 from irishost.control import ControlError, query_status
+from irishost.ring import segment_prefix
 
 CLIENTS = 6
 WORKERS = 2
@@ -380,7 +381,7 @@ class Rig:
         for pid in alive:
             os.kill(pid, signal.SIGKILL)
         report["workers left running"] = alive
-        prefix = f"irishost-{self.cluster}-"
+        prefix = segment_prefix(self.cluster) + "-"
         report["/dev/shm left"] = [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
         shutil.rmtree(self.dir, ignore_errors=True)
         return report

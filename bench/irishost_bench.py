@@ -70,7 +70,7 @@ from irishost import cli, frames, worker
 from irishost.config import Config, load_config
 from irishost.frames import Kind
 from irishost.loader import load_handler
-from irishost.ring import Ring
+from irishost.ring import Ring, segment_prefix
 
 T = TypeVar("T")
 
@@ -107,10 +107,10 @@ DISPATCH_PAYLOAD = b"x" * 100
 # ring holds 4 MiB, so it never fills at this depth.
 PIPELINE_DEPTH = 64
 # Prefix of this benchmark's own rings (dispatch); irishost names its own
-# after the cluster, ring_bench uses "ringbench".
+# after the cluster (segment_prefix), ring_bench uses "ringbench".
 RING_PREFIX = "irishostbench"
 CLUSTER = "hostbench"
-SHM_PREFIXES = (f"{RING_PREFIX}-", f"irishost-{CLUSTER}-", "ringbench-")
+SHM_PREFIXES = (f"{RING_PREFIX}-", segment_prefix(CLUSTER) + "-", "ringbench-")
 
 # A relay answers timed-out requests itself; this only stops a stalled run.
 REPLY_TIMEOUT = 10.0

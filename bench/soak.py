@@ -34,6 +34,7 @@ import _util
 import psutil
 
 import iris
+from irishost.ring import segment_prefix
 
 THREADS = 8
 WORKERS = 2
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         relay.stop()
         shutil.rmtree(directory, ignore_errors=True)
     codes = {"irishost": host.proc.returncode, "relay": relay.proc.returncode}
-    prefix = f"irishost-{cluster}-"
+    prefix = segment_prefix(cluster) + "-"
     leftovers = [path.name for path in Path("/dev/shm").iterdir() if path.name.startswith(prefix)]
     print(f"exit codes on SIGTERM: {codes}; left in /dev/shm: {leftovers or 'nothing'}")
     return 0 if ok and not leftovers and set(codes.values()) == {0} else 1

@@ -1,4 +1,4 @@
-"""Tunnel messages as chunks on the wire (PROTOCOL.md section 6), pure.
+"""Tunnel messages as chunks on the wire (docs/protocol.md, section 6), pure.
 
 A message longer than the relay's chunk limit travels as several
 TUN_TRANSFER chunks: the first carries the whole message's length, the

@@ -10,12 +10,21 @@ level's "<N>" instead, which lets ``journalctl -p warning`` find our
 warnings. systemd says where its stream is in JOURNAL_STREAM ("dev:inode");
 stderr is only that stream if the numbers match, since a shell started from
 a unit inherits the variable but may redirect stderr elsewhere.
+
+Not everything goes through logging: a config error is printed before logging
+is set up, a worker's start-up traceback after it is torn down, and argparse
+and the interpreter write usage errors and uncaught tracebacks to stderr
+themselves. ``tag_standard_streams`` (the first thing each command does)
+wraps stdout and stderr under journald so that such lines get a priority too:
+err for stderr, info for stdout.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import re
 import sys
 from collections.abc import Mapping
 from typing import TextIO
@@ -31,6 +40,9 @@ _PRIORITIES = (
     (logging.INFO, 6),
 )
 _DEBUG_PRIORITY = 7
+_ERR_PRIORITY, _INFO_PRIORITY = 3, 6
+# What a line that already names its priority starts with.
+_HAS_PRIORITY = re.compile(r"<[0-7]>")
 
 
 class _JournalFormatter(logging.Formatter):
@@ -55,16 +67,86 @@ def _priority(levelno: int) -> int:
     return _DEBUG_PRIORITY
 
 
+class _PriorityLines(io.TextIOBase):
+    """A text stream that starts each line with ``<priority>`` unless it has one.
+
+    Lines from the journal formatter keep their own priority; everything else
+    gets the stream's. Writes pass straight through (no buffering here), so a
+    line may arrive in pieces: only the piece that starts a line is tagged.
+    There is no lock: one is not needed for whole-line writes (logging's, and
+    print's text and newline land in order from one thread), and a lock held
+    by another thread at fork() would hang a worker's first write.
+    """
+
+    def __init__(self, target: TextIO, priority: int):
+        super().__init__()
+        self.target = target
+        self._prefix = f"<{priority}>"
+        self._at_line_start = True
+
+    def write(self, text: str) -> int:
+        lines = text.split("\n")
+        # Every piece but the last ended with a newline; the last one is
+        # tagged only if it holds text, or the next write would get two tags.
+        for index, line in enumerate(lines):
+            starts_line = self._at_line_start or index > 0
+            ends_line = index < len(lines) - 1
+            if starts_line and (line or ends_line) and not _HAS_PRIORITY.match(line):
+                lines[index] = self._prefix + line
+        if text:
+            self._at_line_start = text.endswith("\n")
+        self.target.write("\n".join(lines))
+        return len(text)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    def fileno(self) -> int:
+        return self.target.fileno()
+
+    def isatty(self) -> bool:
+        return self.target.isatty()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:
+        return self.target.encoding
+
+    @property
+    def errors(self) -> str | None:
+        return self.target.errors
+
+    @property
+    def buffer(self) -> io.BufferedIOBase:
+        """The binary stream below, for code that writes bytes; untagged, but working."""
+        return self.target.buffer
+
+
+def tag_standard_streams(environ: Mapping[str, str] = os.environ) -> None:
+    """Under journald, make every line on stdout and stderr carry a priority.
+
+    stderr's untagged lines are errors (usage errors, config errors,
+    tracebacks), so ``journalctl -p err`` shows why a unit failed; stdout's
+    are info. Elsewhere, and when called again, nothing changes.
+    """
+    for name, priority in (("stdout", _INFO_PRIORITY), ("stderr", _ERR_PRIORITY)):
+        stream = getattr(sys, name)
+        if not isinstance(stream, _PriorityLines) and _is_journal(stream, environ):
+            setattr(sys, name, _PriorityLines(stream, priority))
+
+
 def configure_logging(
-    level: str, stream: TextIO = sys.stderr, environ: Mapping[str, str] = os.environ
+    level: str, stream: TextIO | None = None, environ: Mapping[str, str] = os.environ
 ) -> None:
-    """Send the root logger's records at ``level`` and above to ``stream``.
+    """Send the root logger's records at ``level`` and above to ``stream`` (stderr).
 
     Replaces any handlers set up before, so calling it again on a reload
     changes the level without doubling every line.
     """
-    handler = logging.StreamHandler(stream)
-    if _is_journal(stream, environ):
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    if _is_journal(handler.stream, environ):
         handler.setFormatter(_JournalFormatter())
     else:
         handler.setFormatter(logging.Formatter(PLAIN_FORMAT))

@@ -7,9 +7,10 @@ socket, what every worker is doing.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from iris.logfmt import configure_logging
+from iris.logfmt import configure_logging, tag_standard_streams
 from iris.version import add_version_option
 
 from .config import ConfigError, load_config
@@ -40,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tag_standard_streams()  # before argparse, which may print a usage error
     args = _parser().parse_args(argv)
     overrides = {"workers": args.workers, "log_level": args.log_level}
     try:
@@ -58,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             print(err.details, file=sys.stderr, end="")
         return Exit.HANDLER
     if args.check:
-        print(f"irishost: {config.file}: OK (handler {config.service.handler})")
-        return Exit.OK
+        return _print(f"irishost: {config.file}: OK (handler {config.service.handler})")
     try:
         return Supervisor(config, handler_class, overrides).run()
     except HostError as err:
@@ -72,8 +73,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def _status(socket_path) -> int:
     try:
-        print(format_status(query_status(socket_path)))
+        status = format_status(query_status(socket_path))
     except ControlError as err:
         print(f"irishost: {err}", file=sys.stderr)
+        return Exit.FAILURE
+    return _print(status)
+
+
+def _print(text: str) -> Exit:
+    """Print ``text``; if the reader has gone (``irishost status | head -1``), exit
+    quietly with 1, as other command-line tools do, rather than with a traceback.
+    """
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # The interpreter flushes stdout again on the way out, and would report
+        # that failure too; writes to /dev/null succeed.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return Exit.FAILURE
     return Exit.OK

@@ -9,11 +9,14 @@ specs, so adding a key means adding one line there and one dataclass field.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
+import stat
 import tomllib
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -269,9 +272,17 @@ def _string(value: Any) -> str:
     return value
 
 
-def _non_empty_string(value: Any) -> str:
+def _name(value: Any) -> str:
+    """A cluster or topic name: any non-empty string, as the protocol allows, but for
+    control characters. Those would break the host's log lines and its process title
+    (a NUL made setproctitle fail at start), and no real name needs one.
+    """
     if not isinstance(value, str) or not value:
         raise ValueError(f"expected a non-empty string, got {_show(value)}")
+    if any(unicodedata.category(char) == "Cc" for char in value):
+        raise ValueError(
+            f"expected a name without control characters (NUL, tab, newline...), got {_show(value)}"
+        )
     return value
 
 
@@ -291,7 +302,16 @@ def _string_list(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-_worker_count = _integer(1)
+# Each worker is a process with its own copy of the handler, and a slip of the
+# keyboard (count = 10000) would fork them as fast as the supervisor can. 1024 is
+# far beyond any machine's useful parallelism and still a number a host survives.
+MAX_WORKERS = 1024
+# Pool threads start on demand, one per queued task; a count beyond this only
+# risks running out of threads (pids) under a burst without adding throughput.
+MAX_THREADS = 1024
+
+_worker_count = _integer(1, MAX_WORKERS)
+_thread_count = _integer(1, MAX_THREADS)
 _log_level = _choice("debug", "info", "warning", "error")
 _all_or_one = _choice("all", "one")
 
@@ -307,7 +327,7 @@ _SECTIONS: dict[str, tuple[type, _Spec]] = {
     "service": (
         ServiceSection,
         {
-            "cluster": (_non_empty_string, _REQUIRED),
+            "cluster": (_name, _REQUIRED),
             "handler": (_handler_spec, _REQUIRED),
             "path": (_string_list, ["."]),  # made absolute by load_config
         },
@@ -323,7 +343,7 @@ _SECTIONS: dict[str, tuple[type, _Spec]] = {
     "workers": (
         WorkersSection,
         {
-            "count": (_worker_count, os.cpu_count() or 1),
+            "count": (_worker_count, min(os.cpu_count() or 1, MAX_WORKERS)),
             "preload": (_boolean, True),
             "broadcast": (_all_or_one, "all"),
             "max_requests_jitter": (_integer(0), 0),
@@ -335,9 +355,9 @@ _SECTIONS: dict[str, tuple[type, _Spec]] = {
     "limits": (
         LimitsSection,
         {
-            "request_threads": (_integer(1), 1),
+            "request_threads": (_thread_count, 1),
             "request_memory": (_positive_size, "64MiB"),
-            "broadcast_threads": (_integer(1), 1),
+            "broadcast_threads": (_thread_count, 1),
             "broadcast_memory": (_positive_size, "64MiB"),
             "max_rss": (parse_size, 0),
             "max_rss_kill_factor": (_kill_factor, 1.5),
@@ -351,9 +371,9 @@ _SECTIONS: dict[str, tuple[type, _Spec]] = {
 
 # Each [[topics]] entry.
 _TOPIC: _Spec = {
-    "name": (_non_empty_string, _REQUIRED),
+    "name": (_name, _REQUIRED),
     "deliver": (_all_or_one, "all"),
-    "event_threads": (_integer(1), 1),
+    "event_threads": (_thread_count, 1),
     "event_memory": (_positive_size, "64MiB"),
 }
 
@@ -382,15 +402,22 @@ def load_config(path: str | Path) -> Config:
     service = sections["service"]
     service["path"] = tuple(Path(os.path.normpath(directory / entry)) for entry in service["path"])
     control = sections["control"]
-    control["socket"] = _control_socket(control["socket"], directory, file.stem)
+    try:
+        control["socket"] = _control_socket(absolute, control["socket"])
+    except ValueError as error:
+        raise ConfigError(file, "control.socket", str(error)) from None
 
     built = {name: cls(**sections[name]) for name, (cls, _) in _SECTIONS.items()}
     return Config(file=absolute, topics=_parse_topics(file, data.get("topics", [])), **built)
 
 
+# A service's config is a few kilobytes; anything this large is some other file.
+MAX_CONFIG_SIZE = 2**20
+
+
 def _read_toml(file: Path) -> dict[str, Any]:
     try:
-        raw = file.read_bytes()
+        raw = _read_regular_file(file)
     except OSError as error:
         raise ConfigError(file, None, f"cannot read: {error.strerror or error}") from None
     try:
@@ -410,6 +437,24 @@ def _read_toml(file: Path) -> dict[str, Any]:
         # traceback at start and would end a running host on SIGHUP.
         problem = "nested too deeply" if isinstance(error, RecursionError) else str(error)
         raise ConfigError(file, None, f"invalid TOML: {problem}") from None
+
+
+def _read_regular_file(file: Path) -> bytes:
+    """The bytes of ``file``, which must be a regular file of at most MAX_CONFIG_SIZE.
+
+    A FIFO would block the read (and the start, or a reload) until some writer
+    turned up, and a device such as /dev/zero would never end. O_NONBLOCK lets
+    the open itself return at once for a FIFO; the type is then checked on the
+    open descriptor, so the file cannot be swapped between check and read.
+    """
+    fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as reader:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(file, None, "not a regular file (a FIFO, device or directory?)")
+        raw = reader.read(MAX_CONFIG_SIZE + 1)
+    if len(raw) > MAX_CONFIG_SIZE:
+        raise ConfigError(file, None, "too large for a config (over 1 MiB)")
+    return raw
 
 
 def _parse_table(file: Path, where: str, table: Any, spec: _Spec) -> dict[str, Any]:
@@ -447,20 +492,40 @@ def _parse_topics(file: Path, entries: Any) -> tuple[TopicSection, ...]:
     return tuple(topics)
 
 
-def _control_socket(configured: str, directory: Path, stem: str) -> Path:
-    """Where the status/control socket lives when the config does not say.
+# A unix socket's path must fit sockaddr_un.sun_path: 108 bytes with the NUL.
+MAX_SOCKET_PATH = 107
+
+
+def _control_socket(file: Path, configured: str) -> Path:
+    """Where the status/control socket of ``file`` (absolute) lives: ``[control] socket``,
+    or a default; ValueError if the path is too long for a unix socket.
 
     Under systemd, RuntimeDirectory= gives a private directory that is cleaned up
-    on stop; elsewhere a per-user directory in /tmp keeps users' hosts apart.
-    Naming the socket after the config lets several hosts share a directory.
+    on stop; elsewhere a per-user directory in /tmp keeps users' hosts apart. The
+    default name is the config's stem (for the operator) and a hash of its full
+    path, so that hosts of /srv/a/service.toml and /srv/b/service.toml sharing a
+    directory do not take each other's socket. Checked here, not at start, so
+    that ``--check`` finds a path the kernel would refuse.
     """
     if configured:
-        return Path(os.path.normpath(directory / configured))
+        path = Path(os.path.normpath(file.parent / configured))
+    else:
+        digest = hashlib.sha256(os.fsencode(os.path.realpath(file))).hexdigest()[:12]
+        path = _runtime_directory() / f"{file.stem[:40]}-{digest}.sock"
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH:
+        raise ValueError(
+            f"{path} is {size} bytes long; a unix socket path has at most {MAX_SOCKET_PATH}"
+        )
+    return path
+
+
+def _runtime_directory() -> Path:
     runtime = os.environ.get("RUNTIME_DIRECTORY", "")
     if runtime:
         # systemd joins several RuntimeDirectory= entries with ":".
-        return Path(runtime.split(":")[0]) / f"{stem}.sock"
-    return Path("/tmp") / f"irishost-{os.getuid()}" / f"{stem}.sock"
+        return Path(runtime.split(":")[0])
+    return Path("/tmp") / f"irishost-{os.getuid()}"
 
 
 def _flag(file: Path, flag: str, parse: _Parser, value: Any) -> Any:

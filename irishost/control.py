@@ -129,14 +129,21 @@ class _Handler(socketserver.StreamRequestHandler):
 
     def handle(self) -> None:
         line = self.rfile.readline(MAX_COMMAND)
+        if not line:
+            # Hung up without a word: another irishost checking whether this
+            # socket is in use (_remove_stale_socket). Nothing to answer or log.
+            return
         answer = _answer(line, self.server.snapshot)
-        self.wfile.write(json.dumps(answer).encode() + b"\n")
+        try:
+            self.wfile.write(json.dumps(answer).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up waiting; its loss, not the host's problem
 
 
 def _answer(line: bytes, snapshot: Callable[[], Snapshot]) -> Snapshot:
     try:
         command = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         return {"error": f"not a JSON command: {line[:80]!r}"}
     cmd = command.get("cmd") if isinstance(command, dict) else None
     if cmd != "status":
@@ -160,6 +167,22 @@ def _make_private_directory(directory: Path) -> None:
         raise ControlError(
             f"{directory} belongs to uid {owner}, not to this user; "
             "another user could replace the control socket there"
+        )
+    _refuse_shared_directory(directory)
+
+
+def _refuse_shared_directory(directory: Path) -> None:
+    """Refuse a directory that others may write to, whoever owns it.
+
+    There another user could swap the socket for their own: the host would
+    serve nobody, and ``irishost status`` would print the impostor's answer.
+    """
+    mode = directory.stat().st_mode
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ControlError(
+            f"{directory} is writable by group or others (mode {stat.S_IMODE(mode):04o}); "
+            f"another user could replace the control socket there: run chmod go-w on it "
+            f"or set [control] socket to a private directory"
         )
 
 
@@ -186,6 +209,7 @@ def query_status(path: Path, timeout: float = 5.0) -> Snapshot:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
+            _refuse_shared_directory(path.parent)
             sock.connect(str(path))
             sock.sendall(b'{"cmd": "status"}\n')
             with sock.makefile("rb") as reader:

@@ -54,6 +54,7 @@ peer that is busy answering needs.  The spin shrinks when it keeps failing
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import mmap
 import os
 import re
@@ -285,7 +286,10 @@ class Ring:
         path = os.path.join(SHM_DIR, f"{prefix}-{os.getpid()}-{secrets.token_hex(8)}")
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            os.unlink(path)
+            # Already gone if systemd's RemoveIPC= swept the user's /dev/shm in
+            # between, as another unit of the same user stopped: no matter.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
             os.ftruncate(fd, HEADER_SIZE + capacity)
             mm = mmap.mmap(fd, HEADER_SIZE + capacity, mmap.MAP_SHARED)
         finally:
@@ -519,6 +523,21 @@ def wait_readable(
     fds = [ring.data_fd for ring in rings]
     _collector.wait(any_readable, flags, fds, _deadline(timeout), wake_fds)
     return [ring for ring in rings if ring.readable()]
+
+
+def segment_prefix(cluster: str) -> str:
+    """The /dev/shm name prefix of the rings of a host serving ``cluster``.
+
+    A cluster name may be any non-empty string ("billing/v2", hundreds of
+    characters), but a segment name is a single path component of at most
+    NAME_MAX (255) bytes. So the prefix keeps only a short, filename-safe
+    rendering of the name, for an operator reading /dev/shm, and adds a hash
+    of the whole name, so that two clusters never share a prefix and one
+    host's stale-segment sweep never touches another's.
+    """
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", cluster)[:32]
+    digest = hashlib.sha256(cluster.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"irishost-{readable}-{digest}"
 
 
 def remove_stale_segments(prefix: str = "irishost") -> list[str]:

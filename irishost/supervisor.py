@@ -30,14 +30,14 @@ from iris.logs import ContextLog
 from iris.relay import RelayServer
 
 from . import frames, worker
-from .config import Config, ConfigError, load_config
+from .config import MAX_WORKERS, Config, ConfigError, load_config
 from .control import ControlError, ControlServer
 from .dispatch import RelayDispatch
 from .frames import Kind
 from .loader import HandlerImportError, reload_handler
 from .metrics import MetricsServer
 from .notify import Notifier
-from .ring import Ring, remove_stale_segments, wait_readable
+from .ring import Ring, remove_stale_segments, segment_prefix, wait_readable
 from .workers import BOOTING, DRAINING, READY, WorkerHandle
 
 # The loop wakes at least this often to check deadlines, memory and respawns.
@@ -131,7 +131,7 @@ class Supervisor:
         self._next_generation: Generation | None = None  # a reload or reconnect in progress
         self.log = ContextLog(logging.getLogger("irishost")).new(service=config.service.cluster)
         self.dispatch = RelayDispatch(config, self.log, self._recycle)
-        self.prefix = f"irishost-{config.service.cluster}"
+        self.prefix = segment_prefix(config.service.cluster)
         self.relay: RelayServer | None = None
         self.conn: iris.Connection | None = None
         self.restarts = 0
@@ -577,6 +577,11 @@ class Supervisor:
     def _scale(self, count: int) -> None:
         if count < 1:
             self.log.warning("SIGTTOU ignored: at least one worker must stay")
+            return
+        if count > MAX_WORKERS:
+            self.log.warning(
+                "SIGTTIN ignored: already at the most workers allowed", limit=MAX_WORKERS
+            )
             return
         self.log.info("scaling workers", before=self.count, after=count)
         self.count = count

@@ -8,8 +8,11 @@ helpers they import are in irishost_support.py.
     (tests/irishost_probe.py) into the test's tmp_path; ``service.start()``
     runs ``python -m irishost -c service.toml`` and waits until it answers.
     At teardown every host is stopped with SIGTERM (which must exit 0), its
-    workers must be gone, and no ``irishost-<cluster>-*`` segment may remain
-    in /dev/shm.
+    workers must be gone, and none of the cluster's segments may remain in
+    /dev/shm.
+
+``other_service``
+    Another such service, in tmp_path/other, with a cluster of its own.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from irishost_support import free_port, gone, wait_for
+from irishost_support import free_port, gone, journal_stream, wait_for
 
 import iris
+from irishost.ring import segment_prefix
 
 PROBE = Path(__file__).resolve().parent / "irishost_probe.py"
 SHM = "/dev/shm"
@@ -62,12 +66,14 @@ def render_config(tables: dict[str, dict], topics: list[dict]) -> str:
 class Host:
     """One ``irishost`` process and the service it runs."""
 
-    def __init__(self, service: Service, args: list[str], env: dict[str, str]):
+    def __init__(self, service: Service, args: list[str], env: dict[str, str], journal: bool):
         self.service = service
         self.cluster = service.cluster
         self.port = service.port
         self._log_file = (service.dir / f"host-{len(service.hosts)}.log").open("wb")
         self.log_path = Path(self._log_file.name)
+        if journal:
+            env = {**env, **journal_stream(self._log_file)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "irishost", "-c", str(service.config_path), *args],
             stdin=subprocess.DEVNULL,
@@ -167,11 +173,20 @@ class Service:
         self.config_path.write_text(render_config(defaults, list(topics)))
         return self.config_path
 
-    def start(self, *args: str, env: dict[str, str] | None = None, wait: bool = True) -> Host:
-        """Run irishost on the config (written with defaults if not yet)."""
+    def start(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        journal: bool = False,
+    ) -> Host:
+        """Run irishost on the config (written with defaults if not yet).
+
+        ``journal``: its log file stands in for journald's stream, as under systemd.
+        """
         if not self.config_path.exists():
             self.config()
-        host = Host(self, list(args), env or {})
+        host = Host(self, list(args), env or {}, journal)
         self.hosts.append(host)
         if wait:
             host.wait_serving(self.connect())
@@ -238,13 +253,25 @@ class Service:
         self._callers.shutdown()
 
     def shm_leftovers(self) -> list[str]:
-        prefix = f"irishost-{self.cluster}-"
+        prefix = segment_prefix(self.cluster) + "-"
         return [name for name in os.listdir(SHM) if name.startswith(prefix)]
 
 
 @pytest.fixture
 def service(tmp_path, request):
-    svc = Service(tmp_path, request.node.name)
+    yield from _serve(Service(tmp_path, request.node.name))
+
+
+@pytest.fixture
+def other_service(tmp_path, request):
+    """A second service, in tmp_path/other, whose config has the same name (service.toml)."""
+    directory = tmp_path / "other"
+    directory.mkdir()
+    yield from _serve(Service(directory, request.node.name))
+
+
+def _serve(svc: Service):
+    """Yield ``svc``; then stop its hosts and check that they left nothing behind."""
     yield svc
     svc.close_clients()
     problems = []

@@ -1,7 +1,8 @@
-"""Small helpers for the irishost tests: ports, polling, process state."""
+"""Small helpers for the irishost tests: ports, polling, process state, journald."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
@@ -42,3 +43,9 @@ def gone(pid: int, wait: float = 0.0) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.02)
+
+
+def journal_stream(file) -> dict[str, str]:
+    """JOURNAL_STREAM as systemd sets it when ``file`` is the process's stream to journald."""
+    status = os.fstat(file.fileno())
+    return {"JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"}

@@ -1,6 +1,7 @@
 import contextlib
 import json
 import os
+import re
 import tomllib
 from dataclasses import fields
 from pathlib import Path
@@ -101,13 +102,18 @@ def write(directory: Path, text: str, name: str = "service.toml") -> Path:
 
 def load_error(text: str) -> ConfigError:
     write(Path.cwd(), text)
+    return load_error_of("service.toml")
+
+
+def load_error_of(path: str) -> ConfigError:
     with pytest.raises(ConfigError) as info:
-        load_config("service.toml")
+        load_config(path)
     return info.value
 
 
 def test_minimal_config_gets_every_default(in_tmp):
     config = load_config(write(in_tmp, MINIMAL))
+    socket = config.control.socket  # see test_control_socket_default
 
     assert config == Config(
         file=in_tmp / "service.toml",
@@ -132,7 +138,7 @@ def test_minimal_config_gets_every_default(in_tmp):
             max_requests=0,
         ),
         topics=(),
-        control=ControlSection(socket=Path(f"/tmp/irishost-{os.getuid()}/service.sock")),
+        control=ControlSection(socket=socket),
         metrics=MetricsSection(port=0),
         logging=LoggingSection(level="info"),
     )
@@ -241,10 +247,18 @@ KNOWN_TABLES = "known tables: service, relay, workers, limits, control, metrics,
         ("topics = [1]\n" + MINIMAL, "topics[0]: expected a table, got 1"),
         (MINIMAL + "[relay]\nembedded = 'yes'", 'relay.embedded: expected true or false, got '
          '"yes"'),
-        (MINIMAL + "[workers]\ncount = '2'", 'workers.count: expected an integer >= 1, got "2"'),
-        (MINIMAL + "[workers]\ncount = true", "workers.count: expected an integer >= 1, got true"),
-        (MINIMAL + "[workers]\ncount = 2.0", "workers.count: expected an integer >= 1, got 2.0"),
-        (MINIMAL + "[workers]\ncount = 0", "workers.count: expected an integer >= 1, got 0"),
+        (MINIMAL + "[workers]\ncount = '2'", 'workers.count: expected an integer from 1 to '
+         '1024, got "2"'),
+        (MINIMAL + "[workers]\ncount = true", "workers.count: expected an integer from 1 to "
+         "1024, got true"),
+        (MINIMAL + "[workers]\ncount = 2.0", "workers.count: expected an integer from 1 to "
+         "1024, got 2.0"),
+        (MINIMAL + "[workers]\ncount = 0", "workers.count: expected an integer from 1 to 1024, "
+         "got 0"),
+        (MINIMAL + "[workers]\ncount = 1025", "workers.count: expected an integer from 1 to "
+         "1024, got 1025"),
+        (MINIMAL + "[workers]\ncount = 100000000000000000000", "workers.count: expected an "
+         "integer from 1 to 1024, got 100000000000000000000"),
         (MINIMAL + "[workers]\nmax_requests_jitter = -1", "workers.max_requests_jitter: "
          "expected an integer >= 0, got -1"),
         (MINIMAL + "[relay]\nport = 0", "relay.port: expected an integer from 1 to 65535, "
@@ -266,7 +280,11 @@ KNOWN_TABLES = "known tables: service, relay, workers, limits, control, metrics,
         (MINIMAL + "[limits]\nrequest_memory = 0", 'limits.request_memory: expected a size '
          'above 0 such as "64MiB", got 0'),
         (MINIMAL + "[limits]\nrequest_threads = 0", "limits.request_threads: expected an "
-         "integer >= 1, got 0"),
+         "integer from 1 to 1024, got 0"),
+        (MINIMAL + "[limits]\nbroadcast_threads = 5000", "limits.broadcast_threads: expected "
+         "an integer from 1 to 1024, got 5000"),
+        (MINIMAL + "[[topics]]\nname = 'a'\nevent_threads = 99999", "topics[0].event_threads: "
+         "expected an integer from 1 to 1024, got 99999"),
         (MINIMAL + "[workers]\ntimeout_grace = 'soon'", 'workers.timeout_grace: expected a '
          'duration such as "30s", got "soon"'),
         (MINIMAL + "[relay]\nconnect_timeout = -1", 'relay.connect_timeout: expected a '
@@ -287,6 +305,12 @@ KNOWN_TABLES = "known tables: service, relay, workers, limits, control, metrics,
          "a date"),
         ('[service]\ncluster = ""\nhandler = "a:B"', 'service.cluster: expected a non-empty '
          'string, got ""'),
+        ('[service]\ncluster = "a\\u0000b"\nhandler = "a:B"', 'service.cluster: expected a '
+         'name without control characters (NUL, tab, newline...), got "a\\u0000b"'),
+        (MINIMAL + "[[topics]]\nname = 'a\tb'", 'topics[0].name: expected a name without '
+         'control characters (NUL, tab, newline...), got "a\\tb"'),
+        (MINIMAL + f"[control]\nsocket = '/run/{'s' * 100}.sock'", f"control.socket: /run/"
+         f"{'s' * 100}.sock is 110 bytes long; a unix socket path has at most 107"),
         (MINIMAL + "path = '.'", 'service.path: expected an array of strings such as ["."], '
          'got "."'),
         (MINIMAL + "path = [1]", 'service.path: expected an array of strings such as ["."], '
@@ -335,6 +359,26 @@ def test_file_that_is_not_utf8(in_tmp):
 
     with pytest.raises(ConfigError, match=r"^service.toml: invalid TOML: not UTF-8 \(at line 2\)$"):
         load_config("service.toml")
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_writer(in_tmp):
+    os.mkfifo(in_tmp / "service.toml")
+
+    assert str(load_error_of("service.toml")) == (
+        "service.toml: not a regular file (a FIFO, device or directory?)"
+    )
+
+
+def test_a_device_is_refused():
+    assert str(load_error_of("/dev/zero")) == (
+        "/dev/zero: not a regular file (a FIFO, device or directory?)"
+    )
+
+
+def test_a_file_over_a_mebibyte_is_refused(in_tmp):
+    write(in_tmp, MINIMAL + "#" * 2**20)
+
+    assert str(load_error_of("service.toml")) == "service.toml: too large for a config (over 1 MiB)"
 
 
 # --- sizes and durations -------------------------------------------------------------------
@@ -425,20 +469,34 @@ def test_import_paths_are_relative_to_the_config_directory(in_tmp, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("runtime_directory", "socket"),
+    ("runtime_directory", "directory"),
     [
-        (None, f"/tmp/irishost-{os.getuid()}/primes.sock"),
-        ("/run/irishost", "/run/irishost/primes.sock"),
-        ("/run/first:/run/second", "/run/first/primes.sock"),
+        (None, f"/tmp/irishost-{os.getuid()}"),
+        ("/run/irishost", "/run/irishost"),
+        ("/run/first:/run/second", "/run/first"),
     ],
 )
-def test_control_socket_default(in_tmp, monkeypatch, runtime_directory, socket):
+def test_control_socket_default(in_tmp, monkeypatch, runtime_directory, directory):
     if runtime_directory is not None:
         monkeypatch.setenv("RUNTIME_DIRECTORY", runtime_directory)
 
-    config = load_config(write(in_tmp, MINIMAL, name="primes.toml"))
+    socket = load_config(write(in_tmp, MINIMAL, name="primes.toml")).control.socket
 
-    assert config.control.socket == Path(socket)
+    assert socket.parent == Path(directory)
+    assert re.fullmatch(r"primes-[0-9a-f]{12}\.sock", socket.name), socket.name
+
+
+def test_control_socket_default_tells_configs_of_the_same_name_apart(in_tmp):
+    """Two hosts of /srv/a/service.toml and /srv/b/service.toml share /tmp/irishost-<uid>."""
+    first = load_config(write(in_tmp / "a", MINIMAL)).control.socket
+    second = load_config(write(in_tmp / "b", MINIMAL)).control.socket
+    (in_tmp / "link").symlink_to(in_tmp / "a")
+
+    assert first != second
+    assert first.parent == second.parent
+    # `irishost status` finds the host however the operator spells the config's path.
+    assert load_config("a/service.toml").control.socket == first
+    assert load_config(in_tmp / "link" / "service.toml").control.socket == first
 
 
 @pytest.mark.parametrize(
@@ -470,7 +528,8 @@ def test_overrides(in_tmp):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"workers": 0}, "--workers: expected an integer >= 1, got 0"),
+        ({"workers": 0}, "--workers: expected an integer from 1 to 1024, got 0"),
+        ({"workers": 100000}, "--workers: expected an integer from 1 to 1024, got 100000"),
         (
             {"log_level": "loud"},
             '--log-level: expected "debug" or "info" or "warning" or "error", got "loud"',

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import stat
 import threading
+from pathlib import Path
 
 import pytest
 
-from irishost.control import ControlError, ControlServer, format_status, query_status
+from irishost.control import (
+    MAX_COMMAND,
+    ControlError,
+    ControlServer,
+    format_status,
+    query_status,
+)
+
+pytest_plugins = ["irishost_fixtures"]
 
 SNAPSHOT = {
     "service": "primes",
@@ -227,6 +237,136 @@ def test_other_users_get_permission_denied(servers, sock_path):
         message = reader.read().decode()
     os.waitpid(pid, 0)
     assert message == f"permission denied on {sock_path}: run as the service's user or root"
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o1777, 0o720])
+def test_existing_directory_others_can_write_is_refused(servers, sock_path, mode):
+    sock_path.parent.mkdir()
+    sock_path.parent.chmod(mode)
+    with pytest.raises(ControlError) as caught:
+        servers(sock_path)
+    assert str(caught.value) == (
+        f"{sock_path.parent} is writable by group or others (mode {mode:04o}); another user "
+        "could replace the control socket there: run chmod go-w on it or set [control] socket "
+        "to a private directory"
+    )
+    assert not sock_path.exists()
+
+
+@contextlib.contextmanager
+def impostor(path: Path, answer: dict):
+    """A server at ``path`` that answers one query with ``answer``, as another user's would."""
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen()
+
+        def serve() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                if connection.recv(MAX_COMMAND):  # b"": the unblocking connect below
+                    connection.sendall(json.dumps(answer).encode() + b"\n")
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        yield
+        if thread.is_alive():  # not queried: unblock accept()
+            with socket.socket(socket.AF_UNIX) as unblock:
+                unblock.connect(str(path))
+        thread.join(5)
+
+
+def test_status_refuses_a_socket_in_a_directory_others_can_write(sock_path):
+    sock_path.parent.mkdir()
+    sock_path.parent.chmod(0o777)
+    forged = {**SNAPSHOT, "cluster": "forged"}
+    with impostor(sock_path, forged), pytest.raises(ControlError, match="writable by group or"):
+        query_status(sock_path)
+
+
+def test_deeply_nested_json_gets_an_error(servers, sock_path):
+    servers(sock_path)
+    answer = raw_exchange(sock_path, b"[" * (MAX_COMMAND - 1) + b"\n")
+    assert answer["error"].startswith("not a JSON command: b'[[[[")
+    assert query_status(sock_path) == SNAPSHOT
+
+
+def test_a_client_that_hangs_up_without_asking_is_not_logged(servers, sock_path, caplog):
+    """Another irishost checking whether the socket is in use does just that."""
+    servers(sock_path)
+    with socket.socket(socket.AF_UNIX) as probe:
+        probe.connect(str(sock_path))
+    assert query_status(sock_path) == SNAPSHOT  # served after the probe, so it was handled
+    assert [record for record in caplog.records if record.name == "irishost.control"] == []
+
+
+# -- through a real irishost ----------------------------------------------------------------
+
+
+def test_irishost_will_not_listen_in_a_directory_others_can_write(service):
+    (service.dir / "shared").mkdir(mode=0o777)
+    (service.dir / "shared").chmod(0o777)  # past the umask
+    service.config(control={"socket": "shared/control.sock"})
+
+    result = service.run()
+
+    assert result.returncode == 1
+    assert f"irishost: control socket: {service.dir / 'shared'} is writable by group or " in (
+        result.stderr
+    )
+    assert list((service.dir / "shared").iterdir()) == []
+
+
+def test_irishost_status_will_not_believe_a_socket_others_could_have_placed(service):
+    shared = service.dir / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    service.config(control={"socket": "shared/control.sock"})
+
+    with impostor(shared / "control.sock", {**SNAPSHOT, "cluster": "forged"}):
+        result = service.run("status")
+
+    assert result.returncode == 1
+    assert "forged" not in result.stdout
+    assert f"{shared} is writable by group or others" in result.stderr
+
+
+def test_irishost_answers_deeply_nested_json_with_an_error(service):
+    host = service.start()
+    path = service.dir / "control.sock"
+
+    answer = raw_exchange(path, b"[" * (MAX_COMMAND - 1) + b"\n")
+
+    assert answer["error"].startswith("not a JSON command")
+    assert query_status(path)["cluster"] == service.cluster
+    assert "Traceback" not in host.log()
+
+
+def test_a_second_host_on_the_same_socket_leaves_the_first_one_alone(service, other_service):
+    shared = {"socket": str(service.dir / "run" / "control.sock")}
+    service.config(control=shared)
+    other_service.config(control=shared)
+    first = service.start()
+
+    loser = other_service.run()
+
+    assert loser.returncode == 1
+    assert "another irishost is already running with control socket" in loser.stderr
+    assert query_status(service.dir / "run" / "control.sock")["cluster"] == service.cluster
+    assert first.stop() == 0
+    assert "control connection failed" not in first.log()
+
+
+def test_hosts_of_configs_with_the_same_name_get_sockets_of_their_own(service, other_service):
+    """/srv/a/service.toml and /srv/b/service.toml, both with the default socket path."""
+    env = {"RUNTIME_DIRECTORY": str(service.dir / "run")}
+    for each in (service, other_service):
+        each.config(control={"socket": ""})  # "": the default, in RUNTIME_DIRECTORY
+        each.start(env=env)
+
+    for each in (service, other_service):
+        result = each.run("status", env=env)
+        assert result.returncode == 0, result.stderr
+        assert f"cluster:   {each.cluster}\n" in result.stdout
 
 
 def test_format_status():

@@ -193,7 +193,7 @@ def test_request_remote_error_exits_3_with_the_fault(relay, attach):
     done = run_iris(relay.port, "request", "failing", "x")
     assert done.returncode == Exit.REMOTE
     assert done.stdout == b""
-    assert "remote error: cannot handle b'x'" in done.stderr.decode()
+    assert "remote error: ValueError: cannot handle b'x'" in done.stderr.decode()
 
 
 def test_request_timeout_exits_4(relay):

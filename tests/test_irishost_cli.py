@@ -4,6 +4,7 @@ that systemd units and operators rely on (3 config, 4 handler, 5 relay).
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -72,13 +73,15 @@ def test_a_config_error_exits_3_naming_file_and_key(service):
     assert f"irishost: config error: {config}: workers.cuont: unknown key" in result.stderr
 
 
-def test_a_bad_workers_flag_exits_3_naming_the_flag(service):
+@pytest.mark.parametrize("workers", ["0", "100000"])
+def test_a_bad_workers_flag_exits_3_naming_the_flag(service, workers):
+    """With --check: on a host without the upper bound, a real start would fork them all."""
     service.config()
 
-    result = service.run("--workers", "0")
+    result = service.run("--check", "--workers", workers)
 
     assert result.returncode == 3
-    assert "--workers: expected an integer >= 1, got 0" in result.stderr
+    assert f"--workers: expected an integer from 1 to 1024, got {workers}" in result.stderr
 
 
 def test_a_handler_module_raising_at_import_exits_4_with_its_traceback(service):
@@ -147,3 +150,84 @@ def test_log_level_flag_overrides_the_file(service):
 
     assert not re.search(r" (DEBUG|INFO) ", logs["warning"]), logs["warning"]
     assert " DEBUG " in logs["debug"]
+
+
+def test_a_fifo_for_a_config_is_refused_at_once(tmp_path):
+    """Reading a FIFO would wait for a writer forever, under systemd too."""
+    fifo = tmp_path / "service.toml"
+    os.mkfifo(fifo)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "irishost", "--check", "-c", str(fifo)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+
+    assert result.returncode == 3
+    assert result.stderr == f"irishost: config error: {fifo}: not a regular file " + (
+        "(a FIFO, device or directory?)\n"
+    )
+
+
+def test_a_worker_count_beyond_the_bound_is_a_config_error(service):
+    """With --check: on a host without the upper bound, a real start would fork them all."""
+    config = service.config(workers={"count": 100000000000000000000})
+
+    result = service.run("--check")
+
+    assert result.returncode == 3
+    assert result.stderr == (
+        f"irishost: config error: {config}: workers.count: expected an integer from 1 to 1024, "
+        "got 100000000000000000000\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "name", ["billing/v2", "x" * 220, "../é ☃"], ids=["slash", "220-chars", "dots-and-unicode"]
+)
+def test_any_cluster_name_the_protocol_allows_is_served(service, name):
+    """The rings' shared-memory names must not be built from the raw cluster name."""
+    service.cluster = f"{name}-{service.cluster}"
+    service.config()
+
+    result = service.run("--check")
+    service.start()
+
+    assert result.returncode == 0, result.stderr
+    assert int(service.request(b"pid")) in {worker.pid for worker in service.hosts[0].workers()}
+
+
+def test_check_rejects_a_cluster_name_the_host_could_not_start_with(service):
+    """A NUL made the start fail in setproctitle after --check had said OK."""
+    service.cluster = "a\x00b"
+    config = service.config()
+
+    checked = service.run("--check")
+    started = service.run()
+
+    for result in (checked, started):
+        assert result.returncode == 3
+        assert result.stderr == (
+            f"irishost: config error: {config}: service.cluster: expected a name without "
+            'control characters (NUL, tab, newline...), got "a\\u0000b"\n'
+        )
+
+
+def test_status_into_a_pipe_nobody_reads_exits_quietly(service):
+    """``irishost status | head -1``: head is gone before the table is written."""
+    service.start()
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "irishost", "status", "-c", str(service.config_path)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=20,
+        )
+    finally:
+        os.close(write_end)
+
+    assert (result.returncode, result.stderr) == (1, "")

@@ -1,4 +1,6 @@
-"""Tests for iris.logfmt, writing to real files that stand in for stderr and the journal."""
+"""Tests for iris.logfmt, writing to real files that stand in for stderr and the journal,
+in this process and from real irishost and iris-relay processes.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +8,22 @@ import io
 import logging
 import os
 import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from irishost_support import journal_stream, wait_for
 
-from iris.logfmt import configure_logging
+from iris.logfmt import configure_logging, tag_standard_streams
 from iris.logs import ContextLog
 
+pytest_plugins = ["irishost_fixtures"]
+
 PLAIN_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?P<rest>.*)")
+# One syslog priority, as journald reads it, and not a second one after it.
+TAGGED_LINE = re.compile(r"<[0-7]>(?!<[0-7]>).*")
 
 
 @pytest.fixture(autouse=True)
@@ -28,12 +39,6 @@ def restore_root_logger():
 def stream(tmp_path):
     with open(tmp_path / "stderr.log", "w+") as file:
         yield file
-
-
-def journal_environ(stream) -> dict[str, str]:
-    """JOURNAL_STREAM as systemd sets it when ``stream`` is its connection to journald."""
-    status = os.fstat(stream.fileno())
-    return {"JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"}
 
 
 def emit_all_levels() -> None:
@@ -65,7 +70,7 @@ def test_plain_lines_carry_time_level_name_and_context(stream):
 
 
 def test_journal_lines_carry_priority_and_no_time(stream):
-    configure_logging("debug", stream, environ=journal_environ(stream))
+    configure_logging("debug", stream, environ=journal_stream(stream))
     emit_all_levels()
     assert written(stream) == [
         "<7>DEBUG irishost.test: probing service=primes n=1",
@@ -77,7 +82,7 @@ def test_journal_lines_carry_priority_and_no_time(stream):
 
 
 def test_journal_traceback_lines_each_carry_the_priority(stream):
-    configure_logging("info", stream, environ=journal_environ(stream))
+    configure_logging("info", stream, environ=journal_stream(stream))
     try:
         raise ValueError("bad frame")
     except ValueError:
@@ -120,3 +125,110 @@ def test_level_filters_and_reconfiguring_does_not_duplicate(stream):
         "ERROR",
         "CRITICAL",
     ]
+
+
+# -- text outside logging -----------------------------------------------------------------
+
+
+def test_standard_streams_tag_each_line_once_however_it_is_written(stream, monkeypatch):
+    monkeypatch.setattr(sys, "stderr", stream)
+    tag_standard_streams(journal_stream(stream))
+    tag_standard_streams(journal_stream(stream))  # a second call must not wrap twice
+
+    sys.stderr.write("usage: irishost")
+    sys.stderr.write(" -c CONFIG\n\nirishost: error: ")
+    print("no config", file=sys.stderr)
+    sys.stderr.write("<4>already tagged\n")
+    sys.stderr.flush()
+
+    stream.seek(0)
+    assert stream.read().splitlines() == [
+        "<3>usage: irishost -c CONFIG",
+        "<3>",
+        "<3>irishost: error: no config",
+        "<4>already tagged",
+    ]
+
+
+def test_standard_streams_elsewhere_stay_as_they_are(stream, monkeypatch):
+    monkeypatch.setattr(sys, "stderr", stream)
+    tag_standard_streams({"JOURNAL_STREAM": "1:1"})
+    assert sys.stderr is stream
+
+
+def test_a_config_error_under_journald_is_an_error_entry(service):
+    config = service.config(workers={"cuont": 2})
+
+    host = service.start(journal=True, wait=False)
+
+    assert host.wait_exit() == 3
+    [line] = host.log().splitlines()
+    assert line.startswith(
+        f"<3>irishost: config error: {config}: workers.cuont: unknown key; known keys: count, "
+    )
+
+
+BROKEN_MODULE = """
+import iris
+
+raise RuntimeError("cannot import: the licence file is missing")
+
+
+class Handler(iris.ServiceHandler):
+    pass
+"""
+
+
+def test_a_worker_failing_to_start_under_journald_is_all_error_entries(service):
+    """The reason a unit failed must show in ``journalctl -p err``, traceback and all."""
+    (service.dir / "broken.py").write_text(BROKEN_MODULE)
+    service.config(service={"handler": "broken:Handler"}, workers={"preload": False})
+
+    host = service.start(journal=True, wait=False)
+
+    assert host.wait_exit() == 4
+    lines = host.log().splitlines()
+    assert [line for line in lines if not TAGGED_LINE.fullmatch(line)] == []
+    errors = [line for line in lines if line.startswith("<3>")]
+    assert "<3>irishost: worker 0 failed to start" in errors
+    assert "<3>Traceback (most recent call last):" in errors
+    assert "<3>RuntimeError: cannot import: the licence file is missing" in errors
+
+
+def start_with_journal(journal: Path, *command: str) -> subprocess.Popen:
+    """Run ``command`` with stdout and stderr on ``journal``, standing in for journald."""
+    with open(journal, "w") as stream:
+        return subprocess.Popen(
+            [sys.executable, *command],
+            stdin=subprocess.DEVNULL,
+            stdout=stream,
+            stderr=stream,
+            env={**os.environ, **journal_stream(stream)},
+        )
+
+
+def test_a_usage_error_under_journald_is_an_error_entry(tmp_path):
+    journal = tmp_path / "journal.log"
+
+    code = start_with_journal(journal, "-m", "irishost", "--workers", "2").wait(20)
+
+    lines = journal.read_text().splitlines()
+    assert code == 2
+    assert lines[0].startswith("<3>usage: irishost ")
+    assert lines[-1] == "<3>irishost: error: the following arguments are required: -c/--config"
+    assert [line for line in lines if not TAGGED_LINE.fullmatch(line)] == []
+
+
+def test_iris_relay_under_journald_tags_every_line(tmp_path):
+    journal = tmp_path / "journal.log"
+
+    relay = start_with_journal(journal, "-m", "iris.relay", "--port", "0")
+    try:
+        wait_for(lambda: "listening on" in journal.read_text(), what="the relay to listen")
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        assert relay.wait(10) == 0
+
+    lines = journal.read_text().splitlines()
+    assert lines[0].startswith("<6>iris-relay: listening on 127.0.0.1:")
+    assert [line for line in lines if not TAGGED_LINE.fullmatch(line)] == []

@@ -6,6 +6,7 @@ import array
 import multiprocessing
 import os
 import random
+import re
 import select
 import signal
 import stat
@@ -18,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from irishost import ring as ring_module
-from irishost.ring import Ring, remove_stale_segments, wait_readable
+from irishost.ring import Ring, remove_stale_segments, segment_prefix, wait_readable
 
 CTX = multiprocessing.get_context("fork")
 SHM = "/dev/shm"
@@ -453,6 +454,24 @@ def test_remove_stale_segments_removes_only_dead_creators(prefix, spawn):
                 os.unlink(os.path.join(SHM, name))
             except FileNotFoundError:
                 pass
+
+
+@pytest.mark.parametrize(
+    "cluster", ["billing/v2", "x" * 220, "é" * 300, "..", "a b\\c", "billing-v2"]
+)
+def test_segment_prefix_makes_a_usable_name_from_any_cluster(cluster):
+    prefix = segment_prefix(cluster)
+    ring = Ring.create(4096, prefix=prefix)  # raised ENAMETOOLONG or ENOENT for the raw name
+    ring.close()
+    longest = f"{prefix}-{2**22}-{'0' * 16}"  # pid_max, Ring.create's random part
+    assert len(longest.encode()) <= 255
+    assert re.fullmatch(r"irishost-[A-Za-z0-9_.-]+-[0-9a-f]{12}", prefix)
+
+
+def test_segment_prefixes_of_different_clusters_differ():
+    """billing/v2 and billing_v2 read the same once made filename-safe."""
+    assert segment_prefix("billing/v2") != segment_prefix("billing_v2")
+    assert segment_prefix("billing/v2") == segment_prefix("billing/v2")
 
 
 def test_create_validates_its_arguments(prefix):

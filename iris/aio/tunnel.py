@@ -1,7 +1,7 @@
 """Tunnels on an event loop: ordered, flow-controlled message streams.
 
 The asyncio twin of :class:`iris.Tunnel`, with the same flow control
-(PROTOCOL.md section 6) and the same chunking and reassembly
+(docs/protocol.md, section 6) and the same chunking and reassembly
 (``iris.chunks``): a sender spends allowance before each chunk and waits
 while it has none; a receiver grants allowance back as each message is
 consumed. Waits are futures woken by the connection's read callback.

@@ -7,7 +7,7 @@ import signal
 import sys
 
 from .. import codec
-from ..logfmt import configure_logging
+from ..logfmt import configure_logging, tag_standard_streams
 from ..version import add_version_option
 from .server import DEFAULT_OUTBOUND_CAP, DEFAULT_PORT, RelayServer
 
@@ -27,10 +27,20 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 64MiB)") from None
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {text!r} (0 to 65535)")
+    return port
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iris-relay", description=__doc__)
     add_version_option(parser)
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (0: any free)")
+    parser.add_argument("--port", type=_port, default=DEFAULT_PORT, help="TCP port (0: any free)")
     parser.add_argument("--dev", action="store_true", help="accepted for parity with iris -dev")
     parser.add_argument(
         "--max-message", type=_size, default=codec.MAX_MESSAGE, help="largest message (64MiB)"
@@ -50,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tag_standard_streams()  # before argparse, which may print a usage error
     args = _parser().parse_args(argv)
     if args.net is not None or args.rsa is not None:
         print(f"iris-relay: {SINGLE_NODE}", file=sys.stderr)
