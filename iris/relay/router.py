@@ -32,6 +32,15 @@ COMPACT_SLACK = 4096
 # The relay's buffer for each tunnel direction, granted to the sender.
 TUNNEL_ALLOWANCE = 4 * 1024 * 1024
 
+# The relay's REQUEST and REPLY deliveries are most of its output, so they are
+# built from these precomputed heads instead of packet objects; the bytes are
+# those of codec.RequestDelivery and codec.ReplyDelivery (test_router.py checks).
+_REQUEST_HEAD = bytes((codec.Op.REQUEST,))
+_REPLY_HEAD = bytes((codec.Op.REPLY,))
+_ANSWERED_SUCCESS = b"\x00\x01"  # not timed out, success; the payload follows
+_ANSWERED_FAULT = b"\x00\x00"  # not timed out, fault; the fault text follows
+_SMALL_VARINTS = [codec.encode_varint(value) for value in range(0x80)]
+
 
 class Peer(Protocol):
     """The router's view of one connection; see server.PeerConnection."""
@@ -63,6 +72,8 @@ class _Cluster:
     def pick(self) -> Peer:
         """The member with the fewest outstanding requests, round-robin among ties."""
         members, n = self.members, len(self.members)
+        if n == 1:
+            return members[0]
         best_index, best_load = 0, None
         for step in range(n):
             index = (self.cursor + step) % n
@@ -75,13 +86,9 @@ class _Cluster:
         return members[best_index]
 
 
-class _PendingRequest:
-    __slots__ = ("requester", "client_id", "member")
-
-    def __init__(self, requester: Peer, client_id: int, member: Peer | None):
-        self.requester = requester
-        self.client_id = client_id
-        self.member = member
+# A request waiting for its answer: (requester, the requester's id for it,
+# the member it was delivered to or None). A tuple: one is made per request.
+_PendingRequest = tuple[Peer, int, "Peer | None"]
 
 
 class _PendingBuild:
@@ -177,9 +184,9 @@ class Router:
         for topic in peer.topics:
             self._unsubscribe(peer, topic)
         for key in peer.requests:  # nobody is left to answer
-            pending = self._requests.pop(key)
-            if pending.member is not None:
-                pending.member.outstanding -= 1
+            _, _, member = self._requests.pop(key)
+            if member is not None:
+                member.outstanding -= 1
         peer.requests.clear()
         # A copy: a tunnel to the peer's own cluster has both ends in this dict.
         for end in list(peer.tunnels.values()):
@@ -200,10 +207,11 @@ class Router:
             _, key = heapq.heappop(deadlines)
             pending = self._requests.pop(key, None)
             if pending is not None:
-                if pending.member is not None:
-                    pending.member.outstanding -= 1
-                pending.requester.requests.discard(key)
-                pending.requester.send(codec.ReplyDelivery(pending.client_id, True).encode())
+                requester, client_id, member = pending
+                if member is not None:
+                    member.outstanding -= 1
+                requester.requests.discard(key)
+                requester.send(codec.ReplyDelivery(client_id, True).encode())
                 continue
             build = self._builds.pop(key, None)
             if build is not None and not build.initiator.closed:
@@ -237,24 +245,42 @@ class Router:
     # -- request/reply -----------------------------------------------------------------
 
     def _on_request(self, peer: Peer, packet: codec.Request) -> None:
-        key = self._schedule(packet.timeout_ms)
-        member = self._member(packet.cluster)
-        self._requests[key] = _PendingRequest(peer, packet.id, member)
+        client_id, cluster, request, timeout_ms = packet
+        key = self._schedule(timeout_ms)
+        member = self._member(cluster)
+        self._requests[key] = (peer, client_id, member)
         peer.requests.add(key)
         if member is not None:
             member.outstanding += 1
-            member.send(codec.RequestDelivery(key, packet.request, packet.timeout_ms).encode())
+            member.send(
+                b"".join(
+                    (
+                        _REQUEST_HEAD,
+                        _varint(key),
+                        _varint(len(request)),
+                        request,
+                        _varint(timeout_ms),
+                    )
+                )
+            )
 
     def _on_reply(self, peer: Peer, packet: codec.Reply) -> None:
-        pending = self._requests.get(packet.id)
-        if pending is None or pending.member is not peer:
-            return  # expired, or never issued to this member: ignored, not a violation
-        del self._requests[packet.id]
+        reply_id, success, payload = packet
+        pending = self._requests.pop(reply_id, None)
+        if pending is None:
+            return  # expired: ignored, not a violation
+        requester, client_id, member = pending
+        if member is not peer:  # never issued to this member: ignored too
+            self._requests[reply_id] = pending
+            return
         peer.outstanding -= 1
-        pending.requester.requests.discard(packet.id)
-        pending.requester.send(
-            codec.ReplyDelivery(pending.client_id, False, packet.success, packet.payload).encode()
-        )
+        requester.requests.discard(reply_id)
+        if success:
+            answer = (_ANSWERED_SUCCESS, _varint(len(payload)), payload)
+        else:
+            text = payload.encode()
+            answer = (_ANSWERED_FAULT, _varint(len(text)), text)
+        requester.send(b"".join((_REPLY_HEAD, _varint(client_id), *answer)))
 
     # -- broadcast and publish/subscribe ---------------------------------------------
 
@@ -381,3 +407,13 @@ class Router:
             end.peer.send(codec.TunnelTransfer(end.id, size, chunk).encode())
         end.queue.clear()
         end.peer.send(codec.TunnelClosed(end.id, reason).encode())
+
+
+def _varint(value: int) -> bytes:
+    """codec.encode_varint, with the one- and two-octet cases inline: request
+    ids, lengths and timeouts are mostly that small."""
+    if value < 0x80:
+        return _SMALL_VARINTS[value]
+    if value < 0x4000:
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
+    return codec.encode_varint(value)
