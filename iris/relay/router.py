@@ -37,8 +37,7 @@ TUNNEL_ALLOWANCE = 4 * 1024 * 1024
 # those of codec.RequestDelivery and codec.ReplyDelivery (test_router.py checks).
 _REQUEST_HEAD = bytes((codec.Op.REQUEST,))
 _REPLY_HEAD = bytes((codec.Op.REPLY,))
-_ANSWERED_SUCCESS = b"\x00\x01"  # not timed out, success; the payload follows
-_ANSWERED_FAULT = b"\x00\x00"  # not timed out, fault; the fault text follows
+_FALSE, _TRUE = b"\x00", b"\x01"
 _SMALL_VARINTS = [codec.encode_varint(value) for value in range(0x80)]
 
 
@@ -117,7 +116,8 @@ class TunnelEnd:
 class Router:
     def __init__(self, clock=time.monotonic):
         self._clock = clock
-        self._clusters: dict[str, _Cluster] = {}
+        # Keyed by the name's UTF-8 bytes, as requests carry it on the wire.
+        self._clusters: dict[bytes, _Cluster] = {}
         self._topics: dict[str, dict[Peer, None]] = {}  # insertion-ordered sets
         self._requests: dict[int, _PendingRequest] = {}
         self._builds: dict[int, _PendingBuild] = {}
@@ -167,7 +167,7 @@ class Router:
             return
         peer.cluster = packet.cluster
         if packet.cluster:
-            self._clusters.setdefault(packet.cluster, _Cluster()).members.append(peer)
+            self._clusters.setdefault(packet.cluster.encode(), _Cluster()).members.append(peer)
         peer.send(codec.Accept().encode())
         log.info("attached %s cluster=%s", peer.name, packet.cluster or "-")
 
@@ -177,10 +177,11 @@ class Router:
             return
         peer.closed = True
         if peer.cluster:
-            cluster = self._clusters[peer.cluster]
+            name = peer.cluster.encode()
+            cluster = self._clusters[name]
             cluster.members.remove(peer)
             if not cluster.members:
-                del self._clusters[peer.cluster]
+                del self._clusters[name]
         for topic in peer.topics:
             self._unsubscribe(peer, topic)
         for key in peer.requests:  # nobody is left to answer
@@ -239,33 +240,59 @@ class Router:
         heapq.heapify(self._deadlines)
 
     def _member(self, cluster: str) -> Peer | None:
-        group = self._clusters.get(cluster)
+        group = self._clusters.get(cluster.encode())
         return group.pick() if group else None
+
+    def cluster(self, name: bytes) -> _Cluster | None:
+        """The members registered under the UTF-8 bytes ``name``, if any."""
+        return self._clusters.get(name)
 
     # -- request/reply -----------------------------------------------------------------
 
     def _on_request(self, peer: Peer, packet: codec.Request) -> None:
         client_id, cluster, request, timeout_ms = packet
+        body = (_varint(len(request)), request, _varint(timeout_ms))
+        self.route_request(peer, client_id, self._clusters.get(cluster.encode()), timeout_ms, body)
+
+    def route_request(
+        self,
+        peer: Peer,
+        client_id: int,
+        group: _Cluster | None,
+        timeout_ms: int,
+        body: tuple[bytes | memoryview, ...],
+    ) -> None:
+        """Deliver a request to the least loaded member of ``group``, if any,
+        and keep it until answered or timed out.
+
+        ``body`` is the request's wire form from its length on (length,
+        request, timeout), in pieces, which the delivery carries as they are.
+        """
         key = self._schedule(timeout_ms)
-        member = self._member(cluster)
+        member = group.pick() if group else None
         self._requests[key] = (peer, client_id, member)
         peer.requests.add(key)
         if member is not None:
             member.outstanding += 1
-            member.send(
-                b"".join(
-                    (
-                        _REQUEST_HEAD,
-                        _varint(key),
-                        _varint(len(request)),
-                        request,
-                        _varint(timeout_ms),
-                    )
-                )
-            )
+            member.send(b"".join((_REQUEST_HEAD, _varint(key), *body)))
 
     def _on_reply(self, peer: Peer, packet: codec.Reply) -> None:
         reply_id, success, payload = packet
+        if success:
+            answer = (_TRUE, _varint(len(payload)), payload)
+        else:
+            text = payload.encode()
+            answer = (_FALSE, _varint(len(text)), text)
+        self.route_reply(peer, reply_id, answer)
+
+    def route_reply(
+        self, peer: Peer, reply_id: int, answer: tuple[bytes | memoryview, ...]
+    ) -> None:
+        """Pass a member's answer to the request's requester.
+
+        ``answer`` is the reply's wire form from its success flag on (flag,
+        then payload or fault text), in pieces, carried as they are.
+        """
         pending = self._requests.pop(reply_id, None)
         if pending is None:
             return  # expired: ignored, not a violation
@@ -275,17 +302,12 @@ class Router:
             return
         peer.outstanding -= 1
         requester.requests.discard(reply_id)
-        if success:
-            answer = (_ANSWERED_SUCCESS, _varint(len(payload)), payload)
-        else:
-            text = payload.encode()
-            answer = (_ANSWERED_FAULT, _varint(len(text)), text)
-        requester.send(b"".join((_REPLY_HEAD, _varint(client_id), *answer)))
+        requester.send(b"".join((_REPLY_HEAD, _varint(client_id), _FALSE, *answer)))
 
     # -- broadcast and publish/subscribe ---------------------------------------------
 
     def _on_broadcast(self, peer: Peer, packet: codec.Broadcast) -> None:
-        group = self._clusters.get(packet.cluster)
+        group = self._clusters.get(packet.cluster.encode())
         if group:
             data = codec.BroadcastDelivery(packet.message).encode()
             for member in group.members:

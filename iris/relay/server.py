@@ -29,6 +29,7 @@ import time
 
 from .. import codec
 from .input_guard import InputGuard, InputLimits
+from .passthrough import route_leading
 from .router import ProtocolViolation, Router, TunnelEnd
 
 log = logging.getLogger("iris.relay")
@@ -325,6 +326,11 @@ class RelayServer:
             return
         decoder = peer.decoder
         try:
+            if peer.cluster is not None and not peer.partial:  # attached, nothing buffered
+                taken = route_leading(self.router, peer, data, self.max_message)
+                if taken == len(data):
+                    return
+                data = memoryview(data)[taken:]
             handle = self.router.handle
             packets = decoder.feed(data)
             for packet in packets:
