@@ -387,12 +387,16 @@ class RelayServer:
             out.clear()
             self._close_socket(peer, f"write failed: {err}")
             return
-        peer.out_bytes -= sent
-        done = 0
-        while done < len(out) and sent >= len(out[done]):
-            sent -= len(out[done])
-            done += 1
-        del out[:done]
+        if sent == peer.out_bytes:  # the common case: the socket took everything
+            out.clear()
+            peer.out_bytes = 0
+        else:
+            peer.out_bytes -= sent
+            done = 0
+            while sent >= len(out[done]):
+                sent -= len(out[done])
+                done += 1
+            del out[:done]
         if not out:
             if peer.closing:
                 self._close_socket(peer, None)
