@@ -7,7 +7,8 @@ registered cluster) and successful REPLY packets at the start of what was
 read, this module finds the few fields the router needs (ids, the cluster
 name, the timeout) and hands it the rest of the packet as a memoryview slice
 of the read, which the delivery carries unchanged: the request from its
-length on, the reply from its success flag on.
+length on, the reply from its success flag on. The requester's id for a
+request is kept as the bytes it came in, to go back in the reply as they are.
 
 Anything else ends the fast path where it is, and the codec's decoder takes
 the rest: another packet type, a fault reply (the codec checks its text is
@@ -42,7 +43,8 @@ def route_leading(router: Router, peer: Peer, data: bytes, max_message: int) -> 
         op = data[pos]
         try:
             if op == _REQUEST:
-                client_id, at = _varint(data, pos + 1)
+                _, at = _minimal_varint(data, pos + 1)
+                client_id = data[pos + 1 : at]
                 size = data[at]
                 at += 1
                 if size >= 0x80 or at + size > end:
@@ -56,10 +58,6 @@ def route_leading(router: Router, peer: Peer, data: bytes, max_message: int) -> 
                 if length > max_message or at >= end:
                     break
                 timeout_ms, at = _minimal_varint(data, at)
-                route, fields = (
-                    route_request,
-                    (peer, client_id, group, timeout_ms, (view[body:at],)),
-                )
             elif op == _REPLY:
                 reply_id, answer = _varint(data, pos + 1)
                 if data[answer] != _SUCCESS:
@@ -68,12 +66,15 @@ def route_leading(router: Router, peer: Peer, data: bytes, max_message: int) -> 
                 at += length
                 if length > max_message or at > end:
                     break
-                route, fields = route_reply, (peer, reply_id, (view[answer:at],))
             else:
                 break
         except (IndexError, _NotFast):  # incomplete, or for the codec to judge
             break
-        route(*fields)
+        # Outside the try: an IndexError of the router's is not an incomplete packet.
+        if op == _REQUEST:
+            route_request(peer, client_id, group, timeout_ms, (view[body:at],))
+        else:
+            route_reply(peer, reply_id, (view[answer:at],))
         pos = at
     return pos
 

@@ -85,9 +85,10 @@ class _Cluster:
         return members[best_index]
 
 
-# A request waiting for its answer: (requester, the requester's id for it,
-# the member it was delivered to or None). A tuple: one is made per request.
-_PendingRequest = tuple[Peer, int, "Peer | None"]
+# A request waiting for its answer: (requester, the requester's id for it as
+# a varint, the member it was delivered to or None). A tuple: one is made per
+# request.
+_PendingRequest = tuple[Peer, bytes, "Peer | None"]
 
 
 class _PendingBuild:
@@ -212,7 +213,7 @@ class Router:
                 if member is not None:
                     member.outstanding -= 1
                 requester.requests.discard(key)
-                requester.send(codec.ReplyDelivery(client_id, True).encode())
+                requester.send(b"".join((_REPLY_HEAD, client_id, _TRUE)))
                 continue
             build = self._builds.pop(key, None)
             if build is not None and not build.initiator.closed:
@@ -252,12 +253,13 @@ class Router:
     def _on_request(self, peer: Peer, packet: codec.Request) -> None:
         client_id, cluster, request, timeout_ms = packet
         body = (_varint(len(request)), request, _varint(timeout_ms))
-        self.route_request(peer, client_id, self._clusters.get(cluster.encode()), timeout_ms, body)
+        group = self._clusters.get(cluster.encode())
+        self.route_request(peer, _varint(client_id), group, timeout_ms, body)
 
     def route_request(
         self,
         peer: Peer,
-        client_id: int,
+        client_id: bytes,
         group: _Cluster | None,
         timeout_ms: int,
         body: tuple[bytes | memoryview, ...],
@@ -265,6 +267,8 @@ class Router:
         """Deliver a request to the least loaded member of ``group``, if any,
         and keep it until answered or timed out.
 
+        ``client_id`` is the requester's id for it, as a varint: the answer
+        carries it back as it is.
         ``body`` is the request's wire form from its length on (length,
         request, timeout), in pieces, which the delivery carries as they are.
         """
@@ -302,7 +306,7 @@ class Router:
             return
         peer.outstanding -= 1
         requester.requests.discard(reply_id)
-        requester.send(b"".join((_REPLY_HEAD, _varint(client_id), _FALSE, *answer)))
+        requester.send(b"".join((_REPLY_HEAD, client_id, _FALSE, *answer)))
 
     # -- broadcast and publish/subscribe ---------------------------------------------
 
@@ -432,10 +436,13 @@ class Router:
 
 
 def _varint(value: int) -> bytes:
-    """codec.encode_varint, with the one- and two-octet cases inline: request
-    ids, lengths and timeouts are mostly that small."""
+    """codec.encode_varint, with the cases up to three octets inline: the
+    relay's request keys stay under 2**21 for its first two million requests,
+    and lengths and timeouts are mostly smaller."""
     if value < 0x80:
         return _SMALL_VARINTS[value]
     if value < 0x4000:
         return bytes(((value & 0x7F) | 0x80, value >> 7))
+    if value < 0x200000:
+        return bytes(((value & 0x7F) | 0x80, ((value >> 7) & 0x7F) | 0x80, value >> 14))
     return codec.encode_varint(value)
