@@ -614,7 +614,7 @@ def report(
         f"{TIMEOUT_GRACE:g} s) on an external relay; unanswered = no return within the "
         f"timeout + {MARGIN:g} s."
     )
-    print("machine: " + ", ".join(f"{k} {v}" for k, v in _util.machine().items()))
+    print(_util.describe_machine(_util.machine()))
     print()
 
     load_outcomes = [o for o in outcomes if o.source == "load"]

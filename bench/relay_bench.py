@@ -103,21 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=500, help="batches per window (500)")
     parser.add_argument("--windows", type=int, default=15, help="windows per batch size (15)")
     args = parser.parse_args(argv)
-    machine = _util.machine()
-    print(f"machine: {machine}; load average {os.getloadavg()[0]:.2f} at start")
-    rows = []
+    report = _util.Report(_util.machine(), f"{args.windows} windows of {args.rounds} batches")
     for batch in args.batch or [1, 8, 64]:
         figures = measure(batch, args.rounds, args.windows)
-        rows.append(
-            [
-                str(batch),
-                f"{min(figures):.2f}",
-                f"{statistics.median(figures):.2f}",
-                f"{os.getloadavg()[0]:.2f}",
-            ]
-        )
-    header = ["batch", "relay us/round trip, min", "median", "load average after"]
-    print(_util.markdown_table(header, rows))
+        per_trip = f"batch {batch}: relay CPU per round trip"
+        report.add(f"{per_trip}, min", min(figures), "us")
+        report.add(f"{per_trip}, median", statistics.median(figures), "us")
+        report.add(f"batch {batch}: load average after", os.getloadavg()[0], "1-min load")
+    report.print()
     return 0
 
 

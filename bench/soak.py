@@ -168,7 +168,7 @@ def report(args, soak: Soak, samples: list[Sample], before: Sample, after: Sampl
         f"relay process -> irishost with {WORKERS} workers (echo); asked for "
         f"{args.requests:,} requests within {args.seconds:g} s."
     )
-    print("machine: " + ", ".join(f"{k} {v}" for k, v in _util.machine().items()))
+    print(_util.describe_machine(_util.machine()))
     print()
     header = ["requests", "s", "relay RSS MiB", "supervisor RSS MiB", "worker RSS MiB"]
     header += ["relay fds", "supervisor fds"]
