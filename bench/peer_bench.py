@@ -495,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = f"{args.seconds:g} s per run, best of {args.rounds}"
     report = _util.Report(_util.machine(), mode)
     print(f"{_util.describe_machine(report.machine)}; mode: {mode}")
+    print()
     if "nats" in stacks and (missing := nats_missing()):
         print(f"NATS column skipped: {missing} not installed")
         stacks.remove("nats")

@@ -142,7 +142,7 @@ def ring_round_trips(count: int) -> list[float]:
 
 def main() -> int:
     started = time.perf_counter()
-    report = _util.Report(_util.machine(), "compare on an idle machine")
+    report = _util.Report(_util.machine(), "single run; compare on an idle machine")
     queue_rate = queue_throughput(THROUGHPUT_MESSAGES)
     ring_rate = ring_throughput(THROUGHPUT_MESSAGES)
     pipe = sorted(pipe_round_trips(ROUND_TRIPS))
