@@ -35,8 +35,8 @@ spike from elsewhere on the machine lands on both sides rather than on one.
 
 Each target is a floor (see ``_util.Target``). A figure below its floor
 prints BELOW FLOOR and still exits 0, since the figures are information;
-``--strict`` makes it exit 1. A benchmark that fails to run
-always exits 1, as does anything this run leaves behind in /dev/shm.
+``--strict`` makes it exit 1. A benchmark that fails to run always exits 1,
+as does anything this run leaves behind in /dev/shm.
 """
 
 from __future__ import annotations
