@@ -335,15 +335,20 @@ class Handler(iris.ServiceHandler):
 '''
 
 
-def _source(*functions) -> str:
-    return "\n\n".join(inspect.getsource(function) for function in functions)
+def write_hardening_module(directory) -> None:
+    """hardening.py in ``directory``: HOSTED_HANDLER with _fail and _raise_for.
+
+    Also imported by the asyncio handler of tests/test_irishost_async.py.
+    """
+    sources = "\n\n".join(inspect.getsource(function) for function in (_fail, _raise_for))
+    (directory / "hardening.py").write_text(HOSTED_HANDLER + "\n\n" + sources)
 
 
 @pytest.fixture
 def hosted(service):
     """irishost running the failing handler in one worker: one thread for
     broadcasts and one for events (the defaults), two for requests."""
-    (service.dir / "hardening.py").write_text(HOSTED_HANDLER + "\n\n" + _source(_fail, _raise_for))
+    write_hardening_module(service.dir)
     service.config(
         [{"name": "hardening-news"}],
         service={"handler": "hardening:Handler"},
