@@ -65,9 +65,7 @@ class LoopWorker:
         )
         self._topics = {
             topic.name: (
-                HandlerPool(
-                    f"topic-{topic.name}", topic.event_threads, topic.event_memory, errors
-                ),
+                HandlerPool(f"topic-{topic.name}", topic.event_threads, topic.event_memory, errors),
                 RateLimitedWarning(log.new(topic=topic.name), "event dropped: memory limit"),
             )
             for topic in config.topics
