@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 
 import pytest
 from test_aio import run, until
@@ -194,9 +195,7 @@ def test_base_exceptions_in_broadcast_handlers_do_not_stop_the_pool(relay, caplo
 
     run(main())
     records = handler_errors(caplog)
-    assert sorted(r.exc_info[1].__class__.__name__ for r in records) == sorted(
-        cls.__name__ for cls in RAISED * 2
-    )
+    assert Counter(type(r.exc_info[1]) for r in records) == Counter(RAISED * 2)
     assert all("handler raised" in r.getMessage() for r in records)
     assert all("cluster=failing pool=broadcast" in r.getMessage() for r in records)
 
@@ -230,9 +229,7 @@ def test_base_exceptions_in_subscription_callbacks_do_not_stop_the_pool(relay, c
 
     run(main())
     records = handler_errors(caplog)
-    assert sorted(type(r.exc_info[1]).__name__ for r in records) == sorted(
-        cls.__name__ for cls in RAISED * 3
-    )
+    assert Counter(type(r.exc_info[1]) for r in records) == Counter(RAISED * 3)
     assert all("pool=topic-" in r.getMessage() for r in records)
 
 
@@ -281,8 +278,7 @@ def test_a_relay_drop_wakes_every_waiter_and_a_raising_drop_handler_is_logged(
 
         outcomes = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
         assert [type(outcome) for outcome in outcomes] == [iris.ClosedError] * 4, outcomes
-        await until(lambda: handler.drops)
-        await asyncio.sleep(0.1)  # handle_drop's SystemExit has been raised by now
+        await until(lambda: handler.drops)  # and its SystemExit raised, in the same step
         assert isinstance(handler.drops[0], iris.ClosedError)
         assert service.conn.closed and conn.closed
 
