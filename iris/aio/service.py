@@ -51,7 +51,8 @@ def answer(ok: bool, value: object, errors: HandlerErrorLog) -> tuple[bool, byte
 def close_failed_tunnel(errors: HandlerErrorLog, tunnel, ok: bool, value: object) -> None:
     """A tunnel handler's outcome: one that raised is logged and its tunnel closed.
 
-    As iris.dispatch.serve_tunnel does; shared with irishost's loop workers.
+    As iris.dispatch.serve_tunnel does; shared with irishost's loop workers,
+    whose tunnels (any object with ``id`` and ``close_nowait``) are their own.
     """
     if not ok:
         if not isinstance(value, asyncio.CancelledError):
