@@ -115,10 +115,13 @@ class HandlerErrorLog:
     is logged when the next exception after the interval arrives. One
     instance serves all pools of a service (or an irishost worker), so its
     callbacks share one budget.
+
+    ``log`` is the context the entries carry; iris.aio's pools also write
+    their other warnings about callbacks (a handler holding the loop) there.
     """
 
     def __init__(self, log: ContextLog, burst: int = 10, interval: float = 60.0):
-        self._log = log
+        self.log = log
         self._burst = burst
         self._interval = interval
         self._lock = threading.Lock()  # pool threads report concurrently
@@ -139,10 +142,10 @@ class HandlerErrorLog:
             else:
                 self._suppressed += 1
         if suppressed:
-            self._log.error(
+            self.log.error(
                 "handler exceptions not logged: over the limit",
                 count=suppressed,
                 limit=f"{self._burst} per {self._interval:g} s",
             )
         if full:
-            self._log.exception(msg, err, **kv)
+            self.log.exception(msg, err, **kv)

@@ -43,10 +43,11 @@ from ..connection import (
     _validate_name,
     timeout_ms,
 )
+from ..dispatch import sendable_reply
 from ..errors import ClosedError, RemoteError, TimeoutError
 from ..handlers import TopicHandler
 from ..limits import TUNNEL_BUFFER, TopicLimits
-from ..logs import ContextLog, RateLimitedWarning
+from ..logs import ContextLog, HandlerErrorLog, RateLimitedWarning
 from ..tunnel_core import TunnelRoutes
 from .pool import HandlerPool
 from .tunnel import Tunnel
@@ -116,6 +117,7 @@ class Connection(TunnelRoutes):
         self._tunnel_inits: dict[int, tuple[asyncio.Future, float]] = {}
         self._tunnels: dict[int, Tunnel] = {}
         self._subscriptions: dict[str, _Subscription] = {}
+        self._event_errors = HandlerErrorLog(self.log)  # all subscriptions share one budget
         self._out: list[bytes] = []
         self._flush_pending = False
         self._reading = False  # inside _on_bytes: its end flushes what was queued
@@ -340,9 +342,12 @@ class Connection(TunnelRoutes):
         self._check_open()
         if topic in self._subscriptions:
             raise ValueError(f"already subscribed to {topic!r}")
-        log = self.log.new(topic=topic)
-        pool = HandlerPool(f"topic-{topic}", limits.event_threads, limits.event_memory, log)
-        overflow = RateLimitedWarning(log, "event dropped: memory limit reached")
+        pool = HandlerPool(
+            f"topic-{topic}", limits.event_threads, limits.event_memory, self._event_errors
+        )
+        overflow = RateLimitedWarning(
+            self.log.new(topic=topic), "event dropped: memory limit reached"
+        )
         self._subscriptions[topic] = _Subscription(callback, pool, overflow)
         pool.start()
         self.log.info("subscribing to topic", topic=topic)
@@ -384,9 +389,13 @@ class Connection(TunnelRoutes):
     def reply(self, request_id: int, success: bool, payload: bytes | str) -> None:
         """Answer an inbound request (for the service dispatch).
 
-        A reply that cannot be sent because the connection closed is dropped:
-        the relay times the request out for its caller.
+        A reply or fault text over the relay's message limit goes out as a
+        fault saying so (iris.dispatch.sendable_reply), so the connection and
+        the other requests on it stay. A reply that cannot be sent because
+        the connection closed is dropped: the relay times the request out
+        for its caller.
         """
+        success, payload = sendable_reply(request_id, success, payload, self.log)
         try:
             self._send(codec.Reply(request_id, success, payload).encode())
         except ClosedError:

@@ -15,6 +15,15 @@ suspending (an echo) costs no Task, no future and no loop turn of its own.
 Before running a message a worker wakes one idle colleague if more are
 waiting, so handlers that do suspend still run ``concurrency`` at a time.
 
+Whatever a callback raises is its outcome, BaseExceptions included: a
+worker Task reports it (``done``, or the pool's HandlerErrorLog with its
+traceback) and carries on. asyncio lets KeyboardInterrupt and SystemExit out
+of a Task and out of the loop itself, so a ``sys.exit()`` in one handler
+would stop the whole service and strand every caller in flight; the threaded
+pools keep their threads for the same reason. (A real Ctrl-C does not come
+this way under ``asyncio.run``: it cancels the main task instead.) Only the
+pool's own teardown cancellation ends a worker.
+
 A handler that blocks the loop is the user's bug, but a hard one to see:
 every step a worker takes on the loop is timed, and one that holds the loop
 longer than ``slow_step`` seconds is logged, in the manner of asyncio's
@@ -32,14 +41,15 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from ..logs import ContextLog
+from ..logs import HandlerErrorLog
 
 # As asyncio debug mode's slow_callback_duration: longer on the loop is a stall.
 SLOW_STEP = 0.1
 # For pools with no cap, such as the tunnel handlers (one per tunnel).
 UNCAPPED = sys.maxsize
 
-# done(key, ok, value): told the outcome of one callback, its result or exception.
+# done(key, ok, value): told the outcome of one callback, its result or exception;
+# it logs the exception itself (the pool logs those of callbacks without one).
 Done = Callable[[Any, bool, Any], None]
 
 
@@ -49,7 +59,8 @@ class HandlerPool:
     ``submit(fn, args, size, done, key)`` runs ``fn(*args)`` (awaiting the
     coroutine it returns, if any) and then calls ``done(key, True, result)``
     or ``done(key, False, exception)``; a cancelled handler's exception is
-    its CancelledError.
+    its CancelledError. A callback without ``done`` that raises has its
+    exception logged, with traceback, through ``errors``.
     """
 
     def __init__(
@@ -57,7 +68,7 @@ class HandlerPool:
         name: str,
         concurrency: int,
         memory: int,
-        log: ContextLog,
+        errors: HandlerErrorLog,
         slow_step: float = SLOW_STEP,
     ):
         self.name = name
@@ -66,7 +77,7 @@ class HandlerPool:
         self.slow_step = slow_step
         self.waiting_bytes = 0  # bytes of the callbacks waiting for a worker
         self.running = 0
-        self._log = log
+        self._errors = errors
         self._loop = asyncio.get_running_loop()
         self._queue: deque[tuple] = deque()
         self._workers: set[asyncio.Task] = set()
@@ -150,7 +161,7 @@ class HandlerPool:
                     # the task it ran in): answer for it and carry on.
                     asyncio.current_task().uncancel()
                     self._finish(done, key, False, err)
-                except BaseException as err:  # noqa: B036 - the callback's outcome, whatever it was
+                except BaseException as err:  # noqa: B036 - see the module docstring
                     self._finish(done, key, False, err)
                 else:
                     self._finish(done, key, True, result)
@@ -165,10 +176,10 @@ class HandlerPool:
         if done is not None:
             try:
                 done(key, ok, value)
-            except Exception as err:
-                self._log.error("handler completion raised", pool=self.name, error=repr(err))
+            except BaseException as err:  # the worker must outlive its completions too
+                self._errors("handler completion raised", err, pool=self.name)
         elif not ok and not isinstance(value, asyncio.CancelledError):
-            self._log.error("handler raised", pool=self.name, error=repr(value))
+            self._errors("handler raised", value, pool=self.name)
 
     def _step(self, step: Callable, value: Any) -> Any:
         """One step of a worker on the loop, timed."""
@@ -178,7 +189,7 @@ class HandlerPool:
         finally:
             seconds = time.perf_counter() - start
             if seconds > self.slow_step:
-                self._log.warning(
+                self._errors.log.warning(
                     "handler held the event loop; blocking calls belong in a thread "
                     "(asyncio.to_thread)",
                     pool=self.name,
