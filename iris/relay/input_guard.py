@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from .. import codec
 
@@ -51,7 +51,7 @@ class InputLimits:
     packet_timeout: float = DEFAULT_PACKET_TIMEOUT
     partial_budget: int = DEFAULT_PARTIAL_BUDGET
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("handshake_timeout", "packet_timeout"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -84,26 +84,32 @@ class Watched(Protocol):
     partial: int  # bytes of an incomplete packet, as last reported; kept by the guard
 
 
-class InputGuard:
-    """Tracks handshakes and partial packets; says which connections to close."""
+_Conn = TypeVar("_Conn", bound=Watched)
 
-    def __init__(self, limits: InputLimits):
+
+class InputGuard(Generic[_Conn]):
+    """Tracks handshakes and partial packets; says which connections to close.
+
+    Generic in the server's connection type, which is what it hands back.
+    """
+
+    def __init__(self, limits: InputLimits) -> None:
         self.limits = limits
         self.partial_total = 0
         # Both dicts are in deadline order: every entry has the same timeout,
         # and a partial packet that starts anew is moved to the end.
-        self._handshakes: dict[Watched, float] = {}  # connection -> accepted at
-        self._partials: dict[Watched, float] = {}  # connection -> its packet started at
+        self._handshakes: dict[_Conn, float] = {}  # connection -> accepted at
+        self._partials: dict[_Conn, float] = {}  # connection -> its packet started at
 
     @property
     def watching(self) -> bool:
         """Whether any deadline is pending, i.e. the tick must run."""
         return bool(self._handshakes or self._partials)
 
-    def accepted(self, peer: Watched, now: float) -> None:
+    def accepted(self, peer: _Conn, now: float) -> None:
         self._handshakes[peer] = now
 
-    def received(self, peer: Watched, buffered: int, completed: bool, now: float) -> list[Watched]:
+    def received(self, peer: _Conn, buffered: int, completed: bool, now: float) -> list[_Conn]:
         """Note a read that left ``buffered`` bytes of an incomplete packet.
 
         ``completed`` says whether the read finished at least one packet, in
@@ -122,7 +128,8 @@ class InputGuard:
             partials[peer] = now
         if self.partial_total <= self.limits.partial_budget:
             return []
-        over, offenders = self.partial_total - self.limits.partial_budget, []
+        over = self.partial_total - self.limits.partial_budget
+        offenders: list[_Conn] = []
         for offender in partials:  # oldest first
             offenders.append(offender)
             over -= offender.partial
@@ -130,16 +137,16 @@ class InputGuard:
                 break
         return offenders
 
-    def forget(self, peer: Watched) -> None:
+    def forget(self, peer: _Conn) -> None:
         """The connection is closing: its buffered bytes no longer count."""
         self._handshakes.pop(peer, None)
         if self._partials.pop(peer, None) is not None:
             self.partial_total -= peer.partial
         peer.partial = 0
 
-    def overdue(self, now: float) -> list[tuple[Watched, str]]:
+    def overdue(self, now: float) -> list[tuple[_Conn, str]]:
         """Connections past a deadline, each with the reason to close it."""
-        found = []
+        found: list[tuple[_Conn, str]] = []
         limits, handshakes = self.limits, self._handshakes
         while handshakes:
             peer = next(iter(handshakes))

@@ -19,7 +19,8 @@ import itertools
 import logging
 import time
 from collections import deque
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, cast
 
 from .. import codec
 
@@ -54,7 +55,7 @@ class Peer(Protocol):
 
     def send(self, data: bytes) -> None: ...
 
-    def close(self, reason: str) -> None: ...
+    def close(self, reason: str | None) -> None: ...
 
 
 class ProtocolViolation(Exception):
@@ -64,7 +65,7 @@ class ProtocolViolation(Exception):
 class _Cluster:
     __slots__ = ("members", "cursor")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.members: list[Peer] = []
         self.cursor = 0  # round-robin start among equally loaded members
 
@@ -94,7 +95,7 @@ _PendingRequest = tuple[Peer, bytes, "Peer | None"]
 class _PendingBuild:
     __slots__ = ("initiator", "tunnel_id", "member")
 
-    def __init__(self, initiator: Peer, tunnel_id: int, member: Peer | None):
+    def __init__(self, initiator: Peer, tunnel_id: int, member: Peer | None) -> None:
         self.initiator = initiator
         self.tunnel_id = tunnel_id
         self.member = member
@@ -105,17 +106,21 @@ class TunnelEnd:
 
     __slots__ = ("peer", "id", "allowance", "credit", "queue", "other")
 
-    def __init__(self, peer: Peer, tid: int):
+    # The tunnel's opposite end. Not set here: the two ends refer to each
+    # other, so Router._on_tunnel_confirm links them once both exist, before
+    # either is used.
+    other: TunnelEnd
+
+    def __init__(self, peer: Peer, tid: int) -> None:
         self.peer = peer
         self.id = tid  # the peer's own id for the tunnel
         self.allowance = 0  # bytes the peer lets us deliver to it
         self.credit = TUNNEL_ALLOWANCE  # bytes we let the peer send us
         self.queue: deque[tuple[int, bytes]] = deque()  # chunks waiting for allowance
-        self.other: TunnelEnd | None = None
 
 
 class Router:
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         # Keyed by the name's UTF-8 bytes, as requests carry it on the wire.
         self._clusters: dict[bytes, _Cluster] = {}
@@ -124,7 +129,8 @@ class Router:
         self._builds: dict[int, _PendingBuild] = {}
         self._deadlines: list[tuple[float, int]] = []
         self._ids = itertools.count()
-        self._handlers = {
+        # Each handler takes the packet type it is keyed by.
+        self._handlers: dict[type[codec.ClientPacket], Callable[[Peer, Any], None]] = {
             codec.Request: self._on_request,
             codec.Reply: self._on_reply,
             codec.Broadcast: self._on_broadcast,
@@ -140,7 +146,7 @@ class Router:
 
     # -- connection life cycle -------------------------------------------------
 
-    def handle(self, peer: Peer, packet) -> None:
+    def handle(self, peer: Peer, packet: codec.ClientPacket) -> None:
         """Act on one packet from ``peer``; raises ProtocolViolation."""
         if peer.cluster is None:
             self._on_init(peer, packet)
@@ -154,7 +160,7 @@ class Router:
             raise ProtocolViolation(f"unexpected {type(packet).__name__} after the handshake")
         handler(peer, packet)
 
-    def _on_init(self, peer: Peer, packet) -> None:
+    def _on_init(self, peer: Peer, packet: codec.ClientPacket) -> None:
         if not isinstance(packet, codec.Init):
             raise ProtocolViolation(f"expected INIT, got {type(packet).__name__}")
         if packet.version != codec.VERSION:
@@ -282,10 +288,11 @@ class Router:
 
     def _on_reply(self, peer: Peer, packet: codec.Reply) -> None:
         reply_id, success, payload = packet
+        # The payload's type follows ``success`` (see codec.Reply).
         if success:
-            answer = (_TRUE, _varint(len(payload)), payload)
+            answer = (_TRUE, _varint(len(payload)), cast(bytes, payload))
         else:
-            text = payload.encode()
+            text = cast(str, payload).encode()
             answer = (_FALSE, _varint(len(text)), text)
         self.route_reply(peer, reply_id, answer)
 

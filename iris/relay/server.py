@@ -26,6 +26,7 @@ import selectors
 import socket
 import threading
 import time
+from typing import cast
 
 from .. import codec
 from .input_guard import InputGuard, InputLimits
@@ -62,6 +63,10 @@ ACCEPT_PAUSE_SECONDS = 0.5
 # Failing accepts are reported at most this often, with a count.
 ACCEPT_REPORT_SECONDS = 10.0
 
+# A socket address as the socket module gives it: (host, port) for IPv4,
+# (host, port, flowinfo, scope_id) for IPv6.
+_Address = tuple[str, int] | tuple[str, int, int, int]
+
 
 class PeerConnection:
     """One accepted socket: decoder, outbound buffer and the router's peer state."""
@@ -84,13 +89,17 @@ class PeerConnection:
         "_writing",
     )
 
-    def __init__(self, server: RelayServer, sock: socket.socket, address):
+    def __init__(self, server: RelayServer, sock: socket.socket, address: _Address) -> None:
         self.sock = sock
         self.name = f"{address[0]}:{address[1]}"
         # None once the connection stops reading, which frees a partial packet.
-        self.decoder: codec.Decoder | None = codec.Decoder(codec.Side.CLIENT, server.max_message)
+        self.decoder: codec.Decoder[codec.ClientPacket] | None = codec.Decoder(
+            codec.Side.CLIENT, server.max_message
+        )
         self.partial = 0  # bytes of an incomplete packet; kept by the InputGuard
-        self.out: list[bytes] = []
+        # What is still to send; the first item becomes a view of its unsent
+        # rest when a send takes part of it.
+        self.out: list[bytes | memoryview] = []
         self.out_bytes = 0
         self.closing = False  # no more input is read; close once flushed
         self.cluster: str | None = None
@@ -126,12 +135,12 @@ class RelayServer:
         max_message: int = codec.MAX_MESSAGE,
         outbound_cap: int = DEFAULT_OUTBOUND_CAP,
         limits: InputLimits | None = None,
-    ):
+    ) -> None:
         limits = limits or InputLimits()
         limits.check_fits(max_message)
         self.max_message = max_message
         self.outbound_cap = outbound_cap
-        self._guard = InputGuard(limits)
+        self._guard: InputGuard[PeerConnection] = InputGuard(limits)
         self._tick_seconds = limits.tick
         self._next_tick = math.inf  # when housekeeping is due; never while nothing is watched
         self._accept_paused_until: float | None = None
@@ -196,7 +205,7 @@ class RelayServer:
     def __enter__(self) -> RelayServer:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def serve_forever(self) -> None:
@@ -222,8 +231,8 @@ class RelayServer:
             timeout = None if wake == math.inf else min(max(0.0, wake - now), MAX_WAIT_SECONDS)
             for key, mask in select(timeout):
                 peer = key.data
-                if peer is None:
-                    self._accept(key.fileobj)
+                if peer is None:  # only the listeners are registered without data
+                    self._accept(cast(socket.socket, key.fileobj))
                 elif peer is self:
                     _drain(self._wake_r)
                 else:
@@ -312,7 +321,8 @@ class RelayServer:
         self._accept_troubled = False
 
     def _read(self, peer: PeerConnection) -> None:
-        if peer.closing:
+        decoder = peer.decoder
+        if decoder is None:  # closing: its input is no longer read
             return
         try:
             data = peer.sock.recv(RECV_SIZE)
@@ -324,15 +334,15 @@ class RelayServer:
         if not data:
             self.drop(peer, None)
             return
-        decoder = peer.decoder
+        view: bytes | memoryview = data
         try:
             if peer.cluster is not None and not peer.partial:  # attached, nothing buffered
                 taken = route_leading(self.router, peer, data, self.max_message)
                 if taken == len(data):
                     return
-                data = memoryview(data)[taken:]
+                view = memoryview(data)[taken:]
             handle = self.router.handle
-            packets = decoder.feed(data)
+            packets = decoder.feed(view)
             for packet in packets:
                 handle(peer, packet)
                 if peer.closing:
@@ -502,7 +512,7 @@ def _drain(fd: int) -> None:
         pass
 
 
-def _format_address(address) -> str:
+def _format_address(address: _Address) -> str:
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -525,7 +535,8 @@ def _listen(port: int) -> list[socket.socket]:
 
 
 def _listen_once(port: int) -> list[socket.socket]:
-    listeners, errors = [], []
+    listeners: list[socket.socket] = []
+    errors: list[OSError] = []
     for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
