@@ -47,6 +47,18 @@ The snapshot, as built by the supervisor's ``snapshot`` callable::
           "uptime": float,   # seconds
         },
       ],
+      "durations": {         # requests from arrival to answer, whatever the outcome
+        "buckets": [[float, int]],  # [upper bound in seconds, requests up to it], cumulative
+        "sum": float,        # seconds, all requests together
+        "count": int,        # requests, the +Inf bucket
+      },
+      "failures": {          # requests answered with a fault or not at all, by cause:
+        "fault": int,        # the handler raised
+        "worker_died": int,  # its worker died holding it (crash, kill, max_rss)
+        "no_room": int,      # no worker could take it: memory limits, stalled workers
+        "expired": int,      # its deadline passed first: the caller got the relay's timeout
+        "shutdown": int,     # the host was stopping
+      },
     }
 
 ``irishost status --json`` prints this snapshot as it is; its keys are

@@ -746,6 +746,7 @@ class Supervisor:
                 {"slot": slot, "problem": problem} for slot, problem in self.slot_problems().items()
             ],
             "workers": workers,
+            **self.dispatch.stats.snapshot(),  # "durations" and "failures"
         }
 
     def _collect(self, handle: WorkerHandle) -> None:

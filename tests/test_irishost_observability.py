@@ -1,0 +1,109 @@
+"""What a real irishost tells about each request: the access log and the metrics'
+request-duration histogram and failure counters by cause.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+
+import pytest
+from irishost_support import free_port, wait_for
+
+import iris
+
+pytest_plugins = ["irishost_fixtures"]
+
+ACCESS_LINE = re.compile(
+    r"irishost\.access: request cluster=(?P<cluster>\S+) worker=(?P<worker>\S+) "
+    r"size=(?P<size>\d+) duration=(?P<duration>[0-9.]+) outcome=(?P<outcome>\w+)"
+)
+
+
+def access_lines(host) -> list[dict]:
+    return [match.groupdict() for match in ACCESS_LINE.finditer(host.log())]
+
+
+def faults(service, *requests: bytes, timeout: float = 5.0) -> list[str]:
+    """Send each request; the fault texts (every one must fail)."""
+    texts = []
+    for request in requests:
+        with pytest.raises(iris.RemoteError) as caught:
+            service.request(request, timeout)
+        texts.append(str(caught.value))
+    return texts
+
+
+def test_access_log_has_one_line_per_request_with_its_outcome(service):
+    service.config(logging={"level": "warning", "access": True})  # access lines are INFO
+    host = service.start()
+
+    service.request(b"pid")
+    faults(service, b"fail:boom", b"segv")
+
+    def lines() -> list[dict]:
+        pings = {"size": "4", "outcome": "ok"}  # the fixture's "is it up yet?"
+        found = [line for line in access_lines(host) if pings.items() - line.items()]
+        return found if len(found) >= 3 else []
+
+    lines = wait_for(lines, what="3 access lines")
+    assert [line["outcome"] for line in lines] == ["ok", "fault", "worker_died"]
+    assert [line["size"] for line in lines] == ["3", "9", "4"]
+    assert {line["cluster"] for line in lines} == {service.cluster}
+    assert {line["worker"] for line in lines} == {"0"}
+    assert all(0 < float(line["duration"]) < 5 for line in lines)
+
+
+def test_no_access_log_unless_asked(service):
+    host = service.start()
+
+    service.request(b"pid")
+    faults(service, b"fail:boom")
+
+    assert "irishost.access" not in host.log()
+    assert access_lines(host) == []
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def sample(text: str, series: str) -> float:
+    match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
+    assert match, f"{series} not in:\n{text}"
+    return float(match[1])
+
+
+COUNT = "irishost_request_duration_seconds_count"
+
+
+def test_metrics_count_durations_and_failures_by_cause(service):
+    port = free_port()
+    service.config(metrics={"port": port}, limits={"request_threads": 1})
+    service.start()
+    baseline = scrape(port)
+
+    service.request(b"sleep:0.3")  # above the 0.25 s bucket
+    faults(service, b"fail:boom", b"segv")
+    wait_for(lambda: service.request(b"ping") == b"pong", what="replacement worker")
+    # A request queued in the worker behind a slow one, past its deadline when its turn comes.
+    slow = service.request_async(b"sleep:0.6")
+    wait_for(lambda: service.records("request")[-1][2] == "sleep:0.6", what="slow one running")
+    with pytest.raises(iris.TimeoutError):
+        service.request(b"pid", timeout=0.2)
+    slow.result(5)
+
+    def counted() -> str | None:
+        text = scrape(port)
+        return text if sample(text, COUNT) - sample(baseline, COUNT) >= 6 else None
+
+    text = wait_for(counted, what="6 more requests counted")
+    assert sample(text, COUNT) - sample(baseline, COUNT) == 6  # with the ping
+    failed = 'irishost_requests_failed_total{cause="%s"}'
+    causes = ("fault", "worker_died", "expired", "no_room", "shutdown")
+    assert [sample(text, failed % cause) for cause in causes] == [1, 1, 1, 0, 0]
+    # sleep:0.3, sleep:0.6, and the expired one, answered once sleep:0.6 was done.
+    quick = sample(text, 'irishost_request_duration_seconds_bucket{le="0.25"}')
+    assert sample(text, COUNT) - quick == 3
+    assert sample(text, "irishost_request_duration_seconds_sum") >= 0.3 + 0.6 + 0.2
