@@ -215,6 +215,8 @@ class Supervisor:
         only notes the command and wakes the loop; _handle_signals does it.
         """
         if self._stopping:
+            if command.name == "stop":
+                return "already stopping"
             raise ControlError("the host is stopping")
         self._commands.append(command)
         try:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 from irishost_support import wait_for
@@ -174,8 +176,9 @@ def test_stop_command_stops_the_host_with_exit_0(service):
     assert "control command cmd=stop" in host.log()
 
 
-def test_commands_to_a_stopping_host_are_refused(service):
-    """SIGTERM while a request runs: the host stays up to finish it, and refuses reloads."""
+def test_a_stopping_host_refuses_reloads_and_lets_stop_wait(service):
+    """SIGTERM while a request runs: the host stays up to finish it, refuses a reload,
+    and a stop command waits for the exit like the first stop would."""
     host = service.start()
     held = service.request_async(b"wait:release")
     wait_for(lambda: service.records("request"), what="request running")
@@ -183,10 +186,19 @@ def test_commands_to_a_stopping_host_are_refused(service):
     wait_for(lambda: "stopping" in host.log(), what="stopping")
 
     result = service.run("reload")
+    stop = subprocess.Popen(
+        [sys.executable, "-m", "irishost", "stop", "-c", str(service.config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
     assert result.returncode == 1
     assert "the host is stopping" in result.stderr
+    wait_for(lambda: "control command cmd=stop" in host.log(), what="stop command received")
     service.open_gate("release")
+    assert stop.wait(10) == 0, stop.stderr.read()
+    assert "already stopping; stopped" in stop.stdout.read()
     assert held.result(10)
     assert host.wait_exit() == 0
 
