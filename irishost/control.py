@@ -341,6 +341,7 @@ def format_status(snapshot: Snapshot) -> str:
         ("in flight", snapshot["in_flight"]),
         ("waiting", snapshot["waiting"]),
         ("restarts", snapshot["restarts"]),
+        ("failed", _failures(snapshot["failures"])),
         ("workers", f"{len(workers)} alive"),
         ("health", _health(snapshot["degraded"])),
     ]
@@ -360,6 +361,13 @@ def format_status(snapshot: Snapshot) -> str:
     ]
     lines = [f"{name + ':':<11}{value}" for name, value in summary]
     return "\n".join([*lines, "", *_table([header, *rows])]) + "\n"
+
+
+def _failures(failures: dict[str, int]) -> str:
+    """The failed requests' total, and the causes that occurred."""
+    causes = [f"{cause} {count}" for cause, count in failures.items() if count]
+    total = sum(failures.values())
+    return f"{total} ({', '.join(causes)})" if causes else "0"
 
 
 def _health(degraded: list[dict]) -> str:

@@ -58,6 +58,8 @@ SNAPSHOT = {
             "uptime": 7529.0,
         },
     ],
+    "durations": {"buckets": [[0.001, 1400], [10.0, 1525]], "sum": 12.5, "count": 1525},
+    "failures": {"fault": 0, "worker_died": 2, "no_room": 0, "expired": 0, "shutdown": 0},
 }
 
 
@@ -426,6 +428,7 @@ def test_format_status():
         "in flight: 2\n"
         "waiting:   0\n"
         "restarts:  1\n"
+        "failed:    2 (worker_died 2)\n"
         "workers:   2 alive\n"
         "health:    ok\n"
         "\n"
@@ -449,3 +452,12 @@ def test_format_status_names_the_slots_that_are_down():
 )
 def test_format_status_uptime_units(seconds, text):
     assert f"uptime:    {text}\n" in format_status({**SNAPSHOT, "uptime": seconds})
+
+
+def test_format_status_counts_failures_by_cause():
+    failures = {"fault": 3, "worker_died": 0, "no_room": 1, "expired": 4, "shutdown": 0}
+
+    assert "failed:    8 (fault 3, no_room 1, expired 4)\n" in format_status(
+        {**SNAPSHOT, "failures": failures}
+    )
+    assert "failed:    0\n" in format_status({**SNAPSHOT, "failures": dict.fromkeys(failures, 0)})
