@@ -113,7 +113,7 @@ def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     """Refuse option mixes argparse cannot express; exits 2 like its own errors."""
     command = args.command
     if command == "run" and args.config is None:
-        parser.error("running a host needs -c/--config")
+        parser.error("the following arguments are required: -c/--config")  # argparse's words
     if args.config is None and args.socket is None:
         parser.error(f"{command} needs -c/--config or --socket")
     if command == "run" and args.socket is not None:
