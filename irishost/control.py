@@ -210,7 +210,7 @@ def _answer(line: bytes, snapshot: Callable[[], Snapshot], act: Act) -> Snapshot
             count = parse_worker_count(command.get("count"))
         except ValueError as err:
             return {"error": f"scale: {err}"}
-    log.info("control command", cmd=cmd, count=count or None)
+    log.info("control command", cmd=cmd, **({"count": count} if cmd == "scale" else {}))
     try:
         return {"ok": True, "message": act(Command(cmd, count))}
     except ControlError as err:

@@ -5,6 +5,7 @@ request-duration histogram and failure counters by cause.
 from __future__ import annotations
 
 import re
+import signal
 import urllib.request
 
 import pytest
@@ -112,3 +113,23 @@ def test_metrics_count_durations_and_failures_by_cause(service):
     quick = 'irishost_request_duration_seconds_bucket{le="0.25"}'
     assert delta(text, COUNT) - delta(text, quick) == 3
     assert delta(text, "irishost_request_duration_seconds_sum") >= 0.3 + 0.6 + 0.2
+
+
+def test_refused_requests_are_logged_as_no_room_and_shutdown(service):
+    service.config(limits={"request_memory": "1KiB"}, logging={"access": True})
+    host = service.start()
+
+    faults(service, b"pid|" + b"x" * 2000)  # over any worker's request memory
+    held = service.request_async(b"wait:release")
+    wait_for(lambda: service.records("request"), what="request running")
+    host.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: "stopping" in host.log(), what="stopping")
+    assert "shutting down" in faults(service, b"pid|late")[0]
+    service.open_gate("release")
+    held.result(10)
+    assert host.wait_exit() == 0
+
+    outcomes = {line["size"]: (line["worker"], line["outcome"]) for line in access_lines(host)}
+    assert outcomes["2004"] == ("-", "no_room")
+    assert outcomes["8"] == ("-", "shutdown")
+    assert outcomes["12"] == ("0", "ok")  # the held one, finished while stopping
