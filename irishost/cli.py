@@ -116,8 +116,6 @@ def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error("the following arguments are required: -c/--config")  # argparse's words
     if args.config is None and args.socket is None:
         parser.error(f"{command} needs -c/--config or --socket")
-    if command == "run" and args.socket is not None:
-        parser.error("--socket is for status, reload, scale and stop; run needs -c/--config")
     if (command == "scale") != (args.count is not None):
         parser.error("scale needs a worker count (irishost scale -c FILE 4); no other command does")
     if args.json and command != "status":

@@ -341,7 +341,8 @@ def format_status(snapshot: Snapshot) -> str:
         ("in flight", snapshot["in_flight"]),
         ("waiting", snapshot["waiting"]),
         ("restarts", snapshot["restarts"]),
-        ("failed", _failures(snapshot["failures"])),
+        # A host started before an upgrade of the package has no "failures".
+        ("failed", _failures(snapshot.get("failures", {}))),
         ("workers", f"{len(workers)} alive"),
         ("health", _health(snapshot["degraded"])),
     ]

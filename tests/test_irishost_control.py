@@ -256,3 +256,19 @@ def test_a_reload_with_bad_settings_keeps_the_running_workers(service):
     wait_for(lambda: "reload failed" in host.log(), what="reload failed")
     assert "settings.colour: not a keyword argument" in host.log()
     assert ask(service)[2] == pid
+
+
+@pytest.mark.parametrize(("preload", "code"), [(True, 3), (False, 4)])
+def test_a_start_with_bad_settings_fails_naming_the_key(service, preload, code):
+    """Preloaded, the supervisor finds it (a config error); otherwise the first worker does."""
+    write_tuned(service)
+    config = service.config(
+        service={"handler": "tuned:Tuned"}, workers={"preload": preload}, settings={"rpeat": 1}
+    )
+
+    result = service.run()
+
+    assert result.returncode == code
+    assert f"{config}: settings.rpeat: not a keyword argument of the handler class" in (
+        result.stderr
+    )
