@@ -222,7 +222,7 @@ def serve_plain(config_path: str) -> int:
     threads (which inherit the mask) never see it and no handler is needed.
     """
     config = load_config(config_path)
-    handler = load_handler(config)()
+    handler = load_handler(config)(**config.settings)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     with iris.register(config.relay.port, config.service.cluster, handler):
         signal.sigwait({signal.SIGTERM})
@@ -338,7 +338,7 @@ def handler_seconds(config: Config, request: bytes, calls: int = 20) -> tuple[fl
     The fastest of ``calls``: the cost with a core to itself, which other
     work on a shared machine can only add to.
     """
-    handler = load_handler(config)()
+    handler = load_handler(config)(**config.settings)
     reply = handler.handle_request(request)
     fastest = float("inf")
     for _ in range(calls):

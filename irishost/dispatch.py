@@ -24,11 +24,17 @@ relay process: a restarted relay numbers its requests from 0 again, and a
 late reply to a request of the dead one would answer whichever new request
 now has its number. So each request gets a ticket of ours, unique for the
 host's life, and the ticket remembers the connection and id to answer.
+
+Every answer, or the relay's timeout in its place, is an :class:`Outcome`:
+counted with the request's duration in :class:`RequestStats` (the metrics'
+histogram and failure counters), and logged on ``irishost.access`` when
+``[logging] access`` is on.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -42,7 +48,11 @@ from . import frames
 from .bridge import TunnelBridge
 from .config import Config
 from .frames import Kind
+from .metrics import Outcome, RequestStats
 from .workers import BEST_EFFORT_TIMEOUT, DRAINING, READY, WorkerHandle
+
+# The access log's logger: one INFO line per request when [logging] access is on.
+access_logger = logging.getLogger("irishost.access")
 
 
 class Pending(NamedTuple):
@@ -51,6 +61,8 @@ class Pending(NamedTuple):
     worker: WorkerHandle
     conn: iris.Connection  # the connection it came in on, perhaps closed since
     request_id: int  # the relay's id for it, on that connection
+    received: float  # monotonic, when it reached the host
+    size: int  # bytes
 
 
 class Waiting(NamedTuple):
@@ -60,6 +72,14 @@ class Waiting(NamedTuple):
     request_id: int  # the relay's id for it, on that connection
     deadline: float  # monotonic; its caller has timed out after this
     request: bytes
+    received: float  # monotonic, when it reached the host
+
+
+class Refusal(NamedTuple):
+    """Why no worker can take a request: its outcome, and the fault text for its caller."""
+
+    outcome: Outcome
+    text: str
 
 
 class RelayDispatch:
@@ -80,6 +100,8 @@ class RelayDispatch:
         self._delivery_dropped = RateLimitedWarning(log, "broadcast or event dropped")
         self.accepting = True  # False while stopping: new requests get a fault
         self._recycle = recycle
+        self.stats = RequestStats()
+        self._access: ContextLog | None = None  # the access log, when on
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -87,6 +109,11 @@ class RelayDispatch:
         self.config = config
         self._memory_cap = config.limits.request_memory
         self._topic_rules = {topic.name: topic.deliver for topic in config.topics}
+        self._access = None
+        if config.logging.access:
+            # INFO whatever the host's level: the operator asked for these lines.
+            access_logger.setLevel(logging.INFO)
+            self._access = ContextLog(access_logger).new(cluster=config.service.cluster)
 
     def attach(self, conn: iris.Connection) -> RelayDispatch:
         """Used as the Connection's inbound factory."""
@@ -107,7 +134,8 @@ class RelayDispatch:
 
     def request(self, request_id: int, request: bytes, timeout: float) -> None:
         # self.conn is the connection whose reader thread this is.
-        waiting = Waiting(self.conn, request_id, time.monotonic() + timeout, request)
+        now = time.monotonic()
+        waiting = Waiting(self.conn, request_id, now + timeout, request, now)
         with self.lock:
             choice = self._pick_for_request(len(request))
             if choice is None:
@@ -117,41 +145,64 @@ class RelayDispatch:
             ticket = self._book(choice, waiting)
         self._hand_over(waiting, choice, ticket)
 
-    def _wait_for_worker(self, waiting: Waiting) -> str | None:
-        """Keep a request until a worker is ready; the fault text if the budget is full."""
+    def _wait_for_worker(self, waiting: Waiting) -> Refusal | None:
+        """Keep a request until a worker is ready; a Refusal if the budget is full."""
         size = len(waiting.request)
         if self._waiting_bytes + size > self._memory_cap:
-            return (
+            return Refusal(
+                Outcome.NO_ROOM,
                 f"no worker is ready, and the requests waiting for one fill the request "
-                f"memory limit ({self._memory_cap} bytes, request is {size} bytes)"
+                f"memory limit ({self._memory_cap} bytes, request is {size} bytes)",
             )
         self._waiting.append(waiting)
         self._waiting_bytes += size
         return None
 
-    def _book(self, choice: WorkerHandle | str, waiting: Waiting) -> int | None:
+    def _book(self, choice: WorkerHandle | Refusal, waiting: Waiting) -> int | None:
         """Record a request as held by the worker chosen for it; its ticket. Under the lock."""
-        if isinstance(choice, str):
+        if isinstance(choice, Refusal):
             return None
         size = len(waiting.request)
         ticket = next(self._tickets)
         choice.in_flight[ticket] = (waiting.deadline, size)
         choice.in_flight_bytes += size
-        self.owner[ticket] = Pending(choice, waiting.conn, waiting.request_id)
+        self.owner[ticket] = Pending(
+            choice, waiting.conn, waiting.request_id, waiting.received, size
+        )
         return ticket
 
-    def _hand_over(self, waiting: Waiting, choice: WorkerHandle | str, ticket: int | None) -> None:
+    def _hand_over(
+        self, waiting: Waiting, choice: WorkerHandle | Refusal, ticket: int | None
+    ) -> None:
         """Write a booked request to its worker's ring, or answer with the fault text."""
-        if isinstance(choice, str):
-            waiting.conn.reply(waiting.request_id, False, choice)
+        if isinstance(choice, Refusal):
+            waiting.conn.reply(waiting.request_id, False, choice.text)
+            self._answered(choice.outcome, waiting.received, len(waiting.request), None)
             return
         try:
             choice.put(frames.encode(Kind.REQUEST, ticket, waiting.deadline, waiting.request))
         except (TimeoutError, ValueError, OSError) as err:
-            if self._settle(ticket) is not None:
+            pending = self._settle(ticket)
+            if pending is not None:
                 waiting.conn.reply(
                     waiting.request_id, False, f"{choice} did not take the request: {err}"
                 )
+                self._answered(Outcome.NO_ROOM, pending.received, pending.size, choice)
+
+    def _answered(
+        self, outcome: Outcome, received: float, size: int, worker: WorkerHandle | None
+    ) -> None:
+        """Count a request's outcome and duration; log it when the access log is on."""
+        seconds = time.monotonic() - received
+        self.stats.record(outcome, seconds)
+        if self._access is not None:
+            self._access.info(
+                "request",
+                worker="-" if worker is None else worker.slot,
+                size=size,
+                duration=f"{seconds:.6f}",
+                outcome=outcome,
+            )
 
     def release_waiting(self) -> None:
         """Hand waiting requests to workers once one is ready; forget expired ones.
@@ -160,11 +211,14 @@ class RelayDispatch:
         tick, and when stopping (the requests then get the shutdown fault).
         """
         now = time.monotonic()
-        handed = []
+        handed, expired = [], []
         with self.lock:
             if not self._waiting:
                 return
-            live = [w for w in self._waiting if w.deadline > now and not w.conn.closed]
+            live = []
+            for waiting in self._waiting:
+                alive = waiting.deadline > now and not waiting.conn.closed
+                (live if alive else expired).append(waiting)
             self._waiting = deque(live)
             self._waiting_bytes = sum(len(w.request) for w in live)
             while self._waiting:
@@ -175,11 +229,13 @@ class RelayDispatch:
                 self._waiting.popleft()
                 self._waiting_bytes -= len(waiting.request)
                 handed.append((waiting, choice, self._book(choice, waiting)))
+        for waiting in expired:  # unanswered: the relay has timed them out, or is gone
+            self._answered(Outcome.EXPIRED, waiting.received, len(waiting.request), None)
         for waiting, choice, ticket in handed:
             self._hand_over(waiting, choice, ticket)
 
-    def _pick_for_request(self, size: int) -> WorkerHandle | str | None:
-        """The least loaded worker with room, the fault text saying why none, or
+    def _pick_for_request(self, size: int) -> WorkerHandle | Refusal | None:
+        """The least loaded worker with room, a Refusal saying why none, or
         None when no worker is ready at all (the request waits for one).
 
         Ready workers come first. When none of them has room, a booting one
@@ -189,7 +245,7 @@ class RelayDispatch:
         otherwise get them all.
         """
         if not self.accepting:
-            return "service is shutting down"
+            return Refusal(Outcome.SHUTDOWN, "service is shutting down")
         best, best_load, open_workers, ready, stalled = None, None, 0, 0, 0
         workers, start, now = self.workers, self._cursor, time.monotonic()
         for step in range(len(workers)):
@@ -213,11 +269,15 @@ class RelayDispatch:
         if best is not None:
             return best
         if stalled == open_workers:
-            return f"all {open_workers} workers are stalled: none took a frame in time lately"
-        return (
+            return Refusal(
+                Outcome.NO_ROOM,
+                f"all {open_workers} workers are stalled: none took a frame in time lately",
+            )
+        return Refusal(
+            Outcome.NO_ROOM,
             f"all {open_workers} workers are at their request memory limit "
             f"({self._memory_cap} bytes each, request is {size} bytes)"
-            + (f" or stalled ({stalled})" if stalled else "")
+            + (f" or stalled ({stalled})" if stalled else ""),
         )
 
     def broadcast(self, message: bytes) -> None:
@@ -301,8 +361,12 @@ class RelayDispatch:
                 # On a connection closed since, the reply is dropped: its relay
                 # has answered the caller already, or is gone with the caller.
                 pending.conn.reply(pending.request_id, success, payload)
+                outcome = Outcome.OK if success else Outcome.FAULT
+                self._answered(outcome, pending.received, pending.size, worker)
         elif kind == Kind.EXPIRED:
-            self._settle(fields[0])
+            pending = self._settle(fields[0])
+            if pending is not None:
+                self._answered(Outcome.EXPIRED, pending.received, pending.size, worker)
         elif kind in (Kind.TUN_SEND, Kind.TUN_ACK, Kind.TUN_CLOSE):
             bridge = self.bridges.get(fields[0])
             # Tunnel ids restart with each connection too: a frame from the
@@ -334,6 +398,7 @@ class RelayDispatch:
             pending.conn.reply(
                 pending.request_id, False, f"{worker} died while handling the request: {how}"
             )
+            self._answered(Outcome.WORKER_DIED, pending.received, pending.size, worker)
         for tunnel_id in list(worker.tunnels):
             bridge = self.bridges.get(tunnel_id)
             if bridge is not None:

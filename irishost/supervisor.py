@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import setproctitle
@@ -31,7 +32,7 @@ from iris.relay import RelayServer
 
 from . import frames, worker
 from .config import MAX_WORKERS, Config, ConfigError, load_config
-from .control import ControlError, ControlServer
+from .control import Command, ControlError, ControlServer
 from .dispatch import RelayDispatch
 from .frames import Kind
 from .loader import HandlerImportError, reload_handler
@@ -66,6 +67,13 @@ _HANDLED_SIGNALS = (
 STATUS_SECONDS = 2.0
 # Reconnect backoff when the relay goes away.
 RECONNECT_START, RECONNECT_CAP = 0.1, 5.0
+# The control socket's commands, and the signal each stands for ("scale" sets a count).
+_COMMAND_SIGNALS = {"reload": signal.SIGHUP, "stop": signal.SIGTERM}
+_COMMAND_ANSWERS = {
+    "reload": "reload started: new workers take over once all are ready; "
+    "a failure is logged and leaves the running ones",
+    "stop": "stopping: in-flight requests finish within workers.shutdown_timeout",
+}
 
 
 class Exit(enum.IntEnum):
@@ -143,6 +151,7 @@ class Supervisor:
         self._ever_ready = False  # a worker has been ready: start-up failures stop being fatal
         self._slot_problems: dict[int, str] = {}  # why a slot is down, until it is ready again
         self._signals: list[int] = []
+        self._commands: deque[Command] = deque()  # from the control socket's threads
         self._stopping = False
         self._next_rss_check = 0.0
         self._reconnect_at = 0.0
@@ -165,7 +174,7 @@ class Supervisor:
         self._install_signals()
         servers = []
         try:
-            servers.append(ControlServer(self.config.control.socket, self.snapshot))
+            servers.append(ControlServer(self.config.control.socket, self.snapshot, self.act))
             if self.config.metrics.port:
                 servers.append(MetricsServer(self.config.metrics.port, self.snapshot))
             self._ensure_relay()
@@ -198,6 +207,25 @@ class Supervisor:
 
     def _note_signal(self, signum: int, frame) -> None:
         self._signals.append(signum)
+
+    def act(self, command: Command) -> str:
+        """Queue a control-socket command for the loop; the line to answer.
+
+        Runs on a control connection's thread, so like a signal handler it
+        only notes the command and wakes the loop; _handle_signals does it.
+        """
+        if self._stopping:
+            if command.name == "stop":
+                return "already stopping"
+            raise ControlError("the host is stopping")
+        self._commands.append(command)
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full: the loop has a wake-up pending already
+        if command.name == "scale":
+            return f"scaling to {command.count} workers"
+        return _COMMAND_ANSWERS[command.name]
 
     def _title(self) -> None:
         ready = len(self.dispatch.ready_workers())
@@ -618,7 +646,7 @@ class Supervisor:
         rings = self._rings()
         for ring in wait_readable(list(rings), max(0.0, due - time.monotonic()), (self._wake_r,)):
             self._collect(rings[ring])
-        if self._signals:
+        if self._signals or self._commands:
             self._handle_signals()
         now = time.monotonic()
         if now < due:
@@ -720,6 +748,7 @@ class Supervisor:
                 {"slot": slot, "problem": problem} for slot, problem in self.slot_problems().items()
             ],
             "workers": workers,
+            **self.dispatch.stats.snapshot(),  # "durations" and "failures"
         }
 
     def _collect(self, handle: WorkerHandle) -> None:
@@ -753,6 +782,13 @@ class Supervisor:
         except BlockingIOError:
             pass
         signals, self._signals = self._signals, []
+        scale_to = None
+        while self._commands:  # each as its signal would be; deque pops are thread-safe
+            command = self._commands.popleft()
+            if command.name == "scale":
+                scale_to = command.count
+            else:
+                signals.append(_COMMAND_SIGNALS[command.name])
         if signal.SIGCHLD in signals:
             self._reap()
         for signum in signals:
@@ -771,6 +807,8 @@ class Supervisor:
                 self._scale(self.count + 1)
             elif signum == signal.SIGTTOU and not self._stopping:
                 self._scale(self.count - 1)
+        if scale_to is not None and not self._stopping:
+            self._scale(scale_to)
 
     # -- stopping --------------------------------------------------------------------------
 

@@ -228,7 +228,9 @@ def test_unknown_key_in_each_table(in_tmp, where):
     assert (error.file, error.key) == (Path("service.toml"), f"{where}.bogus")
 
 
-KNOWN_TABLES = "known tables: service, relay, workers, limits, control, metrics, logging, topics"
+KNOWN_TABLES = (
+    "known tables: service, relay, workers, limits, control, metrics, logging, topics, settings"
+)
 
 
 @pytest.mark.parametrize(
@@ -243,6 +245,8 @@ KNOWN_TABLES = "known tables: service, relay, workers, limits, control, metrics,
         (MINIMAL + "extra = {a = 1}", "service.extra: unknown key; known keys: cluster, "
          "handler, path"),
         ("relay = 5\n" + MINIMAL, "relay: expected a table, got 5"),
+        ("settings = 5\n" + MINIMAL, "settings: expected a table, got 5"),
+        (MINIMAL + "[logging]\naccess = 1", "logging.access: expected true or false, got 1"),
         (MINIMAL + "[topics]", "topics: expected an array of tables ([[topics]]), got a table"),
         ("topics = [1]\n" + MINIMAL, "topics[0]: expected a table, got 1"),
         (MINIMAL + "[relay]\nembedded = 'yes'", 'relay.embedded: expected true or false, got '
@@ -637,3 +641,39 @@ def test_random_documents_load_or_raise_config_error(tmp_path, document):
 @given(st.text())
 def test_random_text_loads_or_raises_config_error(tmp_path, text):
     load_or_config_error(write(tmp_path, text))
+
+
+def test_settings_keep_any_toml_values(in_tmp):
+    text = (
+        MINIMAL
+        + """
+[settings]
+limit = 1_000
+prefix = "n="
+ratio = 0.5
+verbose = true
+names = ["a", "b"]
+"odd key" = 1
+database = { host = "db", port = 5432 }
+"""
+    )
+    config = load_config(write(in_tmp, text))
+
+    assert config.settings == {
+        "limit": 1000,
+        "prefix": "n=",
+        "ratio": 0.5,
+        "verbose": True,
+        "names": ["a", "b"],
+        "odd key": 1,
+        "database": {"host": "db", "port": 5432},
+    }
+    assert load_config(write(in_tmp, MINIMAL)).settings == {}
+
+
+def test_access_log_is_off_by_default_and_survives_a_log_level_flag(in_tmp):
+    assert load_config(write(in_tmp, MINIMAL)).logging.access is False
+
+    config = load_config(write(in_tmp, MINIMAL + "[logging]\naccess = true"))
+
+    assert config.with_overrides(log_level="debug").logging == LoggingSection("debug", True)
