@@ -38,7 +38,7 @@ import sys
 import time
 import types
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 from ..logs import HandlerErrorLog
@@ -51,6 +51,10 @@ UNCAPPED = sys.maxsize
 # done(key, ok, value): told the outcome of one callback, its result or exception;
 # it logs the exception itself (the pool logs those of callbacks without one).
 Done = Callable[[Any, bool, Any], None]
+# A callback: a plain function, or an ``async def`` (its call returns the coroutine to await).
+Callback = Callable[..., object]
+# What waits for a worker: submit's arguments.
+_Job = tuple[Callback, tuple[object, ...], int, Done | None, Any]
 
 
 class HandlerPool:
@@ -79,16 +83,21 @@ class HandlerPool:
         self.running = 0
         self._errors = errors
         self._loop = asyncio.get_running_loop()
-        self._queue: deque[tuple] = deque()
-        self._workers: set[asyncio.Task] = set()
-        self._parked: list[asyncio.Future] = []  # idle workers wait on these
+        self._queue: deque[_Job] = deque()
+        self._workers: set[asyncio.Task[None]] = set()
+        self._parked: list[asyncio.Future[None]] = []  # idle workers wait on these
         self._waking = False  # a worker was woken (or started) and has not run yet
         self._started = False
         self._closed = False
         self._cancelled = False
 
     def submit(
-        self, fn: Callable, args: tuple, size: int, done: Done | None = None, key: Any = None
+        self,
+        fn: Callback,
+        args: tuple[object, ...],
+        size: int,
+        done: Done | None = None,
+        key: Any = None,
     ) -> bool:
         """Queue ``fn(*args)`` holding ``size`` bytes; False if over the budget."""
         if self._closed or self.waiting_bytes + size > self.memory:
@@ -159,7 +168,9 @@ class HandlerPool:
                         raise
                     # The handler cancelled itself (or something cancelled
                     # the task it ran in): answer for it and carry on.
-                    asyncio.current_task().uncancel()
+                    task = asyncio.current_task()
+                    assert task is not None  # this coroutine runs only as a worker Task
+                    task.uncancel()
                     self._finish(done, key, False, err)
                 except BaseException as err:  # noqa: B036 - see the module docstring
                     self._finish(done, key, False, err)
@@ -181,7 +192,7 @@ class HandlerPool:
         elif not ok and not isinstance(value, asyncio.CancelledError):
             self._errors("handler raised", value, pool=self.name)
 
-    def _step(self, step: Callable, value: Any) -> Any:
+    def _step(self, step: Callable[[Any], Any], value: Any) -> Any:
         """One step of a worker on the loop, timed."""
         start = time.perf_counter()
         try:
@@ -197,23 +208,25 @@ class HandlerPool:
                 )
 
 
-class _Timed(collections.abc.Coroutine):
+class _Timed(collections.abc.Coroutine[Any, Any, None]):
     """A worker coroutine whose every step on the loop the pool times."""
 
     __slots__ = ("_coro", "_pool")
 
-    def __init__(self, coro: collections.abc.Coroutine, pool: HandlerPool):
+    def __init__(self, coro: collections.abc.Coroutine[Any, Any, None], pool: HandlerPool):
         self._coro = coro
         self._pool = pool
 
     def send(self, value: Any) -> Any:
         return self._pool._step(self._coro.send, value)
 
-    def throw(self, exc: BaseException) -> Any:
+    # Only the one-argument form: the Task driving this coroutine never uses the
+    # deprecated (type, value, traceback) signature that Coroutine.throw declares.
+    def throw(self, exc: BaseException) -> Any:  # type: ignore[override]
         return self._pool._step(self._coro.throw, exc)
 
     def close(self) -> None:
         self._coro.close()
 
-    def __await__(self):
+    def __await__(self) -> Generator[Any, None, None]:
         raise TypeError("a pool worker is driven by its Task only")

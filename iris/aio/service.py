@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from typing import Protocol, cast
 
 from ..connection import DEFAULT_PORT, _validate_name
 from ..dispatch import checked_reply, fault_text, memory_fault
@@ -41,14 +42,27 @@ def answer(ok: bool, value: object, errors: HandlerErrorLog) -> tuple[bool, byte
         try:
             return checked_reply(value)
         except TypeError as err:
-            value = err
+            error: BaseException = err
     elif isinstance(value, asyncio.CancelledError):
         return False, "request handler was cancelled"
-    errors("request handler raised", value)
-    return False, fault_text(value)
+    else:
+        error = cast(BaseException, value)  # a pool's outcome that is not ok is an exception
+    errors("request handler raised", error)
+    return False, fault_text(error)
 
 
-def close_failed_tunnel(errors: HandlerErrorLog, tunnel, ok: bool, value: object) -> None:
+class ClosableTunnel(Protocol):
+    """What close_failed_tunnel uses of a tunnel: an iris.aio.Tunnel or irishost's."""
+
+    @property
+    def id(self) -> int: ...
+
+    def close_nowait(self) -> object: ...
+
+
+def close_failed_tunnel(
+    errors: HandlerErrorLog, tunnel: ClosableTunnel, ok: bool, value: object
+) -> None:
     """A tunnel handler's outcome: one that raised is logged and its tunnel closed.
 
     As iris.dispatch.serve_tunnel does; shared with irishost's loop workers,
@@ -56,7 +70,7 @@ def close_failed_tunnel(errors: HandlerErrorLog, tunnel, ok: bool, value: object
     """
     if not ok:
         if not isinstance(value, asyncio.CancelledError):
-            errors("tunnel handler raised", value, tunnel=tunnel.id)
+            errors("tunnel handler raised", cast(BaseException, value), tunnel=tunnel.id)
         tunnel.close_nowait()
 
 
@@ -74,12 +88,16 @@ class HandlerDispatch:
     """
 
     def __init__(
-        self, conn: Connection, handler: ServiceHandler, limits: ServiceLimits | None, log
+        self,
+        conn: Connection,
+        handler: ServiceHandler,
+        limits: ServiceLimits | None,
+        log: ContextLog,
     ):
         limits = (limits or ServiceLimits()).with_defaults()
         self._conn = conn
         self._handler = handler
-        self._log: ContextLog = log
+        self._log = log
         self._errors = HandlerErrorLog(log)  # all callbacks of the service share its budget
         self._time = asyncio.get_running_loop().time
         errors = self._errors
@@ -132,7 +150,7 @@ class HandlerDispatch:
 
     def _drop_done(self, _key: None, ok: bool, value: object) -> None:
         if not ok:
-            self._errors("drop handler raised", value)
+            self._errors("drop handler raised", cast(BaseException, value))
 
     def close(self) -> None:
         for pool in (self._requests, self._broadcasts, self._tunnels):
@@ -160,7 +178,7 @@ class Service:
     async def __aenter__(self) -> Service:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.unregister()
 
 
@@ -169,7 +187,7 @@ def register(
     cluster: str,
     handler: ServiceHandler,
     limits: ServiceLimits | None = None,
-) -> Opening:
+) -> Opening[Service]:
     """Join ``cluster`` with ``handler`` serving its requests, broadcasts and tunnels.
 
     ``service = await iris.aio.register(...)``, or ``async with`` it.
