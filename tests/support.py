@@ -1,4 +1,4 @@
-"""Small helpers for the irishost tests: ports, polling, process state, journald."""
+"""Small helpers for tests of every part: ports, polling, process state, journald."""
 
 from __future__ import annotations
 

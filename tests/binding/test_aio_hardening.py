@@ -1,6 +1,6 @@
 """iris.aio under handler failures and oversized messages, against a real relay.
 
-The asyncio twin of tests/test_binding_hardening.py, with the same failing
+The asyncio twin of test_binding_hardening.py, with the same failing
 handler code (_fail, _raise_for) run as coroutines and as plain methods on
 the loop. What it guards against:
 
@@ -20,8 +20,7 @@ import logging
 from collections import Counter
 
 import pytest
-from test_aio import run, until
-from test_binding_hardening import (
+from failing_handler import (
     FAULT_TEXTS,
     LIMIT_TEXT,
     OVERSIZE,
@@ -31,6 +30,7 @@ from test_binding_hardening import (
     _raise_for,
     handler_errors,
 )
+from test_aio import run, until
 
 import iris
 import iris.aio

@@ -1,11 +1,11 @@
 """Running a real ``irishost`` for the tests: configs, processes, clients, cleanup.
 
-Test modules load this with ``pytest_plugins = ["irishost_fixtures"]``; the
-helpers they import are in irishost_support.py.
+pytest gives these fixtures to every test under tests/host/; the helpers the
+tests import by name are in production_support.py here and ../support.py.
 
 ``service``
     ``service.config(**tables)`` writes ``service.toml`` and the probe handler
-    (tests/irishost_probe.py) into the test's tmp_path; ``service.start()``
+    (tests/host/probe.py) into the test's tmp_path; ``service.start()``
     runs ``python -m irishost -c service.toml`` and waits until it answers.
     At teardown every host is stopped with SIGTERM (which must exit 0), its
     workers must be gone, and none of the cluster's segments may remain in
@@ -13,6 +13,12 @@ helpers they import are in irishost_support.py.
 
 ``other_service``
     Another such service, in tmp_path/other, with a cluster of its own.
+
+``notify``
+    A NotifyListener (production_support.py) on a path in tmp_path,
+    systemd's end of NOTIFY_SOCKET; ``notify.env`` goes into the host's
+    environment. List it before ``service`` so that it outlives the host and
+    hears its STOPPING=1.
 """
 
 from __future__ import annotations
@@ -31,12 +37,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from irishost_support import free_port, gone, journal_stream, wait_for
+from production_support import NotifyListener
+from support import free_port, gone, journal_stream, wait_for
 
 import iris
 from irishost.ring import segment_prefix
 
-PROBE = Path(__file__).resolve().parent / "irishost_probe.py"
+PROBE = Path(__file__).resolve().parent / "probe.py"
 SHM = "/dev/shm"
 
 # How long a host may take to answer its first request, and to exit on SIGTERM.
@@ -304,3 +311,10 @@ def _serve(svc: Service):
     if leftovers:
         problems.append(f"left in /dev/shm: {leftovers}")
     assert not problems, "\n".join(problems)
+
+
+@pytest.fixture
+def notify(tmp_path):
+    listener = NotifyListener(str(tmp_path / "notify.sock"))
+    yield listener
+    listener.close()

@@ -1,6 +1,6 @@
 """Helpers for the production tests of irishost: systemd's notify socket, a
 rewritable handler, a steady stream of requests, and ``irishost status``.
-The ``notify`` fixture is in irishost_production_fixtures.py.
+The ``notify`` fixture is in conftest.py.
 
 Nothing here is mocked: the listener is the datagram socket systemd would
 hold, the handler is a real module the host imports (and re-imports on
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from irishost_support import wait_for
+from support import wait_for
 
 import iris
 

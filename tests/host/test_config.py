@@ -28,7 +28,7 @@ from irishost.config import (
 )
 
 MiB = 2**20
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 MINIMAL = """
 [service]

@@ -23,8 +23,6 @@ from irishost.control import (
     wait_closed,
 )
 
-pytest_plugins = ["irishost_fixtures"]
-
 SNAPSHOT = {
     "service": "primes",
     "cluster": "primes-cluster",

@@ -1,7 +1,7 @@
 """irishost serving requests: dispatch, per-worker caps, recycling, titles, stopping.
 
 Every test runs the real ``irishost`` command on a generated config, with the
-probe handler (irishost_probe.py) in its workers and an embedded relay on a
+probe handler (probe.py) in its workers and an embedded relay on a
 free port, and drives it with plain ``iris`` clients. Crashes are in
 test_irishost_crashes.py, broadcasts/events/tunnels in
 test_irishost_delivery.py, the command line in test_irishost_cli.py.
@@ -15,12 +15,10 @@ import time
 
 import psutil
 import pytest
-from irishost_support import gone, wait_for
+from support import gone, wait_for
 
 import iris
 from irishost.ring import DEFAULT_CAPACITY
-
-pytest_plugins = ["irishost_fixtures"]
 
 
 def title(process) -> str:

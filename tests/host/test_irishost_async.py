@@ -1,10 +1,10 @@
 """irishost hosting an iris.aio handler: coroutines on an event loop in each worker.
 
-The handler (irishost_async_probe.py, copied next to the config as aprobe.py)
+The handler (async_probe.py, copied next to the config as aprobe.py)
 runs in real forked workers behind a real embedded relay; the tests drive it
 with plain threaded ``iris`` clients, as any caller would. Handler failures
 (oversized replies, BaseExceptions, logged tracebacks) are tested for async
-handlers with the threaded ones, in tests/test_binding_hardening.py.
+handlers with the threaded ones, in test_irishost_handler_hardening.py.
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
-from irishost_support import gone, wait_for
+from support import gone, wait_for
 
 import iris
 
-pytest_plugins = ["irishost_fixtures"]
-
-ASYNC_PROBE = Path(__file__).resolve().parent / "irishost_async_probe.py"
+ASYNC_PROBE = Path(__file__).resolve().parent / "async_probe.py"
 
 
 def async_config(service, **tables) -> None:

@@ -12,11 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from irishost_support import free_port
+from support import free_port
 
-pytest_plugins = ["irishost_fixtures"]
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 BROKEN_MODULE = """
 import iris

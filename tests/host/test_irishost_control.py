@@ -11,9 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from irishost_support import wait_for
-
-pytest_plugins = ["irishost_fixtures"]
+from support import wait_for
 
 # A handler whose reply shows its code version, its settings and its pid.
 TUNED = """

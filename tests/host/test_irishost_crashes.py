@@ -13,15 +13,13 @@ import signal
 import time
 
 import pytest
-from irishost_support import gone, wait_for
+from support import gone, wait_for
 
 import iris
 from irishost import frames
 from irishost.frames import Kind
 from irishost.ring import DEFAULT_CAPACITY
 from irishost.workers import PUT_TIMEOUT
-
-pytest_plugins = ["irishost_fixtures"]
 
 
 def fault_of(call, timeout: float = 5.0) -> str:
@@ -35,7 +33,7 @@ def serving_pid(service) -> int:
     """The pid of the worker that answers next.
 
     A request made while no worker is up waits for the replacement to be
-    ready (tests/test_irishost_hardening.py has the details).
+    ready (test_irishost_hardening.py has the details).
     """
     return int(service.request(b"pid", timeout=10))
 

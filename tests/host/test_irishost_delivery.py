@@ -11,11 +11,9 @@ import signal
 import time
 
 import pytest
-from irishost_support import wait_for
+from support import wait_for
 
 import iris
-
-pytest_plugins = ["irishost_fixtures"]
 
 # Long enough for a delivery that should not happen to show up if it were going to.
 SETTLE_SECONDS = 0.3

@@ -13,12 +13,10 @@ import signal
 import time
 
 import pytest
-from irishost_production_support import status
-from irishost_support import gone, wait_for
+from production_support import status
+from support import gone, wait_for
 
 import iris
-
-pytest_plugins = ["irishost_fixtures", "irishost_production_fixtures"]
 
 MiB = 2**20
 

@@ -9,11 +9,9 @@ import signal
 import urllib.request
 
 import pytest
-from irishost_support import free_port, wait_for
+from support import free_port, wait_for
 
 import iris
-
-pytest_plugins = ["irishost_fixtures"]
 
 ACCESS_LINE = re.compile(
     r"irishost\.access: request cluster=(?P<cluster>\S+) worker=(?P<worker>\S+) "

@@ -22,14 +22,12 @@ import uuid
 
 import psutil
 import pytest
-from irishost_production_support import NotifyListener, parse_reply, status, write_handler
-from irishost_support import gone, wait_for
+from production_support import NotifyListener, parse_reply, status, write_handler
+from support import gone, wait_for
 
 import iris
 from irishost.control import query_status
 from irishost.supervisor import STATUS_SECONDS
-
-pytest_plugins = ["irishost_fixtures", "irishost_production_fixtures"]
 
 STATUS_LINE = re.compile(
     r"workers (\d+)/(\d+), served (\d+), in flight (\d+), restarts (\d+), relay (\w+)"

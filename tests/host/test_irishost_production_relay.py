@@ -15,19 +15,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import RelayProcess
-from irishost_production_support import (
+from production_support import (
     parse_reply,
     status,
     steady_load,
     write_handler,
 )
-from irishost_support import free_port, gone, wait_for
+from relay_process import RelayProcess
+from support import free_port, gone, wait_for
 
 import iris
 from irishost.control import query_status
-
-pytest_plugins = ["irishost_fixtures", "irishost_production_fixtures"]
 
 
 @pytest.fixture

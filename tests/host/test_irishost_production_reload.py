@@ -15,10 +15,8 @@ import signal
 import time
 
 import pytest
-from irishost_production_support import status, steady_load, write_handler
-from irishost_support import gone, wait_for
-
-pytest_plugins = ["irishost_fixtures", "irishost_production_fixtures"]
+from production_support import status, steady_load, write_handler
+from support import gone, wait_for
 
 
 def reload(host, notify, count: int) -> None:

@@ -8,7 +8,7 @@ import iris
 from irishost.config import ConfigError, load_config
 from irishost.loader import HandlerImportError, load_handler
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.fixture(autouse=True)

@@ -14,12 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from irishost_support import journal_stream, wait_for
+from support import journal_stream, wait_for
 
 from iris.logfmt import configure_logging, tag_standard_streams
 from iris.logs import ContextLog
-
-pytest_plugins = ["irishost_fixtures"]
 
 PLAIN_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?P<rest>.*)")
 # One syslog priority, as journald reads it, and not a second one after it.

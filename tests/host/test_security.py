@@ -33,17 +33,15 @@ from pathlib import Path
 import msgpack
 import psutil
 import pytest
-from irishost_support import free_port, wait_for
+from support import free_port, wait_for
 
 import iris
 from iris import codec
 from irishost import frames
 from irishost.control import query_status
 
-pytest_plugins = ["irishost_fixtures"]
-
 MiB = 1 << 20
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = [ROOT / "iris", ROOT / "irishost"]
 LOOPBACK = {"127.0.0.1", "::1"}
 NOBODY = 65534

@@ -16,15 +16,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from irishost_support import free_port, wait_for
+from support import free_port, wait_for
 
 import iris
 from irishost.control import query_status
 from irishost.supervisor import Exit
 
-pytest_plugins = ["irishost_fixtures"]
-
-UNITS = Path(__file__).resolve().parent.parent / "systemd"
+UNITS = Path(__file__).resolve().parents[2] / "systemd"
 HOST = "irishost@.service"
 RELAY = "iris-relay.service"
 NODE = "iris-node@.service"

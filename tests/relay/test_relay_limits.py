@@ -19,7 +19,7 @@ import threading
 import time
 
 import psutil
-from irishost_support import wait_for
+from support import wait_for
 
 from iris.codec import Closed, Init, Publish, Subscribe
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 _SPEC = importlib.util.spec_from_file_location(
-    "bench_util", Path(__file__).resolve().parent.parent / "bench" / "_util.py"
+    "bench_util", Path(__file__).resolve().parents[2] / "bench" / "_util.py"
 )
 _util = importlib.util.module_from_spec(_SPEC)
 sys.modules[_SPEC.name] = _util  # dataclasses look their module up there

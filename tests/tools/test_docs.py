@@ -14,7 +14,7 @@ import pytest
 
 from irishost.config import load_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "deploy-multi-machine.md"
 # Generated or foreign: version control, environments, caches, build output.
 SKIPPED_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis"}

@@ -19,7 +19,7 @@ import pytest
 
 import iris
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 EXAMPLES = ROOT / "examples"
 SERVICE = "echo_service.py"
