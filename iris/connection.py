@@ -1,11 +1,12 @@
 """A connection to the local Iris relay: the client half of the protocol.
 
 One TCP socket and one reader thread per connection. Calls from any thread
-encode a packet and write it under a lock; the reader thread decodes what the
-relay sends and completes the waiting call, or hands inbound work (requests,
+encode a packet and hand it to a SocketWriter, which combines the packets of
+concurrent callers into one write; the reader thread decodes what the relay
+sends and completes the waiting call, or hands inbound work (requests,
 broadcasts, events, tunnels) to bounded handler pools.
 
-    caller threads --encode/send--> socket --> relay
+    caller threads --encode/send--> SocketWriter --> socket --> relay
     reader thread  <--decode------- socket <-- relay
         |-- replies / tunnel results -> waiting callers
         |-- requests, broadcasts, events -> HandlerPools -> handlers
@@ -27,6 +28,7 @@ from .limits import TUNNEL_BUFFER, TopicLimits
 from .logs import ContextLog, RateLimitedWarning
 from .pool import HandlerPool
 from .tunnel import Tunnel
+from .writer import SocketWriter
 
 DEFAULT_PORT = 55555
 
@@ -112,7 +114,6 @@ class Connection:
         """Attach; a member (non-empty ``cluster``) passes ``inbound``, a factory
         of the Inbound that receives its requests, broadcasts and tunnels."""
         self.log = log or ContextLog().new(client=next(_client_ids))
-        self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._ids = itertools.count()
         self._requests: dict[int, _Waiter] = {}
@@ -127,6 +128,7 @@ class Connection:
 
         self.log.info("connecting to relay", relay_port=port, cluster=cluster or None)
         self._sock, self._decoder, early = self._handshake(port, cluster)
+        self._writer = SocketWriter(self._sock)
         self._reader = threading.Thread(
             target=self._read_loop, args=(early,), name=f"iris-reader-{port}", daemon=True
         )
@@ -230,11 +232,7 @@ class Connection:
     def _send(self, data: bytes) -> None:
         if self._closed.is_set():
             raise ClosedError("connection closed")
-        try:
-            with self._send_lock:
-                self._sock.sendall(data)
-        except OSError as err:
-            raise ClosedError(f"connection lost: {err}") from err
+        self._writer.send(data)
 
     def _check_open(self) -> None:
         if self._closing:
