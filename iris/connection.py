@@ -3,12 +3,14 @@
 One TCP socket and one reader thread per connection. Calls from any thread
 encode a packet and hand it to a SocketWriter, which combines the packets of
 concurrent callers into one write; the reader thread decodes what the relay
-sends and completes the waiting call, or hands inbound work (requests,
+sends and completes the waiting call (replies through a ReplyHandoff, which
+wakes their callers one after another), or hands inbound work (requests,
 broadcasts, events, tunnels) to bounded handler pools.
 
     caller threads --encode/send--> SocketWriter --> socket --> relay
     reader thread  <--decode------- socket <-- relay
-        |-- replies / tunnel results -> waiting callers
+        |-- replies -> ReplyHandoff -> waiting callers (one wake-up at a time)
+        |-- tunnel results -> waiting callers
         |-- requests, broadcasts, events -> HandlerPools -> handlers
         `-- tunnel allowance and data -> Tunnel objects
 """
@@ -24,6 +26,7 @@ from . import codec
 from .dispatch import Inbound
 from .errors import ClosedError, RemoteError, TimeoutError
 from .handlers import TopicHandler
+from .handoff import ReplyHandoff, Waiter
 from .limits import TUNNEL_BUFFER, TopicLimits
 from .logs import ContextLog, RateLimitedWarning
 from .pool import HandlerPool
@@ -67,31 +70,6 @@ def timeout_ms(timeout: float) -> int:
     return round(timeout * 1000)
 
 
-class _Waiter:
-    """One caller blocked on one answer from the reader thread.
-
-    A pre-acquired lock is the cheapest blocking hand-off CPython offers.
-    """
-
-    __slots__ = ("lock", "result")
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.lock.acquire()
-        self.result = None
-
-    def resolve(self, result) -> None:
-        self.result = result
-        self.lock.release()
-
-    def wait(self, timeout: float):
-        if not self.lock.acquire(timeout=timeout):
-            raise TimeoutError("the relay did not answer in time")
-        if isinstance(self.result, Exception):
-            raise self.result
-        return self.result
-
-
 class _Subscription:
     __slots__ = ("callback", "pool", "overflow")
 
@@ -116,8 +94,8 @@ class Connection:
         self.log = log or ContextLog().new(client=next(_client_ids))
         self._state_lock = threading.Lock()
         self._ids = itertools.count()
-        self._requests: dict[int, _Waiter] = {}
-        self._tunnel_inits: dict[int, _Waiter] = {}
+        self._requests: dict[int, Waiter] = {}
+        self._tunnel_inits: dict[int, Waiter] = {}
         self._tunnels: dict[int, Tunnel] = {}
         self._subscriptions: dict[str, _Subscription] = {}
         self._closing = False
@@ -129,6 +107,7 @@ class Connection:
         self.log.info("connecting to relay", relay_port=port, cluster=cluster or None)
         self._sock, self._decoder, early = self._handshake(port, cluster)
         self._writer = SocketWriter(self._sock)
+        self._handoff = ReplyHandoff(self._writer)
         self._reader = threading.Thread(
             target=self._read_loop, args=(early,), name=f"iris-reader-{port}", daemon=True
         )
@@ -215,6 +194,7 @@ class Connection:
             subscriptions, self._subscriptions = self._subscriptions, {}
         for waiter in (*requests.values(), *inits.values()):
             waiter.resolve(ClosedError(reason))
+        self._handoff.wake_all()
         for tunnel in tunnels.values():
             tunnel._on_closed(reason)
         for sub in subscriptions.values():
@@ -230,9 +210,12 @@ class Connection:
     # -- sending -------------------------------------------------------------
 
     def _send(self, data: bytes) -> None:
+        self._check_sendable()
+        self._writer.send(data)
+
+    def _check_sendable(self) -> None:
         if self._closed.is_set():
             raise ClosedError("connection closed")
-        self._writer.send(data)
 
     def _check_open(self) -> None:
         if self._closing:
@@ -251,13 +234,14 @@ class Connection:
         millis = timeout_ms(timeout)
         self._check_open()
         rid = next(self._ids)
-        waiter = _Waiter()
+        waiter = Waiter()
         self._requests[rid] = waiter
         try:
             if self.log.is_debug():
                 self.log.debug("sending request", cluster=cluster, id=rid, size=len(request))
-            self._send(codec.Request(rid, cluster, request, millis).encode())
-            reply = waiter.wait(timeout + RELAY_GRACE)
+            self._check_sendable()
+            self._handoff.send(codec.Request(rid, cluster, request, millis).encode())
+            reply = self._handoff.wait(waiter, timeout + RELAY_GRACE)
         finally:
             self._requests.pop(rid, None)
         if reply.timed_out:
@@ -334,7 +318,7 @@ class Connection:
         millis = timeout_ms(timeout)
         self._check_open()
         tid = next(self._ids)
-        waiter = _Waiter()
+        waiter = Waiter()
         self._tunnel_inits[tid] = waiter
         try:
             self.log.info("opening tunnel", cluster=cluster, tunnel=tid)
@@ -358,7 +342,7 @@ class Connection:
         reason = "connection lost"
         dispatch = self._dispatch
         try:
-            recv, feed = self._sock.recv, self._decoder.feed
+            recv, feed, wake = self._sock.recv, self._decoder.feed, self._handoff.wake
             while True:
                 for packet in packets:
                     handle = dispatch.get(type(packet))
@@ -367,6 +351,7 @@ class Connection:
                     if handle(self, packet):
                         reason = self._drop_reason or "connection closed"
                         return
+                wake()  # the callers answered by this read
                 data = recv(RECV_SIZE)
                 if not data:
                     break
@@ -396,7 +381,7 @@ class Connection:
     def _on_reply(self, packet: codec.ReplyDelivery) -> None:
         waiter = self._requests.pop(packet.id, None)
         if waiter is not None:
-            waiter.resolve(packet)
+            self._handoff.deliver(waiter, packet)
 
     def _member_inbound(self, what: str) -> Inbound:
         if self.inbound is None:

@@ -61,6 +61,31 @@ class SocketWriter:
                 return  # the writer sends it with its batch
         else:
             self._lock.acquire()
+        self._write_while_queued()
+        if self._error is not None:
+            self._raise_error()
+
+    def hold(self, data: bytes, limit: int) -> bool:
+        """Queue ``data`` for the next send or flush, without writing; False
+        (and nothing queued) if it is large or ``limit`` packets are waiting.
+
+        For a caller that knows a flush follows shortly; see ReplyHandoff.
+        """
+        if len(data) > SMALL_PACKET or len(self._outbox) >= limit or self._error is not None:
+            return False
+        self._outbox.append(data)
+        return True
+
+    def flush(self) -> None:
+        """Write what is queued unless another thread is writing it already.
+
+        Never raises: a failed write fails the next send.
+        """
+        if self._outbox and self._lock.acquire(blocking=False):
+            self._write_while_queued()
+
+    def _write_while_queued(self) -> None:
+        """Write until the outbox is empty; called holding the lock, releases it."""
         while True:
             try:
                 self._write_outbox()
@@ -68,10 +93,8 @@ class SocketWriter:
                 self._lock.release()
             # A sender may have appended after the last batch yet found the
             # lock still held; whoever takes the lock next writes its packet.
-            if not outbox or not self._lock.acquire(blocking=False):
-                break
-        if self._error is not None:
-            self._raise_error()
+            if not self._outbox or not self._lock.acquire(blocking=False):
+                return
 
     def _raise_error(self) -> NoReturn:
         raise ClosedError(f"connection lost: {self._error}") from self._error
