@@ -6,7 +6,7 @@ on it, a second context switch per reply. So replies are handed on in a
 *wake chain*: the reader wakes one caller, and each caller wakes the next
 one as it leaves, by which time the GIL is about to be free.
 
-    reader:  deliver(reply) -> ready queue;  after each read: wake the first
+    reader:  deliver(reply) ...;  after each read: queue them, wake the first
     caller:  woken -> wakes the next ready caller (or ends the chain) -> returns
 
 While a chain runs, callers' new requests are held in the SocketWriter's
@@ -62,26 +62,30 @@ class Waiter:
 class ReplyHandoff:
     """The wake chain of one connection; see the module docstring."""
 
-    __slots__ = ("_writer", "_lock", "_ready", "_running")
+    __slots__ = ("_writer", "_lock", "_arrived", "_ready", "_running")
 
     def __init__(self, writer: SocketWriter):
         self._writer = writer
         self._lock = threading.Lock()
+        self._arrived: list[Waiter] = []  # answered by the current read (reader only)
         self._ready: deque[Waiter] = deque()  # answered, not yet woken
         self._running = False  # a woken caller will wake the next one
 
     # -- the reader thread ----------------------------------------------------
 
     def deliver(self, waiter: Waiter, result) -> None:
-        """Queue ``waiter``'s answer; it is woken by :meth:`wake` or the chain."""
+        """Record ``waiter``'s answer; :meth:`wake` queues it after the read."""
         waiter.result = result
-        with self._lock:
-            if not waiter.abandoned:
-                self._ready.append(waiter)
+        self._arrived.append(waiter)
 
     def wake(self) -> None:
-        """Start a chain if answers wait and none runs; after each read."""
+        """Queue the answers of a read, and start a chain if none runs."""
+        arrived = self._arrived
+        if not arrived:
+            return
         with self._lock:
+            self._ready.extend(waiter for waiter in arrived if not waiter.abandoned)
+            arrived.clear()
             if self._running or not self._ready:
                 return
             self._running = True
@@ -90,9 +94,11 @@ class ReplyHandoff:
     def wake_all(self) -> None:
         """Wake every answered waiter at once; the connection ended."""
         with self._lock:
-            ready, self._ready = self._ready, deque()
+            ready, self._ready = [*self._ready, *self._arrived], deque()
+            self._arrived.clear()
         for waiter in ready:
-            waiter.lock.release()
+            if not waiter.abandoned:
+                waiter.lock.release()
 
     # -- the callers ---------------------------------------------------------------
 

@@ -114,6 +114,7 @@ def test_an_answer_queued_but_not_yet_woken_is_returned_at_the_timeout(handoff):
     handoff.deliver(first, "first")
     handoff.wake()  # wakes `first`, whose caller is not waiting yet: the chain is its
     handoff.deliver(second, "second")
+    handoff.wake()  # the next read: `second` queues behind `first`
     # `second` times out while queued behind `first`: it has its answer anyway.
     assert handoff.wait(second, 0.01) == "second"
     assert handoff.wait(first, WAKE_TIMEOUT) == "first"
