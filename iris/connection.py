@@ -210,12 +210,9 @@ class Connection:
     # -- sending -------------------------------------------------------------
 
     def _send(self, data: bytes) -> None:
-        self._check_sendable()
-        self._writer.send(data)
-
-    def _check_sendable(self) -> None:
         if self._closed.is_set():
             raise ClosedError("connection closed")
+        self._writer.send(data)
 
     def _check_open(self) -> None:
         if self._closing:
@@ -239,8 +236,9 @@ class Connection:
         try:
             if self.log.is_debug():
                 self.log.debug("sending request", cluster=cluster, id=rid, size=len(request))
-            self._check_sendable()
-            self._handoff.send(codec.Request(rid, cluster, request, millis).encode())
+            data = codec.Request(rid, cluster, request, millis).encode()
+            if not self._handoff.hold(data):
+                self._send(data)
             reply = self._handoff.wait(waiter, timeout + RELAY_GRACE)
         finally:
             self._requests.pop(rid, None)

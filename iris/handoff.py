@@ -102,12 +102,11 @@ class ReplyHandoff:
 
     # -- the callers ---------------------------------------------------------------
 
-    def send(self, data: bytes) -> None:
-        """Send a request; held for the chain's end while a chain runs."""
+    def hold(self, data: bytes) -> bool:
+        """Hold a request for the end of the running chain; False if no chain
+        runs (or enough are held): then the caller sends it."""
         with self._lock:
-            if self._running and self._writer.hold(data, HELD_REQUESTS):
-                return
-        self._writer.send(data)
+            return self._running and self._writer.hold(data, HELD_REQUESTS)
 
     def wait(self, waiter: Waiter, timeout: float):
         """Block until ``waiter`` is answered; its result, raised if an exception."""

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from iris import ClosedError, TimeoutError
-from iris.handoff import ReplyHandoff, Waiter
+from iris.handoff import HELD_REQUESTS, ReplyHandoff, Waiter
 from iris.writer import SocketWriter
 
 # Generous: a woken thread on a loaded 2-core machine can take a while to run.
@@ -194,20 +194,26 @@ def readable(sock: socket.socket, timeout: float) -> bool:
     return bool(select.select([sock], [], [], timeout)[0])
 
 
-def test_requests_sent_during_a_chain_go_out_when_it_ends(pair, handoff):
+def test_requests_held_during_a_chain_go_out_when_it_ends(pair, handoff):
     left, right = pair
     waiter = Waiter()
     handoff.deliver(waiter, "answer")
     handoff.wake()  # a chain runs until this waiter's caller passes it on
-    handoff.send(b"held one")
-    handoff.send(b"held two")
-    assert not readable(right, 0.2), "a request was written while the chain ran"
+    assert handoff.hold(b"held one")
+    assert handoff.hold(b"held two")
+    assert not readable(right, 0.2), "a held request was written while the chain ran"
     assert handoff.wait(waiter, WAKE_TIMEOUT) == "answer"  # the chain ends here
     assert readable(right, WAKE_TIMEOUT)
     assert right.recv(100) == b"held oneheld two"
 
 
-def test_without_a_chain_a_request_is_written_at_once(pair, handoff):
-    handoff.send(b"now")
-    assert readable(pair[1], WAKE_TIMEOUT)
-    assert pair[1].recv(100) == b"now"
+def test_without_a_chain_nothing_is_held(handoff):
+    assert not handoff.hold(b"now")
+
+
+def test_at_most_held_requests_are_held(handoff):
+    waiter = Waiter()
+    handoff.deliver(waiter, "answer")
+    handoff.wake()
+    assert all(handoff.hold(b"x") for _ in range(HELD_REQUESTS))
+    assert not handoff.hold(b"one too many")
