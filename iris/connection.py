@@ -240,6 +240,9 @@ class Connection:
             if not self._handoff.hold(data):
                 self._send(data)
             reply = self._handoff.wait(waiter, timeout + RELAY_GRACE)
+        except BaseException:
+            self._handoff.cancel(waiter)  # an answer queued for us must not stop the chain
+            raise
         finally:
             self._requests.pop(rid, None)
         if reply.timed_out:

@@ -113,11 +113,11 @@ class ReplyHandoff:
         try:
             answered = waiter.lock.acquire(timeout=timeout)
         except BaseException:  # interrupted (KeyboardInterrupt): leave the chain
-            self._abandon(waiter)
+            self.cancel(waiter)
             raise
         if answered:
             self._pass_on()
-        elif not self._abandon(waiter):
+        elif not self.cancel(waiter):
             raise TimeoutError("the relay did not answer in time")
         if isinstance(waiter.result, Exception):
             raise waiter.result
@@ -132,9 +132,10 @@ class ReplyHandoff:
             self._running = False
         self._writer.flush()
 
-    def _abandon(self, waiter: Waiter) -> bool:
-        """Take the waiter of a caller that stops waiting out of the chain;
-        True if its answer had arrived after all."""
+    def cancel(self, waiter: Waiter) -> bool:
+        """Take the waiter of a caller that stops waiting (or never starts:
+        an exception between sending and waiting) out of the chain; True if
+        its answer had arrived after all. A second call returns False."""
         with self._lock:
             waiter.abandoned = True  # deliver() does not queue it any more
             if waiter in self._ready:  # answered, not yet woken: O(n), a rare path

@@ -151,6 +151,19 @@ def test_a_caller_woken_as_it_gives_up_passes_the_chain_on(handoff):
     assert outcomes == {0: 1, 1: 2, 2: 3}
 
 
+def test_a_caller_that_leaves_before_waiting_passes_the_chain_on(handoff):
+    """An exception between sending a request and waiting for its answer."""
+    gone, *behind = [Waiter() for _ in range(3)]
+    threads, outcomes = wait_in_threads(handoff, behind)
+    for index, waiter in enumerate([gone, *behind]):
+        handoff.deliver(waiter, index)
+    handoff.wake()  # wakes `gone`, whose caller will never wait
+    assert handoff.cancel(gone)  # it had its answer
+    assert not handoff.cancel(gone)  # a second cancel passes nothing on
+    join(threads)
+    assert outcomes == {0: 1, 1: 2}
+
+
 def test_many_callers_with_timeouts_never_stall_the_chain(handoff):
     """Callers time out at random while answers arrive in random batches;
     every caller still waiting when its answer arrives gets it."""
