@@ -55,12 +55,15 @@ class SocketWriter:
         if self._error is not None:
             self._raise_error()
         outbox = self._outbox
-        outbox.append(data)
-        if len(data) <= SMALL_PACKET and len(outbox) <= OUTBOX_PACKETS:
-            if not self._lock.acquire(blocking=False):
-                return  # the writer sends it with its batch
+        if not outbox and self._lock.acquire(blocking=False):
+            self._write(data)  # alone: no batch to join
         else:
-            self._lock.acquire()
+            outbox.append(data)
+            if len(data) <= SMALL_PACKET and len(outbox) <= OUTBOX_PACKETS:
+                if not self._lock.acquire(blocking=False):
+                    return  # the writer sends it with its batch
+            else:
+                self._lock.acquire()
         self._write_while_queued()
         if self._error is not None:
             self._raise_error()
@@ -105,7 +108,11 @@ class SocketWriter:
             count = len(outbox)
             batch = outbox[0] if count == 1 else b"".join(outbox[:count])
             del outbox[:count]
-            try:
-                self._sock.sendall(batch)
-            except OSError as err:
-                self._error = err
+            self._write(batch)
+
+    def _write(self, data: bytes) -> None:
+        """One sendall; called holding the lock."""
+        try:
+            self._sock.sendall(data)
+        except OSError as err:
+            self._error = err
