@@ -26,16 +26,8 @@ CALLER_TIMEOUT = 3 * WAKE_TIMEOUT
 
 
 @pytest.fixture
-def pair():
-    left, right = socket.socketpair()
-    yield left, right
-    left.close()
-    right.close()
-
-
-@pytest.fixture
-def handoff(pair) -> ReplyHandoff:
-    return ReplyHandoff(SocketWriter(pair[0]))
+def handoff(socket_pair) -> ReplyHandoff:
+    return ReplyHandoff(SocketWriter(socket_pair[0]))
 
 
 def wait_in_threads(handoff: ReplyHandoff, waiters: list[Waiter], timeout=CALLER_TIMEOUT):
@@ -207,8 +199,8 @@ def readable(sock: socket.socket, timeout: float) -> bool:
     return bool(select.select([sock], [], [], timeout)[0])
 
 
-def test_requests_held_during_a_chain_go_out_when_it_ends(pair, handoff):
-    left, right = pair
+def test_requests_held_during_a_chain_go_out_when_it_ends(socket_pair, handoff):
+    right = socket_pair[1]
     waiter = Waiter()
     handoff.deliver(waiter, "answer")
     handoff.wake()  # a chain runs until this waiter's caller passes it on

@@ -20,14 +20,6 @@ from iris.writer import OUTBOX_PACKETS, SMALL_PACKET, SocketWriter
 BLOCKED_FOR = 0.5
 
 
-@pytest.fixture
-def pair():
-    left, right = socket.socketpair()
-    yield left, right
-    left.close()
-    right.close()
-
-
 def frame(sender: int, seq: int, size: int) -> bytes:
     """A self-describing packet: length, sender, sequence number, filler."""
     body = sender.to_bytes(2, "little") + seq.to_bytes(4, "little") + bytes(size)
@@ -51,8 +43,8 @@ def read_frames(sock: socket.socket, total: int) -> list[tuple[int, int, int]]:
     return frames
 
 
-def test_concurrent_senders_arrive_whole_and_in_order(pair):
-    left, right = pair
+def test_concurrent_senders_arrive_whole_and_in_order(socket_pair):
+    left, right = socket_pair
     writer = SocketWriter(left)
     senders, count = 16, 400
     # Mostly small packets, every 50th one larger than SMALL_PACKET.
@@ -78,10 +70,10 @@ def test_concurrent_senders_arrive_whole_and_in_order(pair):
         assert mine == [(seq, sizes[seq]) for seq in range(count)]
 
 
-def test_a_sender_waits_when_the_peer_stops_reading(pair):
+def test_a_sender_waits_when_the_peer_stops_reading(socket_pair):
     """With the writer stuck on a full socket, other senders queue at most
     OUTBOX_PACKETS packets and then wait, instead of buffering without bound."""
-    left, right = pair
+    left, right = socket_pair
     left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     writer = SocketWriter(left)
     big = frame(0, 0, 4 << 20)  # far more than the socket buffers hold: its sender blocks
@@ -104,8 +96,8 @@ def test_a_sender_waits_when_the_peer_stops_reading(pair):
     assert [seq for _, seq, _ in received[1:]] == list(range(many))
 
 
-def test_a_broken_socket_fails_the_sender_and_every_later_one(pair):
-    left, right = pair
+def test_a_broken_socket_fails_the_sender_and_every_later_one(socket_pair):
+    left, right = socket_pair
     writer = SocketWriter(left)
     right.close()
     with pytest.raises(ClosedError, match="connection lost"):
