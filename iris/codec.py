@@ -95,6 +95,12 @@ def encode_varint(value: int) -> bytes:
         if value < 0:
             raise ValueError(f"varint must be non-negative, got {value}")
         return _SMALL_VARINTS[value]
+    # Ids, lengths and timeouts in milliseconds mostly take two or three
+    # octets; one bytes() call builds them for a third of the loop's cost.
+    if value < 0x4000:
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
+    if value < 0x200000:
+        return bytes(((value & 0x7F) | 0x80, ((value >> 7) & 0x7F) | 0x80, value >> 14))
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -238,11 +244,13 @@ class Request(NamedTuple):
     timeout_ms: int
 
     def encode(self) -> bytes:
+        cluster = self.cluster.encode()
         return b"".join(
             (
                 _OPS[Op.REQUEST],
                 encode_varint(self.id),
-                *_string(self.cluster),
+                encode_varint(len(cluster)),
+                cluster,
                 encode_varint(len(self.request)),
                 self.request,
                 encode_varint(self.timeout_ms),

@@ -1,13 +1,16 @@
 """A connection to the local Iris relay: the client half of the protocol.
 
 One TCP socket and one reader thread per connection. Calls from any thread
-encode a packet and write it under a lock; the reader thread decodes what the
-relay sends and completes the waiting call, or hands inbound work (requests,
+encode a packet and hand it to a SocketWriter, which combines the packets of
+concurrent callers into one write; the reader thread decodes what the relay
+sends and completes the waiting call (replies through a ReplyHandoff, which
+wakes their callers one after another), or hands inbound work (requests,
 broadcasts, events, tunnels) to bounded handler pools.
 
-    caller threads --encode/send--> socket --> relay
+    caller threads --encode/send--> SocketWriter --> socket --> relay
     reader thread  <--decode------- socket <-- relay
-        |-- replies / tunnel results -> waiting callers
+        |-- replies -> ReplyHandoff -> waiting callers (one wake-up at a time)
+        |-- tunnel results -> waiting callers
         |-- requests, broadcasts, events -> HandlerPools -> handlers
         `-- tunnel allowance and data -> Tunnel objects
 """
@@ -23,11 +26,13 @@ from . import codec
 from .dispatch import Inbound, sendable_reply
 from .errors import ClosedError, RemoteError, TimeoutError
 from .handlers import TopicHandler
+from .handoff import ReplyHandoff, Waiter
 from .limits import TUNNEL_BUFFER, TopicLimits
 from .logs import ContextLog, HandlerErrorLog, RateLimitedWarning
 from .pool import HandlerPool
 from .tunnel import Tunnel
 from .tunnel_core import TunnelRoutes
+from .writer import SocketWriter
 
 DEFAULT_PORT = 55555
 
@@ -68,31 +73,6 @@ def timeout_ms(timeout: float) -> int:
     return round(timeout * 1000)
 
 
-class _Waiter:
-    """One caller blocked on one answer from the reader thread.
-
-    A pre-acquired lock is the cheapest blocking hand-off CPython offers.
-    """
-
-    __slots__ = ("lock", "result")
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.lock.acquire()
-        self.result = None
-
-    def resolve(self, result) -> None:
-        self.result = result
-        self.lock.release()
-
-    def wait(self, timeout: float):
-        if not self.lock.acquire(timeout=timeout):
-            raise TimeoutError("the relay did not answer in time")
-        if isinstance(self.result, Exception):
-            raise self.result
-        return self.result
-
-
 class _Subscription:
     __slots__ = ("callback", "pool", "overflow")
 
@@ -117,11 +97,10 @@ class Connection(TunnelRoutes):
         """Attach; a member (non-empty ``cluster``) passes ``inbound``, a factory
         of the Inbound that receives its requests, broadcasts and tunnels."""
         self.log = log or ContextLog().new(client=next(_client_ids))
-        self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._ids = itertools.count()
-        self._requests: dict[int, _Waiter] = {}
-        self._tunnel_inits: dict[int, _Waiter] = {}
+        self._requests: dict[int, Waiter] = {}
+        self._tunnel_inits: dict[int, Waiter] = {}
         self._tunnels: dict[int, Tunnel] = {}
         self._subscriptions: dict[str, _Subscription] = {}
         self._closing = False
@@ -133,6 +112,8 @@ class Connection(TunnelRoutes):
 
         self.log.info("connecting to relay", relay_port=port, cluster=cluster or None)
         self._sock, self._decoder, early = self._handshake(port, cluster)
+        self._writer = SocketWriter(self._sock)
+        self._handoff = ReplyHandoff(self._writer)
         self._reader = threading.Thread(
             target=self._read_loop, args=(early,), name=f"iris-reader-{port}", daemon=True
         )
@@ -219,6 +200,7 @@ class Connection(TunnelRoutes):
             subscriptions, self._subscriptions = self._subscriptions, {}
         for waiter in (*requests.values(), *inits.values()):
             waiter.resolve(ClosedError(reason))
+        self._handoff.wake_all()
         for tunnel in tunnels.values():
             tunnel._on_closed(reason)
         for sub in subscriptions.values():
@@ -236,11 +218,7 @@ class Connection(TunnelRoutes):
     def _send(self, data: bytes) -> None:
         if self._closed.is_set():
             raise ClosedError("connection closed")
-        try:
-            with self._send_lock:
-                self._sock.sendall(data)
-        except OSError as err:
-            raise ClosedError(f"connection lost: {err}") from err
+        self._writer.send(data)
 
     def _check_open(self) -> None:
         if self._closing:
@@ -259,13 +237,18 @@ class Connection(TunnelRoutes):
         millis = timeout_ms(timeout)
         self._check_open()
         rid = next(self._ids)
-        waiter = _Waiter()
+        waiter = Waiter()
         self._requests[rid] = waiter
         try:
             if self.log.is_debug():
                 self.log.debug("sending request", cluster=cluster, id=rid, size=len(request))
-            self._send(codec.Request(rid, cluster, request, millis).encode())
-            reply = waiter.wait(timeout + RELAY_GRACE)
+            data = codec.Request(rid, cluster, request, millis).encode()
+            if not self._handoff.hold(data):
+                self._send(data)
+            reply = self._handoff.wait(waiter, timeout + RELAY_GRACE)
+        except BaseException:
+            self._handoff.cancel(waiter)  # an answer queued for us must not stop the chain
+            raise
         finally:
             self._requests.pop(rid, None)
         if reply.timed_out:
@@ -344,7 +327,7 @@ class Connection(TunnelRoutes):
         millis = timeout_ms(timeout)
         self._check_open()
         tid = next(self._ids)
-        waiter = _Waiter()
+        waiter = Waiter()
         self._tunnel_inits[tid] = waiter
         try:
             self.log.info("opening tunnel", cluster=cluster, tunnel=tid)
@@ -363,7 +346,7 @@ class Connection(TunnelRoutes):
         reason = "connection lost"
         dispatch = self._dispatch
         try:
-            recv, feed = self._sock.recv, self._decoder.feed
+            recv, feed, wake = self._sock.recv, self._decoder.feed, self._handoff.wake
             while True:
                 for packet in packets:
                     handle = dispatch.get(type(packet))
@@ -372,6 +355,7 @@ class Connection(TunnelRoutes):
                     if handle(self, packet):
                         reason = self._drop_reason or "connection closed"
                         return
+                wake()  # the callers answered by this read
                 data = recv(RECV_SIZE)
                 if not data:
                     break
@@ -401,7 +385,7 @@ class Connection(TunnelRoutes):
     def _on_reply(self, packet: codec.ReplyDelivery) -> None:
         waiter = self._requests.pop(packet.id, None)
         if waiter is not None:
-            waiter.resolve(packet)
+            self._handoff.deliver(waiter, packet)
 
     def _member_inbound(self, what: str) -> Inbound:
         if self.inbound is None:

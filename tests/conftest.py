@@ -25,6 +25,9 @@ Fixtures:
 ``attach``
     ``attach.connect(port)`` / ``attach.register(port, cluster, handler)``:
     the binding's entry points, closed at teardown.
+``socket_pair``
+    Two connected sockets (``socket.socketpair()``), for parts that write to
+    a socket without a relay; both closed at teardown.
 
 A relay that does not exit with code 0 on SIGTERM fails the test that used it,
 unless the test killed it on purpose.
@@ -178,3 +181,11 @@ def attach():
     attachments = Attachments()
     yield attachments
     attachments.close_all()
+
+
+@pytest.fixture
+def socket_pair():
+    left, right = socket.socketpair()
+    yield left, right
+    left.close()
+    right.close()

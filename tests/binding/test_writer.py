@@ -1,0 +1,107 @@
+"""The write-combining socket writer, over a real socket pair.
+
+Every sender's packets must arrive whole and in its order however the
+writer batches them, a sender must not race ahead of a peer that stops
+reading (the outbox is bounded), and a broken socket must fail senders.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from iris import ClosedError
+from iris.writer import OUTBOX_PACKETS, SMALL_PACKET, SocketWriter
+
+# How long a check that something stays blocked waits before concluding it does.
+BLOCKED_FOR = 0.5
+
+
+def frame(sender: int, seq: int, size: int) -> bytes:
+    """A self-describing packet: length, sender, sequence number, filler."""
+    body = sender.to_bytes(2, "little") + seq.to_bytes(4, "little") + bytes(size)
+    return len(body).to_bytes(4, "little") + body
+
+
+def read_frames(sock: socket.socket, total: int) -> list[tuple[int, int, int]]:
+    """(sender, seq, filler size) of ``total`` frames read from ``sock``."""
+    buf, frames = bytearray(), []
+    while len(frames) < total:
+        data = sock.recv(1 << 20)
+        assert data, "the writer's side closed early"
+        buf += data
+        while len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "little"):
+            size = int.from_bytes(buf[:4], "little")
+            body = bytes(buf[4 : 4 + size])
+            del buf[: 4 + size]
+            frames.append(
+                (int.from_bytes(body[:2], "little"), int.from_bytes(body[2:6], "little"), size - 6)
+            )
+    return frames
+
+
+def test_concurrent_senders_arrive_whole_and_in_order(socket_pair):
+    left, right = socket_pair
+    writer = SocketWriter(left)
+    senders, count = 16, 400
+    # Mostly small packets, every 50th one larger than SMALL_PACKET.
+    sizes = [SMALL_PACKET + 10 if seq % 50 == 49 else seq % 300 for seq in range(count)]
+
+    def send_all(sender: int) -> None:
+        for seq in range(count):
+            writer.send(frame(sender, seq, sizes[seq]))
+
+    threads = [threading.Thread(target=send_all, args=(s,)) for s in range(senders)]
+    received: list = []
+    reader = threading.Thread(target=lambda: received.extend(read_frames(right, senders * count)))
+    reader.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    reader.join(30)
+
+    assert len(received) == senders * count
+    for sender in range(senders):
+        mine = [(seq, size) for who, seq, size in received if who == sender]
+        assert mine == [(seq, sizes[seq]) for seq in range(count)]
+
+
+def test_a_sender_waits_when_the_peer_stops_reading(socket_pair):
+    """With the writer stuck on a full socket, other senders queue at most
+    OUTBOX_PACKETS packets and then wait, instead of buffering without bound."""
+    left, right = socket_pair
+    left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    writer = SocketWriter(left)
+    big = frame(0, 0, 4 << 20)  # far more than the socket buffers hold: its sender blocks
+    many = 1000  # appending them takes a few ms when nothing bounds the outbox
+    assert many > 2 * OUTBOX_PACKETS
+    blocked_writer = threading.Thread(target=writer.send, args=(big,))
+    blocked_writer.start()
+    time.sleep(0.1)
+    small_sender = threading.Thread(
+        target=lambda: [writer.send(frame(1, seq, 10)) for seq in range(many)]
+    )
+    small_sender.start()
+    small_sender.join(BLOCKED_FOR)
+    assert small_sender.is_alive(), "sender queued without bound while the peer did not read"
+
+    received = read_frames(right, 1 + many)
+    blocked_writer.join(10)
+    small_sender.join(10)
+    assert received[0] == (0, 0, 4 << 20)
+    assert [seq for _, seq, _ in received[1:]] == list(range(many))
+
+
+def test_a_broken_socket_fails_the_sender_and_every_later_one(socket_pair):
+    left, right = socket_pair
+    writer = SocketWriter(left)
+    right.close()
+    with pytest.raises(ClosedError, match="connection lost"):
+        for _ in range(100):  # the first writes may still land in the buffer
+            writer.send(frame(0, 0, 100_000))
+    with pytest.raises(ClosedError, match="connection lost"):
+        writer.send(frame(0, 1, 1))
