@@ -21,6 +21,7 @@ import itertools
 import socket
 import threading
 from collections.abc import Callable
+from typing import Any, ClassVar, cast
 
 from . import codec
 from .dispatch import Inbound, sendable_reply
@@ -76,13 +77,15 @@ def timeout_ms(timeout: float) -> int:
 class _Subscription:
     __slots__ = ("callback", "pool", "overflow")
 
-    def __init__(self, callback: Callable[[bytes], None], pool: HandlerPool, overflow):
+    def __init__(
+        self, callback: Callable[[bytes], None], pool: HandlerPool, overflow: RateLimitedWarning
+    ) -> None:
         self.callback = callback
         self.pool = pool
         self.overflow = overflow
 
 
-class Connection(TunnelRoutes):
+class Connection(TunnelRoutes[Tunnel]):
     """A live attachment to the relay; use :func:`connect` or :func:`register`."""
 
     tunnel_class = Tunnel
@@ -93,14 +96,14 @@ class Connection(TunnelRoutes):
         cluster: str = "",
         inbound: Callable[[Connection], Inbound] | None = None,
         log: ContextLog | None = None,
-    ):
+    ) -> None:
         """Attach; a member (non-empty ``cluster``) passes ``inbound``, a factory
         of the Inbound that receives its requests, broadcasts and tunnels."""
         self.log = log or ContextLog().new(client=next(_client_ids))
         self._state_lock = threading.Lock()
         self._ids = itertools.count()
-        self._requests: dict[int, Waiter] = {}
-        self._tunnel_inits: dict[int, Waiter] = {}
+        self._requests: dict[int, Waiter[codec.ReplyDelivery]] = {}
+        self._tunnel_inits: dict[int, Waiter[Tunnel | None]] = {}  # None: timed out
         self._tunnels: dict[int, Tunnel] = {}
         self._subscriptions: dict[str, _Subscription] = {}
         self._closing = False
@@ -122,7 +125,9 @@ class Connection(TunnelRoutes):
 
     # -- setup and teardown ------------------------------------------------
 
-    def _handshake(self, port: int, cluster: str) -> tuple[socket.socket, codec.Decoder, list]:
+    def _handshake(
+        self, port: int, cluster: str
+    ) -> tuple[socket.socket, codec.Decoder[codec.RelayPacket], list[codec.RelayPacket]]:
         """Send INIT and wait for the answer; return the socket, its decoder and
         the packets that came with the answer.
 
@@ -172,7 +177,7 @@ class Connection(TunnelRoutes):
     def __enter__(self) -> Connection:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     @property
@@ -198,7 +203,8 @@ class Connection(TunnelRoutes):
             inits, self._tunnel_inits = self._tunnel_inits, {}
             tunnels, self._tunnels = self._tunnels, {}
             subscriptions, self._subscriptions = self._subscriptions, {}
-        for waiter in (*requests.values(), *inits.values()):
+        waiters: tuple[Waiter[Any], ...] = (*requests.values(), *inits.values())
+        for waiter in waiters:
             waiter.resolve(ClosedError(reason))
         self._handoff.wake_all()
         for tunnel in tunnels.values():
@@ -237,7 +243,7 @@ class Connection(TunnelRoutes):
         millis = timeout_ms(timeout)
         self._check_open()
         rid = next(self._ids)
-        waiter = Waiter()
+        waiter: Waiter[codec.ReplyDelivery] = Waiter()
         self._requests[rid] = waiter
         try:
             if self.log.is_debug():
@@ -253,9 +259,10 @@ class Connection(TunnelRoutes):
             self._requests.pop(rid, None)
         if reply.timed_out:
             raise TimeoutError(f"request to {cluster!r} timed out after {timeout:g} s")
+        # The payload's type follows ``success``; cast, not checked: this is per request.
         if not reply.success:
-            raise RemoteError(reply.payload)
-        return reply.payload
+            raise RemoteError(cast(str, reply.payload))
+        return cast(bytes, reply.payload)
 
     def broadcast(self, cluster: str, message: bytes) -> None:
         """Send ``message`` to every member of ``cluster`` (best effort)."""
@@ -327,7 +334,7 @@ class Connection(TunnelRoutes):
         millis = timeout_ms(timeout)
         self._check_open()
         tid = next(self._ids)
-        waiter = Waiter()
+        waiter: Waiter[Tunnel | None] = Waiter()
         self._tunnel_inits[tid] = waiter
         try:
             self.log.info("opening tunnel", cluster=cluster, tunnel=tid)
@@ -342,7 +349,7 @@ class Connection(TunnelRoutes):
 
     # -- the reader thread -----------------------------------------------------------
 
-    def _read_loop(self, packets: list) -> None:
+    def _read_loop(self, packets: list[codec.RelayPacket]) -> None:
         reason = "connection lost"
         dispatch = self._dispatch
         try:
@@ -442,7 +449,10 @@ class Connection(TunnelRoutes):
             tunnel.log.info("tunnel established")
             waiter.resolve(tunnel)
 
-    _dispatch = {
+    # A packet's handler, by the packet's type; True: stop reading. Each handler
+    # takes its own packet type, which a dict's value type cannot tie to its
+    # key: hence Any.
+    _dispatch: ClassVar[dict[type[codec.RelayPacket], Callable[[Connection, Any], bool | None]]] = {
         codec.ReplyDelivery: _on_reply,
         codec.RequestDelivery: _on_request,
         codec.BroadcastDelivery: _on_broadcast,

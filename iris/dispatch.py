@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from . import codec
 from .errors import ClosedError
@@ -78,7 +78,8 @@ def sendable_reply(
     member's connection and with it every request in flight. Both bindings'
     ``Connection.reply`` pass what they send through here.
     """
-    size = len(payload) if success else len(payload.encode("utf-8", "replace"))
+    # The payload's type follows ``success``; cast, not checked: this is per reply.
+    size = len(payload) if success else len(cast(str, payload).encode("utf-8", "replace"))
     if size <= codec.MAX_MESSAGE:
         return success, payload
     fault = codec.too_large("reply" if success else "fault text", size)
@@ -86,7 +87,19 @@ def sendable_reply(
     return False, fault
 
 
-def memory_fault(pool: HandlerPool, where: str = "") -> str:
+class ByteBudget(Protocol):
+    """A handler pool's byte budget, as both bindings' HandlerPools keep it."""
+
+    @property
+    def waiting_bytes(self) -> int:
+        """Bytes of the tasks waiting for a thread (or task)."""
+
+    @property
+    def memory(self) -> int:
+        """The most bytes that may wait."""
+
+
+def memory_fault(pool: ByteBudget, where: str = "") -> str:
     """The fault for a request refused because ``pool``'s byte budget is full."""
     return (
         f"request memory limit exceeded{where}: {pool.waiting_bytes} bytes waiting, "
@@ -94,7 +107,7 @@ def memory_fault(pool: HandlerPool, where: str = "") -> str:
     )
 
 
-def serve_tunnel(handler: ServiceHandler, tunnel, errors: HandlerErrorLog) -> None:
+def serve_tunnel(handler: ServiceHandler, tunnel: Tunnel, errors: HandlerErrorLog) -> None:
     """Run ``handle_tunnel``; a handler that raises has its tunnel closed."""
     try:
         handler.handle_tunnel(tunnel)
@@ -129,12 +142,16 @@ class HandlerDispatch:
     """
 
     def __init__(
-        self, conn: Connection, handler: ServiceHandler, limits: ServiceLimits | None, log
-    ):
+        self,
+        conn: Connection,
+        handler: ServiceHandler,
+        limits: ServiceLimits | None,
+        log: ContextLog,
+    ) -> None:
         limits = (limits or ServiceLimits()).with_defaults()
         self._conn = conn
         self._handler = handler
-        self._log: ContextLog = log
+        self._log = log
         self._errors = HandlerErrorLog(log)
         self._requests = HandlerPool(
             "request", limits.request_threads, limits.request_memory, self._errors

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from typing import Any, Generic, TypeVar, cast
 
 from .errors import TimeoutError
 from .writer import SocketWriter
@@ -30,8 +31,11 @@ from .writer import SocketWriter
 # cannot keep the relay waiting for them.
 HELD_REQUESTS = 8
 
+# What a waiter is answered with (besides an exception to raise).
+_Result = TypeVar("_Result")
 
-class Waiter:
+
+class Waiter(Generic[_Result]):
     """One caller blocked on one answer from the reader thread.
 
     A pre-acquired lock is the cheapest blocking hand-off CPython offers.
@@ -42,21 +46,22 @@ class Waiter:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.lock.acquire()
-        self.result = None
+        # None until answered; no waiter is woken before its answer is set.
+        self.result: _Result | Exception | None = None
         self.abandoned = False  # its caller gave up: not to be queued any more
 
-    def resolve(self, result) -> None:
+    def resolve(self, result: _Result | Exception) -> None:
         """Answer and wake at once, outside any chain (rare answers, the end)."""
         self.result = result
         self.lock.release()
 
-    def wait(self, timeout: float):
+    def wait(self, timeout: float) -> _Result:
         """Block until :meth:`resolve`; the result, raised if an exception."""
         if not self.lock.acquire(timeout=timeout):
             raise TimeoutError("the relay did not answer in time")
         if isinstance(self.result, Exception):
             raise self.result
-        return self.result
+        return cast(_Result, self.result)  # answered: no longer the initial None
 
 
 class ReplyHandoff:
@@ -64,16 +69,16 @@ class ReplyHandoff:
 
     __slots__ = ("_writer", "_lock", "_arrived", "_ready", "_running")
 
-    def __init__(self, writer: SocketWriter):
+    def __init__(self, writer: SocketWriter) -> None:
         self._writer = writer
         self._lock = threading.Lock()
-        self._arrived: list[Waiter] = []  # answered by the current read (reader only)
-        self._ready: deque[Waiter] = deque()  # answered, not yet woken
+        self._arrived: list[Waiter[Any]] = []  # answered by the current read (reader only)
+        self._ready: deque[Waiter[Any]] = deque()  # answered, not yet woken
         self._running = False  # a woken caller will wake the next one
 
     # -- the reader thread ----------------------------------------------------
 
-    def deliver(self, waiter: Waiter, result) -> None:
+    def deliver(self, waiter: Waiter[_Result], result: _Result) -> None:
         """Record ``waiter``'s answer; :meth:`wake` queues it after the read."""
         waiter.result = result
         self._arrived.append(waiter)
@@ -108,7 +113,7 @@ class ReplyHandoff:
         with self._lock:
             return self._running and self._writer.hold(data, HELD_REQUESTS)
 
-    def wait(self, waiter: Waiter, timeout: float):
+    def wait(self, waiter: Waiter[_Result], timeout: float) -> _Result:
         """Block until ``waiter`` is answered; its result, raised if an exception."""
         try:
             answered = waiter.lock.acquire(timeout=timeout)
@@ -121,7 +126,7 @@ class ReplyHandoff:
             raise TimeoutError("the relay did not answer in time")
         if isinstance(waiter.result, Exception):
             raise waiter.result
-        return waiter.result
+        return cast(_Result, waiter.result)  # answered: no longer the initial None
 
     def _pass_on(self) -> None:
         """Wake the next answered caller, or end the chain and send what it held."""
@@ -132,7 +137,7 @@ class ReplyHandoff:
             self._running = False
         self._writer.flush()
 
-    def cancel(self, waiter: Waiter) -> bool:
+    def cancel(self, waiter: Waiter[_Result]) -> bool:
         """Take the waiter of a caller that stops waiting (or never starts:
         an exception between sending and waiting) out of the chain; True if
         its answer had arrived after all. A second call returns False."""

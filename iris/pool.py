@@ -10,10 +10,13 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
+from typing import Final
 
 from .logs import HandlerErrorLog
 
-_STOP = None
+# A queued task: the callable, its arguments and the bytes it holds.
+_Task = tuple[Callable[..., object], tuple[object, ...], int]
+_STOP: Final = None  # queued once per thread by close()
 
 
 class HandlerPool:
@@ -23,13 +26,13 @@ class HandlerPool:
     is how a service's ``init`` runs before any other callback.
     """
 
-    def __init__(self, name: str, threads: int, memory: int, errors: HandlerErrorLog):
+    def __init__(self, name: str, threads: int, memory: int, errors: HandlerErrorLog) -> None:
         self.name = name
         self.threads = threads
         self.memory = memory
         self._errors = errors
         self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
         self._started = False
         self._closed = False
         self._workers = 0
@@ -37,7 +40,7 @@ class HandlerPool:
         self._queued = 0
         self.waiting_bytes = 0
 
-    def submit(self, task: Callable, args: tuple, size: int) -> bool:
+    def submit(self, task: Callable[..., object], args: tuple[object, ...], size: int) -> bool:
         """Queue a task holding ``size`` bytes; False if it does not fit the budget."""
         with self._lock:
             if self._closed or self.waiting_bytes + size > self.memory:
