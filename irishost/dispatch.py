@@ -4,7 +4,8 @@
 relay connection. The connection's reader thread calls it for every request,
 broadcast and tunnel; it picks a worker and writes a frame to that worker's
 ring, with no thread hop. The supervisor's loop calls :meth:`on_frame` with
-what workers send back. Both sides share the worker table under one lock.
+what workers send back. Both sides book and settle requests through the
+:class:`~irishost.worker_table.WorkerTable`.
 
 Every request the relay delivers gets exactly one answer from here: the
 worker's reply, a fault when no worker can take it, or a fault when its
@@ -19,17 +20,11 @@ deadline passes while it waits is dropped unrun; its caller gets the
 relay's timeout, as a client of gunicorn gets its proxy's. Only when that
 budget is full does a request get a fault at once.
 
-Workers never see the relay's request ids. Those are only unique within one
-relay process: a restarted relay numbers its requests from 0 again, and a
-late reply to a request of the dead one would answer whichever new request
-now has its number. So each request gets a ticket of ours, unique for the
-host's life, and the ticket remembers the connection and id to answer.
+Every answer, reply or fault, leaves through :meth:`RelayDispatch.answer`.
 """
 
 from __future__ import annotations
 
-import itertools
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -41,16 +36,8 @@ from iris.logs import ContextLog, RateLimitedWarning
 from . import frames
 from .bridge import TunnelBridge
 from .config import Config
-from .frames import Kind
-from .workers import BEST_EFFORT_TIMEOUT, DRAINING, READY, WorkerHandle
-
-
-class Pending(NamedTuple):
-    """A request a worker holds, under its ticket: who runs it, where the answer goes."""
-
-    worker: WorkerHandle
-    conn: iris.Connection  # the connection it came in on, perhaps closed since
-    request_id: int  # the relay's id for it, on that connection
+from .worker_table import WorkerTable
+from .workers import BEST_EFFORT_TIMEOUT, WorkerHandle, WorkerState, WorkerUnreachable
 
 
 class Waiting(NamedTuple):
@@ -63,14 +50,17 @@ class Waiting(NamedTuple):
 
 
 class RelayDispatch:
-    def __init__(self, config: Config, log: ContextLog, recycle: Callable[[WorkerHandle], None]):
+    def __init__(
+        self,
+        config: Config,
+        log: ContextLog,
+        table: WorkerTable,
+        recycle: Callable[[WorkerHandle], None],
+    ):
         self.config = config
         self.log = log
+        self.table = table
         self.conn: iris.Connection | None = None
-        self.workers: list[WorkerHandle] = []  # every live worker process
-        self.lock = threading.Lock()
-        self.owner: dict[int, Pending] = {}  # ticket -> the request
-        self._tickets = itertools.count()
         self.dropped: iris.Connection | None = None  # the last connection drop() was told of
         self.bridges: dict[int, TunnelBridge] = {}
         self.served = 0
@@ -94,10 +84,10 @@ class RelayDispatch:
         return self
 
     def ready_workers(self) -> list[WorkerHandle]:
-        return [w for w in self.workers if w.state == READY]
+        return self.table.in_state(WorkerState.READY)
 
     def in_flight(self) -> int:
-        return len(self.owner)
+        return self.table.in_flight()
 
     def waiting(self) -> int:
         """Requests waiting for a worker to be ready."""
@@ -108,7 +98,7 @@ class RelayDispatch:
     def request(self, request_id: int, request: bytes, timeout: float) -> None:
         # self.conn is the connection whose reader thread this is.
         waiting = Waiting(self.conn, request_id, time.monotonic() + timeout, request)
-        with self.lock:
+        with self.table.lock:
             choice = self._pick_for_request(len(request))
             if choice is None:
                 choice = self._wait_for_worker(waiting)
@@ -133,25 +123,21 @@ class RelayDispatch:
         """Record a request as held by the worker chosen for it; its ticket. Under the lock."""
         if isinstance(choice, str):
             return None
-        size = len(waiting.request)
-        ticket = next(self._tickets)
-        choice.in_flight[ticket] = (waiting.deadline, size)
-        choice.in_flight_bytes += size
-        self.owner[ticket] = Pending(choice, waiting.conn, waiting.request_id)
-        return ticket
+        return self.table.book(
+            choice, waiting.conn, waiting.request_id, waiting.deadline, len(waiting.request)
+        )
 
     def _hand_over(self, waiting: Waiting, choice: WorkerHandle | str, ticket: int | None) -> None:
         """Write a booked request to its worker's ring, or answer with the fault text."""
         if isinstance(choice, str):
-            waiting.conn.reply(waiting.request_id, False, choice)
+            self.answer(waiting.conn, waiting.request_id, False, choice)
             return
         try:
-            choice.put(frames.encode(Kind.REQUEST, ticket, waiting.deadline, waiting.request))
-        except (TimeoutError, ValueError, OSError) as err:
-            if self._settle(ticket) is not None:
-                waiting.conn.reply(
-                    waiting.request_id, False, f"{choice} did not take the request: {err}"
-                )
+            choice.put(frames.Request(ticket, waiting.deadline, waiting.request).encode())
+        except WorkerUnreachable as err:
+            if self.table.settle(ticket) is not None:
+                fault = f"{choice} did not take the request: {err}"
+                self.answer(waiting.conn, waiting.request_id, False, fault)
 
     def release_waiting(self) -> None:
         """Hand waiting requests to workers once one is ready; forget expired ones.
@@ -161,7 +147,7 @@ class RelayDispatch:
         """
         now = time.monotonic()
         handed = []
-        with self.lock:
+        with self.table.lock:
             if not self._waiting:
                 return
             live = [w for w in self._waiting if w.deadline > now and not w.conn.closed]
@@ -191,20 +177,20 @@ class RelayDispatch:
         if not self.accepting:
             return "service is shutting down"
         best, best_load, open_workers, ready, stalled = None, None, 0, 0, 0
-        workers, start, now = self.workers, self._cursor, time.monotonic()
+        workers, start, now = self.table.workers, self._cursor, time.monotonic()
         for step in range(len(workers)):
             worker = workers[(start + step) % len(workers)]
-            if worker.state == DRAINING:
+            if worker.state is WorkerState.DRAINING:
                 continue
             open_workers += 1
-            if worker.state == READY:
+            if worker.state is WorkerState.READY:
                 ready += 1
             if worker.stalled(now):
                 stalled += 1
                 continue
             if worker.in_flight_bytes + size > self._memory_cap:
                 continue
-            load = (worker.state != READY, len(worker.in_flight))
+            load = (worker.state is not WorkerState.READY, len(worker.in_flight))
             if best is None or load < best_load:
                 best, best_load = worker, load
                 self._cursor = (start + step + 1) % len(workers)
@@ -221,7 +207,7 @@ class RelayDispatch:
         )
 
     def broadcast(self, message: bytes) -> None:
-        self._deliver(self.config.workers.broadcast, frames.encode(Kind.BROADCAST, message))
+        self._deliver(self.config.workers.broadcast, frames.Broadcast(message).encode())
 
     def event(self, topic: str) -> Callable[[bytes], None]:
         """The subscription callback for one configured topic."""
@@ -229,25 +215,25 @@ class RelayDispatch:
         def deliver(event: bytes) -> None:
             rule = self._topic_rules.get(topic)
             if rule is not None:  # else dropped from the config by a reload
-                self._deliver(rule, frames.encode(Kind.EVENT, topic, event))
+                self._deliver(rule, frames.Event(topic, event).encode())
 
         return deliver
 
     def _deliver(self, rule: str, frame: bytes) -> None:
         """Best effort, as broadcasts and events are on the relay itself."""
         now = time.monotonic()
-        with self.lock:
+        with self.table.lock:
             targets = [w for w in self.ready_workers() if not w.stalled(now)]
             if rule == "one" and targets:
                 targets = [min(targets, key=lambda w: len(w.in_flight))]
         for worker in targets:
             try:
                 worker.put(frame, BEST_EFFORT_TIMEOUT)
-            except (TimeoutError, ValueError, OSError) as err:
-                self._delivery_dropped(worker=worker.slot, error=str(err) or "worker busy")
+            except WorkerUnreachable as err:
+                self._delivery_dropped(worker=worker.slot, error=str(err))
 
     def tunnel(self, tunnel: iris.Tunnel) -> None:
-        with self.lock:
+        with self.table.lock:
             ready = self.ready_workers()
             worker = min(ready, key=lambda w: len(w.tunnels)) if ready else None
             if worker is not None:
@@ -271,12 +257,10 @@ class RelayDispatch:
         waits for ``dropped`` first, so that a worker forked for the new
         connection can never be told of the old one's drop.
         """
-        with self.lock:
-            targets = list(self.workers)
-        for worker in targets:
+        for worker in self.table.workers:
             try:
-                worker.put(frames.encode(Kind.DROP, str(reason)))
-            except (TimeoutError, ValueError, OSError):
+                worker.put(frames.Drop(str(reason)).encode())
+            except WorkerUnreachable:
                 pass  # a wedged worker is the stuck-worker check's business
         self.dropped = self.conn
 
@@ -286,10 +270,10 @@ class RelayDispatch:
 
     # -- answers from workers: called on the supervisor's loop -------------------------
 
-    def on_frame(self, worker: WorkerHandle, kind: int, fields: list) -> None:
-        if kind == Kind.REPLY:
-            ticket, success, payload = fields
-            pending = self._settle(ticket)
+    def on_frame(self, worker: WorkerHandle, frame: frames.ToSupervisor) -> None:
+        """An answer or tunnel frame from ``worker``; FrameError for any other kind."""
+        if isinstance(frame, frames.Reply):
+            pending = self.table.settle(frame.ticket)
             if pending is not None:
                 self.served += 1
                 worker.served += 1
@@ -298,42 +282,35 @@ class RelayDispatch:
                 # max_requests, not one more.
                 if worker.max_requests and worker.served >= worker.max_requests:
                     self._recycle(worker)
-                # On a connection closed since, the reply is dropped: its relay
-                # has answered the caller already, or is gone with the caller.
-                pending.conn.reply(pending.request_id, success, payload)
-        elif kind == Kind.EXPIRED:
-            self._settle(fields[0])
-        elif kind in (Kind.TUN_SEND, Kind.TUN_ACK, Kind.TUN_CLOSE):
-            bridge = self.bridges.get(fields[0])
+                self.answer(pending.conn, pending.request_id, frame.success, frame.payload)
+        elif isinstance(frame, frames.Expired):
+            self.table.settle(frame.ticket)
+        elif isinstance(frame, (frames.TunSend, frames.TunAck, frames.TunClose)):
+            bridge = self.bridges.get(frame.tunnel_id)
             # Tunnel ids restart with each connection too: a frame from the
             # worker of a tunnel that died with an old connection must not
             # reach a new tunnel that has its id.
             if bridge is not None and bridge.worker is worker:
-                bridge.on_frame(kind, fields[1:])
+                bridge.on_frame(frame)
         else:
-            raise frames.FrameError(f"unexpected frame kind {kind} from {worker}")
+            raise frames.FrameError(f"unexpected {type(frame).__name__} frame")
 
-    def _settle(self, ticket: int) -> Pending | None:
-        """Forget a request's bookkeeping; None if it was settled already."""
-        with self.lock:
-            pending = self.owner.pop(ticket, None)
-            if pending is not None:
-                _, size = pending.worker.in_flight.pop(ticket)
-                pending.worker.in_flight_bytes -= size
-        return pending
+    def answer(
+        self, conn: iris.Connection, request_id: int, success: bool, payload: bytes | str
+    ) -> None:
+        """Answer one request: every reply and every fault of the host goes out here.
+
+        On a connection closed since, the answer is dropped: its relay has
+        answered the caller already, or is gone with the caller.
+        """
+        conn.reply(request_id, success, payload)
 
     def fail_worker(self, worker: WorkerHandle, how: str) -> None:
         """Fault everything a dead worker held, and close its tunnels."""
-        with self.lock:
-            if worker in self.workers:
-                self.workers.remove(worker)
-            held = [self.owner.pop(ticket) for ticket in worker.in_flight]
-            worker.in_flight.clear()
-            worker.in_flight_bytes = 0
+        held = self.table.remove(worker)
+        fault = f"{worker} died while handling the request: {how}"
         for pending in held:
-            pending.conn.reply(
-                pending.request_id, False, f"{worker} died while handling the request: {how}"
-            )
+            self.answer(pending.conn, pending.request_id, False, fault)
         for tunnel_id in list(worker.tunnels):
             bridge = self.bridges.get(tunnel_id)
             if bridge is not None:
@@ -342,14 +319,3 @@ class RelayDispatch:
             self.log.warning(
                 "faulted requests of a dead worker", worker=worker.slot, count=len(held)
             )
-
-    def retire(self, worker: WorkerHandle) -> None:
-        """Stop sending new work to ``worker`` and let it drain and exit."""
-        with self.lock:
-            if worker.state == DRAINING:
-                return
-            worker.state = DRAINING
-        try:
-            worker.put(frames.encode(Kind.DRAIN))
-        except (TimeoutError, ValueError, OSError) as err:
-            self.log.warning("could not ask worker to drain", worker=worker.slot, error=str(err))

@@ -42,7 +42,6 @@ from iris.pool import HandlerPool
 
 from . import frames
 from .config import Config
-from .frames import Kind
 from .loader import reload_handler
 from .ring import Ring
 from .worker_tunnel import WorkerTunnel
@@ -159,9 +158,9 @@ class Worker:
         try:
             self._boot()
         except BaseException:
-            self.send(frames.encode(Kind.FAILED, traceback.format_exc()))
+            self.send(frames.Failed(traceback.format_exc()).encode())
             return BOOT_FAILED
-        self.send(frames.encode(Kind.READY, os.getpid()))
+        self.send(frames.Ready(os.getpid()).encode())
         self.log.info("worker ready", pid=os.getpid())
         return self._loop()
 
@@ -222,15 +221,15 @@ class Worker:
             return self._loop_worker.serve()
         inbox = self.spec.inbox
         handlers = {
-            Kind.REQUEST: self._on_request,
-            Kind.BROADCAST: self._on_broadcast,
-            Kind.EVENT: self._on_event,
-            Kind.TUNNEL: self._on_tunnel,
-            Kind.TUN_DATA: self._tunnel_handler("on_data"),
-            Kind.TUN_SENT: self._tunnel_handler("on_sent"),
-            Kind.TUN_CLOSED: self._tunnel_handler("on_closed"),
-            Kind.DROP: self._on_drop,
-            Kind.DRAIN: self._on_drain,
+            frames.Request: self._on_request,
+            frames.Broadcast: self._on_broadcast,
+            frames.Event: self._on_event,
+            frames.Tunnel: self._on_tunnel,
+            frames.TunData: self._tunnel_handler("on_data"),
+            frames.TunSent: self._tunnel_handler("on_sent"),
+            frames.TunClosed: self._tunnel_handler("on_closed"),
+            frames.Drop: self._on_drop,
+            frames.Drain: self._on_drain,
         }
         while True:
             data = inbox.get(IDLE_CHECK_SECONDS, spin=not self._in_flight)
@@ -242,8 +241,8 @@ class Worker:
                     return self._finish()
                 continue
             for frame in [data, *inbox.drain()]:
-                fields = frames.decode(frame)
-                handlers[fields[0]](*fields[1:])
+                message = frames.decode(frame)
+                handlers[type(message)](*message)
             if self._draining and self._idle():
                 return self._finish()
 
@@ -295,15 +294,15 @@ class Worker:
         if not self._requests.submit(self._serve, (request_id, deadline, payload), len(payload)):
             self._track(-1)
             fault = memory_fault(self._requests, f" in worker {self.spec.index}")
-            self.send(frames.encode(Kind.REPLY, request_id, False, fault))
+            self.send(frames.Reply(request_id, False, fault).encode())
 
     def _serve(self, request_id: int, deadline: float, payload: bytes) -> None:
         try:
             if time.monotonic() > deadline:  # its caller has timed out already
-                self.send(frames.encode(Kind.EXPIRED, request_id))
+                self.send(frames.Expired(request_id).encode())
                 return
             self.send(
-                frames.encode(Kind.REPLY, request_id, *answer(self.handler, payload, self.errors))
+                frames.Reply(request_id, *answer(self.handler, payload, self.errors)).encode()
             )
         finally:
             self._leave_if_forked()

@@ -25,7 +25,6 @@ import time
 
 import iris
 from irishost import frames
-from irishost.frames import Kind
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECORDS = os.path.join(HERE, "records.jsonl")
@@ -210,7 +209,7 @@ class ProbeHandler(iris.ServiceHandler):
                     tunnel.send(f"{type(err).__name__}: {err}".encode(), timeout=10)
                 mode = "echo"
             if mode == "bad-frame":
-                tunnel._send_frame(frames.encode(Kind.TUN_SEND, tunnel.id, b"x", "5"))
+                tunnel._send_frame(frames.TunSend(tunnel.id, b"x", "5").encode())
                 tunnel.recv(10)
             if mode == "echo":
                 while True:

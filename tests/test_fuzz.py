@@ -576,10 +576,10 @@ msgpack_values = st.recursive(
     max_leaves=12,
 )
 REAL_FRAMES = [
-    frames.encode(frames.Kind.REQUEST, 7, 12345.5, b"payload"),
-    frames.encode(frames.Kind.REPLY, 7, False, "fault text"),
-    frames.encode(frames.Kind.TUN_SEND, 3, b"data", 1.5),
-    frames.encode(frames.Kind.EVENT, "topic", b"event"),
+    frames.Request(7, 12345.5, b"payload").encode(),
+    frames.Reply(7, False, "fault text").encode(),
+    frames.TunSend(3, b"data", 1.5).encode(),
+    frames.Event("topic", b"event").encode(),
 ]
 
 
