@@ -45,14 +45,14 @@ class HostStatus:
         host = self.host
         dispatch = host.dispatch
         line = (
-            f"workers {len(dispatch.ready_workers())}/{host.count}, served {dispatch.served}, "
-            f"in flight {dispatch.in_flight()}, restarts {host.respawner.restarts}, "
+            f"workers {len(dispatch.ready_workers())}/{host.pool.count}, served {dispatch.served}, "
+            f"in flight {dispatch.in_flight()}, restarts {host.pool.respawner.restarts}, "
             f"relay {host.link.state.value}"
         )
         waiting = dispatch.waiting()
         if waiting:
             line += f", waiting for a worker {waiting}"
-        problems = host.respawner.slot_problems(host.count)
+        problems = host.pool.respawner.slot_problems(host.pool.count)
         if problems:
             line += "; degraded: " + "; ".join(
                 f"worker {slot} {problem}" for slot, problem in problems.items()
@@ -63,7 +63,7 @@ class HostStatus:
         """What `irishost status` and the metrics show; runs on their threads."""
         host = self.host
         now = time.monotonic()
-        restarts = host.respawner.slot_restarts
+        restarts = host.pool.respawner.slot_restarts
         with host.table.lock:
             workers = [
                 {
@@ -82,7 +82,7 @@ class HostStatus:
             waiting = host.dispatch.waiting()
         for entry in workers:  # outside the lock: reading /proc is slow
             entry["rss"] = entry.pop("process").rss()
-        problems = host.respawner.slot_problems(host.count)
+        problems = host.pool.respawner.slot_problems(host.pool.count)
         return {
             "service": host.config.file.stem,
             "cluster": host.config.service.cluster,
@@ -92,7 +92,7 @@ class HostStatus:
             "served": host.dispatch.served,
             "in_flight": in_flight,
             "waiting": waiting,
-            "restarts": host.respawner.restarts,
+            "restarts": host.pool.respawner.restarts,
             "degraded": [{"slot": slot, "problem": text} for slot, text in problems.items()],
             "workers": workers,
         }

@@ -22,8 +22,9 @@ import abc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .config import Config
+from .config import Config, ConfigError, load_config
 from .exits import HostError
+from .loader import reload_handler
 from .workers import WorkerHandle, WorkerState
 
 if TYPE_CHECKING:
@@ -39,6 +40,22 @@ class Generation:
     handler_class: type | None  # imported in the supervisor when preloading
 
 
+def reread(running: Config, overrides: dict, number: int) -> Generation:
+    """The generation a reload starts: the config file read again, with the
+    command line's overrides, and the handler re-imported when preloading.
+
+    ConfigError or HandlerImportError when it cannot be used.
+    """
+    config = load_config(running.file).with_overrides(**overrides)
+    if (config.service.cluster, config.relay.port) != (
+        running.service.cluster,
+        running.relay.port,
+    ):
+        raise ConfigError(config.file, "service.cluster", "cluster and relay port need a restart")
+    handler_class = reload_handler(config) if config.workers.preload else None
+    return Generation(number, config, handler_class)
+
+
 class Rollout(abc.ABC):
     what = "rollout"
 
@@ -48,7 +65,7 @@ class Rollout(abc.ABC):
 
     def start(self) -> None:
         for slot in range(self.generation.config.workers.count):
-            self.host.spawn(slot, self.generation)
+            self.host.pool.spawn(slot, self.generation)
 
     def owns(self, worker: WorkerHandle) -> bool:
         return worker.generation == self.generation.number
@@ -67,7 +84,7 @@ class Rollout(abc.ABC):
         old = [w for w in host.table.workers if w.generation < self.generation.number]
         self._take_over()
         for worker in old:
-            host.retire(worker)
+            host.pool.retire(worker)
         self._completed(workers)
 
     def abort(self, why: str, details: str | None = None) -> None:
@@ -77,7 +94,7 @@ class Rollout(abc.ABC):
         if details:
             host.log.error("traceback of the failed worker", traceback=details)
         for worker in host.table.of_generation(self.generation.number):
-            host.kill(worker, "its generation was given up", quiet=True)
+            host.pool.kill(worker, "its generation was given up", quiet=True)
 
     @abc.abstractmethod
     def _take_over(self) -> None:
@@ -111,7 +128,7 @@ class Reconnect(Rollout):
     what = "reconnect"
 
     def _take_over(self) -> None:
-        self.host.generation = self.generation
+        self.host.pool.generation = self.generation
 
     def _completed(self, workers: int) -> None:
         """Register again; the old workers were retired first, so no request of

@@ -23,57 +23,49 @@ import os
 import signal
 import time
 
-import setproctitle
-
 from iris.logfmt import configure_logging
 from iris.logs import ContextLog
 
 from . import frames
-from .config import MAX_WORKERS, Config, ConfigError, load_config
+from .config import Config, ConfigError
 from .control import ControlError, ControlServer
 from .dispatch import RelayDispatch
 from .exits import Exit, HostError, describe_exit
 from .host_status import STATUS_SECONDS, HostStatus
-from .loader import HandlerImportError, reload_handler
+from .loader import HandlerImportError
 from .metrics import MetricsServer
 from .notify import Notifier
+from .pool import WorkerPool, signal_worker
 from .relay_link import RelayLink, RelayState
-from .respawner import Death, Respawner, memory_verdict, stuck_reason
 from .ring import remove_stale_segments, segment_prefix, wait_readable
-from .rollout import Generation, Reconnect, Reload, Rollout
+from .rollout import Generation, Reconnect, Reload, Rollout, reread
 from .spawner import Spawner
 from .worker_table import Change, WorkerTable
-from .workers import WorkerHandle, WorkerState, WorkerUnreachable
+from .workers import WorkerHandle, WorkerState
 
 __all__ = ["STATUS_SECONDS", "Exit", "HostError", "Supervisor", "describe_exit"]
 
 # The loop wakes at least this often to check deadlines, memory and respawns.
 TICK_SECONDS = 0.25
-# Resident memory is sampled this often when max_rss is set: psutil reads
-# /proc/<pid>/statm, some microseconds per worker. Often enough that a handler
-# growing 320 MiB a second gets 32 MiB past the kill threshold at most.
-RSS_CHECK_SECONDS = 0.1
 
 BOOTING, READY, DRAINING = WorkerState.BOOTING, WorkerState.READY, WorkerState.DRAINING
 
 
 class Supervisor:
     def __init__(self, config: Config, handler_class: type | None, overrides: dict | None = None):
-        self.config = config  # the running generation's
         self.overrides = overrides or {}  # command-line flags, re-applied on reload
-        self.count = config.workers.count  # changed by SIGTTIN/SIGTTOU and reloads
-        self.generation = Generation(0, config, handler_class)
         # Never reused: workers of an aborted reload may still be waiting to be
         # reaped when the next reload starts, and must not pass for its workers.
         self._generation_numbers = itertools.count(1)
         self.rollout: Rollout | None = None  # a reload or reconnect in progress
         self.log = ContextLog(logging.getLogger("irishost")).new(service=config.service.cluster)
         self.table = WorkerTable()
-        self.dispatch = RelayDispatch(config, self.log, self.table, self.recycle)
-        self.link = RelayLink(config, self.dispatch, self.log)
         self.prefix = segment_prefix(config.service.cluster)
-        self.spawner = Spawner(self.prefix)
-        self.respawner = Respawner()
+        self.pool = WorkerPool(
+            Generation(0, config, handler_class), self.table, Spawner(self.prefix), self.log
+        )
+        self.dispatch = RelayDispatch(config, self.log, self.table, self.pool.recycle)
+        self.link = RelayLink(config, self.dispatch, self.log)
         self.notifier = Notifier.from_environ()
         self.status = HostStatus(self)
         self.signal_queue: list[int] = []  # appended by the handlers, emptied by the loop
@@ -81,16 +73,19 @@ class Supervisor:
             signal.SIGTERM: self._stop,
             signal.SIGINT: self._interrupt,
             signal.SIGHUP: self._reload,
-            signal.SIGTTIN: lambda: self._scale(self.count + 1),
-            signal.SIGTTOU: lambda: self._scale(self.count - 1),
+            signal.SIGTTIN: lambda: self._scale(+1),
+            signal.SIGTTOU: lambda: self._scale(-1),
         }
-        self._next_tick = self._next_rss_check = 0.0
-        self._rings: dict = {}
-        self._rings_version = -1
+        self._next_tick = 0.0
 
     @property
     def stopping(self) -> bool:
         return self.link.state is RelayState.STOPPING
+
+    @property
+    def config(self) -> Config:
+        """The running generation's."""
+        return self.pool.config
 
     # -- the whole life ----------------------------------------------------------------
 
@@ -107,7 +102,7 @@ class Supervisor:
                 servers.append(MetricsServer(self.config.metrics.port, self.status.snapshot))
             self.link.ensure_relay()
             for slot in range(self.config.workers.count):
-                self.spawn(slot)
+                self.pool.spawn(slot)
             self._wait_until_ready()
             self.link.connect()
             self.log.info("service ready", workers=len(self.table.workers))
@@ -119,7 +114,8 @@ class Supervisor:
         except ControlError as err:
             raise HostError(Exit.FAILURE, f"control socket: {err}") from err
         finally:
-            self._kill_all()
+            self.pool.kill_all()
+            self.link.close()
             for server in servers:
                 server.close()
             self.link.stop_relay()
@@ -152,7 +148,7 @@ class Supervisor:
         its tick instead of costing every reply.
         """
         due = self._next_wake()
-        rings = self._ring_table()
+        rings = self.table.outboxes()
         for ring in wait_readable(list(rings), max(0.0, due - time.monotonic()), (self._wake_r,)):
             self._collect(rings[ring])
         if self.signal_queue:
@@ -162,9 +158,10 @@ class Supervisor:
             return
         self._next_tick = now + TICK_SECONDS
         self._reap()  # SIGCHLD reaps at once; this is the safety net
-        self._murder_stuck(now)
-        self._check_memory(now)
-        self._respawn_due(now)
+        self.pool.murder_stuck(now)
+        self.pool.check_memory(now)
+        if self.link.state is not RelayState.RECONNECTING:  # init needs the relay
+            self.pool.respawn_due(now)
         self.dispatch.release_waiting()  # drops the expired ones
         self.status.tell_systemd(now)
         if serving and self.link.state is RelayState.RECONNECTING:
@@ -172,17 +169,10 @@ class Supervisor:
 
     def _next_wake(self) -> float:
         """The next respawn, watchdog ping or memory sample, or the tick."""
-        wakes = [self._next_tick, self.respawner.next_due(), self.status.next_watchdog()]
+        wakes = [self._next_tick, self.pool.respawner.next_due(), self.status.next_watchdog()]
         if self.config.limits.max_rss:
-            wakes.append(self._next_rss_check)
+            wakes.append(self.pool.next_rss_check)
         return min(wake for wake in wakes if wake is not None)
-
-    def _ring_table(self) -> dict:
-        """Each live worker's outbox, mapped to its worker; rebuilt when workers change."""
-        if self._rings_version != self.table.version:
-            self._rings = {handle.outbox: handle for handle in self.table.workers}
-            self._rings_version = self.table.version
-        return self._rings
 
     def _collect(self, handle: WorkerHandle) -> None:
         """Act on every frame a worker has written; a broken one is killed."""
@@ -205,7 +195,7 @@ class Supervisor:
                 self.log.error(
                     "worker sent an undecodable frame", worker=handle.slot, error=str(err)
                 )
-                self.kill(handle, "sent an undecodable frame")
+                self.pool.kill(handle, "sent an undecodable frame")
                 return
 
     def _on_ready(self, handle: WorkerHandle) -> None:
@@ -214,21 +204,17 @@ class Supervisor:
         if self.table.transition(handle, Change.BOOTED) is DRAINING:
             self.log.info("retired worker finished starting; it drains", worker=handle.slot)
             return
-        self.respawner.on_ready(handle.slot)
+        self.pool.respawner.on_ready(handle.slot)
         self.dispatch.release_waiting()
         self.log.info("worker ready", worker=handle.slot, pid=handle.pid)
-        self._title()
+        self.pool.title()
         if self.rollout is not None and self.rollout.owns(handle):
             self.rollout.on_ready()
 
     # -- signals -----------------------------------------------------------------------
 
     def _handle_signals(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        _empty_pipe(self._wake_r)
         queued, self.signal_queue = self.signal_queue, []
         if signal.SIGCHLD in queued:
             self._reap()
@@ -246,47 +232,13 @@ class Supervisor:
             return
         self.log.info("stopping", signal=signal.Signals(signum).name)
         self.link.stopping()
+        self.pool.stopping = True
         # A rollout in progress is abandoned: its workers stop with the rest,
         # and must not send READY=1 after STOPPING=1 on finishing.
         self.rollout = None
         self.notifier.stopping()
 
-    # -- workers -----------------------------------------------------------------------
-
-    def spawn(self, slot: int, generation: Generation | None = None) -> WorkerHandle:
-        """Fork a worker for ``slot`` of ``generation`` (default: the running one)."""
-        handle = self.spawner.spawn(slot, generation or self.generation, self.table.workers)
-        self.table.add(handle)
-        self.log.info("spawned worker", worker=slot, pid=handle.pid)
-        self._title()
-        return handle
-
-    def retire(self, handle: WorkerHandle) -> None:
-        """Stop sending new work to ``handle``; it drains and exits."""
-        if handle.state is DRAINING:
-            return
-        handle.drain_deadline = time.monotonic() + self.config.workers.shutdown_timeout
-        self.table.transition(handle, Change.RETIRED)
-        try:
-            handle.put(frames.Drain().encode())
-        except WorkerUnreachable as err:
-            self.log.warning("could not ask worker to drain", worker=handle.slot, error=str(err))
-        self._title()
-
-    def recycle(self, handle: WorkerHandle, reason: str = "reached max_requests") -> None:
-        """Replace a worker: fork its successor, then let it drain and exit."""
-        if handle.state is not READY or self.stopping:
-            return
-        self.log.info("recycling worker", worker=handle.slot, pid=handle.pid, reason=reason)
-        self.spawn(handle.slot)
-        self.retire(handle)
-
-    def kill(self, handle: WorkerHandle, reason: str, quiet: bool = False) -> None:
-        """SIGKILL a worker; ``reason`` becomes the fault of every request it held."""
-        handle.kill_reason = f"killed by the supervisor: {reason}"
-        if not quiet:
-            self.log.error("killing worker", worker=handle.slot, pid=handle.pid, reason=reason)
-        _kill(handle.pid, signal.SIGKILL)
+    # -- dead workers ------------------------------------------------------------------
 
     def _reap(self) -> None:
         while True:
@@ -301,72 +253,21 @@ class Supervisor:
                 self._on_exit(handle, status)
 
     def _on_exit(self, handle: WorkerHandle, status: int) -> None:
+        """Fail what a dead worker held; then tell whoever cares about its death."""
         self._collect(handle)  # frames written just before death (FAILED, last replies) count
         how = handle.kill_reason or describe_exit(status)
         self.dispatch.fail_worker(handle, how)
         handle.close()
-        self._title()
+        self.pool.title()
         if self.stopping:
             return
         if handle.state is DRAINING:
             self.log.info("retired worker exited", worker=handle.slot, pid=handle.pid, how=how)
-            return
-        if handle.generation > self.generation.number:
-            if self.rollout is not None and self.rollout.owns(handle):
-                self.rollout.on_death(handle, how)
-            return  # else one of the workers an aborted rollout killed: reported already
-        death = Death(
-            handle.slot,
-            handle.state,
-            how,
-            time.monotonic() - handle.started,
-            handle.failure,
-            handle.kill_reason is not None,
-        )
-        if self.respawner.on_death(death, time.monotonic(), self.count) is None:
-            return
-        if death.failed_start:
-            self.log.error(
-                "worker failed to start; retrying", worker=death.slot, pid=handle.pid, how=how
-            )
-            if death.failure:
-                self.log.error("traceback of the failed worker", traceback=death.failure)
-        else:
-            self.log.error("worker died", worker=death.slot, pid=handle.pid, how=how)
-
-    def _murder_stuck(self, now: float) -> None:
-        threads = self.config.limits.request_threads
-        for handle in self.table.workers:
-            if handle.kill_reason is not None:
-                continue
-            running = self.table.running_deadline(handle, threads)
-            reason = stuck_reason(
-                handle.state, running, handle.started, handle.drain_deadline, now, self.config
-            )
-            if reason is not None:
-                self.kill(handle, reason)
-
-    def _check_memory(self, now: float) -> None:
-        if not self.config.limits.max_rss or now < self._next_rss_check:
-            return
-        self._next_rss_check = now + RSS_CHECK_SECONDS
-        for handle in self.table.workers:
-            if handle.kill_reason is not None:
-                continue
-            verdict = memory_verdict(handle.rss(), handle.state, self.config)
-            if verdict is not None:
-                action, reason = verdict
-                if action == "kill":
-                    self.kill(handle, reason)
-                else:
-                    self.recycle(handle, reason)
-
-    def _respawn_due(self, now: float) -> None:
-        if self.link.state is RelayState.RECONNECTING:
-            return  # a worker's init needs the relay; reconnecting boots fresh workers
-        for slot in self.respawner.due(now):
-            if slot < self.count:
-                self.spawn(slot)
+        elif handle.generation <= self.pool.generation.number:
+            self.pool.bury(handle, how)
+        elif self.rollout is not None and self.rollout.owns(handle):
+            self.rollout.on_death(handle, how)
+        # else one of the workers an aborted rollout killed: reported already
 
     # -- reload, reconnect and scaling -------------------------------------------------
 
@@ -383,22 +284,12 @@ class Supervisor:
         self.log.info("reloading", config=str(self.config.file))
         self.notifier.reloading()
         try:
-            config = load_config(self.config.file).with_overrides(**self.overrides)
-            if (config.service.cluster, config.relay.port) != (
-                self.config.service.cluster,
-                self.config.relay.port,
-            ):
-                raise ConfigError(
-                    config.file, "service.cluster", "cluster and relay port need a restart"
-                )
-            handler_class = reload_handler(config) if config.workers.preload else None
+            generation = reread(self.config, self.overrides, next(self._generation_numbers))
         except (ConfigError, HandlerImportError) as err:
             self.log.error("reload failed; keeping the running workers", error=str(err))
             self.notifier.ready()
             return
-        self._roll_out(
-            Reload(self, Generation(next(self._generation_numbers), config, handler_class))
-        )
+        self._roll_out(Reload(self, generation))
 
     def _reconnect(self) -> None:
         """Register again after the relay dropped the connection, with fresh workers.
@@ -422,7 +313,7 @@ class Supervisor:
             return
         number = next(self._generation_numbers)
         self.log.info("relay is back; starting fresh workers", generation=number)
-        generation = Generation(number, self.config, self.generation.handler_class)
+        generation = Generation(number, self.config, self.pool.generation.handler_class)
         self._roll_out(Reconnect(self, generation))
 
     def _roll_out(self, rollout: Rollout) -> None:
@@ -432,41 +323,15 @@ class Supervisor:
     def apply(self, generation: Generation) -> None:
         """Make ``generation`` the running one: topics, dispatch rules, worker count."""
         config = generation.config
-        self.generation = generation
-        self.config = config
-        self.count = config.workers.count
+        self.pool.generation = generation
+        self.pool.count = config.workers.count
         self.dispatch.reconfigure(config)
         self.link.reconfigure(config)
         configure_logging(config.logging.level)
 
-    def _scale(self, count: int) -> None:
-        if self.stopping:
-            return
-        if count < 1:
-            self.log.warning("SIGTTOU ignored: at least one worker must stay")
-            return
-        if count > MAX_WORKERS:
-            self.log.warning(
-                "SIGTTIN ignored: already at the most workers allowed", limit=MAX_WORKERS
-            )
-            return
-        self.log.info("scaling workers", before=self.count, after=count)
-        self.count = count
-        current = [w for w in self.table.workers if w.state is not DRAINING]
-        slots = {w.slot for w in current}
-        for slot in range(count):
-            if slot not in slots:
-                self.spawn(slot)
-        for handle in current:
-            if handle.slot >= count:
-                self.retire(handle)
-
-    def _title(self) -> None:
-        ready = len(self.table.in_state(READY))
-        setproctitle.setproctitle(
-            f"irishost: supervisor {self.config.service.cluster} "
-            f"({self.config.file.name}) workers={ready}/{self.count}"
-        )
+    def _scale(self, change: int) -> None:
+        if not self.stopping:
+            self.pool.scale(self.pool.count + change)
 
     # -- stopping ----------------------------------------------------------------------
 
@@ -480,27 +345,15 @@ class Supervisor:
             self._step(serving=False)
         self.link.close()
         for handle in self.table.workers:
-            _kill(handle.pid, signal.SIGTERM)
+            signal_worker(handle.pid, signal.SIGTERM)
         while self.table.pids() and time.monotonic() < deadline:
             self._step(serving=False)
         self.log.info("stopped")
 
-    def _kill_all(self) -> None:
-        """Last resort on the way out: no worker outlives the supervisor."""
-        for pid in self.table.pids():
-            _kill(pid, signal.SIGKILL)
-        for handle in self.table.workers:
-            try:
-                os.waitpid(handle.pid, 0)
-            except ChildProcessError:
-                pass
-            self.table.remove(handle)
-            handle.close()
-        self.link.close()
 
-
-def _kill(pid: int, signum: int) -> None:
+def _empty_pipe(fd: int) -> None:
     try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
         pass

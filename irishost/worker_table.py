@@ -68,7 +68,7 @@ class WorkerTable:
         self._by_pid: dict[int, WorkerHandle] = {}
         self._owner: dict[int, Pending] = {}  # ticket -> the request
         self._tickets = itertools.count()
-        self.version = 0  # bumped when the set of workers changes
+        self._outboxes: dict | None = None  # outbox -> worker, until the workers change
 
     # -- the workers -------------------------------------------------------------------
 
@@ -81,7 +81,14 @@ class WorkerTable:
         with self.lock:
             self._workers.append(worker)
             self._by_pid[worker.pid] = worker
-            self.version += 1
+            self._outboxes = None
+
+    def outboxes(self) -> dict:
+        """Each live worker's outbox, mapped to its worker: what the loop waits on."""
+        outboxes = self._outboxes
+        if outboxes is None:
+            outboxes = self._outboxes = {w.outbox: w for w in self.workers}
+        return outboxes
 
     def by_pid(self, pid: int) -> WorkerHandle | None:
         return self._by_pid.get(pid)
@@ -111,7 +118,7 @@ class WorkerTable:
         with self.lock:
             if worker in self._workers:
                 self._workers.remove(worker)
-                self.version += 1
+                self._outboxes = None
             self._by_pid.pop(worker.pid, None)
             held = [self._owner.pop(ticket) for ticket in worker.in_flight]
             worker.in_flight.clear()

@@ -17,6 +17,7 @@ down) or ``hang-while:<file>`` (block until that file is gone).
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import os
 import signal
@@ -155,6 +156,16 @@ class ProbeHandler(iris.ServiceHandler):
         if child == 0:
             return b"child %d" % os.getpid()
         record("forked", child)
+        time.sleep(float(delay or 0))
+        return self.do_pid("")
+
+    def do_garbage(self, delay: str) -> bytes:
+        """Write a frame the supervisor cannot decode into the worker's outbox, as
+        a worker with corrupted memory would; then answer after ``delay``."""
+        from irishost.worker import Worker
+
+        (worker,) = [o for o in gc.get_objects() if isinstance(o, Worker)]
+        worker.send(b"\xc1 not msgpack")
         time.sleep(float(delay or 0))
         return self.do_pid("")
 

@@ -553,7 +553,8 @@ def _frame_or_frame_error(data: bytes) -> None:
         frame = frames.decode(data)
     except frames.FrameError:
         return
-    assert isinstance(frame, list) and frame and isinstance(frame[0], int)
+    assert isinstance(frame, frames.Frame)
+    assert type(frames.decode(frame.encode())) is type(frame)  # a frame, exactly as typed
 
 
 @settings(max_examples=300)

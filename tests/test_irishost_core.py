@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 
+import pytest
 from irishost_support import gone, wait_for
 
 import iris
@@ -62,3 +63,26 @@ def test_a_worker_retired_while_booting_never_takes_requests(service):
     assert replies and set(replies) == {str(first).encode()}
     assert "retired worker exited" in host.log()
     assert "worker died" not in host.log()
+
+
+def test_a_worker_sending_an_undecodable_frame_is_replaced_and_faults_only_its_work(service):
+    """Garbage from one worker kills that worker as broken, through the normal
+    death path: exactly its requests are faulted; the other worker carries on."""
+    service.config(workers={"count": 2})
+    host = service.start()
+    workers = {worker.pid for worker in host.worker_count(2)}
+    held = service.request_async(b"wait:release")
+    wait_for(lambda: service.records("request"), what="the held request running")
+    holder = service.records("request")[0][1]
+
+    broken = service.request_async(b"garbage:1")
+
+    fault = pytest.raises(iris.RemoteError, broken.result, 10).value.fault
+    assert "sent an undecodable frame" in fault
+    (culprit,) = workers - {holder}
+    assert gone(culprit, wait=5)
+    service.open_gate("release")
+    assert held.result(10) == str(holder).encode()
+    assert "worker sent an undecodable frame" in host.log()
+    host.worker_count(2)
+    assert host.proc.poll() is None
