@@ -19,6 +19,7 @@ from iris.logs import ContextLog
 
 from . import frames
 from .config import MAX_WORKERS
+from .exits import HostError
 from .respawner import Death, Respawner, memory_verdict, stuck_reason
 from .rollout import Generation
 from .spawner import Spawner
@@ -29,6 +30,9 @@ from .workers import WorkerHandle, WorkerState, WorkerUnreachable
 # /proc/<pid>/statm, some microseconds per worker. Often enough that a handler
 # growing 320 MiB a second gets 32 MiB past the kill threshold at most.
 RSS_CHECK_SECONDS = 0.1
+# On the way out, killed workers are waited for this long (SIGKILL takes effect
+# at once; a worker in uninterruptible I/O may take a moment).
+KILL_ALL_SECONDS = 5.0
 
 
 class WorkerPool:
@@ -50,9 +54,8 @@ class WorkerPool:
 
     def spawn(self, slot: int, generation: Generation | None = None) -> WorkerHandle:
         """Fork a worker for ``slot`` of ``generation`` (default: the running one)."""
-        handle = self.spawner.spawn(slot, generation or self.generation, self.table.workers)
+        handle = self.spawner.spawn(slot, generation or self.generation)
         self.table.add(handle)
-        self.log.info("spawned worker", worker=slot, pid=handle.pid)
         self.title()
         return handle
 
@@ -160,14 +163,26 @@ class WorkerPool:
                 self.retire(handle)
 
     def kill_all(self) -> None:
-        """Last resort on the way out: no worker outlives the supervisor."""
+        """Last resort on the way out: no worker outlives the supervisor.
+
+        The fork server, their parent, reaps them; it exits once they are all
+        reported dead (Spawner.stop), or dies with this process.
+        """
         for pid in self.table.pids():
             signal_worker(pid, signal.SIGKILL)
-        for handle in self.table.workers:
+        deadline = time.monotonic() + KILL_ALL_SECONDS
+        while self.table.pids() and time.monotonic() < deadline:
             try:
-                os.waitpid(handle.pid, 0)
-            except ChildProcessError:
-                pass
+                exits = self.spawner.exits()
+            except HostError:
+                break  # the fork server died: and its workers with it
+            for pid, _ in exits:
+                handle = self.table.by_pid(pid)
+                if handle is not None:
+                    self.table.remove(handle)
+                    handle.close()
+            time.sleep(0.01)
+        for handle in self.table.workers:
             self.table.remove(handle)
             handle.close()
 

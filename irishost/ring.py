@@ -279,6 +279,17 @@ class Ring:
         in /dev/shm, except inside that window (see
         :func:`remove_stale_segments`).
         """
+        ring, segment = cls.create_shared(capacity, prefix)
+        os.close(segment)
+        return ring
+
+    @classmethod
+    def create_shared(
+        cls, capacity: int = DEFAULT_CAPACITY, prefix: str = "irishost"
+    ) -> tuple[Ring, int]:
+        """:meth:`create`, and the segment's descriptor, to pass to another process
+        (with ``data_fd`` and ``space_fd``) that maps it with :meth:`attach`.
+        The caller closes the descriptor."""
         if capacity % 8 or not 64 <= capacity <= _MAX_CAPACITY:
             raise ValueError(f"capacity must be a multiple of 8 in [64, 2**31], got {capacity}")
         if "/" in prefix or not prefix:
@@ -292,10 +303,21 @@ class Ring:
                 os.unlink(path)
             os.ftruncate(fd, HEADER_SIZE + capacity)
             mm = mmap.mmap(fd, HEADER_SIZE + capacity, mmap.MAP_SHARED)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
         data_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         space_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        return cls(mm, capacity, data_fd, space_fd), fd
+
+    @classmethod
+    def attach(cls, segment: int, data_fd: int, space_fd: int, capacity: int) -> Ring:
+        """Map a ring another process made with :meth:`create_shared`; takes
+        over the three descriptors (the segment's is closed once mapped)."""
+        try:
+            mm = mmap.mmap(segment, HEADER_SIZE + capacity, mmap.MAP_SHARED)
+        finally:
+            os.close(segment)
         return cls(mm, capacity, data_fd, space_fd)
 
     @property

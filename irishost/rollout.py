@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 
 from .config import Config, ConfigError, load_config
 from .exits import HostError
-from .loader import reload_handler
 from .workers import WorkerHandle, WorkerState
 
 if TYPE_CHECKING:
@@ -36,15 +35,13 @@ class Generation:
     """The workers started from one reading of the config (one per reload or reconnect)."""
 
     number: int
-    config: Config
-    handler_class: type | None  # imported in the supervisor when preloading
+    config: Config  # the handler class, when preloading, is the fork server's
 
 
 def reread(running: Config, overrides: dict, number: int) -> Generation:
     """The generation a reload starts: the config file read again, with the
-    command line's overrides, and the handler re-imported when preloading.
-
-    ConfigError or HandlerImportError when it cannot be used.
+    command line's overrides; ConfigError when it cannot be used. (The fork
+    server re-imports the handler when preloading: Spawner.add.)
     """
     config = load_config(running.file).with_overrides(**overrides)
     if (config.service.cluster, config.relay.port) != (
@@ -52,8 +49,7 @@ def reread(running: Config, overrides: dict, number: int) -> Generation:
         running.relay.port,
     ):
         raise ConfigError(config.file, "service.cluster", "cluster and relay port need a restart")
-    handler_class = reload_handler(config) if config.workers.preload else None
-    return Generation(number, config, handler_class)
+    return Generation(number, config)
 
 
 class Rollout(abc.ABC):
@@ -85,6 +81,7 @@ class Rollout(abc.ABC):
         self._take_over()
         for worker in old:
             host.pool.retire(worker)
+        host.pool.spawner.retain(self.generation)
         self._completed(workers)
 
     def abort(self, why: str, details: str | None = None) -> None:

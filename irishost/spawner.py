@@ -1,42 +1,76 @@
-"""Making a worker process: its rings, the fork, and the supervisor's handle on it."""
+"""Making a worker: asking the fork server for one, and the supervisor's handle on it."""
 
 from __future__ import annotations
 
-import os
 import random
-import sys
 
-from . import worker
-from .ring import Ring
+from iris.logs import ContextLog
+
+from .exits import Exit, HostError
+from .fork_server import ForkServer, ForkServerGone
 from .rollout import Generation
 from .workers import WorkerHandle
 
 
 class Spawner:
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, log: ContextLog):
         self.prefix = prefix  # of the rings' shared-memory names (segment_prefix)
+        self.log = log
+        self.forks: ForkServer | None = None
 
-    def spawn(
-        self, slot: int, generation: Generation, siblings: list[WorkerHandle]
-    ) -> WorkerHandle:
-        """Fork a worker for ``slot`` of ``generation``; ``siblings`` are the live workers,
-        whose rings the child unmaps."""
+    def start(self, generation: Generation, handler_class: type | None) -> None:
+        """Start the fork server; call while this process has one thread."""
+        self.forks = ForkServer.start(generation.config, handler_class, self.prefix)
+
+    def add(self, generation: Generation, like: Generation | None = None) -> None:
+        """Prepare ``generation`` in the fork server (HandlerImportError: see ForkServer)."""
+        self._call(
+            self.forks.add_generation,
+            generation.number,
+            generation.config,
+            like.number if like is not None else None,
+        )
+
+    def retain(self, generation: Generation) -> None:
+        self._call(self.forks.retain, generation.number)
+
+    def spawn(self, slot: int, generation: Generation) -> WorkerHandle:
+        """A new worker for ``slot`` of ``generation``."""
         config = generation.config
         limits = config.limits
         max_requests = 0
         if limits.max_requests:
             jitter = config.workers.max_requests_jitter
             max_requests = limits.max_requests + random.randint(0, jitter)
-        inbox, outbox = Ring.create(prefix=self.prefix), Ring.create(prefix=self.prefix)
-        rings = tuple(ring for w in siblings for ring in (w.inbox, w.outbox))
-        spec = worker.WorkerSpec(
-            slot, config, inbox, outbox, generation.handler_class, os.getpid(), rings
+        pid, inbox, outbox, threads = self._call(self.forks.spawn, slot, generation.number)
+        self.log.info(
+            "spawned worker",
+            worker=slot,
+            pid=pid,
+            forked_by=self.forks.pid,
+            threads_at_fork=threads,
         )
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            worker.run(spec)  # never returns; nothing may run in the child before it
+        if threads != 1:
+            self.log.warning(
+                "worker forked from a process with several threads (a preloaded handler "
+                "started threads at import); locks they held may stay held in the worker",
+                worker=slot,
+                threads=threads,
+            )
         handle = WorkerHandle(slot, pid, inbox, outbox, max_requests)
         handle.generation = generation.number
         return handle
+
+    def exits(self) -> list[tuple[int, int]]:
+        """Workers that died, as (pid, wait status); HostError if the fork server died."""
+        return self._call(self.forks.exits)
+
+    def stop(self) -> None:
+        if self.forks is not None:
+            self.forks.stop()
+
+    def _call(self, method, *args):
+        try:
+            return method(*args)
+        except ForkServerGone as err:
+            raise HostError(Exit.FAILURE, f"the fork server died: {err}") from err

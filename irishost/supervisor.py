@@ -61,8 +61,9 @@ class Supervisor:
         self.log = ContextLog(logging.getLogger("irishost")).new(service=config.service.cluster)
         self.table = WorkerTable()
         self.prefix = segment_prefix(config.service.cluster)
+        self.handler_class = handler_class  # preloaded: the fork server inherits it
         self.pool = WorkerPool(
-            Generation(0, config, handler_class), self.table, Spawner(self.prefix), self.log
+            Generation(0, config), self.table, Spawner(self.prefix, self.log), self.log
         )
         self.dispatch = RelayDispatch(config, self.log, self.table, self.pool.recycle)
         self.link = RelayLink(config, self.dispatch, self.log)
@@ -94,8 +95,10 @@ class Supervisor:
         removed = remove_stale_segments(self.prefix)
         if removed:
             self.log.info("removed stale shared memory", segments=len(removed))
-        self._install_signals()
         servers = []
+        # Before any thread exists in this process (see fork_server).
+        self.pool.spawner.start(self.pool.generation, self.handler_class)
+        self._install_signals()
         try:
             servers.append(ControlServer(self.config.control.socket, self.status.snapshot))
             if self.config.metrics.port:
@@ -115,6 +118,7 @@ class Supervisor:
             raise HostError(Exit.FAILURE, f"control socket: {err}") from err
         finally:
             self.pool.kill_all()
+            self.pool.spawner.stop()
             self.link.close()
             for server in servers:
                 server.close()
@@ -241,13 +245,8 @@ class Supervisor:
     # -- dead workers ------------------------------------------------------------------
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        """Act on the deaths the fork server (the workers' parent) reported."""
+        for pid, status in self.pool.spawner.exits():
             handle = self.table.by_pid(pid)
             if handle is not None:
                 self._on_exit(handle, status)
@@ -285,6 +284,7 @@ class Supervisor:
         self.notifier.reloading()
         try:
             generation = reread(self.config, self.overrides, next(self._generation_numbers))
+            self.pool.spawner.add(generation)  # imports the handler there when preloading
         except (ConfigError, HandlerImportError) as err:
             self.log.error("reload failed; keeping the running workers", error=str(err))
             self.notifier.ready()
@@ -313,7 +313,8 @@ class Supervisor:
             return
         number = next(self._generation_numbers)
         self.log.info("relay is back; starting fresh workers", generation=number)
-        generation = Generation(number, self.config, self.pool.generation.handler_class)
+        generation = Generation(number, self.config)
+        self.pool.spawner.add(generation, like=self.pool.generation)
         self._roll_out(Reconnect(self, generation))
 
     def _roll_out(self, rollout: Rollout) -> None:

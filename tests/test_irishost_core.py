@@ -7,10 +7,12 @@ Each runs a real host, real workers and real signals.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
 
+import psutil
 import pytest
 from irishost_support import gone, wait_for
 
@@ -86,3 +88,53 @@ def test_a_worker_sending_an_undecodable_frame_is_replaced_and_faults_only_its_w
     assert "worker sent an undecodable frame" in host.log()
     host.worker_count(2)
     assert host.proc.poll() is None
+
+
+# -- fork safety -----------------------------------------------------------------------------
+
+
+SPAWNED = re.compile(
+    r"spawned worker .*worker=(\d+) pid=(\d+) forked_by=(\d+) threads_at_fork=(\d+)"
+)
+
+
+def spawns(host) -> list[tuple[int, int, int, int]]:
+    return [tuple(map(int, match)) for match in SPAWNED.findall(host.log())]
+
+
+@pytest.mark.parametrize("preload", [True, False])
+def test_no_worker_is_forked_from_a_multi_threaded_process(service, preload):
+    """Start, scale up, respawn after a crash, reload: every worker comes from
+    the fork server, which had exactly one thread at each fork, while the
+    supervisor runs several (relay reader, control server, embedded relay)."""
+    service.config(workers={"count": 1, "preload": preload})
+    host = service.start()
+    os.kill(host.pid, signal.SIGTTIN)
+    first, second = host.worker_count(2)
+    os.kill(first.pid, signal.SIGKILL)
+    wait_for(lambda: len(spawns(host)) == 3, what="the respawn")
+    os.kill(host.pid, signal.SIGHUP)
+    wait_for(lambda: "reload complete" in host.log(), what="the reload")
+    service.request(b"pid")
+
+    assert psutil.Process(host.pid).num_threads() > 1
+    (fork_server,) = psutil.Process(host.pid).children()
+    assert len(os.listdir(f"/proc/{fork_server.pid}/task")) == 1
+    made = spawns(host)
+    assert len(made) == 4  # 1 at start, 1 scaled, 1 respawned, 1 by the reload (count = 1)
+    assert {forked_by for _, _, forked_by, _ in made} == {fork_server.pid}
+    assert {threads for *_, threads in made} == {1}
+    assert {w.ppid() for w in host.workers()} == {fork_server.pid}
+    assert "several threads" not in host.log()
+
+
+def test_workers_die_with_a_killed_supervisor_through_the_fork_server(service):
+    service.config(workers={"count": 2})
+    host = service.start()
+    workers = [w.pid for w in host.worker_count(2)]
+    (fork_server,) = psutil.Process(host.pid).children()
+
+    os.kill(host.pid, signal.SIGKILL)
+
+    assert gone(fork_server.pid, wait=5)
+    assert all(gone(pid, wait=5) for pid in workers)
