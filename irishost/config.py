@@ -18,7 +18,7 @@ import stat
 import tomllib
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -123,6 +123,30 @@ class Config:
     control: ControlSection
     metrics: MetricsSection
     logging: LoggingSection
+
+    def to_wire(self) -> dict:
+        """The config as plain values (str, int, float, bool, lists, dicts), for
+        msgpack to carry to the fork server; :meth:`from_wire` rebuilds it."""
+        data = asdict(self)
+        data["file"] = str(self.file)
+        data["service"]["path"] = [str(entry) for entry in self.service.path]
+        data["control"]["socket"] = str(self.control.socket)
+        return data
+
+    @classmethod
+    def from_wire(cls, data: dict) -> Config:
+        service = data["service"]
+        return cls(
+            file=Path(data["file"]),
+            service=ServiceSection(**{**service, "path": tuple(map(Path, service["path"]))}),
+            relay=RelaySection(**data["relay"]),
+            workers=WorkersSection(**data["workers"]),
+            limits=LimitsSection(**data["limits"]),
+            topics=tuple(TopicSection(**topic) for topic in data["topics"]),
+            control=ControlSection(socket=Path(data["control"]["socket"])),
+            metrics=MetricsSection(**data["metrics"]),
+            logging=LoggingSection(**data["logging"]),
+        )
 
     def with_overrides(self, workers: int | None = None, log_level: str | None = None) -> Config:
         """Apply ``--workers`` / ``--log-level``, validated like the keys they override.

@@ -8,7 +8,7 @@ itself. First thing in ``Supervisor.run``, while it still has one thread, it
 forks this small server, which forks every worker on request (the first
 ones, respawns, reloads, scaling) and does nothing else::
 
-    supervisor --- socket pair: generation, spawn, retain, exit ---> fork server
+    supervisor --- socket pair (msgpack): generation, spawn, retain, exit --> fork server
                <-- spawned (pid, ring descriptors by SCM_RIGHTS),       |
                    exited (pid, wait status) ---------------------    fork
                                                                        v
@@ -27,21 +27,22 @@ ones, respawns, reloads, scaling) and does nothing else::
 - Preload: the first generation's handler class is what the supervisor had
   imported when it forked the server; a reload's is imported here, and an
   import error goes back to the supervisor, which keeps the running workers.
-- Every fork counts the server's threads (``/proc/self/task``) first and
-  reports the count; more than one means a preloaded handler started a
-  thread at import, which the supervisor logs as a warning.
+- Every fork counts the forking process's threads (``/proc/self/task``)
+  first, the fork of the server itself included; more than one means a
+  preloaded handler started a thread at import, which the supervisor logs
+  as a warning.
 """
 
 from __future__ import annotations
 
 import array
 import os
-import pickle
 import select
 import signal
 import socket
 import traceback
 
+import msgpack
 import setproctitle
 
 from . import worker
@@ -49,8 +50,8 @@ from .config import Config
 from .loader import HandlerImportError, reload_handler
 from .ring import Ring
 
-# Requests and replies are small (a Config pickles to a few KiB): one
-# datagram each, at most this big.
+# Requests and replies are msgpack arrays, small (a config is a few KiB as
+# plain values): one datagram each, at most this big.
 MAX_MESSAGE = 1 << 20
 # Descriptors per spawned worker: (segment, data eventfd, space eventfd) per ring.
 RING_FDS = 6
@@ -96,7 +97,7 @@ class ForkServer:
         """Tell the server of a generation: ``like`` an existing one (a reconnect:
         same config and code), or from ``config`` (importing the handler when
         preloading). HandlerImportError if the import fails."""
-        reply = self._call(("generation", number, config, like))
+        reply = self._call(("generation", number, config.to_wire(), like))
         if reply[1] is not None:
             raise HandlerImportError(reply[1], reply[2])
 
@@ -152,7 +153,7 @@ class ForkServer:
 
     def _send(self, request: tuple) -> None:
         try:
-            self._sock.send(pickle.dumps(request))
+            self._sock.send(_pack(request))
         except OSError as err:
             raise ForkServerGone(f"fork server unreachable: {err}") from err
 
@@ -166,7 +167,7 @@ class ForkServer:
                 fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
         if not data:
             raise ForkServerGone("the fork server exited")
-        return pickle.loads(data), list(fds)  # from our own child, never from outside
+        return _unpack(data), list(fds)
 
 
 class _Server:
@@ -206,7 +207,7 @@ class _Server:
                 data = self.sock.recv(MAX_MESSAGE)
                 if not data:
                     return 0  # the supervisor is gone; so are we
-                request = pickle.loads(data)
+                request = _unpack(data)
                 if request[0] == "exit":
                     self._report_exits()
                     return 0
@@ -227,11 +228,12 @@ class _Server:
         if reported:
             os.kill(self.supervisor, signal.SIGCHLD)
 
-    def _on_generation(self, number: int, config: Config, like: int | None) -> None:
+    def _on_generation(self, number: int, wire: dict, like: int | None) -> None:
         if like is not None:
             self.generations[number] = self.generations[like]
             self._reply(("generation", None, ""))
             return
+        config = Config.from_wire(wire)
         try:
             handler_class = reload_handler(config) if config.workers.preload else None
         except HandlerImportError as err:
@@ -248,7 +250,7 @@ class _Server:
         config, handler_class = self.generations[generation]
         inbox, inbox_segment = Ring.create_shared(prefix=self.prefix)
         outbox, outbox_segment = Ring.create_shared(prefix=self.prefix)
-        threads = len(os.listdir("/proc/self/task"))
+        threads = thread_count()
         spec = worker.WorkerSpec(slot, config, inbox, outbox, handler_class, os.getpid())
         pid = os.fork()
         if pid == 0:
@@ -262,7 +264,7 @@ class _Server:
             outbox.space_fd,
         ]
         try:
-            message = pickle.dumps(("spawned", pid, inbox.capacity, threads))
+            message = _pack(("spawned", pid, inbox.capacity, threads))
             socket.send_fds(self.sock, [message], fds)
         finally:
             for ring in (inbox, outbox):
@@ -271,7 +273,21 @@ class _Server:
             os.close(outbox_segment)
 
     def _reply(self, message: tuple) -> None:
-        self.sock.send(pickle.dumps(message))
+        self.sock.send(_pack(message))
+
+
+def thread_count() -> int:
+    """This process's threads, as the kernel counts them (Python's own count
+    misses threads started by C extensions)."""
+    return len(os.listdir("/proc/self/task"))
+
+
+def _pack(message: tuple) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def _unpack(data: bytes) -> list:
+    return msgpack.unpackb(data, raw=False, use_list=True)
 
 
 def _empty(fd: int) -> None:

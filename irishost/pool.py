@@ -56,6 +56,7 @@ class WorkerPool:
         """Fork a worker for ``slot`` of ``generation`` (default: the running one)."""
         handle = self.spawner.spawn(slot, generation or self.generation)
         self.table.add(handle)
+        self.log.info("spawned worker", worker=slot, pid=handle.pid)
         self.title()
         return handle
 

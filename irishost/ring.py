@@ -1,9 +1,11 @@
 """Single-producer/single-consumer frame rings in shared memory.
 
-The supervisor creates one pair of rings per worker *before* forking it, so
-both processes hold the same :class:`Ring` object: the shared mapping and the
-two eventfds are inherited by ``fork``.  Exactly one process writes a given
-ring (``put``) and exactly one other process reads it (``get``, ``drain``).
+The fork server creates one pair of rings per worker *before* forking it, so
+the worker holds the same :class:`Ring` object: the shared mapping and the
+two eventfds are inherited by ``fork``; the supervisor maps the same memory
+from descriptors passed to it (:meth:`Ring.create_shared`,
+:meth:`Ring.attach`).  Exactly one process writes a given ring (``put``)
+and exactly one other process reads it (``get``, ``drain``).
 Frames are opaque bytes here; the layer above encodes them.
 
 Memory layout of one mapping (all integers little-endian)::

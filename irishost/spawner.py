@@ -7,7 +7,7 @@ import random
 from iris.logs import ContextLog
 
 from .exits import Exit, HostError
-from .fork_server import ForkServer, ForkServerGone
+from .fork_server import ForkServer, ForkServerGone, thread_count
 from .rollout import Generation
 from .workers import WorkerHandle
 
@@ -20,6 +20,7 @@ class Spawner:
 
     def start(self, generation: Generation, handler_class: type | None) -> None:
         """Start the fork server; call while this process has one thread."""
+        self._warn_if_threaded("the fork server", thread_count())
         self.forks = ForkServer.start(generation.config, handler_class, self.prefix)
 
     def add(self, generation: Generation, like: Generation | None = None) -> None:
@@ -43,23 +44,25 @@ class Spawner:
             jitter = config.workers.max_requests_jitter
             max_requests = limits.max_requests + random.randint(0, jitter)
         pid, inbox, outbox, threads = self._call(self.forks.spawn, slot, generation.number)
-        self.log.info(
-            "spawned worker",
+        self.log.debug(
+            "forked worker",
             worker=slot,
             pid=pid,
             forked_by=self.forks.pid,
             threads_at_fork=threads,
         )
-        if threads != 1:
-            self.log.warning(
-                "worker forked from a process with several threads (a preloaded handler "
-                "started threads at import); locks they held may stay held in the worker",
-                worker=slot,
-                threads=threads,
-            )
+        self._warn_if_threaded(f"worker {slot}", threads)
         handle = WorkerHandle(slot, pid, inbox, outbox, max_requests)
         handle.generation = generation.number
         return handle
+
+    def _warn_if_threaded(self, what: str, threads: int) -> None:
+        if threads != 1:
+            self.log.warning(
+                f"{what} forked from a process with several threads (a preloaded handler "
+                "started threads at import?); a lock one of them held stays held in the child",
+                threads=threads,
+            )
 
     def exits(self) -> list[tuple[int, int]]:
         """Workers that died, as (pid, wait status); HostError if the fork server died."""

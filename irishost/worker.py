@@ -1,7 +1,7 @@
 """A worker process: runs the service's handler on work from the supervisor.
 
-The worker is forked by the supervisor and never returns into the
-supervisor's code: :func:`run` ends in ``os._exit``. Its main thread reads
+The worker is forked by the fork server (``fork_server``) and never returns
+into its code: :func:`run` ends in ``os._exit``. Its main thread reads
 frames from the inbound ring and hands them to the binding's bounded pools
 (``iris.pool.HandlerPool``), so the thread and memory caps of a worker are
 exactly those of ``iris.register``; handler threads write their answers to
@@ -12,8 +12,9 @@ drain, BOOT_FAILED when the handler could not be imported or initialised
 (the FAILED frame carries the traceback), PARENT_GONE when the supervisor
 disappeared.
 
-A worker never outlives its supervisor: the kernel kills it when the
-supervisor dies (PR_SET_PDEATHSIG, set before anything else in the child),
+A worker never outlives its supervisor: the kernel kills it when its parent,
+the fork server, dies (PR_SET_PDEATHSIG, set before anything else in the
+child), and the fork server dies with the supervisor in the same way,
 whatever it is doing, even blocked in a C call inside ``init``. And a
 process a handler forks never touches the worker's rings: it shares their
 mapping, and two writers on a ring meant for one would corrupt it or hand a
@@ -62,15 +63,14 @@ IDLE_CHECK_SECONDS = 1.0
 
 @dataclass
 class WorkerSpec:
-    """What a worker needs from the supervisor, set before fork."""
+    """What a worker needs, set before fork."""
 
     index: int
     config: Config
     inbox: Ring  # supervisor -> worker
     outbox: Ring  # worker -> supervisor
     handler_class: type | None  # preloaded in the supervisor, or None to import here
-    supervisor: int  # its pid: the parent the worker must not outlive
-    siblings: tuple[Ring, ...] = ()  # the other workers' rings, mapped by the fork too
+    supervisor: int  # its parent's pid (the fork server's), which it must not outlive
 
 
 def run(spec: WorkerSpec) -> None:
@@ -146,13 +146,8 @@ class Worker:
             signal.signal(signum, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
         inbox, outbox = self.spec.inbox, self.spec.outbox
-        # Unmap the siblings' rings (before their descriptors go, which close()
-        # also closes): a worker that corrupts memory must not reach theirs.
-        for ring in self.spec.siblings:
-            try:
-                ring.close()
-            except BufferError:
-                pass  # mid-write by another supervisor thread at fork: left mapped
+        # The fork server maps no other worker's rings when it forks, so a
+        # worker that corrupts memory cannot reach theirs.
         _close_inherited_fds({inbox.data_fd, inbox.space_fd, outbox.data_fd, outbox.space_fd})
         os.register_at_fork(after_in_child=self._note_fork)
         try:

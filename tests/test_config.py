@@ -637,3 +637,13 @@ def test_random_documents_load_or_raise_config_error(tmp_path, document):
 @given(st.text())
 def test_random_text_loads_or_raises_config_error(tmp_path, text):
     load_or_config_error(write(tmp_path, text))
+
+
+def test_a_config_crosses_to_the_fork_server_as_plain_values_unchanged():
+    """The fork server gets a reload's config over msgpack (no pickle)."""
+    import msgpack
+
+    for path in sorted((Path(__file__).parent.parent / "configs").glob("*.toml")):
+        config = load_config(path).with_overrides(workers=3)
+        wire = msgpack.unpackb(msgpack.packb(config.to_wire()), raw=False)
+        assert Config.from_wire(wire) == config

@@ -93,13 +93,11 @@ def test_a_worker_sending_an_undecodable_frame_is_replaced_and_faults_only_its_w
 # -- fork safety -----------------------------------------------------------------------------
 
 
-SPAWNED = re.compile(
-    r"spawned worker .*worker=(\d+) pid=(\d+) forked_by=(\d+) threads_at_fork=(\d+)"
-)
+FORKED = re.compile(r"forked worker .*worker=(\d+) pid=(\d+) forked_by=(\d+) threads_at_fork=(\d+)")
 
 
 def spawns(host) -> list[tuple[int, int, int, int]]:
-    return [tuple(map(int, match)) for match in SPAWNED.findall(host.log())]
+    return [tuple(map(int, match)) for match in FORKED.findall(host.log())]
 
 
 @pytest.mark.parametrize("preload", [True, False])
@@ -107,7 +105,7 @@ def test_no_worker_is_forked_from_a_multi_threaded_process(service, preload):
     """Start, scale up, respawn after a crash, reload: every worker comes from
     the fork server, which had exactly one thread at each fork, while the
     supervisor runs several (relay reader, control server, embedded relay)."""
-    service.config(workers={"count": 1, "preload": preload})
+    service.config(workers={"count": 1, "preload": preload}, logging={"level": "debug"})
     host = service.start()
     os.kill(host.pid, signal.SIGTTIN)
     first, second = host.worker_count(2)
@@ -138,3 +136,19 @@ def test_workers_die_with_a_killed_supervisor_through_the_fork_server(service):
 
     assert gone(fork_server.pid, wait=5)
     assert all(gone(pid, wait=5) for pid in workers)
+
+
+def test_a_preloaded_handler_starting_a_thread_at_import_is_warned_about(service):
+    """The one way left to fork with several threads: say so."""
+    (service.dir / "threaded.py").write_text(
+        "import threading\nimport iris\n\n"
+        "threading.Thread(target=threading.Event().wait, daemon=True).start()\n\n\n"
+        "class Handler(iris.ServiceHandler):\n"
+        "    def init(self, conn):\n        pass\n\n"
+        "    def handle_request(self, request):\n        return request\n"
+    )
+    service.config(service={"handler": "threaded:Handler"}, workers={"preload": True})
+    host = service.start()
+
+    assert service.request(b"hi") == b"hi"
+    assert "the fork server forked from a process with several threads" in host.log()
