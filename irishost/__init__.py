@@ -53,5 +53,6 @@ retire, recycle, kill), ``respawner`` (the respawn and give-up policy),
 ``host_status`` (systemd status, snapshots), ``worker`` / ``async_worker``
 (the worker process), ``ring`` (shared-memory rings), ``frames`` (what
 crosses them), ``bridge`` / ``worker_tunnel`` (tunnels across the process
-boundary), ``control`` / ``metrics`` / ``notify`` (operators and systemd).
+boundary), ``wakeup`` (signals wake a loop), ``control`` / ``metrics`` /
+``notify`` (operators and systemd).
 """

@@ -49,6 +49,7 @@ from . import worker
 from .config import Config
 from .loader import HandlerImportError, reload_handler
 from .ring import Ring
+from .wakeup import WakeupPipe
 
 # Requests and replies are msgpack arrays, small (a config is a few KiB as
 # plain values): one datagram each, at most this big.
@@ -193,15 +194,12 @@ class _Server:
             signal.SIGTERM,
         ):
             signal.signal(signum, signal.SIG_IGN)  # the supervisor's to handle
-        wake_r, wake_w = os.pipe()
-        for fd in (wake_r, wake_w):
-            os.set_blocking(fd, False)
-        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        wakeup = WakeupPipe()
         signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes select through the pipe
         while True:
-            readable, _, _ = select.select([self.sock, wake_r], [], [])
-            if wake_r in readable:
-                _empty(wake_r)
+            readable, _, _ = select.select([self.sock, wakeup], [], [])
+            if wakeup in readable:
+                wakeup.empty()
             self._report_exits()
             if self.sock in readable:
                 data = self.sock.recv(MAX_MESSAGE)
@@ -288,11 +286,3 @@ def _pack(message: tuple) -> bytes:
 
 def _unpack(data: bytes) -> list:
     return msgpack.unpackb(data, raw=False, use_list=True)
-
-
-def _empty(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass

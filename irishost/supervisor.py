@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import signal
 import time
 
@@ -40,6 +39,7 @@ from .relay_link import RelayLink, RelayState
 from .ring import remove_stale_segments, segment_prefix, wait_readable
 from .rollout import Generation, Reconnect, Reload, Rollout, reread
 from .spawner import Spawner
+from .wakeup import WakeupPipe
 from .worker_table import Change, WorkerTable
 from .workers import WorkerHandle, WorkerState
 
@@ -125,10 +125,7 @@ class Supervisor:
             self.link.stop_relay()
 
     def _install_signals(self) -> None:
-        self._wake_r, self._wake_w = os.pipe()
-        for fd in (self._wake_r, self._wake_w):
-            os.set_blocking(fd, False)
-        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        self._wakeup = WakeupPipe()
         for signum in (signal.SIGCHLD, *self.signal_table):
             signal.signal(signum, lambda signum, _: self.signal_queue.append(signum))
 
@@ -153,7 +150,9 @@ class Supervisor:
         """
         due = self._next_wake()
         rings = self.table.outboxes()
-        for ring in wait_readable(list(rings), max(0.0, due - time.monotonic()), (self._wake_r,)):
+        for ring in wait_readable(
+            list(rings), max(0.0, due - time.monotonic()), (self._wakeup.fileno(),)
+        ):
             self._collect(rings[ring])
         if self.signal_queue:
             self._handle_signals()
@@ -218,7 +217,7 @@ class Supervisor:
     # -- signals -----------------------------------------------------------------------
 
     def _handle_signals(self) -> None:
-        _empty_pipe(self._wake_r)
+        self._wakeup.empty()
         queued, self.signal_queue = self.signal_queue, []
         if signal.SIGCHLD in queued:
             self._reap()
@@ -350,11 +349,3 @@ class Supervisor:
         while self.table.pids() and time.monotonic() < deadline:
             self._step(serving=False)
         self.log.info("stopped")
-
-
-def _empty_pipe(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass
