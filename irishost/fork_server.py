@@ -91,9 +91,6 @@ class ForkServer:
         theirs.close()
         return cls(pid, ours)
 
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
     def add_generation(self, number: int, config: Config, like: int | None = None) -> None:
         """Tell the server of a generation: ``like`` an existing one (a reconnect:
         same config and code), or from ``config`` (importing the handler when

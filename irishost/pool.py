@@ -18,7 +18,7 @@ import setproctitle
 from iris.logs import ContextLog
 
 from . import frames
-from .config import MAX_WORKERS
+from .config import MAX_WORKERS, Config
 from .exits import HostError
 from .respawner import Death, Respawner, memory_verdict, stuck_reason
 from .rollout import Generation
@@ -49,7 +49,8 @@ class WorkerPool:
         self.next_rss_check = 0.0
 
     @property
-    def config(self):
+    def config(self) -> Config:
+        """The running generation's."""
         return self.generation.config
 
     def spawn(self, slot: int, generation: Generation | None = None) -> WorkerHandle:
