@@ -362,8 +362,10 @@ class Rig:
             raise RuntimeError(f"{self.label} answered {reply!r}, expected {expected!r}")
 
     def processes(self) -> list[psutil.Process]:
-        """The service's processes: irishost's supervisor and its workers."""
-        return [self.service.ps, *self.service.ps.children(recursive=True)]
+        """The service's processes: irishost's supervisor and its workers (the
+        children of its fork server, which is idle between forks)."""
+        ps = self.service.ps
+        return [ps, *(worker for child in ps.children() for worker in child.children())]
 
     def __enter__(self) -> Rig:
         return self
