@@ -183,16 +183,16 @@ class _Server:
         setproctitle.setproctitle(
             f"irishost: fork server {config.service.cluster} ({config.file.name})"
         )
-        for signum in (
-            signal.SIGINT,
-            signal.SIGHUP,
-            signal.SIGTTIN,
-            signal.SIGTTOU,
-            signal.SIGTERM,
-        ):
-            signal.signal(signum, signal.SIG_IGN)  # the supervisor's to handle
+        for signum in _SUPERVISOR_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
         wakeup = WakeupPipe()
         signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes select through the pipe
+        try:
+            return self._loop(wakeup)
+        except (BrokenPipeError, ConnectionResetError, ProcessLookupError):
+            return 0  # the supervisor is gone; the kernel is about to end us too
+
+    def _loop(self, wakeup: WakeupPipe) -> int:
         while True:
             readable, _, _ = select.select([self.sock, wakeup], [], [])
             if wakeup in readable:
