@@ -66,7 +66,7 @@ class WorkerHandle:
         self.broken = False  # it sent a frame that does not decode: nothing more is read
         self.drain_deadline = 0.0  # when DRAINING: killed if still alive after this
         self.stalled_until = 0.0  # passed over until then; see put()
-        self.process = psutil.Process(pid)
+        self.process = _process(pid)
         self._put_lock = threading.Lock()  # several supervisor threads write to the inbox
 
     def put(self, frame: bytes, timeout: float = PUT_TIMEOUT) -> None:
@@ -87,6 +87,8 @@ class WorkerHandle:
         return now < self.stalled_until
 
     def rss(self) -> int:
+        if self.process is None:
+            return 0
         try:
             return self.process.memory_info().rss
         except psutil.Error:
@@ -113,3 +115,15 @@ class WorkerHandle:
 
     def __repr__(self) -> str:
         return f"worker {self.slot} (pid {self.pid})"
+
+
+def _process(pid: int) -> psutil.Process | None:
+    """The worker's process, for its memory; None if it is already gone.
+
+    Its parent is the fork server, which may reap a worker that died at once
+    before the supervisor even has its pid: no zombie is left to look at.
+    """
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
