@@ -1,13 +1,16 @@
-"""Helpers for bench/iris_bench.py: child processes, CPU accounting, output.
+"""What the bench/ scripts share: child processes, CPU accounting, the report.
 
-Kept apart from the benchmark itself so that the measurement code reads as
-the list of what is measured, not as process plumbing.
+Kept apart from the benchmarks themselves so that their code reads as the
+list of what is measured, not as process plumbing, and so that every script
+judges its figures against targets, and prints them, the same way.
 """
 
 from __future__ import annotations
 
 import cProfile
 import ctypes
+import enum
+import json
 import os
 import platform
 import pstats
@@ -19,7 +22,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 
 import psutil
 
@@ -267,8 +271,37 @@ class _Snapshot:
         """Already taken in __init__."""
 
 
+def select(benchmarks: Sequence[str], only: Sequence[str] | None) -> list[str]:
+    """The benchmarks ``--only`` names, in run order; every one if it names none.
+
+    Full names or prefixes ("request" runs both request benchmarks); an
+    unknown name ends the run with the list to choose from.
+    """
+    if not only:
+        return list(benchmarks)
+    chosen = set()
+    for wanted in only:
+        matches = [name for name in benchmarks if name.startswith(wanted)]
+        if not matches:
+            raise SystemExit(f"unknown benchmark {wanted!r}; choose from {', '.join(benchmarks)}")
+        chosen.update(matches)
+    return [name for name in benchmarks if name in chosen]
+
+
+# ---------------------------------------------------------------------------
+# The report: figures, their targets and verdicts, and the machine they ran on.
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, for a report's machine line."""
+    return ", ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
 def machine() -> dict[str, str | int]:
-    """What the figures were measured on; they mean little without it."""
+    """What the figures were measured on; they mean little without it.
+
+    A script that runs long adds ``load_at_end`` before it prints.
+    """
     model = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as info:
@@ -284,8 +317,19 @@ def machine() -> dict[str, str | int]:
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "os": f"{platform.system()} {platform.release()}",
         # Other work on a 2-core machine moves every figure; a reader can tell.
-        "load_1min": round(os.getloadavg()[0], 2),
+        "load_at_start": load_average(),
     }
+
+
+def describe_machine(machine: Mapping[str, str | int]) -> str:
+    """One line for a report's head: the machine and how busy it was."""
+    line = (
+        f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['python']}, "
+        f"{machine['os']}; load average {machine['load_at_start']} at start"
+    )
+    if "load_at_end" in machine:
+        line += f", {machine['load_at_end']} at end"
+    return line
 
 
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
@@ -316,3 +360,192 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
     separator = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), separator, *(line(row) for row in rows)])
+
+
+class Verdict(enum.StrEnum):
+    """How a figure stands against its target; the words the tables print."""
+
+    GOAL_MET = "goal met"
+    FLOOR_MET = "floor met"
+    GOAL_MISSED = "goal missed"  # no floor, or the floor holds but is not all we want
+    BELOW_FLOOR = "BELOW FLOOR"  # the one a --strict run fails on
+
+
+@dataclass(frozen=True)
+class Target:
+    """A product target: a floor that must hold, a goal to reach, or both.
+
+    The thresholds apply to the figure itself, or with ``on_ratio`` to the
+    figure divided by a baseline measured in the same run (irishost against
+    plain iris, the ring against multiprocessing.Queue): on a shared machine
+    a ratio of two figures taken side by side moves less than either.
+    """
+
+    floor: float | None = None
+    goal: float | None = None
+    higher_is_better: bool = True
+    on_ratio: bool = False
+
+    def __post_init__(self) -> None:
+        if self.floor is None and self.goal is None:
+            raise ValueError("a target needs a floor, a goal or both")
+
+    def describe(self) -> str:
+        """E.g. "floor >= 20,000, goal >= 30,000" or "floor <= 0.5x"."""
+        sign = ">=" if self.higher_is_better else "<="
+        parts = [
+            f"{label} {sign} {f'{threshold:g}x' if self.on_ratio else format_value(threshold)}"
+            for label, threshold in (("floor", self.floor), ("goal", self.goal))
+            if threshold is not None
+        ]
+        return ", ".join(parts)
+
+    def verdict(self, measured: float) -> Verdict:
+        """``measured`` is the figure, or its ratio to the baseline if ``on_ratio``.
+
+        NaN (a failed measurement or a zero baseline) meets nothing.
+        """
+
+        def met(threshold: float) -> bool:
+            return measured >= threshold if self.higher_is_better else measured <= threshold
+
+        if self.goal is not None and met(self.goal):
+            return Verdict.GOAL_MET
+        if self.floor is None:
+            return Verdict.GOAL_MISSED
+        return Verdict.FLOOR_MET if met(self.floor) else Verdict.BELOW_FLOOR
+
+
+@dataclass
+class Row:
+    """One figure of a report, as printed and as written to JSON."""
+
+    benchmark: str
+    value: float
+    unit: str
+    ratio: float | None = None  # value / the baseline's value, when there is one
+    target: str = ""
+    verdict: str = ""
+    peers: str = ""  # the same figure of other systems, measured elsewhere
+
+
+# The report's columns: (header, how a row shows in it). A column no row
+# fills is left out, so each script's table has only the columns it uses.
+_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("benchmark", "benchmark"),
+    ("value", "value"),
+    ("unit", "unit"),
+    ("ratio", "ratio"),
+    ("target", "target"),
+    ("verdict", "verdict"),
+    ("peers on this machine", "peers"),
+)
+
+
+def _cell(row: Row, attribute: str) -> str:
+    if attribute == "value":
+        return format_value(row.value)
+    if attribute == "ratio":
+        return "" if row.ratio is None else f"{format_value(row.ratio)}x"
+    return str(getattr(row, attribute))
+
+
+@dataclass
+class Report:
+    """A benchmark run's figures, each judged against its target if it has one.
+
+    A benchmark that fails to run goes to ``errors`` under its name, so one
+    failure does not hide the other figures.
+    """
+
+    machine: dict[str, str | int]
+    mode: str  # "full", "quick" or what the script's options chose
+    rows: list[Row] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def add(
+        self,
+        benchmark: str,
+        value: float,
+        unit: str,
+        target: Target | None = None,
+        *,
+        baseline: float | None = None,
+        peers: str = "",
+    ) -> Row:
+        """One figure; with ``baseline`` also its ratio, which an ``on_ratio`` target judges."""
+        row = Row(benchmark, value, unit, peers=peers)
+        if baseline is not None:
+            row.ratio = value / baseline if baseline else float("nan")
+        if target is not None:
+            if target.on_ratio and row.ratio is None:
+                raise ValueError(f"{benchmark}: a target on a ratio needs a baseline")
+            row.target = target.describe()
+            row.verdict = target.verdict(row.ratio if target.on_ratio else value)
+        self.rows.append(row)
+        return row
+
+    def add_latencies(
+        self,
+        benchmark: str,
+        samples_us: Sequence[float],
+        target: Target | None = None,
+        *,
+        baseline: Mapping[str, float] | None = None,
+        peers: str = "",
+    ) -> dict[str, float]:
+        """Mean, p50, p99 and sample count rows; the target is on the mean.
+
+        Returns the three latencies, to pass as another distribution's
+        ``baseline`` (each of its rows then gets its ratio to the same row here).
+        """
+        ordered = sorted(samples_us)
+        stats = {
+            "mean": sum(ordered) / len(ordered) if ordered else float("nan"),
+            "p50": percentile(ordered, 0.50),
+            "p99": percentile(ordered, 0.99),
+        }
+        for name, value in stats.items():
+            self.add(
+                f"{benchmark}, {name}",
+                value,
+                "us",
+                target if name == "mean" else None,
+                baseline=baseline[name] if baseline else None,
+                peers=peers if name == "mean" else "",
+            )
+        self.add(f"{benchmark}, samples", len(ordered), "count")
+        return stats
+
+    def missed(self) -> list[str]:
+        """The figures below their floor: what makes a --strict run fail."""
+        return [row.benchmark for row in self.rows if row.verdict == Verdict.BELOW_FLOOR]
+
+    def table(self) -> str:
+        """The figures as one Markdown table, with the columns some row fills."""
+        columns = [
+            (header, attribute)
+            for header, attribute in _COLUMNS
+            if attribute in ("benchmark", "value", "unit")
+            or any(_cell(row, attribute) for row in self.rows)
+        ]
+        return markdown_table(
+            [header for header, _ in columns],
+            [[_cell(row, attribute) for _, attribute in columns] for row in self.rows],
+        )
+
+    def print(self, *sections: str) -> None:
+        """Machine line, table and any further ``sections``; errors to stderr."""
+        print(f"{describe_machine(self.machine)}; mode: {self.mode}")
+        print()
+        print(self.table())
+        for section in sections:
+            print()
+            print(section)
+        for name, error in self.errors.items():
+            print(f"\nERROR in {name}: {error}", file=sys.stderr)
+
+    def write_json(self, path: str, **extra: object) -> None:
+        """The report, and ``extra`` (e.g. the settings), as one JSON object."""
+        with open(path, "w") as out:
+            json.dump({**asdict(self), **extra}, out, indent=2, default=str)

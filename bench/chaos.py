@@ -603,7 +603,14 @@ def seconds(value: float | None) -> str:
 
 
 def report(
-    args, rig: Rig, outcomes: list[Outcome], chaos: Chaos, load: Load, extra: dict, window: float
+    args,
+    machine: dict,
+    rig: Rig,
+    outcomes: list[Outcome],
+    chaos: Chaos,
+    load: Load,
+    extra: dict,
+    window: float,
 ) -> bool:
     """Print the tables; True if the run kept every promise."""
     print(f"## Chaos: {args.seconds:g} s, seed {args.seed}")
@@ -614,7 +621,8 @@ def report(
         f"{TIMEOUT_GRACE:g} s) on an external relay; unanswered = no return within the "
         f"timeout + {MARGIN:g} s."
     )
-    print("machine: " + ", ".join(f"{k} {v}" for k, v in _util.machine().items()))
+    machine["load_at_end"] = _util.load_average()
+    print(_util.describe_machine(machine))
     print()
 
     load_outcomes = [o for o in outcomes if o.source == "load"]
@@ -752,6 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="injection window (60)")
     parser.add_argument("--seed", type=int, default=1, help="order of faults and victims (1)")
     args = parser.parse_args(argv)
+    machine = _util.machine()
 
     # The binding warns of every dropped connection; here they are on purpose.
     logging.getLogger("iris").setLevel(logging.ERROR)
@@ -781,7 +790,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         extra.update(rig.stop())
     extra["worker processes seen"] = len(rig.worker_pids)
-    return 0 if report(args, rig, ledger.snapshot() + overdue, chaos, load, extra, window) else 1
+    outcomes = ledger.snapshot() + overdue
+    return 0 if report(args, machine, rig, outcomes, chaos, load, extra, window) else 1
 
 
 if __name__ == "__main__":

@@ -107,80 +107,21 @@ FULL = Settings(latency_seconds=2.5, throughput_seconds=2.0, warmup_seconds=0.3,
 QUICK = Settings(latency_seconds=0.3, throughput_seconds=0.3, warmup_seconds=0.05, warmup_count=20)
 
 
-@dataclass(frozen=True)
-class Target:
-    """A product target: a floor that must hold, a goal to reach, or both."""
-
-    floor: float | None = None
-    goal: float | None = None
-    higher_is_better: bool = True
-
-    def describe(self) -> str:
-        sign = ">" if self.higher_is_better else "<"
-        parts = [
-            f"{label} {sign} {_util.format_value(threshold)}"
-            for label, threshold in (("floor", self.floor), ("goal", self.goal))
-            if threshold is not None
-        ]
-        return ", ".join(parts)
-
-    def verdict(self, value: float) -> str:
-        def met(threshold: float) -> bool:
-            return value >= threshold if self.higher_is_better else value <= threshold
-
-        if self.goal is not None and met(self.goal):
-            return "goal met"
-        if self.floor is None:
-            return "goal missed"
-        return "floor met" if met(self.floor) else "BELOW FLOOR"
-
-
 # The product's targets, and its peers as measured on the 2-core reference
 # machine (Go relay + Go binding; NATS + nats-py).
-LATENCY_TARGET = Target(goal=200, higher_is_better=False)
+LATENCY_TARGET = _util.Target(goal=200, higher_is_better=False)
 LATENCY_PEERS = "Go 231, NATS 384"
-THROUGHPUT_TARGET = Target(floor=20_000, goal=30_000)
+THROUGHPUT_TARGET = _util.Target(floor=20_000, goal=30_000)
 THROUGHPUT_PEERS = "Go 20.4k, NATS 26.4k"
-RELAY_CPU_TARGET = Target(floor=25, higher_is_better=False)
+RELAY_CPU_TARGET = _util.Target(floor=25, higher_is_better=False)
 
 
 @dataclass
-class Row:
-    benchmark: str
-    value: float
-    unit: str
-    target: str = ""
-    verdict: str = ""
-    peers: str = ""
+class Report(_util.Report):
+    """The shared report, with the CPU split of the request-throughput window."""
 
-
-@dataclass
-class Report:
-    machine: dict
-    mode: str
-    rows: list[Row] = field(default_factory=list)
     # At TARGET_THREADS requesters: per process, us of CPU per round trip.
     cpu_per_round_trip: dict[str, dict] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
-
-    def add(
-        self, benchmark: str, value: float, unit: str, target: Target | None = None, peers: str = ""
-    ) -> None:
-        row = Row(benchmark, value, unit, peers=peers)
-        if target is not None:
-            row.target, row.verdict = target.describe(), target.verdict(value)
-        self.rows.append(row)
-
-    def add_distribution(
-        self, benchmark: str, samples_us: list[float], target: Target | None = None, peers: str = ""
-    ) -> None:
-        """mean, p50 and p99 of one latency distribution; the target is on the mean."""
-        ordered = sorted(samples_us)
-        mean = sum(ordered) / len(ordered) if ordered else float("nan")
-        self.add(f"{benchmark}, mean", mean, "us", target, peers)
-        self.add(f"{benchmark}, p50", _util.percentile(ordered, 0.50), "us")
-        self.add(f"{benchmark}, p99", _util.percentile(ordered, 0.99), "us")
-        self.add(f"{benchmark}, samples", len(ordered), "count")
 
 
 # ---------------------------------------------------------------------------
@@ -411,7 +352,7 @@ def bench_request_latency(report: Report, settings: Settings) -> None:
             request(BENCH_CLUSTER, b"x", REPLY_TIMEOUT)
 
         durations, _ = timed_loop(round_trip, settings)
-    report.add_distribution("request latency", durations, LATENCY_TARGET, LATENCY_PEERS)
+    report.add_latencies("request latency", durations, LATENCY_TARGET, peers=LATENCY_PEERS)
 
 
 def bench_request_throughput(report: Report, settings: Settings) -> None:
@@ -425,7 +366,7 @@ def bench_request_throughput(report: Report, settings: Settings) -> None:
                 rate,
                 "round trips/s",
                 THROUGHPUT_TARGET if at_target else None,
-                THROUGHPUT_PEERS if at_target else "",
+                peers=THROUGHPUT_PEERS if at_target else "",
             )
             if at_target:
                 report.cpu_per_round_trip = window.per_round_trip()
@@ -551,7 +492,7 @@ def _probe_latency(report: Report, settings: Settings, name: str) -> None:
             return int.from_bytes(answer[1:9], "little", signed=True) / 1000
 
         round_trips, one_way = timed_loop(probe, settings)
-    report.add_distribution(f"{name} latency, one way", one_way)
+    report.add_latencies(f"{name} latency, one way", one_way)
     report.add(
         f"{name} latency, round trip (member answers by event), mean",
         sum(round_trips) / len(round_trips),
@@ -610,7 +551,7 @@ def bench_tunnel_latency(report: Report, settings: Settings) -> None:
             tunnel.recv(REPLY_TIMEOUT)
 
         durations, _ = timed_loop(ping_pong, settings)
-    report.add_distribution("tunnel latency (ping-pong)", durations)
+    report.add_latencies("tunnel latency (ping-pong)", durations)
 
 
 def bench_tunnel_throughput(report: Report, settings: Settings) -> None:
@@ -693,39 +634,14 @@ def profile_request_path(directory: str, settings: Settings) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _selected(only: list[str] | None) -> list[str]:
-    """--only takes full names or prefixes ("request" runs both request ones)."""
-    if not only:
-        return list(BENCHMARKS)
-    chosen = []
-    for wanted in only:
-        matches = [name for name in BENCHMARKS if name == wanted or name.startswith(wanted)]
-        if not matches:
-            raise SystemExit(f"unknown benchmark {wanted!r}; choose from {', '.join(BENCHMARKS)}")
-        chosen += [name for name in matches if name not in chosen]
-    return [name for name in BENCHMARKS if name in chosen]
-
-
 def print_report(report: Report) -> None:
-    m = report.machine
-    print(
-        f"machine: {m['cpu']}, {m['cores']} cores, {m['python']}, {m['os']}, "
-        f"load average {m['load_1min']} at start; mode: {report.mode}"
-    )
-    print()
-    header = ("benchmark", "value", "unit", "target", "verdict", "peers on this machine")
-    rows = [
-        (r.benchmark, _util.format_value(r.value), r.unit, r.target, r.verdict, r.peers)
-        for r in report.rows
-    ]
-    print(_util.markdown_table(header, rows))
+    sections = []
     if report.cpu_per_round_trip:
-        print()
-        print(f"CPU per round trip at {TARGET_THREADS} requesters, us:")
-        print()
-        print(cpu_table(report.cpu_per_round_trip))
-    for name, error in report.errors.items():
-        print(f"\nERROR in {name}: {error}", file=sys.stderr)
+        sections.append(
+            f"CPU per round trip at {TARGET_THREADS} requesters, us:\n\n"
+            + cpu_table(report.cpu_per_round_trip)
+        )
+    report.print(*sections)
 
 
 def cpu_table(cpu_per_round_trip: dict[str, dict]) -> str:
@@ -768,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     report = Report(_util.machine(), "quick" if args.quick else "full")
-    for name in _selected(args.only):
+    for name in _util.select(BENCHMARKS, args.only):
         print(f"running {name} ...", file=sys.stderr, flush=True)
         try:
             RUNNERS[name](report, settings)
@@ -776,8 +692,7 @@ def main(argv: list[str] | None = None) -> int:
             report.errors[name] = f"{type(err).__name__}: {err}"
     print_report(report)
     if args.json:
-        with open(args.json, "w") as out:
-            json.dump({**asdict(report), "settings": asdict(settings)}, out, indent=2, default=str)
+        report.write_json(args.json, settings=asdict(settings))
     return 1 if report.errors else 0
 
 

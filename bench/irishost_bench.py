@@ -33,9 +33,10 @@ The two sides of cpu-bound, ring and echo-overhead run in alternating
 rounds (ABBA order; for the services, on rigs that are both up), so a load
 spike from elsewhere on the machine lands on both sides rather than on one.
 
-A missed target prints MISSED and still exits 0, since the figures are
-information; ``--strict`` makes it exit 1. A benchmark that fails to run
-always exits 1, as does anything this run leaves behind in /dev/shm.
+Each target is a floor (see ``_util.Target``). A figure below its floor
+prints BELOW FLOOR and still exits 0, since the figures are information;
+``--strict`` makes it exit 1. A benchmark that fails to run always exits 1,
+as does anything this run leaves behind in /dev/shm.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ import argparse
 import contextlib
 import importlib.util
 import itertools
-import json
 import multiprocessing
 import os
 import pstats
@@ -57,7 +57,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -160,87 +160,10 @@ QUICK = Settings(
 )
 
 
-@dataclass(frozen=True)
-class Target:
-    """A product target on the ratio of a figure to its baseline."""
-
-    threshold: float
-    higher_is_better: bool = True
-
-    def describe(self) -> str:
-        return f"{'>=' if self.higher_is_better else '<='} {self.threshold:g}x"
-
-    def met(self, ratio: float) -> bool:
-        return ratio >= self.threshold if self.higher_is_better else ratio <= self.threshold
-
-
-CPU_TARGET = Target(1.8)
-QUEUE_TARGET = Target(3.0)
-PIPE_TARGET = Target(0.5, higher_is_better=False)
-DISPATCH_TARGET = Target(5.0)
-ECHO_TARGET = Target(1.30, higher_is_better=False)
-
-
-@dataclass
-class Row:
-    benchmark: str
-    value: float
-    unit: str
-    ratio: float | None = None  # value / the baseline row's value
-    target: str = ""
-    verdict: str = ""
-
-
-@dataclass
-class Report:
-    machine: dict
-    mode: str
-    rows: list[Row] = field(default_factory=list)
-    errors: dict[str, str] = field(default_factory=dict)
-
-    def add(
-        self,
-        benchmark: str,
-        value: float,
-        unit: str,
-        baseline: float | None = None,
-        target: Target | None = None,
-    ) -> None:
-        row = Row(benchmark, value, unit)
-        if baseline:
-            row.ratio = value / baseline
-            if target is not None:
-                row.target = target.describe()
-                row.verdict = "ok" if target.met(row.ratio) else "MISSED"
-        self.rows.append(row)
-
-    def add_latencies(
-        self,
-        benchmark: str,
-        samples_us: list[float],
-        baseline: dict[str, float] | None = None,
-        target: Target | None = None,
-    ) -> dict[str, float]:
-        """Mean, p50 and p99 rows; ratios against ``baseline``'s, the target on the mean."""
-        ordered = sorted(samples_us)
-        stats = {
-            "mean": statistics.fmean(ordered),
-            "p50": _util.percentile(ordered, 0.50),
-            "p99": _util.percentile(ordered, 0.99),
-        }
-        for name, value in stats.items():
-            reference = baseline[name] if baseline else None
-            self.add(
-                f"{benchmark}, {name}",
-                value,
-                "us",
-                reference,
-                target if name == "mean" else None,
-            )
-        return stats
-
-    def missed(self) -> list[str]:
-        return [row.benchmark for row in self.rows if row.verdict == "MISSED"]
+# Floors: a missed one fails a --strict run.
+CPU_TARGET = _util.Target(floor=1.8, on_ratio=True)
+DISPATCH_TARGET = _util.Target(floor=5.0, on_ratio=True)
+ECHO_TARGET = _util.Target(floor=1.30, higher_is_better=False, on_ratio=True)
 
 
 # ---------------------------------------------------------------------------
@@ -298,7 +221,7 @@ def serve_plain(config_path: str) -> int:
     threads (which inherit the mask) never see it and no handler is needed.
     """
     config = load_config(config_path)
-    handler = load_handler(config)()
+    handler = load_handler(config)(**config.settings)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     with iris.register(config.relay.port, config.service.cluster, handler):
         signal.sigwait({signal.SIGTERM})
@@ -416,7 +339,7 @@ def handler_seconds(config: Config, request: bytes, calls: int = 20) -> tuple[fl
     The fastest of ``calls``: the cost with a core to itself, which other
     work on a shared machine can only add to.
     """
-    handler = load_handler(config)()
+    handler = load_handler(config)(**config.settings)
     reply = handler.handle_request(request)
     fastest = float("inf")
     for _ in range(calls):
@@ -474,7 +397,7 @@ def _cpu_seconds(process: psutil.Process) -> float:
     return times.user + times.system
 
 
-def bench_cpu_bound(report: Report, settings: Settings, directory: Path) -> None:
+def bench_cpu_bound(report: _util.Report, settings: Settings, directory: Path) -> None:
     config = load_config(write_config(directory, "calibrate", "PrimeHandler", 1, 1))
     seconds, answer = handler_seconds(config, PRIME_REQUEST)
     report.add(
@@ -498,8 +421,8 @@ def bench_cpu_bound(report: Report, settings: Settings, directory: Path) -> None
         f"cpu-bound: {host.label} (1 request thread each), {label}",
         host_requests / host_seconds,
         "requests/s",
-        plain_rate,
         CPU_TARGET,
+        baseline=plain_rate,
     )
     # Cores the service kept busy: what explains the ratio (1 against ~2).
     report.add(f"cpu-bound: {plain.label}, CPU in use", plain_cpu / plain_seconds, "cores")
@@ -510,7 +433,7 @@ def bench_cpu_bound(report: Report, settings: Settings, directory: Path) -> None
 # 2. The shared-memory ring against multiprocessing's Queue and Pipe.
 
 
-def bench_ring(report: Report, settings: Settings, directory: Path) -> None:
+def bench_ring(report: _util.Report, settings: Settings, directory: Path) -> None:
     """ring_bench's measurements in ABBA rounds; the median rate of the rounds
     and the median of all round trips, so one noisy round does not decide."""
     rates: dict[Callable, list[float]] = {
@@ -533,9 +456,21 @@ def bench_ring(report: Report, settings: Settings, directory: Path) -> None:
     pipe = statistics.median(round_trips[ring_bench.pipe_round_trips])
     ring = statistics.median(round_trips[ring_bench.ring_round_trips])
     report.add("ring: one way 100 B, multiprocessing.Queue", queue_rate, "msgs/s")
-    report.add("ring: one way 100 B, Ring", ring_rate, "msgs/s", queue_rate, QUEUE_TARGET)
+    report.add(
+        "ring: one way 100 B, Ring",
+        ring_rate,
+        "msgs/s",
+        ring_bench.QUEUE_TARGET,
+        baseline=queue_rate,
+    )
     report.add("ring: round trip 100 B, multiprocessing.Pipe, median", pipe, "us")
-    report.add("ring: round trip 100 B, Ring pair, median", ring, "us", pipe, PIPE_TARGET)
+    report.add(
+        "ring: round trip 100 B, Ring pair, median",
+        ring,
+        "us",
+        ring_bench.PIPE_TARGET,
+        baseline=pipe,
+    )
 
 
 def _reap_multiprocessing_children() -> None:
@@ -668,7 +603,7 @@ def executor_map_rate(pool: ProcessPoolExecutor, tasks: int) -> float:
     return done / (time.perf_counter() - start)
 
 
-def bench_dispatch(report: Report, settings: Settings, directory: Path) -> None:
+def bench_dispatch(report: _util.Report, settings: Settings, directory: Path) -> None:
     relay, port = _util.start_relay()  # only for the worker's own client connection in init
     try:
         config = load_config(write_config(directory, "dispatch", "EchoHandler", port, 1))
@@ -691,14 +626,16 @@ def bench_dispatch(report: Report, settings: Settings, directory: Path) -> None:
     baseline = report.add_latencies(
         "dispatch: round trip 100 B, ProcessPoolExecutor(1) submit().result()", pool_samples
     )
-    report.add_latencies("dispatch: round trip 100 B, irishost worker", host_samples, baseline)
+    report.add_latencies(
+        "dispatch: round trip 100 B, irishost worker", host_samples, baseline=baseline
+    )
     report.add("dispatch: ProcessPoolExecutor(1) map, chunksize=1", pool_rate, "tasks/s")
     report.add(
         f"dispatch: irishost worker, {PIPELINE_DEPTH} in flight",
         host_rate,
         "tasks/s",
-        pool_rate,
         DISPATCH_TARGET,
+        baseline=pool_rate,
     )
 
 
@@ -716,7 +653,7 @@ def latency_window(rig: Rig, settings: Settings) -> list[float]:
     )
 
 
-def bench_echo_overhead(report: Report, settings: Settings, directory: Path) -> None:
+def bench_echo_overhead(report: _util.Report, settings: Settings, directory: Path) -> None:
     """Latency of both sides, and the CPU each process of the service spends
     per request, which is where irishost's extra hop shows when the machine
     is busy."""
@@ -735,7 +672,9 @@ def bench_echo_overhead(report: Report, settings: Settings, directory: Path) -> 
             for index, process in enumerate(processes):
                 cpu[rig][index] += _cpu_seconds(process) - before[index]
     baseline = report.add_latencies(f"echo latency: {plain.label}", samples[plain])
-    report.add_latencies(f"echo latency: {host.label}", samples[host], baseline, ECHO_TARGET)
+    report.add_latencies(
+        f"echo latency: {host.label}", samples[host], ECHO_TARGET, baseline=baseline
+    )
     # latency_window also sends warmup_count requests per round.
     per_request = {
         rig: 1e6 / (len(samples[rig]) + settings.rounds * settings.warmup_count)
@@ -750,11 +689,11 @@ def bench_echo_overhead(report: Report, settings: Settings, directory: Path) -> 
         f"echo CPU per request: {host.label}, supervisor + worker",
         supervisor + worker_cpu,
         "us",
-        plain_cpu,
+        baseline=plain_cpu,
     )
 
 
-RUNNERS: dict[str, Callable[[Report, Settings, Path], None]] = {
+RUNNERS: dict[str, Callable[[_util.Report, Settings, Path], None]] = {
     "cpu-bound": bench_cpu_bound,
     "ring": bench_ring,
     "dispatch": bench_dispatch,
@@ -841,19 +780,6 @@ def profile_echo(directory: str, settings: Settings) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _selected(only: list[str] | None) -> list[str]:
-    """--only takes full names or prefixes ("echo" runs echo-overhead)."""
-    if not only:
-        return list(BENCHMARKS)
-    chosen = set()
-    for wanted in only:
-        matches = [name for name in BENCHMARKS if name.startswith(wanted)]
-        if not matches:
-            raise SystemExit(f"unknown benchmark {wanted!r}; choose from {', '.join(BENCHMARKS)}")
-        chosen.update(matches)
-    return [name for name in BENCHMARKS if name in chosen]
-
-
 def _cpu_split() -> tuple[float, float]:
     """CPU seconds used so far by the whole machine, and by this benchmark.
 
@@ -870,36 +796,8 @@ def _cpu_split() -> tuple[float, float]:
     return busy, own.user + own.system + own.children_user + own.children_system
 
 
-def _load_average() -> str:
-    return ", ".join(f"{value:.2f}" for value in os.getloadavg())
-
-
 def _shm_names() -> set[str]:
     return {name for name in os.listdir("/dev/shm") if name.startswith(SHM_PREFIXES)}
-
-
-def print_report(report: Report) -> None:
-    m = report.machine
-    print(
-        f"machine: {m['cpu']}, {m['cores']} cores, {m['python']}, {m['os']}; "
-        f"load average {m['load']} at start, {m['load_at_end']} at end; mode: {report.mode}"
-    )
-    print()
-    header = ("benchmark", "value", "unit", "ratio", "target", "verdict")
-    rows = [
-        (
-            r.benchmark,
-            _util.format_value(r.value),
-            r.unit,
-            "" if r.ratio is None else f"{r.ratio:.2f}x",
-            r.target,
-            r.verdict,
-        )
-        for r in report.rows
-    ]
-    print(_util.markdown_table(header, rows))
-    for name, error in report.errors.items():
-        print(f"\nERROR in {name}: {error}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -928,15 +826,13 @@ def main(argv: list[str] | None = None) -> int:
         profile_echo(args.profile, settings)
         return 0
 
-    machine = _util.machine()
-    machine["load"] = _load_average()
-    report = Report(machine, "quick" if args.quick else "full")
+    report = _util.Report(_util.machine(), "quick" if args.quick else "full")
     shm_before = _shm_names()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="irishost-bench-") as work:
         directory = Path(work)
         (directory / f"{HANDLER_MODULE}.py").write_text(HANDLER_SOURCE)
-        for name in _selected(args.only):
+        for name in _util.select(BENCHMARKS, args.only):
             print(f"running {name} ...", file=sys.stderr, flush=True)
             busy, ours = _cpu_split()
             start = time.monotonic()
@@ -951,15 +847,14 @@ def main(argv: list[str] | None = None) -> int:
             others = max(0.0, (busy_after - busy) - (ours_after - ours))
             seconds = time.monotonic() - start
             report.add(f"{name}: CPU used by other work meanwhile", others / seconds, "cores")
-    machine["load_at_end"] = _load_average()
+    report.machine["load_at_end"] = _util.load_average()
     leftover = _shm_names() - shm_before
     if leftover:
         report.errors["cleanup"] = f"left in /dev/shm: {', '.join(sorted(leftover))}"
-    print_report(report)
+    report.print()
     print(f"\ntotal {time.monotonic() - started:.1f} s", file=sys.stderr)
     if args.json:
-        with open(args.json, "w") as out:
-            json.dump({**asdict(report), "settings": asdict(settings)}, out, indent=2)
+        report.write_json(args.json, settings=asdict(settings))
     if report.errors:
         return 1
     return 1 if args.strict and report.missed() else 0

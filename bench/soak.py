@@ -159,7 +159,9 @@ def kib(value: float) -> str:
     return "n/a" if value != value else f"{value / 1024:+,.0f}"
 
 
-def report(args, soak: Soak, samples: list[Sample], before: Sample, after: Sample) -> bool:
+def report(
+    args, machine: dict, soak: Soak, samples: list[Sample], before: Sample, after: Sample
+) -> bool:
     done = soak.completed()
     elapsed = after.elapsed
     print(f"## Soak: {done:,} requests in {elapsed:.0f} s ({done / elapsed:,.0f} per second)")
@@ -169,7 +171,8 @@ def report(args, soak: Soak, samples: list[Sample], before: Sample, after: Sampl
         f"relay process -> irishost with {WORKERS} workers (echo); asked for "
         f"{args.requests:,} requests within {args.seconds:g} s."
     )
-    print("machine: " + ", ".join(f"{k} {v}" for k, v in _util.machine().items()))
+    machine["load_at_end"] = _util.load_average()
+    print(_util.describe_machine(machine))
     print()
     header = ["requests", "s", "relay RSS MiB", "supervisor RSS MiB", "worker RSS MiB"]
     header += ["relay fds", "supervisor fds"]
@@ -238,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=600.0, help="at most this long (600)")
     parser.add_argument("--threads", type=int, default=THREADS, help=f"client threads ({THREADS})")
     args = parser.parse_args(argv)
+    machine = _util.machine()
 
     directory = Path(tempfile.mkdtemp(prefix="irishost-soak-"))
     cluster = f"soak-{uuid.uuid4().hex[:8]}"
@@ -279,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         after = Sample(soak.completed(), time.monotonic() - start, relay_ps, host_ps)
         if after.requests > samples[-1].requests:
             samples.append(after)
-        ok = report(args, soak, samples, before, after)
+        ok = report(args, machine, soak, samples, before, after)
     finally:
         for conn in conns:
             conn.close()

@@ -20,8 +20,18 @@ def count_primes_below(n: int) -> int:
 
 
 class PrimeHandler(iris.ServiceHandler):
-    """Request: n as ASCII digits, e.g. b"100000". Reply: the count as ASCII digits."""
+    """Request: n as ASCII digits, e.g. b"100000". Reply: the count as ASCII digits.
+
+    ``limit`` comes from the config's ``[settings]`` table: irishost passes its
+    keys to the class as keyword arguments. A request above it is refused with
+    a fault rather than holding a worker for minutes.
+    """
+
+    def __init__(self, limit: int = 10_000_000):
+        self.limit = limit
 
     def handle_request(self, request: bytes) -> bytes:
         n = int(request.decode("ascii"))
+        if n > self.limit:
+            raise ValueError(f"n is {n}, above this service's limit of {self.limit}")
         return str(count_primes_below(n)).encode("ascii")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Generic, Literal, NamedTuple, TypeVar, cast, overload
 
 VERSION = "v1.0-draft2"
 CLIENT_MAGIC = "iris-client-magic"
@@ -264,10 +264,12 @@ class Reply(NamedTuple):
     payload: bytes | str  # the reply's bytes on success, else the fault text
 
     def encode(self) -> bytes:
+        # The payload's type follows ``success``; cast, not checked: this is per reply.
         if self.success:
-            body = (encode_varint(len(self.payload)), self.payload)
+            payload = cast(bytes, self.payload)
+            body = (encode_varint(len(payload)), payload)
         else:  # a handler's text: lone surrogates become "?" rather than cost the answer
-            body = _string(self.payload, "replace")
+            body = _string(cast(str, self.payload), "replace")
         return b"".join((_OPS[Op.REPLY], encode_varint(self.id), _bool(self.success), *body))
 
     @staticmethod
@@ -505,10 +507,11 @@ class ReplyDelivery(NamedTuple):
     def encode(self) -> bytes:
         if self.timed_out:
             return b"".join((_OPS[Op.REPLY], encode_varint(self.id), _TRUE))
-        if self.success:
-            body = (encode_varint(len(self.payload)), self.payload)
+        if self.success:  # the payload's type follows ``success``, as in Reply.encode
+            payload = cast(bytes, self.payload)
+            body = (encode_varint(len(payload)), payload)
         else:
-            body = _string(self.payload)
+            body = _string(cast(str, self.payload))
         return b"".join(
             (_OPS[Op.REPLY], encode_varint(self.id), _FALSE, _bool(self.success), *body)
         )
@@ -613,10 +616,13 @@ RelayPacket = (
     | TunnelTransfer
     | TunnelClosed
 )
-PacketReader = Callable[[_Reader, int], tuple[Any, int]]
+_Packet = TypeVar("_Packet", bound=tuple[object, ...])
+# A packet type's ``read``: the packet at a position (after its opcode), and
+# the position after it.
+PacketReader = Callable[[_Reader, int], tuple[_Packet, int]]
 
 # Plain int keys: hashing an IntEnum member per lookup costs several times as much.
-CLIENT_READERS: dict[int, PacketReader] = {
+CLIENT_READERS: dict[int, PacketReader[ClientPacket]] = {
     int(Op.INIT): Init.read,
     int(Op.CLOSE): Close.read,
     int(Op.BROADCAST): Broadcast.read,
@@ -631,7 +637,7 @@ CLIENT_READERS: dict[int, PacketReader] = {
     int(Op.TUN_TRANSFER): TunnelTransfer.read,
     int(Op.TUN_CLOSE): TunnelClose.read,
 }
-RELAY_READERS: dict[int, PacketReader] = {
+RELAY_READERS: dict[int, PacketReader[RelayPacket]] = {
     int(Op.INIT): Accept.read,
     int(Op.DENY): Deny.read,
     int(Op.CLOSE): Closed.read,
@@ -653,26 +659,46 @@ def _illegal(sender: Side, op: int) -> ProtocolError:
     return ProtocolError(f"unknown opcode {op:#04x}")
 
 
-class Decoder:
+class Decoder(Generic[_Packet]):
     """Turns a byte stream from one side into packets.
 
     Memory is bounded: the buffer never holds more than one packet's worth of
     unparsed bytes, and a packet's size is bounded by ``max_message`` plus
     PACKET_OVERHEAD. A ProtocolError leaves the decoder unusable; the
     connection must end.
+
+    The type checker knows the packet family from the side:
+    ``Decoder(Side.CLIENT)`` is a ``Decoder[ClientPacket]``.
     """
 
-    def __init__(self, sender: Side, max_message: int = MAX_MESSAGE):
+    @overload
+    def __init__(
+        self: Decoder[ClientPacket], sender: Literal[Side.CLIENT], max_message: int = ...
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: Decoder[RelayPacket], sender: Literal[Side.RELAY], max_message: int = ...
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: Decoder[ClientPacket | RelayPacket], sender: Side, max_message: int = ...
+    ) -> None: ...
+
+    def __init__(self, sender: Side, max_message: int = MAX_MESSAGE) -> None:
         self._buf = bytearray()
         self._reader = _Reader(self._buf, max_message)
         self._sender = sender
-        self._readers = CLIENT_READERS if sender is Side.CLIENT else RELAY_READERS
+        # The overloads tie _Packet to the side, which the checker cannot follow here.
+        self._readers = cast(
+            dict[int, PacketReader[_Packet]],
+            CLIENT_READERS if sender is Side.CLIENT else RELAY_READERS,
+        )
         # Skip re-parsing a large packet until enough bytes have arrived for it;
         # without this, a 64 MiB message fed in 64 KiB reads costs quadratic time.
         self._need = 1
         self._failed: ProtocolError | None = None
 
-    def feed(self, data: bytes) -> list[Any]:
+    def feed(self, data: bytes | memoryview) -> list[_Packet]:
         """Add bytes from the wire; return every packet they complete."""
         if self._failed is not None:
             raise ProtocolError("decoder already failed") from self._failed
@@ -680,7 +706,7 @@ class Decoder:
         buf += data
         if len(buf) < self._need:
             return []
-        packets = []
+        packets: list[_Packet] = []
         pos, readers, reader = 0, self._readers, self._reader
         bound = reader.max_message + PACKET_OVERHEAD
         try:

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 
 from . import codec
-from .dispatch import Inbound
+from .dispatch import Inbound, sendable_reply
 from .errors import ClosedError, RemoteError, TimeoutError
 from .handlers import TopicHandler
 from .limits import TUNNEL_BUFFER, TopicLimits
@@ -423,10 +423,7 @@ class Connection(TunnelRoutes):
         because the connection closed is dropped: the relay times the
         request out for its caller.
         """
-        size = len(payload) if success else len(payload.encode("utf-8", "replace"))
-        if size > codec.MAX_MESSAGE:
-            success, payload = False, codec.too_large("reply" if success else "fault text", size)
-            self.log.error("reply refused", id=request_id, reason=payload)
+        success, payload = sendable_reply(request_id, success, payload, self.log)
         try:
             self._send(codec.Reply(request_id, success, payload).encode())
         except ClosedError:

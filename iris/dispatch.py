@@ -12,6 +12,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Protocol
 
+from . import codec
 from .errors import ClosedError
 from .handlers import ServiceHandler
 from .limits import ServiceLimits
@@ -65,6 +66,24 @@ def checked_reply(reply: object) -> tuple[bool, bytes]:
     if not isinstance(reply, bytes | bytearray | memoryview):
         raise TypeError(f"handle_request returned {type(reply).__name__}, not bytes")
     return True, bytes(reply)
+
+
+def sendable_reply(
+    request_id: int, success: bool, payload: bytes | str, log: ContextLog
+) -> tuple[bool, bytes | str]:
+    """``(success, payload)`` as a reply packet can carry it to the caller.
+
+    A reply or fault text over the relay's message limit becomes a fault
+    saying so, and is logged: sent, it would make the relay drop the
+    member's connection and with it every request in flight. Both bindings'
+    ``Connection.reply`` pass what they send through here.
+    """
+    size = len(payload) if success else len(payload.encode("utf-8", "replace"))
+    if size <= codec.MAX_MESSAGE:
+        return success, payload
+    fault = codec.too_large("reply" if success else "fault text", size)
+    log.error("reply refused", id=request_id, reason=fault)
+    return False, fault
 
 
 def memory_fault(pool: HandlerPool, where: str = "") -> str:

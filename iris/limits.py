@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields, replace
+from typing import TypeVar
 
 MiB = 1024 * 1024
 
@@ -21,9 +22,12 @@ DEFAULT_MEMORY = 64 * MiB
 TUNNEL_BUFFER = 64 * MiB
 
 
-def _with_defaults(limits, default: int, memory_default: int):
+_Limits = TypeVar("_Limits", "ServiceLimits", "TopicLimits")
+
+
+def _with_defaults(limits: _Limits, default: int, memory_default: int) -> _Limits:
     """Replace every zero field with its default; reject negatives."""
-    changes = {}
+    changes: dict[str, int] = {}
     for field in fields(limits):
         value = getattr(limits, field.name)
         if not isinstance(value, int) or value < 0:

@@ -27,7 +27,7 @@ import os
 import re
 import sys
 from collections.abc import Mapping
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 JOURNAL_FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -110,16 +110,18 @@ class _PriorityLines(io.TextIOBase):
     def writable(self) -> bool:
         return True
 
+    # typeshed declares TextIOBase's encoding and errors plain attributes; at
+    # run time they are read-only properties, as here.
     @property
-    def encoding(self) -> str:
+    def encoding(self) -> str:  # type: ignore[override]
         return self.target.encoding
 
     @property
-    def errors(self) -> str | None:
+    def errors(self) -> str | None:  # type: ignore[override]
         return self.target.errors
 
     @property
-    def buffer(self) -> io.BufferedIOBase:
+    def buffer(self) -> BinaryIO:
         """The binary stream below, for code that writes bytes; untagged, but working."""
         return self.target.buffer
 

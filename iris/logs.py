@@ -17,6 +17,9 @@ import time
 
 logger = logging.getLogger("iris")
 
+# An entry's key=value context, in the order it was given.
+Pairs = tuple[tuple[str, object], ...]
+
 
 def _quote(value: object) -> str:
     text = str(value)
@@ -30,7 +33,7 @@ class _Entry:
 
     __slots__ = ("msg", "pairs")
 
-    def __init__(self, msg: str, pairs: tuple):
+    def __init__(self, msg: str, pairs: Pairs):
         self.msg = msg
         self.pairs = pairs
 
@@ -42,7 +45,7 @@ class _Entry:
 class ContextLog:
     """A logger bound to key=value context, like log15's ``Logger.New``."""
 
-    def __init__(self, base: logging.Logger = logger, context: tuple = ()):
+    def __init__(self, base: logging.Logger = logger, context: Pairs = ()):
         self.logger = base
         self.context = context
 
@@ -53,28 +56,31 @@ class ContextLog:
     def log(
         self, level: int, msg: str, exc_info: BaseException | None = None, **kv: object
     ) -> None:
+        """One entry at ``level``; the level methods below pass ``exc_info`` as
+        None (a traceback is :meth:`exception`'s job), so no key of ``kv`` is
+        taken for it."""
         if self.logger.isEnabledFor(level):
             entry = _Entry(msg, self.context + tuple(kv.items()))
             self.logger.log(level, entry, exc_info=exc_info, stacklevel=3)
 
     def debug(self, msg: str, **kv: object) -> None:
-        self.log(logging.DEBUG, msg, **kv)
+        self.log(logging.DEBUG, msg, None, **kv)
 
     def info(self, msg: str, **kv: object) -> None:
-        self.log(logging.INFO, msg, **kv)
+        self.log(logging.INFO, msg, None, **kv)
 
     def warning(self, msg: str, **kv: object) -> None:
-        self.log(logging.WARNING, msg, **kv)
+        self.log(logging.WARNING, msg, None, **kv)
 
     def error(self, msg: str, **kv: object) -> None:
-        self.log(logging.ERROR, msg, **kv)
+        self.log(logging.ERROR, msg, None, **kv)
 
     def exception(self, msg: str, err: BaseException, **kv: object) -> None:
         """An ERROR entry followed by ``err``'s traceback."""
         self.log(logging.ERROR, msg, exc_info=err, **kv)
 
     def critical(self, msg: str, **kv: object) -> None:
-        self.log(logging.CRITICAL, msg, **kv)
+        self.log(logging.CRITICAL, msg, None, **kv)
 
     def is_debug(self) -> bool:
         """Guard for hot paths that would otherwise compute debug fields."""
@@ -115,10 +121,13 @@ class HandlerErrorLog:
     is logged when the next exception after the interval arrives. One
     instance serves all pools of a service (or an irishost worker), so its
     callbacks share one budget.
+
+    ``log`` is the context the entries carry; iris.aio's pools also write
+    their other warnings about callbacks (a handler holding the loop) there.
     """
 
     def __init__(self, log: ContextLog, burst: int = 10, interval: float = 60.0):
-        self._log = log
+        self.log = log
         self._burst = burst
         self._interval = interval
         self._lock = threading.Lock()  # pool threads report concurrently
@@ -139,10 +148,10 @@ class HandlerErrorLog:
             else:
                 self._suppressed += 1
         if suppressed:
-            self._log.error(
+            self.log.error(
                 "handler exceptions not logged: over the limit",
                 count=suppressed,
                 limit=f"{self._burst} per {self._interval:g} s",
             )
         if full:
-            self._log.exception(msg, err, **kv)
+            self.log.exception(msg, err, **kv)

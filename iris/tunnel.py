@@ -29,12 +29,12 @@ CLOSE_TIMEOUT = 5.0
 
 def wait_until(
     cond: threading.Condition,
-    ready: Callable[[], bool],
+    ready: Callable[[], object],
     raise_if_closed: Callable[[], None],
     deadline: float | None,
     what: str,
 ) -> None:
-    """Wait on ``cond`` (held by the caller) until ``ready()``.
+    """Wait on ``cond`` (held by the caller) until ``ready()`` is true.
 
     Raises what ``raise_if_closed`` raises once the tunnel is closed, and
     iris.TimeoutError naming ``what`` at the monotonic ``deadline``.
@@ -82,7 +82,7 @@ class Tunnel(TunnelCore):
     def __enter__(self) -> Tunnel:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def send(self, message: bytes, timeout: float | None = None) -> None:

@@ -9,7 +9,8 @@ tunnels and routes the relay's tunnel packets to them. ``iris.Tunnel`` and
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Generic, Protocol, Self, TypeVar
 
 from . import codec
 from .errors import ClosedError
@@ -17,10 +18,22 @@ from .limits import TUNNEL_BUFFER
 from .logs import ContextLog
 
 
+class TunnelHost(Protocol):
+    """What a tunnel end uses of its connection (a TunnelRoutes)."""
+
+    def _send(self, data: bytes) -> None: ...
+
+    def _forget_tunnel(self, tid: int) -> None: ...
+
+
 class TunnelCore:
     """A tunnel end's identity and closing state; subclasses add the waiting."""
 
-    def __init__(self, conn: Any, tid: int, chunk_limit: int, log: ContextLog):
+    # Subclasses: the tunnel was closed, by the relay or because its
+    # connection ended, for ``reason``; wake whoever waits on it.
+    _on_closed: Callable[[str], None]
+
+    def __init__(self, conn: TunnelHost, tid: int, chunk_limit: int, log: ContextLog) -> None:
         self.id = tid
         self.log = log
         self._conn = conn
@@ -50,20 +63,48 @@ class TunnelCore:
             pass  # the tunnel died with its connection; nothing left to grant
 
 
-class TunnelRoutes:
-    """A connection's tunnels, and the routing of the relay's tunnel packets.
+class RoutedTunnel(Protocol):
+    """What TunnelRoutes uses of a tunnel end (a TunnelCore subclass)."""
 
-    The connection sets ``_tunnels`` to a dict and ``tunnel_class`` to its
-    kind of tunnel, has ``_ids``, ``_send`` and ``_member_inbound``, and
-    dispatches the relay's TUN_INIT, TUN_ALLOW, TUN_TRANSFER and TUN_CLOSE
-    packets to the handlers here.
-    """
-
-    tunnel_class: type
-    _tunnels: dict[int, Any]
+    id: int
     log: ContextLog
 
-    def _new_tunnel(self, tid: int, chunk_limit: int):
+    def _on_allow(self, size: int) -> None: ...
+
+    def _on_transfer(self, size: int, chunk: bytes) -> None: ...
+
+    def _on_closed(self, reason: str) -> None: ...
+
+
+_Tunnel = TypeVar("_Tunnel", bound=RoutedTunnel)
+_Tunnel_contra = TypeVar("_Tunnel_contra", bound=RoutedTunnel, contravariant=True)
+
+
+class TunnelAcceptor(Protocol[_Tunnel_contra]):
+    """Where a member's inbound tunnels go (its Inbound)."""
+
+    def tunnel(self, tunnel: _Tunnel_contra) -> None: ...
+
+
+class TunnelRoutes(Generic[_Tunnel]):
+    """A connection's tunnels, and the routing of the relay's tunnel packets.
+
+    Generic in the connection's kind of tunnel. The connection sets
+    ``_tunnels`` to a dict and ``tunnel_class`` to its kind of tunnel, has
+    ``_ids``, ``_send`` and ``_member_inbound``, and dispatches the relay's
+    TUN_INIT, TUN_ALLOW, TUN_TRANSFER and TUN_CLOSE packets to the handlers
+    here.
+    """
+
+    tunnel_class: Callable[[Self, int, int, ContextLog], _Tunnel]  # called with the connection
+    _tunnels: dict[int, _Tunnel]
+    _ids: Iterator[int]  # the connection's ids for its requests and tunnels
+    log: ContextLog
+    _send: Callable[[bytes], None]
+    # The member's Inbound, or a ProtocolError naming ``what`` was sent to a plain client.
+    _member_inbound: Callable[[str], TunnelAcceptor[_Tunnel]]
+
+    def _new_tunnel(self: Self, tid: int, chunk_limit: int) -> _Tunnel:
         if chunk_limit < 1:
             raise codec.ProtocolError(f"tunnel chunk limit {chunk_limit} is not positive")
         tunnel = self.tunnel_class(self, tid, chunk_limit, self.log.new(tunnel=tid))

@@ -20,7 +20,7 @@ import time
 import iris
 import iris.aio
 from iris.aio.pool import UNCAPPED, HandlerPool
-from iris.aio.service import EXPIRED, answer, settle
+from iris.aio.service import EXPIRED, answer, close_failed_tunnel, settle
 from iris.dispatch import memory_fault
 from iris.logs import RateLimitedWarning
 
@@ -39,6 +39,7 @@ class LoopWorker:
     def __init__(self, worker: Worker):
         self.worker = worker
         self.log = worker.log
+        self.errors = worker.errors  # tracebacks, rate-limited, with service and worker
         self.handler = worker.handler
         self.inbox = worker.spec.inbox
         self.loop = asyncio.new_event_loop()
@@ -54,19 +55,21 @@ class LoopWorker:
         config = self.worker.config
         self.conn = await self._connect()
         await settle(self.handler.init(self.conn))
-        limits, log = config.limits, self.log
-        self._requests = HandlerPool("request", limits.request_threads, limits.request_memory, log)
+        limits, log, errors = config.limits, self.log, self.errors
+        self._requests = HandlerPool(
+            "request", limits.request_threads, limits.request_memory, errors
+        )
         self._broadcasts = HandlerPool(
-            "broadcast", limits.broadcast_threads, limits.broadcast_memory, log
+            "broadcast", limits.broadcast_threads, limits.broadcast_memory, errors
         )
         self._topics = {
             topic.name: (
-                HandlerPool(f"topic-{topic.name}", topic.event_threads, topic.event_memory, log),
+                HandlerPool(f"topic-{topic.name}", topic.event_threads, topic.event_memory, errors),
                 RateLimitedWarning(log.new(topic=topic.name), "event dropped: memory limit"),
             )
             for topic in config.topics
         }
-        self._others = HandlerPool("tunnel-and-drop", UNCAPPED, UNCAPPED, log)
+        self._others = HandlerPool("tunnel-and-drop", UNCAPPED, UNCAPPED, errors)
         self._broadcast_overflow = RateLimitedWarning(log, "broadcast dropped: memory limit")
         for pool in (
             self._requests,
@@ -170,7 +173,8 @@ class LoopWorker:
             if value is EXPIRED:
                 self.worker.send(frames.Expired(request_id).encode())
             else:
-                self.worker.send(frames.Reply(request_id, *answer(ok, value)).encode())
+                reply = answer(ok, value, self.errors)
+                self.worker.send(frames.Reply(request_id, *reply).encode())
         finally:
             self.worker._track(-1)
 
@@ -196,8 +200,8 @@ class LoopWorker:
 
     def _untrack(self, what: str, ok: bool, value: object) -> None:
         self.worker._track(-1)
-        if not ok:
-            self.log.error("handler raised", pool=what, error=repr(value))
+        if not ok and not isinstance(value, asyncio.CancelledError):
+            self.errors("handler raised", value, pool=what)
 
     def _on_tunnel(self, tunnel_id: int) -> None:
         worker = self.worker
@@ -208,10 +212,7 @@ class LoopWorker:
         self._others.submit(self.handler.handle_tunnel, (tunnel,), 0, self._tunnel_done, tunnel)
 
     def _tunnel_done(self, tunnel: AsyncWorkerTunnel, ok: bool, value: object) -> None:
-        """A handler that raised has its tunnel closed, as in iris.dispatch."""
-        if not ok:
-            tunnel.log.error("tunnel handler raised", error=repr(value))
-            tunnel.close_nowait()
+        close_failed_tunnel(self.errors, tunnel, ok, value)
 
     def _on_drop(self, reason: str) -> None:
         """handle_drop, counted like a request so a drain waits for it."""

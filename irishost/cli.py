@@ -1,20 +1,28 @@
 """``irishost -c service.toml``: run a service's handler on a pool of workers.
 
-``irishost status -c service.toml`` asks the running host, over its control
-socket, what every worker is doing.
+Commands for a running host, over its control socket (found from the
+config, or given with --socket):
+
+  irishost status -c service.toml [--json]   what every worker is doing
+  irishost reload -c service.toml            re-read config and code (as SIGHUP)
+  irishost scale  -c service.toml 4          run 4 workers (1 to 1024)
+  irishost stop   -c service.toml            stop gracefully (as SIGTERM), wait for the exit
+  irishost status --socket /run/irishost/primes/primes.sock
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 from iris.logfmt import configure_logging, tag_standard_streams
 from iris.version import add_version_option
 
-from .config import ConfigError, load_config
-from .control import ControlError, format_status, query_status
+from .config import ConfigError, load_config, parse_worker_count
+from .control import ControlError, format_status, query_status, send_command, wait_closed
 from .loader import HandlerImportError, load_handler
 from .supervisor import Exit, HostError, Supervisor
 
@@ -24,33 +32,61 @@ def _parser() -> argparse.ArgumentParser:
         prog="irishost",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="exit codes: 0 ok, 1 failure, 2 usage, 3 config error, "
-        "4 handler import/init error, 5 relay unreachable",
+        epilog="exit codes: 0 ok, 1 failure (for a command: no host answered, or it "
+        "refused), 2 usage, 3 config error, 4 handler import/init error, 5 relay unreachable",
     )
     add_version_option(parser)
     parser.add_argument(
-        "command", nargs="?", choices=["run", "status"], default="run", help="default: run"
+        "command",
+        nargs="?",
+        choices=["run", "status", "reload", "scale", "stop"],
+        default="run",
+        help="default: run",
     )
-    parser.add_argument("-c", "--config", required=True, help="the service's TOML file")
+    parser.add_argument("count", nargs="?", type=_count, help="scale: the number of workers")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("-c", "--config", help="the service's TOML file")
+    where.add_argument("--socket", type=Path, help="a running host's control socket, instead of -c")
     parser.add_argument("--check", action="store_true", help="validate config and handler, exit")
     parser.add_argument("--workers", type=int, help="worker processes (overrides the file)")
     parser.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], help="overrides the file"
     )
+    parser.add_argument("--json", action="store_true", help="status: print the snapshot as JSON")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="stop: seconds to wait for the host to exit (default 60)",
+    )
     return parser
+
+
+def _count(text: str) -> int:
+    try:
+        value: int | str = int(text)
+    except ValueError:
+        value = text  # refused below, in the words of the config's workers.count
+    try:
+        return parse_worker_count(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
     tag_standard_streams()  # before argparse, which may print a usage error
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_intermixed_args(argv)
+    _check_usage(parser, args)
+    if args.command != "run" and args.socket is not None:
+        return _command(args, args.socket)
     overrides = {"workers": args.workers, "log_level": args.log_level}
     try:
         config = load_config(args.config).with_overrides(**overrides)
     except ConfigError as err:
-        print(f"irishost: config error: {err}", file=sys.stderr)
-        return Exit.CONFIG
-    if args.command == "status":
-        return _status(config.control.socket)
+        return _config_error(err)
+    if args.command != "run":
+        return _command(args, config.control.socket)
     configure_logging(config.logging.level)
     try:
         handler_class = load_handler(config) if config.workers.preload or args.check else None
@@ -59,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         if err.details:
             print(err.details, file=sys.stderr, end="")
         return Exit.HANDLER
+    except ConfigError as err:  # [settings] the handler class does not take
+        return _config_error(err)
     if args.check:
         return _print(f"irishost: {config.file}: OK (handler {config.service.handler})")
     try:
@@ -71,13 +109,43 @@ def main(argv: list[str] | None = None) -> int:
         return err.code
 
 
-def _status(socket_path) -> int:
+def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse option mixes argparse cannot express; exits 2 like its own errors."""
+    command = args.command
+    if command == "run" and args.config is None:
+        parser.error("the following arguments are required: -c/--config")  # argparse's words
+    if args.config is None and args.socket is None:
+        parser.error(f"{command} needs -c/--config or --socket")
+    if (command == "scale") != (args.count is not None):
+        parser.error("scale needs a worker count (irishost scale -c FILE 4); no other command does")
+    if args.json and command != "status":
+        parser.error("--json is for status")
+    if command != "run" and (args.check or args.workers is not None or args.log_level):
+        parser.error(f"--check, --workers and --log-level are for running a host, not {command}")
+
+
+def _config_error(err: ConfigError) -> Exit:
+    print(f"irishost: config error: {err}", file=sys.stderr)
+    return Exit.CONFIG
+
+
+def _command(args: argparse.Namespace, socket_path: Path) -> int:
+    """status, reload, scale or stop, sent to the host at ``socket_path``."""
     try:
-        status = format_status(query_status(socket_path))
+        if args.command == "status":
+            snapshot = query_status(socket_path)
+            return _print(json.dumps(snapshot, indent=2) if args.json else format_status(snapshot))
+        command = {"cmd": args.command}
+        if args.command == "scale":
+            command["count"] = args.count
+        answer = send_command(socket_path, command)
+        if args.command == "stop":
+            wait_closed(socket_path, args.timeout)
+            return _print(f"irishost: {answer['message']}; stopped")
+        return _print(f"irishost: {answer['message']}")
     except ControlError as err:
         print(f"irishost: {err}", file=sys.stderr)
         return Exit.FAILURE
-    return _print(status)
 
 
 def _print(text: str) -> Exit:

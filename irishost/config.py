@@ -18,7 +18,7 @@ import stat
 import tomllib
 import unicodedata
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -110,6 +110,7 @@ class MetricsSection:
 @dataclass(frozen=True)
 class LoggingSection:
     level: str
+    access: bool = False  # one line per request on the logger irishost.access
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,10 @@ class Config:
     control: ControlSection
     metrics: MetricsSection
     logging: LoggingSection
+    # [settings]: keyword arguments for the handler class, any TOML values.
+    # Whether the handler takes them is checked where it is imported
+    # (irishost.loader), since only the class can tell.
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def to_wire(self) -> dict:
         """The config as plain values (str, int, float, bool, lists, dicts), for
@@ -146,6 +151,7 @@ class Config:
             control=ControlSection(socket=Path(data["control"]["socket"])),
             metrics=MetricsSection(**data["metrics"]),
             logging=LoggingSection(**data["logging"]),
+            settings=data["settings"],
         )
 
     def with_overrides(self, workers: int | None = None, log_level: str | None = None) -> Config:
@@ -156,11 +162,11 @@ class Config:
         """
         config = self
         if workers is not None:
-            count = _flag(self.file, "--workers", _worker_count, workers)
+            count = _flag(self.file, "--workers", parse_worker_count, workers)
             config = replace(config, workers=replace(config.workers, count=count))
         if log_level is not None:
             level = _flag(self.file, "--log-level", _log_level, log_level)
-            config = replace(config, logging=LoggingSection(level=level))
+            config = replace(config, logging=replace(config.logging, level=level))
         return config
 
 
@@ -334,7 +340,8 @@ MAX_WORKERS = 1024
 # risks running out of threads (pids) under a burst without adding throughput.
 MAX_THREADS = 1024
 
-_worker_count = _integer(1, MAX_WORKERS)
+# Also the bound of ``irishost scale`` (irishost.control).
+parse_worker_count = _integer(1, MAX_WORKERS)
 _thread_count = _integer(1, MAX_THREADS)
 _log_level = _choice("debug", "info", "warning", "error")
 _all_or_one = _choice("all", "one")
@@ -367,7 +374,7 @@ _SECTIONS: dict[str, tuple[type, _Spec]] = {
     "workers": (
         WorkersSection,
         {
-            "count": (_worker_count, min(os.cpu_count() or 1, MAX_WORKERS)),
+            "count": (parse_worker_count, min(os.cpu_count() or 1, MAX_WORKERS)),
             "preload": (_boolean, True),
             "broadcast": (_all_or_one, "all"),
             "max_requests_jitter": (_integer(0), 0),
@@ -390,7 +397,7 @@ _SECTIONS: dict[str, tuple[type, _Spec]] = {
     ),
     "control": (ControlSection, {"socket": (_string, "")}),  # "" = see _control_socket
     "metrics": (MetricsSection, {"port": (_integer(0, 65535), 0)}),
-    "logging": (LoggingSection, {"level": (_log_level, "info")}),
+    "logging": (LoggingSection, {"level": (_log_level, "info"), "access": (_boolean, False)}),
 }
 
 # Each [[topics]] entry.
@@ -402,6 +409,9 @@ _TOPIC: _Spec = {
 }
 
 
+# Tables not described by _SECTIONS: [[topics]] (a list of tables) and [settings] (free-form).
+_FREE_TABLES = ("topics", "settings")
+
 # --- loading -------------------------------------------------------------------------------
 
 
@@ -410,9 +420,9 @@ def load_config(path: str | Path) -> Config:
     file = Path(path)
     data = _read_toml(file)
     for name, value in data.items():
-        if name not in _SECTIONS and name != "topics":
+        if name not in _SECTIONS and name not in _FREE_TABLES:
             kind = "table" if isinstance(value, dict) else "key"
-            known = ", ".join([*_SECTIONS, "topics"])
+            known = ", ".join([*_SECTIONS, *_FREE_TABLES])
             raise ConfigError(file, name, f"unknown {kind}; known tables: {known}")
 
     sections = {
@@ -432,7 +442,12 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(file, "control.socket", str(error)) from None
 
     built = {name: cls(**sections[name]) for name, (cls, _) in _SECTIONS.items()}
-    return Config(file=absolute, topics=_parse_topics(file, data.get("topics", [])), **built)
+    return Config(
+        file=absolute,
+        topics=_parse_topics(file, data.get("topics", [])),
+        settings=_parse_settings(file, data.get("settings", {})),
+        **built,
+    )
 
 
 # A service's config is a few kilobytes; anything this large is some other file.
@@ -514,6 +529,13 @@ def _parse_topics(file: Path, entries: Any) -> tuple[TopicSection, ...]:
         seen.add(topic.name)
         topics.append(topic)
     return tuple(topics)
+
+
+def _parse_settings(file: Path, table: Any) -> dict[str, Any]:
+    """[settings]: any keys and TOML values; the handler class decides which it takes."""
+    if not isinstance(table, dict):
+        raise ConfigError(file, "settings", f"expected a table, got {_show(table)}")
+    return table
 
 
 # A unix socket's path must fit sockaddr_un.sun_path: 108 bytes with the NUL.

@@ -1,11 +1,24 @@
-"""The local control socket behind ``irishost status -c service.toml``.
+"""The local control socket behind ``irishost status|reload|scale|stop``.
 
 The running host listens on a unix stream socket (``[control] socket``, by
-default in systemd's RuntimeDirectory). A client sends one JSON line,
-``{"cmd": "status"}``, and reads one JSON line back: the snapshot below, or
-``{"error": "..."}``. A unix socket rather than TCP because file permissions
-then decide who may look: the socket is 0600 (in a 0700 directory, when
-irishost creates it), so only the service's user and root can connect.
+default in systemd's RuntimeDirectory). A client sends one JSON line and
+reads one JSON line back, ``{"error": "..."}`` when the command failed:
+
+- ``{"cmd": "status"}``: the snapshot below.
+- ``{"cmd": "reload"}``: as SIGHUP, a fresh generation of workers from the
+  re-read config and code; ``{"ok": true, "message": "..."}`` once the
+  command is queued for the supervisor's loop, not when the reload is done.
+- ``{"cmd": "scale", "count": N}``: N workers (1 to 1024), as SIGTTIN and
+  SIGTTOU would reach it one by one; answered once queued.
+- ``{"cmd": "stop"}``: as SIGTERM; answered once queued.
+
+The server never does the work on its own thread: the supervisor's
+``act`` callable only queues the command and wakes the loop, as its signal
+handlers do, so a command cannot race the loop's own steps.
+
+A unix socket rather than TCP because file permissions then decide who may
+look and command: the socket is 0600 (in a 0700 directory, when irishost
+creates it), so only the service's user and root can connect.
 
 The snapshot, as built by the supervisor's ``snapshot`` callable::
 
@@ -34,7 +47,22 @@ The snapshot, as built by the supervisor's ``snapshot`` callable::
           "uptime": float,   # seconds
         },
       ],
+      "durations": {         # requests from arrival to answer, whatever the outcome
+        "buckets": [[float, int]],  # [upper bound in seconds, requests up to it], cumulative
+        "sum": float,        # seconds, all requests together
+        "count": int,        # requests, the +Inf bucket
+      },
+      "failures": {          # requests answered with a fault or not at all, by cause:
+        "fault": int,        # the handler raised
+        "worker_died": int,  # its worker died holding it (crash, kill, max_rss)
+        "no_room": int,      # no worker could take it: memory limits, stalled workers
+        "expired": int,      # its deadline passed first: the caller got the relay's timeout
+        "shutdown": int,     # the host was stopping
+      },
     }
+
+``irishost status --json`` prints this snapshot as it is; its keys are
+kept stable, and new ones are only ever added.
 
 ``snapshot`` runs on the server's connection threads, concurrently with the
 supervisor loop, so it must read shared state under the lock that guards it.
@@ -51,11 +79,15 @@ import socketserver
 import stat
 import sys
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from iris.logs import ContextLog
+
+from .config import parse_worker_count
 
 Snapshot = dict[str, Any]
 
@@ -75,15 +107,31 @@ class ControlError(Exception):
     """The control socket cannot be served or queried; ``str()`` is the line to show."""
 
 
-class ControlServer:
-    """Answers status queries on a unix socket at ``path`` until closed."""
+@dataclass(frozen=True)
+class Command:
+    """A command for the supervisor's loop: "reload", "stop", or "scale" to ``count``."""
 
-    def __init__(self, path: Path, snapshot: Callable[[], Snapshot]):
+    name: str
+    count: int = 0
+
+
+# The commands that change the host, each handed to the supervisor's ``act``.
+ACTIONS = ("reload", "scale", "stop")
+
+# Runs on a connection thread: queues the command for the supervisor's loop
+# and returns the line to answer, or raises ControlError to refuse it.
+Act = Callable[[Command], str]
+
+
+class ControlServer:
+    """Answers commands on a unix socket at ``path`` until closed."""
+
+    def __init__(self, path: Path, snapshot: Callable[[], Snapshot], act: Act):
         self.path = path
         try:
             _make_private_directory(path.parent)
             _remove_stale_socket(path)
-            self._server = _UnixServer(str(path), snapshot)
+            self._server = _UnixServer(str(path), snapshot, act)
         except OSError as err:  # e.g. a path over the 107 bytes AF_UNIX allows
             raise ControlError(f"cannot listen on {path}: {err.strerror or err}") from err
         self._thread = threading.Thread(
@@ -106,8 +154,9 @@ class ControlServer:
 class _UnixServer(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True  # a stuck client must not hold up the host's exit
 
-    def __init__(self, path: str, snapshot: Callable[[], Snapshot]):
+    def __init__(self, path: str, snapshot: Callable[[], Snapshot], act: Act):
         self.snapshot = snapshot
+        self.act = act
         super().__init__(path, _Handler)
 
     def server_bind(self) -> None:
@@ -133,26 +182,39 @@ class _Handler(socketserver.StreamRequestHandler):
             # Hung up without a word: another irishost checking whether this
             # socket is in use (_remove_stale_socket). Nothing to answer or log.
             return
-        answer = _answer(line, self.server.snapshot)
+        answer = _answer(line, self.server.snapshot, self.server.act)
         try:
             self.wfile.write(json.dumps(answer).encode() + b"\n")
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up waiting; its loss, not the host's problem
 
 
-def _answer(line: bytes, snapshot: Callable[[], Snapshot]) -> Snapshot:
+def _answer(line: bytes, snapshot: Callable[[], Snapshot], act: Act) -> Snapshot:
     try:
         command = json.loads(line)
     except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         return {"error": f"not a JSON command: {line[:80]!r}"}
     cmd = command.get("cmd") if isinstance(command, dict) else None
-    if cmd != "status":
-        return {"error": f"unknown command {cmd!r}; known: 'status'"}
+    if cmd == "status":
+        try:
+            return snapshot()
+        except Exception as err:  # the host carries on; the operator sees why status failed
+            log.logger.exception("status snapshot failed")
+            return {"error": f"status snapshot failed: {err!r}"}
+    if cmd not in ACTIONS:
+        known = ", ".join(repr(name) for name in ("status", *ACTIONS))
+        return {"error": f"unknown command {cmd!r}; known: {known}"}
+    count = 0
+    if cmd == "scale":
+        try:
+            count = parse_worker_count(command.get("count"))
+        except ValueError as err:
+            return {"error": f"scale: {err}"}
+    log.info("control command", cmd=cmd, **({"count": count} if cmd == "scale" else {}))
     try:
-        return snapshot()
-    except Exception as err:  # the host carries on; the operator sees why status failed
-        log.logger.exception("status snapshot failed")
-        return {"error": f"status snapshot failed: {err!r}"}
+        return {"ok": True, "message": act(Command(cmd, count))}
+    except ControlError as err:
+        return {"error": str(err)}
 
 
 def _make_private_directory(directory: Path) -> None:
@@ -206,12 +268,18 @@ def _remove_stale_socket(path: Path) -> None:
 
 def query_status(path: Path, timeout: float = 5.0) -> Snapshot:
     """Ask the host listening at ``path`` for its snapshot; ControlError on failure."""
+    return send_command(path, {"cmd": "status"}, timeout)
+
+
+def send_command(path: Path, command: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+    """Send ``command`` to the host listening at ``path``; its answer, or ControlError
+    with the host's own error text when it refused."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
             _refuse_shared_directory(path.parent)
             sock.connect(str(path))
-            sock.sendall(b'{"cmd": "status"}\n')
+            sock.sendall(json.dumps(command).encode() + b"\n")
             with sock.makefile("rb") as reader:
                 line = reader.readline(MAX_ANSWER)
         except FileNotFoundError:
@@ -243,6 +311,22 @@ def query_status(path: Path, timeout: float = 5.0) -> Snapshot:
     return answer
 
 
+def wait_closed(path: Path, timeout: float) -> None:
+    """Return once nothing listens at ``path`` (``irishost stop``); ControlError after
+    ``timeout`` seconds. A host closes its control socket last, just before it exits.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            # Connecting and hanging up unheard is what the server ignores quietly.
+            error = probe.connect_ex(str(path))
+        if error in (errno.ENOENT, errno.ECONNREFUSED):
+            return
+        if time.monotonic() >= deadline:
+            raise ControlError(f"irishost at {path} is still running after {timeout:g} s")
+        time.sleep(POLL_INTERVAL)
+
+
 def format_status(snapshot: Snapshot) -> str:
     """The snapshot as a summary and a table of workers, for a terminal."""
     relay = snapshot["relay"]
@@ -257,6 +341,8 @@ def format_status(snapshot: Snapshot) -> str:
         ("in flight", snapshot["in_flight"]),
         ("waiting", snapshot["waiting"]),
         ("restarts", snapshot["restarts"]),
+        # A host started before an upgrade of the package has no "failures".
+        ("failed", _failures(snapshot.get("failures", {}))),
         ("workers", f"{len(workers)} alive"),
         ("health", _health(snapshot["degraded"])),
     ]
@@ -276,6 +362,13 @@ def format_status(snapshot: Snapshot) -> str:
     ]
     lines = [f"{name + ':':<11}{value}" for name, value in summary]
     return "\n".join([*lines, "", *_table([header, *rows])]) + "\n"
+
+
+def _failures(failures: dict[str, int]) -> str:
+    """The failed requests' total, and the causes that occurred."""
+    causes = [f"{cause} {count}" for cause, count in failures.items() if count]
+    total = sum(failures.values())
+    return f"{total} ({', '.join(causes)})" if causes else "0"
 
 
 def _health(degraded: list[dict]) -> str:

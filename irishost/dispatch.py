@@ -20,7 +20,10 @@ deadline passes while it waits is dropped unrun; its caller gets the
 relay's timeout, as a client of gunicorn gets its proxy's. Only when that
 budget is full does a request get a fault at once.
 
-Every answer, reply or fault, leaves through :meth:`RelayDispatch.answer`.
+Every answer, reply or fault, leaves through :meth:`RelayDispatch.answer`,
+which records its outcome in the :class:`~irishost.request_log.RequestLog`
+(metrics and access log); so does every request whose deadline passes
+unanswered (its caller got the relay's timeout).
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ from iris.logs import ContextLog, RateLimitedWarning
 from . import frames
 from .bridge import TunnelBridge
 from .config import Config
-from .worker_table import WorkerTable
+from .metrics import Outcome
+from .request_log import RequestLog
+from .worker_table import Pending, WorkerTable
 from .workers import BEST_EFFORT_TIMEOUT, WorkerHandle, WorkerState, WorkerUnreachable
 
 
@@ -47,6 +52,18 @@ class Waiting(NamedTuple):
     request_id: int  # the relay's id for it, on that connection
     deadline: float  # monotonic; its caller has timed out after this
     request: bytes
+    received: float  # monotonic, when it reached the host
+
+    @property
+    def size(self) -> int:
+        return len(self.request)
+
+
+class Refusal(NamedTuple):
+    """Why no worker can take a request: its outcome, and the fault text for its caller."""
+
+    outcome: Outcome
+    text: str
 
 
 class RelayDispatch:
@@ -70,6 +87,7 @@ class RelayDispatch:
         self._delivery_dropped = RateLimitedWarning(log, "broadcast or event dropped")
         self.accepting = True  # False while stopping: new requests get a fault
         self._recycle = recycle
+        self.requests = RequestLog(config)
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -77,6 +95,7 @@ class RelayDispatch:
         self.config = config
         self._memory_cap = config.limits.request_memory
         self._topic_rules = {topic.name: topic.deliver for topic in config.topics}
+        self.requests.reconfigure(config)
 
     def attach(self, conn: iris.Connection) -> RelayDispatch:
         """Used as the Connection's inbound factory."""
@@ -97,7 +116,8 @@ class RelayDispatch:
 
     def request(self, request_id: int, request: bytes, timeout: float) -> None:
         # self.conn is the connection whose reader thread this is.
-        waiting = Waiting(self.conn, request_id, time.monotonic() + timeout, request)
+        now = time.monotonic()
+        waiting = Waiting(self.conn, request_id, now + timeout, request, now)
         with self.table.lock:
             choice = self._pick_for_request(len(request))
             if choice is None:
@@ -107,37 +127,46 @@ class RelayDispatch:
             ticket = self._book(choice, waiting)
         self._hand_over(waiting, choice, ticket)
 
-    def _wait_for_worker(self, waiting: Waiting) -> str | None:
-        """Keep a request until a worker is ready; the fault text if the budget is full."""
-        size = len(waiting.request)
+    def _wait_for_worker(self, waiting: Waiting) -> Refusal | None:
+        """Keep a request until a worker is ready; a Refusal if the budget is full."""
+        size = waiting.size
         if self._waiting_bytes + size > self._memory_cap:
-            return (
+            return Refusal(
+                Outcome.NO_ROOM,
                 f"no worker is ready, and the requests waiting for one fill the request "
-                f"memory limit ({self._memory_cap} bytes, request is {size} bytes)"
+                f"memory limit ({self._memory_cap} bytes, request is {size} bytes)",
             )
         self._waiting.append(waiting)
         self._waiting_bytes += size
         return None
 
-    def _book(self, choice: WorkerHandle | str, waiting: Waiting) -> int | None:
+    def _book(self, choice: WorkerHandle | Refusal, waiting: Waiting) -> int | None:
         """Record a request as held by the worker chosen for it; its ticket. Under the lock."""
-        if isinstance(choice, str):
+        if isinstance(choice, Refusal):
             return None
         return self.table.book(
-            choice, waiting.conn, waiting.request_id, waiting.deadline, len(waiting.request)
+            choice,
+            waiting.conn,
+            waiting.request_id,
+            waiting.deadline,
+            waiting.size,
+            waiting.received,
         )
 
-    def _hand_over(self, waiting: Waiting, choice: WorkerHandle | str, ticket: int | None) -> None:
+    def _hand_over(
+        self, waiting: Waiting, choice: WorkerHandle | Refusal, ticket: int | None
+    ) -> None:
         """Write a booked request to its worker's ring, or answer with the fault text."""
-        if isinstance(choice, str):
-            self.answer(waiting.conn, waiting.request_id, False, choice)
+        if isinstance(choice, Refusal):
+            self.answer(waiting, choice.outcome, choice.text)
             return
         try:
             choice.put(frames.Request(ticket, waiting.deadline, waiting.request).encode())
         except WorkerUnreachable as err:
-            if self.table.settle(ticket) is not None:
+            pending = self.table.settle(ticket)
+            if pending is not None:
                 fault = f"{choice} did not take the request: {err}"
-                self.answer(waiting.conn, waiting.request_id, False, fault)
+                self.answer(pending, Outcome.NO_ROOM, fault, choice)
 
     def release_waiting(self) -> None:
         """Hand waiting requests to workers once one is ready; forget expired ones.
@@ -146,11 +175,14 @@ class RelayDispatch:
         tick, and when stopping (the requests then get the shutdown fault).
         """
         now = time.monotonic()
-        handed = []
+        handed, expired = [], []
         with self.table.lock:
             if not self._waiting:
                 return
-            live = [w for w in self._waiting if w.deadline > now and not w.conn.closed]
+            live = []
+            for waiting in self._waiting:
+                alive = waiting.deadline > now and not waiting.conn.closed
+                (live if alive else expired).append(waiting)
             self._waiting = deque(live)
             self._waiting_bytes = sum(len(w.request) for w in live)
             while self._waiting:
@@ -161,11 +193,13 @@ class RelayDispatch:
                 self._waiting.popleft()
                 self._waiting_bytes -= len(waiting.request)
                 handed.append((waiting, choice, self._book(choice, waiting)))
+        for waiting in expired:  # unanswered: the relay has timed them out, or is gone
+            self.requests.record(waiting, Outcome.EXPIRED)
         for waiting, choice, ticket in handed:
             self._hand_over(waiting, choice, ticket)
 
-    def _pick_for_request(self, size: int) -> WorkerHandle | str | None:
-        """The least loaded worker with room, the fault text saying why none, or
+    def _pick_for_request(self, size: int) -> WorkerHandle | Refusal | None:
+        """The least loaded worker with room, a Refusal saying why none, or
         None when no worker is ready at all (the request waits for one).
 
         Ready workers come first. When none of them has room, a booting one
@@ -175,7 +209,7 @@ class RelayDispatch:
         otherwise get them all.
         """
         if not self.accepting:
-            return "service is shutting down"
+            return Refusal(Outcome.SHUTDOWN, "service is shutting down")
         best, best_load, open_workers, ready, stalled = None, None, 0, 0, 0
         workers, start, now = self.table.workers, self._cursor, time.monotonic()
         for step in range(len(workers)):
@@ -199,11 +233,15 @@ class RelayDispatch:
         if best is not None:
             return best
         if stalled == open_workers:
-            return f"all {open_workers} workers are stalled: none took a frame in time lately"
-        return (
+            return Refusal(
+                Outcome.NO_ROOM,
+                f"all {open_workers} workers are stalled: none took a frame in time lately",
+            )
+        return Refusal(
+            Outcome.NO_ROOM,
             f"all {open_workers} workers are at their request memory limit "
             f"({self._memory_cap} bytes each, request is {size} bytes)"
-            + (f" or stalled ({stalled})" if stalled else "")
+            + (f" or stalled ({stalled})" if stalled else ""),
         )
 
     def broadcast(self, message: bytes) -> None:
@@ -282,9 +320,12 @@ class RelayDispatch:
                 # max_requests, not one more.
                 if worker.max_requests and worker.served >= worker.max_requests:
                     self._recycle(worker)
-                self.answer(pending.conn, pending.request_id, frame.success, frame.payload)
+                outcome = Outcome.OK if frame.success else Outcome.FAULT
+                self.answer(pending, outcome, frame.payload, worker)
         elif isinstance(frame, frames.Expired):
-            self.table.settle(frame.ticket)
+            pending = self.table.settle(frame.ticket)
+            if pending is not None:
+                self.requests.record(pending, Outcome.EXPIRED, worker)
         elif isinstance(frame, (frames.TunSend, frames.TunAck, frames.TunClose)):
             bridge = self.bridges.get(frame.tunnel_id)
             # Tunnel ids restart with each connection too: a frame from the
@@ -296,21 +337,26 @@ class RelayDispatch:
             raise frames.FrameError(f"unexpected {type(frame).__name__} frame")
 
     def answer(
-        self, conn: iris.Connection, request_id: int, success: bool, payload: bytes | str
+        self,
+        request: Pending | Waiting,
+        outcome: Outcome,
+        payload: bytes | str,
+        worker: WorkerHandle | None = None,
     ) -> None:
         """Answer one request: every reply and every fault of the host goes out here.
 
-        On a connection closed since, the answer is dropped: its relay has
-        answered the caller already, or is gone with the caller.
-        """
-        conn.reply(request_id, success, payload)
+        ``payload`` is the reply if ``outcome`` is OK, else the fault text. On a
+        connection closed since, the answer is dropped: its relay has answered
+        the caller already, or is gone with the caller."""
+        request.conn.reply(request.request_id, outcome is Outcome.OK, payload)
+        self.requests.record(request, outcome, worker)
 
     def fail_worker(self, worker: WorkerHandle, how: str) -> None:
         """Fault everything a dead worker held, and close its tunnels."""
         held = self.table.remove(worker)
         fault = f"{worker} died while handling the request: {how}"
         for pending in held:
-            self.answer(pending.conn, pending.request_id, False, fault)
+            self.answer(pending, Outcome.WORKER_DIED, fault, worker)
         for tunnel_id in list(worker.tunnels):
             bridge = self.bridges.get(tunnel_id)
             if bridge is not None:

@@ -26,7 +26,8 @@ ones, respawns, reloads, scaling) and does nothing else::
   supervisor at any stage.
 - Preload: the first generation's handler class is what the supervisor had
   imported when it forked the server; a reload's is imported here, and an
-  import error goes back to the supervisor, which keeps the running workers.
+  import error, or ``[settings]`` the new class does not take, goes back to
+  the supervisor, which keeps the running workers.
 - Every fork counts the forking process's threads (``/proc/self/task``)
   first, the fork of the server itself included; more than one means a
   preloaded handler started a thread at import, which the supervisor logs
@@ -36,17 +37,19 @@ ones, respawns, reloads, scaling) and does nothing else::
 from __future__ import annotations
 
 import array
+import datetime
 import os
 import select
 import signal
 import socket
 import traceback
+from pathlib import Path
 
 import msgpack
 import setproctitle
 
 from . import worker
-from .config import Config
+from .config import Config, ConfigError
 from .loader import HandlerImportError, reload_handler
 from .ring import Ring
 from .wakeup import WakeupPipe
@@ -94,10 +97,14 @@ class ForkServer:
     def add_generation(self, number: int, config: Config, like: int | None = None) -> None:
         """Tell the server of a generation: ``like`` an existing one (a reconnect:
         same config and code), or from ``config`` (importing the handler when
-        preloading). HandlerImportError if the import fails."""
-        reply = self._call(("generation", number, config.to_wire(), like))
-        if reply[1] is not None:
-            raise HandlerImportError(reply[1], reply[2])
+        preloading). HandlerImportError if the import fails, ConfigError if
+        the class does not take the config's settings."""
+        _, failure, fields = self._call(("generation", number, config.to_wire(), like))
+        if failure == "config":
+            file, key, problem = fields
+            raise ConfigError(Path(file), key, problem)
+        if failure == "import":
+            raise HandlerImportError(*fields)
 
     def retain(self, number: int) -> None:
         """Forget the generations before ``number``: no worker of them is forked again."""
@@ -151,7 +158,7 @@ class ForkServer:
 
     def _send(self, request: tuple) -> None:
         try:
-            self._sock.send(_pack(request))
+            self._sock.send(pack(request))
         except OSError as err:
             raise ForkServerGone(f"fork server unreachable: {err}") from err
 
@@ -165,7 +172,7 @@ class ForkServer:
                 fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
         if not data:
             raise ForkServerGone("the fork server exited")
-        return _unpack(data), list(fds)
+        return unpack(data), list(fds)
 
 
 class _Server:
@@ -202,7 +209,7 @@ class _Server:
                 data = self.sock.recv(MAX_MESSAGE)
                 if not data:
                     return 0  # the supervisor is gone; so are we
-                request = _unpack(data)
+                request = unpack(data)
                 if request[0] == "exit":
                     self._report_exits()
                     return 0
@@ -226,16 +233,19 @@ class _Server:
     def _on_generation(self, number: int, wire: dict, like: int | None) -> None:
         if like is not None:
             self.generations[number] = self.generations[like]
-            self._reply(("generation", None, ""))
+            self._reply(("generation", None, []))
             return
         config = Config.from_wire(wire)
         try:
             handler_class = reload_handler(config) if config.workers.preload else None
+        except ConfigError as err:  # [settings] the new handler class does not take
+            self._reply(("generation", "config", [str(err.file), err.key, err.problem]))
+            return
         except HandlerImportError as err:
-            self._reply(("generation", str(err), err.details))
+            self._reply(("generation", "import", [str(err), err.details]))
             return
         self.generations[number] = (config, handler_class)
-        self._reply(("generation", None, ""))
+        self._reply(("generation", None, []))
 
     def _on_retain(self, number: int) -> None:
         for old in [n for n in self.generations if n < number]:
@@ -259,7 +269,7 @@ class _Server:
             outbox.space_fd,
         ]
         try:
-            message = _pack(("spawned", pid, inbox.capacity, threads))
+            message = pack(("spawned", pid, inbox.capacity, threads))
             socket.send_fds(self.sock, [message], fds)
         finally:
             for ring in (inbox, outbox):
@@ -268,7 +278,7 @@ class _Server:
             os.close(outbox_segment)
 
     def _reply(self, message: tuple) -> None:
-        self.sock.send(_pack(message))
+        self.sock.send(pack(message))
 
 
 def thread_count() -> int:
@@ -277,9 +287,28 @@ def thread_count() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
-def _pack(message: tuple) -> bytes:
-    return msgpack.packb(message, use_bin_type=True)
+# TOML's dates and times (a [settings] value may be one) cross as msgpack
+# extension types holding their ISO text, with a code per exact type.
+TimeType = type[datetime.date] | type[datetime.time]
+_TIME_CODES: dict[TimeType, int] = {datetime.datetime: 1, datetime.date: 2, datetime.time: 3}
+_TIME_TYPES = {code: kind for kind, code in _TIME_CODES.items()}
 
 
-def _unpack(data: bytes) -> list:
-    return msgpack.unpackb(data, raw=False, use_list=True)
+def pack(message: tuple) -> bytes:
+    """A message on the fork server's socket: msgpack, and TOML's time types."""
+    return msgpack.packb(message, use_bin_type=True, default=_pack_time)
+
+
+def unpack(data: bytes) -> list:
+    return msgpack.unpackb(data, raw=False, use_list=True, ext_hook=_unpack_time)
+
+
+def _pack_time(value: object) -> msgpack.ExtType:
+    code = _TIME_CODES.get(type(value))  # type: ignore[arg-type]
+    if code is None or not isinstance(value, (datetime.date, datetime.time)):
+        raise TypeError(f"{type(value).__name__} cannot be sent to the fork server")
+    return msgpack.ExtType(code, value.isoformat().encode())
+
+
+def _unpack_time(code: int, data: bytes) -> datetime.date | datetime.time:
+    return _TIME_TYPES[code].fromisoformat(data.decode())

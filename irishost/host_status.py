@@ -95,4 +95,5 @@ class HostStatus:
             "restarts": host.pool.respawner.restarts,
             "degraded": [{"slot": slot, "problem": text} for slot, text in problems.items()],
             "workers": workers,
+            **host.dispatch.requests.stats.snapshot(),  # "durations" and "failures"
         }

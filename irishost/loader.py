@@ -4,11 +4,17 @@ Import failures are the most common first-run problem, and they happen inside
 user code the operator may not own; the error therefore says which spec, which
 config file and what went wrong, and keeps the user module's traceback for the
 host to print.
+
+The class is also checked against the config's ``[settings]``, which become
+its keyword arguments (``Handler(**settings)``): only the imported class can
+tell a misspelt or missing setting, and checking here finds one in
+``--check``, at start and on reload, before any worker is forked.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 import tempfile
@@ -16,7 +22,7 @@ import traceback
 
 from iris.handlers import ServiceHandler
 
-from .config import Config
+from .config import Config, ConfigError
 
 
 class HandlerImportError(Exception):
@@ -35,7 +41,11 @@ class HandlerImportError(Exception):
 
 
 def load_handler(config: Config) -> type[ServiceHandler]:
-    """Import and return the handler class named by ``config.service.handler``."""
+    """Import and return the handler class named by ``config.service.handler``.
+
+    Raises HandlerImportError if it cannot be imported, and ConfigError if it
+    cannot be called with ``config.settings`` as keyword arguments.
+    """
     spec = config.service.handler
     module_name, _, attribute = spec.partition(":")
 
@@ -71,7 +81,42 @@ def load_handler(config: Config) -> type[ServiceHandler]:
 
     if not (isinstance(handler, type) and issubclass(handler, ServiceHandler)):
         raise fail(f"{attribute!r} is {handler!r}, not a subclass of iris.ServiceHandler")
+    _check_settings(config, handler)
     return handler
+
+
+def _check_settings(config: Config, handler: type) -> None:
+    """ConfigError naming the setting unless ``handler(**config.settings)`` would bind."""
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):  # no signature to read (a class written in C): not checked
+        return
+    try:
+        signature.bind(**config.settings)
+    except TypeError as error:
+        key, problem = _settings_problem(signature, config.settings, error)
+        described = f"{config.service.handler}{signature}"
+        raise ConfigError(config.file, key, f"{problem} (the handler is {described})") from None
+
+
+def _settings_problem(
+    signature: inspect.Signature, settings: dict, error: TypeError
+) -> tuple[str, str]:
+    """The key to blame and why, for settings that ``signature`` did not bind."""
+    parameters = signature.parameters
+    by_keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    for key in settings:
+        parameter = parameters.get(key)
+        if parameter is None and takes_any:
+            continue
+        if parameter is None or parameter.kind not in by_keyword:
+            return f"settings.{key}", "not a keyword argument of the handler class"
+    for name, parameter in parameters.items():
+        required = parameter.default is inspect.Parameter.empty
+        if parameter.kind in by_keyword and required and name not in settings:
+            return f"settings.{name}", "required by the handler class, but missing"
+    return "settings", f"the handler class cannot take them: {error}"
 
 
 def reload_handler(config: Config) -> type[ServiceHandler]:

@@ -8,6 +8,8 @@ scraper on another machine should go through a proxy that adds it.
 
 from __future__ import annotations
 
+import bisect
+import enum
 import logging
 import threading
 from collections.abc import Callable
@@ -24,6 +26,63 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 POLL_INTERVAL = 0.1
 
 log = ContextLog(logging.getLogger(__name__))
+
+# Request duration buckets, seconds: from an echo through the rings (~100 us)
+# to a handler using most of a generous timeout (10 s); longer ones land in +Inf.
+DURATION_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+class Outcome(enum.StrEnum):
+    """How the host answered a request: the access log's ``outcome``, the failures' cause."""
+
+    OK = "ok"  # the handler's reply
+    FAULT = "fault"  # the worker answered with a fault: the handler raised
+    WORKER_DIED = "worker_died"  # its worker died holding it (crash, kill, max_rss)
+    NO_ROOM = "no_room"  # no worker could take it: memory limits, or stalled workers
+    EXPIRED = "expired"  # its deadline passed first: the relay told the caller it timed out
+    SHUTDOWN = "shutdown"  # the host was stopping
+
+
+FAILURES = tuple(outcome for outcome in Outcome if outcome is not Outcome.OK)
+
+
+class RequestStats:
+    """How long requests took until answered, and why the failed ones failed.
+
+    Fed at every answer point of irishost.dispatch, from the supervisor's loop
+    and from the relay connection's reader thread, so under a lock of its own.
+    Read into the snapshot (see :mod:`irishost.control`), as ``durations``
+    and ``failures``.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = [0] * (len(DURATION_BUCKETS) + 1)  # per bucket; the last is +Inf
+        self._seconds = 0.0
+        self._failures = dict.fromkeys(FAILURES, 0)
+
+    def record(self, outcome: Outcome, seconds: float) -> None:
+        bucket = bisect.bisect_left(DURATION_BUCKETS, seconds)  # le: bounds are inclusive
+        with self._lock:
+            self._counts[bucket] += 1
+            self._seconds += seconds
+            if outcome is not Outcome.OK:
+                self._failures[outcome] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            counts, seconds, failures = list(self._counts), self._seconds, dict(self._failures)
+        cumulative, total = [], 0
+        for bound, count in zip(DURATION_BUCKETS, counts, strict=False):
+            total += count
+            cumulative.append([bound, total])
+        return {
+            "durations": {"buckets": cumulative, "sum": seconds, "count": sum(counts)},
+            "failures": {str(cause): count for cause, count in failures.items()},
+        }
 
 
 def render(snapshot: Snapshot) -> str:
@@ -51,11 +110,37 @@ def render(snapshot: Snapshot) -> str:
         ("worker_requests_in_flight", "gauge", "Requests held by a slot's worker processes.",
          per_slot["in_flight"]),
     ]  # fmt: skip
+    families.append(
+        ("requests_failed_total", "counter", "Requests answered with a fault or not at all, "
+         "by cause.", {f'{{cause="{cause}"}}': n for cause, n in snapshot["failures"].items()})
+    )  # fmt: skip
     lines = []
     for name, kind, description, samples in families:
-        lines += [f"# HELP irishost_{name} {description}", f"# TYPE irishost_{name} {kind}"]
+        lines += _family(name, kind, description)
         lines += [f"irishost_{name}{labels} {value}" for labels, value in samples.items()]
+    lines += _duration_histogram(snapshot["durations"])
     return "\n".join(lines) + "\n"
+
+
+def _family(name: str, kind: str, description: str) -> list[str]:
+    return [f"# HELP irishost_{name} {description}", f"# TYPE irishost_{name} {kind}"]
+
+
+def _duration_histogram(durations: dict[str, Any]) -> list[str]:
+    """The histogram family: cumulative _bucket samples, then _sum and _count."""
+    name = "irishost_request_duration_seconds"
+    lines = _family(
+        "request_duration_seconds",
+        "histogram",
+        "Seconds from a request's arrival at the host to its answer, whatever the outcome.",
+    )
+    lines += [f'{name}_bucket{{le="{bound!r}"}} {count}' for bound, count in durations["buckets"]]
+    lines += [
+        f'{name}_bucket{{le="+Inf"}} {durations["count"]}',
+        f"{name}_sum {durations['sum']!r}",
+        f"{name}_count {durations['count']}",
+    ]
+    return lines
 
 
 def _by_slot(workers: list[dict[str, Any]]) -> dict[str, dict[str, int]]:

@@ -63,12 +63,13 @@ class Notifier:
 
     def send(self, **fields: object) -> None:
         """Send the fields in one datagram, e.g. ``send(READY=1, STATUS="...")``."""
-        if self._sock is None:
+        sock, address = self._sock, self._address
+        if sock is None or address is None:  # no systemd (neither is set), or closed
             return
         message = "\n".join(f"{key}={_one_line(value)}" for key, value in fields.items())
         try:
             # "replace": a stray surrogate in a status text must not raise either.
-            self._sock.sendto(message.encode(errors="replace"), self._address)
+            sock.sendto(message.encode(errors="replace"), address)
         except OSError as err:
             self._warn(error=err.strerror or str(err))
 

@@ -115,6 +115,16 @@ class RelayLink:
     def retry_due(self, now: float) -> bool:
         return now >= self._retry_at
 
+    def may_reconnect(self, now: float) -> bool:
+        """Whether the backoff has passed and the relay listens again; if it
+        does not, the next try waits longer."""
+        if not self.retry_due(now):
+            return False
+        if not self.listening():
+            self.retry_later(f"no Iris relay is listening on port {self.config.relay.port}")
+            return False
+        return True
+
     def retry_later(self, why: str) -> None:
         self._retry_at = time.monotonic() + self._delay
         self._delay = min(2 * self._delay, RECONNECT_CAP)

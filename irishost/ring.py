@@ -169,19 +169,19 @@ class _Waiter:
         if not spin:
             return _sleep_until(ready, flags, fds, deadline, wake_fds)
         now = time.monotonic()
-        spin = self._spin_seconds
-        if not spin and now >= self._next_probe:
-            spin = SPIN_SECONDS
+        spin_seconds = self._spin_seconds
+        if not spin_seconds and now >= self._next_probe:
+            spin_seconds = SPIN_SECONDS
             self._next_probe = now + SPIN_PROBE_INTERVAL
-        if spin:
-            end = now + spin
+        if spin_seconds:
+            end = now + spin_seconds
             # A spin cut short by the deadline says nothing about the peer.
-            cut_short = deadline is not None and deadline < end
-            if cut_short:
-                end = deadline
+            cut_short = False
+            if deadline is not None and deadline < end:
+                end, cut_short = deadline, True
             while now < end:
                 if ready():
-                    self._spin_seconds = min(2 * spin, SPIN_SECONDS)
+                    self._spin_seconds = min(2 * spin_seconds, SPIN_SECONDS)
                     return True
                 now = time.monotonic()
             if not cut_short:

@@ -22,6 +22,8 @@ import abc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from iris.logfmt import configure_logging
+
 from .config import Config, ConfigError, load_config
 from .exits import HostError
 from .workers import WorkerHandle, WorkerState
@@ -110,7 +112,13 @@ class Reload(Rollout):
     what = "reload"
 
     def _take_over(self) -> None:
-        self.host.apply(self.generation)
+        """The new config's topics, dispatch rules, worker count and log level."""
+        host, config = self.host, self.generation.config
+        host.pool.generation = self.generation
+        host.pool.count = config.workers.count
+        host.dispatch.reconfigure(config)
+        host.link.reconfigure(config)
+        configure_logging(config.logging.level)
 
     def _completed(self, workers: int) -> None:
         self.host.log.info("reload complete", workers=workers, generation=self.generation.number)

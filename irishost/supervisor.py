@@ -1,8 +1,9 @@
 """The supervisor: one loop of named steps, and the signal table.
 
 Like gunicorn's arbiter, the loop wakes on a timeout, on a signal (the
-handlers only queue the signal; ``signal.set_wakeup_fd`` wakes the loop) or
-on data from a worker, and then does the steps in order: collect answers,
+handlers only queue the signal; ``signal.set_wakeup_fd`` wakes the loop),
+on a command from the control socket (queued as the signal it stands for)
+or on data from a worker, and then does the steps in order: collect answers,
 handle queued signals, reap dead workers, murder stuck ones, recycle bloated
 ones, respawn what is missing, talk to systemd, reconnect. Nothing else runs
 on this thread, so the steps never race each other; the relay connection's
@@ -22,12 +23,11 @@ import logging
 import signal
 import time
 
-from iris.logfmt import configure_logging
 from iris.logs import ContextLog
 
 from . import frames
 from .config import Config, ConfigError
-from .control import ControlError, ControlServer
+from .control import Command, ControlError, ControlServer
 from .dispatch import RelayDispatch
 from .exits import Exit, HostError, describe_exit
 from .host_status import STATUS_SECONDS, HostStatus
@@ -50,6 +50,18 @@ TICK_SECONDS = 0.25
 
 BOOTING, READY, DRAINING = WorkerState.BOOTING, WorkerState.READY, WorkerState.DRAINING
 
+# The control socket's commands and the signal each stands for; "scale" has
+# none (no signal says how many), and is queued as the command itself.
+COMMAND_SIGNALS = {"reload": signal.SIGHUP, "stop": signal.SIGTERM}
+_COMMAND_ANSWERS = {
+    "reload": "reload started: new workers take over once all are ready; "
+    "a failure is logged and leaves the running ones",
+    "stop": "stopping: in-flight requests finish within workers.shutdown_timeout",
+    "scale": "scaling to {count} workers",
+}
+# What the signal queue holds: a signal's number, or a command that has no signal.
+Queued = int | Command
+
 
 class Supervisor:
     def __init__(self, config: Config, handler_class: type | None, overrides: dict | None = None):
@@ -69,13 +81,13 @@ class Supervisor:
         self.link = RelayLink(config, self.dispatch, self.log)
         self.notifier = Notifier.from_environ()
         self.status = HostStatus(self)
-        self.signal_queue: list[int] = []  # appended by the handlers, emptied by the loop
+        self.signal_queue: list[Queued] = []  # by the handlers and act(); the loop empties it
         self.signal_table = {
             signal.SIGTERM: self._stop,
             signal.SIGINT: self._interrupt,
             signal.SIGHUP: self._reload,
-            signal.SIGTTIN: lambda: self._scale(+1),
-            signal.SIGTTOU: lambda: self._scale(-1),
+            signal.SIGTTIN: lambda: self._scale(self.pool.count + 1),
+            signal.SIGTTOU: lambda: self._scale(self.pool.count - 1),
         }
         self._next_tick = 0.0
 
@@ -99,10 +111,11 @@ class Supervisor:
         # Before any thread exists in this process (see fork_server).
         self.pool.spawner.start(self.pool.generation, self.handler_class)
         self._install_signals()
+        snapshot = self.status.snapshot
         try:
-            servers.append(ControlServer(self.config.control.socket, self.status.snapshot))
+            servers.append(ControlServer(self.config.control.socket, snapshot, self.act))
             if self.config.metrics.port:
-                servers.append(MetricsServer(self.config.metrics.port, self.status.snapshot))
+                servers.append(MetricsServer(self.config.metrics.port, snapshot))
             self.link.ensure_relay()
             for slot in range(self.config.workers.count):
                 self.pool.spawn(slot)
@@ -129,6 +142,18 @@ class Supervisor:
         for signum in (signal.SIGCHLD, *self.signal_table):
             signal.signal(signum, lambda signum, _: self.signal_queue.append(signum))
 
+    def act(self, command: Command) -> str:
+        """Queue a control-socket command as the signal it stands for; the line to answer.
+        Runs on a control connection's thread, so like a signal handler it only
+        queues and wakes the loop, and the loop's steps never race it."""
+        if self.stopping:
+            if command.name == "stop":
+                return "already stopping"
+            raise ControlError("the host is stopping")
+        self.signal_queue.append(COMMAND_SIGNALS.get(command.name, command))
+        self._wakeup.wake()
+        return _COMMAND_ANSWERS[command.name].format(count=command.count)
+
     def _wait_until_ready(self) -> None:
         """Return once every worker has booted, and at least one is ready.
 
@@ -150,9 +175,8 @@ class Supervisor:
         """
         due = self._next_wake()
         rings = self.table.outboxes()
-        for ring in wait_readable(
-            list(rings), max(0.0, due - time.monotonic()), (self._wakeup.fileno(),)
-        ):
+        timeout = max(0.0, due - time.monotonic())
+        for ring in wait_readable(list(rings), timeout, (self._wakeup.fileno(),)):
             self._collect(rings[ring])
         if self.signal_queue:
             self._handle_signals()
@@ -221,9 +245,11 @@ class Supervisor:
         queued, self.signal_queue = self.signal_queue, []
         if signal.SIGCHLD in queued:
             self._reap()
-        for signum in queued:
-            if signum in self.signal_table:
-                self.signal_table[signum]()
+        for entry in queued:
+            if isinstance(entry, Command):  # scale, to a count
+                self._scale(entry.count)
+            elif entry in self.signal_table:
+                self.signal_table[entry]()
 
     def _interrupt(self) -> None:
         if self.stopping:
@@ -305,10 +331,7 @@ class Supervisor:
             return  # the workers are still being told; a worker forked now might be too
         if self.rollout is not None:
             self.rollout.abort("the relay connection was dropped")
-        if not self.link.retry_due(time.monotonic()):
-            return
-        if not self.link.listening():
-            self.link.retry_later(f"no Iris relay is listening on port {self.config.relay.port}")
+        if not self.link.may_reconnect(time.monotonic()):
             return
         number = next(self._generation_numbers)
         self.log.info("relay is back; starting fresh workers", generation=number)
@@ -320,18 +343,9 @@ class Supervisor:
         self.rollout = rollout
         rollout.start()
 
-    def apply(self, generation: Generation) -> None:
-        """Make ``generation`` the running one: topics, dispatch rules, worker count."""
-        config = generation.config
-        self.pool.generation = generation
-        self.pool.count = config.workers.count
-        self.dispatch.reconfigure(config)
-        self.link.reconfigure(config)
-        configure_logging(config.logging.level)
-
-    def _scale(self, change: int) -> None:
+    def _scale(self, count: int) -> None:
         if not self.stopping:
-            self.pool.scale(self.pool.count + change)
+            self.pool.scale(count)
 
     # -- stopping ----------------------------------------------------------------------
 

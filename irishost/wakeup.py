@@ -3,7 +3,9 @@
 ``signal.set_wakeup_fd`` makes the interpreter write a byte to the pipe when
 a signal arrives, so a loop blocked in ``poll``/``select`` on it wakes at
 once; the loop empties it and handles what the handlers noted. Used by the
-supervisor and by the fork server, each for its own loop.
+supervisor and by the fork server, each for its own loop. Another thread
+that queues work for the loop (the control socket's) wakes it with
+:meth:`WakeupPipe.wake`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ class WakeupPipe:
 
     def fileno(self) -> int:
         return self._read
+
+    def wake(self) -> None:
+        try:
+            os.write(self._write, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full: the loop has a wake-up pending already
 
     def empty(self) -> None:
         try:

@@ -164,7 +164,7 @@ class Worker:
         # Imported here (preload = false): from source, for the same reason
         # reloads do, so a worker never runs code older than its files.
         handler_class = self.spec.handler_class or reload_handler(config)
-        self.handler = handler_class()
+        self.handler = handler_class(**config.settings)
         if config.topics and not callable(getattr(self.handler, "handle_event", None)):
             raise TypeError(
                 f"{config.service.handler} has no handle_event(topic, event) method, "

@@ -25,6 +25,7 @@ from __future__ import annotations
 import enum
 import itertools
 import threading
+import time
 from typing import NamedTuple
 
 import iris
@@ -59,6 +60,8 @@ class Pending(NamedTuple):
     worker: WorkerHandle
     conn: iris.Connection  # the connection it came in on, perhaps closed since
     request_id: int  # the relay's id for it, on that connection
+    received: float  # monotonic, when it reached the host
+    size: int  # bytes
 
 
 class WorkerTable:
@@ -134,12 +137,19 @@ class WorkerTable:
         request_id: int,
         deadline: float,
         size: int,
+        received: float | None = None,
     ) -> int:
-        """Record a request as held by ``worker``; its ticket. Under the lock."""
+        """Record a request as held by ``worker``; its ticket. Under the lock.
+
+        ``received`` is when the request reached the host (its duration
+        counts from there); by default now, for a request booked on arrival.
+        """
         ticket = next(self._tickets)
         worker.in_flight[ticket] = (deadline, size)
         worker.in_flight_bytes += size
-        self._owner[ticket] = Pending(worker, conn, request_id)
+        if received is None:
+            received = time.monotonic()
+        self._owner[ticket] = Pending(worker, conn, request_id, received, size)
         return ticket
 
     def settle(self, ticket: int) -> Pending | None:

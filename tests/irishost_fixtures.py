@@ -188,12 +188,22 @@ class Service:
             host.wait_serving(self.connect())
         return host
 
-    def run(self, *args: str, env: dict[str, str] | None = None, timeout: float = 30.0):
-        """Run irishost to completion; the CompletedProcess with text output."""
-        if not self.config_path.exists():
+    def run(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        timeout: float = 30.0,
+        with_config: bool = True,
+    ):
+        """Run irishost to completion; the CompletedProcess with text output.
+
+        ``with_config=False`` leaves out ``-c service.toml``.
+        """
+        if with_config and not self.config_path.exists():
             self.config()
+        config = ["-c", str(self.config_path)] if with_config else []
         return subprocess.run(
-            [sys.executable, "-m", "irishost", "-c", str(self.config_path), *args],
+            [sys.executable, "-m", "irishost", *config, *args],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,

@@ -11,6 +11,11 @@ take a service down or leave its callers waiting:
   pool's thread, so a pool of one never ran anything again;
 - a fault text that could not be built or encoded sent no answer at all;
 - handler exceptions were not logged, and the fault lost the exception type.
+
+The irishost tests run each guarantee for a threaded handler and for its
+iris.aio twin, which irishost runs on a worker's event loop
+(irishost/async_worker.py); tests/test_aio_hardening.py does the same for
+iris.aio services outside irishost.
 """
 
 from __future__ import annotations
@@ -281,12 +286,14 @@ def test_many_threads_failing_at_once_all_get_their_fault(failing):
 HOSTED_HANDLER = f'''
 """Written by tests/test_binding_hardening.py."""
 
+import asyncio
 import json
 import os
 import sys
 import time
 
 import iris
+import iris.aio
 
 OVERSIZE = {OVERSIZE}
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -306,21 +313,33 @@ def record(*values):
         out.write(json.dumps(values) + "\\n")
 
 
+def answer(request):
+    if request == b"pid":
+        return str(os.getpid()).encode()
+    if request == b"ping":
+        return b"pong"
+    return _fail(request)
+
+
+def on_broadcast(message):
+    _raise_for(message)
+    record("broadcast", message.decode())
+
+
+def on_event(topic, event):
+    _raise_for(event)
+    record("event", event.decode())
+
+
 class Handler(iris.ServiceHandler):
     def handle_request(self, request):
-        if request == b"pid":
-            return str(os.getpid()).encode()
-        if request == b"ping":
-            return b"pong"
-        return _fail(request)
+        return answer(request)
 
     def handle_broadcast(self, message):
-        _raise_for(message)
-        record("broadcast", message.decode())
+        on_broadcast(message)
 
     def handle_event(self, topic, event):
-        _raise_for(event)
-        record("event", event.decode())
+        on_event(topic, event)
 
     def handle_tunnel(self, tunnel):
         """Try to send an oversized message; answer what that raised."""
@@ -332,6 +351,34 @@ class Handler(iris.ServiceHandler):
             except ValueError as err:
                 outcome = str(err).encode()
             tunnel.send(outcome, timeout=10)
+
+
+class AsyncHandler(iris.aio.ServiceHandler):
+    """Handler as coroutines, which irishost runs on a worker's event loop."""
+
+    async def handle_request(self, request):
+        if request.startswith(b"sleep:"):  # on the loop's timers: others run meanwhile
+            await asyncio.sleep(float(request.removeprefix(b"sleep:")))
+            return request
+        await asyncio.sleep(0)
+        return answer(request)
+
+    async def handle_broadcast(self, message):
+        await asyncio.sleep(0)
+        on_broadcast(message)
+
+    def handle_event(self, topic, event):  # a plain method: it runs on the loop too
+        on_event(topic, event)
+
+    async def handle_tunnel(self, tunnel):
+        async with tunnel:
+            await tunnel.recv(10)
+            try:
+                await tunnel.send(bytes(OVERSIZE), timeout=10)
+                outcome = b"sent"
+            except ValueError as err:
+                outcome = str(err).encode()
+            await tunnel.send(outcome, timeout=10)
 '''
 
 
@@ -339,14 +386,15 @@ def _source(*functions) -> str:
     return "\n\n".join(inspect.getsource(function) for function in functions)
 
 
-@pytest.fixture
-def hosted(service):
-    """irishost running the failing handler in one worker: one thread for
-    broadcasts and one for events (the defaults), two for requests."""
+@pytest.fixture(params=["Handler", "AsyncHandler"], ids=["threads", "asyncio"])
+def hosted(service, request):
+    """irishost running the failing handler in one worker: one thread (or
+    coroutine, for the iris.aio handler) for broadcasts and one for events
+    (the defaults), two for requests."""
     (service.dir / "hardening.py").write_text(HOSTED_HANDLER + "\n\n" + _source(_fail, _raise_for))
     service.config(
         [{"name": "hardening-news"}],
-        service={"handler": "hardening:Handler"},
+        service={"handler": f"hardening:{request.param}"},
         limits={"request_threads": 2},
     )
     return service, service.start()

@@ -1,4 +1,5 @@
 import contextlib
+import datetime
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from irishost.config import (
     parse_duration,
     parse_size,
 )
+from irishost.fork_server import pack, unpack
 
 MiB = 2**20
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -228,7 +230,9 @@ def test_unknown_key_in_each_table(in_tmp, where):
     assert (error.file, error.key) == (Path("service.toml"), f"{where}.bogus")
 
 
-KNOWN_TABLES = "known tables: service, relay, workers, limits, control, metrics, logging, topics"
+KNOWN_TABLES = (
+    "known tables: service, relay, workers, limits, control, metrics, logging, topics, settings"
+)
 
 
 @pytest.mark.parametrize(
@@ -243,6 +247,8 @@ KNOWN_TABLES = "known tables: service, relay, workers, limits, control, metrics,
         (MINIMAL + "extra = {a = 1}", "service.extra: unknown key; known keys: cluster, "
          "handler, path"),
         ("relay = 5\n" + MINIMAL, "relay: expected a table, got 5"),
+        ("settings = 5\n" + MINIMAL, "settings: expected a table, got 5"),
+        (MINIMAL + "[logging]\naccess = 1", "logging.access: expected true or false, got 1"),
         (MINIMAL + "[topics]", "topics: expected an array of tables ([[topics]]), got a table"),
         ("topics = [1]\n" + MINIMAL, "topics[0]: expected a table, got 1"),
         (MINIMAL + "[relay]\nembedded = 'yes'", 'relay.embedded: expected true or false, got '
@@ -639,11 +645,54 @@ def test_random_text_loads_or_raises_config_error(tmp_path, text):
     load_or_config_error(write(tmp_path, text))
 
 
-def test_a_config_crosses_to_the_fork_server_as_plain_values_unchanged():
-    """The fork server gets a reload's config over msgpack (no pickle)."""
-    import msgpack
+SETTINGS = """
+[settings]
+limit = 1_000
+prefix = "n="
+ratio = 0.5
+verbose = true
+names = ["a", "b"]
+"odd key" = 1
+database = { host = "db", port = 5432 }
+"""
 
-    for path in sorted((Path(__file__).parent.parent / "configs").glob("*.toml")):
+
+def test_settings_keep_any_toml_values(in_tmp):
+    config = load_config(write(in_tmp, MINIMAL + SETTINGS))
+
+    assert config.settings == {
+        "limit": 1000,
+        "prefix": "n=",
+        "ratio": 0.5,
+        "verbose": True,
+        "names": ["a", "b"],
+        "odd key": 1,
+        "database": {"host": "db", "port": 5432},
+    }
+    assert load_config(write(in_tmp, MINIMAL)).settings == {}
+
+
+def test_access_log_is_off_by_default_and_survives_a_log_level_flag(in_tmp):
+    assert load_config(write(in_tmp, MINIMAL)).logging.access is False
+
+    config = load_config(write(in_tmp, MINIMAL + "[logging]\naccess = true"))
+
+    assert config.with_overrides(log_level="debug").logging == LoggingSection("debug", True)
+
+
+def test_a_config_crosses_to_the_fork_server_as_plain_values_unchanged(in_tmp):
+    """The fork server gets a reload's config over msgpack (no pickle), its
+    [settings] too, TOML's dates and times included: the handlers it forks
+    are made with them."""
+    times = "day = 2026-11-29\nat = 07:32:00\nlocal = 1979-05-27T07:32:00\n"
+    times += "zoned = 1979-05-27T07:32:00-07:00\n"
+    with_settings = write(in_tmp, MINIMAL + SETTINGS + times)
+    for path in [*sorted(CONFIGS.glob("*.toml")), with_settings]:
         config = load_config(path).with_overrides(workers=3)
-        wire = msgpack.unpackb(msgpack.packb(config.to_wire()), raw=False)
-        assert Config.from_wire(wire) == config
+        crossed = Config.from_wire(unpack(pack(("generation", config.to_wire())))[1])
+        assert crossed == config
+    assert crossed.settings["database"] == {"host": "db", "port": 5432}
+    assert crossed.settings["day"] == datetime.date(2026, 11, 29)
+    assert crossed.settings["at"] == datetime.time(7, 32)
+    assert type(crossed.settings["local"]) is datetime.datetime
+    assert crossed.settings["zoned"].utcoffset() == datetime.timedelta(hours=-7)

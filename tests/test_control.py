@@ -14,10 +14,13 @@ import pytest
 
 from irishost.control import (
     MAX_COMMAND,
+    Command,
     ControlError,
     ControlServer,
     format_status,
     query_status,
+    send_command,
+    wait_closed,
 )
 
 pytest_plugins = ["irishost_fixtures"]
@@ -55,16 +58,22 @@ SNAPSHOT = {
             "uptime": 7529.0,
         },
     ],
+    "durations": {"buckets": [[0.001, 1400], [10.0, 1525]], "sum": 12.5, "count": 1525},
+    "failures": {"fault": 0, "worker_died": 2, "no_room": 0, "expired": 0, "shutdown": 0},
 }
+
+
+def refuse(command: Command) -> str:
+    raise AssertionError(f"{command} reached the supervisor")
 
 
 @pytest.fixture
 def servers():
-    """``servers(path, snapshot)`` starts a ControlServer; all are closed at teardown."""
+    """``servers(path, snapshot, act)`` starts a ControlServer; all are closed at teardown."""
     started: list[ControlServer] = []
 
-    def start(path, snapshot=lambda: SNAPSHOT) -> ControlServer:
-        server = ControlServer(path, snapshot)
+    def start(path, snapshot=lambda: SNAPSHOT, act=refuse) -> ControlServer:
+        server = ControlServer(path, snapshot, act)
         started.append(server)
         return server
 
@@ -146,7 +155,7 @@ def test_stale_socket_is_replaced(servers, sock_path):
 def test_live_server_is_not_replaced(servers, sock_path):
     servers(sock_path)
     with pytest.raises(ControlError, match="another irishost is already running"):
-        ControlServer(sock_path, dict)
+        ControlServer(sock_path, dict, refuse)
     assert query_status(sock_path) == SNAPSHOT
 
 
@@ -170,6 +179,45 @@ def test_unknown_and_malformed_commands_get_errors(servers, sock_path):
     assert "unknown command 'restart'" in raw_exchange(sock_path, b'{"cmd": "restart"}\n')["error"]
     assert "not a JSON command" in raw_exchange(sock_path, b"status\n")["error"]
     assert "unknown command None" in raw_exchange(sock_path, b"[1, 2]\n")["error"]
+
+
+def test_commands_reach_act_and_its_answer_comes_back(servers, sock_path):
+    received = []
+
+    def act(command: Command) -> str:
+        received.append(command)
+        return f"queued {command.name}"
+
+    servers(sock_path, act=act)
+    for command in ({"cmd": "reload"}, {"cmd": "scale", "count": 3}, {"cmd": "stop"}):
+        answer = send_command(sock_path, command)
+        assert answer == {"ok": True, "message": f"queued {command['cmd']}"}
+    assert received == [Command("reload"), Command("scale", 3), Command("stop")]
+
+
+@pytest.mark.parametrize("count", [0, 1025, "2", True, None, 2.0])
+def test_scale_out_of_bounds_never_reaches_the_supervisor(servers, sock_path, count):
+    servers(sock_path)
+    with pytest.raises(ControlError, match="scale: expected an integer from 1 to 1024, got"):
+        send_command(sock_path, {"cmd": "scale", "count": count})
+
+
+def test_a_command_act_refuses_gets_its_error(servers, sock_path):
+    def act(command: Command) -> str:
+        raise ControlError("the host is stopping")
+
+    servers(sock_path, act=act)
+    with pytest.raises(ControlError, match="irishost at .*: the host is stopping"):
+        send_command(sock_path, {"cmd": "reload"})
+
+
+def test_wait_closed_returns_once_the_server_is_gone(servers, sock_path):
+    server = servers(sock_path)
+    with pytest.raises(ControlError, match="still running after 0.2 s"):
+        wait_closed(sock_path, 0.2)
+    threading.Timer(0.2, server.close).start()
+    wait_closed(sock_path, 5.0)
+    assert not sock_path.exists()
 
 
 def test_failing_snapshot_is_reported_and_server_survives(servers, sock_path):
@@ -380,6 +428,7 @@ def test_format_status():
         "in flight: 2\n"
         "waiting:   0\n"
         "restarts:  1\n"
+        "failed:    2 (worker_died 2)\n"
         "workers:   2 alive\n"
         "health:    ok\n"
         "\n"
@@ -403,3 +452,12 @@ def test_format_status_names_the_slots_that_are_down():
 )
 def test_format_status_uptime_units(seconds, text):
     assert f"uptime:    {text}\n" in format_status({**SNAPSHOT, "uptime": seconds})
+
+
+def test_format_status_counts_failures_by_cause():
+    failures = {"fault": 3, "worker_died": 0, "no_room": 1, "expired": 4, "shutdown": 0}
+
+    assert "failed:    8 (fault 3, no_room 1, expired 4)\n" in format_status(
+        {**SNAPSHOT, "failures": failures}
+    )
+    assert "failed:    0\n" in format_status({**SNAPSHOT, "failures": dict.fromkeys(failures, 0)})

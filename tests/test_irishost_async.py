@@ -2,7 +2,9 @@
 
 The handler (irishost_async_probe.py, copied next to the config as aprobe.py)
 runs in real forked workers behind a real embedded relay; the tests drive it
-with plain threaded ``iris`` clients, as any caller would.
+with plain threaded ``iris`` clients, as any caller would. Handler failures
+(oversized replies, BaseExceptions, logged tracebacks) are tested for async
+handlers with the threaded ones, in tests/test_binding_hardening.py.
 """
 
 from __future__ import annotations

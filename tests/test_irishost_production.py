@@ -235,7 +235,7 @@ def test_irishost_status_shows_the_host_and_a_row_per_worker_then_fails_once_it_
 
     assert list(header) == [
         "service", "cluster", "pid", "uptime", "relay", "served", "in flight", "waiting",
-        "restarts", "workers", "health",
+        "restarts", "failed", "workers", "health",
     ]  # fmt: skip
     assert header["service"] == "service"  # the config's name
     assert header["cluster"] == service.cluster
@@ -245,6 +245,7 @@ def test_irishost_status_shows_the_host_and_a_row_per_worker_then_fails_once_it_
     assert int(header["served"]) >= 6
     assert (header["in flight"], header["waiting"]) == ("0", "0")
     assert (header["restarts"], header["workers"]) == ("1", "2 alive")
+    assert header["failed"] == "0"  # the killed worker held no request
     assert shown["columns"] == [
         "WORKER", "PID", "STATE", "SERVED", "IN FLIGHT", "RSS", "RESTARTS", "UPTIME",
     ]  # fmt: skip

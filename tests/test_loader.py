@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 import iris
-from irishost.config import load_config
+from irishost.config import ConfigError, load_config
 from irishost.loader import HandlerImportError, load_handler
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -177,3 +177,43 @@ def test_example_handlers():
     assert echo().handle_request(b"ping") == b"ping"
     assert primes().handle_request(b"100") == b"25"
     assert primes().handle_request(b"2") == b"0"
+
+
+SETTINGS_HANDLERS = """
+    import iris
+
+    class Anything(iris.ServiceHandler):
+        def __init__(self, limit, **more):
+            self.settings = {"limit": limit, **more}
+
+    class PositionalOnly(iris.ServiceHandler):
+        def __init__(self, limit, /):
+            self.limit = limit
+"""
+
+
+def settings_app(tmp_path, handler: str, settings: str):
+    config = make_app(tmp_path, f"tuned:{handler}", {"tuned": SETTINGS_HANDLERS})
+    config.file.write_text(config.file.read_text() + f"[settings]\n{settings}\n")
+    return load_config(config.file)
+
+
+def test_a_handler_taking_any_keyword_accepts_every_setting(tmp_path):
+    config = settings_app(tmp_path, "Anything", "limit = 5\ncolour = 'red'")
+
+    handler = load_handler(config)(**config.settings)
+
+    assert handler.settings == {"limit": 5, "colour": "red"}
+
+
+def test_a_setting_that_can_only_be_positional_is_refused_by_name(tmp_path):
+    config = settings_app(tmp_path, "PositionalOnly", "limit = 5")
+
+    with pytest.raises(ConfigError) as caught:
+        load_handler(config)
+
+    assert caught.value.key == "settings.limit"
+    assert caught.value.problem == (
+        "not a keyword argument of the handler class "
+        "(the handler is tuned:PositionalOnly(limit, /))"
+    )

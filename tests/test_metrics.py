@@ -8,7 +8,14 @@ import urllib.request
 
 import pytest
 
-from irishost.metrics import CONTENT_TYPE, MetricsServer, render
+from irishost.metrics import (
+    CONTENT_TYPE,
+    DURATION_BUCKETS,
+    MetricsServer,
+    Outcome,
+    RequestStats,
+    render,
+)
 
 SNAPSHOT = {
     "service": "primes",
@@ -30,6 +37,9 @@ SNAPSHOT = {
         {"slot": 1, "pid": 12, "state": "booting", "served": 0, "in_flight": 0, "rss": 3000,
          "restarts": 0, "uptime": 0.5},
     ],
+    "durations": {"buckets": [[0.001, 1000], [0.1, 1500], [10.0, 1520]], "sum": 17.25,
+                  "count": 1530},
+    "failures": {"fault": 3, "worker_died": 2, "no_room": 0, "expired": 5, "shutdown": 0},
 }  # fmt: skip
 
 EXPECTED = """\
@@ -66,10 +76,26 @@ irishost_worker_requests_served_total{worker="1"} 900
 # TYPE irishost_worker_requests_in_flight gauge
 irishost_worker_requests_in_flight{worker="0"} 2
 irishost_worker_requests_in_flight{worker="1"} 1
+# HELP irishost_requests_failed_total Requests answered with a fault or not at all, by cause.
+# TYPE irishost_requests_failed_total counter
+irishost_requests_failed_total{cause="fault"} 3
+irishost_requests_failed_total{cause="worker_died"} 2
+irishost_requests_failed_total{cause="no_room"} 0
+irishost_requests_failed_total{cause="expired"} 5
+irishost_requests_failed_total{cause="shutdown"} 0
+# HELP irishost_request_duration_seconds Seconds from a request's arrival at the host to its \
+answer, whatever the outcome.
+# TYPE irishost_request_duration_seconds histogram
+irishost_request_duration_seconds_bucket{le="0.001"} 1000
+irishost_request_duration_seconds_bucket{le="0.1"} 1500
+irishost_request_duration_seconds_bucket{le="10.0"} 1520
+irishost_request_duration_seconds_bucket{le="+Inf"} 1530
+irishost_request_duration_seconds_sum 17.25
+irishost_request_duration_seconds_count 1530
 """
 
 # One sample line: a metric name, an optional label set, a number.
-SAMPLE = re.compile(r'(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{[a-z_]+="[^"\\\n]*"\})? -?[0-9.e+]+')
+SAMPLE = re.compile(r'(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{[a-z_]+="[^"\\\n]*"\})? -?[0-9.e+-]+')
 
 
 def test_render_exact_text():
@@ -89,12 +115,13 @@ def test_render_follows_the_exposition_format():
         elif line.startswith("# TYPE "):
             _, _, name, kind = line.split()
             assert name == current
-            assert kind in ("gauge", "counter")
+            assert kind in ("gauge", "counter", "histogram")
             assert name.endswith("_total") == (kind == "counter")
+            suffixes = ("_bucket", "_sum", "_count") if kind == "histogram" else ("",)
         else:
             match = SAMPLE.fullmatch(line)
             assert match is not None, line
-            assert match["name"] == current
+            assert match["name"] in [current + suffix for suffix in suffixes]
             series = line.rpartition(" ")[0]
             assert series not in seen_series
             seen_series.add(series)
@@ -166,3 +193,28 @@ def test_listens_on_loopback_only(serve):
         listening = [line.split()[1] for line in table.readlines()[1:] if line.split()[3] == "0A"]
     assert f"0100007F:{server.port:04X}" in listening
     assert f"00000000:{server.port:04X}" not in listening
+
+
+def test_request_stats_fill_the_buckets_up_to_their_inclusive_bounds():
+    stats = RequestStats()
+    for outcome, seconds in [
+        (Outcome.OK, 0.00005),
+        (Outcome.OK, 0.0001),  # on the bound: in its bucket, as Prometheus's le says
+        (Outcome.FAULT, 0.0002),
+        (Outcome.WORKER_DIED, 3.0),
+        (Outcome.EXPIRED, 60.0),  # above every bound: only in +Inf
+    ]:
+        stats.record(outcome, seconds)
+
+    snapshot = stats.snapshot()
+
+    buckets = dict(snapshot["durations"]["buckets"])
+    assert list(buckets) == list(DURATION_BUCKETS)
+    assert (buckets[0.0001], buckets[0.00025], buckets[2.5], buckets[5.0], buckets[10.0]) == (
+        2, 3, 3, 4, 4
+    )  # fmt: skip
+    assert snapshot["durations"]["count"] == 5
+    assert snapshot["durations"]["sum"] == pytest.approx(63.0003)
+    assert snapshot["failures"] == {
+        "fault": 1, "worker_died": 1, "no_room": 0, "expired": 1, "shutdown": 0
+    }  # fmt: skip

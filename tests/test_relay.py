@@ -819,6 +819,21 @@ def test_bad_size_argument(relay):
     assert result.returncode != 0 and "not a size" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["--handshake-timeout", "0"], "--handshake-timeout: not a positive number of seconds"),
+        (["--packet-timeout", "soon"], "--packet-timeout: not a positive number of seconds"),
+        (["--packet-timeout", "inf"], "--packet-timeout: not a positive number of seconds"),
+        (["--max-message", "1MiB", "--partial-budget", "1MiB"], "smaller than the largest packet"),
+    ],
+)
+def test_bad_input_limits_are_refused(args, complaint):
+    result = run_relay("--port", "0", *args)
+    assert result.returncode == 2 and complaint in result.stderr, result.stderr
+    assert result.stdout == ""
+
+
 # ---------------------------------------------------------------------------
 # In-process use.
 

@@ -1,5 +1,9 @@
 """The relay's routing state, driven directly: bounded bookkeeping under load."""
 
+import itertools
+
+import pytest
+
 from iris import codec
 from iris.relay.router import COMPACT_SLACK, Router
 
@@ -73,3 +77,24 @@ def test_a_departed_requester_takes_its_pending_requests_with_it():
     assert len(router._requests) == 0
     assert member.outstanding == 0  # the member is not left looking busy
     router.handle(member, codec.Reply(0, True, b"late"))  # ignored, not an error
+
+
+@pytest.mark.parametrize("number", [0, 127, 128, 16383, 16384, 2**21, 2**35])
+@pytest.mark.parametrize("payload", [b"", b"x", bytes(range(256)) * 300])
+def test_request_and_reply_deliveries_are_the_codecs_bytes(number, payload):
+    """The router builds its REQUEST and REPLY deliveries from precomputed
+    heads, not packet objects; the bytes must be the codec's all the same,
+    for every varint length and payload size."""
+    router = Router()
+    router._ids = itertools.count(number)  # the relay's own request keys
+    member, client = attach(router, "echo"), attach(router, "")
+    member.sent.clear()
+    client.sent.clear()
+    router.handle(client, codec.Request(number, "echo", payload, number))
+    assert member.sent == [codec.RequestDelivery(number, payload, number).encode()]
+    router.handle(member, codec.Reply(number, True, payload))
+    assert client.sent == [codec.ReplyDelivery(number, False, True, payload).encode()]
+    fault = "fault: ünïcode " + payload.hex()
+    router.handle(client, codec.Request(number + 1, "echo", payload, 5))
+    router.handle(member, codec.Reply(number + 1, False, fault))
+    assert client.sent[1] == codec.ReplyDelivery(number + 1, False, False, fault).encode()

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from .. import codec
 from ..connection import (
@@ -43,12 +44,13 @@ from ..connection import (
     _validate_name,
     timeout_ms,
 )
+from ..dispatch import sendable_reply
 from ..errors import ClosedError, RemoteError, TimeoutError
 from ..handlers import TopicHandler
 from ..limits import TUNNEL_BUFFER, TopicLimits
-from ..logs import ContextLog, RateLimitedWarning
+from ..logs import ContextLog, HandlerErrorLog, RateLimitedWarning
 from ..tunnel_core import TunnelRoutes
-from .pool import HandlerPool
+from .pool import Callback, HandlerPool
 from .tunnel import Tunnel
 
 # How often pending calls are checked against their deadline plus RELAY_GRACE.
@@ -68,7 +70,8 @@ class _RelayProtocol(asyncio.BufferedProtocol):
         self._buffer = memoryview(bytearray(RECV_SIZE))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        # create_connection's transport is a stream one, which can write.
+        cast(asyncio.WriteTransport, transport).set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._buffer
@@ -89,16 +92,38 @@ class _RelayProtocol(asyncio.BufferedProtocol):
         self._conn._writable.set()
 
 
+class Inbound(Protocol):
+    """The receiving half of a service (iris.aio.service's HandlerDispatch).
+
+    The asyncio twin of iris.dispatch.Inbound; all methods run in the
+    connection's read callback and must not block.
+    """
+
+    def request(self, request_id: int, request: bytes, timeout: float) -> None:
+        """Answer later with ``Connection.reply(request_id, ...)``."""
+
+    def broadcast(self, message: bytes) -> None: ...
+
+    def tunnel(self, tunnel: Tunnel) -> None:
+        """A tunnel already accepted on the wire."""
+
+    def drop(self, reason: ClosedError) -> None:
+        """The relay dropped the connection (not called on a graceful close)."""
+
+    def close(self) -> None:
+        """The connection ended; cancel what still runs."""
+
+
 class _Subscription:
     __slots__ = ("callback", "pool", "overflow")
 
-    def __init__(self, callback: Callable, pool: HandlerPool, overflow: RateLimitedWarning):
+    def __init__(self, callback: Callback, pool: HandlerPool, overflow: RateLimitedWarning):
         self.callback = callback
         self.pool = pool
         self.overflow = overflow
 
 
-class Connection(TunnelRoutes):
+class Connection(TunnelRoutes[Tunnel]):
     """A live attachment to the relay; use :func:`connect` or :func:`iris.aio.register`."""
 
     tunnel_class = Tunnel
@@ -107,24 +132,27 @@ class Connection(TunnelRoutes):
         """Not attached yet: :meth:`_attach` does that (connect and register call it)."""
         self.log = log or ContextLog().new(client=next(_client_ids))
         self.cluster = cluster
-        self.inbound = None  # a member's iris.aio.service dispatch, set before attaching
+        self.inbound: Inbound | None = None  # a member's, set before attaching
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._decoder = codec.Decoder(codec.Side.RELAY)
         self._ids = itertools.count()
-        self._requests: dict[int, tuple[asyncio.Future, float]] = {}
-        self._tunnel_inits: dict[int, tuple[asyncio.Future, float]] = {}
+        # Calls waiting for the relay's answer, with the deadline of their sweep.
+        self._requests: dict[int, tuple[asyncio.Future[codec.ReplyDelivery], float]] = {}
+        # A tunnel, or None if it timed out.
+        self._tunnel_inits: dict[int, tuple[asyncio.Future[Tunnel | None], float]] = {}
         self._tunnels: dict[int, Tunnel] = {}
         self._subscriptions: dict[str, _Subscription] = {}
+        self._event_errors = HandlerErrorLog(self.log)  # all subscriptions share one budget
         self._out: list[bytes] = []
         self._flush_pending = False
         self._reading = False  # inside _on_bytes: its end flushes what was queued
         self._sweeper: asyncio.TimerHandle | None = None
         self._writable = asyncio.Event()
         self._writable.set()
-        self._accepted = self._loop.create_future()
-        self._finished = self._loop.create_future()  # set once shut down
-        self._dispatch = _HANDSHAKE
+        self._accepted: asyncio.Future[None] = self._loop.create_future()
+        self._finished: asyncio.Future[None] = self._loop.create_future()  # set once shut down
+        self._dispatch: _Handlers = _HANDSHAKE
         self._closing = False
         self._closed = False
         self._drop_reason: str | None = None
@@ -132,7 +160,7 @@ class Connection(TunnelRoutes):
     async def _attach(self, port: int) -> None:
         """Dial the relay, send INIT and wait for its answer."""
         self.log.info("connecting to relay", relay_port=port, cluster=self.cluster or None)
-        errors = []
+        errors: list[OSError] = []
         for host in ("127.0.0.1", "::1"):
             try:
                 self._transport, _ = await self._loop.create_connection(
@@ -170,7 +198,7 @@ class Connection(TunnelRoutes):
     async def __aenter__(self) -> Connection:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     @property
@@ -187,7 +215,8 @@ class Connection(TunnelRoutes):
         inits, self._tunnel_inits = self._tunnel_inits, {}
         tunnels, self._tunnels = self._tunnels, {}
         subscriptions, self._subscriptions = self._subscriptions, {}
-        for future, _ in (*requests.values(), *inits.values()):
+        pending: list[tuple[asyncio.Future[Any], float]] = [*requests.values(), *inits.values()]
+        for future, _ in pending:
             if not future.done():
                 future.set_exception(ClosedError(reason))
         for tunnel in tunnels.values():
@@ -244,7 +273,9 @@ class Connection(TunnelRoutes):
         out = self._out
         if out and not self._closed:
             self._out = []
-            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+            # Attached: nothing is queued before _attach set the transport.
+            transport = cast(asyncio.Transport, self._transport)
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     async def _drain(self) -> None:
         """Wait while the transport holds more than WRITE_HIGH_WATER unsent bytes."""
@@ -289,7 +320,7 @@ class Connection(TunnelRoutes):
         if self._closing:
             raise ClosedError("connection closed")
         rid = next(self._ids)
-        future = self._loop.create_future()
+        future: asyncio.Future[codec.ReplyDelivery] = self._loop.create_future()
         self._requests[rid] = (future, self._loop.time() + timeout + RELAY_GRACE)
         if self._sweeper is None:
             self._watch_deadlines()
@@ -300,9 +331,10 @@ class Connection(TunnelRoutes):
             self._requests.pop(rid, None)
         if reply.timed_out:
             raise TimeoutError(f"request to {cluster!r} timed out after {timeout:g} s")
+        # The payload's type follows ``success``, as in codec.ReplyDelivery.
         if not reply.success:
-            raise RemoteError(reply.payload)
-        return reply.payload
+            raise RemoteError(cast(str, reply.payload))
+        return cast(bytes, reply.payload)
 
     async def broadcast(self, cluster: str, message: bytes) -> None:
         """Send ``message`` to every member of ``cluster`` (best effort)."""
@@ -340,9 +372,12 @@ class Connection(TunnelRoutes):
         self._check_open()
         if topic in self._subscriptions:
             raise ValueError(f"already subscribed to {topic!r}")
-        log = self.log.new(topic=topic)
-        pool = HandlerPool(f"topic-{topic}", limits.event_threads, limits.event_memory, log)
-        overflow = RateLimitedWarning(log, "event dropped: memory limit reached")
+        pool = HandlerPool(
+            f"topic-{topic}", limits.event_threads, limits.event_memory, self._event_errors
+        )
+        overflow = RateLimitedWarning(
+            self.log.new(topic=topic), "event dropped: memory limit reached"
+        )
         self._subscriptions[topic] = _Subscription(callback, pool, overflow)
         pool.start()
         self.log.info("subscribing to topic", topic=topic)
@@ -367,7 +402,7 @@ class Connection(TunnelRoutes):
         millis = timeout_ms(timeout)
         self._check_open()
         tid = next(self._ids)
-        future = self._loop.create_future()
+        future: asyncio.Future[Tunnel | None] = self._loop.create_future()
         self._tunnel_inits[tid] = (future, self._loop.time() + timeout + RELAY_GRACE)
         self._watch_deadlines()
         try:
@@ -384,9 +419,13 @@ class Connection(TunnelRoutes):
     def reply(self, request_id: int, success: bool, payload: bytes | str) -> None:
         """Answer an inbound request (for the service dispatch).
 
-        A reply that cannot be sent because the connection closed is dropped:
-        the relay times the request out for its caller.
+        A reply or fault text over the relay's message limit goes out as a
+        fault saying so (iris.dispatch.sendable_reply), so the connection and
+        the other requests on it stay. A reply that cannot be sent because
+        the connection closed is dropped: the relay times the request out
+        for its caller.
         """
+        success, payload = sendable_reply(request_id, success, payload, self.log)
         try:
             self._send(codec.Reply(request_id, success, payload).encode())
         except ClosedError:
@@ -439,7 +478,7 @@ class Connection(TunnelRoutes):
         if pending is not None and not pending[0].done():
             pending[0].set_result(packet)
 
-    def _member_inbound(self, what: str):
+    def _member_inbound(self, what: str) -> Inbound:
         if self.inbound is None:
             raise codec.ProtocolError(f"relay sent {what} to a plain client")
         return self.inbound
@@ -475,13 +514,17 @@ class Connection(TunnelRoutes):
             future.set_result(tunnel)
 
 
+# A packet's handler, by the packet's type. Each handler takes its own packet
+# type, which a dict's value type cannot tie to its key: hence Any.
+_Handlers = dict[type[codec.RelayPacket], Callable[[Connection, Any], None]]
+
 # What the relay may send before, and after, it accepted the connection.
-_HANDSHAKE = {
+_HANDSHAKE: _Handlers = {
     codec.Accept: Connection._on_accept,
     codec.Deny: Connection._on_deny,
     codec.Closed: Connection._on_closed,
 }
-_DISPATCH = {
+_DISPATCH: _Handlers = {
     codec.ReplyDelivery: Connection._on_reply,
     codec.RequestDelivery: Connection._on_request,
     codec.BroadcastDelivery: Connection._on_broadcast,
@@ -495,26 +538,36 @@ _DISPATCH = {
 }
 
 
-class Opening:
+class _AsyncCloser(Protocol):
+    """What an Opening opens: a Connection or a Service."""
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+
+_Opened = TypeVar("_Opened", bound=_AsyncCloser)
+
+
+class Opening(Generic[_Opened]):
     """What :func:`connect` and :func:`iris.aio.register` return: await it for
     the connection or service, or use it in ``async with``, which closes it."""
 
-    def __init__(self, open_: Callable[[], Awaitable]):
-        self._open = open_
-        self._opened = None
+    _opened: _Opened  # set by __aenter__
 
-    def __await__(self):
+    def __init__(self, open_: Callable[[], Awaitable[_Opened]]):
+        self._open = open_
+
+    def __await__(self) -> Generator[Any, None, _Opened]:
         return self._open().__await__()
 
-    async def __aenter__(self):
+    async def __aenter__(self) -> _Opened:
         self._opened = await self._open()
         return self._opened
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self._opened.__aexit__(*exc)
 
 
-def connect(port: int = DEFAULT_PORT) -> Opening:
+def connect(port: int = DEFAULT_PORT) -> Opening[Connection]:
     """Attach to the local relay as a plain client (cannot receive requests).
 
     ``conn = await iris.aio.connect(port)``, or ``async with

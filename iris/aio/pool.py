@@ -15,6 +15,15 @@ suspending (an echo) costs no Task, no future and no loop turn of its own.
 Before running a message a worker wakes one idle colleague if more are
 waiting, so handlers that do suspend still run ``concurrency`` at a time.
 
+Whatever a callback raises is its outcome, BaseExceptions included: a
+worker Task reports it (``done``, or the pool's HandlerErrorLog with its
+traceback) and carries on. asyncio lets KeyboardInterrupt and SystemExit out
+of a Task and out of the loop itself, so a ``sys.exit()`` in one handler
+would stop the whole service and strand every caller in flight; the threaded
+pools keep their threads for the same reason. (A real Ctrl-C does not come
+this way under ``asyncio.run``: it cancels the main task instead.) Only the
+pool's own teardown cancellation ends a worker.
+
 A handler that blocks the loop is the user's bug, but a hard one to see:
 every step a worker takes on the loop is timed, and one that holds the loop
 longer than ``slow_step`` seconds is logged, in the manner of asyncio's
@@ -29,18 +38,23 @@ import sys
 import time
 import types
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
-from ..logs import ContextLog
+from ..logs import HandlerErrorLog
 
 # As asyncio debug mode's slow_callback_duration: longer on the loop is a stall.
 SLOW_STEP = 0.1
 # For pools with no cap, such as the tunnel handlers (one per tunnel).
 UNCAPPED = sys.maxsize
 
-# done(key, ok, value): told the outcome of one callback, its result or exception.
+# done(key, ok, value): told the outcome of one callback, its result or exception;
+# it logs the exception itself (the pool logs those of callbacks without one).
 Done = Callable[[Any, bool, Any], None]
+# A callback: a plain function, or an ``async def`` (its call returns the coroutine to await).
+Callback = Callable[..., object]
+# What waits for a worker: submit's arguments.
+_Job = tuple[Callback, tuple[object, ...], int, Done | None, Any]
 
 
 class HandlerPool:
@@ -49,7 +63,8 @@ class HandlerPool:
     ``submit(fn, args, size, done, key)`` runs ``fn(*args)`` (awaiting the
     coroutine it returns, if any) and then calls ``done(key, True, result)``
     or ``done(key, False, exception)``; a cancelled handler's exception is
-    its CancelledError.
+    its CancelledError. A callback without ``done`` that raises has its
+    exception logged, with traceback, through ``errors``.
     """
 
     def __init__(
@@ -57,7 +72,7 @@ class HandlerPool:
         name: str,
         concurrency: int,
         memory: int,
-        log: ContextLog,
+        errors: HandlerErrorLog,
         slow_step: float = SLOW_STEP,
     ):
         self.name = name
@@ -66,18 +81,23 @@ class HandlerPool:
         self.slow_step = slow_step
         self.waiting_bytes = 0  # bytes of the callbacks waiting for a worker
         self.running = 0
-        self._log = log
+        self._errors = errors
         self._loop = asyncio.get_running_loop()
-        self._queue: deque[tuple] = deque()
-        self._workers: set[asyncio.Task] = set()
-        self._parked: list[asyncio.Future] = []  # idle workers wait on these
+        self._queue: deque[_Job] = deque()
+        self._workers: set[asyncio.Task[None]] = set()
+        self._parked: list[asyncio.Future[None]] = []  # idle workers wait on these
         self._waking = False  # a worker was woken (or started) and has not run yet
         self._started = False
         self._closed = False
         self._cancelled = False
 
     def submit(
-        self, fn: Callable, args: tuple, size: int, done: Done | None = None, key: Any = None
+        self,
+        fn: Callback,
+        args: tuple[object, ...],
+        size: int,
+        done: Done | None = None,
+        key: Any = None,
     ) -> bool:
         """Queue ``fn(*args)`` holding ``size`` bytes; False if over the budget."""
         if self._closed or self.waiting_bytes + size > self.memory:
@@ -148,9 +168,11 @@ class HandlerPool:
                         raise
                     # The handler cancelled itself (or something cancelled
                     # the task it ran in): answer for it and carry on.
-                    asyncio.current_task().uncancel()
+                    task = asyncio.current_task()
+                    assert task is not None  # this coroutine runs only as a worker Task
+                    task.uncancel()
                     self._finish(done, key, False, err)
-                except BaseException as err:  # noqa: B036 - the callback's outcome, whatever it was
+                except BaseException as err:  # noqa: B036 - see the module docstring
                     self._finish(done, key, False, err)
                 else:
                     self._finish(done, key, True, result)
@@ -165,12 +187,12 @@ class HandlerPool:
         if done is not None:
             try:
                 done(key, ok, value)
-            except Exception as err:
-                self._log.error("handler completion raised", pool=self.name, error=repr(err))
+            except BaseException as err:  # the worker must outlive its completions too
+                self._errors("handler completion raised", err, pool=self.name)
         elif not ok and not isinstance(value, asyncio.CancelledError):
-            self._log.error("handler raised", pool=self.name, error=repr(value))
+            self._errors("handler raised", value, pool=self.name)
 
-    def _step(self, step: Callable, value: Any) -> Any:
+    def _step(self, step: Callable[[Any], Any], value: Any) -> Any:
         """One step of a worker on the loop, timed."""
         start = time.perf_counter()
         try:
@@ -178,7 +200,7 @@ class HandlerPool:
         finally:
             seconds = time.perf_counter() - start
             if seconds > self.slow_step:
-                self._log.warning(
+                self._errors.log.warning(
                     "handler held the event loop; blocking calls belong in a thread "
                     "(asyncio.to_thread)",
                     pool=self.name,
@@ -186,23 +208,25 @@ class HandlerPool:
                 )
 
 
-class _Timed(collections.abc.Coroutine):
+class _Timed(collections.abc.Coroutine[Any, Any, None]):
     """A worker coroutine whose every step on the loop the pool times."""
 
     __slots__ = ("_coro", "_pool")
 
-    def __init__(self, coro: collections.abc.Coroutine, pool: HandlerPool):
+    def __init__(self, coro: collections.abc.Coroutine[Any, Any, None], pool: HandlerPool):
         self._coro = coro
         self._pool = pool
 
     def send(self, value: Any) -> Any:
         return self._pool._step(self._coro.send, value)
 
-    def throw(self, exc: BaseException) -> Any:
+    # Only the one-argument form: the Task driving this coroutine never uses the
+    # deprecated (type, value, traceback) signature that Coroutine.throw declares.
+    def throw(self, exc: BaseException) -> Any:  # type: ignore[override]
         return self._pool._step(self._coro.throw, exc)
 
     def close(self) -> None:
         self._coro.close()
 
-    def __await__(self):
+    def __await__(self) -> Generator[Any, None, None]:
         raise TypeError("a pool worker is driven by its Task only")

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from typing import Protocol, cast
 
 from ..connection import DEFAULT_PORT, _validate_name
 from ..dispatch import checked_reply, fault_text, memory_fault
 from ..errors import ClosedError
 from ..limits import ServiceLimits
-from ..logs import ContextLog, RateLimitedWarning
+from ..logs import ContextLog, HandlerErrorLog, RateLimitedWarning
 from ..service import _service_ids
 from .connection import Connection, Opening
 from .handlers import ServiceHandler
@@ -28,20 +29,49 @@ from .tunnel import Tunnel
 EXPIRED = object()
 
 
-def answer(ok: bool, value: object) -> tuple[bool, bytes | str]:
+def answer(ok: bool, value: object, errors: HandlerErrorLog) -> tuple[bool, bytes | str]:
     """A request handler's outcome as (True, reply) or (False, the fault text).
 
     The asyncio twin of iris.dispatch.answer, for an outcome the pool
-    reports; shared with irishost's loop workers.
+    reports; shared with irishost's loop workers. A handler's exception is
+    logged with its traceback through ``errors``; a cancellation is not (it
+    is how a closing service stops its handlers), but its caller still gets
+    a fault saying so.
+    """
+    if ok:
+        try:
+            return checked_reply(value)
+        except TypeError as err:
+            error: BaseException = err
+    elif isinstance(value, asyncio.CancelledError):
+        return False, "request handler was cancelled"
+    else:
+        error = cast(BaseException, value)  # a pool's outcome that is not ok is an exception
+    errors("request handler raised", error)
+    return False, fault_text(error)
+
+
+class ClosableTunnel(Protocol):
+    """What close_failed_tunnel uses of a tunnel: an iris.aio.Tunnel or irishost's."""
+
+    @property
+    def id(self) -> int: ...
+
+    def close_nowait(self) -> object: ...
+
+
+def close_failed_tunnel(
+    errors: HandlerErrorLog, tunnel: ClosableTunnel, ok: bool, value: object
+) -> None:
+    """A tunnel handler's outcome: one that raised is logged and its tunnel closed.
+
+    As iris.dispatch.serve_tunnel does; shared with irishost's loop workers,
+    whose tunnels (any object with ``id`` and ``close_nowait``) are their own.
     """
     if not ok:
-        if isinstance(value, asyncio.CancelledError):
-            return False, "request handler was cancelled"
-        return False, fault_text(value)
-    try:
-        return checked_reply(value)
-    except TypeError as err:
-        return False, fault_text(err)
+        if not isinstance(value, asyncio.CancelledError):
+            errors("tunnel handler raised", cast(BaseException, value), tunnel=tunnel.id)
+        tunnel.close_nowait()
 
 
 async def settle(result: object) -> object:
@@ -58,20 +88,28 @@ class HandlerDispatch:
     """
 
     def __init__(
-        self, conn: Connection, handler: ServiceHandler, limits: ServiceLimits | None, log
+        self,
+        conn: Connection,
+        handler: ServiceHandler,
+        limits: ServiceLimits | None,
+        log: ContextLog,
     ):
         limits = (limits or ServiceLimits()).with_defaults()
         self._conn = conn
         self._handler = handler
-        self._log: ContextLog = log
+        self._log = log
+        self._errors = HandlerErrorLog(log)  # all callbacks of the service share its budget
         self._time = asyncio.get_running_loop().time
-        self._requests = HandlerPool("request", limits.request_threads, limits.request_memory, log)
-        self._broadcasts = HandlerPool(
-            "broadcast", limits.broadcast_threads, limits.broadcast_memory, log
+        errors = self._errors
+        self._requests = HandlerPool(
+            "request", limits.request_threads, limits.request_memory, errors
         )
-        self._tunnels = HandlerPool("tunnel", UNCAPPED, UNCAPPED, log)
+        self._broadcasts = HandlerPool(
+            "broadcast", limits.broadcast_threads, limits.broadcast_memory, errors
+        )
+        self._tunnels = HandlerPool("tunnel", UNCAPPED, UNCAPPED, errors)
         # Not closed with the others: handle_drop runs after the connection ended.
-        self._drops = HandlerPool("drop", UNCAPPED, UNCAPPED, log)
+        self._drops = HandlerPool("drop", UNCAPPED, UNCAPPED, errors)
         self._drops.start()
         self._broadcast_overflow = RateLimitedWarning(log, "broadcast dropped: memory limit")
 
@@ -95,7 +133,7 @@ class HandlerDispatch:
         if value is EXPIRED:
             self._log.debug("request expired before a handler was free", id=request_id)
             return
-        self._conn.reply(request_id, *answer(ok, value))
+        self._conn.reply(request_id, *answer(ok, value, self._errors))
 
     def broadcast(self, message: bytes) -> None:
         if not self._broadcasts.submit(self._handler.handle_broadcast, (message,), len(message)):
@@ -105,18 +143,14 @@ class HandlerDispatch:
         self._tunnels.submit(self._handler.handle_tunnel, (tunnel,), 0, self._tunnel_done, tunnel)
 
     def _tunnel_done(self, tunnel: Tunnel, ok: bool, value: object) -> None:
-        """A handler that raised has its tunnel closed, as in iris.dispatch."""
-        if not ok:
-            if not isinstance(value, asyncio.CancelledError):
-                tunnel.log.error("tunnel handler raised", error=repr(value))
-            tunnel.close_nowait()
+        close_failed_tunnel(self._errors, tunnel, ok, value)
 
     def drop(self, reason: ClosedError) -> None:
         self._drops.submit(self._handler.handle_drop, (reason,), 0, self._drop_done)
 
     def _drop_done(self, _key: None, ok: bool, value: object) -> None:
         if not ok:
-            self._log.error("drop handler raised", error=repr(value))
+            self._errors("drop handler raised", cast(BaseException, value))
 
     def close(self) -> None:
         for pool in (self._requests, self._broadcasts, self._tunnels):
@@ -144,7 +178,7 @@ class Service:
     async def __aenter__(self) -> Service:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.unregister()
 
 
@@ -153,7 +187,7 @@ def register(
     cluster: str,
     handler: ServiceHandler,
     limits: ServiceLimits | None = None,
-) -> Opening:
+) -> Opening[Service]:
     """Join ``cluster`` with ``handler`` serving its requests, broadcasts and tunnels.
 
     ``service = await iris.aio.register(...)``, or ``async with`` it.
@@ -169,7 +203,8 @@ def register(
         log = ContextLog().new(service=next(_service_ids))
         log.info("registering service", cluster=cluster)
         conn = Connection(cluster, log)
-        dispatch = HandlerDispatch(conn, handler, limits, log)
+        # Handler errors name the cluster, as in iris.register.
+        dispatch = HandlerDispatch(conn, handler, limits, log.new(cluster=cluster))
         conn.inbound = dispatch
         await conn._attach(port)
         try:

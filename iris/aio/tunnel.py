@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 class Tunnel(TunnelCore):
     """One end of a tunnel; made by Connection.tunnel or given to handle_tunnel."""
 
+    _conn: Connection  # TunnelCore's TunnelHost, here with _drain for send's back-pressure
+
     def __init__(self, conn: Connection, tid: int, chunk_limit: int, log: ContextLog):
         super().__init__(conn, tid, chunk_limit, log)
         self._loop = asyncio.get_running_loop()
@@ -34,12 +36,12 @@ class Tunnel(TunnelCore):
         self._allowance = 0  # bytes the relay lets us send
         self._inbox: deque[bytes] = deque()
         self._reassembly = chunks.Reassembly(tid)
-        self._waiters: list[asyncio.Future] = []  # woken on any change of state
+        self._waiters: list[asyncio.Future[None]] = []  # woken on any change of state
 
     async def __aenter__(self) -> Tunnel:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def send(self, message: bytes, timeout: float | None = None) -> None:
@@ -54,11 +56,11 @@ class Tunnel(TunnelCore):
         async with self._send_lock:
             for size_field, chunk in chunks.split(message, self._chunk_limit):
                 size = len(chunk)
-                await self._wait_until(
-                    lambda size=size: self._allowance >= size,
-                    deadline,
-                    "send waiting for allowance",
-                )
+
+                def has_allowance(size: int = size) -> bool:
+                    return self._allowance >= size
+
+                await self._wait_until(has_allowance, deadline, "send waiting for allowance")
                 self._raise_if_closed()
                 self._allowance -= size
                 self._conn._send(codec.TunnelTransfer(self.id, size_field, chunk).encode())

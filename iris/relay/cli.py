@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 
 from .. import codec
 from ..logfmt import configure_logging, tag_standard_streams
 from ..version import add_version_option
+from .input_guard import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_PACKET_TIMEOUT,
+    DEFAULT_PARTIAL_BUDGET,
+    InputLimits,
+)
 from .server import DEFAULT_OUTBOUND_CAP, DEFAULT_PORT, RelayServer
 
 SINGLE_NODE = (
@@ -37,6 +44,16 @@ def _port(text: str) -> int:
     return port
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iris-relay", description=__doc__)
     add_version_option(parser)
@@ -52,6 +69,29 @@ def _parser() -> argparse.ArgumentParser:
         help="unsent bytes after which a peer that stopped reading is dropped (256MiB)",
     )
     parser.add_argument(
+        "--handshake-timeout",
+        type=_seconds,
+        default=DEFAULT_HANDSHAKE_TIMEOUT,
+        metavar="SECONDS",
+        help=f"close a connection that has not sent INIT by then ({DEFAULT_HANDSHAKE_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--packet-timeout",
+        type=_seconds,
+        default=DEFAULT_PACKET_TIMEOUT,
+        metavar="SECONDS",
+        help="close a connection whose packet is still incomplete this long after its "
+        f"first byte ({DEFAULT_PACKET_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--partial-budget",
+        type=_size,
+        default=DEFAULT_PARTIAL_BUDGET,
+        metavar="SIZE",
+        help="bytes of incomplete packets the relay holds for all connections together; "
+        "past it, those whose packets are oldest are closed (256MiB)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     parser.add_argument("--net", help=argparse.SUPPRESS)
@@ -61,13 +101,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     tag_standard_streams()  # before argparse, which may print a usage error
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.net is not None or args.rsa is not None:
         print(f"iris-relay: {SINGLE_NODE}", file=sys.stderr)
         return 2
+    limits = InputLimits(args.handshake_timeout, args.packet_timeout, args.partial_budget)
+    try:
+        limits.check_fits(args.max_message)
+    except ValueError as err:
+        parser.error(f"--partial-budget: {err} (see --max-message)")
     configure_logging(args.log_level)
     try:
-        server = RelayServer(args.port, args.max_message, args.outbound_cap)
+        server = RelayServer(args.port, args.max_message, args.outbound_cap, limits)
     except OSError as err:
         print(
             f"iris-relay: cannot listen on port {args.port}: {err.strerror or err}", file=sys.stderr

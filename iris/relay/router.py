@@ -19,7 +19,8 @@ import itertools
 import logging
 import time
 from collections import deque
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, cast
 
 from .. import codec
 
@@ -31,6 +32,14 @@ CHUNK_LIMIT = 64 * 1024
 COMPACT_SLACK = 4096
 # The relay's buffer for each tunnel direction, granted to the sender.
 TUNNEL_ALLOWANCE = 4 * 1024 * 1024
+
+# The relay's REQUEST and REPLY deliveries are most of its output, so they are
+# built from these precomputed heads instead of packet objects; the bytes are
+# those of codec.RequestDelivery and codec.ReplyDelivery (test_router.py checks).
+_REQUEST_HEAD = bytes((codec.Op.REQUEST,))
+_REPLY_HEAD = bytes((codec.Op.REPLY,))
+_FALSE, _TRUE = b"\x00", b"\x01"
+_SMALL_VARINTS = [codec.encode_varint(value) for value in range(0x80)]
 
 
 class Peer(Protocol):
@@ -46,7 +55,7 @@ class Peer(Protocol):
 
     def send(self, data: bytes) -> None: ...
 
-    def close(self, reason: str) -> None: ...
+    def close(self, reason: str | None) -> None: ...
 
 
 class ProtocolViolation(Exception):
@@ -56,13 +65,15 @@ class ProtocolViolation(Exception):
 class _Cluster:
     __slots__ = ("members", "cursor")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.members: list[Peer] = []
         self.cursor = 0  # round-robin start among equally loaded members
 
     def pick(self) -> Peer:
         """The member with the fewest outstanding requests, round-robin among ties."""
         members, n = self.members, len(self.members)
+        if n == 1:
+            return members[0]
         best_index, best_load = 0, None
         for step in range(n):
             index = (self.cursor + step) % n
@@ -75,19 +86,16 @@ class _Cluster:
         return members[best_index]
 
 
-class _PendingRequest:
-    __slots__ = ("requester", "client_id", "member")
-
-    def __init__(self, requester: Peer, client_id: int, member: Peer | None):
-        self.requester = requester
-        self.client_id = client_id
-        self.member = member
+# A request waiting for its answer: (requester, the requester's id for it as
+# a varint, the member it was delivered to or None). A tuple: one is made per
+# request.
+_PendingRequest = tuple[Peer, bytes, "Peer | None"]
 
 
 class _PendingBuild:
     __slots__ = ("initiator", "tunnel_id", "member")
 
-    def __init__(self, initiator: Peer, tunnel_id: int, member: Peer | None):
+    def __init__(self, initiator: Peer, tunnel_id: int, member: Peer | None) -> None:
         self.initiator = initiator
         self.tunnel_id = tunnel_id
         self.member = member
@@ -98,25 +106,31 @@ class TunnelEnd:
 
     __slots__ = ("peer", "id", "allowance", "credit", "queue", "other")
 
-    def __init__(self, peer: Peer, tid: int):
+    # The tunnel's opposite end. Not set here: the two ends refer to each
+    # other, so Router._on_tunnel_confirm links them once both exist, before
+    # either is used.
+    other: TunnelEnd
+
+    def __init__(self, peer: Peer, tid: int) -> None:
         self.peer = peer
         self.id = tid  # the peer's own id for the tunnel
         self.allowance = 0  # bytes the peer lets us deliver to it
         self.credit = TUNNEL_ALLOWANCE  # bytes we let the peer send us
         self.queue: deque[tuple[int, bytes]] = deque()  # chunks waiting for allowance
-        self.other: TunnelEnd | None = None
 
 
 class Router:
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._clusters: dict[str, _Cluster] = {}
+        # Keyed by the name's UTF-8 bytes, as requests carry it on the wire.
+        self._clusters: dict[bytes, _Cluster] = {}
         self._topics: dict[str, dict[Peer, None]] = {}  # insertion-ordered sets
         self._requests: dict[int, _PendingRequest] = {}
         self._builds: dict[int, _PendingBuild] = {}
         self._deadlines: list[tuple[float, int]] = []
         self._ids = itertools.count()
-        self._handlers = {
+        # Each handler takes the packet type it is keyed by.
+        self._handlers: dict[type[codec.ClientPacket], Callable[[Peer, Any], None]] = {
             codec.Request: self._on_request,
             codec.Reply: self._on_reply,
             codec.Broadcast: self._on_broadcast,
@@ -132,7 +146,7 @@ class Router:
 
     # -- connection life cycle -------------------------------------------------
 
-    def handle(self, peer: Peer, packet) -> None:
+    def handle(self, peer: Peer, packet: codec.ClientPacket) -> None:
         """Act on one packet from ``peer``; raises ProtocolViolation."""
         if peer.cluster is None:
             self._on_init(peer, packet)
@@ -146,7 +160,7 @@ class Router:
             raise ProtocolViolation(f"unexpected {type(packet).__name__} after the handshake")
         handler(peer, packet)
 
-    def _on_init(self, peer: Peer, packet) -> None:
+    def _on_init(self, peer: Peer, packet: codec.ClientPacket) -> None:
         if not isinstance(packet, codec.Init):
             raise ProtocolViolation(f"expected INIT, got {type(packet).__name__}")
         if packet.version != codec.VERSION:
@@ -160,7 +174,7 @@ class Router:
             return
         peer.cluster = packet.cluster
         if packet.cluster:
-            self._clusters.setdefault(packet.cluster, _Cluster()).members.append(peer)
+            self._clusters.setdefault(packet.cluster.encode(), _Cluster()).members.append(peer)
         peer.send(codec.Accept().encode())
         log.info("attached %s cluster=%s", peer.name, packet.cluster or "-")
 
@@ -170,16 +184,17 @@ class Router:
             return
         peer.closed = True
         if peer.cluster:
-            cluster = self._clusters[peer.cluster]
+            name = peer.cluster.encode()
+            cluster = self._clusters[name]
             cluster.members.remove(peer)
             if not cluster.members:
-                del self._clusters[peer.cluster]
+                del self._clusters[name]
         for topic in peer.topics:
             self._unsubscribe(peer, topic)
         for key in peer.requests:  # nobody is left to answer
-            pending = self._requests.pop(key)
-            if pending.member is not None:
-                pending.member.outstanding -= 1
+            _, _, member = self._requests.pop(key)
+            if member is not None:
+                member.outstanding -= 1
         peer.requests.clear()
         # A copy: a tunnel to the peer's own cluster has both ends in this dict.
         for end in list(peer.tunnels.values()):
@@ -200,10 +215,11 @@ class Router:
             _, key = heapq.heappop(deadlines)
             pending = self._requests.pop(key, None)
             if pending is not None:
-                if pending.member is not None:
-                    pending.member.outstanding -= 1
-                pending.requester.requests.discard(key)
-                pending.requester.send(codec.ReplyDelivery(pending.client_id, True).encode())
+                requester, client_id, member = pending
+                if member is not None:
+                    member.outstanding -= 1
+                requester.requests.discard(key)
+                requester.send(b"".join((_REPLY_HEAD, client_id, _TRUE)))
                 continue
             build = self._builds.pop(key, None)
             if build is not None and not build.initiator.closed:
@@ -231,35 +247,78 @@ class Router:
         heapq.heapify(self._deadlines)
 
     def _member(self, cluster: str) -> Peer | None:
-        group = self._clusters.get(cluster)
+        group = self._clusters.get(cluster.encode())
         return group.pick() if group else None
+
+    def cluster(self, name: bytes) -> _Cluster | None:
+        """The members registered under the UTF-8 bytes ``name``, if any."""
+        return self._clusters.get(name)
 
     # -- request/reply -----------------------------------------------------------------
 
     def _on_request(self, peer: Peer, packet: codec.Request) -> None:
-        key = self._schedule(packet.timeout_ms)
-        member = self._member(packet.cluster)
-        self._requests[key] = _PendingRequest(peer, packet.id, member)
+        client_id, cluster, request, timeout_ms = packet
+        body = (_varint(len(request)), request, _varint(timeout_ms))
+        group = self._clusters.get(cluster.encode())
+        self.route_request(peer, _varint(client_id), group, timeout_ms, body)
+
+    def route_request(
+        self,
+        peer: Peer,
+        client_id: bytes,
+        group: _Cluster | None,
+        timeout_ms: int,
+        body: tuple[bytes | memoryview, ...],
+    ) -> None:
+        """Deliver a request to the least loaded member of ``group``, if any,
+        and keep it until answered or timed out.
+
+        ``client_id`` is the requester's id for it, as a varint: the answer
+        carries it back as it is.
+        ``body`` is the request's wire form from its length on (length,
+        request, timeout), in pieces, which the delivery carries as they are.
+        """
+        key = self._schedule(timeout_ms)
+        member = group.pick() if group else None
+        self._requests[key] = (peer, client_id, member)
         peer.requests.add(key)
         if member is not None:
             member.outstanding += 1
-            member.send(codec.RequestDelivery(key, packet.request, packet.timeout_ms).encode())
+            member.send(b"".join((_REQUEST_HEAD, _varint(key), *body)))
 
     def _on_reply(self, peer: Peer, packet: codec.Reply) -> None:
-        pending = self._requests.get(packet.id)
-        if pending is None or pending.member is not peer:
-            return  # expired, or never issued to this member: ignored, not a violation
-        del self._requests[packet.id]
+        reply_id, success, payload = packet
+        # The payload's type follows ``success`` (see codec.Reply).
+        if success:
+            answer = (_TRUE, _varint(len(payload)), cast(bytes, payload))
+        else:
+            text = cast(str, payload).encode()
+            answer = (_FALSE, _varint(len(text)), text)
+        self.route_reply(peer, reply_id, answer)
+
+    def route_reply(
+        self, peer: Peer, reply_id: int, answer: tuple[bytes | memoryview, ...]
+    ) -> None:
+        """Pass a member's answer to the request's requester.
+
+        ``answer`` is the reply's wire form from its success flag on (flag,
+        then payload or fault text), in pieces, carried as they are.
+        """
+        pending = self._requests.pop(reply_id, None)
+        if pending is None:
+            return  # expired: ignored, not a violation
+        requester, client_id, member = pending
+        if member is not peer:  # never issued to this member: ignored too
+            self._requests[reply_id] = pending
+            return
         peer.outstanding -= 1
-        pending.requester.requests.discard(packet.id)
-        pending.requester.send(
-            codec.ReplyDelivery(pending.client_id, False, packet.success, packet.payload).encode()
-        )
+        requester.requests.discard(reply_id)
+        requester.send(b"".join((_REPLY_HEAD, client_id, _FALSE, *answer)))
 
     # -- broadcast and publish/subscribe ---------------------------------------------
 
     def _on_broadcast(self, peer: Peer, packet: codec.Broadcast) -> None:
-        group = self._clusters.get(packet.cluster)
+        group = self._clusters.get(packet.cluster.encode())
         if group:
             data = codec.BroadcastDelivery(packet.message).encode()
             for member in group.members:
@@ -381,3 +440,16 @@ class Router:
             end.peer.send(codec.TunnelTransfer(end.id, size, chunk).encode())
         end.queue.clear()
         end.peer.send(codec.TunnelClosed(end.id, reason).encode())
+
+
+def _varint(value: int) -> bytes:
+    """codec.encode_varint, with the cases up to three octets inline: the
+    relay's request keys stay under 2**21 for its first two million requests,
+    and lengths and timeouts are mostly smaller."""
+    if value < 0x80:
+        return _SMALL_VARINTS[value]
+    if value < 0x4000:
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
+    if value < 0x200000:
+        return bytes(((value & 0x7F) | 0x80, ((value >> 7) & 0x7F) | 0x80, value >> 14))
+    return codec.encode_varint(value)

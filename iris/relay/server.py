@@ -5,22 +5,32 @@ routes the decoded packets, answers expired deadlines, then flushes every
 connection that got output in one ``send`` each, so a burst of small packets
 costs one system call per connection rather than one per packet.
 
-A connection that breaks the protocol, sends an oversized message, or stops
-reading until its outbound backlog passes the cap is closed alone, with the
-reason logged; the loop and every other connection carry on.
+A connection that breaks the protocol, sends an oversized message, stops
+reading until its outbound backlog passes the cap, or holds input past the
+limits of input_guard.py (handshake and packet deadlines, the budget for
+partial packets) is closed alone, with the reason logged; the loop and every
+other connection carry on.
+
+Deadlines that are not requests' (those, the router keeps) are checked on a
+housekeeping tick that runs on the loop's own timeout, only while something
+is watched, so the path of a packet carries no timer.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import selectors
 import socket
 import threading
 import time
+from typing import cast
 
 from .. import codec
+from .input_guard import InputGuard, InputLimits
+from .passthrough import route_leading
 from .router import ProtocolViolation, Router, TunnelEnd
 
 log = logging.getLogger("iris.relay")
@@ -46,6 +56,16 @@ MAX_IOV = 1024
 # which would end the loop for every connection; a far deadline is reached
 # in several waits instead.
 MAX_WAIT_SECONDS = 3600.0
+# Out of file descriptors, accepting pauses this long between tries: the
+# listener stays readable while connections wait in its backlog, so retrying
+# at once would spin the loop on failing accepts.
+ACCEPT_PAUSE_SECONDS = 0.5
+# Failing accepts are reported at most this often, with a count.
+ACCEPT_REPORT_SECONDS = 10.0
+
+# A socket address as the socket module gives it: (host, port) for IPv4,
+# (host, port, flowinfo, scope_id) for IPv6.
+_Address = tuple[str, int] | tuple[str, int, int, int]
 
 
 class PeerConnection:
@@ -55,6 +75,7 @@ class PeerConnection:
         "sock",
         "name",
         "decoder",
+        "partial",
         "out",
         "out_bytes",
         "closing",
@@ -68,11 +89,17 @@ class PeerConnection:
         "_writing",
     )
 
-    def __init__(self, server: RelayServer, sock: socket.socket, address):
+    def __init__(self, server: RelayServer, sock: socket.socket, address: _Address) -> None:
         self.sock = sock
         self.name = f"{address[0]}:{address[1]}"
-        self.decoder = codec.Decoder(codec.Side.CLIENT, server.max_message)
-        self.out: list[bytes] = []
+        # None once the connection stops reading, which frees a partial packet.
+        self.decoder: codec.Decoder[codec.ClientPacket] | None = codec.Decoder(
+            codec.Side.CLIENT, server.max_message
+        )
+        self.partial = 0  # bytes of an incomplete packet; kept by the InputGuard
+        # What is still to send; the first item becomes a view of its unsent
+        # rest when a send takes part of it.
+        self.out: list[bytes | memoryview] = []
         self.out_bytes = 0
         self.closing = False  # no more input is read; close once flushed
         self.cluster: str | None = None
@@ -107,9 +134,19 @@ class RelayServer:
         port: int = DEFAULT_PORT,
         max_message: int = codec.MAX_MESSAGE,
         outbound_cap: int = DEFAULT_OUTBOUND_CAP,
-    ):
+        limits: InputLimits | None = None,
+    ) -> None:
+        limits = limits or InputLimits()
+        limits.check_fits(max_message)
         self.max_message = max_message
         self.outbound_cap = outbound_cap
+        self._guard: InputGuard[PeerConnection] = InputGuard(limits)
+        self._tick_seconds = limits.tick
+        self._next_tick = math.inf  # when housekeeping is due; never while nothing is watched
+        self._accept_paused_until: float | None = None
+        self._accept_failures = 0  # failed accepts not yet reported
+        self._accept_troubled = False  # a failure was reported, and its end not yet
+        self._accept_report_due = 0.0
         self.router = Router()
         self.dirty: list[PeerConnection] = []
         self.peers: set[PeerConnection] = set()
@@ -168,7 +205,7 @@ class RelayServer:
     def __enter__(self) -> RelayServer:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def serve_forever(self) -> None:
@@ -184,19 +221,18 @@ class RelayServer:
         select, router, dirty = self._selector.select, self.router, self.dirty
         monotonic = time.monotonic
         while not self._stopping:
+            now = monotonic()
+            if now >= self._next_tick:
+                self._tick(now)
+            wake = self._next_tick
             deadline = router.next_deadline()
-            timeout = (
-                None
-                if deadline is None
-                else min(max(0.0, deadline - monotonic()), MAX_WAIT_SECONDS)
-            )
-            if self._lingering:
-                self._cut_lingering()
-                timeout = min(timeout, 1.0) if timeout is not None else 1.0
+            if deadline is not None and deadline < wake:
+                wake = deadline
+            timeout = None if wake == math.inf else min(max(0.0, wake - now), MAX_WAIT_SECONDS)
             for key, mask in select(timeout):
                 peer = key.data
-                if peer is None:
-                    self._accept(key.fileobj)
+                if peer is None:  # only the listeners are registered without data
+                    self._accept(cast(socket.socket, key.fileobj))
                 elif peer is self:
                     _drain(self._wake_r)
                 else:
@@ -208,23 +244,85 @@ class RelayServer:
             if dirty:
                 self._flush_all()
 
+    def _tick(self, now: float) -> None:
+        """Housekeeping: cut lingering peers, enforce the input deadlines,
+        resume accepting; then plan the next tick, if anything is watched."""
+        for peer, deadline in list(self._lingering.items()):
+            if now >= deadline:
+                self._close_socket(peer, "closing peer did not read its last packets")
+        for peer, reason in self._guard.overdue(now):
+            self._expel(peer, reason)
+        if self._accept_paused_until is not None and now >= self._accept_paused_until:
+            self._accept_paused_until = None
+            for listener in self._listeners:
+                self._selector.register(listener, selectors.EVENT_READ, None)
+        self._next_tick = math.inf
+        if self._lingering or self._guard.watching:
+            self._next_tick = now + self._tick_seconds
+        if self._accept_paused_until is not None:
+            self._next_tick = min(self._next_tick, self._accept_paused_until)
+
+    def _watch(self, now: float) -> None:
+        """Something needs the housekeeping tick: make sure it is planned."""
+        self._next_tick = min(self._next_tick, now + self._tick_seconds)
+
     def _accept(self, listener: socket.socket) -> None:
+        now = time.monotonic()
         while True:
             try:
                 sock, address = listener.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                break
+            except ConnectionAbortedError:
+                continue  # reset by the client while still in the backlog
             except OSError as err:  # e.g. out of file descriptors: keep serving the rest
-                log.warning("accept failed: %s", err)
-                return
+                self._pause_accepting(err, now)
+                break
+            if self._accept_troubled:
+                self._report_accepting()
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer = PeerConnection(self, sock, address)
             self.peers.add(peer)
             self._selector.register(sock, selectors.EVENT_READ, peer)
+            self._guard.accepted(peer, now)
+        if self._guard.watching:
+            self._watch(now)
+
+    def _pause_accepting(self, err: OSError, now: float) -> None:
+        """Stop watching the listeners for ACCEPT_PAUSE_SECONDS; served
+        connections carry on. A failure is reported at most once per
+        ACCEPT_REPORT_SECONDS, and its end once after each report."""
+        self._accept_failures += 1
+        if now >= self._accept_report_due:
+            log.warning(
+                "cannot accept connections: %s; retrying every %g s "
+                "(%d failed attempts since the last report)",
+                err.strerror or err,
+                ACCEPT_PAUSE_SECONDS,
+                self._accept_failures,
+            )
+            self._accept_failures = 0
+            self._accept_troubled = True
+            self._accept_report_due = now + ACCEPT_REPORT_SECONDS
+        if self._accept_paused_until is None:
+            for other in self._listeners:
+                self._selector.unregister(other)
+        self._accept_paused_until = now + ACCEPT_PAUSE_SECONDS
+        self._next_tick = min(self._next_tick, self._accept_paused_until)
+
+    def _report_accepting(self) -> None:
+        """Accepting works again after a reported failure: say so, once."""
+        log.info(
+            "accepting connections again (%d failed attempts since the last report)",
+            self._accept_failures,
+        )
+        self._accept_failures = 0
+        self._accept_troubled = False
 
     def _read(self, peer: PeerConnection) -> None:
-        if peer.closing:
+        decoder = peer.decoder
+        if decoder is None:  # closing: its input is no longer read
             return
         try:
             data = peer.sock.recv(RECV_SIZE)
@@ -236,22 +334,43 @@ class RelayServer:
         if not data:
             self.drop(peer, None)
             return
+        view: bytes | memoryview = data
         try:
+            if peer.cluster is not None and not peer.partial:  # attached, nothing buffered
+                taken = route_leading(self.router, peer, data, self.max_message)
+                if taken == len(data):
+                    return
+                view = memoryview(data)[taken:]
             handle = self.router.handle
-            for packet in peer.decoder.feed(data):
+            packets = decoder.feed(view)
+            for packet in packets:
                 handle(peer, packet)
                 if peer.closing:
                     return
         except (codec.ProtocolError, ProtocolViolation) as err:
-            reason = f"protocol violation: {err}"
-            peer.send(codec.Closed(reason).encode())
-            self.drop(peer, reason)
+            self._expel(peer, f"protocol violation: {err}")
+            return
         except Exception:
             # A bug of ours, met while serving this peer: losing the one
             # connection beats losing every connection with the relay.
             log.exception("internal error while serving %s; closing it", peer.name)
-            peer.send(codec.Closed("relay internal error").encode())
-            self.drop(peer, "internal error")
+            self._expel(peer, "relay internal error")
+            return
+        buffered = decoder.buffered
+        if buffered or peer.partial:  # a packet is incomplete, or was until now
+            self._note_partial(peer, buffered, bool(packets))
+
+    def _note_partial(self, peer: PeerConnection, buffered: int, completed: bool) -> None:
+        now = time.monotonic()
+        budget = self._guard.limits.partial_budget
+        for offender in self._guard.received(peer, buffered, completed, now):
+            self._expel(
+                offender,
+                f"partial packets of all connections exceed the relay's budget of {budget} "
+                f"bytes, and this connection's ({offender.partial} bytes) is among the oldest",
+            )
+        if self._guard.watching:
+            self._watch(now)
 
     # -- output -----------------------------------------------------------------------
 
@@ -278,12 +397,16 @@ class RelayServer:
             out.clear()
             self._close_socket(peer, f"write failed: {err}")
             return
-        peer.out_bytes -= sent
-        done = 0
-        while done < len(out) and sent >= len(out[done]):
-            sent -= len(out[done])
-            done += 1
-        del out[:done]
+        if sent == peer.out_bytes:  # the common case: the socket took everything
+            out.clear()
+            peer.out_bytes = 0
+        else:
+            peer.out_bytes -= sent
+            done = 0
+            while sent >= len(out[done]):
+                sent -= len(out[done])
+                done += 1
+            del out[:done]
         if not out:
             if peer.closing:
                 self._close_socket(peer, None)
@@ -308,16 +431,24 @@ class RelayServer:
 
     # -- ending connections ---------------------------------------------------------
 
+    def _expel(self, peer: PeerConnection, reason: str) -> None:
+        """Tell ``peer`` why in a CLOSE, log it, and drop the connection."""
+        if peer.closing:
+            return
+        peer.send(codec.Closed(reason).encode())
+        self.drop(peer, reason)
+
     def drop(self, peer: PeerConnection, reason: str | None) -> None:
         """Stop routing to ``peer`` and hang up once its output is flushed."""
         if peer.closing:
             return
-        peer.closing = True
-        self.router.detach(peer)
+        self._stop_reading(peer)
         if reason:
             log.warning("closing %s: %s", peer.name, reason)
         if peer.out:
-            self._lingering[peer] = time.monotonic() + LINGER_SECONDS
+            now = time.monotonic()
+            self._lingering[peer] = now + LINGER_SECONDS
+            self._watch(now)
             # Its input is no longer read: left watched, unread bytes or an EOF
             # would wake the selector at once, every turn, until the cut.
             peer._writing = True
@@ -325,19 +456,19 @@ class RelayServer:
         else:
             self._close_socket(peer, None)
 
-    def _cut_lingering(self) -> None:
-        now = time.monotonic()
-        for peer, deadline in list(self._lingering.items()):
-            if now >= deadline:
-                self._close_socket(peer, "closing peer did not read its last packets")
+    def _stop_reading(self, peer: PeerConnection) -> None:
+        """No more input from ``peer``: no routing to it, no partial packet kept."""
+        peer.closing = True
+        self.router.detach(peer)
+        self._guard.forget(peer)
+        peer.decoder = None
 
     def _close_socket(self, peer: PeerConnection, reason: str | None) -> None:
         if peer not in self.peers:
             return
         if reason:
             log.warning("closing %s: %s", peer.name, reason)
-        self.router.detach(peer)
-        peer.closing = True
+        self._stop_reading(peer)
         peer.out.clear()
         self._lingering.pop(peer, None)
         self.peers.discard(peer)
@@ -352,7 +483,8 @@ class RelayServer:
         without the reason they were closed.
         """
         for listener in self._listeners:
-            self._selector.unregister(listener)
+            if self._accept_paused_until is None:
+                self._selector.unregister(listener)
             listener.close()
         self._selector.unregister(self._wake_r)
         for peer in list(self.peers):
@@ -380,7 +512,7 @@ def _drain(fd: int) -> None:
         pass
 
 
-def _format_address(address) -> str:
+def _format_address(address: _Address) -> str:
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -403,7 +535,8 @@ def _listen(port: int) -> list[socket.socket]:
 
 
 def _listen_once(port: int) -> list[socket.socket]:
-    listeners, errors = [], []
+    listeners: list[socket.socket] = []
+    errors: list[OSError] = []
     for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)

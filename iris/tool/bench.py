@@ -15,7 +15,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import iris
@@ -44,7 +44,6 @@ class Plan:
     size: int
     seconds: float | None
     count: int | None
-    timeout: float | None  # of each request; None for publish
 
     def share(self, client: int) -> int | None:
         """How many messages client number ``client`` sends in count mode."""
@@ -56,7 +55,7 @@ class Plan:
 class Client(threading.Thread):
     """Runs ``operation`` in a loop until its share is done or the deadline passed."""
 
-    def __init__(self, operation: Callable[[], None], share: int | None, deadline: float | None):
+    def __init__(self, operation: Callable[[], object], share: int | None, deadline: float | None):
         super().__init__(daemon=True)
         self.operation = operation
         self.share = share
@@ -82,7 +81,7 @@ class Client(threading.Thread):
             self.error = err
 
 
-def run_clients(plan: Plan, operations: list[Callable[[], None]], what: str) -> list[Client]:
+def run_clients(plan: Plan, operations: Sequence[Callable[[], object]], what: str) -> list[Client]:
     deadline = None if plan.seconds is None else time.monotonic() + plan.seconds
     clients = [Client(op, plan.share(i), deadline) for i, op in enumerate(operations)]
     progress = Progress(what, clients) if sys.stderr.isatty() else None
@@ -127,20 +126,19 @@ def describe(plan: Plan, what: str) -> str:
     return f"{plan.clients} client(s), {plan.size}-byte {what}, {until}"
 
 
-def bench_requests(port: int, cluster: str, plan: Plan) -> Exit:
-    """Round trips to ``cluster``; something must serve it (``iris reply CLUSTER --echo``)."""
+def bench_requests(port: int, cluster: str, plan: Plan, timeout: float) -> Exit:
+    """Round trips to ``cluster``, each with ``timeout`` seconds for its reply;
+    something must serve it (``iris reply CLUSTER --echo``)."""
     message = b"x" * plan.size
     conns = [connect(port) for _ in range(plan.clients)]
     try:
         try:
-            conns[0].request(cluster, message, plan.timeout)  # fails fast if nobody serves
+            conns[0].request(cluster, message, timeout)  # fails fast if nobody serves
         except (iris.TimeoutError, iris.RemoteError):
             note(f"the first request failed; is anything serving {cluster!r}?")
             raise
         note(f"bench request {cluster!r}: {describe(plan, 'requests')}")
-        operations = [
-            functools.partial(conn.request, cluster, message, plan.timeout) for conn in conns
-        ]
+        operations = [functools.partial(conn.request, cluster, message, timeout) for conn in conns]
         started = time.monotonic()
         clients = run_clients(plan, operations, "requests")
         elapsed = time.monotonic() - started

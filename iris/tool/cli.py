@@ -10,7 +10,7 @@ import argparse
 import os
 import signal
 from collections.abc import Callable
-from typing import Any
+from typing import TypeVar
 
 import iris
 from iris.connection import DEFAULT_PORT
@@ -37,8 +37,13 @@ examples:
 DEFAULT_TIMEOUT = 5.0
 
 
-def _positive(kind: type) -> Callable[[str], Any]:
-    def parse(text: str):
+_Number = TypeVar("_Number", int, float)
+
+
+def _positive(kind: Callable[[str], _Number]) -> Callable[[str], _Number]:
+    """An argparse ``type``: ``kind`` of the text, which must be above zero."""
+
+    def parse(text: str) -> _Number:
         try:
             value = kind(text)
         except ValueError:
@@ -73,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="relay port (55555)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help: str, *parents: argparse.ArgumentParser):
+    def command(name: str, help: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
         return commands.add_parser(name, help=help, description=help, parents=[port, *parents])
 
     data_help = "the message (UTF-8); read from stdin when omitted"
@@ -157,10 +162,9 @@ def _run(args: argparse.Namespace) -> Exit:
     if args.command == "keygen":
         return keygen.run(args.output, args.bits, args.force)
     seconds = args.seconds if args.seconds or args.count else bench.DEFAULT_SECONDS
-    timeout = getattr(args, "timeout", None)  # bench publish waits for no answers
-    plan = bench.Plan(args.clients, args.size, seconds, args.count, timeout)
+    plan = bench.Plan(args.clients, args.size, seconds, args.count)
     if args.kind == "request":
-        return bench.bench_requests(args.port, args.cluster, plan)
+        return bench.bench_requests(args.port, args.cluster, plan, args.timeout)
     return bench.bench_publish(args.port, args.topic, plan)
 
 
