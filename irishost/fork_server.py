@@ -37,7 +37,6 @@ ones, respawns, reloads, scaling) and does nothing else::
 from __future__ import annotations
 
 import array
-import datetime
 import os
 import select
 import signal
@@ -158,7 +157,7 @@ class ForkServer:
 
     def _send(self, request: tuple) -> None:
         try:
-            self._sock.send(pack(request))
+            self._sock.send(_pack(request))
         except OSError as err:
             raise ForkServerGone(f"fork server unreachable: {err}") from err
 
@@ -172,7 +171,7 @@ class ForkServer:
                 fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
         if not data:
             raise ForkServerGone("the fork server exited")
-        return unpack(data), list(fds)
+        return _unpack(data), list(fds)
 
 
 class _Server:
@@ -209,7 +208,7 @@ class _Server:
                 data = self.sock.recv(MAX_MESSAGE)
                 if not data:
                     return 0  # the supervisor is gone; so are we
-                request = unpack(data)
+                request = _unpack(data)
                 if request[0] == "exit":
                     self._report_exits()
                     return 0
@@ -269,7 +268,7 @@ class _Server:
             outbox.space_fd,
         ]
         try:
-            message = pack(("spawned", pid, inbox.capacity, threads))
+            message = _pack(("spawned", pid, inbox.capacity, threads))
             socket.send_fds(self.sock, [message], fds)
         finally:
             for ring in (inbox, outbox):
@@ -278,7 +277,7 @@ class _Server:
             os.close(outbox_segment)
 
     def _reply(self, message: tuple) -> None:
-        self.sock.send(pack(message))
+        self.sock.send(_pack(message))
 
 
 def thread_count() -> int:
@@ -287,28 +286,9 @@ def thread_count() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
-# TOML's dates and times (a [settings] value may be one) cross as msgpack
-# extension types holding their ISO text, with a code per exact type.
-TimeType = type[datetime.date] | type[datetime.time]
-_TIME_CODES: dict[TimeType, int] = {datetime.datetime: 1, datetime.date: 2, datetime.time: 3}
-_TIME_TYPES = {code: kind for kind, code in _TIME_CODES.items()}
+def _pack(message: tuple) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
 
 
-def pack(message: tuple) -> bytes:
-    """A message on the fork server's socket: msgpack, and TOML's time types."""
-    return msgpack.packb(message, use_bin_type=True, default=_pack_time)
-
-
-def unpack(data: bytes) -> list:
-    return msgpack.unpackb(data, raw=False, use_list=True, ext_hook=_unpack_time)
-
-
-def _pack_time(value: object) -> msgpack.ExtType:
-    code = _TIME_CODES.get(type(value))  # type: ignore[arg-type]
-    if code is None or not isinstance(value, (datetime.date, datetime.time)):
-        raise TypeError(f"{type(value).__name__} cannot be sent to the fork server")
-    return msgpack.ExtType(code, value.isoformat().encode())
-
-
-def _unpack_time(code: int, data: bytes) -> datetime.date | datetime.time:
-    return _TIME_TYPES[code].fromisoformat(data.decode())
+def _unpack(data: bytes) -> list:
+    return msgpack.unpackb(data, raw=False, use_list=True)

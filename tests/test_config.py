@@ -7,6 +7,7 @@ import tomllib
 from dataclasses import fields
 from pathlib import Path
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -27,7 +28,6 @@ from irishost.config import (
     parse_duration,
     parse_size,
 )
-from irishost.fork_server import pack, unpack
 
 MiB = 2**20
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -689,10 +689,16 @@ def test_a_config_crosses_to_the_fork_server_as_plain_values_unchanged(in_tmp):
     with_settings = write(in_tmp, MINIMAL + SETTINGS + times)
     for path in [*sorted(CONFIGS.glob("*.toml")), with_settings]:
         config = load_config(path).with_overrides(workers=3)
-        crossed = Config.from_wire(unpack(pack(("generation", config.to_wire())))[1])
+        wire = msgpack.unpackb(msgpack.packb(config.to_wire()), raw=False)
+        crossed = Config.from_wire(wire)
         assert crossed == config
     assert crossed.settings["database"] == {"host": "db", "port": 5432}
     assert crossed.settings["day"] == datetime.date(2026, 11, 29)
     assert crossed.settings["at"] == datetime.time(7, 32)
     assert type(crossed.settings["local"]) is datetime.datetime
     assert crossed.settings["zoned"].utcoffset() == datetime.timedelta(hours=-7)
+    # Text that only looks like a date stays text.
+    text = write(in_tmp, MINIMAL + '[settings]\nday = "2026-11-29"\nlist = [[1979-05-27]]\n')
+    config = load_config(text)
+    crossed = Config.from_wire(msgpack.unpackb(msgpack.packb(config.to_wire()), raw=False))
+    assert crossed.settings == {"day": "2026-11-29", "list": [[datetime.date(1979, 5, 27)]]}
