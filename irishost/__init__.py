@@ -10,9 +10,11 @@ and keeps the relay connection in one supervisor process::
     |   supervisor process                                            |
     |   RelayLink: the connection, its state, reconnect backoff       |
     |   reader thread --RelayDispatch--> WorkerTable.book, write frame|
-    |   Supervisor loop: collect frames -> RelayDispatch.answer;      |
-    |     signal table; reap; WorkerPool murders stuck, recycles      |
-    |     bloated, respawns (when: Respawner); Rollout for reloads    |
+    |   Supervisor loop: collect frames -> RelayDispatch.answer       |
+    |     (-> RequestLog: metrics, access log); signal queue, from    |
+    |     signals and control commands, and its table; reap;          |
+    |     WorkerPool murders stuck, recycles bloated, respawns        |
+    |     (when: Respawner); Rollout for reloads                      |
     |     and reconnects; HostStatus to systemd and `irishost status` |
     |   WorkerTable: worker records, their states, request tickets    |
     +------+------------------------------------------+---------------+
@@ -52,7 +54,8 @@ retire, recycle, kill), ``respawner`` (the respawn and give-up policy),
 (forking a worker),
 ``host_status`` (systemd status, snapshots), ``worker`` / ``async_worker``
 (the worker process), ``ring`` (shared-memory rings), ``frames`` (what
-crosses them), ``bridge`` / ``worker_tunnel`` (tunnels across the process
+crosses them), ``request_log`` (each request's outcome: metrics and access
+log), ``bridge`` / ``worker_tunnel`` (tunnels across the process
 boundary), ``wakeup`` (signals wake a loop), ``control`` / ``metrics`` /
 ``notify`` (operators and systemd).
 """
