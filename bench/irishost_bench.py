@@ -68,7 +68,6 @@ import ring_bench
 import iris
 from irishost import cli, frames, worker
 from irishost.config import Config, load_config
-from irishost.frames import Kind
 from irishost.loader import load_handler
 from irishost.ring import Ring, segment_prefix
 
@@ -286,8 +285,10 @@ class Rig:
             raise RuntimeError(f"{self.label} answered {reply!r}, expected {expected!r}")
 
     def processes(self) -> list[psutil.Process]:
-        """The service's processes: irishost's supervisor and its workers."""
-        return [self.service.ps, *self.service.ps.children(recursive=True)]
+        """The service's processes: irishost's supervisor and its workers (the
+        children of its fork server, which is idle between forks)."""
+        ps = self.service.ps
+        return [ps, *(worker for child in ps.children() for worker in child.children())]
 
     def __enter__(self) -> Rig:
         return self
@@ -515,9 +516,9 @@ def forked_worker(config: Config) -> Iterator[tuple[Ring, Ring]]:
         first = outbox.get(START_TIMEOUT)
         if first is None:
             raise RuntimeError(f"dispatch worker not ready after {START_TIMEOUT:g} s")
-        fields = frames.decode(first)
-        if fields[0] != Kind.READY:
-            raise RuntimeError(f"dispatch worker did not start: {fields[1:]}")
+        message = frames.decode(first)
+        if not isinstance(message, frames.Ready):
+            raise RuntimeError(f"dispatch worker did not start: {message}")
         yield inbox, outbox
     finally:
         if pid:
@@ -528,7 +529,7 @@ def forked_worker(config: Config) -> Iterator[tuple[Ring, Ring]]:
 
 def _stop_worker(pid: int, inbox: Ring) -> None:
     with contextlib.suppress(TimeoutError, ValueError, OSError):
-        inbox.put(frames.encode(Kind.DRAIN), timeout=1.0)
+        inbox.put(frames.Drain().encode(), timeout=1.0)
     deadline = time.monotonic() + WORKER_STOP_TIMEOUT
     while time.monotonic() < deadline:
         if os.waitpid(pid, os.WNOHANG)[0]:
@@ -541,15 +542,19 @@ def _stop_worker(pid: int, inbox: Ring) -> None:
 def _request_frame(request_id: int) -> bytes:
     """What RelayDispatch.request writes, deadline included."""
     deadline = time.monotonic() + REPLY_TIMEOUT
-    return frames.encode(Kind.REQUEST, request_id, deadline, DISPATCH_PAYLOAD)
+    return frames.Request(request_id, deadline, DISPATCH_PAYLOAD).encode()
 
 
 def _check_reply(data: bytes) -> int:
     """Decode a REPLY frame as the supervisor's loop does; return its request id."""
-    kind, request_id, success, payload = frames.decode(data)
-    if kind != Kind.REPLY or not success or payload != DISPATCH_PAYLOAD:
-        raise RuntimeError(f"unexpected frame from the worker: {kind}, {success}, {payload!r:.60}")
-    return request_id
+    reply = frames.decode(data)
+    if (
+        not isinstance(reply, frames.Reply)
+        or not reply.success
+        or reply.payload != DISPATCH_PAYLOAD
+    ):
+        raise RuntimeError(f"unexpected frame from the worker: {reply!r:.80}")
+    return reply.ticket
 
 
 def dispatch_round_trip(inbox: Ring, outbox: Ring) -> Callable[[], None]:

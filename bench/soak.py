@@ -87,7 +87,8 @@ class Sample:
         self.elapsed = elapsed
         self.relay_rss = relay.memory_info().rss
         self.supervisor_rss = host.memory_info().rss
-        workers = sorted(host.children(), key=lambda p: p.pid)
+        # Workers are the children of the fork server, the host's only child.
+        workers = sorted((w for c in host.children() for w in c.children()), key=lambda p: p.pid)
         self.worker_pids = [w.pid for w in workers]
         self.worker_rss = [w.memory_info().rss for w in workers]
         self.relay_fds = relay.num_fds()

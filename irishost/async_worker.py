@@ -25,7 +25,6 @@ from iris.dispatch import memory_fault
 from iris.logs import RateLimitedWarning
 
 from . import frames
-from .frames import Kind
 from .worker import IDLE_CHECK_SECONDS, PARENT_GONE, Worker
 from .worker_tunnel import AsyncWorkerTunnel
 
@@ -98,15 +97,15 @@ class LoopWorker:
     async def _serve(self) -> int:
         self._exit_code = self.loop.create_future()
         self._handlers = {
-            Kind.REQUEST: self._on_request,
-            Kind.BROADCAST: self._on_broadcast,
-            Kind.EVENT: self._on_event,
-            Kind.TUNNEL: self._on_tunnel,
-            Kind.TUN_DATA: self.worker._tunnel_handler("on_data"),
-            Kind.TUN_SENT: self.worker._tunnel_handler("on_sent"),
-            Kind.TUN_CLOSED: self.worker._tunnel_handler("on_closed"),
-            Kind.DROP: self._on_drop,
-            Kind.DRAIN: self._on_drain,
+            frames.Request: self._on_request,
+            frames.Broadcast: self._on_broadcast,
+            frames.Event: self._on_event,
+            frames.Tunnel: self._on_tunnel,
+            frames.TunData: self.worker._tunnel_handler("on_data"),
+            frames.TunSent: self.worker._tunnel_handler("on_sent"),
+            frames.TunClosed: self.worker._tunnel_handler("on_closed"),
+            frames.Drop: self._on_drop,
+            frames.Drain: self._on_drain,
         }
         self.loop.add_reader(self.inbox.data_fd, self._pump)
         self._pump()
@@ -148,8 +147,8 @@ class LoopWorker:
                     return
                 inbox.disarm()
             for frame in batch:
-                fields = frames.decode(frame)
-                self._handlers[fields[0]](*fields[1:])
+                message = frames.decode(frame)
+                self._handlers[type(message)](*message)
         self.loop.call_soon(self._pump)
 
     # -- work --------------------------------------------------------------------------
@@ -162,7 +161,7 @@ class LoopWorker:
         ):
             self.worker._track(-1)
             fault = memory_fault(pool, f" in worker {self.worker.spec.index}")
-            self.worker.send(frames.encode(Kind.REPLY, request_id, False, fault))
+            self.worker.send(frames.Reply(request_id, False, fault).encode())
 
     def _serve_request(self, deadline: float, payload: bytes) -> object:
         if time.monotonic() > deadline:  # its caller has timed out already
@@ -172,10 +171,10 @@ class LoopWorker:
     def _reply(self, request_id: int, ok: bool, value: object) -> None:
         try:
             if value is EXPIRED:
-                self.worker.send(frames.encode(Kind.EXPIRED, request_id))
+                self.worker.send(frames.Expired(request_id).encode())
             else:
                 reply = answer(ok, value, self.errors)
-                self.worker.send(frames.encode(Kind.REPLY, request_id, *reply))
+                self.worker.send(frames.Reply(request_id, *reply).encode())
         finally:
             self.worker._track(-1)
 

@@ -19,8 +19,7 @@ from collections.abc import Callable
 import iris
 
 from . import frames
-from .frames import Kind
-from .workers import WorkerHandle
+from .workers import WorkerHandle, WorkerUnreachable
 
 # Bytes forwarded to the worker and not yet consumed by its handler.
 WINDOW = 4 * 1024 * 1024
@@ -47,21 +46,21 @@ class TunnelBridge:
         This runs on the relay connection's reader thread: an exception here
         would end that thread and with it the supervisor's registration.
         """
-        if not self._tell_worker(frames.encode(Kind.TUNNEL, self.tunnel.id)):
+        if not self._tell_worker(frames.Tunnel(self.tunnel.id).encode()):
             return
         for target in (self._forward_inbound, self._perform_requests):
             threading.Thread(
                 target=self._guarded, args=(target,), name="irishost-tunnel", daemon=True
             ).start()
 
-    def on_frame(self, kind: int, fields: list) -> None:
+    def on_frame(self, frame: frames.TunSend | frames.TunAck | frames.TunClose) -> None:
         """A TUN_* frame from the worker (supervisor loop thread)."""
-        if kind == Kind.TUN_ACK:
+        if isinstance(frame, frames.TunAck):
             with self._cond:
-                self._unconsumed -= fields[0]
+                self._unconsumed -= frame.size
                 self._cond.notify_all()
         else:
-            self._requests.put((kind, fields))
+            self._requests.put(frame)
 
     def stop(self, reason: str) -> None:
         """End the bridge from outside (worker died, connection closed)."""
@@ -89,7 +88,7 @@ class TunnelBridge:
                 "tunnel bridge failed", error=repr(err), traceback=traceback.format_exc()
             )
             self._tell_worker(
-                frames.encode(Kind.TUN_CLOSED, self.tunnel.id, f"tunnel bridge failed: {err!r}")
+                frames.TunClosed(self.tunnel.id, f"tunnel bridge failed: {err!r}").encode()
             )
             self.stop(f"failed: {err!r}")
 
@@ -103,12 +102,12 @@ class TunnelBridge:
             try:
                 message = tunnel.recv()
             except iris.ClosedError as err:
-                self._tell_worker(frames.encode(Kind.TUN_CLOSED, tunnel.id, str(err)))
+                self._tell_worker(frames.TunClosed(tunnel.id, str(err)).encode())
                 self.stop("remote end closed")
                 return
             with self._cond:
                 self._unconsumed += len(message)
-            if not self._tell_worker(frames.encode(Kind.TUN_DATA, tunnel.id, message)):
+            if not self._tell_worker(frames.TunData(tunnel.id, message).encode()):
                 return
 
     def _perform_requests(self) -> None:
@@ -117,26 +116,24 @@ class TunnelBridge:
             request = self._requests.get()
             if request is None:
                 return
-            kind, fields = request
-            if kind == Kind.TUN_CLOSE:
+            if isinstance(request, frames.TunClose):
                 tunnel.close()
                 self.stop("closed by the handler")
                 return
-            payload, timeout = fields
             try:
-                tunnel.send(payload, timeout)
+                tunnel.send(request.payload, request.timeout)
                 outcome = None
             except iris.TimeoutError:
                 outcome = "timeout"
             except iris.ClosedError as err:
                 outcome = str(err) or "tunnel closed"
-            if not self._tell_worker(frames.encode(Kind.TUN_SENT, tunnel.id, outcome)):
+            if not self._tell_worker(frames.TunSent(tunnel.id, outcome).encode()):
                 return
 
     def _tell_worker(self, frame: bytes) -> bool:
         try:
             self.worker.put(frame)
             return True
-        except (TimeoutError, ValueError, OSError) as err:
-            self.stop(f"worker unreachable: {err}")
+        except WorkerUnreachable as err:
+            self.stop(str(err))
             return False

@@ -9,6 +9,7 @@ specs, so adding a key means adding one line there and one dataclass field.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import math
@@ -18,7 +19,7 @@ import stat
 import tomllib
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,34 @@ class Config:
     # Whether the handler takes them is checked where it is imported
     # (irishost.loader), since only the class can tell.
     settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> dict:
+        """The config as plain values (str, int, float, bool, lists, dicts), for
+        msgpack to carry to the fork server; :meth:`from_wire` rebuilds it."""
+        data = asdict(self)
+        data["file"] = str(self.file)
+        data["service"]["path"] = [str(entry) for entry in self.service.path]
+        data["control"]["socket"] = str(self.control.socket)
+        times: list[list[Any]] = []
+        data["settings"] = _times_as_text(self.settings, [], times)
+        data["settings_times"] = times
+        return data
+
+    @classmethod
+    def from_wire(cls, data: dict) -> Config:
+        service = data["service"]
+        return cls(
+            file=Path(data["file"]),
+            service=ServiceSection(**{**service, "path": tuple(map(Path, service["path"]))}),
+            relay=RelaySection(**data["relay"]),
+            workers=WorkersSection(**data["workers"]),
+            limits=LimitsSection(**data["limits"]),
+            topics=tuple(TopicSection(**topic) for topic in data["topics"]),
+            control=ControlSection(socket=Path(data["control"]["socket"])),
+            metrics=MetricsSection(**data["metrics"]),
+            logging=LoggingSection(**data["logging"]),
+            settings=_text_as_times(data["settings"], data["settings_times"]),
+        )
 
     def with_overrides(self, workers: int | None = None, log_level: str | None = None) -> Config:
         """Apply ``--workers`` / ``--log-level``, validated like the keys they override.
@@ -504,6 +533,35 @@ def _parse_topics(file: Path, entries: Any) -> tuple[TopicSection, ...]:
         seen.add(topic.name)
         topics.append(topic)
     return tuple(topics)
+
+
+# TOML's dates and times, the only [settings] values msgpack does not carry
+# (and the fork server unpacks with no hooks), cross as ISO text; the wire
+# lists where each one is and its type, so no string can pass for one.
+_TIME_TYPES = {kind.__name__: kind for kind in (datetime.datetime, datetime.date, datetime.time)}
+
+
+def _times_as_text(value: Any, path: list[str | int], times: list[list[Any]]) -> Any:
+    """``value`` with its dates and times as ISO text; each one's path and type go in ``times``."""
+    if isinstance(value, dict):
+        return {key: _times_as_text(item, [*path, key], times) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_times_as_text(item, [*path, index], times) for index, item in enumerate(value)]
+    if isinstance(value, (datetime.date, datetime.time)):
+        times.append([path, type(value).__name__])
+        return value.isoformat()
+    return value
+
+
+def _text_as_times(settings: dict[str, Any], times: list[list[Any]]) -> dict[str, Any]:
+    """Undo :func:`_times_as_text`, in place."""
+    for path, kind in times:
+        *parents, last = path
+        holder: Any = settings
+        for key in parents:
+            holder = holder[key]
+        holder[last] = _TIME_TYPES[kind].fromisoformat(holder[last])
+    return settings
 
 
 def _parse_settings(file: Path, table: Any) -> dict[str, Any]:

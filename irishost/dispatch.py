@@ -4,7 +4,8 @@
 relay connection. The connection's reader thread calls it for every request,
 broadcast and tunnel; it picks a worker and writes a frame to that worker's
 ring, with no thread hop. The supervisor's loop calls :meth:`on_frame` with
-what workers send back. Both sides share the worker table under one lock.
+what workers send back. Both sides book and settle requests through the
+:class:`~irishost.worker_table.WorkerTable`.
 
 Every request the relay delivers gets exactly one answer from here: the
 worker's reply, a fault when no worker can take it, or a fault when its
@@ -19,23 +20,14 @@ deadline passes while it waits is dropped unrun; its caller gets the
 relay's timeout, as a client of gunicorn gets its proxy's. Only when that
 budget is full does a request get a fault at once.
 
-Workers never see the relay's request ids. Those are only unique within one
-relay process: a restarted relay numbers its requests from 0 again, and a
-late reply to a request of the dead one would answer whichever new request
-now has its number. So each request gets a ticket of ours, unique for the
-host's life, and the ticket remembers the connection and id to answer.
-
-Every answer, or the relay's timeout in its place, is an :class:`Outcome`:
-counted with the request's duration in :class:`RequestStats` (the metrics'
-histogram and failure counters), and logged on ``irishost.access`` when
-``[logging] access`` is on.
+Every answer, reply or fault, leaves through :meth:`RelayDispatch.answer`,
+which records its outcome in the :class:`~irishost.request_log.RequestLog`
+(metrics and access log); so does every request whose deadline passes
+unanswered (its caller got the relay's timeout).
 """
 
 from __future__ import annotations
 
-import itertools
-import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -47,22 +39,10 @@ from iris.logs import ContextLog, RateLimitedWarning
 from . import frames
 from .bridge import TunnelBridge
 from .config import Config
-from .frames import Kind
-from .metrics import Outcome, RequestStats
-from .workers import BEST_EFFORT_TIMEOUT, DRAINING, READY, WorkerHandle
-
-# The access log's logger: one INFO line per request when [logging] access is on.
-access_logger = logging.getLogger("irishost.access")
-
-
-class Pending(NamedTuple):
-    """A request a worker holds, under its ticket: who runs it, where the answer goes."""
-
-    worker: WorkerHandle
-    conn: iris.Connection  # the connection it came in on, perhaps closed since
-    request_id: int  # the relay's id for it, on that connection
-    received: float  # monotonic, when it reached the host
-    size: int  # bytes
+from .metrics import Outcome
+from .request_log import RequestLog
+from .worker_table import Pending, WorkerTable
+from .workers import BEST_EFFORT_TIMEOUT, WorkerHandle, WorkerState, WorkerUnreachable
 
 
 class Waiting(NamedTuple):
@@ -74,6 +54,10 @@ class Waiting(NamedTuple):
     request: bytes
     received: float  # monotonic, when it reached the host
 
+    @property
+    def size(self) -> int:
+        return len(self.request)
+
 
 class Refusal(NamedTuple):
     """Why no worker can take a request: its outcome, and the fault text for its caller."""
@@ -83,14 +67,17 @@ class Refusal(NamedTuple):
 
 
 class RelayDispatch:
-    def __init__(self, config: Config, log: ContextLog, recycle: Callable[[WorkerHandle], None]):
+    def __init__(
+        self,
+        config: Config,
+        log: ContextLog,
+        table: WorkerTable,
+        recycle: Callable[[WorkerHandle], None],
+    ):
         self.config = config
         self.log = log
+        self.table = table
         self.conn: iris.Connection | None = None
-        self.workers: list[WorkerHandle] = []  # every live worker process
-        self.lock = threading.Lock()
-        self.owner: dict[int, Pending] = {}  # ticket -> the request
-        self._tickets = itertools.count()
         self.dropped: iris.Connection | None = None  # the last connection drop() was told of
         self.bridges: dict[int, TunnelBridge] = {}
         self.served = 0
@@ -100,8 +87,7 @@ class RelayDispatch:
         self._delivery_dropped = RateLimitedWarning(log, "broadcast or event dropped")
         self.accepting = True  # False while stopping: new requests get a fault
         self._recycle = recycle
-        self.stats = RequestStats()
-        self._access: ContextLog | None = None  # the access log, when on
+        self.requests = RequestLog(config)
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -109,11 +95,7 @@ class RelayDispatch:
         self.config = config
         self._memory_cap = config.limits.request_memory
         self._topic_rules = {topic.name: topic.deliver for topic in config.topics}
-        self._access = None
-        if config.logging.access:
-            # INFO whatever the host's level: the operator asked for these lines.
-            access_logger.setLevel(logging.INFO)
-            self._access = ContextLog(access_logger).new(cluster=config.service.cluster)
+        self.requests.reconfigure(config)
 
     def attach(self, conn: iris.Connection) -> RelayDispatch:
         """Used as the Connection's inbound factory."""
@@ -121,10 +103,10 @@ class RelayDispatch:
         return self
 
     def ready_workers(self) -> list[WorkerHandle]:
-        return [w for w in self.workers if w.state == READY]
+        return self.table.in_state(WorkerState.READY)
 
     def in_flight(self) -> int:
-        return len(self.owner)
+        return self.table.in_flight()
 
     def waiting(self) -> int:
         """Requests waiting for a worker to be ready."""
@@ -136,7 +118,7 @@ class RelayDispatch:
         # self.conn is the connection whose reader thread this is.
         now = time.monotonic()
         waiting = Waiting(self.conn, request_id, now + timeout, request, now)
-        with self.lock:
+        with self.table.lock:
             choice = self._pick_for_request(len(request))
             if choice is None:
                 choice = self._wait_for_worker(waiting)
@@ -147,7 +129,7 @@ class RelayDispatch:
 
     def _wait_for_worker(self, waiting: Waiting) -> Refusal | None:
         """Keep a request until a worker is ready; a Refusal if the budget is full."""
-        size = len(waiting.request)
+        size = waiting.size
         if self._waiting_bytes + size > self._memory_cap:
             return Refusal(
                 Outcome.NO_ROOM,
@@ -162,47 +144,29 @@ class RelayDispatch:
         """Record a request as held by the worker chosen for it; its ticket. Under the lock."""
         if isinstance(choice, Refusal):
             return None
-        size = len(waiting.request)
-        ticket = next(self._tickets)
-        choice.in_flight[ticket] = (waiting.deadline, size)
-        choice.in_flight_bytes += size
-        self.owner[ticket] = Pending(
-            choice, waiting.conn, waiting.request_id, waiting.received, size
+        return self.table.book(
+            choice,
+            waiting.conn,
+            waiting.request_id,
+            waiting.deadline,
+            waiting.size,
+            waiting.received,
         )
-        return ticket
 
     def _hand_over(
         self, waiting: Waiting, choice: WorkerHandle | Refusal, ticket: int | None
     ) -> None:
         """Write a booked request to its worker's ring, or answer with the fault text."""
         if isinstance(choice, Refusal):
-            waiting.conn.reply(waiting.request_id, False, choice.text)
-            self._answered(choice.outcome, waiting.received, len(waiting.request), None)
+            self.answer(waiting, choice.outcome, choice.text)
             return
         try:
-            choice.put(frames.encode(Kind.REQUEST, ticket, waiting.deadline, waiting.request))
-        except (TimeoutError, ValueError, OSError) as err:
-            pending = self._settle(ticket)
+            choice.put(frames.Request(ticket, waiting.deadline, waiting.request).encode())
+        except WorkerUnreachable as err:
+            pending = self.table.settle(ticket)
             if pending is not None:
-                waiting.conn.reply(
-                    waiting.request_id, False, f"{choice} did not take the request: {err}"
-                )
-                self._answered(Outcome.NO_ROOM, pending.received, pending.size, choice)
-
-    def _answered(
-        self, outcome: Outcome, received: float, size: int, worker: WorkerHandle | None
-    ) -> None:
-        """Count a request's outcome and duration; log it when the access log is on."""
-        seconds = time.monotonic() - received
-        self.stats.record(outcome, seconds)
-        if self._access is not None:
-            self._access.info(
-                "request",
-                worker="-" if worker is None else worker.slot,
-                size=size,
-                duration=f"{seconds:.6f}",
-                outcome=outcome,
-            )
+                fault = f"{choice} did not take the request: {err}"
+                self.answer(pending, Outcome.NO_ROOM, fault, choice)
 
     def release_waiting(self) -> None:
         """Hand waiting requests to workers once one is ready; forget expired ones.
@@ -212,7 +176,7 @@ class RelayDispatch:
         """
         now = time.monotonic()
         handed, expired = [], []
-        with self.lock:
+        with self.table.lock:
             if not self._waiting:
                 return
             live = []
@@ -230,7 +194,7 @@ class RelayDispatch:
                 self._waiting_bytes -= len(waiting.request)
                 handed.append((waiting, choice, self._book(choice, waiting)))
         for waiting in expired:  # unanswered: the relay has timed them out, or is gone
-            self._answered(Outcome.EXPIRED, waiting.received, len(waiting.request), None)
+            self.requests.record(waiting, Outcome.EXPIRED)
         for waiting, choice, ticket in handed:
             self._hand_over(waiting, choice, ticket)
 
@@ -247,20 +211,20 @@ class RelayDispatch:
         if not self.accepting:
             return Refusal(Outcome.SHUTDOWN, "service is shutting down")
         best, best_load, open_workers, ready, stalled = None, None, 0, 0, 0
-        workers, start, now = self.workers, self._cursor, time.monotonic()
+        workers, start, now = self.table.workers, self._cursor, time.monotonic()
         for step in range(len(workers)):
             worker = workers[(start + step) % len(workers)]
-            if worker.state == DRAINING:
+            if worker.state is WorkerState.DRAINING:
                 continue
             open_workers += 1
-            if worker.state == READY:
+            if worker.state is WorkerState.READY:
                 ready += 1
             if worker.stalled(now):
                 stalled += 1
                 continue
             if worker.in_flight_bytes + size > self._memory_cap:
                 continue
-            load = (worker.state != READY, len(worker.in_flight))
+            load = (worker.state is not WorkerState.READY, len(worker.in_flight))
             if best is None or load < best_load:
                 best, best_load = worker, load
                 self._cursor = (start + step + 1) % len(workers)
@@ -281,7 +245,7 @@ class RelayDispatch:
         )
 
     def broadcast(self, message: bytes) -> None:
-        self._deliver(self.config.workers.broadcast, frames.encode(Kind.BROADCAST, message))
+        self._deliver(self.config.workers.broadcast, frames.Broadcast(message).encode())
 
     def event(self, topic: str) -> Callable[[bytes], None]:
         """The subscription callback for one configured topic."""
@@ -289,25 +253,25 @@ class RelayDispatch:
         def deliver(event: bytes) -> None:
             rule = self._topic_rules.get(topic)
             if rule is not None:  # else dropped from the config by a reload
-                self._deliver(rule, frames.encode(Kind.EVENT, topic, event))
+                self._deliver(rule, frames.Event(topic, event).encode())
 
         return deliver
 
     def _deliver(self, rule: str, frame: bytes) -> None:
         """Best effort, as broadcasts and events are on the relay itself."""
         now = time.monotonic()
-        with self.lock:
+        with self.table.lock:
             targets = [w for w in self.ready_workers() if not w.stalled(now)]
             if rule == "one" and targets:
                 targets = [min(targets, key=lambda w: len(w.in_flight))]
         for worker in targets:
             try:
                 worker.put(frame, BEST_EFFORT_TIMEOUT)
-            except (TimeoutError, ValueError, OSError) as err:
-                self._delivery_dropped(worker=worker.slot, error=str(err) or "worker busy")
+            except WorkerUnreachable as err:
+                self._delivery_dropped(worker=worker.slot, error=str(err))
 
     def tunnel(self, tunnel: iris.Tunnel) -> None:
-        with self.lock:
+        with self.table.lock:
             ready = self.ready_workers()
             worker = min(ready, key=lambda w: len(w.tunnels)) if ready else None
             if worker is not None:
@@ -331,12 +295,10 @@ class RelayDispatch:
         waits for ``dropped`` first, so that a worker forked for the new
         connection can never be told of the old one's drop.
         """
-        with self.lock:
-            targets = list(self.workers)
-        for worker in targets:
+        for worker in self.table.workers:
             try:
-                worker.put(frames.encode(Kind.DROP, str(reason)))
-            except (TimeoutError, ValueError, OSError):
+                worker.put(frames.Drop(str(reason)).encode())
+            except WorkerUnreachable:
                 pass  # a wedged worker is the stuck-worker check's business
         self.dropped = self.conn
 
@@ -346,10 +308,10 @@ class RelayDispatch:
 
     # -- answers from workers: called on the supervisor's loop -------------------------
 
-    def on_frame(self, worker: WorkerHandle, kind: int, fields: list) -> None:
-        if kind == Kind.REPLY:
-            ticket, success, payload = fields
-            pending = self._settle(ticket)
+    def on_frame(self, worker: WorkerHandle, frame: frames.ToSupervisor) -> None:
+        """An answer or tunnel frame from ``worker``; FrameError for any other kind."""
+        if isinstance(frame, frames.Reply):
+            pending = self.table.settle(frame.ticket)
             if pending is not None:
                 self.served += 1
                 worker.served += 1
@@ -358,47 +320,43 @@ class RelayDispatch:
                 # max_requests, not one more.
                 if worker.max_requests and worker.served >= worker.max_requests:
                     self._recycle(worker)
-                # On a connection closed since, the reply is dropped: its relay
-                # has answered the caller already, or is gone with the caller.
-                pending.conn.reply(pending.request_id, success, payload)
-                outcome = Outcome.OK if success else Outcome.FAULT
-                self._answered(outcome, pending.received, pending.size, worker)
-        elif kind == Kind.EXPIRED:
-            pending = self._settle(fields[0])
+                outcome = Outcome.OK if frame.success else Outcome.FAULT
+                self.answer(pending, outcome, frame.payload, worker)
+        elif isinstance(frame, frames.Expired):
+            pending = self.table.settle(frame.ticket)
             if pending is not None:
-                self._answered(Outcome.EXPIRED, pending.received, pending.size, worker)
-        elif kind in (Kind.TUN_SEND, Kind.TUN_ACK, Kind.TUN_CLOSE):
-            bridge = self.bridges.get(fields[0])
+                self.requests.record(pending, Outcome.EXPIRED, worker)
+        elif isinstance(frame, (frames.TunSend, frames.TunAck, frames.TunClose)):
+            bridge = self.bridges.get(frame.tunnel_id)
             # Tunnel ids restart with each connection too: a frame from the
             # worker of a tunnel that died with an old connection must not
             # reach a new tunnel that has its id.
             if bridge is not None and bridge.worker is worker:
-                bridge.on_frame(kind, fields[1:])
+                bridge.on_frame(frame)
         else:
-            raise frames.FrameError(f"unexpected frame kind {kind} from {worker}")
+            raise frames.FrameError(f"unexpected {type(frame).__name__} frame")
 
-    def _settle(self, ticket: int) -> Pending | None:
-        """Forget a request's bookkeeping; None if it was settled already."""
-        with self.lock:
-            pending = self.owner.pop(ticket, None)
-            if pending is not None:
-                _, size = pending.worker.in_flight.pop(ticket)
-                pending.worker.in_flight_bytes -= size
-        return pending
+    def answer(
+        self,
+        request: Pending | Waiting,
+        outcome: Outcome,
+        payload: bytes | str,
+        worker: WorkerHandle | None = None,
+    ) -> None:
+        """Answer one request: every reply and every fault of the host goes out here.
+
+        ``payload`` is the reply if ``outcome`` is OK, else the fault text. On a
+        connection closed since, the answer is dropped: its relay has answered
+        the caller already, or is gone with the caller."""
+        request.conn.reply(request.request_id, outcome is Outcome.OK, payload)
+        self.requests.record(request, outcome, worker)
 
     def fail_worker(self, worker: WorkerHandle, how: str) -> None:
         """Fault everything a dead worker held, and close its tunnels."""
-        with self.lock:
-            if worker in self.workers:
-                self.workers.remove(worker)
-            held = [self.owner.pop(ticket) for ticket in worker.in_flight]
-            worker.in_flight.clear()
-            worker.in_flight_bytes = 0
+        held = self.table.remove(worker)
+        fault = f"{worker} died while handling the request: {how}"
         for pending in held:
-            pending.conn.reply(
-                pending.request_id, False, f"{worker} died while handling the request: {how}"
-            )
-            self._answered(Outcome.WORKER_DIED, pending.received, pending.size, worker)
+            self.answer(pending, Outcome.WORKER_DIED, fault, worker)
         for tunnel_id in list(worker.tunnels):
             bridge = self.bridges.get(tunnel_id)
             if bridge is not None:
@@ -407,14 +365,3 @@ class RelayDispatch:
             self.log.warning(
                 "faulted requests of a dead worker", worker=worker.slot, count=len(held)
             )
-
-    def retire(self, worker: WorkerHandle) -> None:
-        """Stop sending new work to ``worker`` and let it drain and exit."""
-        with self.lock:
-            if worker.state == DRAINING:
-                return
-            worker.state = DRAINING
-        try:
-            worker.put(frames.encode(Kind.DRAIN))
-        except (TimeoutError, ValueError, OSError) as err:
-            self.log.warning("could not ask worker to drain", worker=worker.slot, error=str(err))

@@ -4,6 +4,12 @@ Each frame is a msgpack array whose first element is its kind. msgpack is
 quick to pack small arrays of ints and bytes, and unlike pickle it cannot run
 code while decoding, so a corrupted or hostile frame is only a decode error.
 
+Each kind is a small immutable type (a NamedTuple: the request path builds
+and reads one per request, and a tuple is the cheapest object to make) with
+``encode()``. :func:`decode` checks the kind, the number of fields and each
+field's type, so a frame that decodes can be acted on without further checks;
+anything else is a :class:`FrameError`, which means the sender is broken.
+
 Supervisor -> worker:
 
     REQUEST   id, deadline, payload      run handle_request unless past deadline
@@ -32,8 +38,13 @@ Deadlines are CLOCK_MONOTONIC seconds, which all processes on the machine share.
 from __future__ import annotations
 
 import enum
+from typing import NamedTuple
 
 import msgpack
+
+_pack = msgpack.Packer(use_bin_type=True).pack
+_NUMBER = (int, float)
+_TEXT_OR_NONE = (str, type(None))
 
 
 class Kind(enum.IntEnum):
@@ -56,19 +67,181 @@ class Kind(enum.IntEnum):
 
 
 class FrameError(Exception):
-    """A frame that does not decode: the peer is broken."""
+    """A frame that does not decode, or one its receiver does not expect: the peer is broken."""
 
 
-def encode(kind: Kind, *fields) -> bytes:
-    return msgpack.packb((int(kind), *fields), use_bin_type=True)
+def _encode(frame) -> bytes:
+    """A frame's wire form: its kind, then its fields (shared by every frame type)."""
+    return _pack((frame.KIND, *frame))
 
 
-def decode(data: bytes) -> list:
-    """A frame as a list whose first item is its Kind value."""
+# Each type names its wire kind (KIND) and the accepted Python types of its
+# fields as msgpack decodes them (TYPES), checked by decode().
+
+# -- supervisor -> worker -----------------------------------------------------------------
+
+
+class Request(NamedTuple):
+    ticket: int
+    deadline: float
+    payload: bytes
+    KIND = Kind.REQUEST
+    TYPES = (int, _NUMBER, bytes)
+    encode = _encode
+
+
+class Broadcast(NamedTuple):
+    payload: bytes
+    KIND = Kind.BROADCAST
+    TYPES = (bytes,)
+    encode = _encode
+
+
+class Event(NamedTuple):
+    topic: str
+    payload: bytes
+    KIND = Kind.EVENT
+    TYPES = (str, bytes)
+    encode = _encode
+
+
+class Tunnel(NamedTuple):
+    tunnel_id: int
+    KIND = Kind.TUNNEL
+    TYPES = (int,)
+    encode = _encode
+
+
+class TunData(NamedTuple):
+    tunnel_id: int
+    payload: bytes
+    KIND = Kind.TUN_DATA
+    TYPES = (int, bytes)
+    encode = _encode
+
+
+class TunSent(NamedTuple):
+    tunnel_id: int
+    error: str | None
+    KIND = Kind.TUN_SENT
+    TYPES = (int, _TEXT_OR_NONE)
+    encode = _encode
+
+
+class TunClosed(NamedTuple):
+    tunnel_id: int
+    reason: str
+    KIND = Kind.TUN_CLOSED
+    TYPES = (int, str)
+    encode = _encode
+
+
+class Drop(NamedTuple):
+    reason: str
+    KIND = Kind.DROP
+    TYPES = (str,)
+    encode = _encode
+
+
+class Drain(NamedTuple):
+    KIND = Kind.DRAIN
+    TYPES = ()
+    encode = _encode
+
+
+# -- worker -> supervisor -----------------------------------------------------------------
+
+
+class Ready(NamedTuple):
+    pid: int
+    KIND = Kind.READY
+    TYPES = (int,)
+    encode = _encode
+
+
+class Failed(NamedTuple):
+    traceback: str
+    KIND = Kind.FAILED
+    TYPES = (str,)
+    encode = _encode
+
+
+class Reply(NamedTuple):
+    ticket: int
+    success: bool
+    payload: bytes | str  # the reply, or the fault text
+    KIND = Kind.REPLY
+    TYPES = (int, bool, (bytes, str))
+    encode = _encode
+
+
+class Expired(NamedTuple):
+    ticket: int
+    KIND = Kind.EXPIRED
+    TYPES = (int,)
+    encode = _encode
+
+
+class TunSend(NamedTuple):
+    tunnel_id: int
+    payload: bytes
+    # Any value: the supervisor's tunnel checks it when sending, and a bad one
+    # closes that tunnel with the tunnel's own ValueError (issue 9, item 13),
+    # instead of costing the worker and everything else it holds.
+    timeout: object
+    KIND = Kind.TUN_SEND
+    TYPES = (int, bytes, object)
+    encode = _encode
+
+
+class TunAck(NamedTuple):
+    tunnel_id: int
+    size: int
+    KIND = Kind.TUN_ACK
+    TYPES = (int, int)
+    encode = _encode
+
+
+class TunClose(NamedTuple):
+    tunnel_id: int
+    KIND = Kind.TUN_CLOSE
+    TYPES = (int,)
+    encode = _encode
+
+
+ToWorker = Request | Broadcast | Event | Tunnel | TunData | TunSent | TunClosed | Drop | Drain
+ToSupervisor = Ready | Failed | Reply | Expired | TunSend | TunAck | TunClose
+Frame = ToWorker | ToSupervisor
+
+_BY_KIND: dict[int, type] = {
+    int(frame_type.KIND): frame_type for frame_type in (*ToWorker.__args__, *ToSupervisor.__args__)
+}
+
+
+def decode(data: bytes) -> Frame:
+    """The frame ``data`` holds; FrameError if it is not exactly a known frame."""
     try:
-        frame = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
+        fields = msgpack.unpackb(data, raw=False, use_list=False, strict_map_key=True)
     except Exception as err:  # msgpack raises several unrelated types
         raise FrameError(f"undecodable frame: {err}") from err
-    if not isinstance(frame, list) or not frame or not isinstance(frame[0], int):
-        raise FrameError(f"malformed frame: {frame!r:.80}")
-    return frame
+    if type(fields) is not tuple or not fields or type(fields[0]) is not int:
+        raise FrameError(f"malformed frame: {fields!r:.80}")
+    frame_type = _BY_KIND.get(fields[0])
+    if frame_type is None:
+        raise FrameError(f"unknown frame kind {fields[0]}")
+    values = fields[1:]
+    types = frame_type.TYPES
+    if len(values) != len(types) or not all(map(isinstance, values, types)):
+        raise FrameError(_mismatch(frame_type, values))
+    return tuple.__new__(frame_type, values)
+
+
+def _mismatch(frame_type: type, values: tuple) -> str:
+    """What is wrong with a frame of a known kind, for the FrameError."""
+    name, types = frame_type.__name__, frame_type.TYPES
+    if len(values) != len(types):
+        return f"{name} frame with {len(values)} fields, not {len(types)}"
+    for field, value, expected in zip(frame_type._fields, values, types, strict=True):
+        if not isinstance(value, expected):
+            return f"{name} frame: {field} is a {type(value).__name__}: {value!r:.40}"
+    raise AssertionError("no field of the frame is wrong")

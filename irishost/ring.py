@@ -1,9 +1,11 @@
 """Single-producer/single-consumer frame rings in shared memory.
 
-The supervisor creates one pair of rings per worker *before* forking it, so
-both processes hold the same :class:`Ring` object: the shared mapping and the
-two eventfds are inherited by ``fork``.  Exactly one process writes a given
-ring (``put``) and exactly one other process reads it (``get``, ``drain``).
+The fork server creates one pair of rings per worker *before* forking it, so
+the worker holds the same :class:`Ring` object: the shared mapping and the
+two eventfds are inherited by ``fork``; the supervisor maps the same memory
+from descriptors passed to it (:meth:`Ring.create_shared`,
+:meth:`Ring.attach`).  Exactly one process writes a given ring (``put``)
+and exactly one other process reads it (``get``, ``drain``).
 Frames are opaque bytes here; the layer above encodes them.
 
 Memory layout of one mapping (all integers little-endian)::
@@ -279,6 +281,17 @@ class Ring:
         in /dev/shm, except inside that window (see
         :func:`remove_stale_segments`).
         """
+        ring, segment = cls.create_shared(capacity, prefix)
+        os.close(segment)
+        return ring
+
+    @classmethod
+    def create_shared(
+        cls, capacity: int = DEFAULT_CAPACITY, prefix: str = "irishost"
+    ) -> tuple[Ring, int]:
+        """:meth:`create`, and the segment's descriptor, to pass to another process
+        (with ``data_fd`` and ``space_fd``) that maps it with :meth:`attach`.
+        The caller closes the descriptor."""
         if capacity % 8 or not 64 <= capacity <= _MAX_CAPACITY:
             raise ValueError(f"capacity must be a multiple of 8 in [64, 2**31], got {capacity}")
         if "/" in prefix or not prefix:
@@ -292,10 +305,21 @@ class Ring:
                 os.unlink(path)
             os.ftruncate(fd, HEADER_SIZE + capacity)
             mm = mmap.mmap(fd, HEADER_SIZE + capacity, mmap.MAP_SHARED)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
         data_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         space_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        return cls(mm, capacity, data_fd, space_fd), fd
+
+    @classmethod
+    def attach(cls, segment: int, data_fd: int, space_fd: int, capacity: int) -> Ring:
+        """Map a ring another process made with :meth:`create_shared`; takes
+        over the three descriptors (the segment's is closed once mapped)."""
+        try:
+            mm = mmap.mmap(segment, HEADER_SIZE + capacity, mmap.MAP_SHARED)
+        finally:
+            os.close(segment)
         return cls(mm, capacity, data_fd, space_fd)
 
     @property

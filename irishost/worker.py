@@ -1,7 +1,7 @@
 """A worker process: runs the service's handler on work from the supervisor.
 
-The worker is forked by the supervisor and never returns into the
-supervisor's code: :func:`run` ends in ``os._exit``. Its main thread reads
+The worker is forked by the fork server (``fork_server``) and never returns
+into its code: :func:`run` ends in ``os._exit``. Its main thread reads
 frames from the inbound ring and hands them to the binding's bounded pools
 (``iris.pool.HandlerPool``), so the thread and memory caps of a worker are
 exactly those of ``iris.register``; handler threads write their answers to
@@ -12,8 +12,9 @@ drain, BOOT_FAILED when the handler could not be imported or initialised
 (the FAILED frame carries the traceback), PARENT_GONE when the supervisor
 disappeared.
 
-A worker never outlives its supervisor: the kernel kills it when the
-supervisor dies (PR_SET_PDEATHSIG, set before anything else in the child),
+A worker never outlives its supervisor: the kernel kills it when its parent,
+the fork server, dies (PR_SET_PDEATHSIG, set before anything else in the
+child), and the fork server dies with the supervisor in the same way,
 whatever it is doing, even blocked in a C call inside ``init``. And a
 process a handler forks never touches the worker's rings: it shares their
 mapping, and two writers on a ring meant for one would corrupt it or hand a
@@ -42,7 +43,6 @@ from iris.pool import HandlerPool
 
 from . import frames
 from .config import Config
-from .frames import Kind
 from .loader import reload_handler
 from .ring import Ring
 from .worker_tunnel import WorkerTunnel
@@ -63,15 +63,14 @@ IDLE_CHECK_SECONDS = 1.0
 
 @dataclass
 class WorkerSpec:
-    """What a worker needs from the supervisor, set before fork."""
+    """What a worker needs, set before fork."""
 
     index: int
     config: Config
     inbox: Ring  # supervisor -> worker
     outbox: Ring  # worker -> supervisor
     handler_class: type | None  # preloaded in the supervisor, or None to import here
-    supervisor: int  # its pid: the parent the worker must not outlive
-    siblings: tuple[Ring, ...] = ()  # the other workers' rings, mapped by the fork too
+    supervisor: int  # its parent's pid (the fork server's), which it must not outlive
 
 
 def run(spec: WorkerSpec) -> None:
@@ -147,21 +146,16 @@ class Worker:
             signal.signal(signum, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
         inbox, outbox = self.spec.inbox, self.spec.outbox
-        # Unmap the siblings' rings (before their descriptors go, which close()
-        # also closes): a worker that corrupts memory must not reach theirs.
-        for ring in self.spec.siblings:
-            try:
-                ring.close()
-            except BufferError:
-                pass  # mid-write by another supervisor thread at fork: left mapped
+        # The fork server maps no other worker's rings when it forks, so a
+        # worker that corrupts memory cannot reach theirs.
         _close_inherited_fds({inbox.data_fd, inbox.space_fd, outbox.data_fd, outbox.space_fd})
         os.register_at_fork(after_in_child=self._note_fork)
         try:
             self._boot()
         except BaseException:
-            self.send(frames.encode(Kind.FAILED, traceback.format_exc()))
+            self.send(frames.Failed(traceback.format_exc()).encode())
             return BOOT_FAILED
-        self.send(frames.encode(Kind.READY, os.getpid()))
+        self.send(frames.Ready(os.getpid()).encode())
         self.log.info("worker ready", pid=os.getpid())
         return self._loop()
 
@@ -222,15 +216,15 @@ class Worker:
             return self._loop_worker.serve()
         inbox = self.spec.inbox
         handlers = {
-            Kind.REQUEST: self._on_request,
-            Kind.BROADCAST: self._on_broadcast,
-            Kind.EVENT: self._on_event,
-            Kind.TUNNEL: self._on_tunnel,
-            Kind.TUN_DATA: self._tunnel_handler("on_data"),
-            Kind.TUN_SENT: self._tunnel_handler("on_sent"),
-            Kind.TUN_CLOSED: self._tunnel_handler("on_closed"),
-            Kind.DROP: self._on_drop,
-            Kind.DRAIN: self._on_drain,
+            frames.Request: self._on_request,
+            frames.Broadcast: self._on_broadcast,
+            frames.Event: self._on_event,
+            frames.Tunnel: self._on_tunnel,
+            frames.TunData: self._tunnel_handler("on_data"),
+            frames.TunSent: self._tunnel_handler("on_sent"),
+            frames.TunClosed: self._tunnel_handler("on_closed"),
+            frames.Drop: self._on_drop,
+            frames.Drain: self._on_drain,
         }
         while True:
             data = inbox.get(IDLE_CHECK_SECONDS, spin=not self._in_flight)
@@ -242,8 +236,8 @@ class Worker:
                     return self._finish()
                 continue
             for frame in [data, *inbox.drain()]:
-                fields = frames.decode(frame)
-                handlers[fields[0]](*fields[1:])
+                message = frames.decode(frame)
+                handlers[type(message)](*message)
             if self._draining and self._idle():
                 return self._finish()
 
@@ -295,15 +289,15 @@ class Worker:
         if not self._requests.submit(self._serve, (request_id, deadline, payload), len(payload)):
             self._track(-1)
             fault = memory_fault(self._requests, f" in worker {self.spec.index}")
-            self.send(frames.encode(Kind.REPLY, request_id, False, fault))
+            self.send(frames.Reply(request_id, False, fault).encode())
 
     def _serve(self, request_id: int, deadline: float, payload: bytes) -> None:
         try:
             if time.monotonic() > deadline:  # its caller has timed out already
-                self.send(frames.encode(Kind.EXPIRED, request_id))
+                self.send(frames.Expired(request_id).encode())
                 return
             self.send(
-                frames.encode(Kind.REPLY, request_id, *answer(self.handler, payload, self.errors))
+                frames.Reply(request_id, *answer(self.handler, payload, self.errors)).encode()
             )
         finally:
             self._leave_if_forked()

@@ -21,7 +21,6 @@ from iris.logs import ContextLog
 from iris.tunnel import validate_send, wait_until
 
 from . import frames
-from .frames import Kind
 
 
 class WorkerTunnel:
@@ -52,7 +51,7 @@ class WorkerTunnel:
         validate_send(message, timeout)
         with self._send_lock:
             self._raise_if_closed()
-            self._send_frame(frames.encode(Kind.TUN_SEND, self.id, bytes(message), timeout))
+            self._send_frame(frames.TunSend(self.id, bytes(message), timeout).encode())
             with self._cond:
                 # The supervisor answers by the timeout; it never stays silent
                 # unless it dies, and then the tunnel is closed for us.
@@ -70,7 +69,7 @@ class WorkerTunnel:
         with self._cond:
             wait_until(self._cond, lambda: self._inbox, self._raise_if_closed, deadline, "receive")
             message = self._inbox.popleft()
-        self._send_frame(frames.encode(Kind.TUN_ACK, self.id, len(message)))
+        self._send_frame(frames.TunAck(self.id, len(message)).encode())
         return message
 
     def close(self) -> None:
@@ -80,7 +79,7 @@ class WorkerTunnel:
             self._closed_reason = ""
             self._cond.notify_all()
         self._registry.pop(self.id, None)
-        self._send_frame(frames.encode(Kind.TUN_CLOSE, self.id))
+        self._send_frame(frames.TunClose(self.id).encode())
         self.log.info("tunnel closed")
 
     def _raise_if_closed(self) -> None:
@@ -142,7 +141,7 @@ class AsyncWorkerTunnel:
         validate_send(message, timeout)
         async with self._send_lock:
             self._raise_if_closed()
-            self._send_frame(frames.encode(Kind.TUN_SEND, self.id, bytes(message), timeout))
+            self._send_frame(frames.TunSend(self.id, bytes(message), timeout).encode())
             # The supervisor answers by the timeout; it never stays silent
             # unless it dies, and then the tunnel is closed for us.
             while not self._sent:
@@ -163,7 +162,7 @@ class AsyncWorkerTunnel:
                 raise iris.TimeoutError("tunnel receive timed out")
             await self._next_change(remaining)
         message = self._inbox.popleft()
-        self._send_frame(frames.encode(Kind.TUN_ACK, self.id, len(message)))
+        self._send_frame(frames.TunAck(self.id, len(message)).encode())
         return message
 
     async def close(self) -> None:
@@ -174,7 +173,7 @@ class AsyncWorkerTunnel:
         if self._closed_reason is not None:
             return
         self.on_closed("")
-        self._send_frame(frames.encode(Kind.TUN_CLOSE, self.id))
+        self._send_frame(frames.TunClose(self.id).encode())
         self.log.info("tunnel closed")
 
     def _raise_if_closed(self) -> None:

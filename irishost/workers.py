@@ -1,7 +1,13 @@
-"""The supervisor's record of one worker process and the work it holds."""
+"""The supervisor's record of one worker process and the work it holds.
+
+The records live in the :class:`~irishost.worker_table.WorkerTable`, which
+alone changes their state and their requests; this module is the record and
+the one way to write to a worker (:meth:`WorkerHandle.put`).
+"""
 
 from __future__ import annotations
 
+import enum
 import itertools
 import threading
 import time
@@ -10,7 +16,18 @@ import psutil
 
 from .ring import Ring
 
-BOOTING, READY, DRAINING = "booting", "ready", "draining"
+
+class WorkerState(enum.StrEnum):
+    """Where a worker is in its life; the allowed changes are WorkerTable's."""
+
+    BOOTING = "booting"  # forked; importing the handler or in init()
+    READY = "ready"  # takes work
+    DRAINING = "draining"  # retired: finishes what it holds, then exits
+
+
+class WorkerUnreachable(Exception):
+    """A frame could not be written to a worker: it is wedged, or its ring is closed."""
+
 
 # A frame for a worker that cannot take it within this long is given up on:
 # the worker is wedged, and the caller gets a fault rather than a hang.
@@ -37,7 +54,7 @@ class WorkerHandle:
         self.inbox = inbox  # supervisor -> worker
         self.outbox = outbox  # worker -> supervisor
         self.max_requests = max_requests  # 0: never recycle by count
-        self.state = BOOTING
+        self.state = WorkerState.BOOTING  # changed by WorkerTable.transition only
         self.generation = 0  # which reload of the config it was started from
         self.started = time.monotonic()
         self.in_flight: dict[int, tuple[float, int]] = {}
@@ -46,25 +63,32 @@ class WorkerHandle:
         self.tunnels: set[int] = set()
         self.failure: str | None = None  # traceback from a FAILED frame
         self.kill_reason: str | None = None  # why the supervisor killed it, if it did
+        self.broken = False  # it sent a frame that does not decode: nothing more is read
         self.drain_deadline = 0.0  # when DRAINING: killed if still alive after this
         self.stalled_until = 0.0  # passed over until then; see put()
-        self.process = psutil.Process(pid)
+        self.process = _process(pid)
         self._put_lock = threading.Lock()  # several supervisor threads write to the inbox
 
     def put(self, frame: bytes, timeout: float = PUT_TIMEOUT) -> None:
-        """Send a frame; raises TimeoutError if the worker does not take it."""
+        """Send a frame; WorkerUnreachable if the worker does not take it in time."""
         with self._put_lock:
             try:
                 self.inbox.put(frame, timeout=timeout)
-            except TimeoutError:
+            except TimeoutError as err:
                 self.stalled_until = time.monotonic() + STALL_SECONDS
-                raise
+                raise WorkerUnreachable(
+                    f"{self} did not take a frame within {timeout:g} s"
+                ) from err
+            except (ValueError, OSError) as err:  # its ring was closed: it died meanwhile
+                raise WorkerUnreachable(f"{self} is gone: {err}") from err
 
     def stalled(self, now: float) -> bool:
         """Whether a frame for it timed out lately (see STALL_SECONDS)."""
         return now < self.stalled_until
 
     def rss(self) -> int:
+        if self.process is None:
+            return 0
         try:
             return self.process.memory_info().rss
         except psutil.Error:
@@ -78,9 +102,9 @@ class WorkerHandle:
         request go unnoticed until that request's deadline; looking at all of
         them would kill a worker for a request that merely expired in the
         queue, which the worker drops unstarted. A booting worker runs nothing.
-        Call under the dispatch lock, as the relay's reader thread adds entries.
+        Call under the table's lock, as the relay's reader thread adds entries.
         """
-        if self.state == BOOTING:
+        if self.state is WorkerState.BOOTING:
             return None
         running = itertools.islice(self.in_flight.values(), threads)
         return min((deadline for deadline, _ in running), default=None)
@@ -91,3 +115,15 @@ class WorkerHandle:
 
     def __repr__(self) -> str:
         return f"worker {self.slot} (pid {self.pid})"
+
+
+def _process(pid: int) -> psutil.Process | None:
+    """The worker's process, for its memory; None if it is already gone.
+
+    Its parent is the fork server, which may reap a worker that died at once
+    before the supervisor even has its pid: no zombie is left to look at.
+    """
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None

@@ -27,6 +27,17 @@ def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, what: str
         time.sleep(interval)
 
 
+def worker_processes(host: int) -> list[psutil.Process]:
+    """The worker processes of the irishost supervisor ``host``.
+
+    Workers are the children of its fork server, its only child process.
+    """
+    try:
+        return [worker for child in psutil.Process(host).children() for worker in child.children()]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def gone(pid: int, wait: float = 0.0) -> bool:
     """True once ``pid`` has exited, waiting up to ``wait`` seconds for it.
 

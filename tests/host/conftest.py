@@ -38,7 +38,7 @@ from pathlib import Path
 import psutil
 import pytest
 from production_support import NotifyListener
-from support import free_port, gone, journal_stream, wait_for
+from support import free_port, gone, journal_stream, wait_for, worker_processes
 
 import iris
 from irishost.ring import segment_prefix
@@ -96,11 +96,7 @@ class Host:
 
     def workers(self) -> list[psutil.Process]:
         """The host's live worker processes, remembered for the teardown check."""
-        try:
-            children = psutil.Process(self.pid).children()
-        except psutil.NoSuchProcess:
-            return []
-        live = [child for child in children if not gone(child.pid)]
+        live = [child for child in worker_processes(self.pid) if not gone(child.pid)]
         self.worker_pids.update(child.pid for child in live)
         return live
 

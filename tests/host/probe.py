@@ -17,6 +17,7 @@ down) or ``hang-while:<file>`` (block until that file is gone).
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import os
 import signal
@@ -25,7 +26,6 @@ import time
 
 import iris
 from irishost import frames
-from irishost.frames import Kind
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECORDS = os.path.join(HERE, "records.jsonl")
@@ -159,6 +159,16 @@ class ProbeHandler(iris.ServiceHandler):
         time.sleep(float(delay or 0))
         return self.do_pid("")
 
+    def do_garbage(self, delay: str) -> bytes:
+        """Write a frame the supervisor cannot decode into the worker's outbox, as
+        a worker with corrupted memory would; then answer after ``delay``."""
+        from irishost.worker import Worker
+
+        (worker,) = [o for o in gc.get_objects() if isinstance(o, Worker)]
+        worker.send(b"\xc1 not msgpack")
+        time.sleep(float(delay or 0))
+        return self.do_pid("")
+
     def do_grow(self, rate_and_limit: str) -> bytes:
         """Grow resident memory by ``rate`` MiB a second, up to ``limit`` MiB."""
         rate, _, limit = rate_and_limit.partition(",")
@@ -210,7 +220,7 @@ class ProbeHandler(iris.ServiceHandler):
                     tunnel.send(f"{type(err).__name__}: {err}".encode(), timeout=10)
                 mode = "echo"
             if mode == "bad-frame":
-                tunnel._send_frame(frames.encode(Kind.TUN_SEND, tunnel.id, b"x", "5"))
+                tunnel._send_frame(frames.TunSend(tunnel.id, b"x", "5").encode())
                 tunnel.recv(10)
             if mode == "echo":
                 while True:

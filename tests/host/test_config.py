@@ -1,4 +1,5 @@
 import contextlib
+import datetime
 import json
 import os
 import re
@@ -6,6 +7,7 @@ import tomllib
 from dataclasses import fields
 from pathlib import Path
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -643,10 +645,7 @@ def test_random_text_loads_or_raises_config_error(tmp_path, text):
     load_or_config_error(write(tmp_path, text))
 
 
-def test_settings_keep_any_toml_values(in_tmp):
-    text = (
-        MINIMAL
-        + """
+SETTINGS = """
 [settings]
 limit = 1_000
 prefix = "n="
@@ -656,8 +655,10 @@ names = ["a", "b"]
 "odd key" = 1
 database = { host = "db", port = 5432 }
 """
-    )
-    config = load_config(write(in_tmp, text))
+
+
+def test_settings_keep_any_toml_values(in_tmp):
+    config = load_config(write(in_tmp, MINIMAL + SETTINGS))
 
     assert config.settings == {
         "limit": 1000,
@@ -677,3 +678,27 @@ def test_access_log_is_off_by_default_and_survives_a_log_level_flag(in_tmp):
     config = load_config(write(in_tmp, MINIMAL + "[logging]\naccess = true"))
 
     assert config.with_overrides(log_level="debug").logging == LoggingSection("debug", True)
+
+
+def test_a_config_crosses_to_the_fork_server_as_plain_values_unchanged(in_tmp):
+    """The fork server gets a reload's config over msgpack (no pickle), its
+    [settings] too, TOML's dates and times included: the handlers it forks
+    are made with them."""
+    times = "day = 2026-11-29\nat = 07:32:00\nlocal = 1979-05-27T07:32:00\n"
+    times += "zoned = 1979-05-27T07:32:00-07:00\n"
+    with_settings = write(in_tmp, MINIMAL + SETTINGS + times)
+    for path in [*sorted(CONFIGS.glob("*.toml")), with_settings]:
+        config = load_config(path).with_overrides(workers=3)
+        wire = msgpack.unpackb(msgpack.packb(config.to_wire()), raw=False)
+        crossed = Config.from_wire(wire)
+        assert crossed == config
+    assert crossed.settings["database"] == {"host": "db", "port": 5432}
+    assert crossed.settings["day"] == datetime.date(2026, 11, 29)
+    assert crossed.settings["at"] == datetime.time(7, 32)
+    assert type(crossed.settings["local"]) is datetime.datetime
+    assert crossed.settings["zoned"].utcoffset() == datetime.timedelta(hours=-7)
+    # Text that only looks like a date stays text.
+    text = write(in_tmp, MINIMAL + '[settings]\nday = "2026-11-29"\nlist = [[1979-05-27]]\n')
+    config = load_config(text)
+    crossed = Config.from_wire(msgpack.unpackb(msgpack.packb(config.to_wire()), raw=False))
+    assert crossed.settings == {"day": "2026-11-29", "list": [[datetime.date(1979, 5, 27)]]}

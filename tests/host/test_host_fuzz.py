@@ -27,7 +27,8 @@ def _frame_or_frame_error(data: bytes) -> None:
         frame = frames.decode(data)
     except frames.FrameError:
         return
-    assert isinstance(frame, list) and frame and isinstance(frame[0], int)
+    assert isinstance(frame, frames.Frame)
+    assert type(frames.decode(frame.encode())) is type(frame)  # a frame, exactly as typed
 
 
 @settings(max_examples=300)
@@ -50,10 +51,10 @@ msgpack_values = st.recursive(
     max_leaves=12,
 )
 REAL_FRAMES = [
-    frames.encode(frames.Kind.REQUEST, 7, 12345.5, b"payload"),
-    frames.encode(frames.Kind.REPLY, 7, False, "fault text"),
-    frames.encode(frames.Kind.TUN_SEND, 3, b"data", 1.5),
-    frames.encode(frames.Kind.EVENT, "topic", b"event"),
+    frames.Request(7, 12345.5, b"payload").encode(),
+    frames.Reply(7, False, "fault text").encode(),
+    frames.TunSend(3, b"data", 1.5).encode(),
+    frames.Event("topic", b"event").encode(),
 ]
 
 

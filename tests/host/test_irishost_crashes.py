@@ -17,7 +17,6 @@ from support import gone, wait_for
 
 import iris
 from irishost import frames
-from irishost.frames import Kind
 from irishost.ring import DEFAULT_CAPACITY
 from irishost.workers import PUT_TIMEOUT
 
@@ -226,7 +225,7 @@ def request_taking(record_size: int) -> bytes:
     adds a 4-byte length word to each record.
     """
     request = b"pid:held|".ljust(record_size - 4 - 17, b"x")
-    assert len(frames.encode(Kind.REQUEST, 127, time.monotonic(), request)) + 4 == record_size
+    assert len(frames.Request(127, time.monotonic(), request).encode()) + 4 == record_size
     return request
 
 

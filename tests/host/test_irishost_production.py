@@ -20,10 +20,9 @@ import sys
 import time
 import uuid
 
-import psutil
 import pytest
 from production_support import NotifyListener, parse_reply, status, write_handler
-from support import gone, wait_for
+from support import gone, wait_for, worker_processes
 
 import iris
 from irishost.control import query_status
@@ -301,7 +300,7 @@ def test_under_journald_lines_carry_a_priority_prefix_and_no_timestamp(service):
     try:
         client = service.connect()
         wait_for(lambda: _answers(client, service.cluster), timeout=20, what="the host to serve")
-        workers = {child.pid for child in psutil.Process(proc.pid).children()}
+        workers = {worker.pid for worker in worker_processes(proc.pid)}
         proc.send_signal(signal.SIGTTOU)  # a warning: the last worker stays
         wait_for(lambda: "SIGTTOU ignored" in journal.read_text())
         os.kill(workers.pop(), signal.SIGKILL)  # an error: a worker died

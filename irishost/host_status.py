@@ -1,0 +1,99 @@
+"""What the host tells about itself: systemd's STATUS= line and watchdog,
+and the snapshot behind `irishost status` and the metrics."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
+# How often systemd's STATUS= line is refreshed.
+STATUS_SECONDS = 2.0
+
+
+class HostStatus:
+    def __init__(self, host: Supervisor):
+        self.host = host
+        self.started = time.monotonic()
+        self._next_status = 0.0
+        self._next_watchdog = 0.0
+        self._status_relay = ""  # the relay state in the last STATUS= line
+
+    def next_watchdog(self) -> float | None:
+        """When the next watchdog ping is due, if systemd wants them."""
+        return self._next_watchdog if self.host.notifier.watchdog_interval() else None
+
+    def tell_systemd(self, now: float) -> None:
+        """Status and watchdog pings, from the loop so a hung loop stops pinging."""
+        notifier = self.host.notifier
+        interval = notifier.watchdog_interval()
+        if interval and now >= self._next_watchdog:
+            notifier.watchdog()
+            self._next_watchdog = now + interval
+        # A change of the relay's state is news at once: an outage shorter
+        # than STATUS_SECONDS would otherwise never show.
+        relay = self.host.link.state.value
+        if now >= self._next_status or relay != self._status_relay:
+            notifier.status(self.line())
+            self._next_status = now + STATUS_SECONDS
+            self._status_relay = relay
+
+    def line(self) -> str:
+        host = self.host
+        dispatch = host.dispatch
+        line = (
+            f"workers {len(dispatch.ready_workers())}/{host.pool.count}, served {dispatch.served}, "
+            f"in flight {dispatch.in_flight()}, restarts {host.pool.respawner.restarts}, "
+            f"relay {host.link.state.value}"
+        )
+        waiting = dispatch.waiting()
+        if waiting:
+            line += f", waiting for a worker {waiting}"
+        problems = host.pool.respawner.slot_problems(host.pool.count)
+        if problems:
+            line += "; degraded: " + "; ".join(
+                f"worker {slot} {problem}" for slot, problem in problems.items()
+            )
+        return line
+
+    def snapshot(self) -> dict:
+        """What `irishost status` and the metrics show; runs on their threads."""
+        host = self.host
+        now = time.monotonic()
+        restarts = host.pool.respawner.slot_restarts
+        with host.table.lock:
+            workers = [
+                {
+                    "slot": w.slot,
+                    "pid": w.pid,
+                    "state": w.state.value,
+                    "served": w.served,
+                    "in_flight": len(w.in_flight),
+                    "restarts": restarts.get(w.slot, 0),
+                    "uptime": now - w.started,
+                    "process": w,
+                }
+                for w in host.table.workers
+            ]
+            in_flight = host.dispatch.in_flight()
+            waiting = host.dispatch.waiting()
+        for entry in workers:  # outside the lock: reading /proc is slow
+            entry["rss"] = entry.pop("process").rss()
+        problems = host.pool.respawner.slot_problems(host.pool.count)
+        return {
+            "service": host.config.file.stem,
+            "cluster": host.config.service.cluster,
+            "pid": os.getpid(),
+            "uptime": now - self.started,
+            "relay": {"state": host.link.state.value, "port": host.config.relay.port},
+            "served": host.dispatch.served,
+            "in_flight": in_flight,
+            "waiting": waiting,
+            "restarts": host.pool.respawner.restarts,
+            "degraded": [{"slot": slot, "problem": text} for slot, text in problems.items()],
+            "workers": workers,
+            **host.dispatch.requests.stats.snapshot(),  # "durations" and "failures"
+        }

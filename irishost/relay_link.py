@@ -1,0 +1,139 @@
+"""The supervisor's link to the relay: start or find it, register, resubscribe.
+
+Whether the host is starting, connected, reconnecting or stopping is one
+:class:`RelayState`, kept here. The connection closes on its own reader
+thread when the relay goes away; :attr:`RelayLink.state` notices that the
+next time it is read. Reconnecting waits with a backoff between attempts.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import time
+from collections.abc import Iterable
+
+import iris
+from iris.logs import ContextLog
+from iris.relay import RelayServer
+
+from .config import Config, TopicSection
+from .dispatch import RelayDispatch
+from .exits import Exit, HostError
+
+# Reconnect backoff when the relay goes away.
+RECONNECT_START, RECONNECT_CAP = 0.1, 5.0
+
+
+class RelayState(enum.StrEnum):
+    STARTING = "starting"  # not registered yet
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"  # the relay dropped us; fresh workers will register again
+    STOPPING = "stopped"  # the host is stopping: no reconnect
+
+
+class RelayLink:
+    def __init__(self, config: Config, dispatch: RelayDispatch, log: ContextLog):
+        self.config = config
+        self.dispatch = dispatch
+        self.log = log
+        self.relay: RelayServer | None = None  # the embedded relay, when this host started it
+        self.conn: iris.Connection | None = None
+        self._state = RelayState.STARTING
+        self._retry_at = 0.0
+        self._delay = RECONNECT_START
+
+    @property
+    def state(self) -> RelayState:
+        if self._state is RelayState.CONNECTED and self.conn is not None and self.conn.closed:
+            self._state = RelayState.RECONNECTING
+        return self._state
+
+    def stopping(self) -> None:
+        self._state = RelayState.STOPPING
+
+    def ensure_relay(self) -> None:
+        """Wait for the relay to listen; start the embedded one if configured."""
+        port = self.config.relay.port
+        deadline = time.monotonic() + self.config.relay.connect_timeout
+        while not self.listening():
+            if self.config.relay.embedded:
+                try:
+                    self.relay = RelayServer(port).start()
+                    self.log.info("started embedded relay", port=self.relay.port)
+                    return
+                except OSError as err:  # lost a race with another relay starting: use it
+                    self.log.warning("embedded relay did not start", error=str(err))
+            if time.monotonic() >= deadline:
+                raise HostError(Exit.RELAY, f"no Iris relay is listening on port {port}")
+            time.sleep(0.1)
+
+    def listening(self) -> bool:
+        with socket.socket() as probe:
+            probe.settimeout(1.0)
+            return probe.connect_ex(("127.0.0.1", self.config.relay.port)) == 0
+
+    def connect(self) -> None:
+        """Register the cluster member that fans work out to the workers."""
+        config = self.config
+        try:
+            self.conn = iris.Connection(
+                config.relay.port, config.service.cluster, self.dispatch.attach, self.log
+            )
+            self.subscribe(config.topics)
+        except (OSError, iris.ClosedError) as err:
+            raise HostError(
+                Exit.RELAY, f"cannot register with the relay on port {config.relay.port}: {err}"
+            ) from err
+        self._state = RelayState.CONNECTED
+        self._delay = RECONNECT_START
+
+    def subscribe(self, topics: Iterable[TopicSection]) -> None:
+        for topic in topics:
+            self.conn.subscribe(
+                topic.name,
+                self.dispatch.event(topic.name),
+                iris.TopicLimits(event_threads=1, event_memory=topic.event_memory),
+            )
+
+    def reconfigure(self, config: Config) -> None:
+        """Follow a reload's topics: unsubscribe the dropped ones, subscribe the new."""
+        old_topics = {t.name for t in self.config.topics}
+        self.config = config
+        if self.state is RelayState.CONNECTED:
+            for topic in old_topics - {t.name for t in config.topics}:
+                self.conn.unsubscribe(topic)
+            self.subscribe(t for t in config.topics if t.name not in old_topics)
+
+    def drop_told(self) -> bool:
+        """Whether every worker has been told of the lost connection's drop.
+
+        Fresh workers must wait for it: one forked earlier could be told too.
+        """
+        return self.dispatch.dropped is self.conn
+
+    def retry_due(self, now: float) -> bool:
+        return now >= self._retry_at
+
+    def may_reconnect(self, now: float) -> bool:
+        """Whether the backoff has passed and the relay listens again; if it
+        does not, the next try waits longer."""
+        if not self.retry_due(now):
+            return False
+        if not self.listening():
+            self.retry_later(f"no Iris relay is listening on port {self.config.relay.port}")
+            return False
+        return True
+
+    def retry_later(self, why: str) -> None:
+        self._retry_at = time.monotonic() + self._delay
+        self._delay = min(2 * self._delay, RECONNECT_CAP)
+        self.log.warning("relay unreachable; retrying", error=why)
+
+    def close(self) -> None:
+        if self.conn is not None and not self.conn.closed:
+            self.conn.close()
+
+    def stop_relay(self) -> None:
+        if self.relay is not None:
+            self.relay.stop()

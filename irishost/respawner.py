@@ -1,0 +1,170 @@
+"""When to replace a worker, and when to give up: the supervisor's policy, pure.
+
+Nothing here forks, signals or reads a clock: the supervisor passes the time
+and what it observed, and acts on the answers. That keeps the rules testable
+in-process (tests/test_respawner.py), as ``Router`` keeps the relay's.
+
+- A worker that dies is respawned after a backoff that doubles per quick
+  death of its slot, up to a cap; one that lived ``STABLE_SECONDS`` resets it.
+- Only the initial start may be fatal: before any worker was ever ready, a
+  worker that fails to start (its init raised, or it was killed booting), or
+  ``MAX_BOOT_DEATHS`` deaths in a row while booting, stop the host, since
+  forking forever would not help. After that, a failed start is a crash of
+  its slot, retried with the backoff and reported as a problem of the slot.
+- Stuck workers (a handler past its deadline plus the grace, a drain past its
+  deadline, a boot past ``boot_timeout``) are killed; bloated ones are
+  recycled over ``max_rss`` and killed at once far over it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import Config
+from .exits import Exit, HostError
+from .workers import WorkerState
+
+# Respawn backoff after a crash: doubles per quick death, up to the cap.
+BACKOFF_START, BACKOFF_CAP = 0.1, 10.0
+# A worker that lived this long resets its slot's backoff.
+STABLE_SECONDS = 10.0
+# This many workers in a row dying before any was ever ready means they
+# cannot start at all; the host exits instead of forking forever.
+MAX_BOOT_DEATHS = 3
+
+
+@dataclass(frozen=True)
+class Death:
+    """What the supervisor knows of a worker that exited."""
+
+    slot: int
+    state: WorkerState  # its state when it died
+    how: str  # "exited with code 1", or why the supervisor killed it
+    lived: float  # seconds
+    failure: str | None = None  # the traceback of its FAILED frame
+    killed: bool = False  # by the supervisor
+
+    @property
+    def failed_start(self) -> bool:
+        """init raised (FAILED frame), or the supervisor killed it booting."""
+        return self.state is WorkerState.BOOTING and (self.failure is not None or self.killed)
+
+    @property
+    def problem(self) -> str:
+        """One line on what is wrong with its slot, for STATUS= and `irishost status`."""
+        if self.failed_start:
+            return f"failed to start: {_last_line(self.failure) or self.how}"
+        return self.how
+
+
+@dataclass
+class Respawner:
+    ever_ready: bool = False  # a worker has been ready: start-up failures stop being fatal
+    restarts: int = 0
+    slot_restarts: dict[int, int] = field(default_factory=dict)
+    problems: dict[int, str] = field(default_factory=dict)  # until the slot is ready again
+    _boot_deaths: int = 0
+    _slot_failures: dict[int, int] = field(default_factory=dict)
+    _due: list[tuple[float, int]] = field(default_factory=list)  # (when, slot)
+
+    def on_ready(self, slot: int) -> None:
+        self.ever_ready = True
+        self.problems.pop(slot, None)
+
+    def on_death(self, death: Death, now: float, count: int) -> float | None:
+        """Schedule the slot's respawn; the delay, or None when the slot is not wanted.
+
+        Raises HostError when the host cannot start at all.
+        """
+        if not self.ever_ready:
+            self._check_start_up(death)
+        if death.slot >= count:
+            return None  # scaled down meanwhile
+        self.restarts += 1
+        self.slot_restarts[death.slot] = self.slot_restarts.get(death.slot, 0) + 1
+        self.problems[death.slot] = death.problem
+        failures = 0 if death.lived >= STABLE_SECONDS else self._slot_failures.get(death.slot, 0)
+        self._slot_failures[death.slot] = failures + 1
+        delay = min(BACKOFF_START * 2**failures, BACKOFF_CAP)
+        self._due.append((now + delay, death.slot))
+        return delay
+
+    def _check_start_up(self, death: Death) -> None:
+        if death.failed_start:
+            message = f"worker {death.slot} failed to start"
+            if death.failure is None:
+                raise HostError(Exit.HANDLER, f"{message}: {death.how}")
+            raise HostError(Exit.HANDLER, message, death.failure)
+        if death.state is WorkerState.BOOTING:
+            self._boot_deaths += 1
+            if self._boot_deaths >= MAX_BOOT_DEATHS:
+                raise HostError(
+                    Exit.HANDLER, f"workers keep dying during start-up; the last one {death.how}"
+                )
+
+    def due(self, now: float) -> list[int]:
+        """The slots whose respawn is due, forgotten here once returned."""
+        slots = [slot for when, slot in self._due if when <= now]
+        self._due = [(when, slot) for when, slot in self._due if when > now]
+        return slots
+
+    def next_due(self) -> float | None:
+        return min((when for when, _ in self._due), default=None)
+
+    def pending(self) -> bool:
+        return bool(self._due)
+
+    def slot_problems(self, count: int) -> dict[int, str]:
+        return {slot: text for slot, text in sorted(self.problems.items()) if slot < count}
+
+
+def stuck_reason(
+    state: WorkerState,
+    running_deadline: float | None,
+    started: float,
+    drain_deadline: float,
+    now: float,
+    config: Config,
+) -> str | None:
+    """Why a worker must be killed as stuck, or None."""
+    grace = config.workers.timeout_grace
+    boot_timeout = config.workers.boot_timeout
+    if running_deadline is not None and now > running_deadline + grace:
+        return f"a handler ran past its deadline plus {grace:g} s"
+    if state is WorkerState.DRAINING and now > drain_deadline:
+        return "did not drain in time"
+    if state is WorkerState.BOOTING and now > started + boot_timeout:
+        return f"still starting after workers.boot_timeout ({boot_timeout:g} s)"
+    return None
+
+
+def memory_verdict(rss: int, state: WorkerState, config: Config) -> tuple[str, str] | None:
+    """("kill", reason) far over max_rss, ("recycle", reason) over it, else None.
+
+    Recycling drains a worker first, which takes as long as its slowest
+    request: a handler leaking fast would reach many times the cap
+    meanwhile. So beyond ``max_rss_kill_factor`` times the cap a worker,
+    booting, ready or draining, is killed without waiting.
+    """
+    limits = config.limits
+    if not limits.max_rss:
+        return None
+    if rss > limits.max_rss * limits.max_rss_kill_factor:
+        return (
+            "kill",
+            f"resident memory {_mib(rss)} exceeded max_rss {_mib(limits.max_rss)} "
+            f"more than {limits.max_rss_kill_factor:g} times",
+        )
+    if rss > limits.max_rss and state is WorkerState.READY:
+        return ("recycle", f"resident memory {_mib(rss)} is over max_rss")
+    return None
+
+
+def _last_line(text: str | None) -> str:
+    """A traceback's last line (the exception), to name a failure in one line."""
+    lines = (text or "").strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"

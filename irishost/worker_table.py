@@ -1,0 +1,169 @@
+"""The one owner of the supervisor's worker records and request tickets.
+
+Two threads use the table: the relay connection's reader thread books
+requests onto workers (through RelayDispatch), and the supervisor's loop
+changes workers' states, settles answers and removes dead workers. Every
+change goes through a method here, under the table's lock, so no other
+module changes a record's state or its requests.
+
+A worker's state changes only as ``TRANSITIONS`` allows, as h11's state
+tables do for a connection. One pair is a known race, not a bug: a worker
+retired while it was still booting (scaled down, or replaced by a reload)
+announces READY afterwards; it stays DRAINING, so it never takes work it
+would be gone before finishing. Any other change not in the table is a bug
+in the supervisor and raises :class:`IllegalTransition`.
+
+Workers never see the relay's request ids. Those are only unique within one
+relay process: a restarted relay numbers its requests from 0 again, and a
+late reply to a request of the dead one would answer whichever new request
+now has its number. So each request gets a ticket of ours, unique for the
+host's life, and the ticket remembers the connection and id to answer.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import threading
+import time
+from typing import NamedTuple
+
+import iris
+
+from .workers import WorkerHandle, WorkerState
+
+
+class Change(enum.Enum):
+    """What happened to a worker."""
+
+    BOOTED = "booted"  # it sent READY
+    RETIRED = "retired"  # the supervisor told it to drain
+
+
+BOOTING, READY, DRAINING = WorkerState.BOOTING, WorkerState.READY, WorkerState.DRAINING
+
+TRANSITIONS: dict[tuple[WorkerState, Change], WorkerState] = {
+    (BOOTING, Change.BOOTED): READY,
+    (BOOTING, Change.RETIRED): DRAINING,
+    (READY, Change.RETIRED): DRAINING,
+    (DRAINING, Change.BOOTED): DRAINING,  # retired while booting: stays retired
+}
+
+
+class IllegalTransition(Exception):
+    """A change the state table does not allow: a bug in the supervisor."""
+
+
+class Pending(NamedTuple):
+    """A request a worker holds, under its ticket: who runs it, where the answer goes."""
+
+    worker: WorkerHandle
+    conn: iris.Connection  # the connection it came in on, perhaps closed since
+    request_id: int  # the relay's id for it, on that connection
+    received: float  # monotonic, when it reached the host
+    size: int  # bytes
+
+
+class WorkerTable:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._workers: list[WorkerHandle] = []  # every live worker process, in fork order
+        self._by_pid: dict[int, WorkerHandle] = {}
+        self._owner: dict[int, Pending] = {}  # ticket -> the request
+        self._tickets = itertools.count()
+        self._outboxes: dict | None = None  # outbox -> worker, until the workers change
+
+    # -- the workers -------------------------------------------------------------------
+
+    @property
+    def workers(self) -> list[WorkerHandle]:
+        """The live workers; a copy, safe to iterate while the table changes."""
+        return list(self._workers)
+
+    def add(self, worker: WorkerHandle) -> None:
+        with self.lock:
+            self._workers.append(worker)
+            self._by_pid[worker.pid] = worker
+            self._outboxes = None
+
+    def outboxes(self) -> dict:
+        """Each live worker's outbox, mapped to its worker: what the loop waits on."""
+        outboxes = self._outboxes
+        if outboxes is None:
+            outboxes = self._outboxes = {w.outbox: w for w in self.workers}
+        return outboxes
+
+    def by_pid(self, pid: int) -> WorkerHandle | None:
+        return self._by_pid.get(pid)
+
+    def pids(self) -> list[int]:
+        return list(self._by_pid)
+
+    def in_state(self, state: WorkerState) -> list[WorkerHandle]:
+        return [w for w in self._workers if w.state is state]
+
+    def of_generation(self, number: int) -> list[WorkerHandle]:
+        return [w for w in self._workers if w.generation == number]
+
+    def transition(self, worker: WorkerHandle, change: Change) -> WorkerState:
+        """Apply ``change`` to ``worker``'s state; the state it is in afterwards."""
+        with self.lock:
+            new = TRANSITIONS.get((worker.state, change))
+            if new is None:
+                raise IllegalTransition(
+                    f"{worker} is {worker.state.value}: cannot be {change.value}"
+                )
+            worker.state = new
+            return new
+
+    def remove(self, worker: WorkerHandle) -> list[Pending]:
+        """Forget a dead worker; the requests it held, which nobody will answer now."""
+        with self.lock:
+            if worker in self._workers:
+                self._workers.remove(worker)
+                self._outboxes = None
+            self._by_pid.pop(worker.pid, None)
+            held = [self._owner.pop(ticket) for ticket in worker.in_flight]
+            worker.in_flight.clear()
+            worker.in_flight_bytes = 0
+        return held
+
+    # -- the requests ----------------------------------------------------------------
+
+    def book(
+        self,
+        worker: WorkerHandle,
+        conn: iris.Connection,
+        request_id: int,
+        deadline: float,
+        size: int,
+        received: float | None = None,
+    ) -> int:
+        """Record a request as held by ``worker``; its ticket. Under the lock.
+
+        ``received`` is when the request reached the host (its duration
+        counts from there); by default now, for a request booked on arrival.
+        """
+        ticket = next(self._tickets)
+        worker.in_flight[ticket] = (deadline, size)
+        worker.in_flight_bytes += size
+        if received is None:
+            received = time.monotonic()
+        self._owner[ticket] = Pending(worker, conn, request_id, received, size)
+        return ticket
+
+    def settle(self, ticket: int) -> Pending | None:
+        """Forget a request's bookkeeping; None if it was settled already."""
+        with self.lock:
+            pending = self._owner.pop(ticket, None)
+            if pending is not None:
+                _, size = pending.worker.in_flight.pop(ticket)
+                pending.worker.in_flight_bytes -= size
+        return pending
+
+    def in_flight(self) -> int:
+        return len(self._owner)
+
+    def running_deadline(self, worker: WorkerHandle, threads: int) -> float | None:
+        with self.lock:
+            return worker.running_deadline(threads)
