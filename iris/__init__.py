@@ -6,7 +6,7 @@ for a service; request/reply, broadcast, publish/subscribe and tunnels.
 
 from .connection import Connection, connect
 from .errors import ClosedError, Error, RemoteError, TimeoutError
-from .handlers import ServiceHandler, TopicHandler
+from .handlers import ServiceHandler, TopicHandler, TunnelEnd
 from .limits import ServiceLimits, TopicLimits
 from .logs import ContextLog
 from .service import Service, register, serve
@@ -26,6 +26,7 @@ __all__ = [
     "TopicHandler",
     "TopicLimits",
     "Tunnel",
+    "TunnelEnd",
     "connect",
     "__version__",
     "register",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 from . import codec
 from .errors import ClosedError
-from .handlers import ServiceHandler
+from .handlers import ServiceHandler, TunnelEnd
 from .limits import ServiceLimits
 from .logs import ContextLog, HandlerErrorLog, RateLimitedWarning
 from .pool import HandlerPool
@@ -107,7 +107,7 @@ def memory_fault(pool: ByteBudget, where: str = "") -> str:
     )
 
 
-def serve_tunnel(handler: ServiceHandler, tunnel: Tunnel, errors: HandlerErrorLog) -> None:
+def serve_tunnel(handler: ServiceHandler, tunnel: TunnelEnd, errors: HandlerErrorLog) -> None:
     """Run ``handle_tunnel``; a handler that raises has its tunnel closed."""
     try:
         handler.handle_tunnel(tunnel)

@@ -6,11 +6,32 @@ handle_request refuses), so a broadcast-only service stays a few lines.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, Self
 
 if TYPE_CHECKING:
     from .connection import Connection
-    from .tunnel import Tunnel
+
+
+class TunnelEnd(Protocol):
+    """What a tunnel handler may use of its tunnel.
+
+    An :class:`iris.Tunnel`, or irishost's proxy of one in a worker process
+    (the real tunnel stays in the supervisor), so handlers and
+    :func:`iris.dispatch.serve_tunnel` accept either.
+    """
+
+    @property
+    def id(self) -> int: ...
+
+    def send(self, message: bytes, timeout: float | None = None) -> None: ...
+
+    def recv(self, timeout: float | None = None) -> bytes: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc: object) -> None: ...
 
 
 class ServiceHandler:
@@ -30,7 +51,7 @@ class ServiceHandler:
         """Answer a request; an exception becomes the fault the caller sees."""
         raise NotImplementedError(f"{type(self).__name__} does not handle requests")
 
-    def handle_tunnel(self, tunnel: Tunnel) -> None:
+    def handle_tunnel(self, tunnel: TunnelEnd) -> None:
         """An inbound tunnel; the handler owns it and should close it."""
         tunnel.close()
 

@@ -16,16 +16,17 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from typing import cast
 
 import iris
 import iris.aio
-from iris.aio.pool import UNCAPPED, HandlerPool
+from iris.aio.pool import UNCAPPED, Callback, HandlerPool
 from iris.aio.service import EXPIRED, answer, close_failed_tunnel, settle
 from iris.dispatch import memory_fault
 from iris.logs import RateLimitedWarning
 
 from . import frames
-from .worker import IDLE_CHECK_SECONDS, PARENT_GONE, Worker
+from .worker import IDLE_CHECK_SECONDS, PARENT_GONE, FrameHandlers, Worker
 from .worker_tunnel import AsyncWorkerTunnel
 
 # Frames handled per pump before the loop gets a turn (timers, the relay
@@ -43,7 +44,7 @@ class LoopWorker:
         self.handler = worker.handler
         self.inbox = worker.spec.inbox
         self.loop = asyncio.new_event_loop()
-        self._exit_code: asyncio.Future | None = None
+        self._exit_code: asyncio.Future[int] = self.loop.create_future()  # set once drained
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -95,8 +96,7 @@ class LoopWorker:
         return self.loop.run_until_complete(self._serve())
 
     async def _serve(self) -> int:
-        self._exit_code = self.loop.create_future()
-        self._handlers = {
+        self._handlers: FrameHandlers = {
             frames.Request: self._on_request,
             frames.Broadcast: self._on_broadcast,
             frames.Event: self._on_event,
@@ -191,7 +191,14 @@ class LoopWorker:
         pool, overflow = self._topics[topic]
         self._run_counted(pool, self.handler.handle_event, (topic, event), len(event), overflow)
 
-    def _run_counted(self, pool: HandlerPool, callback, args: tuple, size: int, overflow) -> None:
+    def _run_counted(
+        self,
+        pool: HandlerPool,
+        callback: Callback,
+        args: tuple[object, ...],
+        size: int,
+        overflow: RateLimitedWarning,
+    ) -> None:
         """Submit a fire-and-forget callback, counted so a drain waits for it."""
         self.worker._track(1)
         if not pool.submit(callback, args, size, self._untrack, pool.name):
@@ -201,7 +208,8 @@ class LoopWorker:
     def _untrack(self, what: str, ok: bool, value: object) -> None:
         self.worker._track(-1)
         if not ok and not isinstance(value, asyncio.CancelledError):
-            self.errors("handler raised", value, pool=what)
+            # not ok: the pool hands over the exception the callback raised
+            self.errors("handler raised", cast(BaseException, value), pool=what)
 
     def _on_tunnel(self, tunnel_id: int) -> None:
         worker = self.worker

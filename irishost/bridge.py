@@ -15,6 +15,7 @@ import queue
 import threading
 import traceback
 from collections.abc import Callable
+from typing import cast
 
 import iris
 
@@ -38,7 +39,10 @@ class TunnelBridge:
         self._cond = threading.Condition()
         self._unconsumed = 0
         self._stopped = False
-        self._requests: queue.SimpleQueue = queue.SimpleQueue()  # the worker's sends/close
+        # The worker's sends and close; None stops the thread performing them.
+        self._requests: queue.SimpleQueue[frames.TunSend | frames.TunClose | None] = (
+            queue.SimpleQueue()
+        )
 
     def start(self) -> None:
         """Hand the tunnel to the worker, or close it if the worker cannot take it.
@@ -121,7 +125,9 @@ class TunnelBridge:
                 self.stop("closed by the handler")
                 return
             try:
-                tunnel.send(request.payload, request.timeout)
+                # The worker's timeout is any value it sent: send() checks it,
+                # and a bad one raises the ValueError that closes this tunnel.
+                tunnel.send(request.payload, cast("float | None", request.timeout))
                 outcome = None
             except iris.TimeoutError:
                 outcome = "timeout"

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from iris.limits import ServiceLimits, TopicLimits
 
@@ -130,7 +130,7 @@ class Config:
     # (irishost.loader), since only the class can tell.
     settings: dict[str, Any] = field(default_factory=dict)
 
-    def to_wire(self) -> dict:
+    def to_wire(self) -> dict[str, Any]:
         """The config as plain values (str, int, float, bool, lists, dicts), for
         msgpack to carry to the fork server; :meth:`from_wire` rebuilds it."""
         data = asdict(self)
@@ -143,7 +143,7 @@ class Config:
         return data
 
     @classmethod
-    def from_wire(cls, data: dict) -> Config:
+    def from_wire(cls, data: dict[str, Any]) -> Config:
         service = data["service"]
         return cls(
             file=Path(data["file"]),
@@ -210,7 +210,7 @@ def _show(value: Any) -> str:
     return f"a {type(value).__name__}"  # TOML dates and times
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     # TOML booleans arrive as Python bools, which are ints; they are never numbers here.
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -271,12 +271,16 @@ def _kill_factor(value: Any) -> float:
     return float(value)
 
 
-def _integer(low: int, high: int | None = None) -> _Parser:
+def _integer(low: int, high: int | None = None) -> Callable[[Any], int]:
     wanted = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
 
     def parse(value: Any) -> int:
-        is_integer = isinstance(value, int) and not isinstance(value, bool)
-        if not is_integer or value < low or (high is not None and value > high):
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or value < low
+            or (high is not None and value > high)
+        ):
             raise ValueError(f"expected {wanted}, got {_show(value)}")
         return value
 
@@ -321,13 +325,14 @@ def _name(value: Any) -> str:
 
 
 def _handler_spec(value: Any) -> str:
-    module, colon, attribute = value.partition(":") if isinstance(value, str) else ("", "", "")
+    text = value if isinstance(value, str) else ""
+    module, colon, attribute = text.partition(":")
     names = [*module.split("."), *attribute.split(".")]
     if not colon or not all(name.isidentifier() for name in names):
         raise ValueError(
             f'expected "module:attribute" such as "primes:PrimeHandler", got {_show(value)}'
         )
-    return value
+    return text
 
 
 def _string_list(value: Any) -> tuple[str, ...]:

@@ -346,7 +346,16 @@ def format_status(snapshot: Snapshot) -> str:
         ("workers", f"{len(workers)} alive"),
         ("health", _health(snapshot["degraded"])),
     ]
-    header = ["WORKER", "PID", "STATE", "SERVED", "IN FLIGHT", "RSS", "RESTARTS", "UPTIME"]
+    header: list[object] = [
+        "WORKER",
+        "PID",
+        "STATE",
+        "SERVED",
+        "IN FLIGHT",
+        "RSS",
+        "RESTARTS",
+        "UPTIME",
+    ]
     rows = [
         [
             worker["slot"],
@@ -371,7 +380,7 @@ def _failures(failures: dict[str, int]) -> str:
     return f"{total} ({', '.join(causes)})" if causes else "0"
 
 
-def _health(degraded: list[dict]) -> str:
+def _health(degraded: list[dict[str, Any]]) -> str:
     if not degraded:
         return "ok"
     return "degraded: " + "; ".join(f"worker {d['slot']} {d['problem']}" for d in degraded)

@@ -43,6 +43,7 @@ import signal
 import socket
 import traceback
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import setproctitle
@@ -61,6 +62,14 @@ RING_FDS = 6
 # The signals an operator (or a terminal's Ctrl-C, to the whole group) sends
 # the host: the supervisor acts on them, the fork server ignores them.
 _SUPERVISOR_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGTERM)
+
+
+# A message on the socket: a msgpack array whose first element names it. Its
+# fields are unpacked straight into typed names, so a decoded one is a list of Any.
+Message = list[Any]
+
+# The fork server's generations: number -> (config, handler class or None).
+Generations = dict[int, tuple[Config, type | None]]
 
 
 class ForkServerGone(Exception):
@@ -98,7 +107,7 @@ class ForkServer:
         same config and code), or from ``config`` (importing the handler when
         preloading). HandlerImportError if the import fails, ConfigError if
         the class does not take the config's settings."""
-        _, failure, fields = self._call(("generation", number, config.to_wire(), like))
+        (_, failure, fields), _ = self._call(("generation", number, config.to_wire(), like))
         if failure == "config":
             file, key, problem = fields
             raise ConfigError(Path(file), key, problem)
@@ -111,10 +120,9 @@ class ForkServer:
 
     def spawn(self, slot: int, generation: int) -> tuple[int, Ring, Ring, int]:
         """Fork a worker; its pid, inbox, outbox and the server's thread count at the fork."""
-        reply, fds = self._call(("spawn", slot, generation), RING_FDS)
-        _, pid, capacity, threads = reply
-        inbox = Ring.attach(*fds[0:3], capacity)
-        outbox = Ring.attach(*fds[3:6], capacity)
+        (_, pid, capacity, threads), fds = self._call(("spawn", slot, generation), RING_FDS)
+        inbox = Ring.attach(fds[0], fds[1], fds[2], capacity)
+        outbox = Ring.attach(fds[3], fds[4], fds[5], capacity)
         return pid, inbox, outbox, threads
 
     def exits(self) -> list[tuple[int, int]]:
@@ -142,26 +150,27 @@ class ForkServer:
 
     # -- the socket ------------------------------------------------------------------
 
-    def _call(self, request: tuple, maxfds: int = 0):
+    def _call(self, request: tuple[object, ...], maxfds: int = 0) -> tuple[Message, list[int]]:
+        """Send ``request``; the answer and the descriptors it carried."""
         self._send(request)
         while True:
             message, fds = self._receive(0, maxfds)
             if message[0] != "exited":
-                return (message, fds) if maxfds else message
+                return message, fds
             self._note(message)
 
-    def _note(self, message: tuple) -> None:
+    def _note(self, message: Message) -> None:
         if message[0] != "exited":
             raise ForkServerGone(f"unexpected message from the fork server: {message[0]}")
         self._exits.append((message[1], message[2]))
 
-    def _send(self, request: tuple) -> None:
+    def _send(self, request: tuple[object, ...]) -> None:
         try:
             self._sock.send(_pack(request))
         except OSError as err:
             raise ForkServerGone(f"fork server unreachable: {err}") from err
 
-    def _receive(self, flags: int, maxfds: int = 0) -> tuple[tuple, list[int]]:
+    def _receive(self, flags: int, maxfds: int = 0) -> tuple[Message, list[int]]:
         # recvmsg, not socket.recv_fds: that ignores its flags before Python 3.12.
         ancillary = socket.CMSG_LEN(maxfds * array.array("i").itemsize)
         data, cmsgs, _, _ = self._sock.recvmsg(MAX_MESSAGE, ancillary, flags)
@@ -177,11 +186,11 @@ class ForkServer:
 class _Server:
     """The fork server process's loop."""
 
-    def __init__(self, sock: socket.socket, supervisor: int, prefix: str, generations: dict):
+    def __init__(self, sock: socket.socket, supervisor: int, prefix: str, generations: Generations):
         self.sock = sock
         self.supervisor = supervisor
         self.prefix = prefix
-        self.generations = generations  # number -> (config, handler class or None)
+        self.generations = generations
 
     def serve(self) -> int:
         worker.die_with_parent(self.supervisor)
@@ -199,8 +208,9 @@ class _Server:
             return 0  # the supervisor is gone; the kernel is about to end us too
 
     def _loop(self, wakeup: WakeupPipe) -> int:
+        watched: list[socket.socket | WakeupPipe] = [self.sock, wakeup]
         while True:
-            readable, _, _ = select.select([self.sock, wakeup], [], [])
+            readable, _, _ = select.select(watched, [], [])
             if wakeup in readable:
                 wakeup.empty()
             self._report_exits()
@@ -229,7 +239,7 @@ class _Server:
         if reported:
             os.kill(self.supervisor, signal.SIGCHLD)
 
-    def _on_generation(self, number: int, wire: dict, like: int | None) -> None:
+    def _on_generation(self, number: int, wire: dict[str, Any], like: int | None) -> None:
         if like is not None:
             self.generations[number] = self.generations[like]
             self._reply(("generation", None, []))
@@ -276,7 +286,7 @@ class _Server:
             os.close(inbox_segment)
             os.close(outbox_segment)
 
-    def _reply(self, message: tuple) -> None:
+    def _reply(self, message: tuple[object, ...]) -> None:
         self.sock.send(_pack(message))
 
 
@@ -286,9 +296,11 @@ def thread_count() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
-def _pack(message: tuple) -> bytes:
-    return msgpack.packb(message, use_bin_type=True)
+def _pack(message: tuple[object, ...]) -> bytes:
+    packed: bytes = msgpack.packb(message, use_bin_type=True)
+    return packed
 
 
-def _unpack(data: bytes) -> list:
-    return msgpack.unpackb(data, raw=False, use_list=True)
+def _unpack(data: bytes) -> Message:
+    message: Message = msgpack.unpackb(data, raw=False, use_list=True)
+    return message

@@ -38,11 +38,12 @@ Deadlines are CLOCK_MONOTONIC seconds, which all processes on the machine share.
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import ClassVar, NamedTuple
 
 import msgpack
 
-_pack = msgpack.Packer(use_bin_type=True).pack
+_pack: Callable[[object], bytes] = msgpack.Packer(use_bin_type=True).pack
 _NUMBER = (int, float)
 _TEXT_OR_NONE = (str, type(None))
 
@@ -70,150 +71,213 @@ class FrameError(Exception):
     """A frame that does not decode, or one its receiver does not expect: the peer is broken."""
 
 
-def _encode(frame) -> bytes:
-    """A frame's wire form: its kind, then its fields (shared by every frame type)."""
-    return _pack((frame.KIND, *frame))
+# The Python types msgpack decodes a field to that decode() accepts for it.
+_FieldType = type | tuple[type, ...]
 
 
-# Each type names its wire kind (KIND) and the accepted Python types of its
-# fields as msgpack decodes them (TYPES), checked by decode().
+class _Frame(tuple[object, ...]):
+    """What every frame type adds to the NamedTuple of its fields.
+
+    Type checkers accept only fields and methods in a NamedTuple body, so each
+    frame type is the NamedTuple of its fields plus this: its wire kind (KIND), the accepted
+    Python types of its fields as msgpack decodes them (TYPES, checked by
+    decode()) and ``encode()``. Empty ``__slots__`` keep it a plain tuple.
+    """
+
+    __slots__ = ()
+    KIND: ClassVar[Kind]
+    TYPES: ClassVar[tuple[_FieldType, ...]]
+
+    def encode(self) -> bytes:
+        """The frame's wire form: its kind, then its fields."""
+        return _pack((self.KIND, *self))
+
 
 # -- supervisor -> worker -----------------------------------------------------------------
 
 
-class Request(NamedTuple):
+class _RequestFields(NamedTuple):
     ticket: int
     deadline: float
     payload: bytes
+
+
+class Request(_RequestFields, _Frame):
+    __slots__ = ()
     KIND = Kind.REQUEST
     TYPES = (int, _NUMBER, bytes)
-    encode = _encode
 
 
-class Broadcast(NamedTuple):
+class _BroadcastFields(NamedTuple):
     payload: bytes
+
+
+class Broadcast(_BroadcastFields, _Frame):
+    __slots__ = ()
     KIND = Kind.BROADCAST
     TYPES = (bytes,)
-    encode = _encode
 
 
-class Event(NamedTuple):
+class _EventFields(NamedTuple):
     topic: str
     payload: bytes
+
+
+class Event(_EventFields, _Frame):
+    __slots__ = ()
     KIND = Kind.EVENT
     TYPES = (str, bytes)
-    encode = _encode
 
 
-class Tunnel(NamedTuple):
+class _TunnelFields(NamedTuple):
     tunnel_id: int
+
+
+class Tunnel(_TunnelFields, _Frame):
+    __slots__ = ()
     KIND = Kind.TUNNEL
     TYPES = (int,)
-    encode = _encode
 
 
-class TunData(NamedTuple):
+class _TunDataFields(NamedTuple):
     tunnel_id: int
     payload: bytes
+
+
+class TunData(_TunDataFields, _Frame):
+    __slots__ = ()
     KIND = Kind.TUN_DATA
     TYPES = (int, bytes)
-    encode = _encode
 
 
-class TunSent(NamedTuple):
+class _TunSentFields(NamedTuple):
     tunnel_id: int
     error: str | None
+
+
+class TunSent(_TunSentFields, _Frame):
+    __slots__ = ()
     KIND = Kind.TUN_SENT
     TYPES = (int, _TEXT_OR_NONE)
-    encode = _encode
 
 
-class TunClosed(NamedTuple):
+class _TunClosedFields(NamedTuple):
     tunnel_id: int
     reason: str
+
+
+class TunClosed(_TunClosedFields, _Frame):
+    __slots__ = ()
     KIND = Kind.TUN_CLOSED
     TYPES = (int, str)
-    encode = _encode
 
 
-class Drop(NamedTuple):
+class _DropFields(NamedTuple):
     reason: str
+
+
+class Drop(_DropFields, _Frame):
+    __slots__ = ()
     KIND = Kind.DROP
     TYPES = (str,)
-    encode = _encode
 
 
-class Drain(NamedTuple):
+class _DrainFields(NamedTuple):
+    pass
+
+
+class Drain(_DrainFields, _Frame):
+    __slots__ = ()
     KIND = Kind.DRAIN
     TYPES = ()
-    encode = _encode
 
 
 # -- worker -> supervisor -----------------------------------------------------------------
 
 
-class Ready(NamedTuple):
+class _ReadyFields(NamedTuple):
     pid: int
+
+
+class Ready(_ReadyFields, _Frame):
+    __slots__ = ()
     KIND = Kind.READY
     TYPES = (int,)
-    encode = _encode
 
 
-class Failed(NamedTuple):
+class _FailedFields(NamedTuple):
     traceback: str
+
+
+class Failed(_FailedFields, _Frame):
+    __slots__ = ()
     KIND = Kind.FAILED
     TYPES = (str,)
-    encode = _encode
 
 
-class Reply(NamedTuple):
+class _ReplyFields(NamedTuple):
     ticket: int
     success: bool
     payload: bytes | str  # the reply, or the fault text
+
+
+class Reply(_ReplyFields, _Frame):
+    __slots__ = ()
     KIND = Kind.REPLY
     TYPES = (int, bool, (bytes, str))
-    encode = _encode
 
 
-class Expired(NamedTuple):
+class _ExpiredFields(NamedTuple):
     ticket: int
+
+
+class Expired(_ExpiredFields, _Frame):
+    __slots__ = ()
     KIND = Kind.EXPIRED
     TYPES = (int,)
-    encode = _encode
 
 
-class TunSend(NamedTuple):
+class _TunSendFields(NamedTuple):
     tunnel_id: int
     payload: bytes
     # Any value: the supervisor's tunnel checks it when sending, and a bad one
     # closes that tunnel with the tunnel's own ValueError (issue 9, item 13),
     # instead of costing the worker and everything else it holds.
     timeout: object
+
+
+class TunSend(_TunSendFields, _Frame):
+    __slots__ = ()
     KIND = Kind.TUN_SEND
     TYPES = (int, bytes, object)
-    encode = _encode
 
 
-class TunAck(NamedTuple):
+class _TunAckFields(NamedTuple):
     tunnel_id: int
     size: int
+
+
+class TunAck(_TunAckFields, _Frame):
+    __slots__ = ()
     KIND = Kind.TUN_ACK
     TYPES = (int, int)
-    encode = _encode
 
 
-class TunClose(NamedTuple):
+class _TunCloseFields(NamedTuple):
     tunnel_id: int
+
+
+class TunClose(_TunCloseFields, _Frame):
+    __slots__ = ()
     KIND = Kind.TUN_CLOSE
     TYPES = (int,)
-    encode = _encode
 
 
 ToWorker = Request | Broadcast | Event | Tunnel | TunData | TunSent | TunClosed | Drop | Drain
 ToSupervisor = Ready | Failed | Reply | Expired | TunSend | TunAck | TunClose
 Frame = ToWorker | ToSupervisor
 
-_BY_KIND: dict[int, type] = {
+_BY_KIND: dict[int, type[Frame]] = {
     int(frame_type.KIND): frame_type for frame_type in (*ToWorker.__args__, *ToSupervisor.__args__)
 }
 
@@ -230,15 +294,16 @@ def decode(data: bytes) -> Frame:
     if frame_type is None:
         raise FrameError(f"unknown frame kind {fields[0]}")
     values = fields[1:]
-    types = frame_type.TYPES
+    types: tuple[_FieldType, ...] = frame_type.TYPES
     if len(values) != len(types) or not all(map(isinstance, values, types)):
         raise FrameError(_mismatch(frame_type, values))
     return tuple.__new__(frame_type, values)
 
 
-def _mismatch(frame_type: type, values: tuple) -> str:
+def _mismatch(frame_type: type[Frame], values: tuple[object, ...]) -> str:
     """What is wrong with a frame of a known kind, for the FrameError."""
-    name, types = frame_type.__name__, frame_type.TYPES
+    name = frame_type.__name__
+    types: tuple[_FieldType, ...] = frame_type.TYPES
     if len(values) != len(types):
         return f"{name} frame with {len(values)} fields, not {len(types)}"
     for field, value, expected in zip(frame_type._fields, values, types, strict=True):

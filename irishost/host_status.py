@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
@@ -59,13 +59,13 @@ class HostStatus:
             )
         return line
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         """What `irishost status` and the metrics show; runs on their threads."""
         host = self.host
         now = time.monotonic()
         restarts = host.pool.respawner.slot_restarts
         with host.table.lock:
-            workers = [
+            workers: list[dict[str, Any]] = [
                 {
                     "slot": w.slot,
                     "pid": w.pid,

@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import traceback
+from typing import Any
 
 from iris.handlers import ServiceHandler
 
@@ -37,7 +38,8 @@ class HandlerImportError(Exception):
         self.details = details
 
     def __str__(self) -> str:
-        return self.args[0]
+        message: str = self.args[0]
+        return message
 
 
 def load_handler(config: Config) -> type[ServiceHandler]:
@@ -100,7 +102,7 @@ def _check_settings(config: Config, handler: type) -> None:
 
 
 def _settings_problem(
-    signature: inspect.Signature, settings: dict, error: TypeError
+    signature: inspect.Signature, settings: dict[str, Any], error: TypeError
 ) -> tuple[str, str]:
     """The key to blame and why, for settings that ``signature`` did not bind."""
     parameters = signature.parameters

@@ -85,7 +85,7 @@ class Respawner:
         self.problems[death.slot] = death.problem
         failures = 0 if death.lived >= STABLE_SECONDS else self._slot_failures.get(death.slot, 0)
         self._slot_failures[death.slot] = failures + 1
-        delay = min(BACKOFF_START * 2**failures, BACKOFF_CAP)
+        delay: float = min(BACKOFF_START * 2**failures, BACKOFF_CAP)
         self._due.append((now + delay, death.slot))
         return delay
 

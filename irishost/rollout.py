@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from iris.logfmt import configure_logging
 
@@ -40,7 +40,7 @@ class Generation:
     config: Config  # the handler class, when preloading, is the fork server's
 
 
-def reread(running: Config, overrides: dict, number: int) -> Generation:
+def reread(running: Config, overrides: dict[str, Any], number: int) -> Generation:
     """The generation a reload starts: the config file read again, with the
     command line's overrides; ConfigError when it cannot be used. (The fork
     server re-imports the handler when preloading: Spawner.add.)

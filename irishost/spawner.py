@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 from iris.logs import ContextLog
 
@@ -10,6 +12,9 @@ from .exits import Exit, HostError
 from .fork_server import ForkServer, ForkServerGone, thread_count
 from .rollout import Generation
 from .workers import WorkerHandle
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 class Spawner:
@@ -26,14 +31,14 @@ class Spawner:
     def add(self, generation: Generation, like: Generation | None = None) -> None:
         """Prepare ``generation`` in the fork server (HandlerImportError: see ForkServer)."""
         self._call(
-            self.forks.add_generation,
+            self._server().add_generation,
             generation.number,
             generation.config,
             like.number if like is not None else None,
         )
 
     def retain(self, generation: Generation) -> None:
-        self._call(self.forks.retain, generation.number)
+        self._call(self._server().retain, generation.number)
 
     def spawn(self, slot: int, generation: Generation) -> WorkerHandle:
         """A new worker for ``slot`` of ``generation``."""
@@ -43,12 +48,12 @@ class Spawner:
         if limits.max_requests:
             jitter = config.workers.max_requests_jitter
             max_requests = limits.max_requests + random.randint(0, jitter)
-        pid, inbox, outbox, threads = self._call(self.forks.spawn, slot, generation.number)
+        pid, inbox, outbox, threads = self._call(self._server().spawn, slot, generation.number)
         self.log.debug(
             "forked worker",
             worker=slot,
             pid=pid,
-            forked_by=self.forks.pid,
+            forked_by=self._server().pid,
             threads_at_fork=threads,
         )
         self._warn_if_threaded(f"worker {slot}", threads)
@@ -66,14 +71,20 @@ class Spawner:
 
     def exits(self) -> list[tuple[int, int]]:
         """Workers that died, as (pid, wait status); HostError if the fork server died."""
-        return self._call(self.forks.exits)
+        return self._call(self._server().exits)
 
     def stop(self) -> None:
         if self.forks is not None:
             self.forks.stop()
 
-    def _call(self, method, *args):
+    def _server(self) -> ForkServer:
+        if self.forks is None:
+            raise RuntimeError("Spawner.start was not called")
+        return self.forks
+
+    def _call(self, method: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        """``method(*args)``, with the fork server's death as the HostError it is."""
         try:
-            return method(*args)
+            return method(*args, **kwargs)
         except ForkServerGone as err:
             raise HostError(Exit.FAILURE, f"the fork server died: {err}") from err

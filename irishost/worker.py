@@ -31,7 +31,9 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import setproctitle
 
@@ -45,7 +47,10 @@ from . import frames
 from .config import Config
 from .loader import reload_handler
 from .ring import Ring
-from .worker_tunnel import WorkerTunnel
+from .worker_tunnel import TunnelRegistry, WorkerTunnel
+
+if TYPE_CHECKING:
+    from .async_worker import LoopWorker
 
 BOOT_FAILED = 3
 PARENT_GONE = 4
@@ -59,6 +64,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 # How often an idle worker looks up from its ring to check on its parent.
 IDLE_CHECK_SECONDS = 1.0
+
+# The frame loop's table: each kind of frame to the method given its fields.
+FrameHandlers = dict[type[frames.Frame], Callable[..., None]]
 
 
 @dataclass
@@ -129,9 +137,10 @@ class Worker:
         self._out_lock = threading.Lock()
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
-        self._tunnels: dict[int, WorkerTunnel] = {}
+        self._tunnels: TunnelRegistry = {}
         self._draining = False
-        self._loop_worker = None  # an iris.aio handler's event loop (irishost/async_worker.py)
+        # An iris.aio handler's event loop (irishost/async_worker.py).
+        self._loop_worker: LoopWorker | None = None
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -215,7 +224,7 @@ class Worker:
         if self._loop_worker is not None:
             return self._loop_worker.serve()
         inbox = self.spec.inbox
-        handlers = {
+        handlers: FrameHandlers = {
             frames.Request: self._on_request,
             frames.Broadcast: self._on_broadcast,
             frames.Event: self._on_event,
@@ -316,10 +325,17 @@ class Worker:
         pool, overflow = self._topics[topic]
         self._run_counted(pool, self.handler.handle_event, (topic, event), len(event), overflow)
 
-    def _run_counted(self, pool: HandlerPool, callback, args: tuple, size: int, overflow) -> None:
+    def _run_counted(
+        self,
+        pool: HandlerPool,
+        callback: Callable[..., object],
+        args: tuple[object, ...],
+        size: int,
+        overflow: RateLimitedWarning,
+    ) -> None:
         """Submit a fire-and-forget callback, counted so a drain waits for it."""
 
-        def task(*args):
+        def task(*args: object) -> None:
             try:
                 callback(*args)
             finally:
@@ -343,10 +359,10 @@ class Worker:
 
         threading.Thread(target=serve, name="irishost-tunnel", daemon=True).start()
 
-    def _tunnel_handler(self, method: str):
+    def _tunnel_handler(self, method: str) -> Callable[[int, bytes | str | None], None]:
         """A frame handler passing a tunnel frame to that tunnel's ``method``."""
 
-        def handle(tunnel_id: int, value) -> None:
+        def handle(tunnel_id: int, value: bytes | str | None) -> None:
             tunnel = self._tunnels.get(tunnel_id)
             if tunnel is not None:  # else closed meanwhile
                 getattr(tunnel, method)(value)

@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import iris
 
+from .ring import Ring
 from .workers import WorkerHandle, WorkerState
 
 
@@ -71,7 +72,7 @@ class WorkerTable:
         self._by_pid: dict[int, WorkerHandle] = {}
         self._owner: dict[int, Pending] = {}  # ticket -> the request
         self._tickets = itertools.count()
-        self._outboxes: dict | None = None  # outbox -> worker, until the workers change
+        self._outboxes: dict[Ring, WorkerHandle] | None = None  # until the workers change
 
     # -- the workers -------------------------------------------------------------------
 
@@ -86,7 +87,7 @@ class WorkerTable:
             self._by_pid[worker.pid] = worker
             self._outboxes = None
 
-    def outboxes(self) -> dict:
+    def outboxes(self) -> dict[Ring, WorkerHandle]:
         """Each live worker's outbox, mapped to its worker: what the loop waits on."""
         outboxes = self._outboxes
         if outboxes is None:

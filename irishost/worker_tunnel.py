@@ -15,12 +15,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import TypeAlias
 
 import iris
 from iris.logs import ContextLog
 from iris.tunnel import validate_send, wait_until
 
 from . import frames
+
+# A worker's open tunnels by id; each removes itself when it closes.
+TunnelRegistry: TypeAlias = "dict[int, WorkerTunnel | AsyncWorkerTunnel]"
 
 
 class WorkerTunnel:
@@ -29,7 +33,7 @@ class WorkerTunnel:
         tunnel_id: int,
         send_frame: Callable[[bytes], None],
         log: ContextLog,
-        registry: dict[int, WorkerTunnel],
+        registry: TunnelRegistry,
     ):
         self.id = tunnel_id
         self.log = log
@@ -44,7 +48,7 @@ class WorkerTunnel:
     def __enter__(self) -> WorkerTunnel:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def send(self, message: bytes, timeout: float | None = None) -> None:
@@ -118,7 +122,7 @@ class AsyncWorkerTunnel:
         tunnel_id: int,
         send_frame: Callable[[bytes], None],
         log: ContextLog,
-        registry: dict[int, AsyncWorkerTunnel],
+        registry: TunnelRegistry,
     ):
         self.id = tunnel_id
         self.log = log
@@ -134,7 +138,7 @@ class AsyncWorkerTunnel:
     async def __aenter__(self) -> AsyncWorkerTunnel:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def send(self, message: bytes, timeout: float | None = None) -> None:

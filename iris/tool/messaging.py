@@ -109,7 +109,7 @@ class ReplyHandler(iris.ServiceHandler):
     def handle_request(self, request: bytes) -> bytes:
         return request if self.answer is None else self.answer
 
-    def handle_tunnel(self, tunnel: iris.Tunnel) -> None:
+    def handle_tunnel(self, tunnel: iris.TunnelEnd) -> None:
         with tunnel:
             if self.answer is not None:
                 return  # only --echo serves tunnels
