@@ -66,6 +66,21 @@ class Refusal(NamedTuple):
     text: str
 
 
+def no_room(open_workers: int, stalled: int, memory_cap: int, size: int) -> Refusal:
+    """Why none of the ``open_workers`` (``stalled`` of them) can take a request."""
+    if stalled == open_workers:
+        return Refusal(
+            Outcome.NO_ROOM,
+            f"all {open_workers} workers are stalled: none took a frame in time lately",
+        )
+    return Refusal(
+        Outcome.NO_ROOM,
+        f"all {open_workers} workers are at their request memory limit "
+        f"({memory_cap} bytes each, request is {size} bytes)"
+        + (f" or stalled ({stalled})" if stalled else ""),
+    )
+
+
 class RelayDispatch:
     def __init__(
         self,
@@ -115,9 +130,10 @@ class RelayDispatch:
     # -- Inbound: called on the relay connection's reader thread ---------------------
 
     def request(self, request_id: int, request: bytes, timeout: float) -> None:
-        # self.conn is the connection whose reader thread this is.
+        conn = self.conn  # the connection whose reader thread this is: set
+        assert conn is not None
         now = time.monotonic()
-        waiting = Waiting(self.conn, request_id, now + timeout, request, now)
+        waiting = Waiting(conn, request_id, now + timeout, request, now)
         with self.table.lock:
             choice = self._pick_for_request(len(request))
             if choice is None:
@@ -160,6 +176,7 @@ class RelayDispatch:
         if isinstance(choice, Refusal):
             self.answer(waiting, choice.outcome, choice.text)
             return
+        assert ticket is not None  # _book gives a worker's booking its ticket
         try:
             choice.put(frames.Request(ticket, waiting.deadline, waiting.request).encode())
         except WorkerUnreachable as err:
@@ -175,11 +192,12 @@ class RelayDispatch:
         tick, and when stopping (the requests then get the shutdown fault).
         """
         now = time.monotonic()
-        handed, expired = [], []
+        handed: list[tuple[Waiting, WorkerHandle | Refusal, int | None]] = []
+        expired: list[Waiting] = []
         with self.table.lock:
             if not self._waiting:
                 return
-            live = []
+            live: list[Waiting] = []
             for waiting in self._waiting:
                 alive = waiting.deadline > now and not waiting.conn.closed
                 (live if alive else expired).append(waiting)
@@ -210,7 +228,9 @@ class RelayDispatch:
         """
         if not self.accepting:
             return Refusal(Outcome.SHUTDOWN, "service is shutting down")
-        best, best_load, open_workers, ready, stalled = None, None, 0, 0, 0
+        best: WorkerHandle | None = None
+        best_load: tuple[bool, int] = (True, 0)
+        open_workers = ready = stalled = 0
         workers, start, now = self.table.workers, self._cursor, time.monotonic()
         for step in range(len(workers)):
             worker = workers[(start + step) % len(workers)]
@@ -232,17 +252,7 @@ class RelayDispatch:
             return None
         if best is not None:
             return best
-        if stalled == open_workers:
-            return Refusal(
-                Outcome.NO_ROOM,
-                f"all {open_workers} workers are stalled: none took a frame in time lately",
-            )
-        return Refusal(
-            Outcome.NO_ROOM,
-            f"all {open_workers} workers are at their request memory limit "
-            f"({self._memory_cap} bytes each, request is {size} bytes)"
-            + (f" or stalled ({stalled})" if stalled else ""),
-        )
+        return no_room(open_workers, stalled, self._memory_cap, size)
 
     def broadcast(self, message: bytes) -> None:
         self._deliver(self.config.workers.broadcast, frames.Broadcast(message).encode())
@@ -308,7 +318,7 @@ class RelayDispatch:
 
     # -- answers from workers: called on the supervisor's loop -------------------------
 
-    def on_frame(self, worker: WorkerHandle, frame: frames.ToSupervisor) -> None:
+    def on_frame(self, worker: WorkerHandle, frame: frames.Frame) -> None:
         """An answer or tunnel frame from ``worker``; FrameError for any other kind."""
         if isinstance(frame, frames.Reply):
             pending = self.table.settle(frame.ticket)

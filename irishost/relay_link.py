@@ -89,8 +89,10 @@ class RelayLink:
         self._delay = RECONNECT_START
 
     def subscribe(self, topics: Iterable[TopicSection]) -> None:
+        conn = self.conn
+        assert conn is not None, "subscribing before the relay is connected"
         for topic in topics:
-            self.conn.subscribe(
+            conn.subscribe(
                 topic.name,
                 self.dispatch.event(topic.name),
                 iris.TopicLimits(event_threads=1, event_memory=topic.event_memory),
@@ -101,6 +103,7 @@ class RelayLink:
         old_topics = {t.name for t in self.config.topics}
         self.config = config
         if self.state is RelayState.CONNECTED:
+            assert self.conn is not None  # connected: the connection is set
             for topic in old_topics - {t.name for t in config.topics}:
                 self.conn.unsubscribe(topic)
             self.subscribe(t for t in config.topics if t.name not in old_topics)

@@ -22,6 +22,8 @@ import itertools
 import logging
 import signal
 import time
+from collections.abc import Callable
+from typing import Any
 
 from iris.logs import ContextLog
 
@@ -61,10 +63,12 @@ _COMMAND_ANSWERS = {
 }
 # What the signal queue holds: a signal's number, or a command that has no signal.
 Queued = int | Command
+# Command-line flags that override the config file, by name.
+Flags = dict[str, Any]
 
 
 class Supervisor:
-    def __init__(self, config: Config, handler_class: type | None, overrides: dict | None = None):
+    def __init__(self, config: Config, handler_class: type | None, overrides: Flags | None = None):
         self.overrides = overrides or {}  # command-line flags, re-applied on reload
         # Never reused: workers of an aborted reload may still be waiting to be
         # reaped when the next reload starts, and must not pass for its workers.
@@ -82,7 +86,7 @@ class Supervisor:
         self.notifier = Notifier.from_environ()
         self.status = HostStatus(self)
         self.signal_queue: list[Queued] = []  # by the handlers and act(); the loop empties it
-        self.signal_table = {
+        self.signal_table: dict[int, Callable[[], None]] = {
             signal.SIGTERM: self._stop,
             signal.SIGINT: self._interrupt,
             signal.SIGHUP: self._reload,
@@ -107,7 +111,7 @@ class Supervisor:
         removed = remove_stale_segments(self.prefix)
         if removed:
             self.log.info("removed stale shared memory", segments=len(removed))
-        servers = []
+        servers: list[ControlServer | MetricsServer] = []
         # Before any thread exists in this process (see fork_server).
         self.pool.spawner.start(self.pool.generation, self.handler_class)
         self._install_signals()
