@@ -96,7 +96,11 @@ class SocketWriter:
                 self._lock.release()
             # A sender may have appended after the last batch yet found the
             # lock still held; whoever takes the lock next writes its packet.
-            if not self._outbox or not self._lock.acquire(blocking=False):
+            # After a failed write nothing more can be sent: stop (the senders
+            # get ClosedError), or this loop would spin over the leftovers.
+            if self._error is not None or not self._outbox:
+                return
+            if not self._lock.acquire(blocking=False):
                 return
 
     def _raise_error(self) -> NoReturn:
@@ -109,6 +113,8 @@ class SocketWriter:
             batch = outbox[0] if count == 1 else b"".join(outbox[:count])
             del outbox[:count]
             self._write(batch)
+        if self._error is not None:
+            outbox.clear()  # never to be sent: free them
 
     def _write(self, data: bytes) -> None:
         """One sendall; called holding the lock."""

@@ -105,3 +105,39 @@ def test_a_broken_socket_fails_the_sender_and_every_later_one(socket_pair):
             writer.send(frame(0, 0, 100_000))
     with pytest.raises(ClosedError, match="connection lost"):
         writer.send(frame(0, 1, 1))
+
+
+class BreaksMidWrite:
+    """A real socket whose first ``sendall`` fails after another sender has
+    queued a packet meanwhile: the peer went away in the middle of a batch.
+
+    The race cannot be scheduled on a real socket alone, so this wrapper
+    makes the second sender's append happen inside the failing write.
+    """
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.writer: SocketWriter | None = None
+
+    def sendall(self, data: bytes) -> None:
+        assert self.writer is not None
+        self.writer.hold(b"queued during the failing write", OUTBOX_PACKETS)
+        self.sock.close()
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_write_failing_with_packets_queued_ends_the_flush(socket_pair):
+    """A failed write must not leave the writer looping over packets it can no
+    longer send (it used to spin at 100 % CPU, holding up every caller)."""
+    broken = BreaksMidWrite(socket_pair[0])
+    writer = SocketWriter(broken)  # a socket as far as the writer is concerned
+    broken.writer = writer
+    assert writer.hold(b"first", OUTBOX_PACKETS)
+
+    flushing = threading.Thread(target=writer.flush, daemon=True)
+    flushing.start()
+    flushing.join(2.0)
+
+    assert not flushing.is_alive(), "flush kept looping after the write failed"
+    with pytest.raises(ClosedError, match="Broken pipe"):
+        writer.send(b"later")
