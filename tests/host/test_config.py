@@ -458,7 +458,7 @@ def test_parse_size_scales_by_unit(number, unit):
 
 
 def test_import_paths_are_relative_to_the_config_directory(in_tmp, monkeypatch):
-    text = MINIMAL + 'path = [".", "lib", "../shared", "/opt/handlers"]\n'
+    text = MINIMAL + 'path = [".", "lib", "../common", "/opt/handlers"]\n'
     config_file = write(in_tmp / "app", text)
     (in_tmp / "elsewhere").mkdir()
     monkeypatch.chdir(in_tmp / "elsewhere")
@@ -469,7 +469,7 @@ def test_import_paths_are_relative_to_the_config_directory(in_tmp, monkeypatch):
     assert config.service.path == (
         in_tmp / "app",
         in_tmp / "app" / "lib",
-        in_tmp / "shared",
+        in_tmp / "common",
         Path("/opt/handlers"),
     )
 
