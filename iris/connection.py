@@ -28,7 +28,7 @@ from .dispatch import Inbound, sendable_reply
 from .errors import ClosedError, RemoteError, TimeoutError
 from .handlers import TopicHandler
 from .handoff import ReplyHandoff, Waiter
-from .limits import TUNNEL_BUFFER, TopicLimits
+from .limits import TopicLimits
 from .logs import ContextLog, HandlerErrorLog, RateLimitedWarning
 from .pool import HandlerPool
 from .tunnel import Tunnel
@@ -435,19 +435,9 @@ class Connection(TunnelRoutes[Tunnel]):
         if not sub.pool.submit(sub.callback, (packet.event,), len(packet.event)):
             sub.overflow(size=len(packet.event))
 
-    def _on_tunnel_result(self, packet: codec.TunnelResult) -> None:
-        waiter = self._tunnel_inits.pop(packet.id, None)
-        if packet.timed_out:
-            if waiter is not None:
-                waiter.resolve(None)
-            return
-        tunnel = self._new_tunnel(packet.id, packet.chunk_limit)
-        self._send(codec.TunnelAllow(packet.id, TUNNEL_BUFFER).encode())
-        if waiter is None:  # its caller gave up already
-            tunnel.close_async()
-        else:
-            tunnel.log.info("tunnel established")
-            waiter.resolve(tunnel)
+    def _take_tunnel_init(self, tid: int) -> Callable[[Tunnel | None], None] | None:
+        waiter = self._tunnel_inits.pop(tid, None)
+        return None if waiter is None else waiter.resolve
 
     # A packet's handler, by the packet's type; True: stop reading. Each handler
     # takes its own packet type, which a dict's value type cannot tie to its
@@ -458,7 +448,7 @@ class Connection(TunnelRoutes[Tunnel]):
         codec.BroadcastDelivery: _on_broadcast,
         codec.Publish: _on_event,
         codec.TunnelOffer: TunnelRoutes._on_tunnel_offer,
-        codec.TunnelResult: _on_tunnel_result,
+        codec.TunnelResult: TunnelRoutes._on_tunnel_result,
         codec.TunnelAllow: TunnelRoutes._on_tunnel_allow,
         codec.TunnelTransfer: TunnelRoutes._on_tunnel_transfer,
         codec.TunnelClosed: TunnelRoutes._on_tunnel_closed,

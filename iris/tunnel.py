@@ -137,6 +137,8 @@ class Tunnel(TunnelCore):
             self._close_sent = True
         return self._send_close()
 
+    _close_unclaimed = close_async
+
     # -- called by the connection's reader thread ---------------------------------
 
     def _on_allow(self, size: int) -> None:

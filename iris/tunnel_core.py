@@ -75,6 +75,9 @@ class RoutedTunnel(Protocol):
 
     def _on_closed(self, reason: str) -> None: ...
 
+    # Send the close request without waiting (a tunnel whose opener gave up).
+    def _close_unclaimed(self) -> object: ...
+
 
 _Tunnel = TypeVar("_Tunnel", bound=RoutedTunnel)
 _Tunnel_contra = TypeVar("_Tunnel_contra", bound=RoutedTunnel, contravariant=True)
@@ -91,9 +94,9 @@ class TunnelRoutes(Generic[_Tunnel]):
 
     Generic in the connection's kind of tunnel. The connection sets
     ``_tunnels`` to a dict and ``tunnel_class`` to its kind of tunnel, has
-    ``_ids``, ``_send`` and ``_member_inbound``, and dispatches the relay's
-    TUN_INIT, TUN_ALLOW, TUN_TRANSFER and TUN_CLOSE packets to the handlers
-    here.
+    ``_ids``, ``_send``, ``_member_inbound`` and ``_take_tunnel_init``, and
+    dispatches the relay's TUN_INIT, TUN_RESULT, TUN_ALLOW, TUN_TRANSFER and
+    TUN_CLOSE packets to the handlers here.
     """
 
     tunnel_class: Callable[[Self, int, int, ContextLog], _Tunnel]  # called with the connection
@@ -103,6 +106,10 @@ class TunnelRoutes(Generic[_Tunnel]):
     _send: Callable[[bytes], None]
     # The member's Inbound, or a ProtocolError naming ``what`` was sent to a plain client.
     _member_inbound: Callable[[str], TunnelAcceptor[_Tunnel]]
+    # The waiting ``tunnel()`` call for an id, taken off the pending ones: what
+    # to call with its tunnel, or with None when it timed out; None if that
+    # call gave up already. Each binding waits its own way.
+    _take_tunnel_init: Callable[[int], Callable[[_Tunnel | None], object] | None]
 
     def _new_tunnel(self: Self, tid: int, chunk_limit: int) -> _Tunnel:
         if chunk_limit < 1:
@@ -124,6 +131,21 @@ class TunnelRoutes(Generic[_Tunnel]):
         )
         tunnel.log.info("inbound tunnel accepted")
         inbound.tunnel(tunnel)
+
+    def _on_tunnel_result(self, packet: codec.TunnelResult) -> None:
+        """The relay's answer to this connection's ``tunnel()`` call."""
+        resolve = self._take_tunnel_init(packet.id)
+        if packet.timed_out:
+            if resolve is not None:
+                resolve(None)
+            return
+        tunnel = self._new_tunnel(packet.id, packet.chunk_limit)
+        self._send(codec.TunnelAllow(packet.id, TUNNEL_BUFFER).encode())
+        if resolve is None:  # its caller gave up already
+            tunnel._close_unclaimed()
+        else:
+            tunnel.log.info("tunnel established")
+            resolve(tunnel)
 
     def _on_tunnel_allow(self, packet: codec.TunnelAllow) -> None:
         tunnel = self._tunnels.get(packet.id)

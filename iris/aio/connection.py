@@ -47,7 +47,7 @@ from ..connection import (
 from ..dispatch import sendable_reply
 from ..errors import ClosedError, RemoteError, TimeoutError
 from ..handlers import TopicHandler
-from ..limits import TUNNEL_BUFFER, TopicLimits
+from ..limits import TopicLimits
 from ..logs import ContextLog, HandlerErrorLog, RateLimitedWarning
 from ..tunnel_core import TunnelRoutes
 from .pool import Callback, HandlerPool
@@ -498,20 +498,11 @@ class Connection(TunnelRoutes[Tunnel]):
         if not sub.pool.submit(sub.callback, (packet.event,), len(packet.event)):
             sub.overflow(size=len(packet.event))
 
-    def _on_tunnel_result(self, packet: codec.TunnelResult) -> None:
-        pending = self._tunnel_inits.pop(packet.id, None)
-        future = pending[0] if pending is not None and not pending[0].done() else None
-        if packet.timed_out:
-            if future is not None:
-                future.set_result(None)
-            return
-        tunnel = self._new_tunnel(packet.id, packet.chunk_limit)
-        self._send(codec.TunnelAllow(packet.id, TUNNEL_BUFFER).encode())
-        if future is None:  # its caller gave up already
-            tunnel.close_nowait()
-        else:
-            tunnel.log.info("tunnel established")
-            future.set_result(tunnel)
+    def _take_tunnel_init(self, tid: int) -> Callable[[Tunnel | None], None] | None:
+        pending = self._tunnel_inits.pop(tid, None)
+        if pending is None or pending[0].done():
+            return None
+        return pending[0].set_result
 
 
 # A packet's handler, by the packet's type. Each handler takes its own packet
@@ -530,7 +521,7 @@ _DISPATCH: _Handlers = {
     codec.BroadcastDelivery: Connection._on_broadcast,
     codec.Publish: Connection._on_event,
     codec.TunnelOffer: TunnelRoutes._on_tunnel_offer,
-    codec.TunnelResult: Connection._on_tunnel_result,
+    codec.TunnelResult: TunnelRoutes._on_tunnel_result,
     codec.TunnelAllow: TunnelRoutes._on_tunnel_allow,
     codec.TunnelTransfer: TunnelRoutes._on_tunnel_transfer,
     codec.TunnelClosed: TunnelRoutes._on_tunnel_closed,

@@ -98,6 +98,8 @@ class Tunnel(TunnelCore):
         self._wake()
         return self._send_close()
 
+    _close_unclaimed = close_nowait
+
     async def _wait_until(
         self,
         ready: Callable[[], object],
