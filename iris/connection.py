@@ -373,7 +373,6 @@ class Connection(TunnelRoutes[Tunnel]):
         except (OSError, ClosedError) as err:  # ClosedError: a send of ours met the end
             reason = f"connection lost: {err}"
         finally:
-            self._mark_closed(reason)
             graceful = self._closing and self._drop_reason is None
             self._shutdown(reason)
             if not graceful:
