@@ -26,7 +26,7 @@ from typing import Any, ClassVar, cast
 from . import codec
 from .dispatch import Inbound, sendable_reply
 from .errors import ClosedError, RemoteError, TimeoutError
-from .handlers import TopicHandler
+from .handlers import TopicHandler, event_callback
 from .handoff import ReplyHandoff, Waiter
 from .limits import TopicLimits
 from .logs import ContextLog, HandlerErrorLog, RateLimitedWarning
@@ -293,9 +293,7 @@ class Connection(TunnelRoutes[Tunnel]):
         ``handler`` is a TopicHandler or any callable taking the event bytes.
         """
         _validate_name("topic", topic)
-        callback = handler.handle_event if isinstance(handler, TopicHandler) else handler
-        if not callable(callback):
-            raise ValueError("handler must be an iris.TopicHandler or a callable")
+        callback = event_callback(handler)
         limits = (limits or TopicLimits()).with_defaults()
         log = self.log.new(topic=topic)
         pool = HandlerPool(

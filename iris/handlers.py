@@ -6,7 +6,8 @@ handle_request refuses), so a broadcast-only service stays a few lines.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, Self
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol, Self, TypeVar
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -64,3 +65,17 @@ class TopicHandler:
 
     def handle_event(self, event: bytes) -> None:
         """An event published to the subscribed topic."""
+
+
+_EventCallback = TypeVar("_EventCallback", bound=Callable[[bytes], object])
+
+
+def event_callback(
+    handler: TopicHandler | _EventCallback,
+) -> _EventCallback | Callable[[bytes], None]:
+    """What a subscription calls with each event: the handler's ``handle_event``,
+    or the handler itself if it is a plain callable; ValueError if neither."""
+    callback = handler.handle_event if isinstance(handler, TopicHandler) else handler
+    if not callable(callback):
+        raise ValueError("handler must be an iris.TopicHandler or a callable")
+    return callback

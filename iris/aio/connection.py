@@ -46,7 +46,7 @@ from ..connection import (
 )
 from ..dispatch import sendable_reply
 from ..errors import ClosedError, RemoteError, TimeoutError
-from ..handlers import TopicHandler
+from ..handlers import TopicHandler, event_callback
 from ..limits import TopicLimits
 from ..logs import ContextLog, HandlerErrorLog, RateLimitedWarning
 from ..tunnel_core import TunnelRoutes
@@ -365,9 +365,7 @@ class Connection(TunnelRoutes[Tunnel]):
         ``limits.event_threads`` of its calls run at once.
         """
         _validate_name("topic", topic)
-        callback = handler.handle_event if isinstance(handler, TopicHandler) else handler
-        if not callable(callback):
-            raise ValueError("handler must be an iris.TopicHandler or a callable")
+        callback = event_callback(handler)
         limits = (limits or TopicLimits()).with_defaults()
         self._check_open()
         if topic in self._subscriptions:
