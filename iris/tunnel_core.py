@@ -62,6 +62,12 @@ class TunnelCore:
         except ClosedError:
             pass  # the tunnel died with its connection; nothing left to grant
 
+    def _regrant_discarded(self, size: int) -> None:
+        """The sender timed out mid-message; return the allowance the
+        abandoned part used, or the tunnel would slowly starve."""
+        self.log.warning("incomplete tunnel message discarded", size=size)
+        self._grant(size)
+
 
 class RoutedTunnel(Protocol):
     """What TunnelRoutes uses of a tunnel end (a TunnelCore subclass)."""

@@ -139,10 +139,7 @@ class Tunnel(TunnelCore):
             self._inbox.append(message)
             self._wake()
         if discarded:
-            # The sender timed out mid-message; return the allowance the
-            # abandoned part used, or the tunnel would slowly starve.
-            self.log.warning("incomplete tunnel message discarded", size=discarded)
-            self._grant(discarded)
+            self._regrant_discarded(discarded)
 
     def _on_closed(self, reason: str) -> None:
         if self._closed_reason is None:
