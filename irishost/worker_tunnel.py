@@ -48,6 +48,11 @@ class _TunnelProxy:
         self._inbox: deque[bytes] = deque()
         self._sent: deque[str | None] = deque()  # outcomes of TUN_SEND, in order
         self._closed_reason: str | None = None
+        self._make_waits()
+
+    def _make_waits(self) -> None:
+        """Make what ``send`` and ``recv`` wait on: a condition, or the loop's futures."""
+        raise NotImplementedError
 
     def _raise_if_closed(self) -> None:
         if self._closed_reason is not None:
@@ -69,14 +74,9 @@ class _TunnelProxy:
 
 
 class WorkerTunnel(_TunnelProxy):
-    def __init__(
-        self,
-        tunnel_id: int,
-        send_frame: Callable[[bytes], None],
-        log: ContextLog,
-        registry: TunnelRegistry,
-    ):
-        super().__init__(tunnel_id, send_frame, log, registry)
+    """The iris.Tunnel surface, proxied, for handlers on a worker's threads."""
+
+    def _make_waits(self) -> None:
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
 
@@ -143,14 +143,7 @@ class AsyncWorkerTunnel(_TunnelProxy):
     by the loop worker's frame pump instead of condition variables.
     """
 
-    def __init__(
-        self,
-        tunnel_id: int,
-        send_frame: Callable[[bytes], None],
-        log: ContextLog,
-        registry: TunnelRegistry,
-    ):
-        super().__init__(tunnel_id, send_frame, log, registry)
+    def _make_waits(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._send_lock = asyncio.Lock()
         self._changed = self._loop.create_future()
