@@ -85,7 +85,7 @@ class LoopWorker(CallbackPools[HandlerPool]):
             frames.TunSent: self.worker._tunnel_handler("on_sent"),
             frames.TunClosed: self.worker._tunnel_handler("on_closed"),
             frames.Drop: self._on_drop,
-            frames.Drain: self._on_drain,
+            frames.Drain: self.worker._on_drain,
         }
         self.loop.add_reader(self.inbox.data_fd, self._pump)
         self._pump()
@@ -166,7 +166,6 @@ class LoopWorker(CallbackPools[HandlerPool]):
         size: int,
         overflow: RateLimitedWarning,
     ) -> None:
-        """Submit a fire-and-forget callback, counted so a drain waits for it."""
         self.worker._track(1)
         if not pool.submit(callback, args, size, self._untrack, pool.name):
             self.worker._track(-1)
@@ -195,6 +194,3 @@ class LoopWorker(CallbackPools[HandlerPool]):
         self._others.submit(
             self.handler.handle_drop, (iris.ClosedError(reason),), 0, self._untrack, "drop"
         )
-
-    def _on_drain(self) -> None:
-        self.worker._draining = True

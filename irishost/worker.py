@@ -378,8 +378,6 @@ class Worker(CallbackPools[HandlerPool]):
         size: int,
         overflow: RateLimitedWarning,
     ) -> None:
-        """Submit a fire-and-forget callback, counted so a drain waits for it."""
-
         def task(*args: object) -> None:
             try:
                 callback(*args)
