@@ -26,7 +26,7 @@ from iris.dispatch import memory_fault
 from iris.logs import RateLimitedWarning
 
 from . import frames
-from .worker import IDLE_CHECK_SECONDS, PARENT_GONE, FrameHandlers, Worker
+from .worker import IDLE_CHECK_SECONDS, PARENT_GONE, CallbackPools, FrameHandlers, Worker
 from .worker_tunnel import AsyncWorkerTunnel
 
 # Frames handled per pump before the loop gets a turn (timers, the relay
@@ -34,7 +34,7 @@ from .worker_tunnel import AsyncWorkerTunnel
 MAX_BATCHES = 16
 
 
-class LoopWorker:
+class LoopWorker(CallbackPools[HandlerPool]):
     """Runs one worker's handler on an event loop; see the module docstring."""
 
     def __init__(self, worker: Worker):
@@ -56,28 +56,8 @@ class LoopWorker:
         config = self.worker.config
         self.conn = await self._connect()
         await settle(self.handler.init(self.conn))
-        limits, log, errors = config.limits, self.log, self.errors
-        self._requests = HandlerPool(
-            "request", limits.request_threads, limits.request_memory, errors
-        )
-        self._broadcasts = HandlerPool(
-            "broadcast", limits.broadcast_threads, limits.broadcast_memory, errors
-        )
-        self._topics = {
-            topic.name: (
-                HandlerPool(f"topic-{topic.name}", topic.event_threads, topic.event_memory, errors),
-                RateLimitedWarning(log.new(topic=topic.name), "event dropped: memory limit"),
-            )
-            for topic in config.topics
-        }
-        self._others = HandlerPool("tunnel-and-drop", UNCAPPED, UNCAPPED, errors)
-        self._broadcast_overflow = RateLimitedWarning(log, "broadcast dropped: memory limit")
-        for pool in (
-            self._requests,
-            self._broadcasts,
-            self._others,
-            *(p for p, _ in self._topics.values()),
-        ):
+        self._others = HandlerPool("tunnel-and-drop", UNCAPPED, UNCAPPED, self.errors)
+        for pool in (*self._make_pools(HandlerPool, config), self._others):
             pool.start()
 
     async def _connect(self) -> iris.aio.Connection:
@@ -105,7 +85,7 @@ class LoopWorker:
             frames.TunSent: self.worker._tunnel_handler("on_sent"),
             frames.TunClosed: self.worker._tunnel_handler("on_closed"),
             frames.Drop: self._on_drop,
-            frames.Drain: self._on_drain,
+            frames.Drain: self.worker._on_drain,
         }
         self.loop.add_reader(self.inbox.data_fd, self._pump)
         self._pump()
@@ -178,19 +158,6 @@ class LoopWorker:
         finally:
             self.worker._track(-1)
 
-    def _on_broadcast(self, message: bytes) -> None:
-        self._run_counted(
-            self._broadcasts,
-            self.handler.handle_broadcast,
-            (message,),
-            len(message),
-            self._broadcast_overflow,
-        )
-
-    def _on_event(self, topic: str, event: bytes) -> None:
-        pool, overflow = self._topics[topic]
-        self._run_counted(pool, self.handler.handle_event, (topic, event), len(event), overflow)
-
     def _run_counted(
         self,
         pool: HandlerPool,
@@ -199,7 +166,6 @@ class LoopWorker:
         size: int,
         overflow: RateLimitedWarning,
     ) -> None:
-        """Submit a fire-and-forget callback, counted so a drain waits for it."""
         self.worker._track(1)
         if not pool.submit(callback, args, size, self._untrack, pool.name):
             self.worker._track(-1)
@@ -228,6 +194,3 @@ class LoopWorker:
         self._others.submit(
             self.handler.handle_drop, (iris.ClosedError(reason),), 0, self._untrack, "drop"
         )
-
-    def _on_drain(self) -> None:
-        self.worker._draining = True

@@ -33,7 +33,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import setproctitle
 
@@ -67,6 +67,81 @@ IDLE_CHECK_SECONDS = 1.0
 
 # The frame loop's table: each kind of frame to the method given its fields.
 FrameHandlers = dict[type[frames.Frame], Callable[..., None]]
+
+
+class _Pool(Protocol):
+    """What :class:`CallbackPools` needs of a pool: iris.pool's or iris.aio.pool's."""
+
+    name: str
+
+    def start(self) -> None: ...
+
+
+PoolT = TypeVar("PoolT", bound=_Pool)
+
+
+class CallbackPools(Generic[PoolT]):
+    """The request, broadcast and event pools, as both kinds of worker route to them.
+
+    :class:`Worker` runs callbacks on threads (iris.pool), the loop worker
+    (irishost/async_worker.py) as coroutines (iris.aio.pool); which pools
+    there are, their limits and how broadcasts and events reach them are
+    the same, so they live here once. Each kind says how a fire-and-forget
+    callback is run and counted in ``_run_counted``.
+    """
+
+    handler: Any
+    log: ContextLog
+    errors: HandlerErrorLog
+    _requests: PoolT
+    _broadcasts: PoolT
+    _topics: dict[str, tuple[PoolT, RateLimitedWarning]]
+    _broadcast_overflow: RateLimitedWarning
+
+    def _make_pools(
+        self, pool_class: Callable[[str, int, int, HandlerErrorLog], PoolT], config: Config
+    ) -> list[PoolT]:
+        """Make the pools the config asks for (held until started); all of them."""
+        limits, errors = config.limits, self.errors
+        self._requests = pool_class(
+            "request", limits.request_threads, limits.request_memory, errors
+        )
+        self._broadcasts = pool_class(
+            "broadcast", limits.broadcast_threads, limits.broadcast_memory, errors
+        )
+        self._topics = {
+            topic.name: (
+                pool_class(f"topic-{topic.name}", topic.event_threads, topic.event_memory, errors),
+                RateLimitedWarning(self.log.new(topic=topic.name), "event dropped: memory limit"),
+            )
+            for topic in config.topics
+        }
+        self._broadcast_overflow = RateLimitedWarning(self.log, "broadcast dropped: memory limit")
+        return [self._requests, self._broadcasts, *(p for p, _ in self._topics.values())]
+
+    def _on_broadcast(self, message: bytes) -> None:
+        self._run_counted(
+            self._broadcasts,
+            self.handler.handle_broadcast,
+            (message,),
+            len(message),
+            self._broadcast_overflow,
+        )
+
+    def _on_event(self, topic: str, event: bytes) -> None:
+        pool, overflow = self._topics[topic]
+        self._run_counted(pool, self.handler.handle_event, (topic, event), len(event), overflow)
+
+    def _run_counted(
+        self,
+        pool: PoolT,
+        callback: Callable[..., object],
+        args: tuple[object, ...],
+        size: int,
+        overflow: RateLimitedWarning,
+    ) -> None:
+        """Submit a fire-and-forget callback, counted so a drain waits for it."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -123,7 +198,7 @@ def _close_inherited_fds(keep: set[int]) -> None:
     os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 
 
-class Worker:
+class Worker(CallbackPools[HandlerPool]):
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
         self.config = spec.config
@@ -189,24 +264,7 @@ class Worker:
         # goes straight to the relay instead of through the supervisor.
         self.conn = self._connect()
         self.handler.init(self.conn)
-        limits = config.limits
-        self._requests = HandlerPool(
-            "request", limits.request_threads, limits.request_memory, self.errors
-        )
-        self._broadcasts = HandlerPool(
-            "broadcast", limits.broadcast_threads, limits.broadcast_memory, self.errors
-        )
-        self._topics = {
-            topic.name: (
-                HandlerPool(
-                    f"topic-{topic.name}", topic.event_threads, topic.event_memory, self.errors
-                ),
-                RateLimitedWarning(self.log.new(topic=topic.name), "event dropped: memory limit"),
-            )
-            for topic in config.topics
-        }
-        self._broadcast_overflow = RateLimitedWarning(self.log, "broadcast dropped: memory limit")
-        for pool in (self._requests, self._broadcasts, *(p for p, _ in self._topics.values())):
+        for pool in self._make_pools(HandlerPool, config):
             pool.start()
 
     def _connect(self) -> iris.Connection:
@@ -312,19 +370,6 @@ class Worker:
             self._leave_if_forked()
             self._track(-1)
 
-    def _on_broadcast(self, message: bytes) -> None:
-        self._run_counted(
-            self._broadcasts,
-            self.handler.handle_broadcast,
-            (message,),
-            len(message),
-            self._broadcast_overflow,
-        )
-
-    def _on_event(self, topic: str, event: bytes) -> None:
-        pool, overflow = self._topics[topic]
-        self._run_counted(pool, self.handler.handle_event, (topic, event), len(event), overflow)
-
     def _run_counted(
         self,
         pool: HandlerPool,
@@ -333,8 +378,6 @@ class Worker:
         size: int,
         overflow: RateLimitedWarning,
     ) -> None:
-        """Submit a fire-and-forget callback, counted so a drain waits for it."""
-
         def task(*args: object) -> None:
             try:
                 callback(*args)

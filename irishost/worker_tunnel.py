@@ -27,7 +27,13 @@ from . import frames
 TunnelRegistry: TypeAlias = "dict[int, WorkerTunnel | AsyncWorkerTunnel]"
 
 
-class WorkerTunnel:
+class _TunnelProxy:
+    """What both proxies share: the tunnel's id, the queues its frames fill, its close.
+
+    The waits differ (a condition variable for threads, futures on a loop),
+    so each subclass says how a change is awaited and signalled.
+    """
+
     def __init__(
         self,
         tunnel_id: int,
@@ -39,11 +45,40 @@ class WorkerTunnel:
         self.log = log
         self._send_frame = send_frame
         self._registry = registry
-        self._cond = threading.Condition()
-        self._send_lock = threading.Lock()
         self._inbox: deque[bytes] = deque()
         self._sent: deque[str | None] = deque()  # outcomes of TUN_SEND, in order
         self._closed_reason: str | None = None
+        self._make_waits()
+
+    def _make_waits(self) -> None:
+        """Make what ``send`` and ``recv`` wait on: a condition, or the loop's futures."""
+        raise NotImplementedError
+
+    def _raise_if_closed(self) -> None:
+        if self._closed_reason is not None:
+            raise iris.ClosedError(self._closed_reason or "tunnel closed")
+
+    @staticmethod
+    def _raise_send_error(error: str | None) -> None:
+        """Raise what a TUN_SENT's outcome says went wrong, as iris.Tunnel.send would."""
+        if error == "timeout":
+            raise iris.TimeoutError("tunnel send timed out waiting for allowance")
+        if error is not None:
+            raise iris.ClosedError(error)
+
+    def _tell_closed(self) -> None:
+        """The handler closed the tunnel: the supervisor needs no answer to a TUN_CLOSE."""
+        self._registry.pop(self.id, None)
+        self._send_frame(frames.TunClose(self.id).encode())
+        self.log.info("tunnel closed")
+
+
+class WorkerTunnel(_TunnelProxy):
+    """The iris.Tunnel surface, proxied, for handlers on a worker's threads."""
+
+    def _make_waits(self) -> None:
+        self._cond = threading.Condition()
+        self._send_lock = threading.Lock()
 
     def __enter__(self) -> WorkerTunnel:
         return self
@@ -63,10 +98,7 @@ class WorkerTunnel:
                 if not self._sent:
                     self._raise_if_closed()
                 error = self._sent.popleft()
-        if error == "timeout":
-            raise iris.TimeoutError("tunnel send timed out waiting for allowance")
-        if error is not None:
-            raise iris.ClosedError(error)
+        self._raise_send_error(error)
 
     def recv(self, timeout: float | None = None) -> bytes:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -82,13 +114,7 @@ class WorkerTunnel:
                 return
             self._closed_reason = ""
             self._cond.notify_all()
-        self._registry.pop(self.id, None)
-        self._send_frame(frames.TunClose(self.id).encode())
-        self.log.info("tunnel closed")
-
-    def _raise_if_closed(self) -> None:
-        if self._closed_reason is not None:
-            raise iris.ClosedError(self._closed_reason or "tunnel closed")
+        self._tell_closed()
 
     # -- frames from the supervisor, on the worker's main thread ------------------
 
@@ -110,30 +136,17 @@ class WorkerTunnel:
         self._registry.pop(self.id, None)
 
 
-class AsyncWorkerTunnel:
+class AsyncWorkerTunnel(_TunnelProxy):
     """The iris.aio.Tunnel surface, proxied, for handlers on a worker's event loop.
 
     The same frames as :class:`WorkerTunnel`; the waits are futures resolved
     by the loop worker's frame pump instead of condition variables.
     """
 
-    def __init__(
-        self,
-        tunnel_id: int,
-        send_frame: Callable[[bytes], None],
-        log: ContextLog,
-        registry: TunnelRegistry,
-    ):
-        self.id = tunnel_id
-        self.log = log
-        self._send_frame = send_frame
-        self._registry = registry
+    def _make_waits(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._send_lock = asyncio.Lock()
-        self._inbox: deque[bytes] = deque()
-        self._sent: deque[str | None] = deque()  # outcomes of TUN_SEND, in order
         self._changed = self._loop.create_future()
-        self._closed_reason: str | None = None
 
     async def __aenter__(self) -> AsyncWorkerTunnel:
         return self
@@ -152,10 +165,7 @@ class AsyncWorkerTunnel:
                 self._raise_if_closed()
                 await self._next_change(None)
             error = self._sent.popleft()
-        if error == "timeout":
-            raise iris.TimeoutError("tunnel send timed out waiting for allowance")
-        if error is not None:
-            raise iris.ClosedError(error)
+        self._raise_send_error(error)
 
     async def recv(self, timeout: float | None = None) -> bytes:
         deadline = None if timeout is None else self._loop.time() + timeout
@@ -176,13 +186,9 @@ class AsyncWorkerTunnel:
         """Close at once: the supervisor needs no answer to a TUN_CLOSE."""
         if self._closed_reason is not None:
             return
-        self.on_closed("")
-        self._send_frame(frames.TunClose(self.id).encode())
-        self.log.info("tunnel closed")
-
-    def _raise_if_closed(self) -> None:
-        if self._closed_reason is not None:
-            raise iris.ClosedError(self._closed_reason or "tunnel closed")
+        self._closed_reason = ""
+        self._notify()
+        self._tell_closed()
 
     async def _next_change(self, timeout: float | None) -> None:
         await asyncio.wait([self._changed], timeout=timeout)
