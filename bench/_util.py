@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 
 import psutil
 
+from iris.tool.latency import nearest_rank
+
 # How long a child may take to print its readiness line. Generous: a cold
 # interpreter on a loaded 2-core machine can take a second to import iris.
 READY_TIMEOUT = 15.0
@@ -333,11 +335,8 @@ def describe_machine(machine: Mapping[str, str | int]) -> str:
 
 
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of an already sorted sequence."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(0, min(len(sorted_values) - 1, round(fraction * len(sorted_values)) - 1))
-    return sorted_values[rank]
+    """Nearest-rank percentile of an already sorted sequence; NaN for none."""
+    return nearest_rank(sorted_values, fraction) if sorted_values else float("nan")
 
 
 def format_value(value: float) -> str:
