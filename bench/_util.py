@@ -17,6 +17,7 @@ import pstats
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -119,6 +120,13 @@ class Child:
         self._stderr.seek(0)
         text = self._stderr.read().decode(errors="replace").strip()
         return f"; stderr:\n{text[-3000:]}" if text else ""
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound once, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def start_relay(profile_to: str | None = None) -> tuple[Child, int]:
