@@ -8,6 +8,7 @@ stalling the run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -91,6 +92,17 @@ class Gate(iris.aio.ServiceHandler):
             return request
         finally:
             self.running -= 1
+
+
+@contextlib.asynccontextmanager
+async def gated(port: int, limits: iris.ServiceLimits | None = None):
+    """A Gate registered as cluster "gate", and a connection to call it: (gate, conn)."""
+    gate = Gate()
+    async with (
+        iris.aio.register(port, "gate", gate, limits),
+        iris.aio.connect(port) as conn,
+    ):
+        yield gate, conn
 
 
 async def until(predicate, timeout: float = 5.0) -> None:
@@ -235,11 +247,7 @@ def test_local_argument_errors_are_value_errors(relay):
 
 def test_cancelling_a_request_frees_its_slot_and_drops_the_late_reply(relay):
     async def main():
-        gate = Gate()
-        async with (
-            iris.aio.register(relay.port, "gate", gate),
-            iris.aio.connect(relay.port) as conn,
-        ):
+        async with gated(relay.port) as (gate, conn):
             waiting = asyncio.ensure_future(conn.request("gate", b"late", 5))
             await until(lambda: gate.started == 1)
             waiting.cancel()
@@ -327,12 +335,7 @@ def test_publish_subscribe_with_async_and_plain_callbacks(relay):
 
 def test_request_threads_caps_concurrent_handler_coroutines(relay):
     async def main():
-        gate = Gate()
-        limits = iris.ServiceLimits(request_threads=2)
-        async with (
-            iris.aio.register(relay.port, "gate", gate, limits),
-            iris.aio.connect(relay.port) as conn,
-        ):
+        async with gated(relay.port, iris.ServiceLimits(request_threads=2)) as (gate, conn):
             calls = [asyncio.ensure_future(conn.request("gate", b"%d" % i, 5)) for i in range(8)]
             await until(lambda: gate.started == 2)
             await asyncio.sleep(0.1)
@@ -346,12 +349,9 @@ def test_request_threads_caps_concurrent_handler_coroutines(relay):
 
 def test_request_over_the_memory_cap_faults_at_once_naming_the_limit(relay):
     async def main():
-        gate = Gate()
-        limits = iris.ServiceLimits(request_threads=1, request_memory=1000)
-        async with (
-            iris.aio.register(relay.port, "gate", gate, limits),
-            iris.aio.connect(relay.port) as conn,
-        ):
+        async with gated(
+            relay.port, iris.ServiceLimits(request_threads=1, request_memory=1000)
+        ) as (gate, conn):
             first = asyncio.ensure_future(conn.request("gate", b"runs", 5))
             await until(lambda: gate.started == 1)
             queued = asyncio.ensure_future(conn.request("gate", b"q" * 600, 5))
@@ -369,12 +369,7 @@ def test_request_over_the_memory_cap_faults_at_once_naming_the_limit(relay):
 
 def test_a_request_that_waited_past_its_timeout_is_not_run(relay):
     async def main():
-        gate = Gate()
-        limits = iris.ServiceLimits(request_threads=1)
-        async with (
-            iris.aio.register(relay.port, "gate", gate, limits),
-            iris.aio.connect(relay.port) as conn,
-        ):
+        async with gated(relay.port, iris.ServiceLimits(request_threads=1)) as (gate, conn):
             first = asyncio.ensure_future(conn.request("gate", b"first", 5))
             await until(lambda: gate.started == 1)
             with pytest.raises(iris.TimeoutError):
