@@ -17,6 +17,7 @@ import pstats
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import psutil
+
+from iris.tool.latency import nearest_rank
 
 # How long a child may take to print its readiness line. Generous: a cold
 # interpreter on a loaded 2-core machine can take a second to import iris.
@@ -117,6 +120,13 @@ class Child:
         self._stderr.seek(0)
         text = self._stderr.read().decode(errors="replace").strip()
         return f"; stderr:\n{text[-3000:]}" if text else ""
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound once, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def start_relay(profile_to: str | None = None) -> tuple[Child, int]:
@@ -333,11 +343,8 @@ def describe_machine(machine: Mapping[str, str | int]) -> str:
 
 
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of an already sorted sequence."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(0, min(len(sorted_values) - 1, round(fraction * len(sorted_values)) - 1))
-    return sorted_values[rank]
+    """Nearest-rank percentile of an already sorted sequence; NaN for none."""
+    return nearest_rank(sorted_values, fraction) if sorted_values else float("nan")
 
 
 def format_value(value: float) -> str:

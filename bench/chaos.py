@@ -56,7 +56,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -269,19 +268,13 @@ class Injection:
 # -- the rig ---------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class Rig:
     """The relay, the host, and the directory they run in."""
 
     def __init__(self):
         self.dir = Path(tempfile.mkdtemp(prefix="irishost-chaos-"))
         self.cluster = f"chaos-{uuid.uuid4().hex[:8]}"
-        self.port = free_port()
+        self.port = _util.free_port()
         (self.dir / f"{HANDLER_MODULE}.py").write_text(
             HANDLER_SOURCE.replace("{init_flag}", INIT_FLAG)
         )

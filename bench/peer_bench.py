@@ -311,14 +311,8 @@ def request(stack: str, port: int, workload: str, concurrency: int, seconds: flo
 # The orchestrator.
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_nats() -> tuple[_util.Child, int]:
-    port = free_port()
+    port = _util.free_port()
     server = _util.Child(["nats-server", "-a", "127.0.0.1", "-p", str(port)], "nats-server")
     deadline = time.monotonic() + _util.READY_TIMEOUT
     while True:

@@ -1,7 +1,7 @@
 """A handler that fails on request, shared by the hardening tests of the binding
 (binding/test_binding_hardening.py), of iris.aio (binding/test_aio_hardening.py)
 and of irishost (host/test_irishost_handler_hardening.py, which runs the source
-of ``_fail`` and ``_raise_for`` in its workers).
+of ``_fail``, ``_raise_for`` and their exceptions in its workers).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Small helpers for tests of every part: ports, polling, process state, journald."""
+"""Small helpers for tests of every part: ports, polling, process state, faults, journald."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import socket
 import time
 
 import psutil
+import pytest
+
+import iris
 
 
 def free_port() -> int:
@@ -54,6 +57,13 @@ def gone(pid: int, wait: float = 0.0) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.02)
+
+
+def fault_of(call, timeout: float = 5.0) -> str:
+    """The fault text the request future ``call`` failed with (RemoteError)."""
+    with pytest.raises(iris.RemoteError) as caught:
+        call.result(timeout)
+    return caught.value.fault
 
 
 def journal_stream(file) -> dict[str, str]:

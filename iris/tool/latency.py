@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Sequence
+from typing import TypeVar
+
+_Sample = TypeVar("_Sample", int, float)
 
 # Width of the longest histogram bar, in characters.
 BAR_WIDTH = 40
@@ -29,6 +33,12 @@ def format_bytes(count: float) -> str:
     return f"{count:.0f} B"
 
 
+def nearest_rank(sorted_samples: Sequence[_Sample], fraction: float) -> _Sample:
+    """Nearest-rank percentile: the smallest sample with ``fraction`` of them at or below it."""
+    rank = max(1, math.ceil(fraction * len(sorted_samples)))
+    return sorted_samples[rank - 1]
+
+
 class Latencies:
     """Latency samples in nanoseconds, sorted once for the percentiles."""
 
@@ -40,8 +50,7 @@ class Latencies:
 
     def percentile(self, p: float) -> int:
         """Nearest-rank percentile: the smallest sample with ``p``% at or below it."""
-        rank = max(1, math.ceil(p / 100 * len(self.samples)))
-        return self.samples[rank - 1]
+        return nearest_rank(self.samples, p / 100)
 
     def summary(self) -> str:
         parts = [f"p{p} {format_duration(self.percentile(p))}" for p in PERCENTILES]

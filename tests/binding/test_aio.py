@@ -8,8 +8,10 @@ stalling the run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -93,6 +95,21 @@ class Gate(iris.aio.ServiceHandler):
             self.running -= 1
 
 
+@contextlib.asynccontextmanager
+async def serving(
+    port: int,
+    cluster: str,
+    handler: iris.aio.ServiceHandler,
+    limits: iris.ServiceLimits | None = None,
+) -> AsyncIterator[iris.aio.Connection]:
+    """``handler`` registered as ``cluster``, and a connection to call it."""
+    async with (
+        iris.aio.register(port, cluster, handler, limits),
+        iris.aio.connect(port) as conn,
+    ):
+        yield conn
+
+
 async def until(predicate, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -157,10 +174,7 @@ def test_connect_without_relay_fails(relay_factory):
 
 def test_plain_handler_methods_run_on_the_loop(relay):
     async def main():
-        async with (
-            iris.aio.register(relay.port, "plain", PlainEcho()),
-            iris.aio.connect(relay.port) as conn,
-        ):
+        async with serving(relay.port, "plain", PlainEcho()) as conn:
             assert await conn.request("plain", b"abc", 1) == b"ABC"
 
     run(main())
@@ -168,10 +182,7 @@ def test_plain_handler_methods_run_on_the_loop(relay):
 
 def test_handler_failures_are_remote_errors(relay):
     async def main():
-        async with (
-            iris.aio.register(relay.port, "echo", Echo()),
-            iris.aio.connect(relay.port) as conn,
-        ):
+        async with serving(relay.port, "echo", Echo()) as conn:
             with pytest.raises(iris.RemoteError) as failed:
                 await conn.request("echo", b"fail", 1)
             assert failed.value.fault == "RuntimeError: the database is down"
@@ -183,10 +194,7 @@ def test_handler_failures_are_remote_errors(relay):
 
 def test_a_cancelled_handler_answers_a_fault(relay):
     async def main():
-        async with (
-            iris.aio.register(relay.port, "echo", Echo()),
-            iris.aio.connect(relay.port) as conn,
-        ):
+        async with serving(relay.port, "echo", Echo()) as conn:
             with pytest.raises(iris.RemoteError, match="cancelled"):
                 await conn.request("echo", b"cancel", 2)
             assert await conn.request("echo", b"after", 1) == b"after"
@@ -196,10 +204,7 @@ def test_a_cancelled_handler_answers_a_fault(relay):
 
 def test_timeouts_raise_iris_timeout_error_at_the_timeout(relay):
     async def main():
-        async with (
-            iris.aio.register(relay.port, "echo", Echo()),
-            iris.aio.connect(relay.port) as conn,
-        ):
+        async with serving(relay.port, "echo", Echo()) as conn:
             for cluster, request in (("nobody", b"x"), ("echo", b"sleep:2")):
                 start = time.monotonic()
                 with pytest.raises(iris.TimeoutError, match="timed out after 0.2 s"):
@@ -236,10 +241,7 @@ def test_local_argument_errors_are_value_errors(relay):
 def test_cancelling_a_request_frees_its_slot_and_drops_the_late_reply(relay):
     async def main():
         gate = Gate()
-        async with (
-            iris.aio.register(relay.port, "gate", gate),
-            iris.aio.connect(relay.port) as conn,
-        ):
+        async with serving(relay.port, "gate", gate) as conn:
             waiting = asyncio.ensure_future(conn.request("gate", b"late", 5))
             await until(lambda: gate.started == 1)
             waiting.cancel()
@@ -328,11 +330,7 @@ def test_publish_subscribe_with_async_and_plain_callbacks(relay):
 def test_request_threads_caps_concurrent_handler_coroutines(relay):
     async def main():
         gate = Gate()
-        limits = iris.ServiceLimits(request_threads=2)
-        async with (
-            iris.aio.register(relay.port, "gate", gate, limits),
-            iris.aio.connect(relay.port) as conn,
-        ):
+        async with serving(relay.port, "gate", gate, iris.ServiceLimits(request_threads=2)) as conn:
             calls = [asyncio.ensure_future(conn.request("gate", b"%d" % i, 5)) for i in range(8)]
             await until(lambda: gate.started == 2)
             await asyncio.sleep(0.1)
@@ -347,11 +345,9 @@ def test_request_threads_caps_concurrent_handler_coroutines(relay):
 def test_request_over_the_memory_cap_faults_at_once_naming_the_limit(relay):
     async def main():
         gate = Gate()
-        limits = iris.ServiceLimits(request_threads=1, request_memory=1000)
-        async with (
-            iris.aio.register(relay.port, "gate", gate, limits),
-            iris.aio.connect(relay.port) as conn,
-        ):
+        async with serving(
+            relay.port, "gate", gate, iris.ServiceLimits(request_threads=1, request_memory=1000)
+        ) as conn:
             first = asyncio.ensure_future(conn.request("gate", b"runs", 5))
             await until(lambda: gate.started == 1)
             queued = asyncio.ensure_future(conn.request("gate", b"q" * 600, 5))
@@ -370,11 +366,7 @@ def test_request_over_the_memory_cap_faults_at_once_naming_the_limit(relay):
 def test_a_request_that_waited_past_its_timeout_is_not_run(relay):
     async def main():
         gate = Gate()
-        limits = iris.ServiceLimits(request_threads=1)
-        async with (
-            iris.aio.register(relay.port, "gate", gate, limits),
-            iris.aio.connect(relay.port) as conn,
-        ):
+        async with serving(relay.port, "gate", gate, iris.ServiceLimits(request_threads=1)) as conn:
             first = asyncio.ensure_future(conn.request("gate", b"first", 5))
             await until(lambda: gate.started == 1)
             with pytest.raises(iris.TimeoutError):
@@ -399,10 +391,7 @@ def test_a_handler_holding_the_loop_is_logged(relay, caplog):
             return request
 
     async def main():
-        async with (
-            iris.aio.register(relay.port, "blocking", Blocking()),
-            iris.aio.connect(relay.port) as conn,
-        ):
+        async with serving(relay.port, "blocking", Blocking()) as conn:
             assert await conn.request("blocking", b"x", 2) == b"x"
 
     with caplog.at_level(logging.WARNING, logger="iris"):
@@ -455,10 +444,7 @@ def test_threaded_and_asyncio_tunnel_ends_interoperate(relay, attach):
 
 def test_tunnel_timeouts_and_close(relay):
     async def main():
-        async with (
-            iris.aio.register(relay.port, "stream", Echo()),
-            iris.aio.connect(relay.port) as conn,
-        ):
+        async with serving(relay.port, "stream", Echo()) as conn:
             with pytest.raises(iris.TimeoutError, match="timed out after 0.1 s"):
                 await conn.tunnel("nobody", 0.1)
             tunnel = await conn.tunnel("stream", 2)

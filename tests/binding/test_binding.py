@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from support import wait_for
 
 import iris
 from iris import codec, logs
@@ -19,13 +20,6 @@ from iris import codec, logs
 MiB = 1 << 20
 # Slack for "arrives at about the timeout" on a loaded two-core machine.
 LATE = 0.3
-
-
-def wait_until(predicate, timeout: float = 5.0, interval: float = 0.005) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(interval)
 
 
 def timed(fn, *args, **kwargs):
@@ -542,7 +536,7 @@ def test_drop_when_the_relay_shuts_down(relay_factory, attach):
     waiter.join()
     assert isinstance(err, iris.ClosedError) and "relay shutting down" in str(err)
     assert took < 5
-    wait_until(lambda: service.conn.closed and conn.closed)
+    wait_for(lambda: service.conn.closed and conn.closed)
     assert handler.drops.empty()  # exactly once
 
 
@@ -694,7 +688,7 @@ def test_broadcast_memory_cap_drops_and_logs(relay, attach, caplog):
     # The same connection's request arrives after the broadcasts: all are dispatched.
     assert conn.request("bcast", b"sync", 5) == b"sync"
     gate.release.set()
-    wait_until(lambda: len(gate.handled) == 2)
+    wait_for(lambda: len(gate.handled) == 2)
     time.sleep(0.1)
     assert gate.handled == [b"1" * 600, b"2" * 600]  # 3 and 4 did not fit
     drops = [r for r in caplog.records if "broadcast dropped" in r.getMessage()]

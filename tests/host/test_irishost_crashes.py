@@ -13,19 +13,12 @@ import signal
 import time
 
 import pytest
-from support import gone, wait_for
+from support import fault_of, gone, wait_for
 
 import iris
 from irishost import frames
 from irishost.ring import DEFAULT_CAPACITY
 from irishost.workers import PUT_TIMEOUT
-
-
-def fault_of(call, timeout: float = 5.0) -> str:
-    """The fault text a request future failed with."""
-    with pytest.raises(iris.RemoteError) as caught:
-        call.result(timeout)
-    return caught.value.fault
 
 
 def serving_pid(service) -> int:

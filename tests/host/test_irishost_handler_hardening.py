@@ -2,7 +2,8 @@
 binding/test_binding_hardening.py, for a threaded handler and for its iris.aio
 twin, which irishost runs on a worker's event loop (irishost/async_worker.py).
 
-The workers run the source of failing_handler.py's ``_fail`` and ``_raise_for``.
+The workers run the source of failing_handler.py's ``_fail`` and ``_raise_for``
+and of the exceptions they raise.
 """
 
 from __future__ import annotations
@@ -10,7 +11,16 @@ from __future__ import annotations
 import inspect
 
 import pytest
-from failing_handler import FAULT_TEXTS, LIMIT_TEXT, OVERSIZE, _fail, _raise_for, remote_fault
+from failing_handler import (
+    FAULT_TEXTS,
+    LIMIT_TEXT,
+    OVERSIZE,
+    CustomStop,
+    UnprintableError,
+    _fail,
+    _raise_for,
+    remote_fault,
+)
 from support import wait_for
 
 HOSTED_HANDLER = f'''
@@ -27,15 +37,6 @@ import iris.aio
 
 OVERSIZE = {OVERSIZE}
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-class CustomStop(BaseException):
-    pass
-
-
-class UnprintableError(Exception):
-    def __str__(self):
-        raise RuntimeError("__str__ is broken too")
 
 
 def record(*values):
@@ -121,7 +122,9 @@ def hosted(service, request):
     """irishost running the failing handler in one worker: one thread (or
     coroutine, for the iris.aio handler) for broadcasts and one for events
     (the defaults), two for requests."""
-    (service.dir / "hardening.py").write_text(HOSTED_HANDLER + "\n\n" + _source(_fail, _raise_for))
+    (service.dir / "hardening.py").write_text(
+        HOSTED_HANDLER + "\n\n" + _source(CustomStop, UnprintableError, _fail, _raise_for)
+    )
     service.config(
         [{"name": "hardening-news"}],
         service={"handler": f"hardening:{request.param}"},

@@ -14,17 +14,11 @@ import time
 
 import pytest
 from production_support import status
-from support import gone, wait_for
+from support import fault_of, gone, wait_for
 
 import iris
 
 MiB = 2**20
-
-
-def fault_of(call, timeout: float = 10.0) -> str:
-    with pytest.raises(iris.RemoteError) as caught:
-        call.result(timeout)
-    return caught.value.fault
 
 
 def ready_pids(service) -> set[int]:
@@ -131,7 +125,7 @@ def test_a_worker_far_over_max_rss_is_killed_at_once(service):
     victim = host.worker_count(1)[0].pid
     started = time.monotonic()
 
-    fault = fault_of(service.request_async(b"grow:320,600", timeout=10))
+    fault = fault_of(service.request_async(b"grow:320,600", timeout=10), timeout=10)
 
     assert "died while handling the request: killed by the supervisor" in fault
     assert "exceeded max_rss 100.0 MiB more than 1.5 times" in fault

@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from raw_tunnel import CHUNK, MiB, open_raw_tunnel
+from support import wait_for
 
 import iris
 from iris import codec
@@ -48,7 +50,6 @@ from iris.codec import (
     TunnelClose,
     TunnelClosed,
     TunnelConfirm,
-    TunnelInit,
     TunnelOffer,
     TunnelResult,
     TunnelTransfer,
@@ -56,9 +57,6 @@ from iris.codec import (
 )
 from iris.connection import RELAY_GRACE
 
-MiB = 1 << 20
-CHUNK = 65536
-RELAY_BUFFER = 4 * MiB
 # The largest value a varint may carry: ten octets of seven bits.
 MAX_VARINT = 2**70 - 1
 # How long the relay may take to act on a packet on a loaded two-core machine.
@@ -71,13 +69,6 @@ FUZZ = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-
-
-def wait_until(predicate, timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} not met in {timeout:g} s"
-        time.sleep(0.005)
 
 
 class Echo(iris.ServiceHandler):
@@ -127,7 +118,7 @@ class Bystander:
     def still_served(self) -> None:
         """A few more requests succeed, and none ever failed."""
         before = self.served
-        wait_until(lambda: self.served > before + 3 or self.errors, what="bystander served")
+        wait_for(lambda: self.served > before + 3 or self.errors, what="bystander served")
         assert self.errors == []
 
     def stop(self) -> None:
@@ -313,22 +304,12 @@ def test_far_timeouts_keep_the_relay_serving(relay, raw, attach):
     peer.assert_silent(0.1)
 
 
-def open_raw_tunnel(initiator, member) -> None:
-    """Tunnel 0 from ``initiator`` to ``member`` (its id 5)."""
-    initiator.send(TunnelInit(0, "t", 1000))
-    offer = member.recv()
-    member.send(TunnelConfirm(offer.build_id, 5))
-    assert member.recv() == TunnelAllow(5, RELAY_BUFFER)
-    assert initiator.recv() == TunnelResult(0, False, CHUNK)
-    assert initiator.recv() == TunnelAllow(0, RELAY_BUFFER)
-
-
 def test_allowance_overflow_on_an_open_tunnel(hostile, raw):
     """Grants summing past 2**64 are just large: data flows, the relay still
     holds each sender to its own 4 MiB buffer, and nothing else is upset."""
     relay = hostile
     a, b = raw(relay.port).handshake(), raw(relay.port).handshake("t")
-    open_raw_tunnel(a, b)
+    open_raw_tunnel(a, b, grant=None)
     for size in (2**64 - 1, 2**64 - 1, MAX_VARINT):
         a.send(TunnelAllow(0, size))
         b.send(TunnelAllow(5, size))
@@ -491,11 +472,11 @@ def test_client_of_a_hostile_relay_ends_every_call(
     for result, elapsed in results:
         assert isinstance(result, OUTCOMES), repr(result)
         assert elapsed < timeout + RELAY_GRACE + 1.0
-    wait_until(lambda: conn.closed, what="connection closed")
+    wait_for(lambda: conn.closed, what="connection closed")
     with pytest.raises(iris.ClosedError):
         conn.request("svc", b"after", timeout)
     if member is not None:
-        wait_until(lambda: member.drops, what="handle_drop")
+        wait_for(lambda: member.drops, what="handle_drop")
         assert len(member.drops) == 1 and isinstance(member.drops[0], iris.ClosedError)
         service.unregister()
     assert thread_errors == []
@@ -511,7 +492,7 @@ def test_a_silent_relay_times_out_calls_instead_of_hanging(fake_relay, thread_er
         conn.request("svc", b"into the void", 0.05)
     assert time.monotonic() - started < 0.05 + RELAY_GRACE + PROMPT
     fake.close()
-    wait_until(lambda: conn.closed, what="connection closed")
+    wait_for(lambda: conn.closed, what="connection closed")
     assert thread_errors == []
 
 
@@ -534,6 +515,6 @@ def test_hostile_handshake_answers_raise_promptly(data):
             except (ConnectionError, codec.ProtocolError):
                 return
         assert data[:1] == bytes((Op.INIT,))  # connected only on an acceptance
-        wait_until(lambda: conn.closed, what="connection closed")
+        wait_for(lambda: conn.closed, what="connection closed")
     finally:
         fake.close()

@@ -17,6 +17,8 @@ import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from raw_tunnel import CHUNK, RELAY_BUFFER, MiB, open_raw_tunnel
+from support import wait_for
 
 import iris
 from iris import codec
@@ -44,9 +46,6 @@ from iris.codec import (
 )
 from iris.relay import RelayServer
 
-MiB = 1 << 20
-CHUNK = 65536
-RELAY_BUFFER = 4 * MiB
 LATE = 0.1  # how late a relay timer may fire on a loaded machine
 
 
@@ -84,13 +83,6 @@ class Sleepy(Echo):
         return super().handle_request(request)
 
 
-def wait_until(predicate, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.005)
-
-
 def in_threads(count: int, target) -> None:
     """Run ``target(i)`` on ``count`` threads; fail with the first error any raised."""
     errors: list[BaseException] = []
@@ -123,7 +115,7 @@ def test_every_scheme_with_several_clients_and_members(relay, attach):
     for n, client in enumerate(clients):
         client.subscribe("topic", lambda event, n=n: events[n].append(event))
         client.publish("topic", b"probe %d" % n)  # after the SUBSCRIBE on the same socket
-        wait_until(lambda n=n: b"probe %d" % n in events[n])
+        wait_for(lambda n=n: b"probe %d" % n in events[n])
 
     def use(n: int) -> None:
         client = clients[n]
@@ -139,12 +131,12 @@ def test_every_scheme_with_several_clients_and_members(relay, attach):
 
     in_threads(3, use)
     expected_broadcasts = sorted(b"from c%d" % n for n in range(3))
-    wait_until(lambda: all(len(m.broadcasts) == 3 for m in members))
+    wait_for(lambda: all(len(m.broadcasts) == 3 for m in members))
     for member in members:
         assert sorted(member.broadcasts) == expected_broadcasts
     published = sorted(b"event c%d" % k for k in range(3))
     for n in range(3):
-        wait_until(lambda n=n: sorted(e for e in events[n] if e.startswith(b"event")) == published)
+        wait_for(lambda n=n: sorted(e for e in events[n] if e.startswith(b"event")) == published)
     assert sum(m.count for m in members) == 30
 
 
@@ -365,7 +357,7 @@ def test_sigterm_closes_every_connection(relay_factory, raw, attach):
     relay.proc.send_signal(signal.SIGTERM)
     for peer in (*peers, unattached):
         assert peer.expect_eof() == [Closed("relay shutting down")]
-    wait_until(lambda: conn.closed)
+    wait_for(lambda: conn.closed)
     with pytest.raises(iris.ClosedError):
         conn.request("svc", b"x", 1)
     assert relay.proc.wait(5) == 0
@@ -416,17 +408,6 @@ def test_tunnel_packet_by_packet(relay, raw):
     assert a.recv() == TunnelClosed(0, "")
     for peer in (a, b):
         peer.assert_silent(0.1)
-
-
-def open_raw_tunnel(initiator, member, grant: int = 64 * MiB) -> None:
-    """Tunnel 0 from ``initiator`` to ``member`` (its id 5), grants exchanged."""
-    initiator.send(TunnelInit(0, "t", 1000))
-    offer = member.recv()
-    member.send(TunnelConfirm(offer.build_id, 5), TunnelAllow(5, grant))
-    assert member.recv() == TunnelAllow(5, RELAY_BUFFER)
-    assert initiator.recv() == TunnelResult(0, False, CHUNK)
-    assert initiator.recv() == TunnelAllow(0, RELAY_BUFFER)
-    initiator.send(TunnelAllow(0, grant))
 
 
 def test_16_mib_message_through_raw_tunnel(relay, raw):
@@ -603,10 +584,10 @@ def guarded_relay(relay_factory, attach):
 
     thread = threading.Thread(target=keep_requesting)
     thread.start()
-    wait_until(lambda: done)
+    wait_for(lambda: done)
     yield relay
     before = len(done)
-    wait_until(lambda: len(done) > before + 10 or errors)
+    wait_for(lambda: len(done) > before + 10 or errors)
     stop.set()
     thread.join()
     assert errors == []
@@ -625,7 +606,7 @@ def test_malformed_input_closes_only_the_offender(guarded_relay, raw, name):
         packets = packets[1:]
     assert len(packets) == 1 and type(packets[0]) is Closed, packets
     assert packets[0].reason.startswith("protocol violation: ")
-    wait_until(lambda: "protocol violation" in relay.log())
+    wait_for(lambda: "protocol violation" in relay.log())
     bystander.send(Publish("watch", b"fine"))
     assert bystander.recv() == Publish("watch", b"fine")
 
@@ -636,7 +617,7 @@ def test_truncated_packet_then_close(guarded_relay, raw):
     wire = Request(1, "echo", b"x" * 1000, 1000).encode()
     offender.send_bytes(wire[: len(wire) // 2])
     offender.close()
-    wait_until(lambda: "detached" in relay.log())
+    wait_for(lambda: "detached" in relay.log())
     bystander = raw(relay.port).handshake()
     bystander.send(Request(2, "half", b"x", 100))  # the half-sent member is gone
     assert bystander.recv() == ReplyDelivery(2, True)
@@ -667,7 +648,7 @@ def test_peer_that_stops_reading_is_dropped(relay_factory, raw, attach):
     reader.subscribe("flood", got.append)
     publisher = attach.connect(relay.port)
     publisher.publish("flood", b"warm-up")  # both subscriptions are in place
-    wait_until(lambda: got == [b"warm-up"] and _readable(stuck))
+    wait_for(lambda: got == [b"warm-up"] and _readable(stuck))
     event, published = bytes(64 * 1024), 0
     while "stopped reading" not in relay.log():
         publisher.publish("flood", event)
@@ -677,7 +658,7 @@ def test_peer_that_stops_reading_is_dropped(relay_factory, raw, attach):
             time.sleep(0.01)  # let the relay's log catch up
     assert published * len(event) > 512 * 1024
     assert publisher.request("echo", b"fine", 2) == b"fine"
-    wait_until(lambda: len(got) == published + 1)  # the reader missed nothing
+    wait_for(lambda: len(got) == published + 1)  # the reader missed nothing
     received = 0
     while True:  # the stuck peer: what was buffered, then the end
         try:
@@ -723,7 +704,7 @@ def test_lingering_peer_does_not_busy_loop_the_relay(relay, raw, attach):
     time.sleep(0.2)  # the relay's output to the stuck peer is backed up
     stuck.send_bytes(b"\x0e")  # a violation: dropped, lingering with unsent output
     stuck.sock.shutdown(socket.SHUT_WR)  # and an EOF it will never read
-    wait_until(lambda: "unknown opcode" in relay.log())
+    wait_for(lambda: "unknown opcode" in relay.log())
     process = psutil.Process(relay.proc.pid)
     before, start = sum(process.cpu_times()[:2]), time.monotonic()
     time.sleep(1)
@@ -861,7 +842,7 @@ def test_in_process_start_and_stop(attach):
         server.stop()
     assert handler.dropped.wait(5)
     assert "relay shutting down" in str(handler.reason)
-    wait_until(lambda: conn.closed)
+    wait_for(lambda: conn.closed)
     with pytest.raises(ConnectionRefusedError):
         iris.connect(server.port)
 

@@ -13,7 +13,6 @@ import queue
 import select
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from support import free_port
 
 import iris
 from iris.tool.exits import Exit
@@ -90,13 +90,6 @@ def start_iris(tmp_path):
     yield start
     for process in started:
         process.kill()
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (bound once, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Echo(iris.ServiceHandler):
