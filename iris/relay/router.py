@@ -39,7 +39,10 @@ TUNNEL_ALLOWANCE = 4 * 1024 * 1024
 _REQUEST_HEAD = bytes((codec.Op.REQUEST,))
 _REPLY_HEAD = bytes((codec.Op.REPLY,))
 _FALSE, _TRUE = b"\x00", b"\x01"
-_SMALL_VARINTS = [codec.encode_varint(value) for value in range(0x80)]
+# The codec's encoder already builds keys, lengths and timeouts of up to three
+# octets inline, which is what the relay's request keys take for their first
+# two million.
+_varint = codec.encode_varint
 
 
 class Peer(Protocol):
@@ -441,15 +444,3 @@ class Router:
         end.queue.clear()
         end.peer.send(codec.TunnelClosed(end.id, reason).encode())
 
-
-def _varint(value: int) -> bytes:
-    """codec.encode_varint, with the cases up to three octets inline: the
-    relay's request keys stay under 2**21 for its first two million requests,
-    and lengths and timeouts are mostly smaller."""
-    if value < 0x80:
-        return _SMALL_VARINTS[value]
-    if value < 0x4000:
-        return bytes(((value & 0x7F) | 0x80, value >> 7))
-    if value < 0x200000:
-        return bytes(((value & 0x7F) | 0x80, ((value >> 7) & 0x7F) | 0x80, value >> 14))
-    return codec.encode_varint(value)
