@@ -20,7 +20,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from .. import codec
 
@@ -291,13 +291,7 @@ class Router:
 
     def _on_reply(self, peer: Peer, packet: codec.Reply) -> None:
         reply_id, success, payload = packet
-        # The payload's type follows ``success`` (see codec.Reply).
-        if success:
-            answer = (_TRUE, _varint(len(payload)), cast(bytes, payload))
-        else:
-            text = cast(str, payload).encode()
-            answer = (_FALSE, _varint(len(text)), text)
-        self.route_reply(peer, reply_id, answer)
+        self.route_reply(peer, reply_id, codec.encode_answer(success, payload, "strict"))
 
     def route_reply(
         self, peer: Peer, reply_id: int, answer: tuple[bytes | memoryview, ...]
@@ -443,4 +437,3 @@ class Router:
             end.peer.send(codec.TunnelTransfer(end.id, size, chunk).encode())
         end.queue.clear()
         end.peer.send(codec.TunnelClosed(end.id, reason).encode())
-
