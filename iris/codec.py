@@ -109,13 +109,23 @@ def encode_varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _string(text: str, errors: str = "strict") -> tuple[bytes, bytes]:
-    data = text.encode("utf-8", errors)
+def _string(text: str) -> tuple[bytes, bytes]:
+    data = text.encode()
     return encode_varint(len(data)), data
 
 
-def _bool(flag: bool) -> bytes:
-    return _TRUE if flag else _FALSE
+def encode_answer(success: bool, payload: bytes | str, errors: str) -> tuple[bytes, bytes, bytes]:
+    """A reply's wire form from its success flag on: the flag, then the
+    payload on success or else the fault text, encoded with ``errors``.
+
+    Shared by Reply, ReplyDelivery and the relay's router, which passes it
+    on after its own head."""
+    # The payload's type follows ``success``; cast, not checked: this is per reply.
+    if success:
+        data = cast(bytes, payload)
+        return _TRUE, encode_varint(len(data)), data
+    data = cast(str, payload).encode("utf-8", errors)
+    return _FALSE, encode_varint(len(data)), data
 
 
 # ---------------------------------------------------------------------------
@@ -272,13 +282,9 @@ class Reply(NamedTuple):
     payload: bytes | str  # the reply's bytes on success, else the fault text
 
     def encode(self) -> bytes:
-        # The payload's type follows ``success``; cast, not checked: this is per reply.
-        if self.success:
-            payload = cast(bytes, self.payload)
-            body = (encode_varint(len(payload)), payload)
-        else:  # a handler's text: lone surrogates become "?" rather than cost the answer
-            body = _string(cast(str, self.payload), "replace")
-        return b"".join((_OPS[Op.REPLY], encode_varint(self.id), _bool(self.success), *body))
+        # A handler's fault text: lone surrogates become "?" rather than cost the answer.
+        answer = encode_answer(self.success, self.payload, "replace")
+        return b"".join((_OPS[Op.REPLY], encode_varint(self.id), *answer))
 
     @staticmethod
     def read(r: _Reader, pos: int) -> tuple[Reply, int]:
@@ -515,14 +521,8 @@ class ReplyDelivery(NamedTuple):
     def encode(self) -> bytes:
         if self.timed_out:
             return b"".join((_OPS[Op.REPLY], encode_varint(self.id), _TRUE))
-        if self.success:  # the payload's type follows ``success``, as in Reply.encode
-            payload = cast(bytes, self.payload)
-            body = (encode_varint(len(payload)), payload)
-        else:
-            body = _string(cast(str, self.payload))
-        return b"".join(
-            (_OPS[Op.REPLY], encode_varint(self.id), _FALSE, _bool(self.success), *body)
-        )
+        answer = encode_answer(self.success, self.payload, "strict")
+        return b"".join((_OPS[Op.REPLY], encode_varint(self.id), _FALSE, *answer))
 
     @staticmethod
     def read(r: _Reader, pos: int) -> tuple[ReplyDelivery, int]:

@@ -20,7 +20,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from .. import codec
 
@@ -39,7 +39,10 @@ TUNNEL_ALLOWANCE = 4 * 1024 * 1024
 _REQUEST_HEAD = bytes((codec.Op.REQUEST,))
 _REPLY_HEAD = bytes((codec.Op.REPLY,))
 _FALSE, _TRUE = b"\x00", b"\x01"
-_SMALL_VARINTS = [codec.encode_varint(value) for value in range(0x80)]
+# The codec's encoder already builds keys, lengths and timeouts of up to three
+# octets inline, which is what the relay's request keys take for their first
+# two million.
+_varint = codec.encode_varint
 
 
 class Peer(Protocol):
@@ -288,13 +291,7 @@ class Router:
 
     def _on_reply(self, peer: Peer, packet: codec.Reply) -> None:
         reply_id, success, payload = packet
-        # The payload's type follows ``success`` (see codec.Reply).
-        if success:
-            answer = (_TRUE, _varint(len(payload)), cast(bytes, payload))
-        else:
-            text = cast(str, payload).encode()
-            answer = (_FALSE, _varint(len(text)), text)
-        self.route_reply(peer, reply_id, answer)
+        self.route_reply(peer, reply_id, codec.encode_answer(success, payload, "strict"))
 
     def route_reply(
         self, peer: Peer, reply_id: int, answer: tuple[bytes | memoryview, ...]
@@ -440,16 +437,3 @@ class Router:
             end.peer.send(codec.TunnelTransfer(end.id, size, chunk).encode())
         end.queue.clear()
         end.peer.send(codec.TunnelClosed(end.id, reason).encode())
-
-
-def _varint(value: int) -> bytes:
-    """codec.encode_varint, with the cases up to three octets inline: the
-    relay's request keys stay under 2**21 for its first two million requests,
-    and lengths and timeouts are mostly smaller."""
-    if value < 0x80:
-        return _SMALL_VARINTS[value]
-    if value < 0x4000:
-        return bytes(((value & 0x7F) | 0x80, value >> 7))
-    if value < 0x200000:
-        return bytes(((value & 0x7F) | 0x80, ((value >> 7) & 0x7F) | 0x80, value >> 14))
-    return codec.encode_varint(value)
