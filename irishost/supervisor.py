@@ -180,8 +180,14 @@ class Supervisor:
         due = self._next_wake()
         rings = self.table.outboxes()
         timeout = max(0.0, due - time.monotonic())
-        for ring in wait_readable(list(rings), timeout, (self._wakeup.fileno(),)):
+        relay = self.link.fileno()
+        wake_fds = (self._wakeup.fileno(),) if relay is None else (self._wakeup.fileno(), relay)
+        # Spin for an answer only while one is owed: an idle host sleeps at once.
+        spin = self.table.in_flight() > 0
+        for ring in wait_readable(list(rings), timeout, wake_fds, spin):
             self._collect(rings[ring])
+        if relay is not None:
+            self.link.read()
         if self.signal_queue:
             self._handle_signals()
         now = time.monotonic()
