@@ -94,6 +94,7 @@ class Supervisor:
             signal.SIGTTOU: lambda: self._scale(self.pool.count - 1),
         }
         self._next_tick = 0.0
+        self._due = 0.0  # when the loop next does its housekeeping (see _next_wake)
 
     @property
     def stopping(self) -> bool:
@@ -177,9 +178,8 @@ class Supervisor:
         Under load a turn happens per reply batch, so housekeeping waits for
         its tick instead of costing every reply.
         """
-        due = self._next_wake()
         rings = self.table.outboxes()
-        timeout = max(0.0, due - time.monotonic())
+        timeout = max(0.0, self._due - time.monotonic())
         relay = self.link.fileno()
         wake_fds = (self._wakeup.fileno(),) if relay is None else (self._wakeup.fileno(), relay)
         # Spin for an answer only while one is owed: an idle host sleeps at once.
@@ -190,10 +190,15 @@ class Supervisor:
             self.link.read()
         if self.signal_queue:
             self._handle_signals()
+            self._due = self._next_wake()  # a death may have scheduled a respawn
         now = time.monotonic()
-        if now < due:
+        if now < self._due:
             return
         self._next_tick = now + TICK_SECONDS
+        self._housekeeping(now, serving)
+        self._due = self._next_wake()
+
+    def _housekeeping(self, now: float, serving: bool) -> None:
         self._reap()  # SIGCHLD reaps at once; this is the safety net
         self.pool.murder_stuck(now)
         self.pool.check_memory(now)
