@@ -3,11 +3,16 @@
 Like gunicorn's arbiter, the loop wakes on a timeout, on a signal (the
 handlers only queue the signal; ``signal.set_wakeup_fd`` wakes the loop),
 on a command from the control socket (queued as the signal it stands for)
-or on data from a worker, and then does the steps in order: collect answers,
-handle queued signals, reap dead workers, murder stuck ones, recycle bloated
-ones, respawn what is missing, talk to systemd, reconnect. Nothing else runs
-on this thread, so the steps never race each other; the relay connection's
-reader thread only books requests through the WorkerTable.
+on data from a worker or on data from the relay, and then does the steps
+in order: collect answers, read the relay (requests go to workers from
+there), handle queued signals, reap dead workers, murder stuck ones, recycle
+bloated ones, respawn what is missing, talk to systemd, reconnect. Nothing
+else runs on this thread, so the steps never race each other.
+
+A request therefore crosses the supervisor on one thread: socket, ring,
+and back. While a reply is owed the wait spins briefly before it sleeps,
+so a quick worker's reply is collected without a wake-up (see ring._Waiter);
+an idle host sleeps at once.
 
 The parts it drives, each owning one kind of state: ``WorkerTable`` (the
 workers, their states, the requests they hold), ``RelayLink`` (the relay

@@ -1,8 +1,8 @@
 """The one owner of the supervisor's worker records and request tickets.
 
-Two threads use the table: the relay connection's reader thread books
-requests onto workers (through RelayDispatch), and the supervisor's loop
-changes workers' states, settles answers and removes dead workers. Every
+The supervisor's loop books requests onto workers (through RelayDispatch),
+changes workers' states, settles answers and removes dead workers; other
+threads read it (event delivery, tunnel bridges, status snapshots). Every
 change goes through a method here, under the table's lock, so no other
 module changes a record's state or its requests.
 
