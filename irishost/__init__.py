@@ -23,8 +23,6 @@ and keeps the relay connection in one supervisor process::
     +------+---------------+              +-----------+-----------+
     | worker 0             |              | worker 1              |
     | main thread: inbox   |              | ...                   |
-    |  -> quick handler    |              |                       |
-    |     here, or         |              |                       |
     |  -> HandlerPools     |              |                       |
     |  -> handler threads  |              |                       |
     |  -> outbox           |              |                       |

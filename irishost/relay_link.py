@@ -2,7 +2,7 @@
 
 Whether the host is starting, connected, reconnecting or stopping is one
 :class:`RelayState`, kept here. The connection has no reader thread: the
-supervisor's loop waits on :meth:`RelayLink.fileno` with the workers' rings
+supervisor's loop waits on :meth:`RelayLink.wait_fds` with the workers' rings
 and calls :meth:`RelayLink.read`, so a request goes from the relay's socket
 to a worker's ring, and its reply back, on that one thread. The connection
 closes when the relay goes away; :attr:`RelayLink.state` notices that the
@@ -95,13 +95,13 @@ class RelayLink:
         self._state = RelayState.CONNECTED
         self._delay = RECONNECT_START
 
-    def fileno(self) -> int | None:
-        """The open connection's socket, for the loop to wait on; None if none is open."""
+    def wait_fds(self) -> tuple[int, ...]:
+        """The open connection's socket, for the loop to wait on; none if none is open."""
         conn = self.conn
-        return None if conn is None or conn.closed else conn.fileno()
+        return () if conn is None or conn.closed else (conn.fileno(),)
 
     def read(self) -> None:
-        """Handle what the relay sent: requests go to workers from here."""
+        """Handle what the relay sent, if a connection is open: requests go to workers from here."""
         if self.conn is not None:
             self.conn.read_available()
 

@@ -43,7 +43,7 @@ from .metrics import MetricsServer
 from .notify import Notifier
 from .pool import WorkerPool, signal_worker
 from .relay_link import RelayLink, RelayState
-from .ring import remove_stale_segments, segment_prefix, wait_readable
+from .ring import remove_stale_segments, segment_prefix
 from .rollout import Generation, Reconnect, Reload, Rollout, reread
 from .spawner import Spawner
 from .wakeup import WakeupPipe
@@ -178,21 +178,13 @@ class Supervisor:
     # -- the loop ----------------------------------------------------------------------
 
     def _step(self, serving: bool = True) -> None:
-        """One turn of the loop: answers and signals at once, housekeeping when due.
-
-        Under load a turn happens per reply batch, so housekeeping waits for
-        its tick instead of costing every reply.
-        """
-        rings = self.table.outboxes()
+        """One turn of the loop: answers, requests and signals at once; housekeeping
+        on its tick (under load a turn happens per reply batch)."""
         timeout = max(0.0, self._due - time.monotonic())
-        relay = self.link.fileno()
-        wake_fds = (self._wakeup.fileno(),) if relay is None else (self._wakeup.fileno(), relay)
-        # Spin for an answer only while one is owed: an idle host sleeps at once.
-        spin = self.table.in_flight() > 0
-        for ring in wait_readable(list(rings), timeout, wake_fds, spin):
-            self._collect(rings[ring])
-        if relay is not None:
-            self.link.read()
+        wake_fds = (self._wakeup.fileno(), *self.link.wait_fds())
+        for handle in self.table.wait_for_frames(timeout, wake_fds):
+            self._collect(handle)
+        self.link.read()
         if self.signal_queue:
             self._handle_signals()
             self._due = self._next_wake()  # a death may have scheduled a respawn
@@ -200,10 +192,6 @@ class Supervisor:
         if now < self._due:
             return
         self._next_tick = now + TICK_SECONDS
-        self._housekeeping(now, serving)
-        self._due = self._next_wake()
-
-    def _housekeeping(self, now: float, serving: bool) -> None:
         self._reap()  # SIGCHLD reaps at once; this is the safety net
         self.pool.murder_stuck(now)
         self.pool.check_memory(now)
@@ -213,12 +201,11 @@ class Supervisor:
         self.status.tell_systemd(now)
         if serving and self.link.state is RelayState.RECONNECTING:
             self._reconnect()
+        self._due = self._next_wake()
 
     def _next_wake(self) -> float:
         """The next respawn, watchdog ping or memory sample, or the tick."""
-        wakes = [self._next_tick, self.pool.respawner.next_due(), self.status.next_watchdog()]
-        if self.config.limits.max_rss:
-            wakes.append(self.pool.next_rss_check)
+        wakes = [self._next_tick, self.pool.next_due(), self.status.next_watchdog()]
         return min(wake for wake in wakes if wake is not None)
 
     def _collect(self, handle: WorkerHandle) -> None:

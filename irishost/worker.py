@@ -64,9 +64,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 # How often an idle worker looks up from its ring to check on its parent.
 IDLE_CHECK_SECONDS = 1.0
-# A handler that took less than this is quick: its next request may run on
-# the thread that reads the ring (see Worker._on_request).
-QUICK_HANDLER_SECONDS = 0.001
 
 # The frame loop's table: each kind of frame to the method given its fields.
 FrameHandlers = dict[type[frames.Frame], Callable[..., None]]
@@ -215,7 +212,6 @@ class Worker(CallbackPools[HandlerPool]):
         self._out_lock = threading.Lock()
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
-        self._quick = True  # the last handle_request took under QUICK_HANDLER_SECONDS
         self._tunnels: TunnelRegistry = {}
         self._draining = False
         # An iris.aio handler's event loop (irishost/async_worker.py).
@@ -356,20 +352,7 @@ class Worker(CallbackPools[HandlerPool]):
             self._in_flight += delta
 
     def _on_request(self, request_id: int, deadline: float, payload: bytes) -> None:
-        """Run a request on a pool thread, or here when that is quicker.
-
-        Handing a request to a pool thread costs a thread wake-up, tens of
-        microseconds, more than a quick handler takes. So when nothing else
-        runs in the worker and the last handler was quick, the request runs
-        on this thread, which reads the ring: frames that arrive meanwhile
-        wait for it, about as long as the last handler took. A slow handler
-        sends the next request back to the pool, so a slow one holds the
-        ring up at most once in a row.
-        """
         self._track(1)
-        if self._quick and self._in_flight == 1 and not self._tunnels:
-            self._serve(request_id, deadline, payload)
-            return
         if not self._requests.submit(self._serve, (request_id, deadline, payload), len(payload)):
             self._track(-1)
             fault = memory_fault(self._requests, f" in worker {self.spec.index}")
@@ -380,10 +363,9 @@ class Worker(CallbackPools[HandlerPool]):
             if time.monotonic() > deadline:  # its caller has timed out already
                 self.send(frames.Expired(request_id).encode())
                 return
-            started = time.monotonic()
-            success, reply = answer(self.handler, payload, self.errors)
-            self._quick = time.monotonic() - started < QUICK_HANDLER_SECONDS
-            self.send(frames.Reply(request_id, success, reply).encode())
+            self.send(
+                frames.Reply(request_id, *answer(self.handler, payload, self.errors)).encode()
+            )
         finally:
             self._leave_if_forked()
             self._track(-1)

@@ -26,11 +26,12 @@ import enum
 import itertools
 import threading
 import time
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import iris
 
-from .ring import Ring
+from .ring import Ring, wait_readable
 from .workers import WorkerHandle, WorkerState
 
 
@@ -93,6 +94,17 @@ class WorkerTable:
         if outboxes is None:
             outboxes = self._outboxes = {w.outbox: w for w in self.workers}
         return outboxes
+
+    def wait_for_frames(self, timeout: float, wake_fds: Sequence[int]) -> list[WorkerHandle]:
+        """The workers whose outboxes have frames, once any has (see ring.wait_readable).
+
+        The wait spins before it sleeps only while a reply is owed: then a
+        quick worker's answer is collected without a wake-up, and an idle
+        host sleeps at once.
+        """
+        rings = self.outboxes()
+        ready = wait_readable(list(rings), timeout, wake_fds, spin=bool(self._owner))
+        return [rings[ring] for ring in ready]
 
     def by_pid(self, pid: int) -> WorkerHandle | None:
         return self._by_pid.get(pid)

@@ -103,10 +103,6 @@ class ProbeHandler(iris.ServiceHandler):
     def do_pid(self, _: str) -> bytes:
         return str(os.getpid()).encode()
 
-    def do_thread(self, _: str) -> bytes:
-        """The name of the thread the handler runs on."""
-        return threading.current_thread().name.encode()
-
     def do_sleep(self, seconds: str) -> bytes:
         time.sleep(float(seconds))
         return self.do_pid("")

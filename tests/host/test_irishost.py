@@ -140,32 +140,6 @@ def test_a_worker_runs_at_most_request_threads_handlers_at_once(service):
     assert peaks == {worker.pid: 2 for worker in host.worker_count(2)}
 
 
-def test_a_quick_handler_runs_on_the_thread_reading_the_ring(service):
-    """A hand-off to a pool thread costs more than a quick handler takes; a
-    slow handler sends the next request to the pool, so a slow one holds the
-    ring up at most once in a row."""
-    service.start()
-    assert service.request(b"thread") == b"MainThread"
-    assert service.request(b"thread") == b"MainThread"
-    service.request(b"sleep:0.01")  # slow: ran here, but sends the next to the pool
-    assert service.request(b"thread").startswith(b"iris-request")
-    assert service.request(b"thread") == b"MainThread"  # quick again
-
-
-def test_a_request_runs_on_the_pool_while_another_is_running(service):
-    service.config(limits={"request_threads": 2})
-    service.start()
-    service.request(b"sleep:0.01")  # the next request goes to the pool
-    running = service.request_async(b"wait:gate")
-    wait_for(lambda: service.records("request")[-1][2] == "wait:gate")
-    assert service.request(b"thread").startswith(b"iris-request")  # quick, not alone
-    assert service.request(b"thread").startswith(b"iris-request")
-    (service.dir / "gate").touch()
-    running.result(5)  # slow: the next goes to the pool
-    assert service.request(b"thread").startswith(b"iris-request")
-    assert service.request(b"thread") == b"MainThread"  # quick, and alone again
-
-
 def test_a_worker_holds_at_most_broadcast_memory_bytes_of_waiting_broadcasts(service):
     service.config(limits={"broadcast_threads": 1, "broadcast_memory": 1000})
     service.start()
