@@ -7,12 +7,6 @@ sends and completes the waiting call (replies through a ReplyHandoff, which
 wakes their callers one after another), or hands inbound work (requests,
 broadcasts, events, tunnels) to bounded handler pools.
 
-A program with an event loop of its own (irishost's supervisor) can do the
-reader thread's job on that loop instead: ``reader_thread=False``, then
-:meth:`Connection.read_available` whenever :meth:`Connection.fileno` is
-readable. Its inbound requests then arrive on the loop's thread, with no
-hand-off between threads on their way in.
-
     caller threads --encode/send--> SocketWriter --> socket --> relay
     reader thread  <--decode------- socket <-- relay
         |-- replies -> ReplyHandoff -> waiting callers (one wake-up at a time)
@@ -24,10 +18,8 @@ hand-off between threads on their way in.
 from __future__ import annotations
 
 import itertools
-import select
 import socket
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, ClassVar, cast
 
@@ -104,11 +96,9 @@ class Connection(TunnelRoutes[Tunnel]):
         cluster: str = "",
         inbound: Callable[[Connection], Inbound] | None = None,
         log: ContextLog | None = None,
-        reader_thread: bool = True,
     ) -> None:
         """Attach; a member (non-empty ``cluster``) passes ``inbound``, a factory
-        of the Inbound that receives its requests, broadcasts and tunnels.
-        Without ``reader_thread``, the caller reads (see the module's docstring)."""
+        of the Inbound that receives its requests, broadcasts and tunnels."""
         self.log = log or ContextLog().new(client=next(_client_ids))
         self._state_lock = threading.Lock()
         self._ids = itertools.count()
@@ -127,15 +117,10 @@ class Connection(TunnelRoutes[Tunnel]):
         self._sock, self._decoder, early = self._handshake(port, cluster)
         self._writer = SocketWriter(self._sock)
         self._handoff = ReplyHandoff(self._writer)
-        self._reader: threading.Thread | None = None
-        self._early: list[codec.RelayPacket] = []  # for the first read_available()
-        if reader_thread:
-            self._reader = threading.Thread(
-                target=self._read_loop, args=(early,), name=f"iris-reader-{port}", daemon=True
-            )
-            self._reader.start()
-        else:
-            self._early = early
+        self._reader = threading.Thread(
+            target=self._read_loop, args=(early,), name=f"iris-reader-{port}", daemon=True
+        )
+        self._reader.start()
         self.log.info("relay connection established")
 
     # -- setup and teardown ------------------------------------------------
@@ -185,17 +170,9 @@ class Connection(TunnelRoutes[Tunnel]):
                 self._send(codec.Close().encode())
             except ClosedError:
                 pass
-        if self._reader is None:
-            self._read_until_closed(time.monotonic() + CLOSE_TIMEOUT)
-        elif threading.current_thread() is not self._reader:
+        if threading.current_thread() is not self._reader:
             self._closed.wait(CLOSE_TIMEOUT)
         self._shutdown("connection closed")
-
-    def _read_until_closed(self, deadline: float) -> None:
-        """close() without a reader thread: read until the relay acknowledges."""
-        while not self._closed.is_set() and (left := deadline - time.monotonic()) > 0:
-            select.select([self._sock], [], [], left)
-            self.read_available()
 
     def __enter__(self) -> Connection:
         return self
@@ -370,69 +347,34 @@ class Connection(TunnelRoutes[Tunnel]):
 
     # -- the reader thread -----------------------------------------------------------
 
-    def fileno(self) -> int:
-        """The socket's descriptor: readable when :meth:`read_available` has work."""
-        return self._sock.fileno()
-
-    def read_available(self) -> bool:
-        """Handle what the relay has sent, without waiting; False once the
-        connection has ended. Only for a connection made with ``reader_thread=False``."""
-        if self._closed.is_set():
-            return False
-        packets, self._early = self._early, []
-        reason: str | None = "connection lost"  # should handling raise
-        try:
-            reason = self._read(packets, self._recv_nowait)
-        finally:
-            if reason is not None:
-                self._end(reason)
-        return reason is None
-
-    def _recv_nowait(self, size: int) -> bytes | None:
-        try:
-            return self._sock.recv(size, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return None
-
     def _read_loop(self, packets: list[codec.RelayPacket]) -> None:
-        reason: str | None = "connection lost"
+        reason = "connection lost"
+        dispatch = self._dispatch
         try:
-            reason = self._read(packets, self._sock.recv)
-        finally:
-            self._end(reason or "connection lost")
-
-    def _read(
-        self, packets: list[codec.RelayPacket], recv: Callable[[int], bytes | None]
-    ) -> str | None:
-        """Handle ``packets``, then what ``recv`` brings, until it brings None
-        (nothing more for now: None) or the connection ends (why)."""
-        dispatch, feed, wake = self._dispatch, self._decoder.feed, self._handoff.wake
-        try:
+            recv, feed, wake = self._sock.recv, self._decoder.feed, self._handoff.wake
             while True:
                 for packet in packets:
                     handle = dispatch.get(type(packet))
                     if handle is None:
                         raise codec.ProtocolError(f"unexpected packet {type(packet).__name__}")
                     if handle(self, packet):
-                        return self._drop_reason or "connection closed"
+                        reason = self._drop_reason or "connection closed"
+                        return
                 wake()  # the callers answered by this read
                 data = recv(RECV_SIZE)
-                if data is None:
-                    return None
                 if not data:
-                    return "connection lost"
+                    break
                 packets = feed(data)
         except codec.ProtocolError as err:
+            reason = f"protocol violation by relay: {err}"
             self.log.error("relay broke the protocol", error=str(err))
-            return f"protocol violation by relay: {err}"
         except (OSError, ClosedError) as err:  # ClosedError: a send of ours met the end
-            return f"connection lost: {err}"
-
-    def _end(self, reason: str) -> None:
-        graceful = self._closing and self._drop_reason is None
-        self._shutdown(reason)
-        if not graceful:
-            self._on_drop(reason)
+            reason = f"connection lost: {err}"
+        finally:
+            graceful = self._closing and self._drop_reason is None
+            self._shutdown(reason)
+            if not graceful:
+                self._on_drop(reason)
 
     def _on_drop(self, reason: str) -> None:
         self.log.warning("relay connection dropped", reason=reason)

@@ -117,8 +117,7 @@ def serve_tunnel(handler: ServiceHandler, tunnel: TunnelEnd, errors: HandlerErro
 
 
 class Inbound(Protocol):
-    """The receiving half of a service; all methods run on the thread that reads
-    the connection (its reader thread, or its owner's loop: ``reader_thread=False``)."""
+    """The receiving half of a service; all methods run on the reader thread."""
 
     def request(self, request_id: int, request: bytes, timeout: float) -> None:
         """Answer later with ``Connection.reply(request_id, ...)``; must not block."""

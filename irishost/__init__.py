@@ -9,9 +9,8 @@ and keeps the relay connection in one supervisor process::
     +---+-------------------------------------------------------------+
     |   supervisor process                                            |
     |   RelayLink: the connection, its state, reconnect backoff       |
-    |   Supervisor loop, one thread: waits on the relay socket and    |
-    |     the rings; relay -> RelayDispatch -> WorkerTable.book,      |
-    |     write frame; collect frames -> RelayDispatch.answer         |
+    |   reader thread --RelayDispatch--> WorkerTable.book, write frame|
+    |   Supervisor loop: collect frames -> RelayDispatch.answer       |
     |     (-> RequestLog: metrics, access log); signal queue, from    |
     |     signals and control commands, and its table; reap;          |
     |     WorkerPool murders stuck, recycles bloated, respawns        |

@@ -47,9 +47,8 @@ class TunnelBridge:
     def start(self) -> None:
         """Hand the tunnel to the worker, or close it if the worker cannot take it.
 
-        This runs on the supervisor's loop, which reads the relay connection:
-        an exception here would end the connection and with it the
-        supervisor's registration.
+        This runs on the relay connection's reader thread: an exception here
+        would end that thread and with it the supervisor's registration.
         """
         if not self._tell_worker(frames.Tunnel(self.tunnel.id).encode()):
             return

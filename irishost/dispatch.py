@@ -1,9 +1,9 @@
 """Fanning the relay's inbound work out to workers, and answers back.
 
 :class:`RelayDispatch` is the ``iris.dispatch.Inbound`` of the supervisor's
-relay connection. The supervisor's loop reads that connection, so it calls
-this for every request, broadcast and tunnel; it picks a worker and writes
-a frame to that worker's ring. The same loop calls :meth:`on_frame` with
+relay connection. The connection's reader thread calls it for every request,
+broadcast and tunnel; it picks a worker and writes a frame to that worker's
+ring, with no thread hop. The supervisor's loop calls :meth:`on_frame` with
 what workers send back. Both sides book and settle requests through the
 :class:`~irishost.worker_table.WorkerTable`.
 
@@ -127,10 +127,10 @@ class RelayDispatch:
         """Requests waiting for a worker to be ready."""
         return len(self._waiting)
 
-    # -- Inbound: called on the supervisor's loop, which reads the relay --------------
+    # -- Inbound: called on the relay connection's reader thread ---------------------
 
     def request(self, request_id: int, request: bytes, timeout: float) -> None:
-        conn = self.conn  # the connection being read: set
+        conn = self.conn  # the connection whose reader thread this is: set
         assert conn is not None
         now = time.monotonic()
         waiting = Waiting(conn, request_id, now + timeout, request, now)

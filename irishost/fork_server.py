@@ -2,8 +2,8 @@
 
 ``fork`` copies only the calling thread; a lock any other thread held at
 that moment (logging's, the allocator's, an import lock) stays held in the
-child for good. The supervisor runs several threads (the control and
-metrics servers, event pools, tunnel bridges), so it never forks a worker
+child for good. The supervisor runs several threads (the relay reader, the
+control and metrics servers, tunnel bridges), so it never forks a worker
 itself. First thing in ``Supervisor.run``, while it still has one thread, it
 forks this small server, which forks every worker on request (the first
 ones, respawns, reloads, scaling) and does nothing else::

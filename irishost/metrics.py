@@ -52,8 +52,8 @@ FAILURES = tuple(outcome for outcome in Outcome if outcome is not Outcome.OK)
 class RequestStats:
     """How long requests took until answered, and why the failed ones failed.
 
-    Fed at every answer point of irishost.dispatch, on the supervisor's loop;
-    read by the control and metrics threads, so under a lock of its own.
+    Fed at every answer point of irishost.dispatch, from the supervisor's loop
+    and from the relay connection's reader thread, so under a lock of its own.
     Read into the snapshot (see :mod:`irishost.control`), as ``durations``
     and ``failures``.
     """

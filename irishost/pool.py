@@ -53,13 +53,6 @@ class WorkerPool:
         """The running generation's."""
         return self.generation.config
 
-    def next_due(self) -> float | None:
-        """When the next respawn or memory sample is due, if any is."""
-        due = self.respawner.next_due()
-        if self.config.limits.max_rss and (due is None or self.next_rss_check < due):
-            return self.next_rss_check
-        return due
-
     def spawn(self, slot: int, generation: Generation | None = None) -> WorkerHandle:
         """Fork a worker for ``slot`` of ``generation`` (default: the running one)."""
         handle = self.spawner.spawn(slot, generation or self.generation)

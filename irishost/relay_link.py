@@ -1,11 +1,8 @@
 """The supervisor's link to the relay: start or find it, register, resubscribe.
 
 Whether the host is starting, connected, reconnecting or stopping is one
-:class:`RelayState`, kept here. The connection has no reader thread: the
-supervisor's loop waits on :meth:`RelayLink.wait_fds` with the workers' rings
-and calls :meth:`RelayLink.read`, so a request goes from the relay's socket
-to a worker's ring, and its reply back, on that one thread. The connection
-closes when the relay goes away; :attr:`RelayLink.state` notices that the
+:class:`RelayState`, kept here. The connection closes on its own reader
+thread when the relay goes away; :attr:`RelayLink.state` notices that the
 next time it is read. Reconnecting waits with a backoff between attempts.
 """
 
@@ -81,11 +78,7 @@ class RelayLink:
         config = self.config
         try:
             self.conn = iris.Connection(
-                config.relay.port,
-                config.service.cluster,
-                self.dispatch.attach,
-                self.log,
-                reader_thread=False,
+                config.relay.port, config.service.cluster, self.dispatch.attach, self.log
             )
             self.subscribe(config.topics)
         except (OSError, iris.ClosedError) as err:
@@ -94,16 +87,6 @@ class RelayLink:
             ) from err
         self._state = RelayState.CONNECTED
         self._delay = RECONNECT_START
-
-    def wait_fds(self) -> tuple[int, ...]:
-        """The open connection's socket, for the loop to wait on; none if none is open."""
-        conn = self.conn
-        return () if conn is None or conn.closed else (conn.fileno(),)
-
-    def read(self) -> None:
-        """Handle what the relay sent, if a connection is open: requests go to workers from here."""
-        if self.conn is not None:
-            self.conn.read_available()
 
     def subscribe(self, topics: Iterable[TopicSection]) -> None:
         conn = self.conn

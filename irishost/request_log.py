@@ -34,8 +34,8 @@ class Request(Protocol):
 
 
 class RequestLog:
-    """Fed from the supervisor's loop; RequestStats has a lock of its own
-    (snapshots read it from other threads), and a logger is thread-safe."""
+    """Fed from the relay connection's reader thread and the supervisor's loop;
+    RequestStats has a lock of its own, and a logger is thread-safe."""
 
     def __init__(self, config: Config):
         self.stats = RequestStats()

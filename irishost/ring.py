@@ -528,18 +528,14 @@ _collector = _Waiter()
 
 
 def wait_readable(
-    rings: Sequence[Ring],
-    timeout: float | None,
-    wake_fds: Sequence[int] = (),
-    spin: bool = True,
+    rings: Sequence[Ring], timeout: float | None, wake_fds: Sequence[int] = ()
 ) -> list[Ring]:
     """Block until at least one ring has data; return those that do.
 
     Lets one thread serve many workers with the same spin-then-sleep logic as
     :meth:`Ring.get`.  Returns an empty list on timeout, or early when one of
-    ``wake_fds`` (a signal wake-up pipe or a socket, say) becomes readable;
-    the caller reads those itself. The spin watches the rings only, so pass
-    ``spin=False`` when no ring is expected to have data soon.
+    ``wake_fds`` (a signal wake-up pipe, say) becomes readable; the caller
+    reads those itself.
     """
     if not rings and not wake_fds:
         raise ValueError("wait_readable() needs a ring or a wake fd")
@@ -549,7 +545,7 @@ def wait_readable(
 
     flags = [(ring._hdr32, _READER_WAITING) for ring in rings]
     fds = [ring.data_fd for ring in rings]
-    _collector.wait(any_readable, flags, fds, _deadline(timeout), wake_fds, spin)
+    _collector.wait(any_readable, flags, fds, _deadline(timeout), wake_fds)
     return [ring for ring in rings if ring.readable()]
 
 

@@ -3,16 +3,11 @@
 Like gunicorn's arbiter, the loop wakes on a timeout, on a signal (the
 handlers only queue the signal; ``signal.set_wakeup_fd`` wakes the loop),
 on a command from the control socket (queued as the signal it stands for)
-on data from a worker or on data from the relay, and then does the steps
-in order: collect answers, read the relay (requests go to workers from
-there), handle queued signals, reap dead workers, murder stuck ones, recycle
-bloated ones, respawn what is missing, talk to systemd, reconnect. Nothing
-else runs on this thread, so the steps never race each other.
-
-A request therefore crosses the supervisor on one thread: socket, ring,
-and back. While a reply is owed the wait spins briefly before it sleeps,
-so a quick worker's reply is collected without a wake-up (see ring._Waiter);
-an idle host sleeps at once.
+or on data from a worker, and then does the steps in order: collect answers,
+handle queued signals, reap dead workers, murder stuck ones, recycle bloated
+ones, respawn what is missing, talk to systemd, reconnect. Nothing else runs
+on this thread, so the steps never race each other; the relay connection's
+reader thread only books requests through the WorkerTable.
 
 The parts it drives, each owning one kind of state: ``WorkerTable`` (the
 workers, their states, the requests they hold), ``RelayLink`` (the relay
@@ -43,7 +38,7 @@ from .metrics import MetricsServer
 from .notify import Notifier
 from .pool import WorkerPool, signal_worker
 from .relay_link import RelayLink, RelayState
-from .ring import remove_stale_segments, segment_prefix
+from .ring import remove_stale_segments, segment_prefix, wait_readable
 from .rollout import Generation, Reconnect, Reload, Rollout, reread
 from .spawner import Spawner
 from .wakeup import WakeupPipe
@@ -99,7 +94,6 @@ class Supervisor:
             signal.SIGTTOU: lambda: self._scale(self.pool.count - 1),
         }
         self._next_tick = 0.0
-        self._due = 0.0  # when the loop next does its housekeeping (see _next_wake)
 
     @property
     def stopping(self) -> bool:
@@ -178,18 +172,20 @@ class Supervisor:
     # -- the loop ----------------------------------------------------------------------
 
     def _step(self, serving: bool = True) -> None:
-        """One turn of the loop: answers, requests and signals at once; housekeeping
-        on its tick (under load a turn happens per reply batch)."""
-        timeout = max(0.0, self._due - time.monotonic())
-        wake_fds = (self._wakeup.fileno(), *self.link.wait_fds())
-        for handle in self.table.wait_for_frames(timeout, wake_fds):
-            self._collect(handle)
-        self.link.read()
+        """One turn of the loop: answers and signals at once, housekeeping when due.
+
+        Under load a turn happens per reply batch, so housekeeping waits for
+        its tick instead of costing every reply.
+        """
+        due = self._next_wake()
+        rings = self.table.outboxes()
+        timeout = max(0.0, due - time.monotonic())
+        for ring in wait_readable(list(rings), timeout, (self._wakeup.fileno(),)):
+            self._collect(rings[ring])
         if self.signal_queue:
             self._handle_signals()
-            self._due = self._next_wake()  # a death may have scheduled a respawn
         now = time.monotonic()
-        if now < self._due:
+        if now < due:
             return
         self._next_tick = now + TICK_SECONDS
         self._reap()  # SIGCHLD reaps at once; this is the safety net
@@ -201,11 +197,12 @@ class Supervisor:
         self.status.tell_systemd(now)
         if serving and self.link.state is RelayState.RECONNECTING:
             self._reconnect()
-        self._due = self._next_wake()
 
     def _next_wake(self) -> float:
         """The next respawn, watchdog ping or memory sample, or the tick."""
-        wakes = [self._next_tick, self.pool.next_due(), self.status.next_watchdog()]
+        wakes = [self._next_tick, self.pool.respawner.next_due(), self.status.next_watchdog()]
+        if self.config.limits.max_rss:
+            wakes.append(self.pool.next_rss_check)
         return min(wake for wake in wakes if wake is not None)
 
     def _collect(self, handle: WorkerHandle) -> None:

@@ -1,8 +1,8 @@
 """The one owner of the supervisor's worker records and request tickets.
 
-The supervisor's loop books requests onto workers (through RelayDispatch),
-changes workers' states, settles answers and removes dead workers; other
-threads read it (event delivery, tunnel bridges, status snapshots). Every
+Two threads use the table: the relay connection's reader thread books
+requests onto workers (through RelayDispatch), and the supervisor's loop
+changes workers' states, settles answers and removes dead workers. Every
 change goes through a method here, under the table's lock, so no other
 module changes a record's state or its requests.
 
@@ -26,12 +26,11 @@ import enum
 import itertools
 import threading
 import time
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import iris
 
-from .ring import Ring, wait_readable
+from .ring import Ring
 from .workers import WorkerHandle, WorkerState
 
 
@@ -94,17 +93,6 @@ class WorkerTable:
         if outboxes is None:
             outboxes = self._outboxes = {w.outbox: w for w in self.workers}
         return outboxes
-
-    def wait_for_frames(self, timeout: float, wake_fds: Sequence[int]) -> list[WorkerHandle]:
-        """The workers whose outboxes have frames, once any has (see ring.wait_readable).
-
-        The wait spins before it sleeps only while a reply is owed: then a
-        quick worker's answer is collected without a wake-up, and an idle
-        host sleeps at once.
-        """
-        rings = self.outboxes()
-        ready = wait_readable(list(rings), timeout, wake_fds, spin=bool(self._owner))
-        return [rings[ring] for ring in ready]
 
     def by_pid(self, pid: int) -> WorkerHandle | None:
         return self._by_pid.get(pid)

@@ -35,7 +35,7 @@ PUT_TIMEOUT = 1.0
 # Broadcasts and events are best effort: a worker gets this long to take one.
 BEST_EFFORT_TIMEOUT = 0.05
 # A worker that let a frame time out is passed over this long, or until it
-# answers again, so that one wedged worker costs the supervisor's loop one wait
+# answers again, so that one wedged worker costs the relay reader one wait
 # per period, not one per frame.
 STALL_SECONDS = 1.0
 
@@ -102,7 +102,7 @@ class WorkerHandle:
         request go unnoticed until that request's deadline; looking at all of
         them would kill a worker for a request that merely expired in the
         queue, which the worker drops unstarted. A booting worker runs nothing.
-        Call under the table's lock, as the loop adds entries.
+        Call under the table's lock, as the relay's reader thread adds entries.
         """
         if self.state is WorkerState.BOOTING:
             return None

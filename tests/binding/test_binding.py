@@ -7,7 +7,6 @@ import itertools
 import logging
 import queue
 import re
-import select
 import socket
 import threading
 import time
@@ -966,76 +965,3 @@ def test_debug_entries_when_enabled(relay, attach, caplog):
     )
     assert any(m.startswith("request arrived service=") for m in messages)
     assert any(m.startswith("tunnel message sent") and "tunnel=" in m for m in messages)
-
-
-# -- a connection read by its owner's loop (reader_thread=False) ---------------------
-
-
-class LoopedEcho:
-    """An Inbound that answers at once, on whichever thread reads the connection."""
-
-    def __init__(self, conn: iris.Connection) -> None:
-        self.conn = conn
-        self.threads: set[str] = set()
-        self.dropped: list[iris.ClosedError] = []
-
-    def request(self, request_id: int, request: bytes, timeout: float) -> None:
-        self.threads.add(threading.current_thread().name)
-        self.conn.reply(request_id, True, request)
-
-    def broadcast(self, message: bytes) -> None:
-        raise AssertionError("no broadcasts in these tests")
-
-    def tunnel(self, tunnel: iris.Tunnel) -> None:
-        raise AssertionError("no tunnels in these tests")
-
-    def drop(self, reason: iris.ClosedError) -> None:
-        self.dropped.append(reason)
-
-    def close(self) -> None:
-        pass
-
-
-def looped_member(port: int) -> tuple[iris.Connection, LoopedEcho]:
-    inbound: list[LoopedEcho] = []
-    conn = iris.Connection(
-        port, "looped", lambda c: inbound.append(LoopedEcho(c)) or inbound[0], reader_thread=False
-    )
-    return conn, inbound[0]
-
-
-def read_until(conn: iris.Connection, done, timeout: float = 5.0) -> None:
-    """The owner's loop: wait for the socket, then read_available()."""
-    deadline = time.monotonic() + timeout
-    while not done():
-        assert time.monotonic() < deadline, "the loop never got there"
-        if not conn.closed and select.select([conn], [], [], 0.05)[0]:
-            conn.read_available()
-
-
-def test_a_connection_without_a_reader_thread_is_read_on_its_owners_loop(relay, attach):
-    member, inbound = looped_member(relay.port)
-    client = attach.connect(relay.port)
-    answer = []
-    caller = threading.Thread(target=lambda: answer.append(client.request("looped", b"hi", 5)))
-    caller.start()
-    read_until(member, lambda: answer)
-    caller.join()
-
-    assert answer == [b"hi"]
-    assert inbound.threads == {threading.current_thread().name}
-    started = time.monotonic()
-    member.close()  # reads the relay's acknowledgement itself: no reader thread to wait for
-    assert time.monotonic() - started < 1.0
-    assert member.closed and not member.read_available() and not inbound.dropped
-
-
-def test_a_loop_read_connection_tells_its_owner_of_a_drop(relay_factory):
-    relay = relay_factory()
-    member, inbound = looped_member(relay.port)
-    relay.kill()
-
-    read_until(member, lambda: member.closed)
-
-    assert not member.read_available()
-    assert len(inbound.dropped) == 1
