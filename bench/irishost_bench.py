@@ -3,7 +3,8 @@
 Run as ``python bench/irishost_bench.py`` (under a minute; ``--quick`` for a
 smoke test of a few seconds, ``--only NAME`` for one benchmark, ``--json
 FILE`` to keep the figures, ``--strict`` to exit 1 when a target is missed,
-``--profile DIR`` to profile irishost's request path instead).
+``--profile DIR`` to profile irishost's request path instead, ``--compare
+DIR`` to run echo-overhead against irishost from another checkout too).
 
 Each comparison measures both sides in the same run on the same machine, so
 a ratio holds for this machine at this moment; absolute figures on a shared
@@ -27,11 +28,17 @@ a ratio holds for this machine at this moment; absolute figures on a shared
   ``map(chunksize=1)``. Target: irishost throughput >= 5x the executor's.
 - echo-overhead: sequential 1-byte requests to an echo handler, plain
   ``iris.register`` against irishost with 1 worker, relay in its own
-  process. Target: irishost's mean latency at most 1.30x the plain one.
+  process. Target: irishost's mean latency at most 1.15x the plain one.
+  Then LOAD_CONCURRENCY requests in flight on each: requests/s and the
+  CPU per request of all the service's processes, which a change for
+  sequential latency must not raise. ``--compare DIR`` (repeatable) adds
+  irishost run from the checkout DIR (its ``iris`` and ``irishost``) to the
+  same alternation: the way to tell whether a change to the hop helps, as
+  run-to-run noise on this machine is larger than most changes.
 
-The two sides of cpu-bound, ring and echo-overhead run in alternating
-rounds (ABBA order; for the services, on rigs that are both up), so a load
-spike from elsewhere on the machine lands on both sides rather than on one.
+The sides of cpu-bound, ring and echo-overhead run in alternating rounds
+(ABBA order; for the services, on rigs that are all up), so a load spike
+from elsewhere on the machine lands on every side rather than on one.
 
 Each target is a floor (see ``_util.Target``). A figure below its floor
 prints BELOW FLOOR and still exits 0, since the figures are information;
@@ -42,7 +49,9 @@ as does anything this run leaves behind in /dev/shm.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import dataclasses
 import importlib.util
 import itertools
 import multiprocessing
@@ -55,7 +64,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -66,6 +75,7 @@ import psutil
 import ring_bench
 
 import iris
+import iris.aio
 from irishost import cli, frames, worker
 from irishost.config import Config, load_config
 from irishost.loader import load_handler
@@ -105,6 +115,9 @@ DISPATCH_PAYLOAD = b"x" * 100
 # Enough to keep the worker's main thread and handler thread both busy; the
 # ring holds 4 MiB, so it never fills at this depth.
 PIPELINE_DEPTH = 64
+# Echo requests in flight at once in echo-overhead's loaded windows: the
+# CPU per request there must not grow for the sake of sequential latency.
+LOAD_CONCURRENCY = 64
 # Prefix of this benchmark's own rings (dispatch); irishost names its own
 # after the cluster (segment_prefix), ring_bench uses "ringbench".
 RING_PREFIX = "irishostbench"
@@ -134,6 +147,7 @@ class Settings:
     ring_round_trips: int
     dispatch_seconds: float  # each irishost dispatch measurement
     executor_tasks: int  # ProcessPoolExecutor.map is given a fixed list
+    compare: tuple[str, ...] = ()  # checkouts echo-overhead runs irishost from too
 
 
 FULL = Settings(
@@ -163,7 +177,7 @@ QUICK = Settings(
 # Floors: a missed one fails a --strict run.
 CPU_TARGET = _util.Target(floor=1.8, on_ratio=True)
 DISPATCH_TARGET = _util.Target(floor=5.0, on_ratio=True)
-ECHO_TARGET = _util.Target(floor=1.30, higher_is_better=False, on_ratio=True)
+ECHO_TARGET = _util.Target(floor=1.15, higher_is_better=False, on_ratio=True)
 
 
 # ---------------------------------------------------------------------------
@@ -253,6 +267,7 @@ class Rig:
         self.relay = self.service = self.conn = None
         try:
             self.relay, port = _util.start_relay()
+            self.port = port
             name = f"{handler}-{'plain' if workers is None else f'host{workers}'}-{port}"
             config = write_config(directory, name, handler, port, workers or 1)
             if workers is None:
@@ -322,9 +337,9 @@ def timed_calls(operation: Callable[[], object], warmup: int, seconds: float) ->
             return samples
 
 
-def alternating(sides: tuple[T, T], rounds: int) -> Iterator[T]:
-    """Each side once per round, in ABBA order, so a slow drift of the
-    machine's load favours neither side."""
+def alternating(sides: Sequence[T], rounds: int) -> Iterator[T]:
+    """Each side once per round, in ABBA order (ABC CBA ...), so a slow drift
+    of the machine's load favours no side."""
     for number in range(rounds):
         yield from (sides if number % 2 == 0 else sides[::-1])
 
@@ -653,44 +668,106 @@ def latency_window(rig: Rig, settings: Settings) -> list[float]:
     )
 
 
+def load_window(rig: Rig, settings: Settings) -> int:
+    """Echo requests answered in one window with LOAD_CONCURRENCY in flight
+    (iris.aio requesters, the cheapest client on the shared cores)."""
+
+    async def run() -> int:
+        conn = await iris.aio.connect(rig.port)
+        answered = 0
+        end = time.monotonic() + settings.latency_seconds
+
+        async def lane() -> None:
+            nonlocal answered
+            while time.monotonic() < end:
+                await conn.request(CLUSTER, ECHO_REQUEST, REPLY_TIMEOUT)
+                answered += 1
+
+        try:
+            await asyncio.gather(*(lane() for _ in range(LOAD_CONCURRENCY)))
+        finally:
+            await conn.close()
+        return answered
+
+    return asyncio.run(run())
+
+
+def checkout_argv(checkout: str) -> Callable[[Path], list[str]]:
+    """irishost run from another checkout: its iris and irishost come first on the path."""
+
+    def argv(config: Path) -> list[str]:
+        path = os.path.abspath(checkout)
+        return ["env", f"PYTHONPATH={path}", sys.executable, "-m", "irishost", "-c", str(config)]
+
+    return argv
+
+
 def bench_echo_overhead(report: _util.Report, settings: Settings, directory: Path) -> None:
-    """Latency of both sides, and the CPU each process of the service spends
+    """Latency of each side, and the CPU each process of the service spends
     per request, which is where irishost's extra hop shows when the machine
-    is busy."""
+    is busy; then the same with LOAD_CONCURRENCY requests in flight."""
     probe = (ECHO_REQUEST, ECHO_REQUEST)
-    with (
-        Rig(directory, "EchoHandler", None, probe) as plain,
-        Rig(directory, "EchoHandler", 1, probe) as host,
-    ):
-        samples: dict[Rig, list[float]] = {plain: [], host: []}
+    with contextlib.ExitStack() as stack:
+        plain = stack.enter_context(Rig(directory, "EchoHandler", None, probe))
+        hosts = [stack.enter_context(Rig(directory, "EchoHandler", 1, probe))]
+        for checkout in settings.compare:
+            rig = stack.enter_context(
+                Rig(directory, "EchoHandler", 1, probe, checkout_argv(checkout))
+            )
+            rig.label += f" from {checkout}"
+            hosts.append(rig)
+        rigs = [plain, *hosts]
+        samples: dict[Rig, list[float]] = {rig: [] for rig in rigs}
         # Per process (irishost: supervisor, then its worker): CPU seconds.
-        cpu = {plain: [0.0], host: [0.0, 0.0]}
-        for rig in alternating((plain, host), settings.rounds):
+        cpu = {rig: [0.0] * len(rig.processes()) for rig in rigs}
+        for rig in alternating(rigs, settings.rounds):
             processes = rig.processes()
             before = [_cpu_seconds(process) for process in processes]
             samples[rig] += latency_window(rig, settings)
             for index, process in enumerate(processes):
                 cpu[rig][index] += _cpu_seconds(process) - before[index]
+        answered = dict.fromkeys(rigs, 0)
+        load_cpu = dict.fromkeys(rigs, 0.0)  # all of the service's processes
+        for rig in alternating(rigs, settings.rounds):
+            processes = rig.processes()
+            before_load = sum(map(_cpu_seconds, processes))
+            answered[rig] += load_window(rig, settings)
+            load_cpu[rig] += sum(map(_cpu_seconds, processes)) - before_load
     baseline = report.add_latencies(f"echo latency: {plain.label}", samples[plain])
-    report.add_latencies(
-        f"echo latency: {host.label}", samples[host], ECHO_TARGET, baseline=baseline
-    )
+    for host in hosts:
+        target = ECHO_TARGET if host is hosts[0] else None
+        report.add_latencies(
+            f"echo latency: {host.label}", samples[host], target, baseline=baseline
+        )
     # latency_window also sends warmup_count requests per round.
     per_request = {
-        rig: 1e6 / (len(samples[rig]) + settings.rounds * settings.warmup_count)
-        for rig in (plain, host)
+        rig: 1e6 / (len(samples[rig]) + settings.rounds * settings.warmup_count) for rig in rigs
     }
     plain_cpu = cpu[plain][0] * per_request[plain]
     report.add(f"echo CPU per request: {plain.label} service process", plain_cpu, "us")
-    supervisor, worker_cpu = (seconds * per_request[host] for seconds in cpu[host])
-    report.add(f"echo CPU per request: {host.label}, supervisor", supervisor, "us")
-    report.add(f"echo CPU per request: {host.label}, worker", worker_cpu, "us")
-    report.add(
-        f"echo CPU per request: {host.label}, supervisor + worker",
-        supervisor + worker_cpu,
-        "us",
-        baseline=plain_cpu,
-    )
+    for host in hosts:
+        supervisor, worker_cpu = (seconds * per_request[host] for seconds in cpu[host])
+        report.add(f"echo CPU per request: {host.label}, supervisor", supervisor, "us")
+        report.add(f"echo CPU per request: {host.label}, worker", worker_cpu, "us")
+        report.add(
+            f"echo CPU per request: {host.label}, supervisor + worker",
+            supervisor + worker_cpu,
+            "us",
+            baseline=plain_cpu,
+        )
+    seconds = settings.rounds * settings.latency_seconds
+    loaded = f"{LOAD_CONCURRENCY} in flight"
+    for rig in rigs:
+        report.add(f"echo, {loaded}: {rig.label}", answered[rig] / seconds, "requests/s")
+    plain_load_cpu = load_cpu[plain] / answered[plain] * 1e6
+    report.add(f"echo CPU per request, {loaded}: {plain.label}", plain_load_cpu, "us")
+    for host in hosts:
+        report.add(
+            f"echo CPU per request, {loaded}: {host.label}, supervisor + worker",
+            load_cpu[host] / answered[host] * 1e6,
+            "us",
+            baseline=plain_load_cpu,
+        )
 
 
 RUNNERS: dict[str, Callable[[_util.Report, Settings, Path], None]] = {
@@ -811,6 +888,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", metavar="DIR", help="profile irishost's echo request path instead"
     )
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="echo-overhead also runs irishost from the checkout DIR (repeatable)",
+    )
     parser.add_argument("--serve", metavar="CONFIG", help=argparse.SUPPRESS)
     parser.add_argument(
         "--profiled-host", nargs=2, metavar=("DIR", "CONFIG"), help=argparse.SUPPRESS
@@ -821,7 +905,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve_plain(args.serve)
     if args.profiled_host:
         return run_profiled_host(*args.profiled_host)
-    settings = QUICK if args.quick else FULL
+    settings = dataclasses.replace(QUICK if args.quick else FULL, compare=tuple(args.compare))
     if args.profile:
         profile_echo(args.profile, settings)
         return 0
