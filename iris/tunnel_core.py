@@ -1,18 +1,19 @@
 """What the threaded and the asyncio tunnels share, whatever does the waiting.
 
-:class:`TunnelCore` holds a tunnel end's closing state and grants allowance
-back; :class:`TunnelRoutes` is the part of a connection that keeps its
-tunnels and routes the relay's tunnel packets to them. ``iris.Tunnel`` and
-``iris.Connection`` build on them with threads, ``iris.aio.Tunnel`` and
+:class:`TunnelCore` holds a tunnel end's flow and closing state and grants
+allowance back; :class:`TunnelRoutes` is the part of a connection that keeps
+its tunnels and routes the relay's tunnel packets to them. ``iris.Tunnel``
+and ``iris.Connection`` build on them with threads, ``iris.aio.Tunnel`` and
 ``iris.aio.Connection`` with the event loop.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Generic, Protocol, Self, TypeVar
 
-from . import codec
+from . import chunks, codec
 from .errors import ClosedError
 from .limits import TUNNEL_BUFFER
 from .logs import ContextLog
@@ -27,7 +28,7 @@ class TunnelHost(Protocol):
 
 
 class TunnelCore:
-    """A tunnel end's identity and closing state; subclasses add the waiting."""
+    """A tunnel end's identity, flow and closing state; subclasses add the waiting."""
 
     # Subclasses: the tunnel was closed, by the relay or because its
     # connection ended, for ``reason``; wake whoever waits on it.
@@ -38,6 +39,9 @@ class TunnelCore:
         self.log = log
         self._conn = conn
         self._chunk_limit = chunk_limit
+        self._allowance = 0  # bytes the relay lets us send
+        self._inbox: deque[bytes] = deque()  # whole messages recv() has not taken yet
+        self._reassembly = chunks.Reassembly(tid)
         self._close_sent = False
         self._closed_reason: str | None = None
 
