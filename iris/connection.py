@@ -94,7 +94,7 @@ class Connection(TunnelRoutes[Tunnel]):
         self,
         port: int = DEFAULT_PORT,
         cluster: str = "",
-        inbound: Callable[[Connection], Inbound] | None = None,
+        inbound: Callable[[Connection], Inbound[Tunnel]] | None = None,
         log: ContextLog | None = None,
     ) -> None:
         """Attach; a member (non-empty ``cluster``) passes ``inbound``, a factory
@@ -111,7 +111,7 @@ class Connection(TunnelRoutes[Tunnel]):
         self._drop_reason: str | None = None
         self.close_reason: str | None = None  # why the connection ended, once it has
         self._event_errors = HandlerErrorLog(self.log)  # all subscriptions share one budget
-        self.inbound: Inbound | None = inbound(self) if inbound else None
+        self.inbound: Inbound[Tunnel] | None = inbound(self) if inbound else None
 
         self.log.info("connecting to relay", relay_port=port, cluster=cluster or None)
         self._sock, self._decoder, early = self._handshake(port, cluster)
@@ -391,7 +391,7 @@ class Connection(TunnelRoutes[Tunnel]):
         if waiter is not None:
             self._handoff.deliver(waiter, packet)
 
-    def _member_inbound(self, what: str) -> Inbound:
+    def _member_inbound(self, what: str) -> Inbound[Tunnel]:
         if self.inbound is None:
             raise codec.ProtocolError(f"relay sent {what} to a plain client")
         return self.inbound

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
 from . import codec
 from .errors import ClosedError
@@ -116,22 +116,32 @@ def serve_tunnel(handler: ServiceHandler, tunnel: TunnelEnd, errors: HandlerErro
         tunnel.close()
 
 
-class Inbound(Protocol):
-    """The receiving half of a service; all methods run on the reader thread."""
+# The kind of tunnel a connection hands its Inbound: iris.Tunnel or iris.aio.Tunnel.
+_Tunnel_contra = TypeVar("_Tunnel_contra", contravariant=True)
+
+
+class Inbound(Protocol[_Tunnel_contra]):
+    """The receiving half of a service, generic in its connection's kind of tunnel.
+
+    ``Inbound[iris.Tunnel]`` for a threaded connection, whose reader thread
+    calls it; ``Inbound[iris.aio.Tunnel]`` for an asyncio one, whose read
+    callback calls it (iris.aio.service's HandlerDispatch). Either way no
+    method may block.
+    """
 
     def request(self, request_id: int, request: bytes, timeout: float) -> None:
-        """Answer later with ``Connection.reply(request_id, ...)``; must not block."""
+        """Answer later with ``Connection.reply(request_id, ...)``."""
 
     def broadcast(self, message: bytes) -> None: ...
 
-    def tunnel(self, tunnel: Tunnel) -> None:
-        """A tunnel already accepted on the wire; must not block."""
+    def tunnel(self, tunnel: _Tunnel_contra) -> None:
+        """A tunnel already accepted on the wire."""
 
     def drop(self, reason: ClosedError) -> None:
         """The relay dropped the connection (not called on a graceful close)."""
 
     def close(self) -> None:
-        """The connection ended; release threads."""
+        """The connection ended; release the threads or cancel the tasks still running."""
 
 
 class HandlerDispatch:

@@ -44,7 +44,7 @@ from ..connection import (
     _validate_name,
     timeout_ms,
 )
-from ..dispatch import sendable_reply
+from ..dispatch import Inbound, sendable_reply
 from ..errors import ClosedError, RemoteError, TimeoutError
 from ..handlers import TopicHandler, event_callback
 from ..limits import TopicLimits
@@ -92,28 +92,6 @@ class _RelayProtocol(asyncio.BufferedProtocol):
         self._conn._writable.set()
 
 
-class Inbound(Protocol):
-    """The receiving half of a service (iris.aio.service's HandlerDispatch).
-
-    The asyncio twin of iris.dispatch.Inbound; all methods run in the
-    connection's read callback and must not block.
-    """
-
-    def request(self, request_id: int, request: bytes, timeout: float) -> None:
-        """Answer later with ``Connection.reply(request_id, ...)``."""
-
-    def broadcast(self, message: bytes) -> None: ...
-
-    def tunnel(self, tunnel: Tunnel) -> None:
-        """A tunnel already accepted on the wire."""
-
-    def drop(self, reason: ClosedError) -> None:
-        """The relay dropped the connection (not called on a graceful close)."""
-
-    def close(self) -> None:
-        """The connection ended; cancel what still runs."""
-
-
 class _Subscription:
     __slots__ = ("callback", "pool", "overflow")
 
@@ -132,7 +110,7 @@ class Connection(TunnelRoutes[Tunnel]):
         """Not attached yet: :meth:`_attach` does that (connect and register call it)."""
         self.log = log or ContextLog().new(client=next(_client_ids))
         self.cluster = cluster
-        self.inbound: Inbound | None = None  # a member's, set before attaching
+        self.inbound: Inbound[Tunnel] | None = None  # a member's, set before attaching
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._decoder = codec.Decoder(codec.Side.RELAY)
@@ -476,7 +454,7 @@ class Connection(TunnelRoutes[Tunnel]):
         if pending is not None and not pending[0].done():
             pending[0].set_result(packet)
 
-    def _member_inbound(self, what: str) -> Inbound:
+    def _member_inbound(self, what: str) -> Inbound[Tunnel]:
         if self.inbound is None:
             raise codec.ProtocolError(f"relay sent {what} to a plain client")
         return self.inbound
