@@ -104,9 +104,10 @@ class TunnelRoutes(Generic[_Tunnel]):
 
     Generic in the connection's kind of tunnel. The connection sets
     ``_tunnels`` to a dict and ``tunnel_class`` to its kind of tunnel, has
-    ``_ids``, ``_send``, ``_member_inbound`` and ``_take_tunnel_init``, and
-    dispatches the relay's TUN_INIT, TUN_RESULT, TUN_ALLOW, TUN_TRANSFER and
-    TUN_CLOSE packets to the handlers here.
+    ``_ids``, ``_send``, ``_member_inbound`` (iris.dispatch.MemberConnection's)
+    and ``_take_tunnel_init``, and dispatches the relay's TUN_INIT,
+    TUN_RESULT, TUN_ALLOW, TUN_TRANSFER and TUN_CLOSE packets to the
+    handlers here.
     """
 
     tunnel_class: Callable[[Self, int, int, ContextLog], _Tunnel]  # called with the connection

@@ -44,7 +44,7 @@ from ..connection import (
     _validate_name,
     timeout_ms,
 )
-from ..dispatch import Inbound, sendable_reply
+from ..dispatch import Inbound, MemberConnection
 from ..errors import ClosedError, RemoteError, TimeoutError
 from ..handlers import TopicHandler, event_callback
 from ..limits import TopicLimits
@@ -101,7 +101,7 @@ class _Subscription:
         self.overflow = overflow
 
 
-class Connection(TunnelRoutes[Tunnel]):
+class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
     """A live attachment to the relay; use :func:`connect` or :func:`iris.aio.register`."""
 
     tunnel_class = Tunnel
@@ -392,21 +392,6 @@ class Connection(TunnelRoutes[Tunnel]):
             raise TimeoutError(f"tunnel to {cluster!r} timed out after {timeout:g} s")
         return tunnel
 
-    def reply(self, request_id: int, success: bool, payload: bytes | str) -> None:
-        """Answer an inbound request (for the service dispatch).
-
-        A reply or fault text over the relay's message limit goes out as a
-        fault saying so (iris.dispatch.sendable_reply), so the connection and
-        the other requests on it stay. A reply that cannot be sent because
-        the connection closed is dropped: the relay times the request out
-        for its caller.
-        """
-        success, payload = sendable_reply(request_id, success, payload, self.log)
-        try:
-            self._send(codec.Reply(request_id, success, payload).encode())
-        except ClosedError:
-            self.log.debug("reply lost: connection closed", id=request_id)
-
     # -- received packets ------------------------------------------------------------------
 
     def _on_bytes(self, data: memoryview) -> None:
@@ -453,11 +438,6 @@ class Connection(TunnelRoutes[Tunnel]):
         pending = self._requests.pop(packet.id, None)
         if pending is not None and not pending[0].done():
             pending[0].set_result(packet)
-
-    def _member_inbound(self, what: str) -> Inbound[Tunnel]:
-        if self.inbound is None:
-            raise codec.ProtocolError(f"relay sent {what} to a plain client")
-        return self.inbound
 
     def _on_request(self, packet: codec.RequestDelivery) -> None:
         self._member_inbound("a request").request(
