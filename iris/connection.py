@@ -32,7 +32,7 @@ from .limits import TopicLimits
 from .logs import ContextLog, HandlerErrorLog, RateLimitedWarning
 from .pool import HandlerPool
 from .tunnel import Tunnel
-from .tunnel_core import TunnelRoutes
+from .tunnel_core import TUNNEL_HANDLERS, TunnelRoutes
 from .writer import SocketWriter
 
 DEFAULT_PORT = 55555
@@ -424,11 +424,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         codec.RequestDelivery: _on_request,
         codec.BroadcastDelivery: _on_broadcast,
         codec.Publish: _on_event,
-        codec.TunnelOffer: TunnelRoutes._on_tunnel_offer,
-        codec.TunnelResult: TunnelRoutes._on_tunnel_result,
-        codec.TunnelAllow: TunnelRoutes._on_tunnel_allow,
-        codec.TunnelTransfer: TunnelRoutes._on_tunnel_transfer,
-        codec.TunnelClosed: TunnelRoutes._on_tunnel_closed,
+        **TUNNEL_HANDLERS,
         codec.Closed: _on_closed,
     }
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Generic, Protocol, Self, TypeVar
+from typing import Any, Generic, Protocol, Self, TypeVar
 
 from . import chunks, codec
 from .errors import ClosedError
@@ -107,7 +107,7 @@ class TunnelRoutes(Generic[_Tunnel]):
     ``_ids``, ``_send``, ``_member_inbound`` (iris.dispatch.MemberConnection's)
     and ``_take_tunnel_init``, and dispatches the relay's TUN_INIT,
     TUN_RESULT, TUN_ALLOW, TUN_TRANSFER and TUN_CLOSE packets to the
-    handlers here.
+    handlers here (its table takes in TUNNEL_HANDLERS).
     """
 
     tunnel_class: Callable[[Self, int, int, ContextLog], _Tunnel]  # called with the connection
@@ -172,3 +172,15 @@ class TunnelRoutes(Generic[_Tunnel]):
         tunnel = self._tunnels.pop(packet.id, None)
         if tunnel is not None:
             tunnel._on_closed(packet.reason)
+
+
+# The relay's tunnel packets and their TunnelRoutes handlers: the part of a
+# connection's dispatch table both bindings share. Each handler takes its own
+# packet type, which a dict's value type cannot tie to its key: hence Any.
+TUNNEL_HANDLERS: dict[type[codec.RelayPacket], Callable[[TunnelRoutes[Any], Any], None]] = {
+    codec.TunnelOffer: TunnelRoutes._on_tunnel_offer,
+    codec.TunnelResult: TunnelRoutes._on_tunnel_result,
+    codec.TunnelAllow: TunnelRoutes._on_tunnel_allow,
+    codec.TunnelTransfer: TunnelRoutes._on_tunnel_transfer,
+    codec.TunnelClosed: TunnelRoutes._on_tunnel_closed,
+}

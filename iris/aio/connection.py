@@ -49,7 +49,7 @@ from ..errors import ClosedError, RemoteError, TimeoutError
 from ..handlers import TopicHandler, event_callback
 from ..limits import TopicLimits
 from ..logs import ContextLog, HandlerErrorLog, RateLimitedWarning
-from ..tunnel_core import TunnelRoutes
+from ..tunnel_core import TUNNEL_HANDLERS, TunnelRoutes
 from .pool import Callback, HandlerPool
 from .tunnel import Tunnel
 
@@ -476,11 +476,7 @@ _DISPATCH: _Handlers = {
     codec.RequestDelivery: Connection._on_request,
     codec.BroadcastDelivery: Connection._on_broadcast,
     codec.Publish: Connection._on_event,
-    codec.TunnelOffer: TunnelRoutes._on_tunnel_offer,
-    codec.TunnelResult: TunnelRoutes._on_tunnel_result,
-    codec.TunnelAllow: TunnelRoutes._on_tunnel_allow,
-    codec.TunnelTransfer: TunnelRoutes._on_tunnel_transfer,
-    codec.TunnelClosed: TunnelRoutes._on_tunnel_closed,
+    **TUNNEL_HANDLERS,
     codec.Closed: Connection._on_closed,
 }
 
