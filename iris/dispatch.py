@@ -1,9 +1,11 @@
 """Where a member connection sends the work the relay routes to it.
 
 A Connection decodes inbound requests, broadcasts and tunnels and passes them
-to an :class:`Inbound`. :class:`HandlerDispatch` is the usual one: it runs a
-ServiceHandler's callbacks in bounded pools, as the Go binding does. irishost
-plugs in its own Inbound that forwards the work to worker processes instead.
+to an :class:`Inbound`, which answers through the connection's ``reply``
+(:class:`MemberConnection`, in both bindings). :class:`HandlerDispatch` is
+the usual Inbound: it runs a ServiceHandler's callbacks in bounded pools, as
+the Go binding does. irishost plugs in its own Inbound that forwards the
+work to worker processes instead.
 """
 
 from __future__ import annotations
