@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar, cast
 
 from . import codec
-from .dispatch import Inbound, sendable_reply
+from .dispatch import Inbound, MemberConnection
 from .errors import ClosedError, RemoteError, TimeoutError
 from .handlers import TopicHandler, event_callback
 from .handoff import ReplyHandoff, Waiter
@@ -32,7 +32,7 @@ from .limits import TopicLimits
 from .logs import ContextLog, HandlerErrorLog, RateLimitedWarning
 from .pool import HandlerPool
 from .tunnel import Tunnel
-from .tunnel_core import TunnelRoutes
+from .tunnel_core import TUNNEL_HANDLERS, TunnelRoutes
 from .writer import SocketWriter
 
 DEFAULT_PORT = 55555
@@ -85,7 +85,7 @@ class _Subscription:
         self.overflow = overflow
 
 
-class Connection(TunnelRoutes[Tunnel]):
+class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
     """A live attachment to the relay; use :func:`connect` or :func:`register`."""
 
     tunnel_class = Tunnel
@@ -94,7 +94,7 @@ class Connection(TunnelRoutes[Tunnel]):
         self,
         port: int = DEFAULT_PORT,
         cluster: str = "",
-        inbound: Callable[[Connection], Inbound] | None = None,
+        inbound: Callable[[Connection], Inbound[Tunnel]] | None = None,
         log: ContextLog | None = None,
     ) -> None:
         """Attach; a member (non-empty ``cluster``) passes ``inbound``, a factory
@@ -111,7 +111,7 @@ class Connection(TunnelRoutes[Tunnel]):
         self._drop_reason: str | None = None
         self.close_reason: str | None = None  # why the connection ended, once it has
         self._event_errors = HandlerErrorLog(self.log)  # all subscriptions share one budget
-        self.inbound: Inbound | None = inbound(self) if inbound else None
+        self.inbound: Inbound[Tunnel] | None = inbound(self) if inbound else None
 
         self.log.info("connecting to relay", relay_port=port, cluster=cluster or None)
         self._sock, self._decoder, early = self._handshake(port, cluster)
@@ -391,31 +391,11 @@ class Connection(TunnelRoutes[Tunnel]):
         if waiter is not None:
             self._handoff.deliver(waiter, packet)
 
-    def _member_inbound(self, what: str) -> Inbound:
-        if self.inbound is None:
-            raise codec.ProtocolError(f"relay sent {what} to a plain client")
-        return self.inbound
-
     def _on_request(self, packet: codec.RequestDelivery) -> None:
         inbound = self._member_inbound("a request")
         if self.log.is_debug():
             self.log.debug("request arrived", id=packet.id, size=len(packet.request))
         inbound.request(packet.id, packet.request, packet.timeout_ms / 1000)
-
-    def reply(self, request_id: int, success: bool, payload: bytes | str) -> None:
-        """Answer an inbound request (for Inbound implementations).
-
-        A reply or fault text over the relay's message limit goes out as a
-        fault saying so: sent, it would make the relay drop this connection
-        and with it every request in flight. A reply that cannot be sent
-        because the connection closed is dropped: the relay times the
-        request out for its caller.
-        """
-        success, payload = sendable_reply(request_id, success, payload, self.log)
-        try:
-            self._send(codec.Reply(request_id, success, payload).encode())
-        except ClosedError:
-            self.log.debug("reply lost: connection closed", id=request_id)
 
     def _on_broadcast(self, packet: codec.BroadcastDelivery) -> None:
         inbound = self._member_inbound("a broadcast")
@@ -444,11 +424,7 @@ class Connection(TunnelRoutes[Tunnel]):
         codec.RequestDelivery: _on_request,
         codec.BroadcastDelivery: _on_broadcast,
         codec.Publish: _on_event,
-        codec.TunnelOffer: TunnelRoutes._on_tunnel_offer,
-        codec.TunnelResult: TunnelRoutes._on_tunnel_result,
-        codec.TunnelAllow: TunnelRoutes._on_tunnel_allow,
-        codec.TunnelTransfer: TunnelRoutes._on_tunnel_transfer,
-        codec.TunnelClosed: TunnelRoutes._on_tunnel_closed,
+        **TUNNEL_HANDLERS,
         codec.Closed: _on_closed,
     }
 

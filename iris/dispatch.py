@@ -1,16 +1,19 @@
 """Where a member connection sends the work the relay routes to it.
 
 A Connection decodes inbound requests, broadcasts and tunnels and passes them
-to an :class:`Inbound`. :class:`HandlerDispatch` is the usual one: it runs a
-ServiceHandler's callbacks in bounded pools, as the Go binding does. irishost
-plugs in its own Inbound that forwards the work to worker processes instead.
+to an :class:`Inbound`, which answers through the connection's ``reply``
+(:class:`MemberConnection`, in both bindings). :class:`HandlerDispatch` is
+the usual Inbound: it runs a ServiceHandler's callbacks in bounded pools, as
+the Go binding does. irishost plugs in its own Inbound that forwards the
+work to worker processes instead.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Protocol, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, cast
 
 from . import codec
 from .errors import ClosedError
@@ -68,25 +71,6 @@ def checked_reply(reply: object) -> tuple[bool, bytes]:
     return True, bytes(reply)
 
 
-def sendable_reply(
-    request_id: int, success: bool, payload: bytes | str, log: ContextLog
-) -> tuple[bool, bytes | str]:
-    """``(success, payload)`` as a reply packet can carry it to the caller.
-
-    A reply or fault text over the relay's message limit becomes a fault
-    saying so, and is logged: sent, it would make the relay drop the
-    member's connection and with it every request in flight. Both bindings'
-    ``Connection.reply`` pass what they send through here.
-    """
-    # The payload's type follows ``success``; cast, not checked: this is per reply.
-    size = len(payload) if success else len(cast(str, payload).encode("utf-8", "replace"))
-    if size <= codec.MAX_MESSAGE:
-        return success, payload
-    fault = codec.too_large("reply" if success else "fault text", size)
-    log.error("reply refused", id=request_id, reason=fault)
-    return False, fault
-
-
 class ByteBudget(Protocol):
     """A handler pool's byte budget, as both bindings' HandlerPools keep it."""
 
@@ -116,22 +100,75 @@ def serve_tunnel(handler: ServiceHandler, tunnel: TunnelEnd, errors: HandlerErro
         tunnel.close()
 
 
-class Inbound(Protocol):
-    """The receiving half of a service; all methods run on the reader thread."""
+# The kind of tunnel a connection hands its Inbound: iris.Tunnel or iris.aio.Tunnel.
+_Tunnel_contra = TypeVar("_Tunnel_contra", contravariant=True)
+
+
+class Inbound(Protocol[_Tunnel_contra]):
+    """The receiving half of a service, generic in its connection's kind of tunnel.
+
+    ``Inbound[iris.Tunnel]`` for a threaded connection, whose reader thread
+    calls it; ``Inbound[iris.aio.Tunnel]`` for an asyncio one, whose read
+    callback calls it (iris.aio.service's HandlerDispatch). Either way no
+    method may block.
+    """
 
     def request(self, request_id: int, request: bytes, timeout: float) -> None:
-        """Answer later with ``Connection.reply(request_id, ...)``; must not block."""
+        """Answer later with ``Connection.reply(request_id, ...)``."""
 
     def broadcast(self, message: bytes) -> None: ...
 
-    def tunnel(self, tunnel: Tunnel) -> None:
-        """A tunnel already accepted on the wire; must not block."""
+    def tunnel(self, tunnel: _Tunnel_contra) -> None:
+        """A tunnel already accepted on the wire."""
 
     def drop(self, reason: ClosedError) -> None:
         """The relay dropped the connection (not called on a graceful close)."""
 
     def close(self) -> None:
-        """The connection ended; release threads."""
+        """The connection ended; release the threads or cancel the tasks still running."""
+
+
+# The kind of tunnel a member connection makes: iris.Tunnel or iris.aio.Tunnel.
+_Tunnel = TypeVar("_Tunnel")
+
+
+class MemberConnection(Generic[_Tunnel]):
+    """What both bindings' connections do as a cluster member: hand the
+    relay's work to their Inbound, and send its replies.
+
+    The connection sets ``inbound`` (None for a plain client) and has
+    ``log`` and ``_send``.
+    """
+
+    inbound: Inbound[_Tunnel] | None
+    log: ContextLog
+    _send: Callable[[bytes], None]
+
+    def _member_inbound(self, what: str) -> Inbound[_Tunnel]:
+        """The Inbound; ProtocolError naming ``what`` the relay sent to a plain client."""
+        if self.inbound is None:
+            raise codec.ProtocolError(f"relay sent {what} to a plain client")
+        return self.inbound
+
+    def reply(self, request_id: int, success: bool, payload: bytes | str) -> None:
+        """Answer an inbound request (for Inbound implementations).
+
+        A reply or fault text over the relay's message limit goes out as a
+        fault saying so, and is logged: sent, it would make the relay drop
+        this connection and with it every request in flight. A reply that
+        cannot be sent because the connection closed is dropped: the relay
+        times the request out for its caller.
+        """
+        # The payload's type follows ``success``; cast, not checked: this is per reply.
+        size = len(payload) if success else len(cast(str, payload).encode("utf-8", "replace"))
+        if size > codec.MAX_MESSAGE:
+            payload = codec.too_large("reply" if success else "fault text", size)
+            success = False
+            self.log.error("reply refused", id=request_id, reason=payload)
+        try:
+            self._send(codec.Reply(request_id, success, payload).encode())
+        except ClosedError:
+            self.log.debug("reply lost: connection closed", id=request_id)
 
 
 class HandlerDispatch:

@@ -40,7 +40,6 @@ _PRIORITIES = (
     (logging.INFO, 6),
 )
 _DEBUG_PRIORITY = 7
-_ERR_PRIORITY, _INFO_PRIORITY = 3, 6
 # What a line that already names its priority starts with.
 _HAS_PRIORITY = re.compile(r"<[0-7]>")
 
@@ -133,10 +132,10 @@ def tag_standard_streams(environ: Mapping[str, str] = os.environ) -> None:
     tracebacks), so ``journalctl -p err`` shows why a unit failed; stdout's
     are info. Elsewhere, and when called again, nothing changes.
     """
-    for name, priority in (("stdout", _INFO_PRIORITY), ("stderr", _ERR_PRIORITY)):
+    for name, level in (("stdout", logging.INFO), ("stderr", logging.ERROR)):
         stream = getattr(sys, name)
         if not isinstance(stream, _PriorityLines) and _is_journal(stream, environ):
-            setattr(sys, name, _PriorityLines(stream, priority))
+            setattr(sys, name, _PriorityLines(stream, _priority(level)))
 
 
 def configure_logging(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -75,9 +74,6 @@ class Tunnel(TunnelCore):
         super().__init__(conn, tid, chunk_limit, log)
         self._cond = threading.Condition(threading.Lock())
         self._send_lock = threading.Lock()  # one message's chunks must not interleave
-        self._allowance = 0  # bytes the relay lets us send
-        self._inbox: deque[bytes] = deque()
-        self._reassembly = chunks.Reassembly(tid)
 
     def __enter__(self) -> Tunnel:
         return self

@@ -1,18 +1,19 @@
 """What the threaded and the asyncio tunnels share, whatever does the waiting.
 
-:class:`TunnelCore` holds a tunnel end's closing state and grants allowance
-back; :class:`TunnelRoutes` is the part of a connection that keeps its
-tunnels and routes the relay's tunnel packets to them. ``iris.Tunnel`` and
-``iris.Connection`` build on them with threads, ``iris.aio.Tunnel`` and
+:class:`TunnelCore` holds a tunnel end's flow and closing state and grants
+allowance back; :class:`TunnelRoutes` is the part of a connection that keeps
+its tunnels and routes the relay's tunnel packets to them. ``iris.Tunnel``
+and ``iris.Connection`` build on them with threads, ``iris.aio.Tunnel`` and
 ``iris.aio.Connection`` with the event loop.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Generic, Protocol, Self, TypeVar
+from typing import Any, Generic, Protocol, Self, TypeVar
 
-from . import codec
+from . import chunks, codec
 from .errors import ClosedError
 from .limits import TUNNEL_BUFFER
 from .logs import ContextLog
@@ -27,7 +28,7 @@ class TunnelHost(Protocol):
 
 
 class TunnelCore:
-    """A tunnel end's identity and closing state; subclasses add the waiting."""
+    """A tunnel end's identity, flow and closing state; subclasses add the waiting."""
 
     # Subclasses: the tunnel was closed, by the relay or because its
     # connection ended, for ``reason``; wake whoever waits on it.
@@ -38,6 +39,9 @@ class TunnelCore:
         self.log = log
         self._conn = conn
         self._chunk_limit = chunk_limit
+        self._allowance = 0  # bytes the relay lets us send
+        self._inbox: deque[bytes] = deque()  # whole messages recv() has not taken yet
+        self._reassembly = chunks.Reassembly(tid)
         self._close_sent = False
         self._closed_reason: str | None = None
 
@@ -100,9 +104,10 @@ class TunnelRoutes(Generic[_Tunnel]):
 
     Generic in the connection's kind of tunnel. The connection sets
     ``_tunnels`` to a dict and ``tunnel_class`` to its kind of tunnel, has
-    ``_ids``, ``_send``, ``_member_inbound`` and ``_take_tunnel_init``, and
-    dispatches the relay's TUN_INIT, TUN_RESULT, TUN_ALLOW, TUN_TRANSFER and
-    TUN_CLOSE packets to the handlers here.
+    ``_ids``, ``_send``, ``_member_inbound`` (iris.dispatch.MemberConnection's)
+    and ``_take_tunnel_init``, and dispatches the relay's TUN_INIT,
+    TUN_RESULT, TUN_ALLOW, TUN_TRANSFER and TUN_CLOSE packets to the
+    handlers here (its table takes in TUNNEL_HANDLERS).
     """
 
     tunnel_class: Callable[[Self, int, int, ContextLog], _Tunnel]  # called with the connection
@@ -167,3 +172,15 @@ class TunnelRoutes(Generic[_Tunnel]):
         tunnel = self._tunnels.pop(packet.id, None)
         if tunnel is not None:
             tunnel._on_closed(packet.reason)
+
+
+# The relay's tunnel packets and their TunnelRoutes handlers: the part of a
+# connection's dispatch table both bindings share. Each handler takes its own
+# packet type, which a dict's value type cannot tie to its key: hence Any.
+TUNNEL_HANDLERS: dict[type[codec.RelayPacket], Callable[[TunnelRoutes[Any], Any], None]] = {
+    codec.TunnelOffer: TunnelRoutes._on_tunnel_offer,
+    codec.TunnelResult: TunnelRoutes._on_tunnel_result,
+    codec.TunnelAllow: TunnelRoutes._on_tunnel_allow,
+    codec.TunnelTransfer: TunnelRoutes._on_tunnel_transfer,
+    codec.TunnelClosed: TunnelRoutes._on_tunnel_closed,
+}

@@ -44,12 +44,12 @@ from ..connection import (
     _validate_name,
     timeout_ms,
 )
-from ..dispatch import sendable_reply
+from ..dispatch import Inbound, MemberConnection
 from ..errors import ClosedError, RemoteError, TimeoutError
 from ..handlers import TopicHandler, event_callback
 from ..limits import TopicLimits
 from ..logs import ContextLog, HandlerErrorLog, RateLimitedWarning
-from ..tunnel_core import TunnelRoutes
+from ..tunnel_core import TUNNEL_HANDLERS, TunnelRoutes
 from .pool import Callback, HandlerPool
 from .tunnel import Tunnel
 
@@ -92,28 +92,6 @@ class _RelayProtocol(asyncio.BufferedProtocol):
         self._conn._writable.set()
 
 
-class Inbound(Protocol):
-    """The receiving half of a service (iris.aio.service's HandlerDispatch).
-
-    The asyncio twin of iris.dispatch.Inbound; all methods run in the
-    connection's read callback and must not block.
-    """
-
-    def request(self, request_id: int, request: bytes, timeout: float) -> None:
-        """Answer later with ``Connection.reply(request_id, ...)``."""
-
-    def broadcast(self, message: bytes) -> None: ...
-
-    def tunnel(self, tunnel: Tunnel) -> None:
-        """A tunnel already accepted on the wire."""
-
-    def drop(self, reason: ClosedError) -> None:
-        """The relay dropped the connection (not called on a graceful close)."""
-
-    def close(self) -> None:
-        """The connection ended; cancel what still runs."""
-
-
 class _Subscription:
     __slots__ = ("callback", "pool", "overflow")
 
@@ -123,7 +101,7 @@ class _Subscription:
         self.overflow = overflow
 
 
-class Connection(TunnelRoutes[Tunnel]):
+class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
     """A live attachment to the relay; use :func:`connect` or :func:`iris.aio.register`."""
 
     tunnel_class = Tunnel
@@ -132,7 +110,7 @@ class Connection(TunnelRoutes[Tunnel]):
         """Not attached yet: :meth:`_attach` does that (connect and register call it)."""
         self.log = log or ContextLog().new(client=next(_client_ids))
         self.cluster = cluster
-        self.inbound: Inbound | None = None  # a member's, set before attaching
+        self.inbound: Inbound[Tunnel] | None = None  # a member's, set before attaching
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._decoder = codec.Decoder(codec.Side.RELAY)
@@ -414,21 +392,6 @@ class Connection(TunnelRoutes[Tunnel]):
             raise TimeoutError(f"tunnel to {cluster!r} timed out after {timeout:g} s")
         return tunnel
 
-    def reply(self, request_id: int, success: bool, payload: bytes | str) -> None:
-        """Answer an inbound request (for the service dispatch).
-
-        A reply or fault text over the relay's message limit goes out as a
-        fault saying so (iris.dispatch.sendable_reply), so the connection and
-        the other requests on it stay. A reply that cannot be sent because
-        the connection closed is dropped: the relay times the request out
-        for its caller.
-        """
-        success, payload = sendable_reply(request_id, success, payload, self.log)
-        try:
-            self._send(codec.Reply(request_id, success, payload).encode())
-        except ClosedError:
-            self.log.debug("reply lost: connection closed", id=request_id)
-
     # -- received packets ------------------------------------------------------------------
 
     def _on_bytes(self, data: memoryview) -> None:
@@ -476,11 +439,6 @@ class Connection(TunnelRoutes[Tunnel]):
         if pending is not None and not pending[0].done():
             pending[0].set_result(packet)
 
-    def _member_inbound(self, what: str) -> Inbound:
-        if self.inbound is None:
-            raise codec.ProtocolError(f"relay sent {what} to a plain client")
-        return self.inbound
-
     def _on_request(self, packet: codec.RequestDelivery) -> None:
         self._member_inbound("a request").request(
             packet.id, packet.request, packet.timeout_ms / 1000
@@ -518,11 +476,7 @@ _DISPATCH: _Handlers = {
     codec.RequestDelivery: Connection._on_request,
     codec.BroadcastDelivery: Connection._on_broadcast,
     codec.Publish: Connection._on_event,
-    codec.TunnelOffer: TunnelRoutes._on_tunnel_offer,
-    codec.TunnelResult: TunnelRoutes._on_tunnel_result,
-    codec.TunnelAllow: TunnelRoutes._on_tunnel_allow,
-    codec.TunnelTransfer: TunnelRoutes._on_tunnel_transfer,
-    codec.TunnelClosed: TunnelRoutes._on_tunnel_closed,
+    **TUNNEL_HANDLERS,
     codec.Closed: Connection._on_closed,
 }
 

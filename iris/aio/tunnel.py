@@ -10,7 +10,6 @@ consumed. Waits are futures woken by the connection's read callback.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -33,9 +32,6 @@ class Tunnel(TunnelCore):
         super().__init__(conn, tid, chunk_limit, log)
         self._loop = asyncio.get_running_loop()
         self._send_lock = asyncio.Lock()  # one message's chunks must not interleave
-        self._allowance = 0  # bytes the relay lets us send
-        self._inbox: deque[bytes] = deque()
-        self._reassembly = chunks.Reassembly(tid)
         self._waiters: list[asyncio.Future[None]] = []  # woken on any change of state
 
     async def __aenter__(self) -> Tunnel:

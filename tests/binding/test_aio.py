@@ -407,8 +407,7 @@ def test_a_handler_holding_the_loop_is_logged(relay, caplog):
 def test_tunnel_carries_16_mib_messages_both_ways(relay):
     async def main():
         async with (
-            iris.aio.register(relay.port, "stream", Echo()),
-            iris.aio.connect(relay.port) as conn,
+            serving(relay.port, "stream", Echo()) as conn,
             await conn.tunnel("stream", 2) as tunnel,
         ):
             for fill in (b"a", b"b"):

@@ -30,7 +30,7 @@ from failing_handler import (
     _raise_for,
     handler_errors,
 )
-from test_aio import run, until
+from test_aio import run, serving, until
 
 import iris
 import iris.aio
@@ -132,10 +132,7 @@ def test_oversized_outbound_messages_are_a_local_value_error(relay):
     async def main():
         big = bytes(OVERSIZE)
         handler = AsyncFailing()
-        async with (
-            iris.aio.register(relay.port, "failing", handler),
-            iris.aio.connect(relay.port) as conn,
-        ):
+        async with serving(relay.port, "failing", handler) as conn:
             tunnel = await conn.tunnel("failing", 5)
             with pytest.raises(ValueError, match=f"tunnel message of {LIMIT_TEXT}"):
                 await tunnel.send(big, timeout=5)
@@ -165,10 +162,7 @@ def test_base_exceptions_in_request_handlers_are_faults_and_the_service_stays(
     relay, caplog, handler_class
 ):
     async def main():
-        async with (
-            iris.aio.register(relay.port, "failing", handler_class(), ONE_AT_A_TIME),
-            iris.aio.connect(relay.port) as conn,
-        ):
+        async with serving(relay.port, "failing", handler_class(), ONE_AT_A_TIME) as conn:
             for request, expected in FAULT_TEXTS:
                 assert await remote_fault(conn, "failing", request) == expected
             # request_threads=1: a lost worker Task would leave nothing to answer this.
@@ -236,10 +230,7 @@ def test_base_exceptions_in_subscription_callbacks_do_not_stop_the_pool(relay, c
 def test_base_exceptions_in_tunnel_handlers_close_only_that_tunnel(relay, caplog):
     async def main():
         handler = AsyncFailing()
-        async with (
-            iris.aio.register(relay.port, "failing", handler),
-            iris.aio.connect(relay.port) as conn,
-        ):
+        async with serving(relay.port, "failing", handler) as conn:
             for message in RAISING:
                 tunnel = await conn.tunnel("failing", 5)
                 await tunnel.send(message)
@@ -294,10 +285,7 @@ def test_a_relay_drop_wakes_every_waiter_and_a_raising_drop_handler_is_logged(
 
 def test_handler_exceptions_are_logged_with_traceback_and_cluster(relay, caplog):
     async def main():
-        async with (
-            iris.aio.register(relay.port, "failing", AsyncFailing()),
-            iris.aio.connect(relay.port) as conn,
-        ):
+        async with serving(relay.port, "failing", AsyncFailing()) as conn:
             assert await remote_fault(conn, "failing", b"key") == "KeyError: 'user'"
             fault = await remote_fault(conn, "failing", b"not-bytes")
             assert fault == "TypeError: handle_request returned str, not bytes"
@@ -314,10 +302,7 @@ def test_handler_exceptions_are_logged_with_traceback_and_cluster(relay, caplog)
 
 def test_handler_exception_logging_is_rate_limited(relay, caplog):
     async def main():
-        async with (
-            iris.aio.register(relay.port, "failing", AsyncFailing()),
-            iris.aio.connect(relay.port) as conn,
-        ):
+        async with serving(relay.port, "failing", AsyncFailing()) as conn:
             faults = await asyncio.gather(
                 *(remote_fault(conn, "failing", b"key") for _ in range(25))
             )
