@@ -59,6 +59,24 @@ def gone(pid: int, wait: float = 0.0) -> bool:
         time.sleep(0.02)
 
 
+def cpu_share(pid: int, seconds: float) -> float:
+    """The share of one core that process ``pid`` uses over the next ``seconds``."""
+    process = psutil.Process(pid)
+    before, started = sum(process.cpu_times()[:2]), time.monotonic()
+    time.sleep(seconds)
+    return (sum(process.cpu_times()[:2]) - before) / (time.monotonic() - started)
+
+
+def echo_tunnel(tunnel: iris.Tunnel) -> None:
+    """Send every message of ``tunnel`` back until it closes: a handle_tunnel."""
+    with tunnel:
+        while True:
+            try:
+                tunnel.send(tunnel.recv())
+            except iris.ClosedError:
+                return
+
+
 def fault_of(call, timeout: float = 5.0) -> str:
     """The fault text the request future ``call`` failed with (RemoteError)."""
     with pytest.raises(iris.RemoteError) as caught:

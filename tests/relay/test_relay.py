@@ -13,12 +13,11 @@ import sys
 import threading
 import time
 
-import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from raw_tunnel import CHUNK, RELAY_BUFFER, MiB, open_raw_tunnel
-from support import wait_for
+from support import cpu_share, echo_tunnel, wait_for
 
 import iris
 from iris import codec
@@ -65,12 +64,7 @@ class Echo(iris.ServiceHandler):
         self.broadcasts.append(message)
 
     def handle_tunnel(self, tunnel: iris.Tunnel) -> None:
-        with tunnel:
-            while True:
-                try:
-                    tunnel.send(tunnel.recv())
-                except iris.ClosedError:
-                    return
+        echo_tunnel(tunnel)
 
 
 class Sleepy(Echo):
@@ -705,10 +699,7 @@ def test_lingering_peer_does_not_busy_loop_the_relay(relay, raw, attach):
     stuck.send_bytes(b"\x0e")  # a violation: dropped, lingering with unsent output
     stuck.sock.shutdown(socket.SHUT_WR)  # and an EOF it will never read
     wait_for(lambda: "unknown opcode" in relay.log())
-    process = psutil.Process(relay.proc.pid)
-    before, start = sum(process.cpu_times()[:2]), time.monotonic()
-    time.sleep(1)
-    busy = (sum(process.cpu_times()[:2]) - before) / (time.monotonic() - start)
+    busy = cpu_share(relay.proc.pid, 1.0)
     assert busy < 0.3, f"relay used {busy:.0%} of a core while idle"
     attach.register(relay.port, "echo", Echo())
     assert publisher.request("echo", b"fine", 1) == b"fine"
