@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+from bystander import Bystander
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from raw_tunnel import CHUNK, RELAY_BUFFER, MiB, open_raw_tunnel
@@ -559,33 +560,18 @@ MALFORMED = {
 
 @pytest.fixture
 def guarded_relay(relay_factory, attach):
-    """A relay (max message 1 MiB) with an echo service and a client that keeps
-    requesting in the background; yields the relay, then checks that every
-    request succeeded throughout."""
+    """A relay (max message 1 MiB) with a Bystander, served before the test
+    starts; yields the relay, then checks that every request succeeded
+    throughout."""
     relay = relay_factory("--max-message", "1MiB")
-    attach.register(relay.port, "echo", Echo())
-    conn = attach.connect(relay.port)
-    stop, errors, done = threading.Event(), [], []
-
-    def keep_requesting():
-        while not stop.is_set():
-            try:
-                assert conn.request("echo", b"still here", 2) == b"still here"
-                done.append(1)
-            except Exception as err:
-                errors.append(err)
-                return
-
-    thread = threading.Thread(target=keep_requesting)
-    thread.start()
-    wait_for(lambda: done)
+    bystander = Bystander(relay.port, attach)
+    bystander.still_served(0)
     yield relay
-    before = len(done)
-    wait_for(lambda: len(done) > before + 10 or errors)
-    stop.set()
-    thread.join()
-    assert errors == []
-    assert conn.request("echo", b"after", 1) == b"after"
+    try:
+        bystander.still_served(10)
+    finally:
+        bystander.stop()
+    assert bystander.conn.request("echo", b"after", 1) == b"after"
 
 
 @pytest.mark.parametrize("name", MALFORMED)
