@@ -1,10 +1,13 @@
-"""Small helpers for tests of every part: ports, polling, process state, faults, journald."""
+"""Small helpers for tests of every part: ports, polling, threads, process state,
+faults, journald."""
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
+from collections.abc import Callable
 
 import psutil
 import pytest
@@ -28,6 +31,25 @@ def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, what: str
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what or condition}")
         time.sleep(interval)
+
+
+def in_threads(count: int, target: Callable[[int], object]) -> None:
+    """Run ``target(i)`` on ``count`` threads; fail with the first error any raised."""
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            target(i)
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 def worker_processes(host: int) -> list[psutil.Process]:

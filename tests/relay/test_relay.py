@@ -18,7 +18,7 @@ from bystander import Bystander
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from raw_tunnel import CHUNK, RELAY_BUFFER, MiB, open_raw_tunnel
-from support import cpu_share, echo_tunnel, wait_for
+from support import cpu_share, echo_tunnel, in_threads, wait_for
 
 import iris
 from iris import codec
@@ -76,25 +76,6 @@ class Sleepy(Echo):
     def handle_request(self, request: bytes) -> bytes:
         time.sleep(self.delay)
         return super().handle_request(request)
-
-
-def in_threads(count: int, target) -> None:
-    """Run ``target(i)`` on ``count`` threads; fail with the first error any raised."""
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            target(i)
-        except BaseException as err:
-            errors.append(err)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
 
 
 # ---------------------------------------------------------------------------
