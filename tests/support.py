@@ -52,6 +52,32 @@ def in_threads(count: int, target: Callable[[int], object]) -> None:
         raise errors[0]
 
 
+class OneShotServer:
+    """A loopback server that plays a relay for one handshake: it reads one
+    INIT and answers ``answer`` (e.g. a DENY), then waits for the hang-up."""
+
+    def __init__(self, answer: bytes):
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._answer = answer
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        sock, _ = self._listener.accept()
+        with sock:
+            sock.recv(1024)
+            sock.sendall(self._answer)
+            sock.recv(1024)  # until the client hangs up
+
+    def __enter__(self) -> OneShotServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.join(5)
+        self._listener.close()
+
+
 def worker_processes(host: int) -> list[psutil.Process]:
     """The worker processes of the irishost supervisor ``host``.
 

@@ -18,7 +18,7 @@ from bystander import Bystander
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from raw_tunnel import CHUNK, RELAY_BUFFER, MiB, open_raw_tunnel
-from support import cpu_share, echo_tunnel, in_threads, wait_for
+from support import OneShotServer, cpu_share, echo_tunnel, in_threads, wait_for
 
 import iris
 from iris import codec
@@ -290,24 +290,10 @@ def test_binding_surfaces_the_relays_deny(relay, raw):
     deny = b""
     while chunk := peer.sock.recv(4096):
         deny += chunk
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def serve():
-        sock, _ = listener.accept()
-        with sock:
-            sock.recv(1024)
-            sock.sendall(deny)
-            sock.recv(1024)
-
-    server = threading.Thread(target=serve)
-    server.start()
-    try:
+    with OneShotServer(deny) as server:
         with pytest.raises(ConnectionRefusedError, match="denied") as info:
-            iris.connect(listener.getsockname()[1])
+            iris.connect(server.port)
         assert "v0.9" in str(info.value) and "v1.0-draft2" in str(info.value)
-    finally:
-        server.join(5)
-        listener.close()
 
 
 def test_graceful_close(relay, raw):
