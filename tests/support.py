@@ -33,6 +33,16 @@ def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, what: str
         time.sleep(interval)
 
 
+def timed(fn: Callable[..., object], *args: object, **kwargs: object) -> tuple[object, float]:
+    """Run ``fn``; return (exception or result, seconds taken)."""
+    start = time.monotonic()
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as err:
+        result = err
+    return result, time.monotonic() - start
+
+
 def in_threads(count: int, target: Callable[[int], object]) -> None:
     """Run ``target(i)`` on ``count`` threads; fail with the first error any raised."""
     errors: list[BaseException] = []

@@ -18,7 +18,7 @@ from bystander import Bystander
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from raw_tunnel import CHUNK, RELAY_BUFFER, MiB, open_raw_tunnel
-from support import OneShotServer, cpu_share, echo_tunnel, in_threads, wait_for
+from support import OneShotServer, cpu_share, echo_tunnel, in_threads, timed, wait_for
 
 import iris
 from iris import codec
@@ -253,15 +253,9 @@ def test_member_leaving_mid_request_times_out_at_the_deadline(relay, raw, attach
     member = raw(relay.port).handshake("leaver")
     conn = attach.connect(relay.port)
     outcome = []
-
-    def call():
-        start = time.monotonic()
-        try:
-            conn.request("leaver", b"x", 0.4)
-        except Exception as err:
-            outcome.append((err, time.monotonic() - start))
-
-    caller = threading.Thread(target=call)
+    caller = threading.Thread(
+        target=lambda: outcome.append(timed(conn.request, "leaver", b"x", 0.4))
+    )
     caller.start()
     assert type(member.recv()) is RequestDelivery
     member.close()
