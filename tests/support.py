@@ -1,5 +1,5 @@
-"""Small helpers for tests of every part: ports, polling, threads, process state,
-faults, journald."""
+"""Small helpers for tests of every part: ports, polling, threads, a one-shot
+stand-in relay, process state, tunnels, faults, journald."""
 
 from __future__ import annotations
 
