@@ -1,10 +1,13 @@
-"""Small helpers for tests of every part: ports, polling, process state, faults, journald."""
+"""Small helpers for tests of every part: ports, polling, threads, a one-shot
+stand-in relay, process state, tunnels, faults, journald."""
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
+from collections.abc import Callable
 
 import psutil
 import pytest
@@ -28,6 +31,61 @@ def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, what: str
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what or condition}")
         time.sleep(interval)
+
+
+def timed(fn: Callable[..., object], *args: object, **kwargs: object) -> tuple[object, float]:
+    """Run ``fn``; return (exception or result, seconds taken)."""
+    start = time.monotonic()
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as err:
+        result = err
+    return result, time.monotonic() - start
+
+
+def in_threads(count: int, target: Callable[[int], object]) -> None:
+    """Run ``target(i)`` on ``count`` threads; fail with the first error any raised."""
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            target(i)
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+class OneShotServer:
+    """A loopback server that plays a relay for one handshake: it reads one
+    INIT and answers ``answer`` (e.g. a DENY), then waits for the hang-up."""
+
+    def __init__(self, answer: bytes):
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._answer = answer
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        sock, _ = self._listener.accept()
+        with sock:
+            sock.recv(1024)
+            sock.sendall(self._answer)
+            sock.recv(1024)  # until the client hangs up
+
+    def __enter__(self) -> OneShotServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.join(5)
+        self._listener.close()
 
 
 def worker_processes(host: int) -> list[psutil.Process]:
@@ -57,6 +115,24 @@ def gone(pid: int, wait: float = 0.0) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.02)
+
+
+def cpu_share(pid: int, seconds: float) -> float:
+    """The share of one core that process ``pid`` uses over the next ``seconds``."""
+    process = psutil.Process(pid)
+    before, started = sum(process.cpu_times()[:2]), time.monotonic()
+    time.sleep(seconds)
+    return (sum(process.cpu_times()[:2]) - before) / (time.monotonic() - started)
+
+
+def echo_tunnel(tunnel: iris.Tunnel) -> None:
+    """Send every message of ``tunnel`` back until it closes: a handle_tunnel."""
+    with tunnel:
+        while True:
+            try:
+                tunnel.send(tunnel.recv())
+            except iris.ClosedError:
+                return
 
 
 def fault_of(call, timeout: float = 5.0) -> str:

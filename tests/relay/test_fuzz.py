@@ -24,6 +24,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from bystander import Bystander
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from raw_tunnel import CHUNK, MiB, open_raw_tunnel
@@ -84,46 +85,6 @@ class Echo(iris.ServiceHandler):
 
 # ---------------------------------------------------------------------------
 # The relay.
-
-
-class Bystander:
-    """A healthy client on the relay under attack: requests an echo service
-    non-stop on a thread and remembers anything that went wrong."""
-
-    def __init__(self, port: int, attach):
-        attach.register(port, "echo", Echo())
-        self.conn = attach.connect(port)
-        self.served = 0
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bystander", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        number = 0
-        while not self._stop.is_set():
-            number += 1
-            payload = b"healthy %d" % number
-            try:
-                reply = self.conn.request("echo", payload, 2)
-            except Exception as err:
-                self.errors.append(repr(err))
-                return
-            if reply != payload:
-                self.errors.append(f"wrong reply {reply!r} to {payload!r}")
-                return
-            self.served += 1
-            time.sleep(0.002)  # steady, but leaves the cores to the attack
-
-    def still_served(self) -> None:
-        """A few more requests succeed, and none ever failed."""
-        before = self.served
-        wait_for(lambda: self.served > before + 3 or self.errors, what="bystander served")
-        assert self.errors == []
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
 
 
 @pytest.fixture

@@ -13,12 +13,12 @@ import sys
 import threading
 import time
 
-import psutil
 import pytest
+from bystander import Bystander
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from raw_tunnel import CHUNK, RELAY_BUFFER, MiB, open_raw_tunnel
-from support import wait_for
+from support import OneShotServer, cpu_share, echo_tunnel, in_threads, timed, wait_for
 
 import iris
 from iris import codec
@@ -65,12 +65,7 @@ class Echo(iris.ServiceHandler):
         self.broadcasts.append(message)
 
     def handle_tunnel(self, tunnel: iris.Tunnel) -> None:
-        with tunnel:
-            while True:
-                try:
-                    tunnel.send(tunnel.recv())
-                except iris.ClosedError:
-                    return
+        echo_tunnel(tunnel)
 
 
 class Sleepy(Echo):
@@ -81,25 +76,6 @@ class Sleepy(Echo):
     def handle_request(self, request: bytes) -> bytes:
         time.sleep(self.delay)
         return super().handle_request(request)
-
-
-def in_threads(count: int, target) -> None:
-    """Run ``target(i)`` on ``count`` threads; fail with the first error any raised."""
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            target(i)
-        except BaseException as err:
-            errors.append(err)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
 
 
 # ---------------------------------------------------------------------------
@@ -277,15 +253,9 @@ def test_member_leaving_mid_request_times_out_at_the_deadline(relay, raw, attach
     member = raw(relay.port).handshake("leaver")
     conn = attach.connect(relay.port)
     outcome = []
-
-    def call():
-        start = time.monotonic()
-        try:
-            conn.request("leaver", b"x", 0.4)
-        except Exception as err:
-            outcome.append((err, time.monotonic() - start))
-
-    caller = threading.Thread(target=call)
+    caller = threading.Thread(
+        target=lambda: outcome.append(timed(conn.request, "leaver", b"x", 0.4))
+    )
     caller.start()
     assert type(member.recv()) is RequestDelivery
     member.close()
@@ -314,24 +284,10 @@ def test_binding_surfaces_the_relays_deny(relay, raw):
     deny = b""
     while chunk := peer.sock.recv(4096):
         deny += chunk
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def serve():
-        sock, _ = listener.accept()
-        with sock:
-            sock.recv(1024)
-            sock.sendall(deny)
-            sock.recv(1024)
-
-    server = threading.Thread(target=serve)
-    server.start()
-    try:
+    with OneShotServer(deny) as server:
         with pytest.raises(ConnectionRefusedError, match="denied") as info:
-            iris.connect(listener.getsockname()[1])
+            iris.connect(server.port)
         assert "v0.9" in str(info.value) and "v1.0-draft2" in str(info.value)
-    finally:
-        server.join(5)
-        listener.close()
 
 
 def test_graceful_close(relay, raw):
@@ -565,33 +521,18 @@ MALFORMED = {
 
 @pytest.fixture
 def guarded_relay(relay_factory, attach):
-    """A relay (max message 1 MiB) with an echo service and a client that keeps
-    requesting in the background; yields the relay, then checks that every
-    request succeeded throughout."""
+    """A relay (max message 1 MiB) with a Bystander, served before the test
+    starts; yields the relay, then checks that every request succeeded
+    throughout."""
     relay = relay_factory("--max-message", "1MiB")
-    attach.register(relay.port, "echo", Echo())
-    conn = attach.connect(relay.port)
-    stop, errors, done = threading.Event(), [], []
-
-    def keep_requesting():
-        while not stop.is_set():
-            try:
-                assert conn.request("echo", b"still here", 2) == b"still here"
-                done.append(1)
-            except Exception as err:
-                errors.append(err)
-                return
-
-    thread = threading.Thread(target=keep_requesting)
-    thread.start()
-    wait_for(lambda: done)
+    bystander = Bystander(relay.port, attach)
+    bystander.still_served(0)
     yield relay
-    before = len(done)
-    wait_for(lambda: len(done) > before + 10 or errors)
-    stop.set()
-    thread.join()
-    assert errors == []
-    assert conn.request("echo", b"after", 1) == b"after"
+    try:
+        bystander.still_served(10)
+    finally:
+        bystander.stop()
+    assert bystander.conn.request("echo", b"after", 1) == b"after"
 
 
 @pytest.mark.parametrize("name", MALFORMED)
@@ -705,10 +646,7 @@ def test_lingering_peer_does_not_busy_loop_the_relay(relay, raw, attach):
     stuck.send_bytes(b"\x0e")  # a violation: dropped, lingering with unsent output
     stuck.sock.shutdown(socket.SHUT_WR)  # and an EOF it will never read
     wait_for(lambda: "unknown opcode" in relay.log())
-    process = psutil.Process(relay.proc.pid)
-    before, start = sum(process.cpu_times()[:2]), time.monotonic()
-    time.sleep(1)
-    busy = (sum(process.cpu_times()[:2]) - before) / (time.monotonic() - start)
+    busy = cpu_share(relay.proc.pid, 1.0)
     assert busy < 0.3, f"relay used {busy:.0%} of a core while idle"
     attach.register(relay.port, "echo", Echo())
     assert publisher.request("echo", b"fine", 1) == b"fine"

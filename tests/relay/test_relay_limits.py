@@ -19,7 +19,7 @@ import threading
 import time
 
 import psutil
-from support import wait_for
+from support import cpu_share, wait_for
 
 from iris.codec import Closed, Init, Publish, Subscribe
 
@@ -151,11 +151,8 @@ def test_partial_packets_over_the_budget_close_the_oldest(relay_factory, raw):
 
 def cpu_and_log_lines(relay, seconds: float) -> tuple[float, int]:
     """The share of a core the relay uses over ``seconds``, and the lines it logs."""
-    process = psutil.Process(relay.proc.pid)
     lines = relay.log().count("\n")
-    cpu, started = sum(process.cpu_times()[:2]), time.monotonic()
-    time.sleep(seconds)
-    busy = (sum(process.cpu_times()[:2]) - cpu) / (time.monotonic() - started)
+    busy = cpu_share(relay.proc.pid, seconds)
     return busy, relay.log().count("\n") - lines
 
 
