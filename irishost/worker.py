@@ -365,6 +365,7 @@ class Worker(CallbackPools[HandlerPool]):
             self.send(frames.Reply(request_id, False, fault).encode())
 
     def _serve(self, request_id: int, deadline: float, payload: bytes) -> None:
+        # Every way out goes through send(), which has left a forked child already.
         try:
             if time.monotonic() > deadline:  # its caller has timed out already
                 self.send(frames.Expired(request_id).encode())
@@ -373,7 +374,6 @@ class Worker(CallbackPools[HandlerPool]):
                 frames.Reply(request_id, *answer(self.handler, payload, self.errors)).encode()
             )
         finally:
-            self._leave_if_forked()
             self._track(-1)
 
     def _run_counted(
