@@ -76,17 +76,7 @@ class LoopWorker(CallbackPools[HandlerPool]):
         return self.loop.run_until_complete(self._serve())
 
     async def _serve(self) -> int:
-        self._handlers: FrameHandlers = {
-            frames.Request: self._on_request,
-            frames.Broadcast: self._on_broadcast,
-            frames.Event: self._on_event,
-            frames.Tunnel: self._on_tunnel,
-            frames.TunData: self.worker._tunnel_handler("on_data"),
-            frames.TunSent: self.worker._tunnel_handler("on_sent"),
-            frames.TunClosed: self.worker._tunnel_handler("on_closed"),
-            frames.Drop: self._on_drop,
-            frames.Drain: self.worker._on_drain,
-        }
+        self._handlers: FrameHandlers = self.worker.frame_handlers(self)
         self.loop.add_reader(self.inbox.data_fd, self._pump)
         self._pump()
         try:

@@ -135,7 +135,7 @@ class RelayDispatch:
         now = time.monotonic()
         waiting = Waiting(conn, request_id, now + timeout, request, now)
         with self.table.lock:
-            choice = self._pick_for_request(len(request))
+            choice = self._pick_for_request(len(request), now)
             if choice is None:
                 choice = self._wait_for_worker(waiting)
                 if choice is None:
@@ -205,7 +205,7 @@ class RelayDispatch:
             self._waiting_bytes = sum(len(w.request) for w in live)
             while self._waiting:
                 waiting = self._waiting[0]
-                choice = self._pick_for_request(len(waiting.request))
+                choice = self._pick_for_request(len(waiting.request), now)
                 if choice is None:
                     break
                 self._waiting.popleft()
@@ -216,7 +216,7 @@ class RelayDispatch:
         for waiting, choice, ticket in handed:
             self._hand_over(waiting, choice, ticket)
 
-    def _pick_for_request(self, size: int) -> WorkerHandle | Refusal | None:
+    def _pick_for_request(self, size: int, now: float) -> WorkerHandle | Refusal | None:
         """The least loaded worker with room, a Refusal saying why none, or
         None when no worker is ready at all (the request waits for one).
 
@@ -231,7 +231,7 @@ class RelayDispatch:
         best: WorkerHandle | None = None
         best_load: tuple[bool, int] = (True, 0)
         open_workers = ready = stalled = 0
-        workers, start, now = self.table.workers, self._cursor, time.monotonic()
+        workers, start = self.table.workers, self._cursor
         for step in range(len(workers)):
             worker = workers[(start + step) % len(workers)]
             if worker.state is WorkerState.DRAINING:

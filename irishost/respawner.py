@@ -111,9 +111,6 @@ class Respawner:
     def next_due(self) -> float | None:
         return min((when for when, _ in self._due), default=None)
 
-    def pending(self) -> bool:
-        return bool(self._due)
-
     def slot_problems(self, count: int) -> dict[int, str]:
         return {slot: text for slot, text in sorted(self.problems.items()) if slot < count}
 

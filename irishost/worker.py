@@ -282,17 +282,7 @@ class Worker(CallbackPools[HandlerPool]):
         if self._loop_worker is not None:
             return self._loop_worker.serve()
         inbox = self.spec.inbox
-        handlers: FrameHandlers = {
-            frames.Request: self._on_request,
-            frames.Broadcast: self._on_broadcast,
-            frames.Event: self._on_event,
-            frames.Tunnel: self._on_tunnel,
-            frames.TunData: self._tunnel_handler("on_data"),
-            frames.TunSent: self._tunnel_handler("on_sent"),
-            frames.TunClosed: self._tunnel_handler("on_closed"),
-            frames.Drop: self._on_drop,
-            frames.Drain: self._on_drain,
-        }
+        handlers = self.frame_handlers(self)
         while True:
             data = inbox.get(IDLE_CHECK_SECONDS, spin=not self._in_flight)
             if data is None:
@@ -307,6 +297,22 @@ class Worker(CallbackPools[HandlerPool]):
                 handlers[type(message)](*message)
             if self._draining and self._idle():
                 return self._finish()
+
+    def frame_handlers(self, work: Worker | LoopWorker) -> FrameHandlers:
+        """The frame loop's table. The handler's callbacks run on ``work``: this
+        worker's threads, or its LoopWorker's coroutines; tunnel frames and the
+        drain are this worker's either way, as its tunnels and state are."""
+        return {
+            frames.Request: work._on_request,
+            frames.Broadcast: work._on_broadcast,
+            frames.Event: work._on_event,
+            frames.Tunnel: work._on_tunnel,
+            frames.TunData: self._tunnel_handler("on_data"),
+            frames.TunSent: self._tunnel_handler("on_sent"),
+            frames.TunClosed: self._tunnel_handler("on_closed"),
+            frames.Drop: work._on_drop,
+            frames.Drain: self._on_drain,
+        }
 
     def _finish(self) -> int:
         self.log.info("worker drained; exiting")
@@ -359,6 +365,7 @@ class Worker(CallbackPools[HandlerPool]):
             self.send(frames.Reply(request_id, False, fault).encode())
 
     def _serve(self, request_id: int, deadline: float, payload: bytes) -> None:
+        # Every way out goes through send(), which has left a forked child already.
         try:
             if time.monotonic() > deadline:  # its caller has timed out already
                 self.send(frames.Expired(request_id).encode())
@@ -367,7 +374,6 @@ class Worker(CallbackPools[HandlerPool]):
                 frames.Reply(request_id, *answer(self.handler, payload, self.errors)).encode()
             )
         finally:
-            self._leave_if_forked()
             self._track(-1)
 
     def _run_counted(

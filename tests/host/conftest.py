@@ -39,6 +39,7 @@ import psutil
 import pytest
 from production_support import NotifyListener
 from support import free_port, gone, journal_stream, wait_for, worker_processes
+from toml_text import to_toml
 
 import iris
 from irishost.ring import segment_prefix
@@ -51,22 +52,14 @@ START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 
 
-def _toml(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str | list):
-        return json.dumps(value)
-    return repr(value)
-
-
 def render_config(tables: dict[str, dict], topics: list[dict]) -> str:
     lines = []
     for name, table in tables.items():
         lines.append(f"[{name}]")
-        lines += [f"{key} = {_toml(value)}" for key, value in table.items()]
+        lines += [f"{key} = {to_toml(value)}" for key, value in table.items()]
     for topic in topics:
         lines.append("[[topics]]")
-        lines += [f"{key} = {_toml(value)}" for key, value in topic.items()]
+        lines += [f"{key} = {to_toml(value)}" for key, value in topic.items()]
     return "\n".join(lines) + "\n"
 
 

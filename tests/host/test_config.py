@@ -1,6 +1,5 @@
 import contextlib
 import datetime
-import json
 import os
 import re
 import tomllib
@@ -11,6 +10,7 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from toml_text import to_toml
 
 from iris.limits import ServiceLimits, TopicLimits
 from irishost.config import (
@@ -605,21 +605,6 @@ def documents(draw) -> dict:
         else:
             document[name] = value
     return document
-
-
-def to_toml(value) -> str:
-    """Inline TOML for any value hypothesis builds; inline tables keep this writer tiny."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)  # inf and nan are spelt the same in TOML
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(value, list):
-        return "[" + ", ".join(to_toml(item) for item in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{to_toml(k)} = {to_toml(v)}" for k, v in value.items()) + "}"
-    return value.isoformat()  # dates and times
 
 
 ROBUSTNESS = settings(

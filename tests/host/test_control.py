@@ -9,6 +9,7 @@ import socket
 import stat
 import threading
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -219,15 +220,7 @@ def test_wait_closed_returns_once_the_server_is_gone(servers, sock_path):
 
 
 def test_failing_snapshot_is_reported_and_server_survives(servers, sock_path):
-    outcomes = iter([RuntimeError("worker table busy"), SNAPSHOT])
-
-    def snapshot():
-        outcome = next(outcomes)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
-
-    servers(sock_path, snapshot)
+    servers(sock_path, mock.Mock(side_effect=[RuntimeError("worker table busy"), SNAPSHOT]))
     with pytest.raises(ControlError, match="status snapshot failed: RuntimeError"):
         query_status(sock_path)
     assert query_status(sock_path) == SNAPSHOT

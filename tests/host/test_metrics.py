@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import urllib.error
 import urllib.request
+from unittest import mock
 
 import pytest
 
@@ -171,15 +172,7 @@ def test_http_other_paths_are_404(serve):
 
 
 def test_http_failing_snapshot_is_500_and_server_survives(serve):
-    answers = iter([KeyError("workers"), SNAPSHOT])
-
-    def snapshot():
-        answer = next(answers)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
-    server = serve(snapshot)
+    server = serve(mock.Mock(side_effect=[KeyError("workers"), SNAPSHOT]))
     with pytest.raises(urllib.error.HTTPError) as caught:
         get(server.port, "/metrics")
     assert caught.value.code == 500

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
@@ -310,6 +311,18 @@ def rss(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss
 
 
+def push_oversized(send: Callable[[bytes], object], header: bytes) -> int:
+    """Send ``header``, announcing 100 MiB, then push its payload a MiB at a
+    time until the peer hangs up; how many bytes of it went out."""
+    pushed = 0
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        send(header)
+        while pushed < 100 * MiB:
+            send(bytes(MiB))
+            pushed += MiB
+    return pushed
+
+
 def test_relay_refuses_an_oversized_message_before_buffering_it(relay_factory, raw):
     """A header announcing 100 MiB to a relay that takes 1 MiB: closed on the
     length alone, however much of the payload the sender pushes after it."""
@@ -323,12 +336,7 @@ def test_relay_refuses_an_oversized_message_before_buffering_it(relay_factory, r
 
     # Pushing the payload anyway gets nowhere: the connection is gone.
     pusher = raw(relay.port).handshake()
-    pushed = 0
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        pusher.send_bytes(b"\x08\x05topic" + codec.encode_varint(100 * MiB))
-        while pushed < 100 * MiB:
-            pusher.send_bytes(bytes(MiB))
-            pushed += MiB
+    pushed = push_oversized(pusher.send_bytes, b"\x08\x05topic" + codec.encode_varint(100 * MiB))
     assert pushed < 16 * MiB  # socket buffers at most
     assert rss(relay.proc.pid) - before < 8 * MiB
     assert relay.proc.poll() is None
@@ -357,13 +365,8 @@ def test_binding_refuses_an_oversized_message_before_buffering_it():
                 if packets and type(packets[0]) is codec.Init:
                     sock.sendall(codec.Accept().encode())
                     packets.pop(0)
-            sent = 0
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                sock.sendall(b"\x05\x00\x00\x01" + codec.encode_varint(100 * MiB))
-                while sent < 100 * MiB:
-                    sock.sendall(bytes(MiB))
-                    sent += MiB
-            pushed.append(sent)
+            header = b"\x05\x00\x00\x01" + codec.encode_varint(100 * MiB)
+            pushed.append(push_oversized(sock.sendall, header))
 
     thread = threading.Thread(target=hostile_relay, daemon=True)
     thread.start()
