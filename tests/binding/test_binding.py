@@ -7,12 +7,11 @@ import itertools
 import logging
 import queue
 import re
-import socket
 import threading
 import time
 
 import pytest
-from support import wait_for
+from support import OneShotServer, echo_tunnel, timed, wait_for
 
 import iris
 from iris import codec, logs
@@ -20,16 +19,6 @@ from iris import codec, logs
 MiB = 1 << 20
 # Slack for "arrives at about the timeout" on a loaded two-core machine.
 LATE = 0.3
-
-
-def timed(fn, *args, **kwargs):
-    """Run ``fn``; return (exception or result, seconds taken)."""
-    start = time.monotonic()
-    try:
-        result = fn(*args, **kwargs)
-    except Exception as err:
-        result = err
-    return result, time.monotonic() - start
 
 
 class Echo(iris.ServiceHandler):
@@ -45,12 +34,7 @@ class Echo(iris.ServiceHandler):
         self.broadcasts.put(message)
 
     def handle_tunnel(self, tunnel: iris.Tunnel) -> None:
-        with tunnel:
-            while True:
-                try:
-                    tunnel.send(tunnel.recv())
-                except iris.ClosedError:
-                    return
+        echo_tunnel(tunnel)
 
 
 class Gate(iris.ServiceHandler):
@@ -166,31 +150,6 @@ def test_denied_connection_raises_with_reason():
     server = OneShotServer(codec.Deny("protocol version mismatch: relay speaks v9").encode())
     with server, pytest.raises(ConnectionRefusedError, match="relay speaks v9"):
         iris.connect(server.port)
-
-
-class OneShotServer:
-    """A loopback server that reads one INIT and answers ``answer``."""
-
-    def __init__(self, answer: bytes):
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._answer = answer
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        sock, _ = self._listener.accept()
-        with sock:
-            sock.recv(1024)
-            sock.sendall(self._answer)
-            sock.recv(1024)  # until the client hangs up
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._thread.join(5)
-        self._listener.close()
 
 
 # ---------------------------------------------------------------------------
