@@ -14,7 +14,6 @@ worker; the supervisor cannot tell the two apart.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from typing import cast
 
@@ -26,7 +25,14 @@ from iris.dispatch import memory_fault
 from iris.logs import RateLimitedWarning
 
 from . import frames
-from .worker import IDLE_CHECK_SECONDS, PARENT_GONE, CallbackPools, FrameHandlers, Worker
+from .worker import (
+    IDLE_CHECK_SECONDS,
+    PARENT_GONE,
+    CallbackPools,
+    FrameHandlers,
+    Worker,
+    supervisor_gone,
+)
 from .worker_tunnel import AsyncWorkerTunnel
 
 # Frames handled per pump before the loop gets a turn (timers, the relay
@@ -82,7 +88,7 @@ class LoopWorker(CallbackPools[HandlerPool]):
         try:
             while not self._exit_code.done():
                 await asyncio.wait([self._exit_code], timeout=IDLE_CHECK_SECONDS)
-                if os.getppid() != self.worker._parent:
+                if supervisor_gone(self.worker.spec.alive):
                     self.log.error("supervisor is gone; exiting")
                     return PARENT_GONE
                 self._finish_if_drained()

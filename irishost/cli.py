@@ -21,9 +21,10 @@ from pathlib import Path
 from iris.logfmt import configure_logging, tag_standard_streams
 from iris.version import add_version_option
 
-from .config import ConfigError, load_config, parse_worker_count
+from .config import Config, ConfigError, load_config, parse_worker_count
 from .control import ControlError, format_status, query_status, send_command, wait_closed
-from .loader import HandlerImportError, load_handler
+from .respawner import fresh_memory_problem
+from .spawner import check_handler
 from .supervisor import Exit, HostError, Supervisor
 
 
@@ -89,24 +90,24 @@ def main(argv: list[str] | None = None) -> int:
         return _command(args, config.control.socket)
     configure_logging(config.logging.level)
     try:
-        handler_class = load_handler(config) if config.workers.preload or args.check else None
-    except HandlerImportError as err:
-        print(f"irishost: handler error: {err}", file=sys.stderr)
-        if err.details:
-            print(err.details, file=sys.stderr, end="")
-        return Exit.HANDLER
-    except ConfigError as err:  # [settings] the handler class does not take
-        return _config_error(err)
-    if args.check:
-        return _print(f"irishost: {config.file}: OK (handler {config.service.handler})")
-    try:
-        return Supervisor(config, handler_class, overrides).run()
+        if args.check:
+            _check(config)
+            return _print(f"irishost: {config.file}: OK (handler {config.service.handler})")
+        return Supervisor(config, overrides).run()
     except HostError as err:
         if err.code != Exit.OK:
             print(f"irishost: {err}", file=sys.stderr)
             if err.details:
                 print(err.details, file=sys.stderr, end="")
         return err.code
+
+
+def _check(config: Config) -> None:
+    """Import the handler in a fresh interpreter, as the fork server will; HostError
+    if it cannot serve, or if ``max_rss`` is below the memory it starts with."""
+    problem = fresh_memory_problem(config.limits.max_rss, check_handler(config))
+    if problem is not None:
+        raise HostError(Exit.CONFIG, f"config error: {config.file}: limits.max_rss: {problem}")
 
 
 def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -113,6 +113,7 @@ class Command:
 
     name: str
     count: int = 0
+    wait: bool = False  # reload: answer when it completed or failed, not when it started
 
 
 # The commands that change the host, each handed to the supervisor's ``act``.
@@ -212,7 +213,8 @@ def _answer(line: bytes, snapshot: Callable[[], Snapshot], act: Act) -> Snapshot
             return {"error": f"scale: {err}"}
     log.info("control command", cmd=cmd, **({"count": count} if cmd == "scale" else {}))
     try:
-        return {"ok": True, "message": act(Command(cmd, count))}
+        wait = cmd == "reload" and command.get("wait") is True
+        return {"ok": True, "message": act(Command(cmd, count, wait))}
     except ControlError as err:
         return {"error": str(err)}
 

@@ -1,284 +1,203 @@
-"""The fork server: the one process that forks workers, while it has one thread.
+"""The fork server: a fresh interpreter per generation of workers, that forks them.
 
 ``fork`` copies only the calling thread; a lock any other thread held at
 that moment (logging's, the allocator's, an import lock) stays held in the
 child for good. The supervisor runs several threads (the relay reader, the
 control and metrics servers, tunnel bridges), so it never forks a worker
-itself. First thing in ``Supervisor.run``, while it still has one thread, it
-forks this small server, which forks every worker on request (the first
-ones, respawns, reloads, scaling) and does nothing else::
+itself. Each generation of workers (the start, each reload, each reconnect)
+gets a fork server of its own instead, launched by exec as a new
+interpreter (``python -m irishost.fork_server``), as CPython's
+``multiprocessing.forkserver`` is::
 
-    supervisor --- socket pair (msgpack): generation, spawn, retain, exit --> fork server
-               <-- spawned (pid, ring descriptors by SCM_RIGHTS),       |
-                   exited (pid, wait status) ---------------------    fork
-                                                                       v
-                                                                    worker
+    supervisor --- socket pair (msgpack): spawn (call id, slot) ----------> fork server
+               <-- ready (rss, threads), failed (why),                      |
+                   spawned (call id, pid, ring descriptors by SCM_RIGHTS),  fork, fork
+                   spawn-failed (call id, errno, reason) ------------------ v
+               <============== reparented (child subreaper) ============= worker
 
-- Rings: the fork server creates a worker's two rings, forks the worker,
-  which inherits them, then passes the shared-memory and eventfd
-  descriptors to the supervisor (``socket.send_fds``) and closes its own
-  copies; so it holds no other worker's rings when it forks.
-- Deaths: the fork server is the workers' parent. It reaps them and sends
-  each wait status to the supervisor, whose loop waits on the socket as it
-  waits on the rings.
-- Orphans: the fork server dies with the supervisor (PR_SET_PDEATHSIG), and
-  a worker with its parent, the fork server; so workers still die with the
-  supervisor at any stage.
-- Preload: the first generation's handler class is what the supervisor had
-  imported when it forked the server; a reload's is imported here, and an
-  import error, or ``[settings]`` the new class does not take, goes back to
-  the supervisor, which keeps the running workers.
+- A clean interpreter per generation: a reload imports the new code in a
+  process that never held the old code, so no memory of it is carried into
+  new workers; an import that raises, exits or crashes ends only this
+  process, and fails only its reload.
+- The config arrives in a memfd (any size: ``[settings]`` may be large),
+  the supervisor's socket and its alive pipe as inherited descriptors; the
+  numbers are in argv.
+- Preload: with ``workers.preload`` the handler is imported here before
+  any fork, so that workers share its pages. In check mode
+  (``irishost --check``) it is imported either way, reported, and the
+  server exits.
+- Workers are forked twice (fork server, then a short-lived intermediate,
+  then the worker), so that the intermediate's exit hands the worker to the
+  supervisor, a child subreaper: the supervisor is every worker's parent,
+  reaps it and sees its wait status, and the fork server can die at any
+  moment without touching a worker.
+- A failed ``fork()`` (EAGAIN under RLIMIT_NPROC, ENOMEM) is answered with
+  its errno; the server lives on.
 - Every fork counts the forking process's threads (``/proc/self/task``)
-  first, the fork of the server itself included; more than one means a
-  preloaded handler started a thread at import, which the supervisor logs
-  as a warning.
+  first; more than one means a preloaded handler started a thread at
+  import, which the supervisor logs as a warning.
 """
 
 from __future__ import annotations
 
+import argparse
 import array
+import errno
 import os
-import select
 import signal
 import socket
+import sys
 import traceback
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import psutil
 import setproctitle
+
+from iris.logfmt import configure_logging, tag_standard_streams
 
 from . import worker
 from .config import Config, ConfigError
 from .loader import HandlerImportError, reload_handler
-from .ring import Ring
-from .wakeup import WakeupPipe
+from .ring import Ring, segment_prefix
 
-# Requests and replies are msgpack arrays, small (a config is a few KiB as
-# plain values): one datagram each, at most this big.
-MAX_MESSAGE = 1 << 20
+# Requests and replies are msgpack arrays of a few fields (the config does
+# not cross the socket: it comes in a memfd): one datagram each, at most this big.
+MAX_MESSAGE = 1 << 16
 # Descriptors per spawned worker: (segment, data eventfd, space eventfd) per ring.
 RING_FDS = 6
 # The signals an operator (or a terminal's Ctrl-C, to the whole group) sends
 # the host: the supervisor acts on them, the fork server ignores them.
-_SUPERVISOR_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGTERM)
+_SUPERVISOR_SIGNALS = (
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGTERM,
+    signal.SIGUSR1,
+)
+# Exit codes of the fork server, read by the supervisor when no message says more.
+EXIT_OK, EXIT_FAILED = 0, 3
 
-
-# A message on the socket: a msgpack array whose first element names it. Its
-# fields are unpacked straight into typed names, so a decoded one is a list of Any.
+# A message on the socket: a msgpack array whose first element names it.
 Message = list[Any]
 
-# The fork server's generations: number -> (config, handler class or None).
-Generations = dict[int, tuple[Config, type | None]]
+
+@dataclass(frozen=True)
+class Launch:
+    """What a fork server is started with; it crosses to it as argv and a memfd."""
+
+    generation: int  # the number of the generation whose code it runs
+    config: Config
+    check: bool = False  # import, report, exit (irishost --check)
 
 
-class ForkServerGone(Exception):
-    """The fork server died or closed its socket: no worker can be forked any more."""
+def command(launch: Launch, sock: int, alive: int, config_fd: int) -> list[str]:
+    """The fork server's argv; the three descriptors must be inheritable."""
+    argv = [sys.executable, "-m", "irishost.fork_server", "--generation", str(launch.generation)]
+    argv += ["--supervisor", str(os.getpid()), "--socket", str(sock), "--alive", str(alive)]
+    argv += ["--config-fd", str(config_fd)]
+    return argv + (["--check"] if launch.check else [])
 
 
-class ForkServer:
-    """The supervisor's end: ask for workers, learn of their deaths."""
+def config_memfd(config: Config) -> int:
+    """A memfd holding the config as msgpack, read once by the fork server."""
+    fd = os.memfd_create("irishost-config", os.MFD_CLOEXEC)
+    data = pack(config.to_wire())
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.lseek(fd, 0, os.SEEK_SET)  # the offset is shared with the fork server's copy
+    return fd
 
-    def __init__(self, pid: int, sock: socket.socket):
-        self.pid = pid
-        self._sock = sock
-        self._exits: list[tuple[int, int]] = []  # (pid, wait status) not yet collected
 
-    @classmethod
-    def start(cls, config: Config, handler_class: type | None, prefix: str) -> ForkServer:
-        """Fork the server; call while this process has a single thread."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        parent = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # the fork server; never returns
-            code = 1
-            try:
-                ours.close()
-                code = _Server(theirs, parent, prefix, {0: (config, handler_class)}).serve()
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        theirs.close()
-        return cls(pid, ours)
-
-    def add_generation(self, number: int, config: Config, like: int | None = None) -> None:
-        """Tell the server of a generation: ``like`` an existing one (a reconnect:
-        same config and code), or from ``config`` (importing the handler when
-        preloading). HandlerImportError if the import fails, ConfigError if
-        the class does not take the config's settings."""
-        (_, failure, fields), _ = self._call(("generation", number, config.to_wire(), like))
-        if failure == "config":
-            file, key, problem = fields
-            raise ConfigError(Path(file), key, problem)
-        if failure == "import":
-            raise HandlerImportError(*fields)
-
-    def retain(self, number: int) -> None:
-        """Forget the generations before ``number``: no worker of them is forked again."""
-        self._send(("retain", number))
-
-    def spawn(self, slot: int, generation: int) -> tuple[int, Ring, Ring, int]:
-        """Fork a worker; its pid, inbox, outbox and the server's thread count at the fork."""
-        (_, pid, capacity, threads), fds = self._call(("spawn", slot, generation), RING_FDS)
-        inbox = Ring.attach(fds[0], fds[1], fds[2], capacity)
-        outbox = Ring.attach(fds[3], fds[4], fds[5], capacity)
-        return pid, inbox, outbox, threads
-
-    def exits(self) -> list[tuple[int, int]]:
-        """The workers that died since the last call, as (pid, wait status)."""
-        while True:
-            try:
-                message, _ = self._receive(socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                break
-            self._note(message)
-        exits, self._exits = self._exits, []
-        return exits
-
-    def stop(self) -> None:
-        """Ask the server to exit, and reap it; its workers are expected gone already."""
-        try:
-            self._send(("exit",))
-        except ForkServerGone:
-            pass
-        self._sock.close()
-        try:
-            os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            pass
-
-    # -- the socket ------------------------------------------------------------------
-
-    def _call(self, request: tuple[object, ...], maxfds: int = 0) -> tuple[Message, list[int]]:
-        """Send ``request``; the answer and the descriptors it carried."""
-        self._send(request)
-        while True:
-            message, fds = self._receive(0, maxfds)
-            if message[0] != "exited":
-                return message, fds
-            self._note(message)
-
-    def _note(self, message: Message) -> None:
-        if message[0] != "exited":
-            raise ForkServerGone(f"unexpected message from the fork server: {message[0]}")
-        self._exits.append((message[1], message[2]))
-
-    def _send(self, request: tuple[object, ...]) -> None:
-        try:
-            self._sock.send(_pack(request))
-        except OSError as err:
-            raise ForkServerGone(f"fork server unreachable: {err}") from err
-
-    def _receive(self, flags: int, maxfds: int = 0) -> tuple[Message, list[int]]:
-        # recvmsg, not socket.recv_fds: that ignores its flags before Python 3.12.
-        ancillary = socket.CMSG_LEN(maxfds * array.array("i").itemsize)
-        data, cmsgs, _, _ = self._sock.recvmsg(MAX_MESSAGE, ancillary, flags)
-        fds = array.array("i")
-        for level, kind, payload in cmsgs:
-            if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-        if not data:
-            raise ForkServerGone("the fork server exited")
-        return _unpack(data), list(fds)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="irishost.fork_server")
+    parser.add_argument("--generation", type=int, required=True)
+    parser.add_argument("--supervisor", type=int, required=True)
+    parser.add_argument("--socket", type=int, required=True)
+    parser.add_argument("--alive", type=int, required=True)
+    parser.add_argument("--config-fd", type=int, required=True)
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args(argv)
+    # The kernel ends this process with the supervisor, whatever it is doing.
+    worker.die_with_parent(args.supervisor)
+    for signum in _SUPERVISOR_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    tag_standard_streams()
+    sock = socket.socket(fileno=args.socket)
+    with open(args.config_fd, "rb") as source:
+        config = Config.from_wire(unpack(source.read()))
+    configure_logging(config.logging.level)  # as the supervisor's: workers inherit it
+    setproctitle.setproctitle(
+        f"irishost: fork server {config.service.cluster} ({config.file.name}) "
+        f"generation {args.generation}"
+    )
+    server = _Server(sock, args.supervisor, args.alive, config)
+    if not server.prepare(args.check):
+        return EXIT_FAILED
+    if args.check:
+        return EXIT_OK
+    return server.serve()
 
 
 class _Server:
-    """The fork server process's loop."""
+    """The fork server process's loop: one request at a time, in order."""
 
-    def __init__(self, sock: socket.socket, supervisor: int, prefix: str, generations: Generations):
+    def __init__(self, sock: socket.socket, supervisor: int, alive: int, config: Config):
         self.sock = sock
         self.supervisor = supervisor
-        self.prefix = prefix
-        self.generations = generations
+        self.alive = alive
+        self.config = config
+        self.handler_class: type | None = None
+
+    def prepare(self, check: bool) -> bool:
+        """Import the handler when preloading (or checking); tell the supervisor."""
+        try:
+            if self.config.workers.preload or check:
+                self.handler_class = reload_handler(self.config)
+        except ConfigError as err:  # [settings] the handler class does not take
+            self._send(("failed", "config", [str(err.file), err.key, err.problem]))
+            return False
+        except HandlerImportError as err:
+            self._send(("failed", "import", [str(err), err.details]))
+            return False
+        except BaseException as err:  # KeyboardInterrupt, say: the loader lets it through
+            what = f"importing the handler raised {type(err).__name__}: {err}"
+            self._send(("failed", "import", [what, traceback.format_exc()]))
+            return False
+        rss = psutil.Process().memory_info().rss
+        self._send(("ready", rss, thread_count()))
+        return True
 
     def serve(self) -> int:
-        worker.die_with_parent(self.supervisor)
-        config = self.generations[0][0]
-        setproctitle.setproctitle(
-            f"irishost: fork server {config.service.cluster} ({config.file.name})"
-        )
-        for signum in _SUPERVISOR_SIGNALS:
-            signal.signal(signum, signal.SIG_IGN)
-        wakeup = WakeupPipe()
-        signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes select through the pipe
+        while True:
+            data = self.sock.recv(MAX_MESSAGE)
+            if not data:
+                return EXIT_OK  # the supervisor is done with this generation
+            request = unpack(data)
+            if request[0] == "spawn":
+                self._spawn(request[1], request[2])
+
+    def _spawn(self, call: int, slot: int) -> None:
+        prefix = segment_prefix(self.config.service.cluster)
+        inbox, inbox_segment = Ring.create_shared(prefix=prefix)
+        outbox, outbox_segment = Ring.create_shared(prefix=prefix)
+        fds = [inbox_segment, inbox.data_fd, inbox.space_fd]
+        fds += [outbox_segment, outbox.data_fd, outbox.space_fd]
         try:
-            return self._loop(wakeup)
-        except (BrokenPipeError, ConnectionResetError, ProcessLookupError):
-            return 0  # the supervisor is gone; the kernel is about to end us too
-
-    def _loop(self, wakeup: WakeupPipe) -> int:
-        watched: list[socket.socket | WakeupPipe] = [self.sock, wakeup]
-        while True:
-            readable, _, _ = select.select(watched, [], [])
-            if wakeup in readable:
-                wakeup.empty()
-            self._report_exits()
-            if self.sock in readable:
-                data = self.sock.recv(MAX_MESSAGE)
-                if not data:
-                    return 0  # the supervisor is gone; so are we
-                request = _unpack(data)
-                if request[0] == "exit":
-                    self._report_exits()
-                    return 0
-                getattr(self, f"_on_{request[0]}")(*request[1:])
-
-    def _report_exits(self) -> None:
-        """Reap dead workers; send their statuses, then SIGCHLD to wake the supervisor."""
-        reported = False
-        while True:
+            spec = worker.WorkerSpec(
+                slot, self.config, inbox, outbox, self.handler_class, self.supervisor, self.alive
+            )
+            threads = thread_count()
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            self._reply(("exited", pid, status))
-            reported = True
-        if reported:
-            os.kill(self.supervisor, signal.SIGCHLD)
-
-    def _on_generation(self, number: int, wire: dict[str, Any], like: int | None) -> None:
-        if like is not None:
-            self.generations[number] = self.generations[like]
-            self._reply(("generation", None, []))
-            return
-        config = Config.from_wire(wire)
-        try:
-            handler_class = reload_handler(config) if config.workers.preload else None
-        except ConfigError as err:  # [settings] the new handler class does not take
-            self._reply(("generation", "config", [str(err.file), err.key, err.problem]))
-            return
-        except HandlerImportError as err:
-            self._reply(("generation", "import", [str(err), err.details]))
-            return
-        self.generations[number] = (config, handler_class)
-        self._reply(("generation", None, []))
-
-    def _on_retain(self, number: int) -> None:
-        for old in [n for n in self.generations if n < number]:
-            del self.generations[old]
-
-    def _on_spawn(self, slot: int, generation: int) -> None:
-        config, handler_class = self.generations[generation]
-        inbox, inbox_segment = Ring.create_shared(prefix=self.prefix)
-        outbox, outbox_segment = Ring.create_shared(prefix=self.prefix)
-        threads = thread_count()
-        spec = worker.WorkerSpec(slot, config, inbox, outbox, handler_class, os.getpid())
-        pid = os.fork()
-        if pid == 0:
-            worker.run(spec)  # never returns; closes every descriptor but its rings'
-        fds = [
-            inbox_segment,
-            inbox.data_fd,
-            inbox.space_fd,
-            outbox_segment,
-            outbox.data_fd,
-            outbox.space_fd,
-        ]
-        try:
-            message = _pack(("spawned", pid, inbox.capacity, threads))
+                pid = _fork_grandchild(spec)
+            except OSError as err:
+                code = errno.errorcode.get(err.errno or 0, str(err.errno))
+                self._send(("spawn-failed", call, code, f"fork failed: {err}"))
+                return
+            message = pack(("spawned", call, pid, inbox.capacity, threads))
             socket.send_fds(self.sock, [message], fds)
         finally:
             for ring in (inbox, outbox):
@@ -286,8 +205,45 @@ class _Server:
             os.close(inbox_segment)
             os.close(outbox_segment)
 
-    def _reply(self, message: tuple[object, ...]) -> None:
-        self.sock.send(_pack(message))
+    def _send(self, message: tuple[object, ...]) -> None:
+        self.sock.send(pack(message))
+
+
+def _fork_grandchild(spec: worker.WorkerSpec) -> int:
+    """Fork a worker through an intermediate that exits at once; the worker's pid.
+
+    The intermediate's exit reparents the worker to the supervisor (a child
+    subreaper). OSError if either fork fails: the second one's errno comes
+    back through a pipe.
+    """
+    read, write = os.pipe()
+    try:
+        middle = os.fork()
+        if middle == 0:  # the intermediate: fork the worker, report its pid, exit
+            os.close(read)
+            try:
+                pid = os.fork()
+            except OSError as err:
+                os.write(write, f"-{err.errno or errno.EAGAIN}".encode())
+                os._exit(1)
+            if pid == 0:
+                os.close(write)
+                worker.run(spec)  # never returns
+            os.write(write, str(pid).encode())
+            os._exit(0)
+        os.close(write)
+        write = -1
+        answer = os.read(read, 32)
+        os.waitpid(middle, 0)
+    finally:
+        os.close(read)
+        if write != -1:
+            os.close(write)
+    value = int(answer or b"-0")
+    if value <= 0:
+        code = -value or errno.EAGAIN
+        raise OSError(code, os.strerror(code))
+    return value
 
 
 def thread_count() -> int:
@@ -296,11 +252,30 @@ def thread_count() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
-def _pack(message: tuple[object, ...]) -> bytes:
+def pack(message: object) -> bytes:
     packed: bytes = msgpack.packb(message, use_bin_type=True)
     return packed
 
 
-def _unpack(data: bytes) -> Message:
-    message: Message = msgpack.unpackb(data, raw=False, use_list=True)
-    return message
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, use_list=True)
+
+
+def received_fds(cmsgs: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors an SCM_RIGHTS message carried."""
+    fds = array.array("i")
+    for level, kind, payload in cmsgs:
+        if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return list(fds)
+
+
+if __name__ == "__main__":
+    _code = 1
+    try:
+        _code = main()
+    except BaseException:  # the supervisor reads the exit status; the traceback is for the log
+        traceback.print_exc()
+    finally:
+        sys.stderr.flush()
+        os._exit(_code)  # never the interpreter's exit: no atexit of a handler module runs

@@ -13,16 +13,16 @@ import os
 import signal
 import time
 
+import psutil
 import setproctitle
 
 from iris.logs import ContextLog
 
 from . import frames
 from .config import MAX_WORKERS, Config
-from .exits import HostError
+from .generation import Generation
 from .respawner import Death, Respawner, memory_verdict, stuck_reason
-from .rollout import Generation
-from .spawner import Spawner
+from .spawner import Spawned, Spawner
 from .worker_table import Change, WorkerTable
 from .workers import WorkerHandle, WorkerState, WorkerUnreachable
 
@@ -53,13 +53,36 @@ class WorkerPool:
         """The running generation's."""
         return self.generation.config
 
-    def spawn(self, slot: int, generation: Generation | None = None) -> WorkerHandle:
-        """Fork a worker for ``slot`` of ``generation`` (default: the running one)."""
-        handle = self.spawner.spawn(slot, generation or self.generation)
+    def spawn(self, slot: int, generation: Generation | None = None) -> None:
+        """Ask for a worker for ``slot`` of ``generation`` (default: the running one);
+        it joins the table when the fork server's answer comes (``on_spawned``)."""
+        self.spawner.spawn(slot, generation or self.generation)
+
+    def on_spawned(self, spawned: Spawned) -> None:
+        handle = spawned.handle
         self.table.add(handle)
-        self.log.info("spawned worker", worker=slot, pid=handle.pid)
+        self.log.info("spawned worker", worker=handle.slot, pid=handle.pid)
+        self.log.debug(
+            "forked worker",
+            worker=handle.slot,
+            pid=handle.pid,
+            forked_by=spawned.server,
+            threads_at_fork=spawned.threads,
+        )
+        if spawned.threads != 1:
+            self.log.warning(
+                "worker forked from a process with several threads (a preloaded handler "
+                "started threads at import?); a lock one of them held stays held in the child",
+                worker=handle.slot,
+                threads=spawned.threads,
+            )
         self.title()
-        return handle
+
+    def on_spawn_failed(self, slot: int, reason: str) -> None:
+        """No worker came for ``slot`` of the running generation: retry with backoff."""
+        delay = self.respawner.on_spawn_failure(slot, reason, time.monotonic(), self.count)
+        if delay is not None:
+            self.log.error("could not start worker; retrying", worker=slot, reason=reason)
 
     def retire(self, handle: WorkerHandle) -> None:
         """Stop sending new work to ``handle``; it drains and exits."""
@@ -141,49 +164,61 @@ class WorkerPool:
 
     def respawn_due(self, now: float) -> None:
         for slot in self.respawner.due(now):
-            if slot < self.count:
+            if slot < self.count and slot not in self.occupied():
                 self.spawn(slot)
 
-    def scale(self, count: int) -> None:
+    def occupied(self) -> set[int]:
+        """The running generation's slots with a worker, or one on its way."""
+        number = self.generation.number
+        live = {
+            w.slot
+            for w in self.table.workers
+            if w.state is not WorkerState.DRAINING and w.generation == number
+        }
+        return live | self.spawner.spawning(number)
+
+    def valid_count(self, count: int) -> bool:
+        """Whether the pool may run ``count`` workers; logs why not."""
         if count < 1:
             self.log.warning("SIGTTOU ignored: at least one worker must stay")
-            return
+            return False
         if count > MAX_WORKERS:
             self.log.warning(
                 "SIGTTIN ignored: already at the most workers allowed", limit=MAX_WORKERS
             )
+            return False
+        return True
+
+    def scale(self, count: int) -> None:
+        if not self.valid_count(count):
             return
         self.log.info("scaling workers", before=self.count, after=count)
         self.count = count
-        current = [w for w in self.table.workers if w.state is not WorkerState.DRAINING]
-        slots = {w.slot for w in current}
+        occupied = self.occupied()
         for slot in range(count):
-            if slot not in slots:
+            if slot not in occupied:
                 self.spawn(slot)
-        for handle in current:
-            if handle.slot >= count:
+        for handle in self.table.workers:
+            if handle.slot >= count and handle.state is not WorkerState.DRAINING:
                 self.retire(handle)
 
     def kill_all(self) -> None:
-        """Last resort on the way out: no worker outlives the supervisor.
+        """Last resort on the way out: no worker, nor anything a handler forked,
+        outlives the supervisor.
 
-        The fork server, their parent, reaps them; it exits once they are all
-        reported dead (Spawner.stop), or dies with this process.
+        The supervisor is a child subreaper: every worker is its child, and so
+        is any orphan a handler left, so its descendants are all there is to end.
         """
-        for pid in self.table.pids():
+        for pid in descendants(os.getpid()):
             signal_worker(pid, signal.SIGKILL)
         deadline = time.monotonic() + KILL_ALL_SECONDS
-        while self.table.pids() and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             try:
-                exits = self.spawner.exits()
-            except HostError:
-                break  # the fork server died: and its workers with it
-            for pid, _ in exits:
-                handle = self.table.by_pid(pid)
-                if handle is not None:
-                    self.table.remove(handle)
-                    handle.close()
-            time.sleep(0.01)
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break  # no child left
+            if pid == 0:
+                time.sleep(0.01)
         for handle in self.table.workers:
             self.table.remove(handle)
             handle.close()
@@ -195,6 +230,13 @@ class WorkerPool:
             f"irishost: supervisor {config.service.cluster} "
             f"({config.file.name}) workers={ready}/{self.count}"
         )
+
+
+def descendants(pid: int) -> list[int]:
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 def signal_worker(pid: int, signum: int) -> None:

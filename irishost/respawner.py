@@ -82,11 +82,24 @@ class Respawner:
             return None  # scaled down meanwhile
         self.restarts += 1
         self.slot_restarts[death.slot] = self.slot_restarts.get(death.slot, 0) + 1
-        self.problems[death.slot] = death.problem
-        failures = 0 if death.lived >= STABLE_SECONDS else self._slot_failures.get(death.slot, 0)
-        self._slot_failures[death.slot] = failures + 1
+        return self._schedule(death.slot, death.problem, death.lived >= STABLE_SECONDS, now)
+
+    def on_spawn_failure(self, slot: int, reason: str, now: float, count: int) -> float | None:
+        """No worker could be forked for ``slot`` (fork failed, the fork server
+        died or missed its deadline): retry with the slot's backoff; the delay,
+        or None when the slot is not wanted. Never fatal: the cause lies
+        outside the handler (a process limit, memory), and may lift."""
+        if slot >= count:
+            return None
+        return self._schedule(slot, reason, False, now)
+
+    def _schedule(self, slot: int, problem: str, stable: bool, now: float) -> float:
+        """The slot's respawn after its backoff, which doubles per quick failure."""
+        self.problems[slot] = problem
+        failures = 0 if stable else self._slot_failures.get(slot, 0)
+        self._slot_failures[slot] = failures + 1
         delay: float = min(BACKOFF_START * 2**failures, BACKOFF_CAP)
-        self._due.append((now + delay, death.slot))
+        self._due.append((now + delay, slot))
         return delay
 
     def _check_start_up(self, death: Death) -> None:
@@ -155,6 +168,19 @@ def memory_verdict(rss: int, state: WorkerState, config: Config) -> tuple[str, s
     if rss > limits.max_rss and state is WorkerState.READY:
         return ("recycle", f"resident memory {_mib(rss)} is over max_rss")
     return None
+
+
+def fresh_memory_problem(max_rss: int, rss: int) -> str | None:
+    """Why ``max_rss`` cannot work when a fresh worker starts with ``rss``, or None.
+
+    Every worker would be recycled at birth, and the slot crash-loop.
+    """
+    if not max_rss or rss <= max_rss:
+        return None
+    return (
+        f"{_mib(max_rss)} is below a fresh worker's resident memory "
+        f"({_mib(rss)}, the fork server's after importing the handler)"
+    )
 
 
 def _last_line(text: str | None) -> str:

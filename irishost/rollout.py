@@ -19,25 +19,22 @@ Both go the same way, and differ only at the ends:
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from iris.logfmt import configure_logging
 
 from .config import Config, ConfigError, load_config
 from .exits import HostError
+from .generation import Generation
 from .workers import WorkerHandle, WorkerState
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
 
 
-@dataclass(frozen=True)
-class Generation:
-    """The workers started from one reading of the config (one per reload or reconnect)."""
-
-    number: int
-    config: Config  # the handler class, when preloading, is the fork server's
+# Told how a rollout ended: (succeeded, the line to say); for ``irishost reload --wait``.
+Waiter = Callable[[bool, str], None]
 
 
 def reread(running: Config, overrides: dict[str, Any], number: int) -> Generation:
@@ -51,27 +48,47 @@ def reread(running: Config, overrides: dict[str, Any], number: int) -> Generatio
         running.relay.port,
     ):
         raise ConfigError(config.file, "service.cluster", "cluster and relay port need a restart")
-    return Generation(number, config)
+    return Generation(number, config, code=number)
 
 
 class Rollout(abc.ABC):
     what = "rollout"
 
-    def __init__(self, host: Supervisor, generation: Generation):
+    def __init__(self, host: Supervisor, generation: Generation, count: int):
         self.host = host
         self.generation = generation
+        self.count = count  # workers it starts; `irishost scale` meanwhile changes it
+        self.waiters: list[Waiter] = []  # told at the end
 
     def start(self) -> None:
-        for slot in range(self.generation.config.workers.count):
+        for slot in range(self.count):
             self.host.pool.spawn(slot, self.generation)
 
     def owns(self, worker: WorkerHandle) -> bool:
         return worker.generation == self.generation.number
 
+    def scale(self, count: int) -> None:
+        """Start ``count`` workers instead: the scale applies to the new generation."""
+        self.count = count
+        number = self.generation.number
+        fresh = self.host.table.of_generation(number)
+        occupied = {w.slot for w in fresh} | self.host.pool.spawner.spawning(number)
+        for slot in range(count):
+            if slot not in occupied:
+                self.host.pool.spawn(slot, self.generation)
+        for worker in fresh:
+            if worker.slot >= count:
+                self.host.pool.kill(worker, "scaled down during a rollout", quiet=True)
+        self.on_ready()
+
     def on_ready(self) -> None:
-        fresh = self.host.table.of_generation(self.generation.number)
-        if all(w.state is WorkerState.READY for w in fresh):
-            self.complete(len(fresh))
+        ready = {
+            w.slot
+            for w in self.host.table.of_generation(self.generation.number)
+            if w.state is WorkerState.READY and w.kill_reason is None
+        }
+        if ready.issuperset(range(self.count)):
+            self.complete(self.count)
 
     def on_death(self, worker: WorkerHandle, how: str) -> None:
         self.abort(f"new worker {worker.slot} {how}", worker.failure)
@@ -80,24 +97,35 @@ class Rollout(abc.ABC):
         host = self.host
         host.rollout = None
         old = [w for w in host.table.workers if w.generation < self.generation.number]
+        host.pool.generation = self.generation
+        host.pool.count = self.count
         self._take_over()
         for worker in old:
             host.pool.retire(worker)
-        host.pool.spawner.retain(self.generation)
+        host.pool.spawner.retain({self.generation.code})
         self._completed(workers)
+        self._tell(True, f"{self.what} complete (generation {self.generation.number})")
 
     def abort(self, why: str, details: str | None = None) -> None:
         host = self.host
         host.rollout = None
         self._aborted(why)
         if details:
-            host.log.error("traceback of the failed worker", traceback=details)
+            host.log.error("traceback of the failure", traceback=details)
         for worker in host.table.of_generation(self.generation.number):
             host.pool.kill(worker, "its generation was given up", quiet=True)
+        host.pool.spawner.retain({host.pool.generation.code})
+        self._tell(False, f"{self.what} failed: {why}; the running workers carry on")
+
+    def _tell(self, ok: bool, line: str) -> None:
+        for waiter in self.waiters:
+            waiter(ok, line)
+        self.waiters.clear()
 
     @abc.abstractmethod
     def _take_over(self) -> None:
-        """Make the new generation the running one (before the old workers retire)."""
+        """What changes with the new generation, besides its workers (before the
+        old workers retire)."""
 
     @abc.abstractmethod
     def _completed(self, workers: int) -> None:
@@ -112,10 +140,8 @@ class Reload(Rollout):
     what = "reload"
 
     def _take_over(self) -> None:
-        """The new config's topics, dispatch rules, worker count and log level."""
+        """The new config's topics, dispatch rules and log level."""
         host, config = self.host, self.generation.config
-        host.pool.generation = self.generation
-        host.pool.count = config.workers.count
         host.dispatch.reconfigure(config)
         host.link.reconfigure(config)
         configure_logging(config.logging.level)
@@ -133,7 +159,7 @@ class Reconnect(Rollout):
     what = "reconnect"
 
     def _take_over(self) -> None:
-        self.host.pool.generation = self.generation
+        """Nothing changes but the workers: same config, same code."""
 
     def _completed(self, workers: int) -> None:
         """Register again; the old workers were retired first, so no request of

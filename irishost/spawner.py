@@ -1,90 +1,349 @@
-"""Making a worker: asking the fork server for one, and the supervisor's handle on it."""
+"""Making workers: the supervisor's end of the fork servers, one per generation.
+
+The supervisor never waits on a fork server. A spawn is a call with an id
+and a deadline; its answer arrives on the fork server's socket, which the
+loop waits on beside the rings, and comes back from :meth:`Spawner.poll` as
+an event the loop acts on (:class:`Spawned`, :class:`SpawnFailed`,
+:class:`ServerReady`, :class:`LaunchFailed`). A fork server that misses a
+deadline is killed; one that died (found by the supervisor's reaper, which
+hands its wait status to :meth:`Spawner.on_exit`) fails the calls it held,
+and the next spawn for its generation launches a fresh one, so a dead fork
+server costs a respawn's backoff and no worker.
+"""
 
 from __future__ import annotations
 
+import itertools
+import logging
+import os
 import random
-from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+import select
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
 
 from iris.logs import ContextLog
 
-from .exits import Exit, HostError
-from .fork_server import ForkServer, ForkServerGone, thread_count
-from .rollout import Generation
+from .config import Config
+from .exits import Exit, HostError, describe_exit
+from .fork_server import RING_FDS, Launch, command, config_memfd, pack, received_fds, unpack
+from .generation import Generation
+from .ring import Ring
 from .workers import WorkerHandle
 
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
+# A fork server that has not answered a spawn within this long is killed and
+# relaunched: a fork takes milliseconds, even of a large preloaded process,
+# so this only fires for a stopped or wedged server.
+SPAWN_TIMEOUT = 5.0
+# Answers are a few msgpack fields; more than enough room for one.
+MAX_MESSAGE = 1 << 16
+
+
+@dataclass(frozen=True)
+class Spawned:
+    """A worker was forked; ``handle`` is the supervisor's record of it."""
+
+    handle: WorkerHandle
+    server: int  # the pid of the fork server that forked it
+    threads: int  # in the fork server when it forked: more than 1 is worth a warning
+
+
+@dataclass(frozen=True)
+class SpawnFailed:
+    """No worker for ``slot`` of ``generation``: fork failed, or the fork server died."""
+
+    slot: int
+    generation: Generation
+    reason: str
+
+
+@dataclass(frozen=True)
+class ServerReady:
+    """A fork server has started (and imported the handler, when preloading)."""
+
+    generation: Generation  # the one it was launched for
+    rss: int  # its resident memory then: about what a fresh worker starts with
+    threads: int
+
+
+@dataclass(frozen=True)
+class LaunchFailed:
+    """A fork server ended, or was killed, before it was ready; its calls failed too."""
+
+    generation: Generation
+    code: Exit  # CONFIG for [settings] the class does not take; HANDLER otherwise
+    message: str
+    details: str = ""
+
+
+Event = Spawned | SpawnFailed | ServerReady | LaunchFailed
+
+
+@dataclass
+class _Call:
+    slot: int
+    generation: Generation
+    deadline: float  # monotonic; 0 while queued behind the server's start
+
+
+class ForkServer:
+    """One fork server process, seen from the supervisor."""
+
+    def __init__(self, generation: Generation, alive: int, check: bool = False):
+        self.generation = generation
+        self.ready = False
+        self.gone = False
+        self.deadline = time.monotonic() + generation.config.workers.boot_timeout
+        self.calls: dict[int, _Call] = {}
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        launch = Launch(generation.code, generation.config, check)
+        memfd = config_memfd(launch.config)
+        passed = (theirs.fileno(), alive, memfd)
+        try:
+            for fd in passed:
+                os.set_inheritable(fd, True)
+            # posix_spawn, not fork: this process has threads (see fork_server).
+            argv = command(launch, *passed)
+            self.pid = os.posix_spawn(argv[0], argv, os.environ)
+        finally:
+            os.set_inheritable(alive, False)
+            theirs.close()
+            os.close(memfd)
+        self.sock.setblocking(False)
+
+    def call(self, call: int, entry: _Call) -> None:
+        self.calls[call] = entry
+        if self.ready:
+            self._send_spawn(call, entry)
+
+    def _send_spawn(self, call: int, entry: _Call) -> None:
+        entry.deadline = time.monotonic() + SPAWN_TIMEOUT
+        try:
+            self.sock.send(pack(("spawn", call, entry.slot)))
+        except OSError:
+            pass  # it is dying: the reaper or the deadline fails the call
+
+    def busy(self) -> bool:
+        """Whether an answer is owed: the loop only waits on a busy server's socket."""
+        return not self.gone and (not self.ready or bool(self.calls))
+
+    def overdue(self, now: float) -> bool:
+        if self.gone:
+            return False
+        if not self.ready:
+            return now > self.deadline
+        return any(entry.deadline and now > entry.deadline for entry in self.calls.values())
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def close(self) -> None:
+        """Done with it: its socket's EOF ends it; SIGKILL in case it is stopped."""
+        self.kill()
+        self.sock.close()
+        self.gone = True
 
 
 class Spawner:
-    def __init__(self, prefix: str, log: ContextLog):
-        self.prefix = prefix  # of the rings' shared-memory names (segment_prefix)
+    def __init__(self, log: ContextLog):
         self.log = log
-        self.forks: ForkServer | None = None
+        self.servers: dict[int, ForkServer] = {}  # by the generation whose code they run
+        self._calls = itertools.count(1)
+        # The alive pipe: every worker holds the read end; it reads EOF once
+        # this process, the only holder of the write end, is gone.
+        self.alive, self._alive_write = os.pipe()
 
-    def start(self, generation: Generation, handler_class: type | None) -> None:
-        """Start the fork server; call while this process has one thread."""
-        self._warn_if_threaded("the fork server", thread_count())
-        self.forks = ForkServer.start(generation.config, handler_class, self.prefix)
+    def launch(self, generation: Generation) -> ForkServer:
+        """Start the fork server of ``generation`` (ServerReady or LaunchFailed follow)."""
+        old = self.servers.get(generation.code)
+        if old is not None and not old.gone:
+            old.close()
+        server = ForkServer(generation, self.alive)
+        self.servers[generation.code] = server
+        self.log.debug("launched fork server", generation=generation.code, pid=server.pid)
+        return server
 
-    def add(self, generation: Generation, like: Generation | None = None) -> None:
-        """Prepare ``generation`` in the fork server (HandlerImportError: see ForkServer)."""
-        self._call(
-            self._server().add_generation,
-            generation.number,
-            generation.config,
-            like.number if like is not None else None,
-        )
+    def spawn(self, slot: int, generation: Generation) -> None:
+        """Ask for a worker for ``slot``; Spawned or SpawnFailed follows from poll().
 
-    def retain(self, generation: Generation) -> None:
-        self._call(self._server().retain, generation.number)
+        A generation whose fork server is gone gets a fresh one first.
+        """
+        server = self.servers.get(generation.code)
+        if server is None or server.gone:
+            server = self.launch(generation)
+        server.call(next(self._calls), _Call(slot, generation, 0.0))
 
-    def spawn(self, slot: int, generation: Generation) -> WorkerHandle:
-        """A new worker for ``slot`` of ``generation``."""
-        config = generation.config
-        limits = config.limits
-        max_requests = 0
-        if limits.max_requests:
-            jitter = config.workers.max_requests_jitter
-            max_requests = limits.max_requests + random.randint(0, jitter)
-        pid, inbox, outbox, threads = self._call(self._server().spawn, slot, generation.number)
-        self.log.debug(
-            "forked worker",
-            worker=slot,
-            pid=pid,
-            forked_by=self._server().pid,
-            threads_at_fork=threads,
-        )
-        self._warn_if_threaded(f"worker {slot}", threads)
-        handle = WorkerHandle(slot, pid, inbox, outbox, max_requests)
-        handle.generation = generation.number
-        return handle
+    def spawning(self, generation: int) -> set[int]:
+        """The slots of ``generation`` (a number) with a spawn not yet answered."""
+        return {
+            entry.slot
+            for server in self.servers.values()
+            if not server.gone
+            for entry in server.calls.values()
+            if entry.generation.number == generation
+        }
 
-    def _warn_if_threaded(self, what: str, threads: int) -> None:
-        if threads != 1:
-            self.log.warning(
-                f"{what} forked from a process with several threads (a preloaded handler "
-                "started threads at import?); a lock one of them held stays held in the child",
-                threads=threads,
-            )
+    def fds(self) -> list[int]:
+        """The sockets the loop waits on: those of servers that owe an answer."""
+        return [server.sock.fileno() for server in self.servers.values() if server.busy()]
 
-    def exits(self) -> list[tuple[int, int]]:
-        """Workers that died, as (pid, wait status); HostError if the fork server died."""
-        return self._call(self._server().exits)
+    def busy(self) -> bool:
+        return any(server.busy() for server in self.servers.values())
+
+    def poll(self, now: float) -> list[Event]:
+        """Answers that arrived, and the failures of servers past a deadline."""
+        events: list[Event] = []
+        for server in list(self.servers.values()):
+            if server.busy():
+                events += self._read(server)
+            if server.overdue(now):
+                what = "start" if not server.ready else "answer a spawn"
+                server.kill()
+                events += self._fail(server, f"fork server did not {what} in time; killed it")
+        return events
+
+    def on_exit(self, pid: int, status: int) -> list[Event] | None:
+        """A child of the supervisor exited: the events if it was a fork server, else None."""
+        for server in self.servers.values():
+            if server.pid == pid:
+                if server.gone:
+                    return []
+                events = self._read(server)  # what it said before dying counts
+                return events + self._fail(server, f"fork server {describe_exit(status)}")
+        return None
+
+    def retain(self, generations: set[int]) -> None:
+        """Stop the fork servers whose code no wanted generation runs."""
+        for code, server in list(self.servers.items()):
+            if code not in generations:
+                if not server.gone:
+                    server.close()
+                del self.servers[code]
 
     def stop(self) -> None:
-        if self.forks is not None:
-            self.forks.stop()
+        self.retain(set())
+        os.close(self._alive_write)
+        os.close(self.alive)
 
-    def _server(self) -> ForkServer:
-        if self.forks is None:
-            raise RuntimeError("Spawner.start was not called")
-        return self.forks
+    # -- answers ---------------------------------------------------------------------
 
-    def _call(self, method: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        """``method(*args)``, with the fork server's death as the HostError it is."""
-        try:
-            return method(*args, **kwargs)
-        except ForkServerGone as err:
-            raise HostError(Exit.FAILURE, f"the fork server died: {err}") from err
+    def _read(self, server: ForkServer) -> list[Event]:
+        events: list[Event] = []
+        while not server.gone:
+            try:
+                data, cmsgs, _, _ = server.sock.recvmsg(
+                    MAX_MESSAGE, socket.CMSG_LEN(RING_FDS * 4), socket.MSG_DONTWAIT
+                )
+            except BlockingIOError:
+                break
+            except OSError:
+                data, cmsgs = b"", []
+            fds = received_fds(cmsgs)
+            if not data:  # EOF: it exited; the reaper brings its status
+                for fd in fds:
+                    os.close(fd)
+                break
+            events += self._answer(server, unpack(data), fds)
+        return events
+
+    def _answer(self, server: ForkServer, message: list[Any], fds: list[int]) -> list[Event]:
+        kind = message[0]
+        generation = server.generation
+        if kind == "ready":
+            server.ready = True
+            rss, threads = int(message[1]), int(message[2])
+            for call, queued in server.calls.items():
+                server._send_spawn(call, queued)
+            return [ServerReady(generation, rss, threads)]
+        if kind == "failed":
+            _, what, fields = message
+            assert isinstance(fields, list)
+            if what == "config":
+                file, key, problem = fields
+                failed = LaunchFailed(
+                    generation, Exit.CONFIG, f"config error: {file}: {key}: {problem}"
+                )
+            else:
+                failed = LaunchFailed(
+                    generation, Exit.HANDLER, f"handler error: {fields[0]}", str(fields[1])
+                )
+            return [failed, *self._fail(server, failed.message, launch_reported=True)]
+        entry: _Call | None = server.calls.pop(int(message[1]), None)
+        if kind == "spawned":
+            _, _, pid, capacity, threads = message
+            if entry is None:  # given up on already: not ours any more
+                for fd in fds:
+                    os.close(fd)
+                os.kill(int(pid), signal.SIGKILL)
+                return []
+            handle = self._handle(entry, int(pid), int(capacity), fds)
+            return [Spawned(handle, server.pid, int(threads))]
+        if kind == "spawn-failed" and entry is not None:
+            _, _, code, reason = message
+            return [SpawnFailed(entry.slot, entry.generation, f"{reason} ({code})")]
+        return []
+
+    def _handle(self, entry: _Call, pid: int, capacity: int, fds: list[int]) -> WorkerHandle:
+        config = entry.generation.config
+        max_requests = 0
+        if config.limits.max_requests:
+            jitter = config.workers.max_requests_jitter
+            max_requests = config.limits.max_requests + random.randint(0, jitter)
+        inbox = Ring.attach(fds[0], fds[1], fds[2], capacity)
+        outbox = Ring.attach(fds[3], fds[4], fds[5], capacity)
+        handle = WorkerHandle(entry.slot, pid, inbox, outbox, max_requests)
+        handle.generation = entry.generation.number
+        return handle
+
+    def _fail(self, server: ForkServer, reason: str, launch_reported: bool = False) -> list[Event]:
+        """``server`` is gone: its start, if it was not ready, and every call it held fail."""
+        was_ready = server.ready
+        server.close()
+        events: list[Event] = []
+        if not was_ready and not launch_reported:
+            hint = ""
+            if server.generation.config.workers.preload:
+                hint = " (did the handler's module end the process while being imported?)"
+            message = f"handler error: the fork server ended before it was ready: {reason}{hint}"
+            events.append(LaunchFailed(server.generation, Exit.HANDLER, message))
+        events += [
+            SpawnFailed(entry.slot, entry.generation, reason) for entry in server.calls.values()
+        ]
+        server.calls.clear()
+        return events
+
+
+def check_handler(config: Config) -> int:
+    """``irishost --check``: import the handler as a fork server would, in a
+    fresh interpreter, so that a module that exits the process or crashes
+    at import is caught too; the fork server's resident memory after the
+    import. HostError with the exit code to use when it cannot be served.
+    """
+    spawner = Spawner(ContextLog(logging.getLogger("irishost")))
+    generation = Generation(0, config, code=0)
+    server = ForkServer(generation, spawner.alive, check=True)
+    spawner.servers[0] = server
+    deadline = server.deadline
+    try:
+        while True:
+            select.select([server.sock], [], [], 0.05)
+            events = spawner.poll(time.monotonic())
+            pid, status = os.waitpid(server.pid, os.WNOHANG)
+            if pid:
+                events += spawner.on_exit(pid, status) or []
+            for event in events:
+                if isinstance(event, LaunchFailed):
+                    raise HostError(event.code, event.message, event.details)
+                if isinstance(event, ServerReady):
+                    return event.rss
+            if time.monotonic() > deadline:
+                raise HostError(
+                    Exit.HANDLER, "importing the handler took longer than workers.boot_timeout"
+                )
+    finally:
+        spawner.stop()

@@ -12,11 +12,15 @@ drain, BOOT_FAILED when the handler could not be imported or initialised
 (the FAILED frame carries the traceback), PARENT_GONE when the supervisor
 disappeared.
 
-A worker never outlives its supervisor: the kernel kills it when its parent,
-the fork server, dies (PR_SET_PDEATHSIG, set before anything else in the
-child), and the fork server dies with the supervisor in the same way,
-whatever it is doing, even blocked in a C call inside ``init``. And a
-process a handler forks never touches the worker's rings: it shares their
+A worker never outlives its supervisor. It is forked by a fork server
+through an intermediate process that exits at once, which hands the worker
+to the supervisor, a child subreaper; once the supervisor is its parent, the
+kernel kills it when the supervisor dies (PR_SET_PDEATHSIG, set before
+anything else runs), whatever it is doing, even blocked in a C call inside
+``init``. It also holds the read end of the supervisor's alive pipe, which
+reads EOF once the supervisor is gone (as CPython's forkserver's children
+do), and looks at it whenever it is idle. And a process a handler forks never
+touches the worker's rings: it shares their
 mapping, and two writers on a ring meant for one would corrupt it or hand a
 caller the child's reply. Should such a child return from the handler into
 the worker's code, it exits there instead (see ``_leave_if_forked``).
@@ -27,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import select
 import signal
 import threading
 import time
@@ -152,20 +157,44 @@ class WorkerSpec:
     config: Config
     inbox: Ring  # supervisor -> worker
     outbox: Ring  # worker -> supervisor
-    handler_class: type | None  # preloaded in the supervisor, or None to import here
-    supervisor: int  # its parent's pid (the fork server's), which it must not outlive
+    handler_class: type | None  # preloaded in the fork server, or None to import here
+    supervisor: int  # the supervisor's pid: its parent once reparented; it must not outlive it
+    alive: int  # the read end of the supervisor's alive pipe: EOF once the supervisor is gone
 
 
 def run(spec: WorkerSpec) -> None:
     """Body of a forked worker, called first thing after fork; never returns."""
     code = 1
     try:
+        _wait_for_reparenting(spec.supervisor)
         die_with_parent(spec.supervisor)
         code = Worker(spec).serve()
     except BaseException:  # the last line of defence in a child: report, then exit
         traceback.print_exc()
     finally:
         os._exit(code)
+
+
+def _wait_for_reparenting(supervisor: int) -> None:
+    """Wait until the intermediate that forked this worker has exited and the
+    supervisor (a child subreaper) is this worker's parent.
+
+    The intermediate exits right after the fork, so this takes microseconds;
+    a parent that is neither means the supervisor died meanwhile.
+    """
+    middle = os.getppid()
+    while (parent := os.getppid()) != supervisor:
+        if parent != middle:
+            os._exit(PARENT_GONE)
+        time.sleep(0.0005)
+
+
+def supervisor_gone(alive: int) -> bool:
+    """Whether the supervisor's alive pipe reads EOF: nobody writes to it,
+    so it becomes readable only when its write end, held by the supervisor
+    alone, is closed."""
+    readable, _, _ = select.select([alive], [], [], 0)
+    return bool(readable)
 
 
 def die_with_parent(parent: int) -> None:
@@ -207,7 +236,6 @@ class Worker(CallbackPools[HandlerPool]):
             service=spec.config.service.cluster, worker=spec.index
         )
         self.errors = HandlerErrorLog(self.log)  # every callback of this worker shares it
-        self._parent = spec.supervisor
         self._forked = False  # True only in a process a handler forked; see _leave_if_forked
         self._out_lock = threading.Lock()
         self._in_flight = 0
@@ -232,7 +260,9 @@ class Worker(CallbackPools[HandlerPool]):
         inbox, outbox = self.spec.inbox, self.spec.outbox
         # The fork server maps no other worker's rings when it forks, so a
         # worker that corrupts memory cannot reach theirs.
-        _close_inherited_fds({inbox.data_fd, inbox.space_fd, outbox.data_fd, outbox.space_fd})
+        _close_inherited_fds(
+            {inbox.data_fd, inbox.space_fd, outbox.data_fd, outbox.space_fd, self.spec.alive}
+        )
         os.register_at_fork(after_in_child=self._note_fork)
         try:
             self._boot()
@@ -286,7 +316,7 @@ class Worker(CallbackPools[HandlerPool]):
         while True:
             data = inbox.get(IDLE_CHECK_SECONDS, spin=not self._in_flight)
             if data is None:
-                if os.getppid() != self._parent:
+                if supervisor_gone(self.spec.alive):
                     self.log.error("supervisor is gone; exiting")
                     return PARENT_GONE
                 if self._draining and self._idle():
@@ -348,7 +378,7 @@ class Worker(CallbackPools[HandlerPool]):
                     self.spec.outbox.put(frame, timeout=IDLE_CHECK_SECONDS)
                     return
                 except TimeoutError:
-                    if os.getppid() != self._parent:
+                    if supervisor_gone(self.spec.alive):
                         os._exit(PARENT_GONE)
 
     # -- work ------------------------------------------------------------------------

@@ -38,6 +38,10 @@ BEST_EFFORT_TIMEOUT = 0.05
 # answers again, so that one wedged worker costs the relay reader one wait
 # per period, not one per frame.
 STALL_SECONDS = 1.0
+# How often a worker's process tree is looked up again for its memory (a scan
+# of /proc: about a millisecond on a busy machine); its members' memory is
+# read at every check.
+TREE_SECONDS = 1.0
 
 
 class WorkerHandle:
@@ -67,6 +71,8 @@ class WorkerHandle:
         self.drain_deadline = 0.0  # when DRAINING: killed if still alive after this
         self.stalled_until = 0.0  # passed over until then; see put()
         self.process = _process(pid)
+        self._tree: list[psutil.Process] = []  # the process and its descendants; see rss()
+        self._next_tree = 0.0
         self._put_lock = threading.Lock()  # several supervisor threads write to the inbox
 
     def put(self, frame: bytes, timeout: float = PUT_TIMEOUT) -> None:
@@ -87,12 +93,28 @@ class WorkerHandle:
         return now < self.stalled_until
 
     def rss(self) -> int:
+        """Resident memory of the worker's whole process tree: a handler that
+        forks helpers is judged by what they hold too.
+
+        Finding the tree scans /proc, so it is refreshed once per
+        TREE_SECONDS; the members' memory is read at each call.
+        """
         if self.process is None:
             return 0
-        try:
-            return self.process.memory_info().rss
-        except psutil.Error:
-            return 0
+        now = time.monotonic()
+        if now >= self._next_tree:
+            self._next_tree = now + TREE_SECONDS
+            try:
+                self._tree = [self.process, *self.process.children(recursive=True)]
+            except psutil.Error:
+                self._tree = [self.process]
+        total = 0
+        for member in self._tree:
+            try:
+                total += member.memory_info().rss
+            except psutil.Error:
+                pass  # gone meanwhile
+        return total
 
     def running_deadline(self, threads: int) -> float | None:
         """The earliest deadline among the requests its ``threads`` handler threads may run.
@@ -120,8 +142,8 @@ class WorkerHandle:
 def _process(pid: int) -> psutil.Process | None:
     """The worker's process, for its memory; None if it is already gone.
 
-    Its parent is the fork server, which may reap a worker that died at once
-    before the supervisor even has its pid: no zombie is left to look at.
+    The supervisor may reap a worker that died at once before it has its
+    pid: no zombie is left to look at.
     """
     try:
         return psutil.Process(pid)

@@ -91,12 +91,31 @@ class OneShotServer:
 def worker_processes(host: int) -> list[psutil.Process]:
     """The worker processes of the irishost supervisor ``host``.
 
-    Workers are the children of its fork server, its only child process.
+    Workers are its children (a fork server forks them through an
+    intermediate, and the supervisor, a child subreaper, inherits them),
+    named by their process title; its other children are fork servers.
     """
     try:
-        return [worker for child in psutil.Process(host).children() for worker in child.children()]
+        children = psutil.Process(host).children()
     except psutil.NoSuchProcess:
         return []
+    return [child for child in children if _title(child).startswith("irishost: worker")]
+
+
+def fork_servers(host: int) -> list[psutil.Process]:
+    """The fork server processes of the irishost supervisor ``host``."""
+    try:
+        children = psutil.Process(host).children()
+    except psutil.NoSuchProcess:
+        return []
+    return [child for child in children if _title(child).startswith("irishost: fork server")]
+
+
+def _title(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
 
 
 def gone(pid: int, wait: float = 0.0) -> bool:

@@ -14,7 +14,7 @@ import time
 
 import psutil
 import pytest
-from support import gone, wait_for
+from support import fork_servers, gone, wait_for
 
 import iris
 
@@ -101,8 +101,9 @@ def spawns(host) -> list[tuple[int, int, int, int]]:
 @pytest.mark.parametrize("preload", [True, False])
 def test_no_worker_is_forked_from_a_multi_threaded_process(service, preload):
     """Start, scale up, respawn after a crash, reload: every worker comes from
-    the fork server, which had exactly one thread at each fork, while the
-    supervisor runs several (relay reader, control server, embedded relay)."""
+    a fork server, which had exactly one thread at each fork, while the
+    supervisor runs several (relay reader, control server, embedded relay);
+    and every worker is then the supervisor's child."""
     service.config(workers={"count": 1, "preload": preload}, logging={"level": "debug"})
     host = service.start()
     os.kill(host.pid, signal.SIGTTIN)
@@ -114,24 +115,27 @@ def test_no_worker_is_forked_from_a_multi_threaded_process(service, preload):
     service.request(b"pid")
 
     assert psutil.Process(host.pid).num_threads() > 1
-    (fork_server,) = psutil.Process(host.pid).children()
+    (fork_server,) = fork_servers(host.pid)  # the reload's; the first one's ended with it
     assert len(os.listdir(f"/proc/{fork_server.pid}/task")) == 1
     made = spawns(host)
     assert len(made) == 4  # 1 at start, 1 scaled, 1 respawned, 1 by the reload (count = 1)
-    assert {forked_by for _, _, forked_by, _ in made} == {fork_server.pid}
+    assert len({forked_by for _, _, forked_by, _ in made}) == 2  # one per generation
+    assert made[-1][2] == fork_server.pid
+    assert host.pid not in {forked_by for _, _, forked_by, _ in made}
     assert {threads for *_, threads in made} == {1}
-    assert {w.ppid() for w in host.workers()} == {fork_server.pid}
+    assert {w.ppid() for w in host.workers()} == {host.pid}
     assert "several threads" not in host.log()
 
 
-def test_workers_die_with_a_killed_supervisor_through_the_fork_server(service):
+def test_workers_and_fork_server_die_with_a_killed_supervisor(service):
     service.config(workers={"count": 2})
     host = service.start()
     workers = [w.pid for w in host.worker_count(2)]
-    (fork_server,) = psutil.Process(host.pid).children()
+    (fork_server,) = fork_servers(host.pid)
 
     os.kill(host.pid, signal.SIGKILL)
 
+    assert host.wait_exit() == -signal.SIGKILL
     assert gone(fork_server.pid, wait=5)
     assert all(gone(pid, wait=5) for pid in workers)
 
@@ -149,4 +153,4 @@ def test_a_preloaded_handler_starting_a_thread_at_import_is_warned_about(service
     host = service.start()
 
     assert service.request(b"hi") == b"hi"
-    assert "the fork server forked from a process with several threads" in host.log()
+    assert "worker forked from a process with several threads" in host.log()
