@@ -8,7 +8,7 @@ a relay process of its own.
 from __future__ import annotations
 
 import pytest
-from support import fault_of, wait_for
+from support import fault_of, gone, wait_for
 
 import iris
 
@@ -54,3 +54,20 @@ def test_a_worker_that_cannot_start_a_thread_faults_the_work_and_serves_on(
         tunnel.send(b"back")
         assert tunnel.recv(5.0) == b"%d:back" % worker.pid
     assert [process.pid for process in host.workers()] == [worker.pid]
+
+
+def test_a_worker_that_cannot_start_a_thread_for_handle_drop_logs_it_and_lives_on(
+    relay_factory, service, thread_limit
+):
+    relay = relay_factory()
+    service.config(relay={"port": relay.port, "embedded": False})
+    host = service.start()
+    (worker,) = host.worker_count(1)
+    thread_limit.add(worker.pid)
+    thread_limit.on()
+
+    relay.kill()  # the supervisor hands the drop on to its workers
+
+    wait_for(lambda: "refused=handle_drop" in host.log(), what="the skipped handle_drop")
+    thread_limit.off()
+    assert not gone(worker.pid), host.log()
