@@ -17,6 +17,7 @@ broadcasts, events, tunnels) to bounded handler pools.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import socket
 import threading
@@ -409,8 +410,11 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
             return  # unsubscribed while the event was in flight
         if self.log.is_debug():
             self.log.debug("event arrived", topic=packet.topic, size=len(packet.event))
-        if not sub.pool.submit(sub.callback, (packet.event,), len(packet.event)):
-            sub.overflow(size=len(packet.event))
+        # No thread for it (RuntimeError): dropped, as the pool has logged;
+        # raised here, it would end this reader thread and the connection.
+        with contextlib.suppress(RuntimeError):
+            if not sub.pool.submit(sub.callback, (packet.event,), len(packet.event)):
+                sub.overflow(size=len(packet.event))
 
     def _take_tunnel_init(self, tid: int) -> Callable[[Tunnel | None], None] | None:
         waiter = self._tunnel_inits.pop(tid, None)

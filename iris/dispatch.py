@@ -10,6 +10,7 @@ work to worker processes instead.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -89,6 +90,17 @@ def memory_fault(pool: ByteBudget, where: str = "") -> str:
         f"request memory limit exceeded{where}: {pool.waiting_bytes} bytes waiting, "
         f"limit {pool.memory} bytes"
     )
+
+
+def thread_fault(err: RuntimeError, where: str = "") -> str:
+    """The fault for work refused because no thread could be started for it.
+
+    ``"could not start a handler thread in worker 0: RuntimeError: can't
+    start new thread"``: the reason is usually a limit outside the program
+    (a pids cgroup, RLIMIT_NPROC, memory), which the caller's operator can
+    only find with the error's own text.
+    """
+    return f"could not start a handler thread{where}: {fault_text(err)}"
 
 
 def serve_tunnel(handler: ServiceHandler, tunnel: TunnelEnd, errors: HandlerErrorLog) -> None:
@@ -197,6 +209,7 @@ class HandlerDispatch:
             "broadcast", limits.broadcast_threads, limits.broadcast_memory, self._errors
         )
         self._broadcast_overflow = RateLimitedWarning(log, "broadcast dropped: memory limit")
+        self._no_tunnel_thread = RateLimitedWarning(log, "tunnel closed: no thread for it")
         self._started = threading.Event()
         self._closed = False
 
@@ -208,8 +221,11 @@ class HandlerDispatch:
     def request(self, request_id: int, request: bytes, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         pool = self._requests
-        if not pool.submit(self._serve_request, (request_id, request, deadline), len(request)):
-            self._conn.reply(request_id, False, memory_fault(pool))
+        try:
+            if not pool.submit(self._serve_request, (request_id, request, deadline), len(request)):
+                self._conn.reply(request_id, False, memory_fault(pool))
+        except RuntimeError as err:  # the pool has logged it
+            self._conn.reply(request_id, False, thread_fault(err))
 
     def _serve_request(self, request_id: int, request: bytes, deadline: float) -> None:
         if time.monotonic() > deadline:  # its caller has timed out already
@@ -218,13 +234,22 @@ class HandlerDispatch:
         self._conn.reply(request_id, *answer(self._handler, request, self._errors))
 
     def broadcast(self, message: bytes) -> None:
-        if not self._broadcasts.submit(self._handler.handle_broadcast, (message,), len(message)):
-            self._broadcast_overflow(size=len(message))
+        # No thread for it (RuntimeError): dropped, as the pool has logged.
+        with contextlib.suppress(RuntimeError):
+            if not self._broadcasts.submit(
+                self._handler.handle_broadcast, (message,), len(message)
+            ):
+                self._broadcast_overflow(size=len(message))
 
     def tunnel(self, tunnel: Tunnel) -> None:
-        threading.Thread(
-            target=self._serve_tunnel, args=(tunnel,), name="iris-tunnel", daemon=True
-        ).start()
+        """Serve ``tunnel`` on a thread of its own; closed at once if none can be started."""
+        try:
+            threading.Thread(
+                target=self._serve_tunnel, args=(tunnel,), name="iris-tunnel", daemon=True
+            ).start()
+        except RuntimeError as err:
+            self._no_tunnel_thread(tunnel=tunnel.id, error=str(err))
+            tunnel.close_async()  # not close(): its acknowledgement comes on this thread
 
     def _serve_tunnel(self, tunnel: Tunnel) -> None:
         while not self._started.wait(0.1):  # init runs before any callback

@@ -136,7 +136,7 @@ class LoopWorker(CallbackPools[HandlerPool]):
             self._serve_request, (deadline, payload), len(payload), self._reply, request_id
         ):
             self.worker._track(-1)
-            fault = memory_fault(pool, f" in worker {self.worker.spec.index}")
+            fault = memory_fault(pool, self.worker._where)
             self.worker.send(frames.Reply(request_id, False, fault).encode())
 
     def _serve_request(self, deadline: float, payload: bytes) -> object:

@@ -573,7 +573,35 @@ def _parse_settings(file: Path, table: Any) -> dict[str, Any]:
     """[settings]: any keys and TOML values; the handler class decides which it takes."""
     if not isinstance(table, dict):
         raise ConfigError(file, "settings", f"expected a table, got {_show(table)}")
+    _check_integers(file, table, "settings")
     return table
+
+
+# The integers msgpack carries: the config crosses to the fork server in it.
+_WIRE_INTEGERS = range(-(2**63), 2**64)
+
+
+def _check_integers(file: Path, value: Any, where: str) -> None:
+    """ConfigError naming the first integer in ``value`` that msgpack cannot carry.
+
+    The config crosses to the fork server as msgpack (:meth:`Config.to_wire`)
+    at every reload and relay reconnect (the first generation is forked with
+    it in memory). Such an integer would pass ``--check`` and the start, then
+    end the host with OverflowError on the next SIGHUP; found here, it is a
+    config error like any other.
+    """
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_integers(file, item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_integers(file, item, f"{where}[{index}]")
+    elif isinstance(value, int) and value not in _WIRE_INTEGERS:
+        raise ConfigError(
+            file,
+            where,
+            f"integer {value} is out of range: settings carry integers from -2**63 to 2**64-1",
+        )
 
 
 # A unix socket's path must fit sockaddr_un.sun_path: 108 bytes with the NUL.

@@ -44,7 +44,7 @@ import setproctitle
 
 import iris
 import iris.aio
-from iris.dispatch import answer, memory_fault, serve_tunnel
+from iris.dispatch import answer, memory_fault, serve_tunnel, thread_fault
 from iris.logs import ContextLog, HandlerErrorLog, RateLimitedWarning
 from iris.pool import HandlerPool
 
@@ -236,6 +236,9 @@ class Worker(CallbackPools[HandlerPool]):
             service=spec.config.service.cluster, worker=spec.index
         )
         self.errors = HandlerErrorLog(self.log)  # every callback of this worker shares it
+        self._where = f" in worker {spec.index}"  # for the faults this worker gives
+        # Tunnels and handle_drop get threads of their own, outside the pools.
+        self._no_thread = RateLimitedWarning(self.log, "could not start a handler thread")
         self._forked = False  # True only in a process a handler forked; see _leave_if_forked
         self._out_lock = threading.Lock()
         self._in_flight = 0
@@ -389,10 +392,14 @@ class Worker(CallbackPools[HandlerPool]):
 
     def _on_request(self, request_id: int, deadline: float, payload: bytes) -> None:
         self._track(1)
-        if not self._requests.submit(self._serve, (request_id, deadline, payload), len(payload)):
-            self._track(-1)
-            fault = memory_fault(self._requests, f" in worker {self.spec.index}")
-            self.send(frames.Reply(request_id, False, fault).encode())
+        try:
+            if self._requests.submit(self._serve, (request_id, deadline, payload), len(payload)):
+                return
+            fault = memory_fault(self._requests, self._where)
+        except RuntimeError as err:  # no thread for it; the pool has logged it
+            fault = thread_fault(err, self._where)
+        self._track(-1)
+        self.send(frames.Reply(request_id, False, fault).encode())
 
     def _serve(self, request_id: int, deadline: float, payload: bytes) -> None:
         # Every way out goes through send(), which has left a forked child already.
@@ -422,9 +429,13 @@ class Worker(CallbackPools[HandlerPool]):
                 self._track(-1)
 
         self._track(1)
-        if not pool.submit(task, args, size):
-            self._track(-1)
+        try:
+            if pool.submit(task, args, size):
+                return
             overflow(size=size)
+        except RuntimeError:
+            pass  # no thread for it: dropped, as the pool has logged
+        self._track(-1)
 
     def _on_tunnel(self, tunnel_id: int) -> None:
         tunnel = WorkerTunnel(tunnel_id, self.send, self.log.new(tunnel=tunnel_id), self._tunnels)
@@ -436,7 +447,8 @@ class Worker(CallbackPools[HandlerPool]):
             finally:
                 self._leave_if_forked()
 
-        threading.Thread(target=serve, name="irishost-tunnel", daemon=True).start()
+        if not self._start_thread(serve, "irishost-tunnel", tunnel=tunnel_id):
+            tunnel.close()  # and the supervisor closes the caller's end
 
     def _tunnel_handler(self, method: str) -> Callable[[int, bytes | str | None], None]:
         """A frame handler passing a tunnel frame to that tunnel's ``method``."""
@@ -466,7 +478,22 @@ class Worker(CallbackPools[HandlerPool]):
                 self._track(-1)
 
         self._track(1)
-        threading.Thread(target=task, name="irishost-drop", daemon=True).start()
+        if not self._start_thread(task, "irishost-drop", refused="handle_drop"):
+            self._track(-1)
+
+    def _start_thread(self, target: Callable[[], None], name: str, **context: object) -> bool:
+        """Start a daemon thread for ``target``; False, and logged, if none can be.
+
+        Called on the frame loop's thread: Thread.start's RuntimeError (a
+        pids or process limit, no memory for a stack) let through would end
+        the worker and everything it serves over one piece of work.
+        """
+        try:
+            threading.Thread(target=target, name=name, daemon=True).start()
+        except RuntimeError as err:
+            self._no_thread(error=str(err), **context)
+            return False
+        return True
 
     def _on_drain(self) -> None:
         self._draining = True

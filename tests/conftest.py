@@ -28,6 +28,10 @@ Fixtures:
 ``socket_pair``
     Two connected sockets (``socket.socketpair()``), for parts that write to
     a socket without a relay; both closed at teardown.
+``thread_limit``
+    A :class:`support.ThreadLimit`: ``add(pid)`` a process, then ``on()``
+    and it can start no thread until ``off()``. Removed at teardown (its
+    processes go back to the root cgroup); skips the test without cgroups.
 
 A relay that does not exit with code 0 on SIGTERM fails the test that used it,
 unless the test killed it on purpose.
@@ -41,6 +45,7 @@ import time
 
 import pytest
 from relay_process import RelayProcess
+from support import ThreadLimit
 
 import iris
 from iris import codec
@@ -189,3 +194,10 @@ def socket_pair():
     yield left, right
     left.close()
     right.close()
+
+
+@pytest.fixture
+def thread_limit():
+    limit = ThreadLimit()
+    yield limit
+    limit.remove()

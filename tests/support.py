@@ -1,13 +1,16 @@
 """Small helpers for tests of every part: ports, polling, threads, a one-shot
-stand-in relay, process state, tunnels, faults, journald."""
+stand-in relay, process state, tunnels, faults, journald, a thread limit."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 import pytest
@@ -165,3 +168,57 @@ def journal_stream(file) -> dict[str, str]:
     """JOURNAL_STREAM as systemd sets it when ``file`` is the process's stream to journald."""
     status = os.fstat(file.fileno())
     return {"JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"}
+
+
+# Where a pids hierarchy is mounted: cgroup v1's own, or v2's unified one.
+CGROUP_ROOTS = (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup"))
+
+
+class ThreadLimit:
+    """A pids cgroup of the test's own: a process moved into it can start no
+    thread while the limit is on, as under a full systemd ``TasksMax``.
+
+    A real kernel limit, where RLIMIT_NPROC would not do: root, which runs
+    the tests, is exempt from that one, not from a cgroup's ``pids.max``.
+    Skips the test where no pids cgroup can be made (cgroup v1's pids
+    hierarchy, or v2 with the pids controller, writable).
+    """
+
+    def __init__(self) -> None:
+        roots = [root for root in CGROUP_ROOTS if self._has_pids(root)]
+        if not roots:
+            pytest.skip("no pids cgroup controller to limit threads with")
+        self.root = roots[0]
+        self.path = self.root / f"iris-test-{uuid.uuid4().hex[:8]}"
+        try:
+            self.path.mkdir()
+        except OSError as err:
+            pytest.skip(f"cannot make a pids cgroup: {err}")
+
+    @staticmethod
+    def _has_pids(root: Path) -> bool:
+        """True if ``root`` is a hierarchy whose children get ``pids.max``."""
+        if (root / "pids.max").exists() or not (root / "cgroup.procs").exists():
+            return False  # not a hierarchy's root, or none at all
+        controls = root / "cgroup.subtree_control"  # cgroup v2; v1's pids hierarchy has none
+        return not controls.exists() or "pids" in controls.read_text().split()
+
+    def add(self, pid: int) -> None:
+        """Move process ``pid``, all its threads, into the cgroup."""
+        (self.path / "cgroup.procs").write_text(str(pid))
+
+    def on(self) -> None:
+        """No new thread or process in the cgroup: ``Thread.start`` raises RuntimeError."""
+        (self.path / "pids.max").write_text("1")
+
+    def off(self) -> None:
+        (self.path / "pids.max").write_text("max")
+
+    def remove(self) -> None:
+        """Move what is left back to the root cgroup, then delete the cgroup."""
+        self.off()
+        for pid in (self.path / "cgroup.procs").read_text().split():
+            with contextlib.suppress(ProcessLookupError):  # exited meanwhile
+                (self.root / "cgroup.procs").write_text(pid)
+        wait_for(lambda: not (self.path / "cgroup.procs").read_text(), 5.0, what="empty cgroup")
+        self.path.rmdir()

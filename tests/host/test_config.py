@@ -657,6 +657,50 @@ def test_settings_keep_any_toml_values(in_tmp):
     assert load_config(write(in_tmp, MINIMAL)).settings == {}
 
 
+OUT_OF_RANGE = "is out of range: settings carry integers from -2**63 to 2**64-1"
+
+
+@pytest.mark.parametrize(
+    ("settings", "key", "value"),
+    [
+        ("big = 1180591620717411303424", "settings.big", 2**70),
+        ("big = 18446744073709551616", "settings.big", 2**64),
+        ("small = -9223372036854775809", "settings.small", -(2**63) - 1),
+        ("[settings.table]\nok = 1\nkey = 0x10000000000000000", "settings.table.key", 2**64),
+        ("list = [1, [2, 36893488147419103232]]", "settings.list[1][1]", 2**65),
+        ("rows = [{ n = 1 }, { n = -36893488147419103232 }]", "settings.rows[1].n", -(2**65)),
+    ],
+)
+def test_a_settings_integer_msgpack_cannot_carry_is_a_config_error(in_tmp, settings, key, value):
+    """The config crosses to the fork server as msgpack at every reload: such an
+    integer passed --check, then ended the host with OverflowError on SIGHUP."""
+    text = MINIMAL + ("" if settings.startswith("[") else "[settings]\n") + settings + "\n"
+
+    error = load_error(text)
+
+    assert str(error) == f"service.toml: {key}: integer {value} {OUT_OF_RANGE}"
+
+
+def test_settings_integers_at_the_ends_of_msgpacks_range_cross_unchanged(in_tmp):
+    ends = {"low": -(2**63), "high": 2**64 - 1, "nested": [{"high": 2**64 - 1}]}
+    lines = "".join(f"{key} = {to_toml(value)}\n" for key, value in ends.items())
+    config = load_config(write(in_tmp, MINIMAL + "[settings]\n" + lines))
+
+    crossed = Config.from_wire(msgpack.unpackb(msgpack.packb(config.to_wire()), raw=False))
+
+    assert crossed.settings == ends
+
+
+def test_a_400_kb_string_setting_crosses_to_the_fork_server_unchanged(in_tmp):
+    """Any size crosses (the fork server's transport is a stream, not one datagram)."""
+    big = "0123456789abcdef" * 25_000
+    config = load_config(write(in_tmp, MINIMAL + f"[settings]\nbig = {to_toml(big)}\n"))
+
+    crossed = Config.from_wire(msgpack.unpackb(msgpack.packb(config.to_wire()), raw=False))
+
+    assert crossed.settings == {"big": big} and crossed == config
+
+
 def test_access_log_is_off_by_default_and_survives_a_log_level_flag(in_tmp):
     assert load_config(write(in_tmp, MINIMAL)).logging.access is False
 

@@ -181,6 +181,19 @@ def test_a_worker_count_beyond_the_bound_is_a_config_error(service):
     )
 
 
+def test_check_rejects_a_setting_the_host_could_not_carry_to_a_reload(service):
+    """It passed --check and the start, then the next SIGHUP ended the host."""
+    config = service.config(settings={"table": {"big": 2**70}})
+
+    result = service.run("--check")
+
+    assert result.returncode == 3
+    assert result.stderr == (
+        f"irishost: config error: {config}: settings.table.big: integer {2**70} is out of "
+        "range: settings carry integers from -2**63 to 2**64-1\n"
+    )
+
+
 @pytest.mark.parametrize(
     "name", ["billing/v2", "x" * 220, "../é ☃"], ids=["slash", "220-chars", "dots-and-unicode"]
 )
