@@ -4,7 +4,8 @@ Commands for a running host, over its control socket (found from the
 config, or given with --socket):
 
   irishost status -c service.toml [--json]   what every worker is doing
-  irishost reload -c service.toml            re-read config and code (as SIGHUP)
+  irishost reload -c service.toml [--wait]   re-read config and code (as SIGHUP);
+                                             --wait: until it completed or failed
   irishost scale  -c service.toml 4          run 4 workers (1 to 1024)
   irishost stop   -c service.toml            stop gracefully (as SIGTERM), wait for the exit
   irishost status --socket /run/irishost/primes/primes.sock
@@ -55,10 +56,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", action="store_true", help="status: print the snapshot as JSON")
     parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="reload: return when the reload completed (exit 0) or failed (exit 1, why)",
+    )
+    parser.add_argument(
         "--timeout",
         type=float,
         default=60.0,
-        help="stop: seconds to wait for the host to exit (default 60)",
+        help="stop: seconds to wait for the host to exit; reload --wait: for the reload "
+        "(default 60)",
     )
     return parser
 
@@ -121,6 +128,8 @@ def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error("scale needs a worker count (irishost scale -c FILE 4); no other command does")
     if args.json and command != "status":
         parser.error("--json is for status")
+    if args.wait and command != "reload":
+        parser.error("--wait is for reload")
     if command != "run" and (args.check or args.workers is not None or args.log_level):
         parser.error(f"--check, --workers and --log-level are for running a host, not {command}")
 
@@ -136,10 +145,12 @@ def _command(args: argparse.Namespace, socket_path: Path) -> int:
         if args.command == "status":
             snapshot = query_status(socket_path)
             return _print(json.dumps(snapshot, indent=2) if args.json else format_status(snapshot))
-        command = {"cmd": args.command}
+        command: dict[str, object] = {"cmd": args.command}
         if args.command == "scale":
             command["count"] = args.count
-        answer = send_command(socket_path, command)
+        if args.wait:
+            command["wait"] = True
+        answer = send_command(socket_path, command, args.timeout if args.wait else 5.0)
         if args.command == "stop":
             wait_closed(socket_path, args.timeout)
             return _print(f"irishost: {answer['message']}; stopped")
