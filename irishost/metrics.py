@@ -183,6 +183,23 @@ class MetricsServer:
         self._server.server_close()
 
 
+def serve_optionally(
+    port: int, snapshot: Callable[[], Snapshot], log: ContextLog
+) -> tuple[MetricsServer | None, str]:
+    """The metrics endpoint on ``port``, or None and why not.
+
+    It is optional: another process holding the port (another local user
+    can bind any free port first) must not keep the service from starting,
+    so a taken port costs one ERROR line and the metrics, not the host.
+    """
+    try:
+        return MetricsServer(port, snapshot), ""
+    except OSError as err:
+        problem = f"port {port} unavailable: {err.strerror or err}"
+        log.error("metrics endpoint not served; serving without it", port=port, error=str(err))
+        return None, problem
+
+
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True  # a stuck scraper must not hold up the host's exit
 

@@ -213,12 +213,10 @@ class WorkerPool:
             signal_worker(pid, signal.SIGKILL)
         deadline = time.monotonic() + KILL_ALL_SECONDS
         while time.monotonic() < deadline:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break  # no child left
-            if pid == 0:
-                time.sleep(0.01)
+            reap_children()
+            if not descendants(os.getpid()):
+                break
+            time.sleep(0.01)
         for handle in self.table.workers:
             self.table.remove(handle)
             handle.close()
@@ -230,6 +228,19 @@ class WorkerPool:
             f"irishost: supervisor {config.service.cluster} "
             f"({config.file.name}) workers={ready}/{self.count}"
         )
+
+
+def reap_children() -> list[tuple[int, int]]:
+    """Every child of this process that has exited, as (pid, wait status); never waits."""
+    reaped: list[tuple[int, int]] = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return reaped  # no child at all
+        if pid == 0:
+            return reaped
+        reaped.append((pid, status))
 
 
 def descendants(pid: int) -> list[int]:

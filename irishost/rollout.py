@@ -30,7 +30,7 @@ from .generation import Generation
 from .workers import WorkerHandle, WorkerState
 
 if TYPE_CHECKING:
-    from .supervisor import Supervisor
+    from .generations import Generations
 
 
 # Told how a rollout ended: (succeeded, the line to say); for ``irishost reload --wait``.
@@ -54,7 +54,7 @@ def reread(running: Config, overrides: dict[str, Any], number: int) -> Generatio
 class Rollout(abc.ABC):
     what = "rollout"
 
-    def __init__(self, host: Supervisor, generation: Generation, count: int):
+    def __init__(self, host: Generations, generation: Generation, count: int):
         self.host = host
         self.generation = generation
         self.count = count  # workers it starts; `irishost scale` meanwhile changes it

@@ -19,7 +19,6 @@ connection and its state), ``Rollout`` (a reload or reconnect in progress),
 from __future__ import annotations
 
 import ctypes
-import itertools
 import logging
 import os
 import queue
@@ -32,20 +31,19 @@ from typing import Any
 from iris.logs import ContextLog
 
 from . import frames
-from .config import Config, ConfigError
+from .config import Config
 from .control import Command, ControlError, ControlServer
 from .dispatch import RelayDispatch
 from .exits import Exit, HostError, describe_exit
 from .generation import Generation
+from .generations import Generations
 from .host_status import STATUS_SECONDS, HostStatus
-from .metrics import MetricsServer
+from .metrics import MetricsServer, serve_optionally
 from .notify import Notifier
-from .pool import WorkerPool, signal_worker
+from .pool import WorkerPool, reap_children, signal_worker
 from .relay_link import RelayLink, RelayState
-from .respawner import fresh_memory_problem
 from .ring import remove_stale_segments, segment_prefix, wait_readable
-from .rollout import Reconnect, Reload, Rollout, reread
-from .spawner import Event, ServerReady, Spawned, Spawner, SpawnFailed
+from .spawner import Event, Spawner
 from .wakeup import WakeupPipe
 from .worker_table import Change, WorkerTable
 from .workers import WorkerHandle, WorkerState
@@ -102,11 +100,6 @@ Flags = dict[str, Any]
 
 class Supervisor:
     def __init__(self, config: Config, overrides: Flags | None = None):
-        self.overrides = overrides or {}  # command-line flags, re-applied on reload
-        # Never reused: workers of an aborted reload may still be waiting to be
-        # reaped when the next reload starts, and must not pass for its workers.
-        self._generation_numbers = itertools.count(1)
-        self.rollout: Rollout | None = None  # a reload or reconnect in progress
         self.log = ContextLog(logging.getLogger("irishost")).new(service=config.service.cluster)
         self.table = WorkerTable()
         self.prefix = segment_prefix(config.service.cluster)
@@ -116,6 +109,9 @@ class Supervisor:
         self.dispatch = RelayDispatch(config, self.log, self.table, self.pool.recycle)
         self.link = RelayLink(config, self.dispatch, self.log)
         self.notifier = Notifier.from_environ()
+        self.generations = Generations(
+            self.pool, self.dispatch, self.link, self.notifier, self.log, overrides or {}
+        )
         self.status = HostStatus(self)
         # Filled by signal handlers and control threads (SimpleQueue.put is
         # safe in both); only the loop takes from it.
@@ -153,9 +149,11 @@ class Supervisor:
         snapshot = self.status.snapshot
         try:
             servers.append(ControlServer(self.config.control.socket, snapshot, self.act))
-            metrics = self._serve_metrics()
-            if metrics is not None:
-                servers.append(metrics)
+            if self.config.metrics.port:
+                metrics, self.metrics_problem = serve_optionally(
+                    self.config.metrics.port, snapshot, self.log
+                )
+                servers += [metrics] if metrics is not None else []
             self.link.ensure_relay()
             self.pool.spawner.launch(self.pool.generation)
             for slot in range(self.config.workers.count):
@@ -177,22 +175,6 @@ class Supervisor:
             for server in servers:
                 server.close()
             self.link.stop_relay()
-
-    def _serve_metrics(self) -> MetricsServer | None:
-        """The metrics endpoint, if configured and its port is free: it is
-        optional, and another process holding the port must not keep the
-        service from starting."""
-        port = self.config.metrics.port
-        if not port:
-            return None
-        try:
-            return MetricsServer(port, self.status.snapshot)
-        except OSError as err:
-            self.metrics_problem = f"port {port} unavailable: {err.strerror or err}"
-            self.log.error(
-                "metrics endpoint not served; serving without it", port=port, error=str(err)
-            )
-            return None
 
     def _install_signals(self) -> None:
         self._wakeup = WakeupPipe()
@@ -258,7 +240,7 @@ class Supervisor:
         self.dispatch.release_waiting()  # drops the expired ones
         self.status.tell_systemd(now)
         if serving and self.link.state is RelayState.RECONNECTING:
-            self._reconnect()
+            self.generations.reconnect()
 
     def _next_wake(self) -> float:
         """The next respawn, watchdog ping or memory sample, or the tick."""
@@ -301,55 +283,14 @@ class Supervisor:
         self.dispatch.release_waiting()
         self.log.info("worker ready", worker=handle.slot, pid=handle.pid)
         self.pool.title()
-        if self.rollout is not None and self.rollout.owns(handle):
-            self.rollout.on_ready()
-
-    # -- the fork servers' answers -----------------------------------------------------
+        self.generations.on_ready(handle)
 
     def _on_spawner(self, event: Event) -> None:
         """Act on what a fork server said, or on its failure."""
-        number = event.handle.generation if isinstance(event, Spawned) else event.generation.number
-        running = number == self.pool.generation.number
-        rolling = self.rollout is not None and self.rollout.generation.number == number
-        if isinstance(event, Spawned):
-            self._on_spawned(event, running or rolling)
-        elif isinstance(event, SpawnFailed):
-            if running and not self.stopping:
-                self.pool.on_spawn_failed(event.slot, event.reason)
-            elif rolling and self.rollout is not None:
-                self.rollout.abort(f"could not start new worker {event.slot}: {event.reason}")
-        elif isinstance(event, ServerReady):
-            self._check_fresh_memory(event, running, rolling)
-        elif running and not self.pool.respawner.ever_ready:  # LaunchFailed, at start-up
-            raise HostError(event.code, event.message, event.details)
-        elif rolling and self.rollout is not None:
-            self.rollout.abort(event.message, event.details or None)
-        else:  # a relaunch for the running generation: its spawns fail and are retried
-            self.log.error("fork server failed to start", error=event.message)
-
-    def _on_spawned(self, spawned: Spawned, wanted: bool) -> None:
-        handle = spawned.handle
-        if not wanted or self.stopping:  # its generation was given up meanwhile
-            signal_worker(handle.pid, signal.SIGKILL)
-            handle.close()
-            return
-        self.pool.on_spawned(spawned)
-        unclaimed = self._unclaimed.pop(handle.pid, None)
-        if unclaimed is not None:  # it died before this answer came
+        handle = self.generations.on_spawner(event, self.stopping)
+        unclaimed = self._unclaimed.pop(handle.pid, None) if handle is not None else None
+        if handle is not None and unclaimed is not None:  # it died before this answer came
             self._on_exit(handle, unclaimed[0])
-
-    def _check_fresh_memory(self, ready: ServerReady, running: bool, rolling: bool) -> None:
-        """A max_rss below what a fresh worker starts with would recycle every
-        worker at birth: a config error at start, a failed reload later."""
-        problem = fresh_memory_problem(ready.generation.config.limits.max_rss, ready.rss)
-        if problem is None:
-            return
-        if running and not self.pool.respawner.ever_ready:
-            raise HostError(
-                Exit.CONFIG, f"config error: {self.config.file}: limits.max_rss: {problem}"
-            )
-        if rolling and self.rollout is not None:
-            self.rollout.abort(f"limits.max_rss: {problem}")
 
     # -- signals -----------------------------------------------------------------------
 
@@ -377,9 +318,18 @@ class Supervisor:
             self._stop()
             answer(True, "stopping: in-flight requests finish within workers.shutdown_timeout")
         elif command.name == "reload":
-            self._reload(answer, command.wait)
+            self.generations.reload(answer, command.wait)
         else:
-            answer(True, self._scale(command.count))
+            answer(True, self.generations.scale(command.count))
+
+    def _reload(self) -> None:
+        """SIGHUP: a reload with no one to answer but the log."""
+        if not self.stopping:
+            self.generations.reload(lambda ok, line: None)
+
+    def _scale_by(self, delta: int) -> None:
+        if not self.stopping:
+            self.generations.scale_by(delta)
 
     def _interrupt(self) -> None:
         if self.stopping:
@@ -392,13 +342,7 @@ class Supervisor:
         self.log.info("stopping", signal=signal.Signals(signum).name)
         self.link.stopping()
         self.pool.stopping = True
-        # A rollout in progress is abandoned: its workers stop with the rest,
-        # and must not send READY=1 after STOPPING=1 on finishing.
-        if self.rollout is not None:
-            self.rollout.waiters, waiters = [], self.rollout.waiters
-            for waiter in waiters:
-                waiter(False, f"{self.rollout.what} abandoned: the host is stopping")
-        self.rollout = None
+        self.generations.abandon()  # its workers stop with the rest
         self.notifier.stopping()
 
     # -- dead processes ----------------------------------------------------------------
@@ -407,13 +351,7 @@ class Supervisor:
         """Reap every child that exited: workers, fork servers, and orphans a
         handler left (which come to this process, a child subreaper)."""
         now = time.monotonic()
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
+        for pid, status in reap_children():
             handle = self.table.by_pid(pid)
             if handle is not None:
                 self._on_exit(handle, status)
@@ -423,9 +361,11 @@ class Supervisor:
                 self._unclaimed[pid] = (status, now)
             for event in events or []:
                 self._on_spawner(event)
-        for pid, (_, when) in list(self._unclaimed.items()):
-            if now - when > UNCLAIMED_SECONDS:
-                del self._unclaimed[pid]
+        self._unclaimed = {
+            pid: (status, when)
+            for pid, (status, when) in self._unclaimed.items()
+            if now - when <= UNCLAIMED_SECONDS
+        }
 
     def _on_exit(self, handle: WorkerHandle, status: int) -> None:
         """Fail what a dead worker held; then tell whoever cares about its death."""
@@ -438,104 +378,8 @@ class Supervisor:
             return
         if handle.state is DRAINING:
             self.log.info("retired worker exited", worker=handle.slot, pid=handle.pid, how=how)
-        elif handle.generation <= self.pool.generation.number:
-            self.pool.bury(handle, how)
-        elif self.rollout is not None and self.rollout.owns(handle):
-            self.rollout.on_death(handle, how)
-        # else one of the workers an aborted rollout killed: reported already
-
-    # -- reload, reconnect and scaling -------------------------------------------------
-
-    def _reload(self, answer: Answer | None = None, wait: bool = False) -> None:
-        """Start a new generation of workers from the re-read config (see Rollout).
-
-        The handler is imported by the generation's own fork server, so
-        nothing here waits for it; ``answer`` is told at once, or, with
-        ``wait``, when the reload completes or fails.
-        """
-        reply = answer or _nobody
-        if self.stopping:
-            reply(False, "the host is stopping")
-            return
-        if self.rollout is not None:
-            line = (
-                f"{self.rollout.what} already in progress "
-                f"(generation {self.rollout.generation.number})"
-            )
-            self.log.warning(f"{line}; reload ignored")
-            # Type=notify-reload waits for this pair after each SIGHUP it sends.
-            self.notifier.reloading()
-            self.notifier.ready()
-            reply(False, line)
-            return
-        self.log.info("reloading", config=str(self.config.file))
-        self.notifier.reloading()
-        try:
-            generation = reread(self.config, self.overrides, next(self._generation_numbers))
-        except ConfigError as err:
-            self.log.error("reload failed; keeping the running workers", error=str(err))
-            self.notifier.ready()
-            reply(False, f"reload failed: {err}; the running workers carry on")
-            return
-        self.pool.spawner.launch(generation)
-        rollout = Reload(self, generation, generation.config.workers.count)
-        if wait:
-            rollout.waiters.append(reply)
         else:
-            reply(
-                True,
-                f"reload started (generation {generation.number}): new workers take over "
-                "once all are ready; a failure is logged and leaves the running ones",
-            )
-        self._roll_out(rollout)
-
-    def _reconnect(self) -> None:
-        """Register again after the relay dropped the connection, with fresh workers.
-
-        Every worker's handler has had handle_drop, after which no callback
-        may follow, and the connection its init() got went down with the
-        relay. So, as at start, new workers boot once the relay listens again
-        and all of them are ready (see Reconnect); a reload in progress is
-        given up: its workers were told of the drop too.
-        """
-        if isinstance(self.rollout, Reconnect):
-            return  # its workers are booting
-        if not self.link.drop_told():
-            return  # the workers are still being told; a worker forked now might be too
-        if self.rollout is not None:
-            self.rollout.abort("the relay connection was dropped")
-        if not self.link.may_reconnect(time.monotonic()):
-            return
-        number = next(self._generation_numbers)
-        self.log.info("relay is back; starting fresh workers", generation=number)
-        running = self.pool.generation
-        generation = Generation(number, running.config, code=running.code)
-        self._roll_out(Reconnect(self, generation, self.pool.count))
-
-    def _roll_out(self, rollout: Rollout) -> None:
-        self.rollout = rollout
-        rollout.start()
-
-    def _scale_by(self, delta: int) -> None:
-        """SIGTTIN and SIGTTOU: one worker more or less than the count in force."""
-        self._scale((self.rollout or self.pool).count + delta)
-
-    def _scale(self, count: int) -> str:
-        """Scale the running generation, or the one a rollout is starting; the answer."""
-        if self.stopping:
-            return "the host is stopping"
-        if self.rollout is None:
-            self.pool.scale(count)
-            return f"scaling to {count} workers"
-        if self.pool.valid_count(count):
-            self.log.info(
-                "scaling the new generation", generation=self.rollout.generation.number, after=count
-            )
-            self.rollout.scale(count)
-        return (
-            f"scaling to {count} workers: applies to the {self.rollout.what} in progress "
-            f"(generation {self.rollout.generation.number})"
-        )
+            self.generations.on_death(handle, how)
 
     # -- stopping ----------------------------------------------------------------------
 
@@ -553,10 +397,6 @@ class Supervisor:
         while self.table.pids() and time.monotonic() < deadline:
             self._step(serving=False)
         self.log.info("stopped")
-
-
-def _nobody(ok: bool, line: str) -> None:
-    """Where the answer to a reload by SIGHUP goes: it has no one to tell."""
 
 
 def _become_subreaper() -> None:
