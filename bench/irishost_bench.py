@@ -33,8 +33,9 @@ a ratio holds for this machine at this moment; absolute figures on a shared
   CPU per request of all the service's processes, which a change for
   sequential latency must not raise. ``--compare DIR`` (repeatable) adds
   irishost run from the checkout DIR (its ``iris`` and ``irishost``) to the
-  same alternation: the way to tell whether a change to the hop helps, as
-  run-to-run noise on this machine is larger than most changes.
+  same alternation, here and in cpu-bound: the way to tell whether a change
+  helps or hurts, as run-to-run noise on this machine is larger than most
+  changes.
 
 The sides of cpu-bound, ring and echo-overhead run in alternating rounds
 (ABBA order; for the services, on rigs that are all up), so a load spike
@@ -300,10 +301,13 @@ class Rig:
             raise RuntimeError(f"{self.label} answered {reply!r}, expected {expected!r}")
 
     def processes(self) -> list[psutil.Process]:
-        """The service's processes: irishost's supervisor and its workers (the
-        children of its fork server, which is idle between forks)."""
+        """The service's processes: irishost's supervisor and its workers, found
+        by their titles among its descendants (its fork servers, idle between
+        forks, are left out); a checkout from before the process model of
+        issue 16 has its workers one level further down, under its fork server."""
         ps = self.service.ps
-        return [ps, *(worker for child in ps.children() for worker in child.children())]
+        workers = [child for child in ps.children(recursive=True) if _is_worker(child)]
+        return [ps, *workers]
 
     def __enter__(self) -> Rig:
         return self
@@ -407,6 +411,13 @@ def cpu_window(rig: Rig, settings: Settings) -> tuple[int, float, float]:
     return int(requests), seconds, cpu
 
 
+def _is_worker(process: psutil.Process) -> bool:
+    try:
+        return " ".join(process.cmdline()).startswith("irishost: worker")
+    except psutil.Error:
+        return False
+
+
 def _cpu_seconds(process: psutil.Process) -> float:
     times = process.cpu_times()
     return times.user + times.system
@@ -419,29 +430,31 @@ def bench_cpu_bound(report: _util.Report, settings: Settings, directory: Path) -
         f"cpu-bound: handler time per request (primes < {PRIME_LIMIT:,})", seconds * 1e3, "ms"
     )
     probe = (PRIME_REQUEST, answer)
-    with (
-        Rig(directory, "PrimeHandler", None, probe) as plain,
-        Rig(directory, "PrimeHandler", CPU_WORKERS, probe) as host,
-    ):
-        totals = {plain: [0, 0.0, 0.0], host: [0, 0.0, 0.0]}
-        for rig in alternating((plain, host), settings.rounds):
+    with contextlib.ExitStack() as stack:
+        plain = stack.enter_context(Rig(directory, "PrimeHandler", None, probe))
+        hosts = [stack.enter_context(Rig(directory, "PrimeHandler", CPU_WORKERS, probe))]
+        hosts += compared_rigs(stack, settings, directory, "PrimeHandler", CPU_WORKERS, probe)
+        totals = {rig: [0, 0.0, 0.0] for rig in (plain, *hosts)}
+        for rig in alternating((plain, *hosts), settings.rounds):
             for index, value in enumerate(cpu_window(rig, settings)):
                 totals[rig][index] += value
     plain_requests, plain_seconds, plain_cpu = totals[plain]
-    host_requests, host_seconds, host_cpu = totals[host]
     plain_rate = plain_requests / plain_seconds
     label = f"{CPU_REQUESTERS} requesters"
     report.add(f"cpu-bound: {plain.label}, {label}", plain_rate, "requests/s")
-    report.add(
-        f"cpu-bound: {host.label} (1 request thread each), {label}",
-        host_requests / host_seconds,
-        "requests/s",
-        CPU_TARGET,
-        baseline=plain_rate,
-    )
+    for host in hosts:
+        host_requests, host_seconds, _ = totals[host]
+        report.add(
+            f"cpu-bound: {host.label} (1 request thread each), {label}",
+            host_requests / host_seconds,
+            "requests/s",
+            CPU_TARGET if host is hosts[0] else None,
+            baseline=plain_rate,
+        )
     # Cores the service kept busy: what explains the ratio (1 against ~2).
-    report.add(f"cpu-bound: {plain.label}, CPU in use", plain_cpu / plain_seconds, "cores")
-    report.add(f"cpu-bound: {host.label}, CPU in use", host_cpu / host_seconds, "cores")
+    for rig in (plain, *hosts):
+        _, rig_seconds, rig_cpu = totals[rig]
+        report.add(f"cpu-bound: {rig.label}, CPU in use", rig_cpu / rig_seconds, "cores")
 
 
 # ---------------------------------------------------------------------------
@@ -692,6 +705,23 @@ def load_window(rig: Rig, settings: Settings) -> int:
     return asyncio.run(run())
 
 
+def compared_rigs(
+    stack: contextlib.ExitStack,
+    settings: Settings,
+    directory: Path,
+    handler: str,
+    workers: int,
+    probe: tuple[bytes, bytes],
+) -> list[Rig]:
+    """The same service run by irishost from each ``--compare`` checkout."""
+    rigs = []
+    for checkout in settings.compare:
+        rig = stack.enter_context(Rig(directory, handler, workers, probe, checkout_argv(checkout)))
+        rig.label += f" from {checkout}"
+        rigs.append(rig)
+    return rigs
+
+
 def checkout_argv(checkout: str) -> Callable[[Path], list[str]]:
     """irishost run from another checkout: its iris and irishost come first on the path."""
 
@@ -710,12 +740,7 @@ def bench_echo_overhead(report: _util.Report, settings: Settings, directory: Pat
     with contextlib.ExitStack() as stack:
         plain = stack.enter_context(Rig(directory, "EchoHandler", None, probe))
         hosts = [stack.enter_context(Rig(directory, "EchoHandler", 1, probe))]
-        for checkout in settings.compare:
-            rig = stack.enter_context(
-                Rig(directory, "EchoHandler", 1, probe, checkout_argv(checkout))
-            )
-            rig.label += f" from {checkout}"
-            hosts.append(rig)
+        hosts += compared_rigs(stack, settings, directory, "EchoHandler", 1, probe)
         rigs = [plain, *hosts]
         samples: dict[Rig, list[float]] = {rig: [] for rig in rigs}
         # Per process (irishost: supervisor, then its worker): CPU seconds.
@@ -893,7 +918,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="DIR",
-        help="echo-overhead also runs irishost from the checkout DIR (repeatable)",
+        help="echo-overhead and cpu-bound also run irishost from the checkout DIR (repeatable)",
     )
     parser.add_argument("--serve", metavar="CONFIG", help=argparse.SUPPRESS)
     parser.add_argument(
