@@ -5,17 +5,37 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from .supervisor import Supervisor
+from .config import Config
+from .dispatch import RelayDispatch
+from .notify import Notifier
+from .pool import WorkerPool
+from .relay_link import RelayLink
+from .worker_table import WorkerTable
+
+
+class Observed(Protocol):
+    """What the status reads (the Supervisor): it only reads, from the loop
+    for systemd and from the control and metrics threads for snapshots."""
+
+    notifier: Notifier
+    link: RelayLink
+    dispatch: RelayDispatch
+    pool: WorkerPool
+    table: WorkerTable
+    metrics_problem: str
+
+    @property
+    def config(self) -> Config: ...
+
 
 # How often systemd's STATUS= line is refreshed.
 STATUS_SECONDS = 2.0
 
 
 class HostStatus:
-    def __init__(self, host: Supervisor):
+    def __init__(self, host: Observed):
         self.host = host
         self.started = time.monotonic()
         self._next_status = 0.0

@@ -20,21 +20,36 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from iris.logfmt import configure_logging
+from iris.logs import ContextLog
 
 from .config import Config, ConfigError, load_config
+from .dispatch import RelayDispatch
 from .exits import HostError
 from .generation import Generation
+from .notify import Notifier
+from .pool import WorkerPool
+from .relay_link import RelayLink
+from .worker_table import WorkerTable
 from .workers import WorkerHandle, WorkerState
-
-if TYPE_CHECKING:
-    from .generations import Generations
-
 
 # Told how a rollout ended: (succeeded, the line to say); for ``irishost reload --wait``.
 Waiter = Callable[[bool, str], None]
+
+
+class RolloutHost(Protocol):
+    """What a rollout works on (``irishost.generations.Generations``): the
+    parts it starts, retires and reconfigures, and where it clears itself."""
+
+    pool: WorkerPool
+    table: WorkerTable
+    dispatch: RelayDispatch
+    link: RelayLink
+    notifier: Notifier
+    log: ContextLog
+    rollout: Rollout | None
 
 
 def reread(running: Config, overrides: dict[str, Any], number: int) -> Generation:
@@ -54,7 +69,7 @@ def reread(running: Config, overrides: dict[str, Any], number: int) -> Generatio
 class Rollout(abc.ABC):
     what = "rollout"
 
-    def __init__(self, host: Generations, generation: Generation, count: int):
+    def __init__(self, host: RolloutHost, generation: Generation, count: int):
         self.host = host
         self.generation = generation
         self.count = count  # workers it starts; `irishost scale` meanwhile changes it
