@@ -72,8 +72,8 @@ import _util
 import psutil
 
 import iris
-from irishost.control import ControlError, query_status
-from irishost.ring import segment_prefix
+from irishost.ops.control import ControlError, query_status
+from irishost.wire.ring import segment_prefix
 
 CLIENTS = 6
 WORKERS = 2

@@ -22,7 +22,7 @@ a ratio holds for this machine at this moment; absolute figures on a shared
   trip; target <= 0.5x), with the functions of ``bench/ring_bench.py``.
 - dispatch: supervisor -> worker -> supervisor with no relay. This process
   plays the supervisor: it creates a ring pair, forks a real
-  ``irishost.worker`` with an echo handler and speaks frames to it, one at
+  ``irishost.worker.process`` with an echo handler and speaks frames to it, one at
   a time (latency) and PIPELINE_DEPTH in flight (throughput); the same
   against ``ProcessPoolExecutor(max_workers=1)``, ``submit().result()`` and
   ``map(chunksize=1)``. Target: irishost throughput >= 5x the executor's.
@@ -77,10 +77,12 @@ import ring_bench
 
 import iris
 import iris.aio
-from irishost import cli, frames, worker
+from irishost import cli
 from irishost.config import Config, load_config
 from irishost.loader import load_handler
-from irishost.ring import Ring, segment_prefix
+from irishost.wire import frames
+from irishost.wire.ring import Ring, segment_prefix
+from irishost.worker import process as worker
 
 T = TypeVar("T")
 
@@ -519,20 +521,21 @@ def echo(payload: bytes) -> bytes:
 
 @contextlib.contextmanager
 def forked_worker(config: Config) -> Iterator[tuple[Ring, Ring]]:
-    """Fork an ``irishost.worker`` as the supervisor would; yield (inbox, outbox).
+    """Fork an ``irishost.worker.process`` as the supervisor would; yield (inbox, outbox).
 
-    The handler is preloaded here and the rings made before the fork, as in
-    ``Supervisor._spawn``. On the way out the worker is asked to drain, then
+    The handler is preloaded here and the rings made before the fork, as a
+    fork server does. On the way out the worker is asked to drain, then
     killed if it does not exit; the rings are closed either way (their names
     were unlinked when they were made, so /dev/shm never sees them).
     """
     handler_class = load_handler(config)
     rings: list[Ring] = []
     pid = 0
+    alive, alive_write = os.pipe()  # the supervisor's alive pipe: this process holds it
     try:
         rings += [Ring.create(prefix=RING_PREFIX), Ring.create(prefix=RING_PREFIX)]
         inbox, outbox = rings
-        spec = worker.WorkerSpec(0, config, inbox, outbox, handler_class, os.getpid())
+        spec = worker.WorkerSpec(0, config, inbox, outbox, handler_class, os.getpid(), alive)
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -553,6 +556,8 @@ def forked_worker(config: Config) -> Iterator[tuple[Ring, Ring]]:
             _stop_worker(pid, rings[0])
         for ring in rings:
             ring.close()
+        os.close(alive)
+        os.close(alive_write)
 
 
 def _stop_worker(pid: int, inbox: Ring) -> None:

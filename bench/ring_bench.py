@@ -1,4 +1,4 @@
-"""Compare irishost.ring with multiprocessing.Queue and multiprocessing.Pipe.
+"""Compare irishost.wire.ring with multiprocessing.Queue and multiprocessing.Pipe.
 
 Run as ``python bench/ring_bench.py``.  Every side runs in a forked child
 and the parent, measured in the same run, so the ratios hold for this
@@ -24,7 +24,7 @@ import msgpack
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from irishost.ring import Ring  # noqa: E402
+from irishost.wire.ring import Ring  # noqa: E402
 
 CTX = multiprocessing.get_context("fork")
 MESSAGE = (1, b"x" * 100)

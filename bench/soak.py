@@ -34,7 +34,7 @@ import _util
 import psutil
 
 import iris
-from irishost.ring import segment_prefix
+from irishost.wire.ring import segment_prefix
 
 THREADS = 8
 WORKERS = 2

@@ -23,10 +23,10 @@ from iris.logfmt import configure_logging, tag_standard_streams
 from iris.version import add_version_option
 
 from .config import Config, ConfigError, load_config, parse_worker_count
-from .control import ControlError, format_status, query_status, send_command, wait_closed
-from .respawner import fresh_memory_problem
-from .spawner import check_handler
-from .supervisor import Exit, HostError, Supervisor
+from .ops.control import ControlError, format_status, query_status, send_command, wait_closed
+from .supervisor.loop import Exit, HostError, Supervisor
+from .supervisor.respawner import fresh_memory_problem
+from .supervisor.spawner import check_handler
 
 
 def _parser() -> argparse.ArgumentParser:

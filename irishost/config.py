@@ -349,7 +349,7 @@ MAX_WORKERS = 1024
 # risks running out of threads (pids) under a burst without adding throughput.
 MAX_THREADS = 1024
 
-# Also the bound of ``irishost scale`` (irishost.control).
+# Also the bound of ``irishost scale`` (irishost.ops.control).
 parse_worker_count = _integer(1, MAX_WORKERS)
 _thread_count = _integer(1, MAX_THREADS)
 _log_level = _choice("debug", "info", "warning", "error")

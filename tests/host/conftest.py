@@ -42,7 +42,7 @@ from support import free_port, gone, journal_stream, wait_for, worker_processes
 from toml_text import to_toml
 
 import iris
-from irishost.ring import segment_prefix
+from irishost.wire.ring import segment_prefix
 
 PROBE = Path(__file__).resolve().parent / "probe.py"
 SHM = "/dev/shm"

@@ -25,7 +25,7 @@ import threading
 import time
 
 import iris
-from irishost import frames
+from irishost.wire import frames
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECORDS = os.path.join(HERE, "records.jsonl")
@@ -162,7 +162,7 @@ class ProbeHandler(iris.ServiceHandler):
     def do_garbage(self, delay: str) -> bytes:
         """Write a frame the supervisor cannot decode into the worker's outbox, as
         a worker with corrupted memory would; then answer after ``delay``."""
-        from irishost.worker import Worker
+        from irishost.worker.process import Worker
 
         (worker,) = [o for o in gc.get_objects() if isinstance(o, Worker)]
         worker.send(b"\xc1 not msgpack")

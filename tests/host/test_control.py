@@ -1,4 +1,4 @@
-"""Tests for irishost.control: a real server on a unix socket in a temporary directory."""
+"""Tests for irishost.ops.control: a real server on a unix socket in a temporary directory."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from unittest import mock
 
 import pytest
 
-from irishost.control import (
+from irishost.ops.control import (
     MAX_COMMAND,
     Command,
     ControlError,
@@ -335,7 +335,7 @@ def test_a_client_that_hangs_up_without_asking_is_not_logged(servers, sock_path,
     with socket.socket(socket.AF_UNIX) as probe:
         probe.connect(str(sock_path))
     assert query_status(sock_path) == SNAPSHOT  # served after the probe, so it was handled
-    assert [record for record in caplog.records if record.name == "irishost.control"] == []
+    assert [record for record in caplog.records if record.name == "irishost.ops.control"] == []
 
 
 # -- through a real irishost ----------------------------------------------------------------

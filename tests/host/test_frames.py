@@ -6,7 +6,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from irishost import frames
+from irishost.wire import frames
 
 EXAMPLES = [
     frames.Request(7, 12.5, b"payload"),

@@ -15,17 +15,17 @@ import pytest
 
 from iris.logs import ContextLog
 from irishost.config import Config, load_config
-from irishost.dispatch import RelayDispatch
 from irishost.exits import Exit, HostError
-from irishost.generation import Generation
-from irishost.generations import Generations
-from irishost.notify import Notifier
-from irishost.pool import WorkerPool
-from irishost.relay_link import RelayLink
-from irishost.ring import Ring
-from irishost.spawner import Event, LaunchFailed, ServerReady, Spawned, SpawnFailed
-from irishost.worker_table import Change, WorkerTable
-from irishost.workers import WorkerHandle, WorkerState
+from irishost.ops.notify import Notifier
+from irishost.supervisor.dispatch import RelayDispatch
+from irishost.supervisor.generation import Generation
+from irishost.supervisor.generations import Generations
+from irishost.supervisor.handle import WorkerHandle, WorkerState
+from irishost.supervisor.pool import WorkerPool
+from irishost.supervisor.relay_link import RelayLink
+from irishost.supervisor.spawner import Event, LaunchFailed, ServerReady, Spawned, SpawnFailed
+from irishost.supervisor.worker_table import Change, WorkerTable
+from irishost.wire.ring import Ring
 
 # Fake workers get pids above the kernel's pid_max, so that no signal the
 # policy sends (SIGKILL to a given-up worker) can reach a real process.

@@ -1,5 +1,5 @@
 """Hostile input at irishost's boundaries: the worker frame decoder and the
-config loader. ``irishost.frames.decode`` raises only FrameError;
+config loader. ``irishost.wire.frames.decode`` raises only FrameError;
 ``load_config`` only ConfigError.
 
 test_config.py feeds the loader random documents and random text; the relay's
@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from irishost import frames
 from irishost.config import Config, ConfigError, load_config
+from irishost.wire import frames
 
 # ---------------------------------------------------------------------------
 # The worker frame decoder.

@@ -18,7 +18,7 @@ import pytest
 from support import gone, wait_for
 
 import iris
-from irishost.ring import DEFAULT_CAPACITY
+from irishost.wire.ring import DEFAULT_CAPACITY
 
 
 def title(process) -> str:

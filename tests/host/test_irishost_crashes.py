@@ -16,9 +16,9 @@ import pytest
 from support import fault_of, gone, wait_for
 
 import iris
-from irishost import frames
-from irishost.ring import DEFAULT_CAPACITY
-from irishost.workers import PUT_TIMEOUT
+from irishost.supervisor.handle import PUT_TIMEOUT
+from irishost.wire import frames
+from irishost.wire.ring import DEFAULT_CAPACITY
 
 
 def serving_pid(service) -> int:

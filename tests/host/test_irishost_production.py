@@ -25,8 +25,8 @@ from production_support import NotifyListener, parse_reply, status, write_handle
 from support import gone, wait_for, worker_processes
 
 import iris
-from irishost.control import query_status
-from irishost.supervisor import STATUS_SECONDS
+from irishost.ops.control import query_status
+from irishost.supervisor.loop import STATUS_SECONDS
 
 STATUS_LINE = re.compile(
     r"workers (\d+)/(\d+), served (\d+), in flight (\d+), restarts (\d+), relay (\w+)"

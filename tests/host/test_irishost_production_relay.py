@@ -25,7 +25,7 @@ from relay_process import RelayProcess
 from support import free_port, gone, wait_for
 
 import iris
-from irishost.control import query_status
+from irishost.ops.control import query_status
 
 
 @pytest.fixture

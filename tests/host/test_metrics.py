@@ -1,4 +1,4 @@
-"""Tests for irishost.metrics: the exposition text, and a real HTTP server on loopback."""
+"""Tests for irishost.ops.metrics: the exposition text, and a real HTTP server on loopback."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from unittest import mock
 
 import pytest
 
-from irishost.metrics import (
+from irishost.ops.metrics import (
     CONTENT_TYPE,
     DURATION_BUCKETS,
     MetricsServer,

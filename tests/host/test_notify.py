@@ -1,4 +1,4 @@
-"""Tests for irishost.notify against real AF_UNIX datagram sockets standing in for systemd."""
+"""Tests for irishost.ops.notify against real AF_UNIX datagram sockets standing in for systemd."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from irishost.notify import Notifier
+from irishost.ops.notify import Notifier
 
 
 class FakeSystemd:

@@ -14,10 +14,10 @@ from support import wait_for
 from iris.logs import ContextLog
 from iris.relay import RelayServer
 from irishost.config import load_config
-from irishost.dispatch import RelayDispatch
 from irishost.exits import Exit, HostError
-from irishost.relay_link import RECONNECT_START, RelayLink, RelayState
-from irishost.worker_table import WorkerTable
+from irishost.supervisor.dispatch import RelayDispatch
+from irishost.supervisor.relay_link import RECONNECT_START, RelayLink, RelayState
+from irishost.supervisor.worker_table import WorkerTable
 
 EXAMPLE = Path(__file__).parents[2] / "configs" / "echo.toml"
 

@@ -9,7 +9,8 @@ import pytest
 
 from irishost.config import Config, load_config
 from irishost.exits import Exit, HostError
-from irishost.respawner import (
+from irishost.supervisor.handle import WorkerState
+from irishost.supervisor.respawner import (
     BACKOFF_CAP,
     BACKOFF_START,
     MAX_BOOT_DEATHS,
@@ -19,7 +20,6 @@ from irishost.respawner import (
     memory_verdict,
     stuck_reason,
 )
-from irishost.workers import WorkerState
 
 BOOTING, READY, DRAINING = WorkerState.BOOTING, WorkerState.READY, WorkerState.DRAINING
 MiB = 2**20

@@ -1,4 +1,4 @@
-"""Tests for irishost.ring on real shared memory and real forked processes."""
+"""Tests for irishost.wire.ring on real shared memory and real forked processes."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from irishost import ring as ring_module
-from irishost.ring import Ring, remove_stale_segments, segment_prefix, wait_readable
+from irishost.wire import ring as ring_module
+from irishost.wire.ring import Ring, remove_stale_segments, segment_prefix, wait_readable
 
 CTX = multiprocessing.get_context("fork")
 SHM = "/dev/shm"

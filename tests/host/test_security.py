@@ -38,8 +38,8 @@ from support import free_port, wait_for
 
 import iris
 from iris import codec
-from irishost import frames
-from irishost.control import query_status
+from irishost.ops.control import query_status
+from irishost.wire import frames
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,8 +19,8 @@ import pytest
 from support import free_port, wait_for
 
 import iris
-from irishost.control import query_status
-from irishost.supervisor import Exit
+from irishost.ops.control import query_status
+from irishost.supervisor.loop import Exit
 
 UNITS = Path(__file__).resolve().parents[2] / "systemd"
 HOST = "irishost@.service"

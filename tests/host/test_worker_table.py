@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from irishost.ring import Ring
-from irishost.worker_table import TRANSITIONS, Change, IllegalTransition, WorkerTable
-from irishost.workers import WorkerHandle, WorkerState
+from irishost.supervisor.handle import WorkerHandle, WorkerState
+from irishost.supervisor.worker_table import TRANSITIONS, Change, IllegalTransition, WorkerTable
+from irishost.wire.ring import Ring
 
 BOOTING, READY, DRAINING = WorkerState.BOOTING, WorkerState.READY, WorkerState.DRAINING
 

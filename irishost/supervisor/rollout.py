@@ -25,22 +25,22 @@ from typing import Any, Protocol
 from iris.logfmt import configure_logging
 from iris.logs import ContextLog
 
-from .config import Config, ConfigError, load_config
+from ..config import Config, ConfigError, load_config
+from ..exits import HostError
+from ..ops.notify import Notifier
 from .dispatch import RelayDispatch
-from .exits import HostError
 from .generation import Generation
-from .notify import Notifier
+from .handle import WorkerHandle, WorkerState
 from .pool import WorkerPool
 from .relay_link import RelayLink
 from .worker_table import WorkerTable
-from .workers import WorkerHandle, WorkerState
 
 # Told how a rollout ended: (succeeded, the line to say); for ``irishost reload --wait``.
 Waiter = Callable[[bool, str], None]
 
 
 class RolloutHost(Protocol):
-    """What a rollout works on (``irishost.generations.Generations``): the
+    """What a rollout works on (``irishost.supervisor.generations.Generations``): the
     parts it starts, retires and reconfigures, and where it clears itself."""
 
     pool: WorkerPool

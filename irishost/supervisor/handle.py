@@ -1,6 +1,6 @@
 """The supervisor's record of one worker process and the work it holds.
 
-The records live in the :class:`~irishost.worker_table.WorkerTable`, which
+The records live in the :class:`~irishost.supervisor.worker_table.WorkerTable`, which
 alone changes their state and their requests; this module is the record and
 the one way to write to a worker (:meth:`WorkerHandle.put`).
 """
@@ -14,7 +14,7 @@ import time
 
 import psutil
 
-from .ring import Ring
+from ..wire.ring import Ring
 
 
 class WorkerState(enum.StrEnum):

@@ -5,7 +5,7 @@ relay connection. The connection's reader thread calls it for every request,
 broadcast and tunnel; it picks a worker and writes a frame to that worker's
 ring, with no thread hop. The supervisor's loop calls :meth:`on_frame` with
 what workers send back. Both sides book and settle requests through the
-:class:`~irishost.worker_table.WorkerTable`.
+:class:`~irishost.supervisor.worker_table.WorkerTable`.
 
 Every request the relay delivers gets exactly one answer from here: the
 worker's reply, a fault when no worker can take it, or a fault when its
@@ -21,7 +21,7 @@ relay's timeout, as a client of gunicorn gets its proxy's. Only when that
 budget is full does a request get a fault at once.
 
 Every answer, reply or fault, leaves through :meth:`RelayDispatch.answer`,
-which records its outcome in the :class:`~irishost.request_log.RequestLog`
+which records its outcome in the :class:`~irishost.supervisor.request_log.RequestLog`
 (metrics and access log); so does every request whose deadline passes
 unanswered (its caller got the relay's timeout).
 """
@@ -36,13 +36,13 @@ from typing import NamedTuple
 import iris
 from iris.logs import ContextLog, RateLimitedWarning
 
-from . import frames
+from ..config import Config
+from ..ops.metrics import Outcome
+from ..wire import frames
 from .bridge import TunnelBridge
-from .config import Config
-from .metrics import Outcome
+from .handle import BEST_EFFORT_TIMEOUT, WorkerHandle, WorkerState, WorkerUnreachable
 from .request_log import RequestLog
 from .worker_table import Pending, WorkerTable
-from .workers import BEST_EFFORT_TIMEOUT, WorkerHandle, WorkerState, WorkerUnreachable
 
 
 class Waiting(NamedTuple):

@@ -1,7 +1,7 @@
 """Prometheus metrics for the host, in the text exposition format, on 127.0.0.1 only.
 
 Off unless ``[metrics] port`` is set. The numbers come from the same snapshot
-as ``irishost status`` (its schema is in :mod:`irishost.control`), so the two
+as ``irishost status`` (its schema is in :mod:`irishost.ops.control`), so the two
 never disagree. Loopback only: the endpoint has no authentication, and a
 scraper on another machine should go through a proxy that adds it.
 """
@@ -52,9 +52,9 @@ FAILURES = tuple(outcome for outcome in Outcome if outcome is not Outcome.OK)
 class RequestStats:
     """How long requests took until answered, and why the failed ones failed.
 
-    Fed at every answer point of irishost.dispatch, from the supervisor's loop
+    Fed at every answer point of irishost.supervisor.dispatch, from the supervisor's loop
     and from the relay connection's reader thread, so under a lock of its own.
-    Read into the snapshot (see :mod:`irishost.control`), as ``durations``
+    Read into the snapshot (see :mod:`irishost.ops.control`), as ``durations``
     and ``failures``.
     """
 
@@ -164,7 +164,7 @@ class MetricsServer:
     """Serves GET /metrics on 127.0.0.1:``port`` from a daemon thread until closed.
 
     ``port`` 0 picks a free port; ``port`` says which one was bound.
-    ``snapshot`` runs on the server's request threads (see :mod:`irishost.control`).
+    ``snapshot`` runs on the server's request threads (see :mod:`irishost.ops.control`).
     """
 
     def __init__(self, port: int, snapshot: Callable[[], Snapshot]):

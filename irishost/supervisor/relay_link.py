@@ -17,9 +17,9 @@ import iris
 from iris.logs import ContextLog
 from iris.relay import RelayServer
 
-from .config import Config, TopicSection
+from ..config import Config, TopicSection
+from ..exits import Exit, HostError
 from .dispatch import RelayDispatch
-from .exits import Exit, HostError
 
 # Reconnect backoff when the relay goes away.
 RECONNECT_START, RECONNECT_CAP = 0.1, 5.0

@@ -1,8 +1,8 @@
 """What became of each request: the metrics' counts and the access log.
 
-Every answer point of :mod:`irishost.dispatch` records its request here once,
-with its :class:`~irishost.metrics.Outcome` and the time since it reached the
-host: counted in :class:`~irishost.metrics.RequestStats` (the snapshot's
+Every answer point of :mod:`irishost.supervisor.dispatch` records its request here once,
+with its :class:`~irishost.ops.metrics.Outcome` and the time since it reached the
+host: counted in :class:`~irishost.ops.metrics.RequestStats` (the snapshot's
 ``durations`` and ``failures``, the metrics' histogram and failure counters),
 and logged on ``irishost.access`` when ``[logging] access`` is on.
 """
@@ -15,9 +15,9 @@ from typing import Protocol
 
 from iris.logs import ContextLog
 
-from .config import Config
-from .metrics import Outcome, RequestStats
-from .workers import WorkerHandle
+from ..config import Config
+from ..ops.metrics import Outcome, RequestStats
+from .handle import WorkerHandle
 
 # The access log's logger: one INFO line per request when [logging] access is on.
 access_logger = logging.getLogger("irishost.access")

@@ -7,9 +7,9 @@ import os
 import time
 from typing import Any, Protocol
 
-from .config import Config
+from ..config import Config
+from ..ops.notify import Notifier
 from .dispatch import RelayDispatch
-from .notify import Notifier
 from .pool import WorkerPool
 from .relay_link import RelayLink
 from .worker_table import WorkerTable

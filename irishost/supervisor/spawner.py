@@ -26,12 +26,12 @@ from typing import Any
 
 from iris.logs import ContextLog
 
-from .config import Config
-from .exits import Exit, HostError, describe_exit
-from .fork_server import RING_FDS, Launch, command, config_memfd, pack, received_fds, unpack
+from ..config import Config
+from ..exits import Exit, HostError, describe_exit
+from ..forks.messages import RING_FDS, Launch, command, config_memfd, pack, received_fds, unpack
+from ..wire.ring import Ring
 from .generation import Generation
-from .ring import Ring
-from .workers import WorkerHandle
+from .handle import WorkerHandle
 
 # A fork server that has not answered a spawn within this long is killed and
 # relaunched: a fork takes milliseconds, even of a large preloaded process,

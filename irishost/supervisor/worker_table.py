@@ -30,8 +30,8 @@ from typing import NamedTuple
 
 import iris
 
-from .ring import Ring
-from .workers import WorkerHandle, WorkerState
+from ..wire.ring import Ring
+from .handle import WorkerHandle, WorkerState
 
 
 class Change(enum.Enum):

@@ -3,8 +3,8 @@
 spawn (fork one), retire (drain and exit), recycle (spawn a successor, then
 retire), kill (SIGKILL, with the reason its requests' faults carry), murder
 (kill the stuck), bury (a dead worker's respawn) and scale. The pool acts; the
-:class:`~irishost.respawner.Respawner` decides when, and the
-:class:`~irishost.worker_table.WorkerTable` keeps the records.
+:class:`~irishost.supervisor.respawner.Respawner` decides when, and the
+:class:`~irishost.supervisor.worker_table.WorkerTable` keeps the records.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import setproctitle
 
 from iris.logs import ContextLog
 
-from . import frames
-from .config import MAX_WORKERS, Config
+from ..config import MAX_WORKERS, Config
+from ..wire import frames
 from .generation import Generation
+from .handle import WorkerHandle, WorkerState, WorkerUnreachable
 from .respawner import Death, Respawner, memory_verdict, stuck_reason
 from .spawner import Spawned, Spawner
 from .worker_table import Change, WorkerTable
-from .workers import WorkerHandle, WorkerState, WorkerUnreachable
 
 # Resident memory is sampled this often when max_rss is set: psutil reads
 # /proc/<pid>/statm, some microseconds per worker. Often enough that a handler

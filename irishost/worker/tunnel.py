@@ -21,7 +21,7 @@ import iris
 from iris.logs import ContextLog
 from iris.tunnel import validate_send, wait_until
 
-from . import frames
+from ..wire import frames
 
 # A worker's open tunnels by id; each removes itself when it closes.
 TunnelRegistry: TypeAlias = "dict[int, WorkerTunnel | AsyncWorkerTunnel]"

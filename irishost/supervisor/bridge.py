@@ -19,8 +19,8 @@ from typing import cast
 
 import iris
 
-from . import frames
-from .workers import WorkerHandle, WorkerUnreachable
+from ..wire import frames
+from .handle import WorkerHandle, WorkerUnreachable
 
 # Bytes forwarded to the worker and not yet consumed by its handler.
 WINDOW = 4 * 1024 * 1024

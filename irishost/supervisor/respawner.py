@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import Config
-from .exits import Exit, HostError
-from .workers import WorkerState
+from ..config import Config
+from ..exits import Exit, HostError
+from .handle import WorkerState
 
 # Respawn backoff after a crash: doubles per quick death, up to the cap.
 BACKOFF_START, BACKOFF_CAP = 0.1, 10.0

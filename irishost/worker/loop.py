@@ -24,8 +24,8 @@ from iris.aio.service import EXPIRED, answer, close_failed_tunnel, settle
 from iris.dispatch import memory_fault
 from iris.logs import RateLimitedWarning
 
-from . import frames
-from .worker import (
+from ..wire import frames
+from .process import (
     IDLE_CHECK_SECONDS,
     PARENT_GONE,
     CallbackPools,
@@ -33,7 +33,7 @@ from .worker import (
     Worker,
     supervisor_gone,
 )
-from .worker_tunnel import AsyncWorkerTunnel
+from .tunnel import AsyncWorkerTunnel
 
 # Frames handled per pump before the loop gets a turn (timers, the relay
 # connection): a busy ring must not starve them.

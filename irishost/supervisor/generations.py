@@ -1,7 +1,7 @@
 """Which generation of workers runs, which one a rollout is starting, and what changes them.
 
 A reload (SIGHUP, ``irishost reload``) and a reconnect start a generation
-beside the running one (see :mod:`irishost.rollout`); ``scale`` changes the
+beside the running one (see :mod:`irishost.supervisor.rollout`); ``scale`` changes the
 count of whichever generation is the newest; and every answer of a fork
 server is routed here by the generation it concerns: a worker for the
 running generation or the rollout's joins the table, one for a generation
@@ -20,18 +20,18 @@ from typing import Any
 
 from iris.logs import ContextLog
 
-from .config import Config, ConfigError
+from ..config import Config, ConfigError
+from ..exits import Exit, HostError
+from ..ops.notify import Notifier
 from .dispatch import RelayDispatch
-from .exits import Exit, HostError
 from .generation import Generation
-from .notify import Notifier
+from .handle import WorkerHandle
 from .pool import WorkerPool, signal_worker
 from .relay_link import RelayLink
 from .respawner import fresh_memory_problem
 from .rollout import Reconnect, Reload, Rollout, reread
 from .spawner import Event, ServerReady, Spawned, SpawnFailed
 from .worker_table import WorkerTable
-from .workers import WorkerHandle
 
 # Told how a command ended: (succeeded, the line to say).
 Reply = Callable[[bool, str], None]
@@ -40,7 +40,7 @@ Reply = Callable[[bool, str], None]
 class Generations:
     """The running generation (the pool's) and the rollout in progress, if any.
 
-    It is what a :class:`~irishost.rollout.Rollout` works on (its
+    It is what a :class:`~irishost.supervisor.rollout.Rollout` works on (its
     ``RolloutHost``): the pool, the table, the relay link and dispatch, the
     notifier and the log, and ``rollout``, which it clears when it ends.
     """

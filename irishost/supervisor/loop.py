@@ -30,23 +30,23 @@ from typing import Any
 
 from iris.logs import ContextLog
 
-from . import frames
-from .config import Config
-from .control import Command, ControlError, ControlServer
+from ..config import Config
+from ..exits import Exit, HostError, describe_exit
+from ..ops.control import Command, ControlError, ControlServer
+from ..ops.metrics import MetricsServer, serve_optionally
+from ..ops.notify import Notifier
+from ..wire import frames
+from ..wire.ring import remove_stale_segments, segment_prefix, wait_readable
+from ..wire.wakeup import WakeupPipe
 from .dispatch import RelayDispatch
-from .exits import Exit, HostError, describe_exit
 from .generation import Generation
 from .generations import Generations
-from .host_status import STATUS_SECONDS, HostStatus
-from .metrics import MetricsServer, serve_optionally
-from .notify import Notifier
+from .handle import WorkerHandle, WorkerState
 from .pool import WorkerPool, reap_children, signal_worker
 from .relay_link import RelayLink, RelayState
-from .ring import remove_stale_segments, segment_prefix, wait_readable
 from .spawner import Event, Spawner
-from .wakeup import WakeupPipe
+from .status import STATUS_SECONDS, HostStatus
 from .worker_table import Change, WorkerTable
-from .workers import WorkerHandle, WorkerState
 
 __all__ = ["STATUS_SECONDS", "Exit", "HostError", "Supervisor", "describe_exit"]
 

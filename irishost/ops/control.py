@@ -87,7 +87,7 @@ from typing import Any
 
 from iris.logs import ContextLog
 
-from .config import parse_worker_count
+from ..config import parse_worker_count
 
 Snapshot = dict[str, Any]
 

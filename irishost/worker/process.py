@@ -48,14 +48,14 @@ from iris.dispatch import answer, memory_fault, serve_tunnel, thread_fault
 from iris.logs import ContextLog, HandlerErrorLog, RateLimitedWarning
 from iris.pool import HandlerPool
 
-from . import frames
-from .config import Config
-from .loader import reload_handler
-from .ring import Ring
-from .worker_tunnel import TunnelRegistry, WorkerTunnel
+from ..config import Config
+from ..loader import reload_handler
+from ..wire import frames
+from ..wire.ring import Ring
+from .tunnel import TunnelRegistry, WorkerTunnel
 
 if TYPE_CHECKING:
-    from .async_worker import LoopWorker
+    from .loop import LoopWorker
 
 BOOT_FAILED = 3
 PARENT_GONE = 4
@@ -288,7 +288,7 @@ class Worker(CallbackPools[HandlerPool]):
                 f"but the config subscribes to {', '.join(t.name for t in config.topics)}"
             )
         if isinstance(self.handler, iris.aio.ServiceHandler):
-            from .async_worker import LoopWorker  # here: async_worker imports this module
+            from .loop import LoopWorker  # here: async_worker imports this module
 
             self._loop_worker = LoopWorker(self)
             self._loop_worker.boot()

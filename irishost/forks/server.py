@@ -6,7 +6,7 @@ child for good. The supervisor runs several threads (the relay reader, the
 control and metrics servers, tunnel bridges), so it never forks a worker
 itself. Each generation of workers (the start, each reload, each reconnect)
 gets a fork server of its own instead, launched by exec as a new
-interpreter (``python -m irishost.fork_server``), as CPython's
+interpreter (``python -m irishost.forks.server``), as CPython's
 ``multiprocessing.forkserver`` is::
 
     supervisor --- socket pair (msgpack): spawn (call id, slot) ----------> fork server
@@ -41,32 +41,25 @@ interpreter (``python -m irishost.fork_server``), as CPython's
 from __future__ import annotations
 
 import argparse
-import array
 import errno
 import os
 import signal
 import socket
 import sys
 import traceback
-from dataclasses import dataclass
-from typing import Any
 
-import msgpack
 import psutil
 import setproctitle
 
 from iris.logfmt import configure_logging, tag_standard_streams
 
-from . import worker
-from .config import Config, ConfigError
-from .loader import HandlerImportError, reload_handler
-from .ring import Ring, segment_prefix
+from ..config import Config, ConfigError
+from ..loader import HandlerImportError, reload_handler
+from ..wire.ring import Ring, segment_prefix
+from ..worker.process import WorkerSpec, die_with_parent
+from ..worker.process import run as run_worker
+from .messages import MAX_MESSAGE, pack, unpack
 
-# Requests and replies are msgpack arrays of a few fields (the config does
-# not cross the socket: it comes in a memfd): one datagram each, at most this big.
-MAX_MESSAGE = 1 << 16
-# Descriptors per spawned worker: (segment, data eventfd, space eventfd) per ring.
-RING_FDS = 6
 # The signals an operator (or a terminal's Ctrl-C, to the whole group) sends
 # the host: the supervisor acts on them, the fork server ignores them.
 _SUPERVISOR_SIGNALS = (
@@ -80,40 +73,9 @@ _SUPERVISOR_SIGNALS = (
 # Exit codes of the fork server, read by the supervisor when no message says more.
 EXIT_OK, EXIT_FAILED = 0, 3
 
-# A message on the socket: a msgpack array whose first element names it.
-Message = list[Any]
-
-
-@dataclass(frozen=True)
-class Launch:
-    """What a fork server is started with; it crosses to it as argv and a memfd."""
-
-    generation: int  # the number of the generation whose code it runs
-    config: Config
-    check: bool = False  # import, report, exit (irishost --check)
-
-
-def command(launch: Launch, sock: int, alive: int, config_fd: int) -> list[str]:
-    """The fork server's argv; the three descriptors must be inheritable."""
-    argv = [sys.executable, "-m", "irishost.fork_server", "--generation", str(launch.generation)]
-    argv += ["--supervisor", str(os.getpid()), "--socket", str(sock), "--alive", str(alive)]
-    argv += ["--config-fd", str(config_fd)]
-    return argv + (["--check"] if launch.check else [])
-
-
-def config_memfd(config: Config) -> int:
-    """A memfd holding the config as msgpack, read once by the fork server."""
-    fd = os.memfd_create("irishost-config", os.MFD_CLOEXEC)
-    data = pack(config.to_wire())
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-    os.lseek(fd, 0, os.SEEK_SET)  # the offset is shared with the fork server's copy
-    return fd
-
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="irishost.fork_server")
+    parser = argparse.ArgumentParser(prog="irishost.forks.server")
     parser.add_argument("--generation", type=int, required=True)
     parser.add_argument("--supervisor", type=int, required=True)
     parser.add_argument("--socket", type=int, required=True)
@@ -122,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
     # The kernel ends this process with the supervisor, whatever it is doing.
-    worker.die_with_parent(args.supervisor)
+    die_with_parent(args.supervisor)
     for signum in _SUPERVISOR_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     tag_standard_streams()
@@ -187,7 +149,7 @@ class _Server:
         fds = [inbox_segment, inbox.data_fd, inbox.space_fd]
         fds += [outbox_segment, outbox.data_fd, outbox.space_fd]
         try:
-            spec = worker.WorkerSpec(
+            spec = WorkerSpec(
                 slot, self.config, inbox, outbox, self.handler_class, self.supervisor, self.alive
             )
             threads = thread_count()
@@ -209,7 +171,7 @@ class _Server:
         self.sock.send(pack(message))
 
 
-def _fork_grandchild(spec: worker.WorkerSpec) -> int:
+def _fork_grandchild(spec: WorkerSpec) -> int:
     """Fork a worker through an intermediate that exits at once; the worker's pid.
 
     The intermediate's exit reparents the worker to the supervisor (a child
@@ -228,7 +190,7 @@ def _fork_grandchild(spec: worker.WorkerSpec) -> int:
                 os._exit(1)
             if pid == 0:
                 os.close(write)
-                worker.run(spec)  # never returns
+                run_worker(spec)  # never returns
             os.write(write, str(pid).encode())
             os._exit(0)
         os.close(write)
@@ -250,24 +212,6 @@ def thread_count() -> int:
     """This process's threads, as the kernel counts them (Python's own count
     misses threads started by C extensions)."""
     return len(os.listdir("/proc/self/task"))
-
-
-def pack(message: object) -> bytes:
-    packed: bytes = msgpack.packb(message, use_bin_type=True)
-    return packed
-
-
-def unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, use_list=True)
-
-
-def received_fds(cmsgs: list[tuple[int, int, bytes]]) -> list[int]:
-    """The descriptors an SCM_RIGHTS message carried."""
-    fds = array.array("i")
-    for level, kind, payload in cmsgs:
-        if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    return list(fds)
 
 
 if __name__ == "__main__":
