@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return _config_error(err)
     if args.command != "run":
         return _command(args, config.control.socket)
-    configure_logging(config.logging.level)
+    configure_logging(config.logging.level, file=config.logging.file)
     try:
         handler_class = load_handler(config) if config.workers.preload or args.check else None
     except HandlerImportError as err:

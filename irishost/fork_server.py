@@ -60,8 +60,16 @@ MAX_MESSAGE = 1 << 20
 # Descriptors per spawned worker: (segment, data eventfd, space eventfd) per ring.
 RING_FDS = 6
 # The signals an operator (or a terminal's Ctrl-C, to the whole group) sends
-# the host: the supervisor acts on them, the fork server ignores them.
-_SUPERVISOR_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGTERM)
+# the host: the supervisor acts on them, the fork server ignores them
+# (SIGUSR1, logrotate's, reaches it with ``systemctl kill``; it would kill it).
+_SUPERVISOR_SIGNALS = (
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGTERM,
+    signal.SIGUSR1,
+)
 
 
 # A message on the socket: a msgpack array whose first element names it. Its

@@ -7,6 +7,8 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from iris.logfmt import dropped_records
+
 if TYPE_CHECKING:
     from .supervisor import Supervisor
 
@@ -95,5 +97,6 @@ class HostStatus:
             "restarts": host.pool.respawner.restarts,
             "degraded": [{"slot": slot, "problem": text} for slot, text in problems.items()],
             "workers": workers,
+            "log_records_dropped": dropped_records(),  # the supervisor's writer's queue was full
             **host.dispatch.requests.stats.snapshot(),  # "durations" and "failures"
         }

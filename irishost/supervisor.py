@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from iris.logfmt import reopen_log_file, start_log_writer
 from iris.logs import ContextLog
 
 from . import frames
@@ -92,6 +93,7 @@ class Supervisor:
             signal.SIGHUP: self._reload,
             signal.SIGTTIN: lambda: self._scale(self.pool.count + 1),
             signal.SIGTTOU: lambda: self._scale(self.pool.count - 1),
+            signal.SIGUSR1: reopen_log_file,  # logrotate moved [logging] file away
         }
         self._next_tick = 0.0
 
@@ -114,6 +116,7 @@ class Supervisor:
         servers: list[ControlServer | MetricsServer] = []
         # Before any thread exists in this process (see fork_server).
         self.pool.spawner.start(self.pool.generation, self.handler_class)
+        start_log_writer()  # a thread: only once the fork server is forked
         self._install_signals()
         snapshot = self.status.snapshot
         try:
