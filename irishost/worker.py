@@ -236,6 +236,7 @@ class Worker(CallbackPools[HandlerPool]):
         # The fork server maps no other worker's rings when it forks, so a
         # worker that corrupts memory cannot reach theirs.
         _close_inherited_fds({inbox.data_fd, inbox.space_fd, outbox.data_fd, outbox.space_fd})
+        reopen_log_file()  # the fork server's may be a file logrotate has moved since
         start_log_writer()  # so a stalled stderr never holds up a handler thread that logs
         os.register_at_fork(after_in_child=self._note_fork)
         try:

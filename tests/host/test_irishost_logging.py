@@ -162,4 +162,13 @@ def test_the_log_file_is_opened_again_on_sigusr1(service):
     assert "size=6 " not in text
     assert "size=7 " not in log.with_suffix(".log.1").read_text()
     assert host.proc.poll() is None
-    assert len(host.workers()) == 1
+    [worker] = host.workers()
+
+    # A worker forked after the rotation writes to the new file too, though
+    # the fork server's stderr is still the old one.
+    worker.kill()
+    [new] = wait_for(
+        lambda: [w for w in host.workers() if w.pid != worker.pid], what="a new worker"
+    )
+    wait_for(lambda: f"pid={new.pid}" in log.read_text(), what="the new worker's ready line")
+    assert f"pid={new.pid}" not in log.with_suffix(".log.1").read_text()
