@@ -41,7 +41,6 @@ from __future__ import annotations
 import atexit
 import io
 import logging
-import logging.handlers
 import os
 import queue
 import re
@@ -236,17 +235,20 @@ class _Output(logging.StreamHandler):  # type: ignore[type-arg]
         super().flush()
 
 
-class _Enqueue(logging.handlers.QueueHandler):
+class _Enqueue(logging.Handler):
     """The root logger's handler under a writer: the record goes on the queue as it is.
 
-    QueueHandler's ``prepare`` would format it here, on the thread that
+    Like logging.handlers.QueueHandler (not used: that module imports
+    pickle, which irishost keeps out of its processes), but without its
+    ``prepare``, which would format the record here, on the thread that
     logs; the writer formats it instead, once, when it writes it. So a
     record's arguments must not change after the call that logs them, as
     with any logging that may be deferred.
     """
 
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        return record
+    def __init__(self, records: _BoundedQueue) -> None:
+        super().__init__()
+        self.records = records
 
     def handle(self, record: logging.LogRecord) -> bool:
         """As Handler.handle, without its lock: the queue is thread-safe already."""
@@ -254,6 +256,9 @@ class _Enqueue(logging.handlers.QueueHandler):
         if passed:
             self.emit(record)
         return bool(passed)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.put_nowait(record)
 
 
 class _BoundedQueue:
@@ -282,8 +287,8 @@ class _BoundedQueue:
         """A retarget or the end for the writer: never dropped, and rare."""
         self._items.put(item)
 
-    def get(self, block: bool = True) -> _Item:
-        return self._items.get(block)
+    def get(self) -> _Item:
+        return self._items.get()
 
     def qsize(self) -> int:
         return self._items.qsize()
@@ -297,27 +302,32 @@ class _Control:
         self.action = action
 
 
-_Item = logging.LogRecord | _Control | None  # None: QueueListener's sentinel, to stop
+_Item = logging.LogRecord | _Control | None  # None: the writer's cue to stop
 
 
 _writer: _Writer | None = None  # this process's writer thread, once started
 
 
-class _Writer(logging.handlers.QueueListener):
-    """The writer thread: takes records off the queue and writes them with ``output``."""
+class _Writer:
+    """The writer thread: takes records off the queue and writes them with
+    ``output`` (logging.handlers.QueueListener's job; see _Enqueue)."""
 
     def __init__(self, output: _Output) -> None:
         self.records = _BoundedQueue(QUEUE_RECORDS)
-        super().__init__(self.records, output)  # a queue by duck typing
         self.output = output
         self.enqueue = _Enqueue(self.records)
         output.backlog = self.records.qsize
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
 
-    def handle(self, record: logging.LogRecord | _Control) -> None:
-        if isinstance(record, _Control):
-            record.action()
-        else:
-            self.output.handle(record)
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self.records.get()) is not None:
+            if isinstance(item, _Control):
+                item.action()
+                continue
+            self.output.handle(item)
             if not self.records.qsize():
                 time.sleep(BATCH_SECONDS)
 
@@ -334,8 +344,7 @@ class _Writer(logging.handlers.QueueListener):
     def drain(self, timeout: float) -> None:
         """Write out what is queued, waiting at most ``timeout``; the thread then ends."""
         self.records.put_control(None)
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._thread.join(timeout)
 
 
 def configure_logging(

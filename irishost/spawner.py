@@ -6,6 +6,7 @@ import random
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
+from iris.logfmt import start_log_writer
 from iris.logs import ContextLog
 
 from .exits import Exit, HostError
@@ -27,6 +28,7 @@ class Spawner:
         """Start the fork server; call while this process has one thread."""
         self._warn_if_threaded("the fork server", thread_count())
         self.forks = ForkServer.start(generation.config, handler_class, self.prefix)
+        start_log_writer()  # the supervisor's first thread: only once the fork server is forked
 
     def add(self, generation: Generation, like: Generation | None = None) -> None:
         """Prepare ``generation`` in the fork server (HandlerImportError: see ForkServer)."""

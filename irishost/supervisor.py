@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from iris.logfmt import reopen_log_file, start_log_writer
+from iris.logfmt import reopen_log_file
 from iris.logs import ContextLog
 
 from . import frames
@@ -71,8 +71,7 @@ Flags = dict[str, Any]
 class Supervisor:
     def __init__(self, config: Config, handler_class: type | None, overrides: Flags | None = None):
         self.overrides = overrides or {}  # command-line flags, re-applied on reload
-        # Never reused: workers of an aborted reload may still be waiting to be
-        # reaped when the next reload starts, and must not pass for its workers.
+        # Never reused: an aborted reload's workers, still unreaped, must not pass for the next's.
         self._generation_numbers = itertools.count(1)
         self.rollout: Rollout | None = None  # a reload or reconnect in progress
         self.log = ContextLog(logging.getLogger("irishost")).new(service=config.service.cluster)
@@ -116,7 +115,6 @@ class Supervisor:
         servers: list[ControlServer | MetricsServer] = []
         # Before any thread exists in this process (see fork_server).
         self.pool.spawner.start(self.pool.generation, self.handler_class)
-        start_log_writer()  # a thread: only once the fork server is forked
         self._install_signals()
         snapshot = self.status.snapshot
         try:
