@@ -33,11 +33,15 @@ a ratio holds for this machine at this moment; absolute figures on a shared
   CPU per request of all the service's processes, which a change for
   sequential latency must not raise. ``--compare DIR`` (repeatable) adds
   irishost run from the checkout DIR (its ``iris`` and ``irishost``) to the
-  same alternation, here and in cpu-bound: the way to tell whether a change
-  helps or hurts, as run-to-run noise on this machine is larger than most
-  changes.
+  same alternation, here, in cpu-bound and in access-log: the way to tell
+  whether a change helps or hurts, as run-to-run noise on this machine is
+  larger than most changes.
+- access-log: echo with LOAD_CONCURRENCY in flight against irishost with 1
+  worker, ``[logging] access`` off and on (stderr to a file, as a journald
+  stream drains it). Target: on keeps >= 0.85x the requests/s of off. With
+  ``--compare DIR`` the checkout DIR runs both ways in the same alternation.
 
-The sides of cpu-bound, ring and echo-overhead run in alternating rounds
+The sides of cpu-bound, ring, echo-overhead and access-log run in alternating rounds
 (ABBA order; for the services, on rigs that are all up), so a load spike
 from elsewhere on the machine lands on every side rather than on one.
 
@@ -86,7 +90,7 @@ from irishost.worker import process as worker
 
 T = TypeVar("T")
 
-BENCHMARKS = ("cpu-bound", "ring", "dispatch", "echo-overhead")
+BENCHMARKS = ("cpu-bound", "ring", "dispatch", "echo-overhead", "access-log")
 
 # The handlers both sides serve: the example services of configs/, so the
 # figures are those of the code the README runs. A module written into the
@@ -181,19 +185,24 @@ QUICK = Settings(
 CPU_TARGET = _util.Target(floor=1.8, on_ratio=True)
 DISPATCH_TARGET = _util.Target(floor=5.0, on_ratio=True)
 ECHO_TARGET = _util.Target(floor=1.15, higher_is_better=False, on_ratio=True)
+# The access log may cost at most 15 % of the loaded echo throughput (issue 16).
+ACCESS_LOG_TARGET = _util.Target(floor=0.85, on_ratio=True)
 
 
 # ---------------------------------------------------------------------------
 # The services under test.
 
 
-def write_config(directory: Path, name: str, handler: str, port: int, workers: int) -> Path:
+def write_config(
+    directory: Path, name: str, handler: str, port: int, workers: int, access: bool = False
+) -> Path:
     """One service's TOML: irishost reads all of it, the plain service its
     [service] and [relay] tables.
 
     The relay is external (``embedded = false``), so it runs in its own
     process on both sides. Logging stays at warning: an info line per
-    event would be measured too.
+    event would be measured too; only the access-log benchmark turns on
+    ``access`` (its lines are INFO whatever the level).
     """
     path = directory / f"{name}.toml"
     path.write_text(
@@ -216,6 +225,7 @@ request_threads = 1
 
 [logging]
 level = "warning"
+access = {str(access).lower()}
 """
     )
     return path
@@ -262,17 +272,20 @@ class Rig:
         workers: int | None,
         probe: tuple[bytes, bytes],
         argv: Callable[[Path], list[str]] = irishost_argv,
+        access: bool = False,
     ):
         if workers is None:
             self.label = "plain iris.register"
         else:
             self.label = f"irishost {workers} worker{'s' if workers > 1 else ''}"
+        if access:
+            self.label += ", access log on"
         self.relay = self.service = self.conn = None
         try:
             self.relay, port = _util.start_relay()
             self.port = port
             name = f"{handler}-{'plain' if workers is None else f'host{workers}'}-{port}"
-            config = write_config(directory, name, handler, port, workers or 1)
+            config = write_config(directory, name, handler, port, workers or 1, access)
             if workers is None:
                 command = [sys.executable, __file__, "--serve", str(config)]
             else:
@@ -800,11 +813,60 @@ def bench_echo_overhead(report: _util.Report, settings: Settings, directory: Pat
         )
 
 
+def bench_access_log(report: _util.Report, settings: Settings, directory: Path) -> None:
+    """Loaded echo throughput of irishost with the access log off and on, and
+    the supervisor's CPU per request, where the access lines are written;
+    each --compare checkout is measured both ways too."""
+    probe = (ECHO_REQUEST, ECHO_REQUEST)
+    pairs: list[tuple[Rig, Rig]] = []
+    with contextlib.ExitStack() as stack:
+        for checkout in (None, *settings.compare):
+            argv = irishost_argv if checkout is None else checkout_argv(checkout)
+            off, on = (
+                stack.enter_context(Rig(directory, "EchoHandler", 1, probe, argv, access))
+                for access in (False, True)
+            )
+            if checkout is not None:
+                off.label += f" from {checkout}"
+                on.label += f" from {checkout}"
+            pairs.append((off, on))
+        rigs = [rig for pair in pairs for rig in pair]
+        answered = dict.fromkeys(rigs, 0)
+        supervisor_cpu = dict.fromkeys(rigs, 0.0)
+        for rig in alternating(rigs, settings.rounds):
+            supervisor = rig.processes()[0]
+            before = _cpu_seconds(supervisor)
+            answered[rig] += load_window(rig, settings)
+            supervisor_cpu[rig] += _cpu_seconds(supervisor) - before
+    seconds = settings.rounds * settings.latency_seconds
+    loaded = f"{LOAD_CONCURRENCY} in flight"
+    for off, on in pairs:
+        baseline = answered[off] / seconds
+        report.add(f"echo, {loaded}: {off.label}", baseline, "requests/s")
+        target = ACCESS_LOG_TARGET if off is pairs[0][0] else None
+        report.add(
+            f"echo, {loaded}: {on.label}",
+            answered[on] / seconds,
+            "requests/s",
+            target,
+            baseline=baseline,
+        )
+        off_cpu = supervisor_cpu[off] / answered[off] * 1e6
+        report.add(f"echo supervisor CPU per request, {loaded}: {off.label}", off_cpu, "us")
+        report.add(
+            f"echo supervisor CPU per request, {loaded}: {on.label}",
+            supervisor_cpu[on] / answered[on] * 1e6,
+            "us",
+            baseline=off_cpu,
+        )
+
+
 RUNNERS: dict[str, Callable[[_util.Report, Settings, Path], None]] = {
     "cpu-bound": bench_cpu_bound,
     "ring": bench_ring,
     "dispatch": bench_dispatch,
     "echo-overhead": bench_echo_overhead,
+    "access-log": bench_access_log,
 }
 
 
@@ -923,7 +985,8 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="DIR",
-        help="echo-overhead and cpu-bound also run irishost from the checkout DIR (repeatable)",
+        help="echo-overhead, cpu-bound and access-log also run irishost from the checkout DIR "
+        "(repeatable)",
     )
     parser.add_argument("--serve", metavar="CONFIG", help=argparse.SUPPRESS)
     parser.add_argument(

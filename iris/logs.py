@@ -28,6 +28,11 @@ def _quote(value: object) -> str:
     return text
 
 
+def format_pairs(pairs: Pairs) -> str:
+    """``key=value ...`` as entries show their context, values quoted where needed."""
+    return " ".join(f"{key}={_quote(value)}" for key, value in pairs)
+
+
 class _Entry:
     """A log message whose text is rendered only when a handler asks for it."""
 
@@ -38,8 +43,50 @@ class _Entry:
         self.pairs = pairs
 
     def __str__(self) -> str:
-        tail = " ".join(f"{key}={_quote(value)}" for key, value in self.pairs)
+        tail = format_pairs(self.pairs)
         return f"{self.msg} {tail}" if tail else self.msg
+
+
+# What a HotRecord leaves unset, as logging does when told not to collect it
+# (logging.logThreads and the like): no caller, thread or process.
+_UNSET_FIELDS: dict[str, object] = {
+    "args": None,
+    "exc_info": None,
+    "exc_text": None,
+    "stack_info": None,
+    "pathname": "",
+    "filename": "",
+    "module": "",
+    "lineno": 0,
+    "funcName": "",
+    "relativeCreated": 0.0,
+    "thread": None,
+    "threadName": None,
+    "processName": None,
+    "process": None,
+    "taskName": None,
+}
+
+
+class HotRecord(logging.LogRecord):
+    """A LogRecord for a line logged per request: made in a fifth of the time.
+
+    ``Logger.info`` finds its caller's file and line and makes a LogRecord,
+    which looks up the thread and process: about 8 us on the thread that
+    logs, where the supervisor's relay reader and loop have a budget of a
+    few. A HotRecord takes only its time; ``msg`` is rendered (``str``)
+    when the line is written, which behind logfmt's writer is on its thread.
+    Pass it to ``Logger.handle`` after ``Logger.isEnabledFor``.
+    """
+
+    def __init__(self, name: str, level: int, msg: object) -> None:
+        self.__dict__.update(_UNSET_FIELDS)
+        self.name = name
+        self.msg = msg
+        self.levelno = level
+        self.levelname = logging.getLevelName(level)
+        self.created = created = time.time()
+        self.msecs = (created - int(created)) * 1000
 
 
 class ContextLog:

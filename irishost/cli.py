@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from iris.logfmt import configure_logging, tag_standard_streams
+from iris.logfmt import configure_logging, start_log_writer, tag_standard_streams
 from iris.version import add_version_option
 
 from .config import Config, ConfigError, load_config, parse_worker_count
@@ -95,11 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         return _config_error(err)
     if args.command != "run":
         return _command(args, config.control.socket)
-    configure_logging(config.logging.level)
+    configure_logging(config.logging.level, file=config.logging.file)
     try:
         if args.check:
             _check(config)
             return _print(f"irishost: {config.file}: OK (handler {config.service.handler})")
+        # The supervisor never forks (fork servers are exec'd), so a writer thread is safe.
+        start_log_writer()
         return Supervisor(config, overrides).run()
     except HostError as err:
         if err.code != Exit.OK:

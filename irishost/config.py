@@ -112,6 +112,7 @@ class MetricsSection:
 class LoggingSection:
     level: str
     access: bool = False  # one line per request on the logger irishost.access
+    file: Path | None = None  # absolute; None = stderr. Reopened on SIGUSR1
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ class Config:
         data["file"] = str(self.file)
         data["service"]["path"] = [str(entry) for entry in self.service.path]
         data["control"]["socket"] = str(self.control.socket)
+        data["logging"]["file"] = None if self.logging.file is None else str(self.logging.file)
         times: list[list[Any]] = []
         data["settings"] = _times_as_text(self.settings, [], times)
         data["settings_times"] = times
@@ -145,6 +147,7 @@ class Config:
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> Config:
         service = data["service"]
+        log_file = data["logging"]["file"]  # None or a path
         return cls(
             file=Path(data["file"]),
             service=ServiceSection(**{**service, "path": tuple(map(Path, service["path"]))}),
@@ -154,7 +157,7 @@ class Config:
             topics=tuple(TopicSection(**topic) for topic in data["topics"]),
             control=ControlSection(socket=Path(data["control"]["socket"])),
             metrics=MetricsSection(**data["metrics"]),
-            logging=LoggingSection(**data["logging"]),
+            logging=LoggingSection(**{**data["logging"], "file": log_file and Path(log_file)}),
             settings=_text_as_times(data["settings"], data["settings_times"]),
         )
 
@@ -406,7 +409,14 @@ _SECTIONS: dict[str, tuple[type, _Spec]] = {
     ),
     "control": (ControlSection, {"socket": (_string, "")}),  # "" = see _control_socket
     "metrics": (MetricsSection, {"port": (_integer(0, 65535), 0)}),
-    "logging": (LoggingSection, {"level": (_log_level, "info"), "access": (_boolean, False)}),
+    "logging": (
+        LoggingSection,
+        {
+            "level": (_log_level, "info"),
+            "access": (_boolean, False),
+            "file": (_string, ""),  # "" = stderr; made absolute by load_config
+        },
+    ),
 }
 
 # Each [[topics]] entry.
@@ -449,6 +459,12 @@ def load_config(path: str | Path) -> Config:
         control["socket"] = _control_socket(absolute, control["socket"])
     except ValueError as error:
         raise ConfigError(file, "control.socket", str(error)) from None
+
+    log_section = sections["logging"]
+    try:
+        log_section["file"] = _log_file(directory, log_section["file"])
+    except ValueError as error:
+        raise ConfigError(file, "logging.file", str(error)) from None
 
     built = {name: cls(**sections[name]) for name, (cls, _) in _SECTIONS.items()}
     return Config(
@@ -629,6 +645,28 @@ def _control_socket(file: Path, configured: str) -> Path:
         raise ValueError(
             f"{path} is {size} bytes long; a unix socket path has at most {MAX_SOCKET_PATH}"
         )
+    return path
+
+
+def _log_file(directory: Path, configured: str) -> Path | None:
+    """``[logging] file`` made absolute (against the config's ``directory``), or
+    None for stderr; ValueError if the host could not append to it.
+
+    Checked here, so that ``--check`` finds a typo in the directory or a
+    permission problem rather than the first line the host writes.
+    """
+    if not configured:
+        return None
+    if "\0" in configured:
+        raise ValueError(f"expected a path, got {_show(configured)}")
+    path = Path(os.path.normpath(directory / configured))
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; expected a file to append to")
+    if not path.parent.is_dir():
+        raise ValueError(f"{path.parent}: no such directory")
+    writable = path if path.exists() else path.parent
+    if not os.access(writable, os.W_OK):
+        raise ValueError(f"{writable}: not writable by this user (uid {os.getuid()})")
     return path
 
 

@@ -8,7 +8,7 @@ import signal
 import sys
 
 from .. import codec
-from ..logfmt import configure_logging, tag_standard_streams
+from ..logfmt import configure_logging, start_log_writer, tag_standard_streams
 from ..version import add_version_option
 from .input_guard import (
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(f"--partial-budget: {err} (see --max-message)")
     configure_logging(args.log_level)
+    start_log_writer()  # the relay never forks; its threads never wait on stderr
     try:
         server = RelayServer(args.port, args.max_message, args.outbound_cap, limits)
     except OSError as err:

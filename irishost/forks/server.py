@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=args.socket)
     with open(args.config_fd, "rb") as source:
         config = Config.from_wire(unpack(source.read()))
-    configure_logging(config.logging.level)  # as the supervisor's: workers inherit it
+    # As the supervisor's; workers inherit it (and open the file afresh).
+    configure_logging(config.logging.level, file=config.logging.file)
     setproctitle.setproctitle(
         f"irishost: fork server {config.service.cluster} ({config.file.name}) "
         f"generation {args.generation}"

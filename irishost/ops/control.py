@@ -59,6 +59,8 @@ The snapshot, as built by the supervisor's ``snapshot`` callable::
         "expired": int,      # its deadline passed first: the caller got the relay's timeout
         "shutdown": int,     # the host was stopping
       },
+      "log_records_dropped": int,  # log records the supervisor dropped, its log
+                             # writer's queue full (stderr or the file not keeping up)
     }
 
 ``irishost status --json`` prints this snapshot as it is; its keys are
@@ -347,6 +349,8 @@ def format_status(snapshot: Snapshot) -> str:
         ("failed", _failures(snapshot.get("failures", {}))),
         ("workers", f"{len(workers)} alive"),
         ("health", _health(snapshot["degraded"])),
+        # A host started before an upgrade of the package does not count them.
+        ("logging", f"{snapshot.get('log_records_dropped', 0)} records dropped"),
     ]
     header: list[object] = [
         "WORKER",

@@ -103,6 +103,8 @@ def render(snapshot: Snapshot) -> str:
          {"": len(snapshot["degraded"])}),
         ("relay_connected", "gauge", "1 if the host is connected to the Iris relay, else 0.",
          {"": int(snapshot["relay"]["state"] == "connected")}),
+        ("log_records_dropped_total", "counter", "Log records dropped: the log "
+         "writer fell behind.", {"": snapshot.get("log_records_dropped", 0)}),
         ("worker_rss_bytes", "gauge", "Resident memory of the worker processes in a slot.",
          per_slot["rss"]),
         ("worker_requests_served_total", "counter", "Requests answered by a slot's worker.",

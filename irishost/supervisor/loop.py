@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from iris.logfmt import reopen_log_file
 from iris.logs import ContextLog
 
 from ..config import Config
@@ -122,6 +123,7 @@ class Supervisor:
             signal.SIGHUP: self._reload,
             signal.SIGTTIN: lambda: self._scale_by(1),
             signal.SIGTTOU: lambda: self._scale_by(-1),
+            signal.SIGUSR1: reopen_log_file,  # logrotate moved [logging] file away
         }
         self._next_tick = 0.0
         self._unclaimed: dict[int, tuple[int, float]] = {}  # pid -> (wait status, when reaped)

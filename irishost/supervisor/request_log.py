@@ -5,6 +5,10 @@ with its :class:`~irishost.ops.metrics.Outcome` and the time since it reached th
 host: counted in :class:`~irishost.ops.metrics.RequestStats` (the snapshot's
 ``durations`` and ``failures``, the metrics' histogram and failure counters),
 and logged on ``irishost.access`` when ``[logging] access`` is on.
+
+An access line costs the thread that answers the request a HotRecord and a
+queue entry; its text is made by the log writer (``iris.logfmt``), in the
+same "request key=value ..." form as ContextLog's lines.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import logging
 import time
 from typing import Protocol
 
-from iris.logs import ContextLog
+from iris.logs import HotRecord, format_pairs
 
 from ..config import Config
 from ..ops.metrics import Outcome, RequestStats
@@ -33,13 +37,32 @@ class Request(Protocol):
     def size(self) -> int: ...  # bytes
 
 
+class _AccessLine:
+    """An access line's message, rendered only when it is written."""
+
+    __slots__ = ("context", "worker", "size", "seconds", "outcome")
+
+    def __init__(self, context: str, worker: object, size: int, seconds: float, outcome: Outcome):
+        self.context = context
+        self.worker = worker
+        self.size = size
+        self.seconds = seconds
+        self.outcome = outcome
+
+    def __str__(self) -> str:
+        return (
+            f"request {self.context} worker={self.worker} size={self.size} "
+            f"duration={self.seconds:.6f} outcome={self.outcome}"
+        )
+
+
 class RequestLog:
     """Fed from the relay connection's reader thread and the supervisor's loop;
     RequestStats has a lock of its own, and a logger is thread-safe."""
 
     def __init__(self, config: Config):
         self.stats = RequestStats()
-        self._access: ContextLog | None = None  # the access log, when on
+        self._access: str | None = None  # the access lines' context, when the log is on
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -48,7 +71,7 @@ class RequestLog:
         if config.logging.access:
             # INFO whatever the host's level: the operator asked for these lines.
             access_logger.setLevel(logging.INFO)
-            self._access = ContextLog(access_logger).new(cluster=config.service.cluster)
+            self._access = format_pairs((("cluster", config.service.cluster),))
 
     def record(
         self, request: Request, outcome: Outcome, worker: WorkerHandle | None = None
@@ -56,11 +79,8 @@ class RequestLog:
         """``request`` was answered (or expired) just now; ``worker`` held it, if one did."""
         seconds = time.monotonic() - request.received
         self.stats.record(outcome, seconds)
-        if self._access is not None:
-            self._access.info(
-                "request",
-                worker="-" if worker is None else worker.slot,
-                size=request.size,
-                duration=f"{seconds:.6f}",
-                outcome=outcome,
-            )
+        context = self._access
+        if context is not None and access_logger.isEnabledFor(logging.INFO):
+            slot = "-" if worker is None else worker.slot
+            line = _AccessLine(context, slot, request.size, seconds, outcome)
+            access_logger.handle(HotRecord(access_logger.name, logging.INFO, line))

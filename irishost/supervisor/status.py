@@ -7,6 +7,8 @@ import os
 import time
 from typing import Any, Protocol
 
+from iris.logfmt import dropped_records
+
 from ..config import Config
 from ..ops.notify import Notifier
 from .dispatch import RelayDispatch
@@ -115,5 +117,6 @@ class HostStatus:
             "restarts": host.pool.respawner.restarts,
             "degraded": [{"slot": slot, "problem": text} for slot, text in problems.items()],
             "workers": workers,
+            "log_records_dropped": dropped_records(),  # the supervisor's writer's queue was full
             **host.dispatch.requests.stats.snapshot(),  # "durations" and "failures"
         }

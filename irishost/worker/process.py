@@ -45,6 +45,7 @@ import setproctitle
 import iris
 import iris.aio
 from iris.dispatch import answer, memory_fault, serve_tunnel, thread_fault
+from iris.logfmt import reopen_log_file, start_log_writer, stop_log_writer
 from iris.logs import ContextLog, HandlerErrorLog, RateLimitedWarning
 from iris.pool import HandlerPool
 
@@ -172,6 +173,7 @@ def run(spec: WorkerSpec) -> None:
     except BaseException:  # the last line of defence in a child: report, then exit
         traceback.print_exc()
     finally:
+        stop_log_writer()  # os._exit skips atexit, where the queued lines would be written
         os._exit(code)
 
 
@@ -257,6 +259,7 @@ class Worker(CallbackPools[HandlerPool]):
         )
         for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(signum, signal.SIG_IGN)  # the supervisor handles these
+        signal.signal(signal.SIGUSR1, lambda *_: reopen_log_file())  # as the supervisor
         for signum in (signal.SIGTERM, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
@@ -266,6 +269,8 @@ class Worker(CallbackPools[HandlerPool]):
         _close_inherited_fds(
             {inbox.data_fd, inbox.space_fd, outbox.data_fd, outbox.space_fd, self.spec.alive}
         )
+        reopen_log_file()  # the fork server's may be a file logrotate has moved since
+        start_log_writer()  # so a stalled stderr never holds up a handler thread that logs
         os.register_at_fork(after_in_child=self._note_fork)
         try:
             self._boot()

@@ -731,3 +731,40 @@ def test_a_config_crosses_to_the_fork_server_as_plain_values_unchanged(in_tmp):
     config = load_config(text)
     crossed = Config.from_wire(msgpack.unpackb(msgpack.packb(config.to_wire()), raw=False))
     assert crossed.settings == {"day": "2026-11-29", "list": [[datetime.date(1979, 5, 27)]]}
+
+
+def test_log_file_is_made_absolute_against_the_configs_directory(in_tmp):
+    (in_tmp / "conf" / "logs").mkdir(parents=True)
+    config = load_config(write(in_tmp / "conf", MINIMAL + '[logging]\nfile = "logs/host.log"'))
+
+    assert config.logging.file == in_tmp / "conf" / "logs" / "host.log"
+    wire = msgpack.unpackb(msgpack.packb(config.to_wire()), raw=False)
+    assert Config.from_wire(wire) == config  # the fork server gets it too
+    assert load_config(write(in_tmp, MINIMAL)).logging.file is None  # stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ('"missing/host.log"', r"/missing: no such directory"),
+        ('"."', r" is a directory; expected a file to append to"),
+        ("true", r"expected a string, got true"),
+        ('"a\\u0000b"', r"expected a path, got "),
+    ],
+)
+def test_log_file_errors_name_the_key_and_the_problem(in_tmp, value, problem):
+    err = load_error(MINIMAL + f"[logging]\nfile = {value}")
+
+    assert err.key == "logging.file"
+    assert re.search(problem, str(err)), str(err)
+    assert str(err).startswith("service.toml: logging.file: ")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_log_file_in_a_directory_this_user_cannot_write_is_refused(in_tmp):
+    locked = in_tmp / "locked"
+    locked.mkdir(mode=0o500)
+
+    err = load_error(MINIMAL + '[logging]\nfile = "locked/host.log"')
+
+    assert "not writable by this user" in str(err)

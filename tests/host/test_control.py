@@ -422,6 +422,7 @@ def test_format_status():
         "failed:    2 (worker_died 2)\n"
         "workers:   2 alive\n"
         "health:    ok\n"
+        "logging:   0 records dropped\n"  # SNAPSHOT is of a host too old to count them
         "\n"
         "WORKER  PID   STATE     SERVED  IN FLIGHT  RSS       RESTARTS  UPTIME\n"
         "0       4243  draining  523     2          900 B     0         2h 05m\n"
@@ -435,6 +436,12 @@ def test_format_status_names_the_slots_that_are_down():
     text = format_status({**SNAPSHOT, "degraded": degraded})
 
     assert "health:    degraded: worker 1 failed to start: RuntimeError: database down\n" in text
+
+
+def test_format_status_counts_the_log_records_dropped():
+    text = format_status({**SNAPSHOT, "log_records_dropped": 12})
+
+    assert "logging:   12 records dropped\n" in text
 
 
 @pytest.mark.parametrize(

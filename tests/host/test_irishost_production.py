@@ -233,7 +233,7 @@ def test_irishost_status_shows_the_host_and_a_row_per_worker_then_fails_once_it_
 
     assert list(header) == [
         "service", "cluster", "pid", "uptime", "relay", "served", "in flight", "waiting",
-        "restarts", "failed", "workers", "health",
+        "restarts", "failed", "workers", "health", "logging",
     ]  # fmt: skip
     assert header["service"] == "service"  # the config's name
     assert header["cluster"] == service.cluster

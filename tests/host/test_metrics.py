@@ -41,6 +41,7 @@ SNAPSHOT = {
     "durations": {"buckets": [[0.001, 1000], [0.1, 1500], [10.0, 1520]], "sum": 17.25,
                   "count": 1530},
     "failures": {"fault": 3, "worker_died": 2, "no_room": 0, "expired": 5, "shutdown": 0},
+    "log_records_dropped": 7,
 }  # fmt: skip
 
 EXPECTED = """\
@@ -65,6 +66,9 @@ irishost_slots_down 1
 # HELP irishost_relay_connected 1 if the host is connected to the Iris relay, else 0.
 # TYPE irishost_relay_connected gauge
 irishost_relay_connected 1
+# HELP irishost_log_records_dropped_total Log records dropped: the log writer fell behind.
+# TYPE irishost_log_records_dropped_total counter
+irishost_log_records_dropped_total 7
 # HELP irishost_worker_rss_bytes Resident memory of the worker processes in a slot.
 # TYPE irishost_worker_rss_bytes gauge
 irishost_worker_rss_bytes{worker="0"} 7000
