@@ -29,9 +29,22 @@ and keeps the relay connection in one supervisor process::
     | for init()'s outbound|              |                       |
     +----------------------+              +-----------------------+
 
-Workers are forked by the fork server (``fork_server``), a process the
-supervisor starts while it still has one thread; it is their parent, reaps
-them and reports their deaths to the supervisor.
+Workers are forked by fork servers, never by the supervisor (it has
+threads, and ``fork`` copies only the calling thread)::
+
+    supervisor (a child subreaper)
+      |-- fork server, generation N    a fresh interpreter (exec), one per
+      |     (imports the handler        generation: the start, each reload,
+      |      when preloading)           each reconnect; asked for workers
+      |                                 over a socket, answers through the
+      |                                 supervisor's loop, deadline per call
+      |-- worker 0 (generation N)      forked by it through an intermediate
+      `-- worker 1 (generation N)      that exits at once: the supervisor is
+                                        every worker's parent and reaps it
+
+A fork server that dies, hangs or fails to fork costs a respawn's backoff,
+never a worker or the host; a reload whose import fails, exits or crashes
+fails only that reload (``irishost.forks.server``, ``supervisor.spawner``).
 
 Who owns what: the supervisor owns the relay connection, the rings (created
 by the fork server before the fork, their names unlinked at once, so
@@ -44,18 +57,18 @@ worker is ready at all, requests wait in the supervisor for one (until their
 deadline). A worker that writes a frame that does not decode is killed as
 broken, which is such a death.
 
-Modules: ``cli`` (command line), ``config`` (TOML), ``loader`` (handler
-import), ``exits`` (exit codes), ``supervisor`` (the loop and the signal
-table), ``relay_link`` (the relay connection), ``dispatch`` (relay ->
-workers, and every answer), ``worker_table`` (worker records, states,
-tickets), ``workers`` (a worker as the supervisor sees it), ``pool`` (spawn,
-retire, recycle, kill), ``respawner`` (the respawn and give-up policy),
-``rollout`` (reloads and reconnects), ``spawner`` / ``fork_server``
-(forking a worker),
-``host_status`` (systemd status, snapshots), ``worker`` / ``async_worker``
-(the worker process), ``ring`` (shared-memory rings), ``frames`` (what
-crosses them), ``request_log`` (each request's outcome: metrics and access
-log), ``bridge`` / ``worker_tunnel`` (tunnels across the process
-boundary), ``wakeup`` (signals wake a loop), ``control`` / ``metrics`` /
-``notify`` (operators and systemd).
+Layout, by layer (each imports only from those below it; checked by
+tests/host/test_irishost_layout.py): ``cli`` (command line); ``supervisor/``
+(``loop``: the loop and the signal table; ``generations`` and ``rollout``:
+reloads, reconnects, scaling; ``spawner``: the fork servers, seen from the
+supervisor; ``pool`` and ``respawner``: spawn, retire, recycle, kill, and
+when; ``worker_table`` and ``handle``: worker records, states, tickets;
+``dispatch``, ``request_log``, ``bridge``: relay -> workers, every answer,
+tunnels; ``relay_link``; ``status``); ``forks/`` (``server``: the fork
+server process; ``messages``: what crosses to it); ``ops/`` (``control``,
+``metrics``, ``notify``: operators and systemd); ``worker/`` (``process``:
+the worker; ``loop``: its event loop for iris.aio handlers; ``tunnel``);
+``wire/`` (``ring``: shared-memory rings; ``frames``: what crosses them;
+``wakeup``: signals wake a loop); and below all, ``config``, ``loader``
+(handler import) and ``exits``.
 """

@@ -11,9 +11,14 @@ reader thread only books requests through the WorkerTable.
 
 The parts it drives, each owning one kind of state: ``WorkerTable`` (the
 workers, their states, the requests they hold), ``RelayLink`` (the relay
-connection and its state), ``Rollout`` (a reload or reconnect in progress),
-``Respawner`` (when to replace a worker and when to give up), ``Spawner``
-(forking one).
+connection and its state), ``Generations`` (the running generation, and the
+reload or reconnect in progress), ``Respawner`` (when to replace a worker
+and when to give up), ``Spawner`` (the fork servers, whose answers arrive
+through this loop's own wait: it never blocks on one).
+
+Every child of this process is reaped here: workers (the supervisor is their
+parent: a child subreaper, see ``_become_subreaper``), fork servers, and
+orphans a handler left behind.
 """
 
 from __future__ import annotations

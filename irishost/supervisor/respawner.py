@@ -2,7 +2,7 @@
 
 Nothing here forks, signals or reads a clock: the supervisor passes the time
 and what it observed, and acts on the answers. That keeps the rules testable
-in-process (tests/test_respawner.py), as ``Router`` keeps the relay's.
+in-process (tests/host/test_respawner.py), as ``Router`` keeps the relay's.
 
 - A worker that dies is respawned after a backoff that doubles per quick
   death of its slot, up to a cap; one that lived ``STABLE_SECONDS`` resets it.

@@ -104,7 +104,7 @@ class ForkServer:
         try:
             for fd in passed:
                 os.set_inheritable(fd, True)
-            # posix_spawn, not fork: this process has threads (see fork_server).
+            # posix_spawn, not fork: this process has threads (see irishost.forks.server).
             argv = command(launch, *passed)
             self.pid = os.posix_spawn(argv[0], argv, os.environ)
         finally:

@@ -1,7 +1,7 @@
 """A worker's event loop, for handlers written against iris.aio.
 
 When ``[service] handler`` names an :class:`iris.aio.ServiceHandler`, the
-worker (irishost/worker.py) hands its boot and its frame loop to a
+worker (irishost/worker/process.py) hands its boot and its frame loop to a
 :class:`LoopWorker`: the inbound ring is read from the event loop (its
 eventfd is a loop reader), requests, broadcasts and events run as
 coroutines in the binding's asyncio pools (``iris.aio.pool``), so

@@ -1,6 +1,6 @@
 """A worker process: runs the service's handler on work from the supervisor.
 
-The worker is forked by the fork server (``fork_server``) and never returns
+The worker is forked by a fork server (``irishost.forks.server``) and never returns
 into its code: :func:`run` ends in ``os._exit``. Its main thread reads
 frames from the inbound ring and hands them to the binding's bounded pools
 (``iris.pool.HandlerPool``), so the thread and memory caps of a worker are
@@ -90,7 +90,7 @@ class CallbackPools(Generic[PoolT]):
     """The request, broadcast and event pools, as both kinds of worker route to them.
 
     :class:`Worker` runs callbacks on threads (iris.pool), the loop worker
-    (irishost/async_worker.py) as coroutines (iris.aio.pool); which pools
+    (irishost/worker/loop.py) as coroutines (iris.aio.pool); which pools
     there are, their limits and how broadcasts and events reach them are
     the same, so they live here once. Each kind says how a fire-and-forget
     callback is run and counted in ``_run_counted``.
@@ -247,7 +247,7 @@ class Worker(CallbackPools[HandlerPool]):
         self._in_flight_lock = threading.Lock()
         self._tunnels: TunnelRegistry = {}
         self._draining = False
-        # An iris.aio handler's event loop (irishost/async_worker.py).
+        # An iris.aio handler's event loop (irishost/worker/loop.py).
         self._loop_worker: LoopWorker | None = None
 
     # -- life cycle ---------------------------------------------------------------
