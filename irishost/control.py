@@ -154,6 +154,9 @@ class ControlServer:
 
 class _UnixServer(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True  # a stuck client must not hold up the host's exit
+    # socketserver's default backlog is 5: a burst of commands (a deploy script
+    # running `irishost reload` on many shells) would be refused beyond it.
+    request_queue_size = socket.SOMAXCONN
 
     def __init__(self, path: str, snapshot: Callable[[], Snapshot], act: Act):
         self.snapshot = snapshot
@@ -280,7 +283,7 @@ def send_command(path: Path, command: dict[str, Any], timeout: float = 5.0) -> d
         sock.settimeout(timeout)
         try:
             _refuse_shared_directory(path.parent)
-            sock.connect(str(path))
+            _connect(sock, str(path), timeout)
             sock.sendall(json.dumps(command).encode() + b"\n")
             with sock.makefile("rb") as reader:
                 line = reader.readline(MAX_ANSWER)
@@ -311,6 +314,24 @@ def send_command(path: Path, command: dict[str, Any], timeout: float = 5.0) -> d
     if "error" in answer:
         raise ControlError(f"irishost at {path}: {answer['error']}")
     return answer
+
+
+def _connect(sock: socket.socket, path: str, timeout: float) -> None:
+    """Connect, waiting up to ``timeout`` for room in the host's backlog.
+
+    A unix socket's connect does not wait for a full backlog the way TCP's
+    does: with a timeout set (the socket is non-blocking underneath) it fails
+    at once with EAGAIN. TimeoutError once ``timeout`` has passed.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError from None
+            time.sleep(POLL_INTERVAL / 10)
 
 
 def wait_closed(path: Path, timeout: float) -> None:
