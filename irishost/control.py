@@ -35,6 +35,10 @@ The snapshot, as built by the supervisor's ``snapshot`` callable::
       "degraded": [          # slots down (crashed, failing to start) until ready again
         {"slot": int, "problem": str},
       ],
+      "metrics": {           # null when [metrics] port is not set
+        "port": int,         # the configured port
+        "problem": str,      # why it is not served (e.g. the port is taken), "" when it is
+      },
       "workers": [           # live worker processes (booting, ready or draining)
         {
           "slot": int,       # shared by a draining worker and its successor
@@ -369,6 +373,10 @@ def format_status(snapshot: Snapshot) -> str:
         ("workers", f"{len(workers)} alive"),
         ("health", _health(snapshot["degraded"])),
     ]
+    # Absent from a host started before an upgrade of the package; null when off.
+    metrics = snapshot.get("metrics")
+    if metrics:
+        summary.append(("metrics", _metrics(metrics)))
     header: list[object] = [
         "WORKER",
         "PID",
@@ -401,6 +409,13 @@ def _failures(failures: dict[str, int]) -> str:
     causes = [f"{cause} {count}" for cause, count in failures.items() if count]
     total = sum(failures.values())
     return f"{total} ({', '.join(causes)})" if causes else "0"
+
+
+def _metrics(metrics: dict[str, Any]) -> str:
+    """Where the metrics are served, or that they are not and why."""
+    if metrics["problem"]:
+        return f"not served: {metrics['problem']}"
+    return f"http://127.0.0.1:{metrics['port']}/metrics"
 
 
 def _health(degraded: list[dict[str, Any]]) -> str:
