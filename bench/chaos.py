@@ -24,6 +24,15 @@ previous one has recovered (plus a short random gap):
   supervisor kills its worker at deadline + ``timeout_grace``;
 - raise: a request whose handler raises;
 - reload: SIGHUP to the host (a new generation of workers takes over);
+- fork-server-kill: SIGKILL a fork server (chosen by the seed); the workers it
+  forked must not notice, and the next spawn launches a fresh one;
+- slow-reload: ``irishost reload --wait`` of code whose import takes
+  SLOW_IMPORT seconds (a flag file the handler checks at import); replies
+  must keep flowing meanwhile (survived: the reload completed, and no load
+  request took 1 s or more);
+- bad-reload: the same, of code whose import calls ``os._exit`` or raises
+  (the seed picks); survived: the reload failed, said why, and the running
+  workers carried on;
 - relay: SIGKILL the relay process and start it again on the same port.
   Clients' connections break: pending calls end with ClosedError ("closed"
   below) and the client threads reconnect with backoff;
@@ -72,7 +81,7 @@ import _util
 import psutil
 
 import iris
-from irishost.ops.control import ControlError, query_status
+from irishost.ops.control import ControlError, query_status, send_command
 from irishost.wire.ring import segment_prefix
 
 CLIENTS = 6
@@ -87,6 +96,15 @@ HANG_TIMEOUT = 1.0
 # How long new workers fail in init during an init-fail fault.
 INIT_OUTAGE = 1.0
 INIT_FLAG = "init-fails"
+# The handler's import sleeps this long while SLOW_FLAG exists, and ends the
+# process or raises (as the file says: "exit" or "raise") while BAD_FLAG does.
+SLOW_IMPORT = 3.0
+SLOW_FLAG = "import-slow"
+BAD_FLAG = "import-bad"
+# What a slow reload may cost a load request at most, for "survived".
+SLOW_RELOAD_LATENCY = 1.0
+# How long a reload --wait may take before the injector gives up on it.
+RELOAD_WAIT = 30.0
 # The "oversize" reply: just over the relay's default 64 MiB message limit.
 OVERSIZE_MIB = 65
 # How long a broadcast sent after "broadcast-exit" may take to reach every worker.
@@ -109,6 +127,9 @@ FAULTS = (
     "init-fail",
     "oversize",
     "broadcast-exit",
+    "fork-server-kill",
+    "slow-reload",
+    "bad-reload",
 )
 
 HANDLER_MODULE = "chaos_handler"
@@ -117,6 +138,7 @@ HANDLER_SOURCE = '''\
 
 import os
 import threading
+import time
 
 import iris
 
@@ -124,6 +146,17 @@ MiB = 1 << 20
 _hoard = []  # what "balloon" keeps
 HERE = os.path.dirname(os.path.abspath(__file__))
 INIT_FLAG = os.path.join(HERE, "{init_flag}")
+
+# Reloaded code that is slow to import, or broken (see the flags in chaos.py).
+if os.path.exists(os.path.join(HERE, "{slow_flag}")):
+    time.sleep({slow_import})
+_bad = os.path.join(HERE, "{bad_flag}")
+if os.path.exists(_bad):
+    with open(_bad) as flag:
+        how = flag.read()
+    if how == "exit":
+        os._exit(3)
+    raise RuntimeError("chaos: the reloaded code raises at import")
 
 
 class ChaosHandler(iris.ServiceHandler):
@@ -249,6 +282,12 @@ class Ledger:
                 if now - sent > timeout + MARGIN
             ]
 
+    def waiting(self, source: str) -> list[float]:
+        """How long each call from ``source`` still in flight has been waiting."""
+        now = time.monotonic()
+        with self._lock:
+            return [now - sent for kind, sent, _ in self._in_flight.values() if kind == source]
+
     def snapshot(self) -> list[Outcome]:
         with self._lock:
             return list(self.outcomes)
@@ -277,6 +316,9 @@ class Rig:
         self.port = _util.free_port()
         (self.dir / f"{HANDLER_MODULE}.py").write_text(
             HANDLER_SOURCE.replace("{init_flag}", INIT_FLAG)
+            .replace("{slow_flag}", SLOW_FLAG)
+            .replace("{slow_import}", repr(SLOW_IMPORT))
+            .replace("{bad_flag}", BAD_FLAG)
         )
         self.config = self.dir / "chaos.toml"
         self.config.write_text(
@@ -342,6 +384,27 @@ class Rig:
             return False
         ready = {w["pid"] for w in status["workers"] if w["state"] == "ready"}
         return len(ready) == WORKERS and len(ready - before) >= replaced
+
+    def fork_servers(self) -> list[int]:
+        """The pids of the host's fork servers, by their process title."""
+        try:
+            children = psutil.Process(self.host.proc.pid).children()
+        except psutil.Error:
+            return []
+        found = []
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                if " ".join(child.cmdline()).startswith("irishost: fork server"):
+                    found.append(child.pid)
+        return sorted(found)
+
+    def reload_and_wait(self) -> tuple[bool, str]:
+        """``irishost reload --wait`` over the control socket: (completed, its answer)."""
+        try:
+            answer = send_command(self.control, {"cmd": "reload", "wait": True}, RELOAD_WAIT)
+        except ControlError as err:
+            return False, str(err)
+        return True, answer["message"]
 
     def supervisor_fds(self) -> int:
         return psutil.Process(self.host.proc.pid).num_fds()
@@ -525,6 +588,50 @@ class Chaos:
                 conn.broadcast(rig.cluster, b"exit")
                 conn.broadcast(rig.cluster, b"mark:%d" % len(self.injections))
             replaced = 0
+        elif kind == "fork-server-kill":
+            servers = rig.fork_servers()
+            victim = self.rng.choice(servers) if servers else None
+            injection.note = f"SIGKILL fork server pid {victim}" if victim else "no fork server"
+            if victim is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(victim, signal.SIGKILL)
+                time.sleep(0.5)  # the supervisor has seen it die by now
+                kept = before <= rig.ready_pids()
+                injection.survived = kept
+                if not kept:
+                    injection.note += "; workers it forked died with it"
+            replaced = 0
+        elif kind == "slow-reload":
+            flag = rig.dir / SLOW_FLAG
+            flag.touch()
+            try:
+                completed, answer = rig.reload_and_wait()
+            finally:
+                flag.unlink()
+            took = time.monotonic() - injection.at
+            worst = self._worst_latency(injection.at)
+            injection.survived = completed and worst < SLOW_RELOAD_LATENCY
+            injection.note = (
+                f"import {SLOW_IMPORT:g} s; answered in {took:.1f} s: {answer!r}; "
+                f"worst load latency meanwhile {worst:.3f} s"
+            )
+            replaced = WORKERS
+        elif kind == "bad-reload":
+            how = self.rng.choice(["exit", "raise"])
+            flag = rig.dir / BAD_FLAG
+            flag.write_text(how)
+            try:
+                completed, answer = rig.reload_and_wait()
+            finally:
+                flag.unlink()
+            kept = before <= rig.ready_pids()
+            injection.survived = not completed and "reload failed" in answer and kept
+            said = answer.partition("reload failed: ")[2] or answer
+            said = said.replace(str(rig.dir) + "/", "")
+            injection.note = f"import {'calls os._exit' if how == 'exit' else 'raises'}: {said!r}"
+            if not kept:
+                injection.note += "; the running workers did not carry on"
+            replaced = 0
         elif kind == "relay":
             rig.kill_relay()
             rig.start_relay()
@@ -554,6 +661,15 @@ class Chaos:
             injection.survived = own is not None and own.kind == "fault" and not hurt
         if kind == "broadcast-exit":
             self._check_broadcast_marker(injection, len(self.injections) - 1, before)
+
+    def _worst_latency(self, since: float) -> float:
+        """The longest a load request sent since ``since`` took (answered or not)."""
+        taken = [
+            o.answered - o.sent
+            for o in self.ledger.snapshot()
+            if o.source == "load" and o.answered >= since
+        ]
+        return max([*taken, *self.ledger.waiting("load")], default=0.0)
 
     def _check_broadcast_marker(self, injection: Injection, marker: int, workers: set[int]):
         """Whether the broadcast sent after the SystemExit one reached every worker."""

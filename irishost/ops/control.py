@@ -6,15 +6,18 @@ reads one JSON line back, ``{"error": "..."}`` when the command failed:
 
 - ``{"cmd": "status"}``: the snapshot below.
 - ``{"cmd": "reload"}``: as SIGHUP, a fresh generation of workers from the
-  re-read config and code; ``{"ok": true, "message": "..."}`` once the
-  command is queued for the supervisor's loop, not when the reload is done.
+  re-read config and code; ``{"ok": true, "message": "reload started
+  (generation N) ..."}`` once it has started, or ``{"error": "reload already
+  in progress (generation N)"}``. With ``"wait": true``, answered when the
+  reload completed, or with its failure.
 - ``{"cmd": "scale", "count": N}``: N workers (1 to 1024), as SIGTTIN and
-  SIGTTOU would reach it one by one; answered once queued.
-- ``{"cmd": "stop"}``: as SIGTERM; answered once queued.
+  SIGTTOU would reach it one by one; during a reload, the new generation's.
+- ``{"cmd": "stop"}``: as SIGTERM.
 
 The server never does the work on its own thread: the supervisor's
-``act`` callable only queues the command and wakes the loop, as its signal
-handlers do, so a command cannot race the loop's own steps.
+``act`` callable queues the command and wakes the loop, as its signal
+handlers do, so a command cannot race the loop's own steps; the loop
+answers with what it did, which ``act`` waits for.
 
 A unix socket rather than TCP because file permissions then decide who may
 look and command: the socket is 0600 (in a 0700 directory, when irishost
@@ -35,6 +38,10 @@ The snapshot, as built by the supervisor's ``snapshot`` callable::
       "degraded": [          # slots down (crashed, failing to start) until ready again
         {"slot": int, "problem": str},
       ],
+      "metrics": {           # null when [metrics] port is not set
+        "port": int,         # the configured port
+        "problem": str,      # why it is not served (e.g. the port is taken), "" when it is
+      },
       "workers": [           # live worker processes (booting, ready or draining)
         {
           "slot": int,       # shared by a draining worker and its successor
@@ -156,6 +163,9 @@ class ControlServer:
 
 class _UnixServer(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True  # a stuck client must not hold up the host's exit
+    # socketserver's default backlog is 5: a burst of commands (a deploy script
+    # running `irishost reload` on many shells) would be refused beyond it.
+    request_queue_size = socket.SOMAXCONN
 
     def __init__(self, path: str, snapshot: Callable[[], Snapshot], act: Act):
         self.snapshot = snapshot
@@ -282,7 +292,7 @@ def send_command(path: Path, command: dict[str, Any], timeout: float = 5.0) -> d
         sock.settimeout(timeout)
         try:
             _refuse_shared_directory(path.parent)
-            sock.connect(str(path))
+            _connect(sock, str(path), timeout)
             sock.sendall(json.dumps(command).encode() + b"\n")
             with sock.makefile("rb") as reader:
                 line = reader.readline(MAX_ANSWER)
@@ -313,6 +323,24 @@ def send_command(path: Path, command: dict[str, Any], timeout: float = 5.0) -> d
     if "error" in answer:
         raise ControlError(f"irishost at {path}: {answer['error']}")
     return answer
+
+
+def _connect(sock: socket.socket, path: str, timeout: float) -> None:
+    """Connect, waiting up to ``timeout`` for room in the host's backlog.
+
+    A unix socket's connect does not wait for a full backlog the way TCP's
+    does: with a timeout set (the socket is non-blocking underneath) it fails
+    at once with EAGAIN. TimeoutError once ``timeout`` has passed.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError from None
+            time.sleep(POLL_INTERVAL / 10)
 
 
 def wait_closed(path: Path, timeout: float) -> None:
@@ -352,6 +380,10 @@ def format_status(snapshot: Snapshot) -> str:
         # A host started before an upgrade of the package does not count them.
         ("logging", f"{snapshot.get('log_records_dropped', 0)} records dropped"),
     ]
+    # Absent from a host started before an upgrade of the package; null when off.
+    metrics = snapshot.get("metrics")
+    if metrics:
+        summary.append(("metrics", _metrics(metrics)))
     header: list[object] = [
         "WORKER",
         "PID",
@@ -384,6 +416,13 @@ def _failures(failures: dict[str, int]) -> str:
     causes = [f"{cause} {count}" for cause, count in failures.items() if count]
     total = sum(failures.values())
     return f"{total} ({', '.join(causes)})" if causes else "0"
+
+
+def _metrics(metrics: dict[str, Any]) -> str:
+    """Where the metrics are served, or that they are not and why."""
+    if metrics["problem"]:
+        return f"not served: {metrics['problem']}"
+    return f"http://127.0.0.1:{metrics['port']}/metrics"
 
 
 def _health(degraded: list[dict[str, Any]]) -> str:

@@ -81,6 +81,13 @@ class HostStatus:
             )
         return line
 
+    def _metrics(self) -> dict[str, Any] | None:
+        """The metrics endpoint's port and, when it is not served, why; None when off."""
+        port = self.host.config.metrics.port
+        if not port:
+            return None
+        return {"port": port, "problem": self.host.metrics_problem}
+
     def snapshot(self) -> dict[str, Any]:
         """What `irishost status` and the metrics show; runs on their threads."""
         host = self.host
@@ -116,6 +123,7 @@ class HostStatus:
             "waiting": waiting,
             "restarts": host.pool.respawner.restarts,
             "degraded": [{"slot": slot, "problem": text} for slot, text in problems.items()],
+            "metrics": self._metrics(),
             "workers": workers,
             "log_records_dropped": dropped_records(),  # the supervisor's writer's queue was full
             **host.dispatch.requests.stats.snapshot(),  # "durations" and "failures"

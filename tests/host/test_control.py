@@ -459,3 +459,14 @@ def test_format_status_counts_failures_by_cause():
         {**SNAPSHOT, "failures": failures}
     )
     assert "failed:    0\n" in format_status({**SNAPSHOT, "failures": dict.fromkeys(failures, 0)})
+
+
+def test_format_status_says_whether_metrics_are_served():
+    served = format_status({**SNAPSHOT, "metrics": {"port": 9108, "problem": ""}})
+    taken = format_status(
+        {**SNAPSHOT, "metrics": {"port": 9108, "problem": "port 9108 unavailable: in use"}}
+    )
+
+    assert "metrics:   http://127.0.0.1:9108/metrics\n" in served
+    assert "metrics:   not served: port 9108 unavailable: in use\n" in taken
+    assert "metrics:" not in format_status({**SNAPSHOT, "metrics": None})
