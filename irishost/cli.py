@@ -22,10 +22,9 @@ from pathlib import Path
 from iris.logfmt import configure_logging, start_log_writer, tag_standard_streams
 from iris.version import add_version_option
 
-from .config import Config, ConfigError, load_config, parse_worker_count
+from .config import ConfigError, load_config, parse_worker_count
 from .ops.control import ControlError, format_status, query_status, send_command, wait_closed
 from .supervisor.loop import Exit, HostError, Supervisor
-from .supervisor.respawner import fresh_memory_problem
 from .supervisor.spawner import check_handler
 
 
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.logging.level, file=config.logging.file)
     try:
         if args.check:
-            _check(config)
+            check_handler(config)  # HostError: exit 3 or 4, as a start would
             return _print(f"irishost: {config.file}: OK (handler {config.service.handler})")
         # The supervisor never forks (fork servers are exec'd), so a writer thread is safe.
         start_log_writer()
@@ -109,14 +108,6 @@ def main(argv: list[str] | None = None) -> int:
             if err.details:
                 print(err.details, file=sys.stderr, end="")
         return err.code
-
-
-def _check(config: Config) -> None:
-    """Import the handler in a fresh interpreter, as the fork server will; HostError
-    if it cannot serve, or if ``max_rss`` is below the memory it starts with."""
-    problem = fresh_memory_problem(config.limits.max_rss, check_handler(config))
-    if problem is not None:
-        raise HostError(Exit.CONFIG, f"config error: {config.file}: limits.max_rss: {problem}")
 
 
 def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

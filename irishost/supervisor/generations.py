@@ -7,7 +7,8 @@ server is routed here by the generation it concerns: a worker for the
 running generation or the rollout's joins the table, one for a generation
 given up meanwhile is killed; a failed spawn is retried with backoff for the
 running generation and fails a rollout; a fork server that cannot start
-ends the host only at start-up.
+ends the host only at start-up (which is also where a ``max_rss`` below a
+fresh worker's memory ends it: the spawner reports that as a failed start).
 """
 
 from __future__ import annotations
@@ -21,16 +22,15 @@ from typing import Any
 from iris.logs import ContextLog
 
 from ..config import Config, ConfigError
-from ..exits import Exit, HostError
+from ..exits import HostError
 from ..ops.notify import Notifier
 from .dispatch import RelayDispatch
 from .generation import Generation
 from .handle import WorkerHandle
 from .pool import WorkerPool, signal_worker
 from .relay_link import RelayLink
-from .respawner import fresh_memory_problem
 from .rollout import Reconnect, Reload, Rollout, reread
-from .spawner import Event, ServerReady, Spawned, SpawnFailed
+from .spawner import Event, LaunchFailed, Spawned, SpawnFailed
 from .worker_table import WorkerTable
 
 # Told how a command ended: (succeeded, the line to say).
@@ -198,27 +198,12 @@ class Generations:
                 self.pool.on_spawn_failed(event.slot, event.reason)
             elif rollout is not None:
                 rollout.abort(f"could not start new worker {event.slot}: {event.reason}")
-        elif isinstance(event, ServerReady):
-            self._check_fresh_memory(event, running, rollout)
-        elif running and not self.pool.respawner.ever_ready:  # LaunchFailed, at start-up
-            raise HostError(event.code, event.message, event.details)
-        elif rollout is not None:
-            rollout.abort(event.message, event.details or None)
-        else:  # a relaunch for the running generation: its spawns fail and are retried
-            self.log.error("fork server failed to start", error=event.message)
+        elif isinstance(event, LaunchFailed):
+            if running and not self.pool.respawner.ever_ready:  # at start-up
+                raise HostError(event.code, event.message, event.details)
+            if rollout is not None:
+                rollout.abort(event.message, event.details or None)
+            else:  # a relaunch for the running generation: its spawns fail and are retried
+                self.log.error("fork server failed to start", error=event.message)
+        # ServerReady: its queued spawns are on their way; nothing to do here
         return None
-
-    def _check_fresh_memory(
-        self, ready: ServerReady, running: bool, rollout: Rollout | None
-    ) -> None:
-        """A max_rss below what a fresh worker starts with would recycle every
-        worker at birth: a config error at start, a failed reload later."""
-        problem = fresh_memory_problem(ready.generation.config.limits.max_rss, ready.rss)
-        if problem is None:
-            return
-        if running and not self.pool.respawner.ever_ready:
-            raise HostError(
-                Exit.CONFIG, f"config error: {self.config.file}: limits.max_rss: {problem}"
-            )
-        if rollout is not None:
-            rollout.abort(f"limits.max_rss: {problem}")

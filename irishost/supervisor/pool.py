@@ -208,11 +208,14 @@ class WorkerPool:
 
         The supervisor is a child subreaper: every worker is its child, and so
         is any orphan a handler left, so its descendants are all there is to end.
+        A fork server killed in the middle of a fork leaves its intermediate
+        to fork the worker after the first look: every look kills what it
+        finds, until no child is left.
         """
-        for pid in descendants(os.getpid()):
-            signal_worker(pid, signal.SIGKILL)
         deadline = time.monotonic() + KILL_ALL_SECONDS
         while time.monotonic() < deadline:
+            for pid in descendants(os.getpid()):
+                signal_worker(pid, signal.SIGKILL)
             reap_children()
             if not descendants(os.getpid()):
                 break

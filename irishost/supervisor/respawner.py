@@ -190,4 +190,6 @@ def _last_line(text: str | None) -> str:
 
 
 def _mib(size: int) -> str:
+    if size < 2**20:  # "0.0 MiB" would hide a limit of a few bytes
+        return f"{size} B"
     return f"{size / 2**20:.1f} MiB"

@@ -32,6 +32,7 @@ from ..forks.messages import RING_FDS, Launch, command, config_memfd, pack, rece
 from ..wire.ring import Ring
 from .generation import Generation
 from .handle import WorkerHandle
+from .respawner import fresh_memory_problem
 
 # A fork server that has not answered a spawn within this long is killed and
 # relaunched: a fork takes milliseconds, even of a large preloaded process,
@@ -257,6 +258,13 @@ class Spawner:
         if kind == "ready":
             server.ready = True
             rss, threads = int(message[1]), int(message[2])
+            problem = fresh_memory_problem(generation.config.limits.max_rss, rss)
+            if problem is not None:  # every worker would be recycled at birth: fork none
+                file = generation.config.file
+                failed = LaunchFailed(
+                    generation, Exit.CONFIG, f"config error: {file}: limits.max_rss: {problem}"
+                )
+                return [failed, *self._fail(server, failed.message, launch_reported=True)]
             for call, queued in server.calls.items():
                 server._send_spawn(call, queued)
             return [ServerReady(generation, rss, threads)]

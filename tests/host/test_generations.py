@@ -9,7 +9,6 @@ real processes in test_irishost_process_model.py and its neighbours.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
 import pytest
 
@@ -23,7 +22,7 @@ from irishost.supervisor.generations import Generations
 from irishost.supervisor.handle import WorkerHandle, WorkerState
 from irishost.supervisor.pool import WorkerPool
 from irishost.supervisor.relay_link import RelayLink
-from irishost.supervisor.spawner import Event, LaunchFailed, ServerReady, Spawned, SpawnFailed
+from irishost.supervisor.spawner import Event, LaunchFailed, Spawned, SpawnFailed
 from irishost.supervisor.worker_table import Change, WorkerTable
 from irishost.wire.ring import Ring
 
@@ -223,11 +222,10 @@ def test_a_worker_of_a_generation_given_up_meanwhile_is_not_taken_on(host):
     assert host.table.of_generation(1) == []
 
 
-def test_max_rss_below_a_fresh_worker_is_a_config_error_at_start(host):
-    config = host.config
-    limited = replace(config, limits=replace(config.limits, max_rss=2**20))
-    host.pool.generation = Generation(0, limited, 0)
+def test_a_config_the_fork_server_refuses_at_start_up_ends_the_host_with_exit_3(host):
+    """[settings] the class does not take, or a max_rss below a fresh worker's memory."""
+    host.spawner.launch(host.pool.generation)
+    failed = LaunchFailed(host.pool.generation, Exit.CONFIG, "config error: limits.max_rss: ...")
     with pytest.raises(HostError) as raised:
-        host.tell(ServerReady(host.pool.generation, rss=30 * 2**20, threads=1))
+        host.tell(failed)
     assert raised.value.code == Exit.CONFIG
-    assert "1.0 MiB is below a fresh worker's resident memory (30.0 MiB" in str(raised.value)
