@@ -183,4 +183,6 @@ def test_under_irishost_base_exceptions_in_callbacks_do_not_stop_the_worker(host
 
     wait_for(lambda: len(service.records()) == 2, what="the broadcast and event after")
     assert sorted(map(tuple, service.records())) == [("broadcast", "after"), ("event", "after")]
+    # The worker's log writer writes its lines a moment after they are logged.
+    wait_for(lambda: host.log().count("Traceback") >= 6, what="the six tracebacks")
     assert host.log().count("Traceback") == 6
