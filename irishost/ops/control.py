@@ -100,6 +100,7 @@ from iris.private_socket import (
     refuse_shared_directory,
     remove_stale_socket,
 )
+from iris.tool.table import table
 
 from ..config import parse_worker_count
 
@@ -370,7 +371,7 @@ def format_status(snapshot: Snapshot) -> str:
         for worker in workers
     ]
     lines = [f"{name + ':':<11}{value}" for name, value in summary]
-    return "\n".join([*lines, "", *_table([header, *rows])]) + "\n"
+    return "\n".join([*lines, "", *table([header, *rows])]) + "\n"
 
 
 def _failures(failures: dict[str, int]) -> str:
@@ -391,12 +392,6 @@ def _health(degraded: list[dict[str, Any]]) -> str:
     if not degraded:
         return "ok"
     return "degraded: " + "; ".join(f"worker {d['slot']} {d['problem']}" for d in degraded)
-
-
-def _table(rows: list[list[object]]) -> list[str]:
-    cells = [[str(cell) for cell in row] for row in rows]
-    widths = [max(len(row[column]) for row in cells) for column in range(len(cells[0]))]
-    return ["  ".join(map(str.ljust, row, widths)).rstrip() for row in cells]
 
 
 def _size(count: int) -> str:
