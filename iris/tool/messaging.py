@@ -47,9 +47,10 @@ def request(port: int, cluster: str, data: bytes, timeout: float) -> Exit:
     with connect(port) as conn:
         try:
             reply = conn.request(cluster, data, timeout)
-        except iris.TimeoutError:
+        except iris.TimeoutError as err:
             if status.members(port, cluster) == 0:
-                raise ToolError(Exit.TIMEOUT, status.no_member_line(cluster)) from None
+                line = f"timeout: {err}: {status.no_member_line(cluster)}"
+                raise ToolError(Exit.TIMEOUT, line) from None
             raise
     write_out(reply)
     return Exit.OK
