@@ -37,7 +37,7 @@ class _NotFast(Exception):
 def route_leading(router: Router, peer: Peer, data: bytes, max_message: int) -> int:
     """Route the run of fast-path packets at the start of ``data`` from the
     attached ``peer``; return how many bytes they took."""
-    view, end, pos = memoryview(data), len(data), 0
+    view, end, pos, routed = memoryview(data), len(data), 0, 0
     cluster, route_request, route_reply = router.cluster, router.route_request, router.route_reply
     while pos < end:
         op = data[pos]
@@ -76,6 +76,8 @@ def route_leading(router: Router, peer: Peer, data: bytes, max_message: int) -> 
         else:
             route_reply(peer, reply_id, (view[answer:at],))
         pos = at
+        routed += 1
+    router.fast_packets += routed
     return pos
 
 

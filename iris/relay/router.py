@@ -132,6 +132,8 @@ class Router:
         self._builds: dict[int, _PendingBuild] = {}
         self._deadlines: list[tuple[float, int]] = []
         self._ids = itertools.count()
+        # Packets passthrough.py routed without decoding, for the status socket.
+        self.fast_packets = 0
         # Each handler takes the packet type it is keyed by.
         self._handlers: dict[type[codec.ClientPacket], Callable[[Peer, Any], None]] = {
             codec.Request: self._on_request,
@@ -248,6 +250,12 @@ class Router:
         pending = self._requests.keys() | self._builds.keys()
         self._deadlines = [entry for entry in self._deadlines if entry[1] in pending]
         heapq.heapify(self._deadlines)
+
+    def census(self) -> tuple[dict[str, int], dict[str, int], int]:
+        """Members per cluster, subscribers per topic, and pending requests."""
+        clusters = {name.decode(): len(group.members) for name, group in self._clusters.items()}
+        topics = {topic: len(subscribers) for topic, subscribers in self._topics.items()}
+        return clusters, topics, len(self._requests)
 
     def _member(self, cluster: str) -> Peer | None:
         group = self._clusters.get(cluster.encode())

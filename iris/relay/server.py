@@ -29,9 +29,11 @@ import time
 from typing import cast
 
 from .. import codec
+from ..version import __version__
 from .input_guard import InputGuard, InputLimits
 from .passthrough import route_leading
 from .router import ProtocolViolation, Router, TunnelEnd
+from .status import Snapshot, StatusListener
 
 log = logging.getLogger("iris.relay")
 
@@ -148,6 +150,10 @@ class RelayServer:
         self._accept_troubled = False  # a failure was reported, and its end not yet
         self._accept_report_due = 0.0
         self.router = Router()
+        # Traffic, for the status socket: integer adds per read and per flush.
+        self.in_msgs = self.in_bytes = self.out_msgs = self.out_bytes = 0
+        self.slow_consumers = 0
+        self._started = time.monotonic()
         self.dirty: list[PeerConnection] = []
         self.peers: set[PeerConnection] = set()
         self._selector = selectors.DefaultSelector()
@@ -156,6 +162,9 @@ class RelayServer:
         for listener in self._listeners:
             listener.setblocking(False)
             self._selector.register(listener, selectors.EVENT_READ, None)
+        self._status = StatusListener.open(self.port)
+        if self._status is not None:
+            self._selector.register(self._status.sock, selectors.EVENT_READ, None)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -169,6 +178,29 @@ class RelayServer:
     @property
     def addresses(self) -> list[str]:
         return [_format_address(sock.getsockname()) for sock in self._listeners]
+
+    def snapshot(self) -> Snapshot:
+        """What the relay holds and has carried, for the status socket (status.py);
+        on the loop's thread, which alone changes what it reads."""
+        clusters, topics, pending = self.router.census()
+        return {
+            "server": "iris-relay",
+            "version": __version__,
+            "pid": os.getpid(),
+            "port": self.port,
+            "uptime": time.monotonic() - self._started,
+            "connections": len(self.peers),
+            "clusters": clusters,
+            "topics": topics,
+            "pending": pending,
+            "in_msgs": self.in_msgs + self.router.fast_packets,
+            "in_bytes": self.in_bytes,
+            "out_msgs": self.out_msgs,
+            "out_bytes": self.out_bytes,
+            "slow_consumers": self.slow_consumers,
+            "partial_bytes": self._guard.partial_total,
+            "partial_budget": self._guard.limits.partial_budget,
+        }
 
     # -- running --------------------------------------------------------------------
 
@@ -267,6 +299,9 @@ class RelayServer:
         self._next_tick = min(self._next_tick, now + self._tick_seconds)
 
     def _accept(self, listener: socket.socket) -> None:
+        if self._status is not None and listener is self._status.sock:
+            self._status.serve(self.snapshot)
+            return
         now = time.monotonic()
         while True:
             try:
@@ -334,6 +369,7 @@ class RelayServer:
         if not data:
             self.drop(peer, None)
             return
+        self.in_bytes += len(data)
         view: bytes | memoryview = data
         try:
             if peer.cluster is not None and not peer.partial:  # attached, nothing buffered
@@ -343,6 +379,7 @@ class RelayServer:
                 view = memoryview(data)[taken:]
             handle = self.router.handle
             packets = decoder.feed(view)
+            self.in_msgs += len(packets)
             for packet in packets:
                 handle(peer, packet)
                 if peer.closing:
@@ -397,7 +434,9 @@ class RelayServer:
             out.clear()
             self._close_socket(peer, f"write failed: {err}")
             return
+        self.out_bytes += sent
         if sent == peer.out_bytes:  # the common case: the socket took everything
+            self.out_msgs += len(out)
             out.clear()
             peer.out_bytes = 0
         else:
@@ -406,6 +445,7 @@ class RelayServer:
             while sent >= len(out[done]):
                 sent -= len(out[done])
                 done += 1
+            self.out_msgs += done
             del out[:done]
         if not out:
             if peer.closing:
@@ -416,6 +456,7 @@ class RelayServer:
         if sent:
             out[0] = memoryview(out[0])[sent:]  # later sends resume from here
         if peer.out_bytes > self.outbound_cap and not peer.closing:
+            self.slow_consumers += 1
             peer.out.clear()
             self.drop(peer, f"peer stopped reading: over {self.outbound_cap} bytes unsent")
             self._close_socket(peer, None)
@@ -487,6 +528,9 @@ class RelayServer:
                 self._selector.unregister(listener)
             listener.close()
         self._selector.unregister(self._wake_r)
+        if self._status is not None:
+            self._selector.unregister(self._status.sock)
+            self._status.close()
         for peer in list(self.peers):
             if not peer.closing:
                 peer.send(codec.Closed("relay shutting down").encode())

@@ -4,7 +4,8 @@ Each client is a thread with its own connection. A request client sends one
 request at a time and times each round trip; publish clients send as fast as
 they can while one subscriber, on its own connection, times each event from
 the moment it was published (the publish time travels in the event's first
-8 bytes). While the clients run, a progress line is redrawn on stderr when
+8 bytes), unless the payload is given (--data, --data-file): then events
+are only counted. While the clients run, a progress line is redrawn on stderr when
 stderr is a terminal; the report goes to stdout.
 """
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import iris
 
+from . import status
 from .exits import Exit, ToolError
 from .latency import Latencies, latency_lines, rate_line
 from .messaging import connect, note
@@ -38,12 +40,24 @@ STAMP = struct.Struct("<q")
 
 @dataclass(frozen=True)
 class Plan:
-    """What to run: ``clients`` threads, ``size``-byte messages, for ``seconds`` or ``count``."""
+    """What to run: ``clients`` threads, ``size``-byte messages, for ``seconds`` or ``count``.
+
+    ``payload`` is the message itself when given (then ``size`` is ignored):
+    a real service needs requests it understands, which ``x`` * size is not.
+    """
 
     clients: int
     size: int
     seconds: float | None
     count: int | None
+    payload: bytes | None = None
+
+    @property
+    def message_size(self) -> int:
+        return self.size if self.payload is None else len(self.payload)
+
+    def message(self) -> bytes:
+        return b"x" * self.size if self.payload is None else self.payload
 
     def share(self, client: int) -> int | None:
         """How many messages client number ``client`` sends in count mode."""
@@ -123,19 +137,19 @@ class Progress:
 
 def describe(plan: Plan, what: str) -> str:
     until = f"{plan.seconds:g} s" if plan.seconds is not None else f"{plan.count:,} {what}"
-    return f"{plan.clients} client(s), {plan.size}-byte {what}, {until}"
+    return f"{plan.clients} client(s), {plan.message_size}-byte {what}, {until}"
 
 
 def bench_requests(port: int, cluster: str, plan: Plan, timeout: float) -> Exit:
     """Round trips to ``cluster``, each with ``timeout`` seconds for its reply;
     something must serve it (``iris reply CLUSTER --echo``)."""
-    message = b"x" * plan.size
+    message = plan.message()
     conns = [connect(port) for _ in range(plan.clients)]
     try:
         try:
             conns[0].request(cluster, message, timeout)  # fails fast if nobody serves
-        except (iris.TimeoutError, iris.RemoteError):
-            note(f"the first request failed; is anything serving {cluster!r}?")
+        except (iris.TimeoutError, iris.RemoteError) as err:
+            note(f"the first request failed: {first_failure(port, cluster, err, timeout)}")
             raise
         note(f"bench request {cluster!r}: {describe(plan, 'requests')}")
         operations = [functools.partial(conn.request, cluster, message, timeout) for conn in conns]
@@ -147,22 +161,38 @@ def bench_requests(port: int, cluster: str, plan: Plan, timeout: float) -> Exit:
             conn.close()
     samples = [sample for client in clients for sample in client.latencies]
     failed = sum(client.failed for client in clients)
-    print(rate_line("requests", len(samples), elapsed, plan.size, failed))
+    print(rate_line("requests", len(samples), elapsed, plan.message_size, failed))
     print("\n".join(latency_lines("latency", Latencies(samples))))
     return Exit.OK if not failed else Exit.FAILURE
 
 
+def first_failure(port: int, cluster: str, err: iris.Error, timeout: float) -> str:
+    """Why the first request failed, as far as the relay's status tells."""
+    if isinstance(err, iris.RemoteError):
+        return f"the handler failed: {err.fault}"
+    members = status.members(port, cluster)
+    if members == 0:
+        return status.no_member_line(cluster)
+    if members is None:
+        return f"no answer within {timeout:g} s; is anything serving {cluster!r}?"
+    return f"{members} member(s) of {cluster!r} did not answer within {timeout:g} s (--timeout)"
+
+
 def bench_publish(port: int, topic: str, plan: Plan) -> Exit:
-    """Events to ``topic``, timed from publish to delivery at our own subscriber."""
-    if plan.size < STAMP.size:
+    """Events to ``topic``, timed from publish to delivery at our own subscriber;
+    a given payload goes out as it is, so its events are counted, not timed."""
+    stamped = plan.payload is None
+    if stamped and plan.size < STAMP.size:
         raise ToolError(Exit.USAGE, f"--size must be at least {STAMP.size} for publish")
     padding = b"x" * (plan.size - STAMP.size)
     delays: list[int] = []
 
     def on_event(event: bytes) -> None:
-        delays.append(time.perf_counter_ns() - STAMP.unpack_from(event)[0])
+        delays.append(time.perf_counter_ns() - STAMP.unpack_from(event)[0] if stamped else 0)
 
     def publisher(conn: iris.Connection) -> Callable[[], None]:
+        if not stamped:
+            return functools.partial(conn.publish, topic, plan.message())
         return lambda: conn.publish(topic, STAMP.pack(time.perf_counter_ns()) + padding)
 
     subscriber = connect(port)
@@ -180,10 +210,24 @@ def bench_publish(port: int, topic: str, plan: Plan) -> Exit:
     finally:
         for conn in [*conns, subscriber]:
             conn.close()
-    print(rate_line("events published", published, elapsed, plan.size, 0))
+    print(rate_line("events published", published, elapsed, plan.message_size, 0))
     print(f"{len(delays):,} delivered to our subscriber, {published - len(delays):,} lost")
-    print("\n".join(latency_lines("delivery latency", Latencies(delays))))
+    if stamped:
+        print("\n".join(latency_lines("delivery latency", Latencies(delays))))
     return Exit.OK
+
+
+def read_payload(data: str | None, data_file: str | None) -> bytes | None:
+    """The payload of --data (UTF-8) or --data-file, or None for a generated one."""
+    if data_file is None:
+        return None if data is None else data.encode()
+    try:
+        with open(data_file, "rb") as file:
+            return file.read()
+    except OSError as err:
+        raise ToolError(
+            Exit.USAGE, f"--data-file: cannot read {data_file}: {err.strerror}"
+        ) from None
 
 
 def wait_for_delivery(delays: list[int], published: int) -> None:

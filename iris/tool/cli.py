@@ -16,7 +16,7 @@ import iris
 from iris.connection import DEFAULT_PORT
 from iris.version import add_version_option
 
-from . import bench, keygen, messaging, pipe
+from . import bench, keygen, messaging, pipe, status
 from .exits import EPILOG, Exit, ToolError
 
 EXAMPLES = """\
@@ -30,6 +30,9 @@ examples:
   tar c src | iris tunnel backup > receipt stdin into a tunnel, the tunnel to stdout
   iris bench request echo --clients 4 --seconds 10
   iris bench publish news --size 1024 --count 100000
+  iris bench request primes --data 200000  a payload the service understands
+  iris ls                                  clusters with members, topics with subscribers
+  iris relay status                        connections, traffic, budgets (--json)
   iris keygen -o /etc/iris/prod.pem        the key for iris -net prod -rsa ...
 """
 
@@ -119,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     load = argparse.ArgumentParser(add_help=False)
     load.add_argument("--clients", type=_positive(int), default=1, help="connections (1)")
     load.add_argument("--size", type=_positive(int), default=128, help="message bytes (128)")
+    _payload_options(load)
     until = load.add_mutually_exclusive_group()
     until.add_argument("--seconds", type=_positive(float), help="run this long (default 5)")
     until.add_argument("--count", type=_positive(int), help="send this many messages in all")
@@ -133,6 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench_publish.add_argument("topic")
 
+    _inspection_commands(command, port)
+
     sub = command("keygen", "make a network key for Iris nodes (PKCS#1 PEM, mode 0600)")
     sub.add_argument("-o", "--output", help="write the key to this file (default: stdout)")
     sub.add_argument(
@@ -140,6 +146,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--force", action="store_true", help="replace an existing file")
     return parser
+
+
+def _payload_options(load: argparse.ArgumentParser) -> None:
+    """--data and --data-file of ``iris bench``: a real service needs requests
+    it understands, which the generated ``x`` * --size is not."""
+    given = load.add_mutually_exclusive_group()
+    given.add_argument("--data", help="send this message (UTF-8) instead of --size bytes")
+    given.add_argument("--data-file", metavar="PATH", help="send this file's bytes instead")
+
+
+def _inspection_commands(
+    command: Callable[..., argparse.ArgumentParser], port: argparse.ArgumentParser
+) -> None:
+    """``iris ls`` and ``iris relay status``: what the relay on the port holds,
+    from its status socket (an Iris node has none)."""
+    command("ls", "list the relay's clusters with members and topics with subscribers")
+    relay = command("relay", "ask the relay about itself")
+    what = relay.add_subparsers(dest="what", required=True, metavar="WHAT")
+    shown = what.add_parser(
+        "status",
+        parents=[port],
+        help="connections, clusters, topics, traffic, slow consumers, partial-input budget",
+        description="What the relay holds and has carried, from its status socket "
+        "/tmp/iris-relay-UID/PORT.sock (iris-relay and irishost's embedded relay).",
+    )
+    shown.add_argument("--json", action="store_true", help="the snapshot as JSON, keys stable")
 
 
 def _run(args: argparse.Namespace) -> Exit:
@@ -161,8 +193,13 @@ def _run(args: argparse.Namespace) -> Exit:
         return pipe.run(args.port, args.cluster, args.timeout, args.linger)
     if args.command == "keygen":
         return keygen.run(args.output, args.bits, args.force)
+    if args.command == "ls":
+        return status.ls(args.port)
+    if args.command == "relay":
+        return status.show(args.port, args.json)
     seconds = args.seconds if args.seconds or args.count else bench.DEFAULT_SECONDS
-    plan = bench.Plan(args.clients, args.size, seconds, args.count)
+    payload = bench.read_payload(args.data, args.data_file)
+    plan = bench.Plan(args.clients, args.size, seconds, args.count, payload)
     if args.kind == "request":
         return bench.bench_requests(args.port, args.cluster, plan, args.timeout)
     return bench.bench_publish(args.port, args.topic, plan)

@@ -28,3 +28,7 @@ class ToolError(Exception):
     def __init__(self, code: Exit, message: str):
         super().__init__(message)
         self.code = code
+
+
+def relay_unreachable(port: int, err: OSError) -> ToolError:
+    return ToolError(Exit.NO_RELAY, f"cannot reach a relay on port {port}: {err}")

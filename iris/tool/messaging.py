@@ -13,16 +13,13 @@ import threading
 
 import iris
 
-from .exits import Exit, ToolError
+from . import status
+from .exits import Exit, ToolError, relay_unreachable
 
 
 def note(message: str) -> None:
     """A line for the human at the terminal, on stderr."""
     print(f"iris: {message}", file=sys.stderr, flush=True)
-
-
-def relay_unreachable(port: int, err: OSError) -> ToolError:
-    return ToolError(Exit.NO_RELAY, f"cannot reach a relay on port {port}: {err}")
 
 
 def connect(port: int) -> iris.Connection:
@@ -45,9 +42,16 @@ def write_out(data: bytes) -> None:
 
 
 def request(port: int, cluster: str, data: bytes, timeout: float) -> Exit:
-    """Send one request; the reply goes to stdout as raw bytes."""
+    """Send one request; the reply goes to stdout as raw bytes. After a
+    timeout the relay's status tells an unknown cluster from a slow handler."""
     with connect(port) as conn:
-        reply = conn.request(cluster, data, timeout)
+        try:
+            reply = conn.request(cluster, data, timeout)
+        except iris.TimeoutError as err:
+            if status.members(port, cluster) == 0:
+                line = f"timeout: {err}: {status.no_member_line(cluster)}"
+                raise ToolError(Exit.TIMEOUT, line) from None
+            raise
     write_out(reply)
     return Exit.OK
 

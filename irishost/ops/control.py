@@ -82,10 +82,8 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import socket
 import socketserver
-import stat
 import sys
 import threading
 import time
@@ -95,6 +93,14 @@ from pathlib import Path
 from typing import Any
 
 from iris.logs import ContextLog
+from iris.private_socket import (
+    PrivateSocketError,
+    make_private_directory,
+    owner_only,
+    refuse_shared_directory,
+    remove_stale_socket,
+)
+from iris.tool.table import table
 
 from ..config import parse_worker_count
 
@@ -110,6 +116,10 @@ CLIENT_TIMEOUT = 5.0
 POLL_INTERVAL = 0.1
 
 log = ContextLog(logging.getLogger(__name__))
+
+# How errors about the socket's place name it, and what to do about a shared directory.
+WHAT = "control socket"
+REMEDY = "run chmod go-w on it or set [control] socket to a private directory"
 
 
 class ControlError(Exception):
@@ -139,9 +149,12 @@ class ControlServer:
     def __init__(self, path: Path, snapshot: Callable[[], Snapshot], act: Act):
         self.path = path
         try:
-            _make_private_directory(path.parent)
-            _remove_stale_socket(path)
+            make_private_directory(path.parent, WHAT, REMEDY)
+            if remove_stale_socket(path, f"another irishost is already running with {WHAT} {path}"):
+                log.info("removing stale control socket", path=path)
             self._server = _UnixServer(str(path), snapshot, act)
+        except PrivateSocketError as err:
+            raise ControlError(str(err)) from err
         except OSError as err:  # e.g. a path over the 107 bytes AF_UNIX allows
             raise ControlError(f"cannot listen on {path}: {err.strerror or err}") from err
         self._thread = threading.Thread(
@@ -173,10 +186,7 @@ class _UnixServer(socketserver.ThreadingUnixStreamServer):
         super().__init__(path, _Handler)
 
     def server_bind(self) -> None:
-        # Linux creates a socket file with the socket's own mode (less the
-        # umask), so setting it before bind leaves no moment in which the
-        # file exists and others could connect.
-        os.fchmod(self.socket.fileno(), 0o600)
+        owner_only(self.socket)
         super().server_bind()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -231,55 +241,6 @@ def _answer(line: bytes, snapshot: Callable[[], Snapshot], act: Act) -> Snapshot
         return {"error": str(err)}
 
 
-def _make_private_directory(directory: Path) -> None:
-    """Create ``directory`` 0700, or check that an existing one is ours.
-
-    A directory another user owns (the /tmp fallback is world-writable, so
-    anyone can create it first) would let that user replace our socket.
-    """
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    owner = directory.stat().st_uid
-    if owner not in (os.geteuid(), 0):
-        raise ControlError(
-            f"{directory} belongs to uid {owner}, not to this user; "
-            "another user could replace the control socket there"
-        )
-    _refuse_shared_directory(directory)
-
-
-def _refuse_shared_directory(directory: Path) -> None:
-    """Refuse a directory that others may write to, whoever owns it.
-
-    There another user could swap the socket for their own: the host would
-    serve nobody, and ``irishost status`` would print the impostor's answer.
-    """
-    mode = directory.stat().st_mode
-    if mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise ControlError(
-            f"{directory} is writable by group or others (mode {stat.S_IMODE(mode):04o}); "
-            f"another user could replace the control socket there: run chmod go-w on it "
-            f"or set [control] socket to a private directory"
-        )
-
-
-def _remove_stale_socket(path: Path) -> None:
-    """Remove a socket left by a host that died; refuse if one still answers."""
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise ControlError(f"{path} exists and is not a socket; not replacing it")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        error = probe.connect_ex(str(path))
-    if error == 0:
-        raise ControlError(f"another irishost is already running with control socket {path}")
-    if error != errno.ECONNREFUSED:
-        raise ControlError(f"cannot tell whether {path} is in use: {os.strerror(error)}")
-    log.info("removing stale control socket", path=path)
-    path.unlink()
-
-
 def query_status(path: Path, timeout: float = 5.0) -> Snapshot:
     """Ask the host listening at ``path`` for its snapshot; ControlError on failure."""
     return send_command(path, {"cmd": "status"}, timeout)
@@ -291,11 +252,13 @@ def send_command(path: Path, command: dict[str, Any], timeout: float = 5.0) -> d
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
-            _refuse_shared_directory(path.parent)
+            refuse_shared_directory(path.parent, WHAT, REMEDY)
             _connect(sock, str(path), timeout)
             sock.sendall(json.dumps(command).encode() + b"\n")
             with sock.makefile("rb") as reader:
                 line = reader.readline(MAX_ANSWER)
+        except PrivateSocketError as err:
+            raise ControlError(str(err)) from None
         except FileNotFoundError:
             raise ControlError(
                 f"no irishost is running for this config: {path} not found"
@@ -408,7 +371,7 @@ def format_status(snapshot: Snapshot) -> str:
         for worker in workers
     ]
     lines = [f"{name + ':':<11}{value}" for name, value in summary]
-    return "\n".join([*lines, "", *_table([header, *rows])]) + "\n"
+    return "\n".join([*lines, "", *table([header, *rows])]) + "\n"
 
 
 def _failures(failures: dict[str, int]) -> str:
@@ -429,12 +392,6 @@ def _health(degraded: list[dict[str, Any]]) -> str:
     if not degraded:
         return "ok"
     return "degraded: " + "; ".join(f"worker {d['slot']} {d['problem']}" for d in degraded)
-
-
-def _table(rows: list[list[object]]) -> list[str]:
-    cells = [[str(cell) for cell in row] for row in rows]
-    widths = [max(len(row[column]) for row in cells) for column in range(len(cells[0]))]
-    return ["  ".join(map(str.ljust, row, widths)).rstrip() for row in cells]
 
 
 def _size(count: int) -> str:

@@ -449,7 +449,7 @@ def test_bench_draws_progress_on_a_terminal(relay, attach):
 def test_bench_request_without_a_server_exits_4(relay):
     done = run_iris(relay.port, "bench", "request", "nobody", "--timeout", "0.3")
     assert done.returncode == Exit.TIMEOUT
-    assert "is anything serving 'nobody'?" in done.stderr.decode()
+    assert "no member is registered under 'nobody'" in done.stderr.decode()
 
 
 def test_bench_publish_needs_room_for_its_timestamp(relay):
