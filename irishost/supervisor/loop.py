@@ -48,7 +48,7 @@ from .dispatch import RelayDispatch
 from .generation import Generation
 from .generations import Generations
 from .handle import WorkerHandle, WorkerState
-from .pool import WorkerPool, reap_children, signal_worker
+from .pool import WorkerPool, reap_children
 from .relay_link import RelayLink, RelayState
 from .spawner import Event, Spawner
 from .status import STATUS_SECONDS, HostStatus
@@ -399,8 +399,10 @@ class Supervisor:
         while dispatch.in_flight() and time.monotonic() < deadline:
             self._step(serving=False)
         self.link.close()
+        # Drained rather than signalled, so each runs its handler's close() and
+        # atexit callbacks within the same timeout; kill_all ends any that do not.
         for handle in self.table.workers:
-            signal_worker(handle.pid, signal.SIGTERM)
+            self.pool.retire(handle)
         while self.table.pids() and time.monotonic() < deadline:
             self._step(serving=False)
         self.log.info("stopped")
