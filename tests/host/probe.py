@@ -13,7 +13,8 @@ only in the first worker that boots), ``raise-while:<file>`` (raise while a
 file of that name exists beside the module: a database that is briefly
 down) or ``hang-while:<file>`` (block until that file is gone).
 
-``close()`` records ``close``, then, if ``PROBE_CLOSE`` is ``raise``, raises.
+``handle_drop`` records ``drop``; ``close()`` records ``close`` and whether
+init's connection had closed, then, if ``PROBE_CLOSE`` is ``raise``, raises.
 With ``PROBE_ATEXIT`` set, ``init`` registers an atexit callback that
 records ``atexit``: both are how a test sees a worker's graceful end.
 """
@@ -86,6 +87,9 @@ class ProbeHandler(iris.ServiceHandler):
             except FileExistsError:
                 return
             os._exit(9)
+
+    def handle_drop(self, reason: Exception) -> None:
+        record("drop", str(reason))
 
     def close(self) -> None:
         # The connection init got is still open: a lost one would fail this record.

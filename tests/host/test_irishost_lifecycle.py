@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import signal
 
-from support import gone, wait_for
+from relay_process import RelayProcess
+from support import free_port, gone, wait_for
 from test_irishost_async import async_config
 
 
 def closes(service) -> list[int]:
     """The pid of each close() call, in order (a pid twice would be a bug)."""
-    records = service.records("close")
-    assert all(still_closed is False for _, _, still_closed in records), (
-        "close() ran after init's connection was closed"
-    )
-    return [pid for _, pid, _ in records]
+    return [pid for _, pid, _ in service.records("close")]
 
 
 def run_ok(service, *args: str) -> str:
@@ -39,6 +36,8 @@ def test_irishost_stop_runs_close_once_per_worker(service):
     assert host.wait_exit() == 0
     assert sorted(closes(service)) == sorted(pids)
     assert host.log().count("worker drained; exiting") == 3
+    # init's connection was still open in close(), for a last outbound call.
+    assert [conn_closed for *_, conn_closed in service.records("close")] == [False] * 3
 
 
 def test_close_waits_for_the_request_in_flight_at_stop(service):
@@ -156,3 +155,25 @@ def test_an_async_handlers_close_is_awaited_once_per_worker_at_stop(service):
     assert host.wait_exit() == 0
     closed = [int(line) for line in (service.dir / "closed.txt").read_text().split()]
     assert sorted(closed) == sorted(pids)
+
+
+def test_workers_retired_after_a_relay_drop_run_close_after_handle_drop(service, tmp_path):
+    port = free_port()
+    relay = RelayProcess(["--port", str(port)], tmp_path / "relay-0.log")
+    service.config(relay={"port": port, "embedded": False}, workers={"count": 2})
+    try:
+        host = service.start()
+        old = {worker.pid for worker in host.worker_count(2)}
+        relay.proc.send_signal(signal.SIGKILL)
+        relay.kill()
+        wait_for(lambda: len(service.records("drop")) == 2, what="handle_drop in each worker")
+        relay = RelayProcess(["--port", str(port)], tmp_path / "relay-1.log")
+        wait_for(lambda: all(gone(pid) for pid in old), what="the dropped workers to exit")
+
+        assert sorted(closes(service)) == sorted(old)
+        for pid in old:  # handle_drop first, then close(), in each worker
+            mine = [what for what, who, *_ in service.records() if who == pid]
+            assert mine.index("drop") < mine.index("close")
+        host.stop()
+    finally:
+        relay.stop()
