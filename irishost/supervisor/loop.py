@@ -391,7 +391,7 @@ class Supervisor:
     # -- stopping ----------------------------------------------------------------------
 
     def _stop_gracefully(self) -> None:
-        """Finish in-flight work within the shutdown timeout, then take everything down."""
+        """Finish in-flight work, then drain the workers (their close(), atexit), in time."""
         dispatch = self.dispatch
         dispatch.accepting = False
         dispatch.release_waiting()  # with the shutdown fault
@@ -399,10 +399,8 @@ class Supervisor:
         while dispatch.in_flight() and time.monotonic() < deadline:
             self._step(serving=False)
         self.link.close()
-        # Drained rather than signalled, so each runs its handler's close() and
-        # atexit callbacks within the same timeout; kill_all ends any that do not.
         for handle in self.table.workers:
-            self.pool.retire(handle)
+            self.pool.retire(handle)  # drained, not signalled: so close() and atexit run
         while self.table.pids() and time.monotonic() < deadline:
             self._step(serving=False)
         self.log.info("stopped")
