@@ -78,8 +78,10 @@ class ServiceHandler:
         scale-down, the retirement after a relay drop), there after its
         in-flight work and within ``workers.shutdown_timeout``. Never after a
         crash or a kill, so do not rely on it for data that must not be
-        lost. No callback runs during or after it. An exception is logged
-        with its traceback and changes nothing else.
+        lost. No callback starts once it runs, but in the bindings a
+        handler thread still running at ``unregister`` is not waited for
+        (irishost's drain does wait). An exception is logged with its
+        traceback and changes nothing else.
         """
 
 
