@@ -11,6 +11,10 @@ from typing import TYPE_CHECKING, Protocol, Self, TypeVar
 
 if TYPE_CHECKING:
     from .connection import Connection
+    from .logs import ContextLog
+
+# What a close() that raised is logged as, by both bindings and irishost.
+CLOSE_FAILED = "handler close() raised"
 
 
 class TunnelEnd(Protocol):
@@ -36,7 +40,13 @@ class TunnelEnd(Protocol):
 
 
 class ServiceHandler:
-    """Callbacks of a registered service, run on the binding's handler threads."""
+    """Callbacks of a registered service, run on the binding's handler threads.
+
+    Life cycle: ``init`` once, then the callbacks, then ``close`` once when
+    the service ends gracefully. ``handle_drop`` is no end of that kind:
+    after it, ``close`` still runs when the program unregisters (or, in
+    irishost, when the worker is retired).
+    """
 
     def init(self, conn: Connection) -> None:
         """Runs once after registration, before any other callback.
@@ -58,6 +68,34 @@ class ServiceHandler:
 
     def handle_drop(self, reason: Exception) -> None:
         """The relay dropped the connection; no more callbacks will follow."""
+
+    def close(self) -> None:
+        """Release what ``init`` acquired (a database pool, say); does nothing by default.
+
+        Runs once when the service ends gracefully: ``Service.unregister``
+        (and so the end of ``with``, or ``iris.serve`` returning), or an
+        irishost worker's graceful exit (stop, reload, recycling,
+        scale-down, the retirement after a relay drop), there after its
+        in-flight work and within ``workers.shutdown_timeout``. Never after a
+        crash or a kill, so do not rely on it for data that must not be
+        lost. No callback starts once it runs, but in the bindings a
+        handler thread still running at ``unregister`` is not waited for
+        (irishost's drain does wait). An exception is logged with its
+        traceback and changes nothing else.
+        """
+
+
+def close_handler(handler: ServiceHandler, log: ContextLog) -> None:
+    """Run ``handler.close()``; what it raises is logged with its traceback.
+
+    Not raised: close runs on the way out, where an exception would only
+    skip what the exit still has to do (closing the connection, running
+    atexit, the exit code an operator reads).
+    """
+    try:
+        handler.close()
+    except BaseException as err:
+        log.exception(CLOSE_FAILED, err)
 
 
 class TopicHandler:

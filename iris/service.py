@@ -15,7 +15,7 @@ from typing import cast
 from .connection import DEFAULT_PORT, Connection, _validate_name
 from .dispatch import HandlerDispatch
 from .errors import ClosedError
-from .handlers import ServiceHandler
+from .handlers import ServiceHandler, close_handler
 from .limits import ServiceLimits
 from .logs import ContextLog
 
@@ -41,6 +41,8 @@ class Service:
         self.log = ContextLog().new(service=next(_service_ids))
         self.cluster = cluster
         self.handler = handler
+        self._ended = False  # unregister has run: handler.close() is called once
+        self._end_lock = threading.Lock()
         self.log.info("registering service", cluster=cluster)
         # Handler errors name the cluster, so a process hosting several
         # services shows which one failed.
@@ -63,9 +65,17 @@ class Service:
         self.log.info("service registration completed")
 
     def unregister(self) -> None:
-        """Leave the cluster and close the service's connection."""
+        """Leave the cluster, close the service's connection, then call ``handler.close()``.
+
+        The connection closes first so that no callback starts during or
+        after ``close``; ``close`` runs on the first call only.
+        """
+        with self._end_lock:
+            first, self._ended = not self._ended, True
         self.log.info("unregistering service")
         self.conn.close()
+        if first:
+            close_handler(self.handler, self.log.new(cluster=self.cluster))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the service has stopped; False if ``timeout`` passed first.
@@ -105,9 +115,10 @@ def serve(
     """Register ``handler`` under ``cluster`` and serve until SIGINT or SIGTERM.
 
     The whole main loop of a program that is just a service. On a signal the
-    service unregisters and ``serve`` returns. If the relay drops the service
-    first, ``serve`` raises iris.ClosedError with the reason, so the program
-    ends with an error instead of idling unregistered. Must be called from the
+    service unregisters (calling ``handler.close()``) and ``serve`` returns.
+    If the relay drops the service first, ``serve`` raises iris.ClosedError
+    with the reason, so the program ends with an error instead of idling
+    unregistered (``handler.close()`` has run then too). Must be called from the
     main thread (Python delivers signals there); the previous signal handlers
     are restored on return.
     """

@@ -57,6 +57,13 @@ worker is ready at all, requests wait in the supervisor for one (until their
 deadline). A worker that writes a frame that does not decode is killed as
 broken, which is such a death.
 
+A worker ends gracefully only by draining: at stop, when a reload or a
+scale-down retires it, when it is recycled, and after a relay drop (its
+handler got ``handle_drop``; fresh workers run ``init`` again once the relay
+is back). Drained, it runs its handler's ``close()`` and the ``atexit``
+callbacks handler code registered, within ``workers.shutdown_timeout``
+(``worker/process.py``); a crash or a kill runs neither.
+
 Layout, by layer (each imports only from those below it; checked by
 tests/host/test_irishost_layout.py): ``cli`` (command line); ``supervisor/``
 (``loop``: the loop and the signal table; ``generations`` and ``rollout``:

@@ -46,3 +46,14 @@ class ServiceHandler(handlers.ServiceHandler):
 
     async def handle_drop(self, reason: Exception) -> None:  # type: ignore[override]
         """The relay dropped the connection; no more callbacks will follow."""
+
+    async def close(self) -> None:  # type: ignore[override]
+        """Release what ``init`` acquired; does nothing by default.
+
+        Awaited once when the service ends gracefully: ``await
+        service.unregister()`` (and so the end of ``async with``), or an
+        irishost worker's graceful exit, as :meth:`iris.ServiceHandler.close`
+        says. Handlers still running at unregister have been cancelled by
+        then. An exception is logged with its traceback and changes nothing
+        else; a cancellation of the unregistering task goes through.
+        """

@@ -17,6 +17,7 @@ from typing import Protocol, cast
 from ..connection import DEFAULT_PORT, _validate_name
 from ..dispatch import checked_reply, fault_text, memory_fault
 from ..errors import ClosedError
+from ..handlers import CLOSE_FAILED
 from ..limits import ServiceLimits
 from ..logs import ContextLog, HandlerErrorLog, RateLimitedWarning
 from ..service import _service_ids
@@ -77,6 +78,18 @@ def close_failed_tunnel(
 async def settle(result: object) -> object:
     """Await ``result`` if a callback returned an awaitable (an ``async def``'s call)."""
     return await result if inspect.isawaitable(result) else result
+
+
+async def close_handler(handler: ServiceHandler, log: ContextLog) -> None:
+    """Await ``handler.close()`` (an ``async def`` or a plain method); what it
+    raises is logged with its traceback, as iris.handlers.close_handler does,
+    and for the same reason. A cancellation is the caller's and goes through."""
+    try:
+        await settle(handler.close())
+    except asyncio.CancelledError:
+        raise
+    except BaseException as err:
+        log.exception(CLOSE_FAILED, err)
 
 
 class HandlerDispatch:
@@ -165,15 +178,19 @@ class Service:
         self.cluster = cluster
         self.handler = handler
         self.log = conn.log
+        self._ended = False  # unregister has run: handler.close() is awaited once
 
     async def unregister(self) -> None:
-        """Leave the cluster and close the service's connection.
+        """Leave the cluster, close the service's connection, then await ``handler.close()``.
 
         Handlers still running then are cancelled: their answers could no
-        longer reach anyone.
+        longer reach anyone. ``close`` runs on the first call only.
         """
+        first, self._ended = not self._ended, True
         self.log.info("unregistering service")
         await self.conn.close()
+        if first:
+            await close_handler(self.handler, self.log.new(cluster=self.cluster))
 
     async def __aenter__(self) -> Service:
         return self

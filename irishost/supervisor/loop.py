@@ -48,7 +48,7 @@ from .dispatch import RelayDispatch
 from .generation import Generation
 from .generations import Generations
 from .handle import WorkerHandle, WorkerState
-from .pool import WorkerPool, reap_children, signal_worker
+from .pool import WorkerPool, reap_children
 from .relay_link import RelayLink, RelayState
 from .spawner import Event, Spawner
 from .status import STATUS_SECONDS, HostStatus
@@ -391,7 +391,7 @@ class Supervisor:
     # -- stopping ----------------------------------------------------------------------
 
     def _stop_gracefully(self) -> None:
-        """Finish in-flight work within the shutdown timeout, then take everything down."""
+        """Finish in-flight work, then drain the workers (their close(), atexit), in time."""
         dispatch = self.dispatch
         dispatch.accepting = False
         dispatch.release_waiting()  # with the shutdown fault
@@ -400,7 +400,7 @@ class Supervisor:
             self._step(serving=False)
         self.link.close()
         for handle in self.table.workers:
-            signal_worker(handle.pid, signal.SIGTERM)
+            self.pool.retire(handle)  # drained, not signalled: so close() and atexit run
         while self.table.pids() and time.monotonic() < deadline:
             self._step(serving=False)
         self.log.info("stopped")

@@ -20,7 +20,7 @@ from typing import cast
 import iris
 import iris.aio
 from iris.aio.pool import UNCAPPED, Callback, HandlerPool
-from iris.aio.service import EXPIRED, answer, close_failed_tunnel, settle
+from iris.aio.service import EXPIRED, answer, close_failed_tunnel, close_handler, settle
 from iris.dispatch import memory_fault
 from iris.logs import RateLimitedWarning
 
@@ -96,6 +96,7 @@ class LoopWorker(CallbackPools[HandlerPool]):
         finally:
             self.loop.remove_reader(self.inbox.data_fd)
         self.log.info("worker drained; exiting")
+        await close_handler(self.handler, self.log)  # with init's connection still open
         await self.conn.close()
         return code
 

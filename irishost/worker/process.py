@@ -8,7 +8,8 @@ exactly those of ``iris.register``; handler threads write their answers to
 the outbound ring.
 
 Exit codes tell the supervisor how a worker ended: 0 after a requested
-drain, BOOT_FAILED when the handler could not be imported or initialised
+drain (the handler's ``close()`` and ``atexit`` callbacks have run then),
+BOOT_FAILED when the handler could not be imported or initialised
 (the FAILED frame carries the traceback), PARENT_GONE when the supervisor
 disappeared.
 
@@ -28,6 +29,7 @@ the worker's code, it exits there instead (see ``_leave_if_forked``).
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import logging
 import os
@@ -45,6 +47,7 @@ import setproctitle
 import iris
 import iris.aio
 from iris.dispatch import answer, memory_fault, serve_tunnel, thread_fault
+from iris.handlers import close_handler
 from iris.logfmt import reopen_log_file, start_log_writer, stop_log_writer
 from iris.logs import ContextLog, HandlerErrorLog, RateLimitedWarning
 from iris.pool import HandlerPool
@@ -164,12 +167,24 @@ class WorkerSpec:
 
 
 def run(spec: WorkerSpec) -> None:
-    """Body of a forked worker, called first thing after fork; never returns."""
+    """Body of a forked worker, called first thing after fork; never returns.
+
+    A drained worker (exit code 0, after ``handler.close()``) runs the
+    ``atexit`` callbacks handler code registered, as a program's normal
+    exit would; ``os._exit`` alone would skip them. No other way out does:
+    an orphaned or failed worker must not act as if it ended normally, and
+    a process a handler forked that came back here shares the worker's
+    registry, not its resources. The log writer's own hook was registered
+    before the handler's (LIFO), so it runs after them and writes their lines.
+    """
     code = 1
+    pid = os.getpid()
     try:
         _wait_for_reparenting(spec.supervisor)
         die_with_parent(spec.supervisor)
         code = Worker(spec).serve()
+        if code == 0 and os.getpid() == pid:
+            atexit._run_exitfuncs()
     except BaseException:  # the last line of defence in a child: report, then exit
         traceback.print_exc()
     finally:
@@ -353,7 +368,10 @@ class Worker(CallbackPools[HandlerPool]):
         }
 
     def _finish(self) -> int:
+        """Drained: ``handler.close()``, while init's connection is still open
+        for it, then that connection."""
         self.log.info("worker drained; exiting")
+        close_handler(self.handler, self.log)
         self.conn.close()
         return 0
 

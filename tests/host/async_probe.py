@@ -4,6 +4,7 @@ A request's text names what to do: ``b"peak:S"`` sleeps S seconds on the
 loop's timers and answers ``[pid, the most handlers that ran at once]``;
 ``b"seen"`` answers the broadcasts and events received so far; ``b"fail"``
 raises; ``b"conn"`` names init's connection type; anything else is echoed.
+``close()`` appends the worker's pid to ``closed.txt`` beside the module.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ class AsyncProbe(iris.aio.ServiceHandler):
         if request == b"conn":
             return type(self.conn).__module__.encode()
         return request
+
+    async def close(self) -> None:
+        await asyncio.sleep(0)  # a coroutine, awaited on the worker's loop
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "closed.txt")
+        with open(path, "a") as closed:
+            closed.write(f"{os.getpid()}\n")
 
     async def handle_broadcast(self, message: bytes) -> None:
         await asyncio.sleep(0)

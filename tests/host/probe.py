@@ -12,10 +12,16 @@ starting with what happened and the worker's pid, for the test to read back.
 only in the first worker that boots), ``raise-while:<file>`` (raise while a
 file of that name exists beside the module: a database that is briefly
 down) or ``hang-while:<file>`` (block until that file is gone).
+
+``handle_drop`` records ``drop``; ``close()`` records ``close`` and whether
+init's connection had closed, then, if ``PROBE_CLOSE`` is ``raise``, raises.
+With ``PROBE_ATEXIT`` set, ``init`` registers an atexit callback that
+records ``atexit``: both are how a test sees a worker's graceful end.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import gc
 import json
@@ -59,6 +65,8 @@ class ProbeHandler(iris.ServiceHandler):
     def init(self, conn: iris.Connection) -> None:
         self.conn = conn
         record("init", type(conn).__name__, time.monotonic())
+        if os.environ.get("PROBE_ATEXIT"):
+            atexit.register(record, "atexit")
         mode = os.environ.get("PROBE_INIT", "")
         if mode == "raise":
             raise RuntimeError("init refused: the database is down")
@@ -79,6 +87,15 @@ class ProbeHandler(iris.ServiceHandler):
             except FileExistsError:
                 return
             os._exit(9)
+
+    def handle_drop(self, reason: Exception) -> None:
+        record("drop", str(reason))
+
+    def close(self) -> None:
+        # The connection init got is still open: a lost one would fail this record.
+        record("close", self.conn.closed)
+        if os.environ.get("PROBE_CLOSE") == "raise":
+            raise RuntimeError("close refused: the pool is gone")
 
     # -- requests: "command" or "command:argument" ----------------------------------
 
