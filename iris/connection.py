@@ -448,6 +448,10 @@ def _dial(port: int) -> socket.socket:
     raise ConnectionRefusedError(f"no Iris relay on port {port}: {errors[0]}") from errors[0]
 
 
-def connect(port: int = DEFAULT_PORT) -> Connection:
-    """Attach to the local relay as a plain client (cannot receive requests)."""
-    return Connection(port)
+def connect(port: int = DEFAULT_PORT, log: ContextLog | None = None) -> Connection:
+    """Attach to the local relay as a plain client (cannot receive requests).
+
+    ``log`` tags the connection's log lines with its context (a host passes
+    its service and worker) instead of a bare ``client=<n>``.
+    """
+    return Connection(port, log=log)

@@ -98,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.check:
             check_handler(config)  # HostError: exit 3 or 4, as a start would
-            return _print(f"irishost: {config.file}: OK (handler {config.service.handler})")
+            # init runs only in a worker, with the relay: say so, lest OK read as "will start"
+            return _print(
+                f"irishost: {config.file}: OK: config valid; handler imported; init not run"
+                f" ({config.service.handler})"
+            )
         # The supervisor never forks (fork servers are exec'd), so a writer thread is safe.
         start_log_writer()
         return Supervisor(config, overrides).run()

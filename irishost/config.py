@@ -53,7 +53,7 @@ class ServiceSection:
 @dataclass(frozen=True)
 class RelaySection:
     port: int
-    embedded: bool
+    embedded: bool | str  # True, False or "auto" (see _embedded)
     connect_timeout: float
 
 
@@ -296,6 +296,19 @@ def _boolean(value: Any) -> bool:
     return value
 
 
+def _embedded(value: Any) -> bool | str:
+    """``[relay] embedded``: true, false or "auto".
+
+    "auto" uses a relay already listening on the port and embeds one only when
+    none is, so a host never takes a shared relay down with it when it stops.
+    """
+    if isinstance(value, bool):
+        return value
+    if value == "auto":
+        return "auto"
+    raise ValueError(f'expected true, false or "auto", got {_show(value)}')
+
+
 def _choice(*options: str) -> _Parser:
     wanted = " or ".join(_show(option) for option in options)
 
@@ -379,7 +392,7 @@ _SECTIONS: dict[str, tuple[type, _Spec]] = {
         RelaySection,
         {
             "port": (_integer(1, 65535), 55555),
-            "embedded": (_boolean, False),
+            "embedded": (_embedded, False),
             "connect_timeout": (parse_duration, "10s"),
         },
     ),

@@ -510,15 +510,17 @@ class Opening(Generic[_Opened]):
         await self._opened.__aexit__(*exc)
 
 
-def connect(port: int = DEFAULT_PORT) -> Opening[Connection]:
+def connect(port: int = DEFAULT_PORT, log: ContextLog | None = None) -> Opening[Connection]:
     """Attach to the local relay as a plain client (cannot receive requests).
 
     ``conn = await iris.aio.connect(port)``, or ``async with
     iris.aio.connect(port) as conn:`` to have it closed at the block's end.
+    ``log`` tags the connection's log lines with its context instead of a
+    bare ``client=<n>``, as in :func:`iris.connect`.
     """
 
     async def open_() -> Connection:
-        conn = Connection()
+        conn = Connection(log=log)
         await conn._attach(port)
         return conn
 

@@ -146,7 +146,14 @@ Act = Callable[[Command], str]
 class ControlServer:
     """Answers commands on a unix socket at ``path`` until closed."""
 
-    def __init__(self, path: Path, snapshot: Callable[[], Snapshot], act: Act):
+    def __init__(
+        self,
+        path: Path,
+        snapshot: Callable[[], Snapshot],
+        act: Act,
+        host_log: ContextLog | None = None,
+    ):
+        """``host_log``: the host's, to announce the socket with its context."""
         self.path = path
         try:
             make_private_directory(path.parent, WHAT, REMEDY)
@@ -164,6 +171,8 @@ class ControlServer:
             daemon=True,
         )
         self._thread.start()
+        # Where `irishost status`, `stop` and the rest connect: said once, at start.
+        (host_log or log).info("control socket", path=path)
 
     def close(self) -> None:
         self._server.shutdown()

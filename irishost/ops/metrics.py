@@ -195,11 +195,13 @@ def serve_optionally(
     so a taken port costs one ERROR line and the metrics, not the host.
     """
     try:
-        return MetricsServer(port, snapshot), ""
+        server = MetricsServer(port, snapshot)
     except OSError as err:
         problem = f"port {port} unavailable: {err.strerror or err}"
         log.error("metrics endpoint not served; serving without it", port=port, error=str(err))
         return None, problem
+    log.info("metrics endpoint", url=f"http://127.0.0.1:{port}/metrics")
+    return server, ""
 
 
 class _HTTPServer(ThreadingHTTPServer):

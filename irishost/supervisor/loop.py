@@ -155,7 +155,7 @@ class Supervisor:
         self._install_signals()
         snapshot = self.status.snapshot
         try:
-            servers.append(ControlServer(self.config.control.socket, snapshot, self.act))
+            servers.append(ControlServer(self.config.control.socket, snapshot, self.act, self.log))
             if self.config.metrics.port:
                 metrics, self.metrics_problem = serve_optionally(
                     self.config.metrics.port, snapshot, self.log

@@ -21,8 +21,12 @@ from ..config import Config, TopicSection
 from ..exits import Exit, HostError
 from .dispatch import RelayDispatch
 
-# Reconnect backoff when the relay goes away.
-RECONNECT_START, RECONNECT_CAP = 0.1, 5.0
+# Reconnect backoff when the relay goes away. The relay is always on this
+# machine (loopback), so a probe costs next to nothing: the cap keeps the
+# host serving within about a second of the relay's port opening again.
+RECONNECT_START, RECONNECT_CAP = 0.1, 1.0
+# How long stop_relay waits for the relay to see the host's own connections close.
+SETTLE_SECONDS, SETTLE_STEP = 1.0, 0.05
 
 
 class RelayState(enum.StrEnum):
@@ -53,20 +57,34 @@ class RelayLink:
         self._state = RelayState.STOPPING
 
     def ensure_relay(self) -> None:
-        """Wait for the relay to listen; start the embedded one if configured."""
-        port = self.config.relay.port
+        """Wait for the relay to listen, or embed one, as ``[relay] embedded`` says.
+
+        ``true`` embeds one and refuses a port another relay holds: this
+        host would otherwise depend on a relay it does not own. ``"auto"``
+        uses a relay already listening and embeds one only when none is;
+        ``false`` only waits for one.
+        """
+        port, embedded = self.config.relay.port, self.config.relay.embedded
         deadline = time.monotonic() + self.config.relay.connect_timeout
-        while not self.listening():
-            if self.config.relay.embedded:
+        while embedded is True or not self.listening():
+            if embedded:
                 try:
                     self.relay = RelayServer(port).start()
                     self.log.info("started embedded relay", port=self.relay.port)
                     return
-                except OSError as err:  # lost a race with another relay starting: use it
-                    self.log.warning("embedded relay did not start", error=str(err))
+                except OSError as err:
+                    if embedded is True:
+                        raise HostError(
+                            Exit.RELAY,
+                            f"cannot start the embedded relay on port {port}: {err}"
+                            ' (another relay there? embedded = "auto" uses it)',
+                        ) from err
+                    # "auto" lost a race with another relay starting: use that one
+                    self.log.info("embedded relay did not start; using the one there")
             if time.monotonic() >= deadline:
                 raise HostError(Exit.RELAY, f"no Iris relay is listening on port {port}")
             time.sleep(0.1)
+        self.log.info("using the relay already listening", port=port)
 
     def listening(self) -> bool:
         with socket.socket() as probe:
@@ -138,5 +156,40 @@ class RelayLink:
             self.conn.close()
 
     def stop_relay(self) -> None:
-        if self.relay is not None:
-            self.relay.stop()
+        """Stop the embedded relay, if this host started it.
+
+        Called once the host's own connection is closed and its workers are
+        gone, so the connections the relay still holds are other clients',
+        which lose their relay now: the log says how many, as they will only
+        see "relay shutting down".
+        """
+        if self.relay is None:
+            return
+        others = _settled_connections(self.relay)
+        if others:
+            self.log.warning(
+                "stopping the embedded relay with other clients attached; they are cut off",
+                clients=others,
+                port=self.relay.port,
+            )
+        self.relay.stop()
+
+
+def _settled_connections(relay: RelayServer) -> int:
+    """The relay's open connections once the host's own are seen to be gone.
+
+    The relay notices closed sockets on its own thread, a moment after the
+    workers died; counting too early would count them as other clients.
+    """
+    deadline = time.monotonic() + SETTLE_SECONDS
+    count = _open_connections(relay)
+    while time.monotonic() < deadline:
+        time.sleep(SETTLE_STEP)
+        count, before = _open_connections(relay), count
+        if count == before:
+            break
+    return count
+
+
+def _open_connections(relay: RelayServer) -> int:
+    return sum(1 for peer in list(relay.peers) if not peer.closing)

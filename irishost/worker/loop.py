@@ -71,7 +71,9 @@ class LoopWorker(CallbackPools[HandlerPool]):
         deadline = time.monotonic() + self.worker.config.relay.connect_timeout
         while True:
             try:
-                return await iris.aio.connect(self.worker.config.relay.port)
+                return await iris.aio.connect(
+                    self.worker.config.relay.port, self.worker.connection_log()
+                )
             except ConnectionRefusedError:
                 if time.monotonic() >= deadline:
                     raise

@@ -292,8 +292,7 @@ class Worker(CallbackPools[HandlerPool]):
         except BaseException:
             self.send(frames.Failed(traceback.format_exc()).encode())
             return BOOT_FAILED
-        self.send(frames.Ready(os.getpid()).encode())
-        self.log.info("worker ready", pid=os.getpid())
+        self.send(frames.Ready(os.getpid()).encode())  # the supervisor logs "worker ready"
         return self._loop()
 
     def _boot(self) -> None:
@@ -325,11 +324,17 @@ class Worker(CallbackPools[HandlerPool]):
         deadline = time.monotonic() + self.config.relay.connect_timeout
         while True:
             try:
-                return iris.connect(self.config.relay.port)
+                return iris.connect(self.config.relay.port, self.connection_log())
             except ConnectionRefusedError:
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.1)
+
+    def connection_log(self) -> ContextLog:
+        """The worker's own relay connection logs on the binding's logger, tagged
+        with this worker's service and slot: a bare ``client=1`` would not say
+        which of the host's workers it is."""
+        return ContextLog(context=self.log.context)
 
     def _loop(self) -> int:
         if self._loop_worker is not None:

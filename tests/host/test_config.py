@@ -191,8 +191,16 @@ def test_example_configs_are_valid():
     for name in ("echo.toml", "primes.toml", "async_echo.toml"):
         config = load_config(CONFIGS / name)
         assert config.service.path == (CONFIGS,)
-        assert config.relay.embedded
+        assert config.relay.embedded == "auto"  # a running relay is used, not taken down
         assert config.relay.port == 55555
+
+
+@pytest.mark.parametrize("written, value", [("true", True), ("false", False), ('"auto"', "auto")])
+def test_relay_embedded_takes_true_false_or_auto(in_tmp, written, value):
+    config = load_config(write(in_tmp, MINIMAL + f"[relay]\nembedded = {written}"))
+
+    assert config.relay.embedded == value
+    assert Config.from_wire(config.to_wire()) == config  # crosses to the fork server as is
 
 
 # --- errors --------------------------------------------------------------------------------
@@ -251,8 +259,12 @@ KNOWN_TABLES = (
         (MINIMAL + "[logging]\naccess = 1", "logging.access: expected true or false, got 1"),
         (MINIMAL + "[topics]", "topics: expected an array of tables ([[topics]]), got a table"),
         ("topics = [1]\n" + MINIMAL, "topics[0]: expected a table, got 1"),
-        (MINIMAL + "[relay]\nembedded = 'yes'", 'relay.embedded: expected true or false, got '
-         '"yes"'),
+        (MINIMAL + "[relay]\nembedded = 'yes'", 'relay.embedded: expected true, false or '
+         '"auto", got "yes"'),
+        (MINIMAL + "[relay]\nembedded = 'Auto'", 'relay.embedded: expected true, false or '
+         '"auto", got "Auto"'),
+        (MINIMAL + "[relay]\nembedded = 1", 'relay.embedded: expected true, false or "auto", '
+         "got 1"),
         (MINIMAL + "[workers]\ncount = '2'", 'workers.count: expected an integer from 1 to '
          '1024, got "2"'),
         (MINIMAL + "[workers]\ncount = true", "workers.count: expected an integer from 1 to "
