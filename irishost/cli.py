@@ -23,7 +23,13 @@ from iris import argtypes
 from iris.logfmt import configure_logging, start_log_writer, tag_standard_streams
 from iris.version import add_version_option
 
-from .config import MAX_SOCKET_PATH, ConfigError, load_config, parse_worker_count
+from .config import (
+    MAX_SOCKET_PATH,
+    ConfigError,
+    check_socket_path,
+    load_config,
+    parse_worker_count,
+)
 from .ops.control import ControlError, format_status, query_status, send_command, wait_closed
 from .supervisor.loop import Exit, HostError, Supervisor
 from .supervisor.spawner import check_handler
@@ -88,14 +94,12 @@ def _count(text: str) -> int:
 
 
 def _socket_path(text: str) -> Path:
-    """A unix socket's path, which must fit sockaddr_un; longer ones made connect
+    """A unix socket's path, checked as the config's is: a longer one made connect
     raise OSError, not a ControlError, and a traceback."""
-    size = len(os.fsencode(text))
-    if size > MAX_SOCKET_PATH:
-        raise argparse.ArgumentTypeError(
-            f"a unix socket path has at most {MAX_SOCKET_PATH} bytes, got one of {size}"
-        )
-    return Path(text)
+    try:
+        return check_socket_path(Path(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
