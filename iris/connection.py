@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import numbers
 import socket
 import threading
 from collections.abc import Callable
@@ -74,10 +73,10 @@ def timeout_ms(timeout: float) -> int:
 
     Under 1 ms is a caller error. So is NaN, infinity or more than MAX_TIMEOUT:
     unchecked, those raised OverflowError here or in the wait for the reply
-    (after sending), and a value too big for the wire's 64-bit varint made the relay drop the
-    whole connection, failing unrelated calls in flight on it.
+    (after sending), and a value too big for the wire's 64-bit varint made the
+    relay drop the whole connection, failing unrelated calls in flight on it.
     """
-    is_number = isinstance(timeout, numbers.Real) and not isinstance(timeout, bool)
+    is_number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
     if not (is_number and codec.MIN_TIMEOUT <= timeout <= codec.MAX_TIMEOUT):  # NaN fails both
         raise ValueError(
             f"timeout must be a number of seconds from {codec.MIN_TIMEOUT:g} "

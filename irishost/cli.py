@@ -25,6 +25,7 @@ from iris.version import add_version_option
 
 from .config import (
     MAX_SOCKET_PATH,
+    MAX_WORKERS,
     ConfigError,
     check_socket_path,
     load_config,
@@ -61,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--check", action="store_true", help="validate config and handler, exit")
     parser.add_argument(
-        "--workers", type=_count, help="worker processes, 1 to 1024 (overrides the file)"
+        "--workers", type=_count, help=f"worker processes, 1 to {MAX_WORKERS} (overrides the file)"
     )
     parser.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], help="overrides the file"
