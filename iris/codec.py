@@ -46,6 +46,15 @@ def too_large(what: str, size: int) -> str:
 # A 64-bit value needs at most 10 base-128 groups; more is a violation.
 MAX_VARINT_OCTETS = 10
 
+# The shortest timeout a binding sends, in seconds: the wire carries whole
+# milliseconds.
+MIN_TIMEOUT = 0.001
+# The longest, in seconds (about 31 years). The varint carries 64 bits of
+# milliseconds, but the Iris node holds a timeout as Go's time.Duration (int64
+# nanoseconds, about 292 years) and threading's waits stop at the same
+# TIMEOUT_MAX; a round figure well inside all of them.
+MAX_TIMEOUT = 1e9
+
 # Room in one packet for everything besides its message: the opcode, ids,
 # lengths and names. Each binary field is bounded by max_message on its own,
 # so without a bound on the whole a packet with a name and a message each at

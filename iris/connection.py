@@ -69,10 +69,27 @@ def _validate_message(kind: str, data: bytes) -> bytes:
 
 
 def timeout_ms(timeout: float) -> int:
-    """Seconds to the wire's milliseconds; under 1 ms is a caller error."""
-    if timeout is None or timeout < 0.001:
-        raise ValueError(f"timeout must be at least 1 ms, got {timeout!r}")
+    """Seconds to the wire's milliseconds, or ValueError before anything is sent.
+
+    Under 1 ms is a caller error. So is NaN, infinity or more than MAX_TIMEOUT:
+    unchecked, those raised OverflowError here or in the wait for the reply
+    (after sending), and a value too big for the wire's 64-bit varint made the
+    relay drop the whole connection, failing unrelated calls in flight on it.
+    """
+    is_number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
+    if not (is_number and codec.MIN_TIMEOUT <= timeout <= codec.MAX_TIMEOUT):  # NaN fails both
+        raise ValueError(
+            f"timeout must be a number of seconds from {codec.MIN_TIMEOUT:g} "
+            f"to {codec.MAX_TIMEOUT:g}, got {timeout!r}"
+        )
     return round(timeout * 1000)
+
+
+def check_port(port: int) -> None:
+    """ValueError for anything but a TCP port a relay can listen on (1 to 65535);
+    the socket layer would raise OverflowError or TypeError instead."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ValueError(f"port must be an int from 1 to 65535, got {port!r}")
 
 
 class _Subscription:
@@ -100,6 +117,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
     ) -> None:
         """Attach; a member (non-empty ``cluster``) passes ``inbound``, a factory
         of the Inbound that receives its requests, broadcasts and tunnels."""
+        check_port(port)
         self.log = log or ContextLog().new(client=next(_client_ids))
         self._state_lock = threading.Lock()
         self._ids = itertools.count()

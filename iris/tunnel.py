@@ -8,7 +8,6 @@ larger than the chunk limit travels as several chunks and is reassembled.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -60,10 +59,18 @@ def validate_send(message: bytes, timeout: float | None) -> None:
         raise ValueError("tunnel message must be non-empty bytes")
     if len(message) > codec.MAX_MESSAGE:
         raise ValueError(codec.too_large("tunnel message", len(message)))
+    check_wait("send", timeout)
+
+
+def check_wait(what: str, timeout: float | None) -> None:
+    """ValueError unless ``timeout`` is None or seconds from 0 to MAX_TIMEOUT:
+    NaN would never time out, and a wait past threading's TIMEOUT_MAX raises
+    OverflowError midway."""
     is_number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
-    if timeout is not None and not (is_number and math.isfinite(timeout) and timeout >= 0):
+    if timeout is not None and not (is_number and 0 <= timeout <= codec.MAX_TIMEOUT):
         raise ValueError(
-            f"tunnel send timeout must be None or a number of seconds >= 0, got {timeout!r}"
+            f"tunnel {what} timeout must be None or a number of seconds from 0 to "
+            f"{codec.MAX_TIMEOUT:g}, got {timeout!r}"
         )
 
 
@@ -111,6 +118,7 @@ class Tunnel(TunnelCore):
 
     def recv(self, timeout: float | None = None) -> bytes:
         """The next whole message; ClosedError once closed and drained."""
+        check_wait("receive", timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             wait_until(self._cond, lambda: self._inbox, self._raise_if_closed, deadline, "receive")

@@ -19,10 +19,18 @@ import os
 import sys
 from pathlib import Path
 
+from iris import argtypes
 from iris.logfmt import configure_logging, start_log_writer, tag_standard_streams
 from iris.version import add_version_option
 
-from .config import ConfigError, load_config, parse_worker_count
+from .config import (
+    MAX_SOCKET_PATH,
+    MAX_WORKERS,
+    ConfigError,
+    check_socket_path,
+    load_config,
+    parse_worker_count,
+)
 from .ops.control import ControlError, format_status, query_status, send_command, wait_closed
 from .supervisor.loop import Exit, HostError, Supervisor
 from .supervisor.spawner import check_handler
@@ -47,9 +55,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("count", nargs="?", type=_count, help="scale: the number of workers")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("-c", "--config", help="the service's TOML file")
-    where.add_argument("--socket", type=Path, help="a running host's control socket, instead of -c")
+    where.add_argument(
+        "--socket",
+        type=_socket_path,
+        help=f"a running host's control socket, instead of -c (at most {MAX_SOCKET_PATH} bytes)",
+    )
     parser.add_argument("--check", action="store_true", help="validate config and handler, exit")
-    parser.add_argument("--workers", type=int, help="worker processes (overrides the file)")
+    parser.add_argument(
+        "--workers", type=_count, help=f"worker processes, 1 to {MAX_WORKERS} (overrides the file)"
+    )
     parser.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], help="overrides the file"
     )
@@ -61,10 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=argtypes.seconds(),
         default=60.0,
-        help="stop: seconds to wait for the host to exit; reload --wait: for the reload "
-        "(default 60)",
+        help="stop: seconds to wait for the host to exit; reload --wait: for the reload; "
+        "0.001 to 86400, so 0 is refused: stop always waits (default 60)",
     )
     return parser
 
@@ -76,6 +90,15 @@ def _count(text: str) -> int:
         value = text  # refused below, in the words of the config's workers.count
     try:
         return parse_worker_count(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _socket_path(text: str) -> Path:
+    """A unix socket's path, checked as the config's is: a longer one made connect
+    raise OSError, not a ControlError, and a traceback."""
+    try:
+        return check_socket_path(Path(text))
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 

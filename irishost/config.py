@@ -653,6 +653,11 @@ def _control_socket(file: Path, configured: str) -> Path:
     else:
         digest = hashlib.sha256(os.fsencode(os.path.realpath(file))).hexdigest()[:12]
         path = _runtime_directory() / f"{file.stem[:40]}-{digest}.sock"
+    return check_socket_path(path)
+
+
+def check_socket_path(path: Path) -> Path:
+    """``path``, or ValueError if it is too long for a unix socket's address."""
     size = len(os.fsencode(path))
     if size > MAX_SOCKET_PATH:
         raise ValueError(

@@ -42,6 +42,7 @@ from ..connection import (
     RELAY_GRACE,
     _validate_message,
     _validate_name,
+    check_port,
     timeout_ms,
 )
 from ..dispatch import Inbound, MemberConnection
@@ -137,6 +138,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
 
     async def _attach(self, port: int) -> None:
         """Dial the relay, send INIT and wait for its answer."""
+        check_port(port)
         self.log.info("connecting to relay", relay_port=port, cluster=self.cluster or None)
         errors: list[OSError] = []
         for host in ("127.0.0.1", "::1"):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from .. import chunks, codec
 from ..errors import TimeoutError
 from ..logs import ContextLog
-from ..tunnel import CLOSE_TIMEOUT, validate_send
+from ..tunnel import CLOSE_TIMEOUT, check_wait, validate_send
 from ..tunnel_core import TunnelCore
 
 if TYPE_CHECKING:
@@ -66,6 +66,7 @@ class Tunnel(TunnelCore):
 
     async def recv(self, timeout: float | None = None) -> bytes:
         """The next whole message; ClosedError once closed and drained."""
+        check_wait("receive", timeout)
         deadline = None if timeout is None else self._loop.time() + timeout
         await self._wait_until(lambda: self._inbox, deadline, "receive")
         message = self._inbox.popleft()

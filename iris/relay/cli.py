@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import math
 import signal
 import sys
 
-from .. import codec
+from .. import argtypes, codec
 from ..logfmt import configure_logging, start_log_writer, tag_standard_streams
 from ..version import add_version_option
 from .input_guard import (
@@ -24,40 +23,31 @@ SINGLE_NODE = (
 )
 
 
+# Sizes are memory the relay may hold: a negative or zero one is a typo, and
+# so is anything past a terabyte.
+MAX_SIZE = 1 << 40
+# A timeout up to a day; argtypes refuses NaN, infinities and the rest.
+SECONDS = argtypes.seconds()
+
+
 def _size(text: str) -> int:
+    """Bytes, with an optional k/m/g suffix (64MiB, 256m), from 1 to MAX_SIZE."""
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    text = text.strip().lower().removesuffix("ib").removesuffix("b")
-    scale = units.get(text[-1:], 1)
+    plain = text.strip().lower().removesuffix("ib").removesuffix("b")
+    scale = units.get(plain[-1:], 1)
     try:
-        return int(text[:-1] if scale > 1 else text) * scale
+        value: int | None = int(plain[:-1] if scale > 1 else plain) * scale
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 64MiB)") from None
-
-
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"not a TCP port: {text!r} (0 to 65535)")
-    return port
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
-    return value
+        value = None
+    return argtypes.check(value, 1, MAX_SIZE, text, "a size like 64MiB, in bytes")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iris-relay", description=__doc__)
     add_version_option(parser)
-    parser.add_argument("--port", type=_port, default=DEFAULT_PORT, help="TCP port (0: any free)")
+    parser.add_argument(
+        "--port", type=argtypes.port(0), default=DEFAULT_PORT, help="TCP port (0: any free)"
+    )
     parser.add_argument("--dev", action="store_true", help="accepted for parity with iris -dev")
     parser.add_argument(
         "--max-message", type=_size, default=codec.MAX_MESSAGE, help="largest message (64MiB)"
@@ -70,18 +60,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--handshake-timeout",
-        type=_seconds,
+        type=SECONDS,
         default=DEFAULT_HANDSHAKE_TIMEOUT,
         metavar="SECONDS",
-        help=f"close a connection that has not sent INIT by then ({DEFAULT_HANDSHAKE_TIMEOUT:g})",
+        help="close a connection that has not sent INIT by then, 0.001 to 86400 "
+        f"({DEFAULT_HANDSHAKE_TIMEOUT:g})",
     )
     parser.add_argument(
         "--packet-timeout",
-        type=_seconds,
+        type=SECONDS,
         default=DEFAULT_PACKET_TIMEOUT,
         metavar="SECONDS",
         help="close a connection whose packet is still incomplete this long after its "
-        f"first byte ({DEFAULT_PACKET_TIMEOUT:g})",
+        f"first byte, 0.001 to 86400 ({DEFAULT_PACKET_TIMEOUT:g})",
     )
     parser.add_argument(
         "--partial-budget",

@@ -10,9 +10,9 @@ import argparse
 import os
 import signal
 from collections.abc import Callable
-from typing import TypeVar
 
 import iris
+from iris import argtypes, codec
 from iris.connection import DEFAULT_PORT
 from iris.version import add_version_option
 
@@ -40,35 +40,26 @@ examples:
 DEFAULT_TIMEOUT = 5.0
 
 
-_Number = TypeVar("_Number", int, float)
-
-
-def _positive(kind: Callable[[str], _Number]) -> Callable[[str], _Number]:
-    """An argparse ``type``: ``kind`` of the text, which must be above zero."""
-
-    def parse(text: str) -> _Number:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-        return value
-
-    return parse
+# Ranges of the numeric flags; iris.argtypes refuses the rest with exit 2.
+TIMEOUT = argtypes.seconds()  # 0.001 (the wire's least) to a day
+LINGER = argtypes.seconds(0.0)
+# Each client is a thread with its own connection: more is a typo, not a load test.
+MAX_CLIENTS = 1024
 
 
 def _parser() -> argparse.ArgumentParser:
     # --port is accepted before and after the command; SUPPRESS keeps a
     # subcommand from overwriting a value given before it.
     port = argparse.ArgumentParser(add_help=False)
-    port.add_argument("--port", type=int, default=argparse.SUPPRESS, help="relay port (55555)")
+    port.add_argument(
+        "--port", type=argtypes.port(), default=argparse.SUPPRESS, help="relay port (55555)"
+    )
     timeout = argparse.ArgumentParser(add_help=False)
     timeout.add_argument(
         "--timeout",
-        type=_positive(float),
+        type=TIMEOUT,
         default=DEFAULT_TIMEOUT,
-        help=f"seconds to wait for the answer ({DEFAULT_TIMEOUT:g})",
+        help=f"seconds to wait for the answer, 0.001 to 86400 ({DEFAULT_TIMEOUT:g})",
     )
 
     parser = argparse.ArgumentParser(
@@ -78,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_version_option(parser)
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="relay port (55555)")
+    parser.add_argument(
+        "--port", type=argtypes.port(), default=DEFAULT_PORT, help="relay port, 1 to 65535 (55555)"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -99,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub = command("subscribe", "print a topic's events, one per line, until Ctrl-C")
     sub.add_argument("topic")
-    sub.add_argument("--count", type=_positive(int), help="exit after this many events")
+    sub.add_argument("--count", type=argtypes.integer(1), help="exit after this many events")
 
     sub = command("reply", "serve a cluster: answer every request, until Ctrl-C")
     sub.add_argument("cluster")
@@ -111,21 +104,49 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("cluster")
     sub.add_argument(
         "--linger",
-        type=_positive(float),
+        type=LINGER,
         default=pipe.DEFAULT_LINGER,
         help="after stdin ends, wait this long for more output before closing "
-        f"(seconds, {pipe.DEFAULT_LINGER:g}); Iris tunnels cannot be half-closed",
+        f"(seconds, 0 to 86400, {pipe.DEFAULT_LINGER:g}); Iris tunnels cannot be half-closed",
     )
 
-    sub = command("bench", "load test: rate and latency percentiles")
+    _add_bench(command("bench", "load test: rate and latency percentiles"), port, timeout)
+    _inspection_commands(command, port)
+
+    sub = command("keygen", "make a network key for Iris nodes (PKCS#1 PEM, mode 0600)")
+    sub.add_argument("-o", "--output", help="write the key to this file (default: stdout)")
+    sub.add_argument(
+        "--bits",
+        type=argtypes.integer(keygen.MIN_BITS, keygen.MAX_BITS),
+        default=keygen.DEFAULT_BITS,
+        help=f"{keygen.MIN_BITS} to {keygen.MAX_BITS} ({keygen.DEFAULT_BITS})",
+    )
+    sub.add_argument("--force", action="store_true", help="replace an existing file")
+    return parser
+
+
+def _add_bench(
+    sub: argparse.ArgumentParser, port: argparse.ArgumentParser, timeout: argparse.ArgumentParser
+) -> None:
+    """``iris bench request|publish`` and their load options."""
     kinds = sub.add_subparsers(dest="kind", required=True, metavar="KIND")
     load = argparse.ArgumentParser(add_help=False)
-    load.add_argument("--clients", type=_positive(int), default=1, help="connections (1)")
-    load.add_argument("--size", type=_positive(int), default=128, help="message bytes (128)")
+    load.add_argument(
+        "--clients",
+        type=argtypes.integer(1, MAX_CLIENTS),
+        default=1,
+        help=f"connections, 1 to {MAX_CLIENTS} (1)",
+    )
+    load.add_argument(
+        "--size",
+        type=argtypes.integer(1, codec.MAX_MESSAGE, "bytes"),
+        default=128,
+        help=f"message bytes, up to the relay's limit of {codec.MAX_MESSAGE} (128)",
+    )
     _payload_options(load)
     until = load.add_mutually_exclusive_group()
-    until.add_argument("--seconds", type=_positive(float), help="run this long (default 5)")
-    until.add_argument("--count", type=_positive(int), help="send this many messages in all")
+    until.add_argument("--seconds", type=TIMEOUT, help="run this long, 0.001 to 86400 (default 5)")
+    until.add_argument("--count", type=argtypes.integer(1), help="send this many messages in all")
     bench_request = kinds.add_parser(
         "request",
         help="round trips to a cluster (serve it: iris reply CLUSTER --echo)",
@@ -136,16 +157,6 @@ def _parser() -> argparse.ArgumentParser:
         "publish", help="events to a topic, timed to our own subscriber", parents=[port, load]
     )
     bench_publish.add_argument("topic")
-
-    _inspection_commands(command, port)
-
-    sub = command("keygen", "make a network key for Iris nodes (PKCS#1 PEM, mode 0600)")
-    sub.add_argument("-o", "--output", help="write the key to this file (default: stdout)")
-    sub.add_argument(
-        "--bits", type=int, default=keygen.DEFAULT_BITS, help=f"({keygen.DEFAULT_BITS})"
-    )
-    sub.add_argument("--force", action="store_true", help="replace an existing file")
-    return parser
 
 
 def _payload_options(load: argparse.ArgumentParser) -> None:

@@ -17,9 +17,9 @@ class Exit(enum.IntEnum):
 
 EPILOG = """\
 exit codes:
-  0 ok, 1 failure, 2 usage, 3 remote error (the fault on stderr),
-  4 timeout (also: no member in the cluster), 5 no relay on the port,
-  130 interrupted"""
+  0 ok, 1 failure, 2 usage (also: a number out of range),
+  3 remote error (the fault on stderr), 4 timeout (also: no member in the
+  cluster), 5 no relay on the port, 130 interrupted"""
 
 
 class ToolError(Exception):

@@ -22,6 +22,9 @@ from .messaging import note, write_out
 # What the node's -dev mode generates, and the least we accept for a network secret.
 DEFAULT_BITS = 2048
 MIN_BITS = 2048
+# Past this, generating takes minutes to hours (100000 bits never finished);
+# the node's own keys are 2048 bits.
+MAX_BITS = 16384
 KEY_MODE = 0o600  # a secret: owner read/write only
 
 
@@ -61,12 +64,12 @@ def write_secret(path: Path, data: bytes, overwrite: bool) -> None:
 
 
 def run(output: str | None, bits: int, force: bool) -> Exit:
-    if bits < MIN_BITS:
-        raise ToolError(Exit.USAGE, f"--bits must be at least {MIN_BITS}, got {bits}")
     if output is None:
         write_out(generate(bits))
         return Exit.OK
     path = Path(output)
+    if path.is_dir():  # else the temporary file's name, or the link, fails obscurely
+        raise ToolError(Exit.FAILURE, f"cannot write {path}: it is a directory")
     try:
         write_secret(path, generate(bits), force)
     except FileExistsError as err:

@@ -7,6 +7,7 @@ notes go to stderr so stdout stays pipeable.
 
 from __future__ import annotations
 
+import os
 import queue
 import sys
 import threading
@@ -36,14 +37,25 @@ def payload(data: str | None) -> bytes:
 
 
 def write_out(data: bytes) -> None:
+    """``data`` to stdout now; ToolError(FAILURE) in one line when stdout cannot
+    take it (``> /dev/full``), as BrokenPipeError stays the caller's to handle."""
     out = sys.stdout.buffer
-    out.write(data)
-    out.flush()
+    try:
+        out.write(data)
+        out.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as err:
+        # What stayed in the buffer would fail again in the interpreter's
+        # final flush, with a second message; /dev/null takes it quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+        raise ToolError(Exit.FAILURE, f"cannot write to stdout: {err.strerror or err}") from err
 
 
 def request(port: int, cluster: str, data: bytes, timeout: float) -> Exit:
-    """Send one request; the reply goes to stdout as raw bytes. After a
-    timeout the relay's status tells an unknown cluster from a slow handler."""
+    """Send one request; the reply goes to stdout as raw bytes, and on a terminal
+    with a newline at the end, so that the prompt does not run into it. After
+    a timeout the relay's status tells an unknown cluster from a slow handler."""
     with connect(port) as conn:
         try:
             reply = conn.request(cluster, data, timeout)
@@ -52,6 +64,8 @@ def request(port: int, cluster: str, data: bytes, timeout: float) -> Exit:
                 line = f"timeout: {err}: {status.no_member_line(cluster)}"
                 raise ToolError(Exit.TIMEOUT, line) from None
             raise
+    if sys.stdout.isatty() and not reply.endswith(b"\n"):
+        reply += b"\n"
     write_out(reply)
     return Exit.OK
 

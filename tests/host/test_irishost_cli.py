@@ -72,14 +72,16 @@ def test_a_config_error_exits_3_naming_file_and_key(service):
 
 
 @pytest.mark.parametrize("workers", ["0", "100000"])
-def test_a_bad_workers_flag_exits_3_naming_the_flag(service, workers):
-    """With --check: on a host without the upper bound, a real start would fork them all."""
+def test_a_bad_workers_flag_exits_2_naming_the_flag(service, workers):
+    """With --check: on a host without the upper bound, a real start would fork them all.
+    A usage error (exit 2) as for every numeric flag, not a config error (issue 17)."""
     service.config()
 
     result = service.run("--check", "--workers", workers)
 
-    assert result.returncode == 3
+    assert result.returncode == 2
     assert f"--workers: expected an integer from 1 to 1024, got {workers}" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_a_handler_module_raising_at_import_exits_4_with_its_traceback(service):

@@ -108,6 +108,10 @@ def test_a_command_with_no_host_running_exits_1(service):
         (["scale"], "scale needs a worker count"),
         (["reload", "--json"], "--json is for status"),
         (["stop", "--workers", "2"], "are for running a host, not stop"),
+        # Issue 17: NaN waited forever, inf and 1e12 overflowed.
+        (["stop", "--timeout", "nan"], "--timeout: expected seconds from 0.001 to 86400"),
+        (["stop", "--timeout", "inf"], "--timeout: expected seconds from 0.001 to 86400"),
+        (["reload", "--wait", "--timeout", "1e12"], "--timeout: expected seconds from 0.001"),
     ],
 )
 def test_bad_command_lines_exit_2(service, args, error):
@@ -117,6 +121,32 @@ def test_bad_command_lines_exit_2(service, args, error):
 
     assert result.returncode == 2
     assert error in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_socket_path_too_long_for_unix_sockets_exits_2(service, tmp_path):
+    """Before, connect's OSError ("AF_UNIX path too long") ended in a traceback."""
+    path = tmp_path / ("s" * 120 + ".sock")
+
+    result = service.run("status", "--socket", str(path), with_config=False)
+
+    assert result.returncode == 2, result.stderr
+    assert f"--socket: {path} is {len(str(path))} bytes long" in result.stderr
+    assert "a unix socket path has at most 107" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_stop_with_timeout_0_is_refused_and_sends_nothing(service):
+    """0 is out of range (exit 2), not a stop sent and then reported as a failure."""
+    host = service.start()
+
+    result = service.run("stop", "--timeout", "0")
+
+    assert result.returncode == 2
+    assert "--timeout: expected seconds from 0.001 to 86400, got '0'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert run_ok(service, "status")  # still running: no stop was sent
+    assert "control command cmd=stop" not in host.log()
 
 
 # -- reload, scale, stop ----------------------------------------------------------------------

@@ -735,15 +735,15 @@ def test_busy_port_exits_non_zero_naming_the_port(relay):
 
 def test_bad_size_argument(relay):
     result = run_relay("--max-message", "lots")
-    assert result.returncode != 0 and "not a size" in result.stderr
+    assert result.returncode == 2 and "--max-message: expected a size" in result.stderr
 
 
 @pytest.mark.parametrize(
     ("args", "complaint"),
     [
-        (["--handshake-timeout", "0"], "--handshake-timeout: not a positive number of seconds"),
-        (["--packet-timeout", "soon"], "--packet-timeout: not a positive number of seconds"),
-        (["--packet-timeout", "inf"], "--packet-timeout: not a positive number of seconds"),
+        (["--handshake-timeout", "0"], "--handshake-timeout: expected seconds from 0.001 to 86400"),
+        (["--packet-timeout", "soon"], "--packet-timeout: expected seconds from 0.001 to 86400"),
+        (["--packet-timeout", "inf"], "--packet-timeout: expected seconds from 0.001 to 86400"),
         (["--max-message", "1MiB", "--partial-budget", "1MiB"], "smaller than the largest packet"),
     ],
 )
