@@ -358,7 +358,15 @@ def test_max_rss_counts_the_memory_of_a_worker_s_children(service):
     with killed_at_exit([child]):
         wait_for(lambda: "recycling worker" in host.log(), timeout=10.0, what="a recycle")
         lines = [line for line in host.log().splitlines() if "recycling worker" in line]
-        (replacement,) = (worker.pid for worker in host.worker_count(1))
+        # The successor is forked once the fork server answers; the old worker drains.
+        replacement = wait_for(
+            lambda: (
+                len(found := [w.pid for w in host.workers()]) == 1
+                and found[0] != first
+                and found[0]
+            ),
+            what="the successor serving alone",
+        )
 
     assert len(lines) == 1, lines
     assert f"pid={first}" in lines[0] and "is over max_rss" in lines[0], lines[0]
