@@ -8,7 +8,10 @@ config, or given with --socket):
                                              --wait: until it completed or failed
   irishost scale  -c service.toml 4          run 4 workers (1 to 1024)
   irishost stop   -c service.toml            stop gracefully (as SIGTERM), wait for the exit
-  irishost status --socket /run/irishost/primes/primes.sock
+  irishost status --socket /run/irishost/primes/primes-<hash>.sock
+
+The socket is <config stem>-<hash of its path>.sock in $RUNTIME_DIRECTORY;
+irishost status -c finds it from the config.
 """
 
 from __future__ import annotations

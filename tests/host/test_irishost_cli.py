@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from support import free_port
 
+from irishost.config import load_config
+
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 BROKEN_MODULE = """
@@ -244,3 +246,19 @@ def test_status_into_a_pipe_nobody_reads_exits_quietly(service):
         os.close(write_end)
 
     assert (result.returncode, result.stderr) == (1, "")
+
+
+def test_help_and_the_unit_name_the_control_socket_as_it_is_made(tmp_path, monkeypatch):
+    """Issue 17: both said ``primes.sock``; the socket is ``primes-<hash>.sock``."""
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path))
+    config = tmp_path / "primes.toml"
+    config.write_text((CONFIGS / "primes.toml").read_text())
+    made = load_config(config).control.socket.name
+    assert re.fullmatch(r"primes-[0-9a-f]{12}\.sock", made)
+
+    usage = subprocess.run(
+        [sys.executable, "-m", "irishost", "--help"], capture_output=True, text=True
+    ).stdout
+    unit = (CONFIGS.parent / "systemd" / "irishost@.service").read_text()
+    assert "primes-<hash>.sock" in usage and "/primes.sock" not in usage
+    assert "<config>-<hash>.sock" in unit and "<config>.sock" not in unit
