@@ -40,6 +40,7 @@ unless the test killed it on purpose.
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import time
 
@@ -49,6 +50,12 @@ from support import ThreadLimit
 
 import iris
 from iris import codec
+
+# A run started in the background by a script (``cmd &``, no job control) inherits
+# SIGINT ignored, and so would every process a test starts: ``iris subscribe`` would
+# never see the Ctrl-C a test sends it. Tests run as if from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.hookimpl(hookwrapper=True)
