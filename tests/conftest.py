@@ -40,6 +40,7 @@ unless the test killed it on purpose.
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import time
 
@@ -49,6 +50,28 @@ from support import ThreadLimit
 
 import iris
 from iris import codec
+
+# A run started in the background by a script (``cmd &``, no job control) inherits
+# SIGINT ignored, and so would every process a test starts: ``iris subscribe`` would
+# never see the Ctrl-C a test sends it. Tests run as if from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Captured output and logs with lone surrogates (a handler's undecodable bytes,
+    logged as they came) escaped: pytest-xdist sends reports to the controller as
+    UTF-8, and a worker whose report cannot be encoded crashes."""
+    outcome = yield
+    report = outcome.get_result()
+    report.sections = [(title, _encodable(text)) for title, text in report.sections]
+    if isinstance(report.longrepr, str):
+        report.longrepr = _encodable(report.longrepr)
+
+
+def _encodable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @pytest.fixture

@@ -100,14 +100,15 @@ def test_a_hung_init_at_start_is_killed_after_boot_timeout_with_exit_4(service):
 
 
 def test_a_replacement_hung_in_init_is_killed_after_boot_timeout_and_retried(service):
-    service.config(workers={"count": 2, "boot_timeout": "0.5s"})
+    # 1.5 s: it also bounds the fork server's start, which a loaded machine slows.
+    service.config(workers={"count": 2, "boot_timeout": "1.5s"})
     host = service.start(env={"PROBE_INIT": "hang-while:init-hangs"})
     victim, survivor = (worker.pid for worker in host.worker_count(2))
 
     service.open_gate("init-hangs")
     os.kill(victim, signal.SIGKILL)
 
-    wait_for(lambda: "still starting after workers.boot_timeout" in host.log(), timeout=5)
+    wait_for(lambda: "still starting after workers.boot_timeout" in host.log(), timeout=10)
     wait_for(lambda: len(service.records("init")) >= 2 + 2, what="a second try")
     assert int(service.request(b"pid")) == survivor
     assert "still starting after" in status(service)["header"]["health"]

@@ -120,12 +120,17 @@ def test_a_stalled_stderr_pipe_holds_up_no_request(service):
         load(service, 0.2)
         assert host.queued_bytes() == stalled, "the pipe should be full by now"
 
-        durations = load(service, LOAD_SECONDS)
-
-        answered = [seconds for seconds in durations if seconds is not None]
-        assert len(answered) >= 0.95 * len(durations), f"{len(answered)} of {len(durations)}"
-        assert max(answered) < SLOW
-        dropped = status_json(service)["log_records_dropped"]
+        # On a loaded machine fewer requests fit in LOAD_SECONDS, and the writer's
+        # queue may not have overflowed yet: load on, in rounds, until it has.
+        deadline = time.monotonic() + 30.0
+        while True:
+            durations = load(service, LOAD_SECONDS)
+            answered = [seconds for seconds in durations if seconds is not None]
+            assert len(answered) >= 0.95 * len(durations), f"{len(answered)} of {len(durations)}"
+            assert max(answered) < SLOW
+            dropped = status_json(service)["log_records_dropped"]
+            if dropped > 0 or time.monotonic() > deadline:
+                break
         assert dropped > 0
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as page:
             text = page.read().decode()

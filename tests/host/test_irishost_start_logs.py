@@ -15,7 +15,7 @@ def test_each_worker_is_announced_ready_once_with_its_pid(service):
     service.config(workers={"count": 2})
     host = service.start()
     pids = {worker.pid for worker in host.worker_count(2)}
-    assert host.stop() == 0
+    assert host.stop() == 0, host.log()
 
     ready = re.findall(r"worker ready .*", host.log())
     assert len(ready) == 2, ready

@@ -20,7 +20,15 @@ from irishost.config import load_config
 ROOT = Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "deploy-multi-machine.md"
 # Generated or foreign: version control, environments, caches, build output.
-SKIPPED_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis"}
+SKIPPED_DIRS = {
+    ".git",
+    ".venv",
+    ".venv-test",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".hypothesis",
+}
 SKIPPED_SUFFIXES = (".egg-info", "build", "dist")
 # What a reference to a file outside the repository looked like.
 OUTSIDE = re.compile(r"\.\./shared/|/work/shared|PROTOCOL\.md|GO-RELAY\.md")

@@ -107,3 +107,13 @@ def test_asyncio_example_runs_as_written(examples):
     assert "async request timed out" in done.stdout
     assert "async event: b'extra!'" in done.stdout
     assert "async tunnel echoed: 200000" in done.stdout
+
+
+def test_ci_runs_exactly_the_readme_test_command_in_an_environment_of_its_own():
+    """.ci/run is the README's test command, which installs apart from the service's
+    `.venv`: running the tests never reinstalls what a running example uses."""
+    commands = re.findall(r"```sh\n(python3 -m venv .*?)\n```", README.read_text())
+    service, tests = commands[0], commands[1]
+    assert (ROOT / ".ci" / "run").read_text().rstrip("\n").splitlines()[-1] == tests
+    assert ".venv/" in service and ".venv/" not in tests and ".venv-test/" in tests
+    assert ".venv-test/" in (ROOT / ".gitignore").read_text().splitlines()
