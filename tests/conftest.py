@@ -58,22 +58,6 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    """Captured output and logs with lone surrogates (a handler's undecodable bytes,
-    logged as they came) escaped: pytest-xdist sends reports to the controller as
-    UTF-8, and a worker whose report cannot be encoded crashes."""
-    outcome = yield
-    report = outcome.get_result()
-    report.sections = [(title, _encodable(text)) for title, text in report.sections]
-    if isinstance(report.longrepr, str):
-        report.longrepr = _encodable(report.longrepr)
-
-
-def _encodable(text: str) -> str:
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 @pytest.fixture
 def relay_factory(tmp_path):
     """Start relays with extra arguments; each must exit 0 on SIGTERM at teardown."""
