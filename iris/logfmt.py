@@ -259,6 +259,16 @@ class _Output(logging.StreamHandler):  # type: ignore[type-arg]
                 self.stream.write(text)
             super().flush()
 
+    def forget_pending(self) -> None:
+        self._pending.clear()
+        self._unflushed = 0
+
+    def close(self) -> None:
+        """Write what is gathered first: the writer closes an output it replaces
+        (a reload's reconfiguring) while it may still hold a batch."""
+        self.flush()
+        super().close()
+
 
 class _Enqueue(logging.Handler):
     """The root logger's handler under a writer: the record goes on the queue as it is.
@@ -355,6 +365,7 @@ class _Writer:
             self.output.handle(item)
             if not self.records.qsize():
                 time.sleep(BATCH_SECONDS)
+        self.output.flush()  # the last batch: its lines waited for the end marker
 
     def retarget(self, output: _Output) -> None:
         """Write with ``output`` from the next record on; the old one is closed."""
@@ -488,6 +499,7 @@ def _after_fork() -> None:
         root.removeHandler(writer.enqueue)
         root.addHandler(writer.output)
         writer.output.backlog = lambda: 0
+        writer.output.forget_pending()  # the parent's lines, which the parent writes
 
 
 os.register_at_fork(after_in_child=_after_fork)

@@ -230,3 +230,28 @@ def test_iris_relay_under_journald_tags_every_line(tmp_path):
     lines = journal.read_text().splitlines()
     assert lines[0].startswith("<6>iris-relay: listening on 127.0.0.1:")
     assert [line for line in lines if not TAGGED_LINE.fullmatch(line)] == []
+
+
+RETARGET = """
+import logging, sys
+from pathlib import Path
+from iris.logfmt import configure_logging, start_log_writer, stop_log_writer
+configure_logging("info", file=Path(sys.argv[1]))
+start_log_writer()
+log = logging.getLogger("retarget")
+for n in range(2000):
+    log.info("line %d", n)
+configure_logging("info")  # as a reload does: the writer takes a new output
+log.info("after")
+stop_log_writer()
+"""
+
+
+def test_lines_gathered_by_the_writer_survive_a_change_of_output(tmp_path):
+    """A reload reconfigures logging while the writer still holds lines it has
+    not written yet (it writes them in batches): none may be lost."""
+    target = tmp_path / "out.log"
+    subprocess.run([sys.executable, "-c", RETARGET, str(target)], check=True, timeout=30)
+    lines = target.read_text().splitlines()
+    assert sum(" retarget: line " in line for line in lines) == 2000
+    assert lines[-1].endswith("retarget: after")
