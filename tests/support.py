@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import threading
 import time
@@ -222,3 +223,18 @@ class ThreadLimit:
                 (self.root / "cgroup.procs").write_text(pid)
         wait_for(lambda: not (self.path / "cgroup.procs").read_text(), 5.0, what="empty cgroup")
         self.path.rmdir()
+
+
+def read_terminal(fd: int, wait: float = 0.0) -> bytes:
+    """What a terminal's controller ``fd`` has to read, until its last writer is
+    gone; ``wait`` seconds for each further chunk."""
+    out = b""
+    while select.select([fd], [], [], wait)[0]:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the terminal's last writer has gone
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out

@@ -299,6 +299,13 @@ def steady_load(*args, **kwargs):
 # -- irishost status ------------------------------------------------------------------------
 
 
+def run_ok(service, *args: str) -> str:
+    """``irishost ARGS`` for ``service``, which must succeed; its stdout."""
+    result = service.run(*args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def status(service) -> dict:
     """``irishost status -c service.toml``: exit code, the header fields, the worker rows."""
     result = service.run("status", timeout=15)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from production_support import run_ok
 from support import wait_for
 
 # A handler whose reply shows its code version, its settings and its pid.
@@ -48,12 +49,6 @@ def write_tuned(service, version: str = "v1") -> None:
 def ask(service) -> list:
     """[version, settings, pid] from whichever worker answers."""
     return json.loads(service.request(b"who"))
-
-
-def run_ok(service, *args: str) -> str:
-    result = service.run(*args)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 # -- status ---------------------------------------------------------------------------------

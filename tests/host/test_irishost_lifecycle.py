@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 
+from production_support import run_ok
 from relay_process import RelayProcess
 from support import free_port, gone, wait_for
 from test_irishost_async import async_config
@@ -17,12 +18,6 @@ from test_irishost_async import async_config
 def closes(service) -> list[int]:
     """The pid of each close() call, in order (a pid twice would be a bug)."""
     return [pid for _, pid, _ in service.records("close")]
-
-
-def run_ok(service, *args: str) -> str:
-    result = service.run(*args)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 def test_irishost_stop_runs_close_once_per_worker(service):

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from support import free_port
+from support import free_port, read_terminal
 
 import iris
 from iris.tool.exits import Exit
@@ -428,15 +428,7 @@ def test_bench_draws_progress_on_a_terminal(relay, attach):
         os.close(terminal)
         terminal = -1
         stdout, _ = proc.communicate(timeout=RUN_TIMEOUT)
-        drawn = b""
-        while select.select([controller], [], [], 0)[0]:
-            try:
-                chunk = os.read(controller, 65536)
-            except OSError:  # EIO: the terminal's last writer has gone
-                break
-            if not chunk:
-                break
-            drawn += chunk
+        drawn = read_terminal(controller)
     finally:
         os.close(controller)
         if terminal >= 0:

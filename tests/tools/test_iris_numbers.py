@@ -13,13 +13,12 @@ from __future__ import annotations
 import ast
 import os
 import pty
-import select
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from support import free_port
+from support import free_port, read_terminal
 
 import iris.tool
 from iris.tool.exits import Exit
@@ -126,20 +125,6 @@ class Echo(iris.ServiceHandler):
         return request
 
 
-def read_all(fd: int) -> bytes:
-    """What a terminal's controller has to read, until its last writer is gone."""
-    out = b""
-    while select.select([fd], [], [], 1)[0]:
-        try:
-            chunk = os.read(fd, 65536)
-        except OSError:  # EIO: the terminal's last writer has gone
-            break
-        if not chunk:
-            break
-        out += chunk
-    return out
-
-
 def test_request_ends_the_reply_with_a_newline_on_a_terminal_only(relay, attach):
     attach.register(relay.port, "echo", Echo())
     controller, terminal = pty.openpty()
@@ -148,7 +133,7 @@ def test_request_ends_the_reply_with_a_newline_on_a_terminal_only(relay, attach)
         request_output(relay.port, "has one\n", terminal)
         os.close(terminal)
         terminal = -1
-        shown = read_all(controller)
+        shown = read_terminal(controller, 1)
     finally:
         os.close(controller)
         if terminal >= 0:
