@@ -25,6 +25,8 @@ from ..config import Config
 MAX_MESSAGE = 1 << 16
 # Descriptors per spawned worker: (segment, data eventfd, space eventfd) per ring.
 RING_FDS = 6
+# The ancillary space a "spawned" answer's descriptors take (C ints).
+RING_FDS_SPACE = socket.CMSG_LEN(RING_FDS * array.array("i").itemsize)
 
 
 @dataclass(frozen=True)

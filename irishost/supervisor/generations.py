@@ -16,7 +16,6 @@ from __future__ import annotations
 import itertools
 import signal
 import time
-from collections.abc import Callable
 from typing import Any
 
 from iris.logs import ContextLog
@@ -29,12 +28,9 @@ from .generation import Generation
 from .handle import WorkerHandle
 from .pool import WorkerPool, signal_worker
 from .relay_link import RelayLink
-from .rollout import Reconnect, Reload, Rollout, reread
+from .rollout import Reconnect, Reload, Rollout, Waiter, reread
 from .spawner import Event, LaunchFailed, Spawned, SpawnFailed
 from .worker_table import WorkerTable
-
-# Told how a command ended: (succeeded, the line to say).
-Reply = Callable[[bool, str], None]
 
 
 class Generations:
@@ -72,7 +68,7 @@ class Generations:
 
     # -- reload, reconnect, scale --------------------------------------------------------
 
-    def reload(self, reply: Reply, wait: bool = False) -> None:
+    def reload(self, reply: Waiter, wait: bool = False) -> None:
         """Start a new generation from the re-read config (see Rollout).
 
         Its fork server imports the handler, so nothing here waits for that;

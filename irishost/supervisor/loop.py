@@ -227,10 +227,10 @@ class Supervisor:
         rings = self.table.outboxes()
         spawner = self.pool.spawner
         timeout = max(0.0, due - time.monotonic())
-        wake_fds = (self._wakeup.fileno(), *spawner.fds())
-        for ring in wait_readable(list(rings), timeout, wake_fds):
+        owed = spawner.fds()  # fork servers that owe an answer: usually none
+        for ring in wait_readable(list(rings), timeout, (self._wakeup.fileno(), *owed)):
             self._collect(rings[ring])
-        if spawner.busy():
+        if owed:
             for event in spawner.poll(time.monotonic()):
                 self._on_spawner(event)
         if not self.signal_queue.empty():

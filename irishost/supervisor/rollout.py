@@ -35,7 +35,7 @@ from .pool import WorkerPool
 from .relay_link import RelayLink
 from .worker_table import WorkerTable
 
-# Told how a rollout ended: (succeeded, the line to say); for ``irishost reload --wait``.
+# Told how a reload command or a rollout ended: (succeeded, the line to say).
 Waiter = Callable[[bool, str], None]
 
 

@@ -28,7 +28,16 @@ from iris.logs import ContextLog
 
 from ..config import Config
 from ..exits import Exit, HostError, describe_exit
-from ..forks.messages import RING_FDS, Launch, command, config_memfd, pack, received_fds, unpack
+from ..forks.messages import (
+    MAX_MESSAGE,
+    RING_FDS_SPACE,
+    Launch,
+    command,
+    config_memfd,
+    pack,
+    received_fds,
+    unpack,
+)
 from ..wire.ring import Ring
 from .generation import Generation
 from .handle import WorkerHandle
@@ -38,8 +47,6 @@ from .respawner import fresh_memory_problem
 # relaunched: a fork takes milliseconds, even of a large preloaded process,
 # so this only fires for a stopped or wedged server.
 SPAWN_TIMEOUT = 5.0
-# Answers are a few msgpack fields; more than enough room for one.
-MAX_MESSAGE = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -193,9 +200,6 @@ class Spawner:
         """The sockets the loop waits on: those of servers that owe an answer."""
         return [server.sock.fileno() for server in self.servers.values() if server.busy()]
 
-    def busy(self) -> bool:
-        return any(server.busy() for server in self.servers.values())
-
     def poll(self, now: float) -> list[Event]:
         """Answers that arrived, and the failures of servers past a deadline."""
         events: list[Event] = []
@@ -238,7 +242,7 @@ class Spawner:
         while not server.gone:
             try:
                 data, cmsgs, _, _ = server.sock.recvmsg(
-                    MAX_MESSAGE, socket.CMSG_LEN(RING_FDS * 4), socket.MSG_DONTWAIT
+                    MAX_MESSAGE, RING_FDS_SPACE, socket.MSG_DONTWAIT
                 )
             except BlockingIOError:
                 break
