@@ -16,21 +16,26 @@ from support import wait_for
 
 import iris
 
-# Writes what its handlers see to stdout, a file the test reads.
+# Writes what its handlers see to stdout, a file the test reads: one os.write
+# per line, as print's two writes (text, then newline) from the broadcast and
+# event threads at once could interleave into "broadcast heardevent heard".
 PROGRAM = """
-import logging, sys
+import logging, os, sys
 import iris
+
+def say(line):
+    os.write(1, (line + "\\n").encode())
 
 class Handler(iris.ServiceHandler):
     def init(self, conn):
-        conn.subscribe("limited-topic", lambda event: print("event", event.decode(), flush=True))
-        print("registered", flush=True)
+        conn.subscribe("limited-topic", lambda event: say("event " + event.decode()))
+        say("registered")
 
     def handle_request(self, request):
         return request
 
     def handle_broadcast(self, message):
-        print("broadcast", message.decode(), flush=True)
+        say("broadcast " + message.decode())
 
     def handle_tunnel(self, tunnel):
         with tunnel:
