@@ -58,6 +58,21 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Captured output as text any pytest-xdist worker can send back.
+
+    Handlers in the hardening tests fail with lone surrogates in their
+    messages on purpose, and the binding logs them; xdist's channel refuses
+    such text and loses the whole worker with it.
+    """
+    report = (yield).get_result()
+    report.sections = [
+        (title, text.encode("utf-8", "backslashreplace").decode("utf-8"))
+        for title, text in report.sections
+    ]
+
+
 @pytest.fixture
 def relay_factory(tmp_path):
     """Start relays with extra arguments; each must exit 0 on SIGTERM at teardown."""

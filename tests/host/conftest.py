@@ -14,6 +14,11 @@ tests import by name are in production_support.py here and ../support.py.
 ``other_service``
     Another such service, in tmp_path/other, with a cluster of its own.
 
+``restore_root_logger`` (every test here)
+    ``configure_logging``, called by in-process tests and by a reload
+    (test_generations.py), changes the root logger; it is put back after
+    each test, so no handler outlives the stream it writes to.
+
 ``notify``
     A NotifyListener (production_support.py) on a path in tmp_path,
     systemd's end of NOTIFY_SOCKET; ``notify.env`` goes into the host's
@@ -24,6 +29,7 @@ tests import by name are in production_support.py here and ../support.py.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -50,6 +56,14 @@ SHM = "/dev/shm"
 # How long a host may take to answer its first request, and to exit on SIGTERM.
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logger():
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    yield
+    root.handlers[:], root.level = saved
 
 
 def render_config(tables: dict[str, dict], topics: list[dict]) -> str:

@@ -24,15 +24,6 @@ PLAIN_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?P<rest>.*)")
 TAGGED_LINE = re.compile(r"<[0-7]>(?!<[0-7]>).*")
 
 
-@pytest.fixture(autouse=True)
-def restore_root_logger():
-    """configure_logging changes process-wide state; put it back for the other tests."""
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    yield
-    root.handlers[:], root.level = saved
-
-
 @pytest.fixture
 def stream(tmp_path):
     with open(tmp_path / "stderr.log", "w+") as file:
