@@ -64,7 +64,9 @@ def reread(running: Config, overrides: dict[str, Any], number: int) -> Generatio
         running.relay.metrics_port,
     ):
         raise ConfigError(
-            config.file, "service.cluster", "cluster, relay port and metrics_port need a restart"
+            config.file,
+            "service.cluster",
+            "cluster, relay.port and relay.metrics_port need a restart",
         )
     return Generation(number, config, code=number)
 
