@@ -55,6 +55,7 @@ class RelaySection:
     port: int
     embedded: bool | str  # True, False or "auto" (see _embedded)
     connect_timeout: float
+    metrics_port: int = 0  # the embedded relay's Prometheus metrics; 0 = off
 
 
 @dataclass(frozen=True)
@@ -394,6 +395,7 @@ _SECTIONS: dict[str, tuple[type, _Spec]] = {
             "port": (_integer(1, 65535), 55555),
             "embedded": (_embedded, False),
             "connect_timeout": (parse_duration, "10s"),
+            "metrics_port": (_integer(0, 65535), 0),
         },
     ),
     "workers": (
@@ -479,6 +481,7 @@ def load_config(path: str | Path) -> Config:
     except ValueError as error:
         raise ConfigError(file, "logging.file", str(error)) from None
 
+    _check_ports(file, sections)
     built = {name: cls(**sections[name]) for name, (cls, _) in _SECTIONS.items()}
     return Config(
         file=absolute,
@@ -486,6 +489,18 @@ def load_config(path: str | Path) -> Config:
         settings=_parse_settings(file, data.get("settings", {})),
         **built,
     )
+
+
+def _check_ports(file: Path, sections: dict[str, dict[str, Any]]) -> None:
+    """Refuse a relay metrics port that another key already takes: one of the
+    two would be refused at start, each time, with the config to blame."""
+    metrics_port = sections["relay"]["metrics_port"]
+    for key, port in (
+        ("relay.port", sections["relay"]["port"]),
+        ("metrics.port", sections["metrics"]["port"]),
+    ):
+        if metrics_port and metrics_port == port:
+            raise ConfigError(file, "relay.metrics_port", f"{metrics_port} is {key} too")
 
 
 # A service's config is a few kilobytes; anything this large is some other file.

@@ -83,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
         "past it, those whose packets are oldest are closed (256MiB)",
     )
     parser.add_argument(
+        "--metrics-port",
+        type=argtypes.port(0),
+        metavar="PORT",
+        help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics (0: any free port); "
+        "a taken port is logged and the relay serves without them (off)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     parser.add_argument("--net", help=argparse.SUPPRESS)
@@ -105,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     start_log_writer()  # the relay never forks; its threads never wait on stderr
     try:
-        server = RelayServer(args.port, args.max_message, args.outbound_cap, limits)
+        server = RelayServer(
+            args.port, args.max_message, args.outbound_cap, limits, args.metrics_port
+        )
     except OSError as err:
         print(
             f"iris-relay: cannot listen on port {args.port}: {err.strerror or err}", file=sys.stderr

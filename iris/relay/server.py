@@ -22,14 +22,17 @@ import errno
 import logging
 import math
 import os
+import queue
 import selectors
 import socket
 import threading
 import time
+from concurrent.futures import CancelledError, Future
 from typing import cast
 
 from .. import codec
 from ..version import __version__
+from . import metrics
 from .input_guard import InputGuard, InputLimits
 from .passthrough import route_leading
 from .router import ProtocolViolation, Router, TunnelEnd
@@ -64,6 +67,9 @@ MAX_WAIT_SECONDS = 3600.0
 ACCEPT_PAUSE_SECONDS = 0.5
 # Failing accepts are reported at most this often, with a count.
 ACCEPT_REPORT_SECONDS = 10.0
+# How long another thread waits for the loop to build it a snapshot. Woken,
+# the loop answers within its turn; one that has not come round by then is stuck.
+SNAPSHOT_WAIT_SECONDS = 5.0
 
 # A socket address as the socket module gives it: (host, port) for IPv4,
 # (host, port, flowinfo, scope_id) for IPv6.
@@ -137,7 +143,10 @@ class RelayServer:
         max_message: int = codec.MAX_MESSAGE,
         outbound_cap: int = DEFAULT_OUTBOUND_CAP,
         limits: InputLimits | None = None,
+        metrics_port: int | None = None,
     ) -> None:
+        """``metrics_port``: serve Prometheus metrics there (0: any free port;
+        None: not at all); a taken one costs the metrics, not the relay."""
         limits = limits or InputLimits()
         limits.check_fits(max_message)
         self.max_message = max_message
@@ -169,15 +178,30 @@ class RelayServer:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, self)
+        # Snapshots other threads wait for; the loop answers them when woken.
+        self._snapshot_requests: queue.SimpleQueue[Future[Snapshot]] = queue.SimpleQueue()
+        # Held while another thread writes to the wake-up pipe, and while the
+        # loop closes it, so such a write never lands on a reused descriptor.
+        self._wake_lock = threading.Lock()
         self._lingering: dict[PeerConnection, float] = {}  # closing peers: hang-up deadline
         self._stopping = False
         self._serving = False
         self._thread: threading.Thread | None = None
         self._finished = threading.Event()
+        self._metrics = (
+            None
+            if metrics_port is None
+            else metrics.serve_optionally(metrics_port, self.snapshot_from_thread)
+        )
 
     @property
     def addresses(self) -> list[str]:
         return [_format_address(sock.getsockname()) for sock in self._listeners]
+
+    @property
+    def metrics_port(self) -> int | None:
+        """Where the metrics are served; None when they are not."""
+        return None if self._metrics is None else self._metrics.port
 
     def snapshot(self) -> Snapshot:
         """What the relay holds and has carried, for the status socket (status.py);
@@ -201,6 +225,33 @@ class RelayServer:
             "partial_bytes": self._guard.partial_total,
             "partial_budget": self._guard.limits.partial_budget,
         }
+
+    def snapshot_from_thread(self) -> Snapshot | None:
+        """:meth:`snapshot`, from any thread but the loop's: built on the loop's
+        next turn, as the status socket's is; None if it is stopping, or has
+        not answered within SNAPSHOT_WAIT_SECONDS."""
+        answer: Future[Snapshot] = Future()
+        with self._wake_lock:
+            if self._stopping:
+                return None
+            self._snapshot_requests.put(answer)
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass  # a wake-up is already pending
+        try:
+            return answer.result(SNAPSHOT_WAIT_SECONDS)
+        except (TimeoutError, CancelledError):  # cancelled: the relay stopped first
+            return None
+
+    def _answer_snapshot_requests(self) -> None:
+        waiting = []
+        while not self._snapshot_requests.empty():
+            waiting.append(self._snapshot_requests.get())
+        if waiting:
+            snapshot = self.snapshot()
+            for answer in waiting:
+                answer.set_result(snapshot)
 
     # -- running --------------------------------------------------------------------
 
@@ -267,6 +318,7 @@ class RelayServer:
                     self._accept(cast(socket.socket, key.fileobj))
                 elif peer is self:
                     _drain(self._wake_r)
+                    self._answer_snapshot_requests()
                 else:
                     if mask & selectors.EVENT_READ:
                         self._read(peer)
@@ -523,6 +575,8 @@ class RelayServer:
         use up the grace period of those that do, which would leave them
         without the reason they were closed.
         """
+        if self._metrics is not None:
+            self._metrics.close()
         for listener in self._listeners:
             if self._accept_paused_until is None:
                 self._selector.unregister(listener)
@@ -543,8 +597,11 @@ class RelayServer:
         for peer in list(self.peers):
             self._close_socket(peer, None)
         self._selector.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        with self._wake_lock:  # _stopping is set: no other thread asks after this
+            while not self._snapshot_requests.empty():
+                self._snapshot_requests.get().cancel()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
         log.info("relay stopped")
 
 

@@ -5,12 +5,17 @@ nothing lists clusters, members or topics (NATS has its monitoring
 endpoint for this). The relay listens on a unix socket whose path follows
 from its TCP port, so a client that knows the port finds it::
 
-    /tmp/iris-relay-<uid>/<port>.sock
+    $RUNTIME_DIRECTORY/<port>.sock      # under systemd's RuntimeDirectory=
+    /tmp/iris-relay-<uid>/<port>.sock   # elsewhere
 
-mode 0600 in a 0700 directory of the relay's user (iris/private_socket.py),
-so only that user and root can read it. A client connects and reads one
-JSON object, then EOF; it sends nothing. The original Iris node has no such
-socket: a client that finds none says so.
+mode 0600 in a directory of the relay's user that no one else may write to
+(iris/private_socket.py), so only that user and root can read it. Under
+systemd the first: PrivateTmp= would hide the second from every shell.
+A client looks where a relay of its own environment would listen, then
+under /tmp, then in the shipped unit's directory, /run/iris-relay
+(systemd/iris-relay.service), so root finds that one without being told.
+A client connects and reads one JSON object, then EOF; it sends nothing.
+The original Iris node has no such socket: a client that finds none says so.
 
 The snapshot is built on the relay's own loop (it only counts what the
 router holds: O(clusters + topics)); a thread per client writes it, so a
@@ -59,12 +64,30 @@ REMEDY = "run chmod go-w on it"
 SEND_TIMEOUT = 5.0
 # Thousands of clusters and topics fit; a longer answer is not a relay's.
 MAX_ANSWER = 64 * 2**20
+# RuntimeDirectory= of the shipped iris-relay.service.
+UNIT_DIRECTORY = Path("/run/iris-relay")
 
 Snapshot = dict[str, Any]
 
 
 def status_path(port: int) -> Path:
-    """Where the relay on TCP ``port`` serves its status, for this user."""
+    """Where the relay on TCP ``port`` serves its status, started in this environment."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "")
+    if runtime:
+        # systemd joins several RuntimeDirectory= entries with ":".
+        return Path(runtime.split(":")[0]) / f"{port}.sock"
+    return _tmp_path(port)
+
+
+def status_paths(port: int) -> list[Path]:
+    """Where a client looks for the status of the relay on ``port``, in order:
+    where a relay started here would serve it, then under /tmp (a shell
+    started from a unit inherits its RUNTIME_DIRECTORY), then the unit's."""
+    candidates = [status_path(port), _tmp_path(port), UNIT_DIRECTORY / f"{port}.sock"]
+    return list(dict.fromkeys(candidates))
+
+
+def _tmp_path(port: int) -> Path:
     return Path("/tmp") / f"iris-relay-{os.getuid()}" / f"{port}.sock"
 
 
@@ -139,8 +162,18 @@ class NoStatusSocket(StatusError):
 
 
 def query(port: int, timeout: float = 5.0) -> Snapshot:
-    """The snapshot of the relay on ``port``; NoStatusSocket or StatusError."""
-    path = status_path(port)
+    """The snapshot of the relay on ``port``, from the first of :func:`status_paths`
+    that has a socket; NoStatusSocket if none has, or StatusError."""
+    paths = status_paths(port)
+    for path in paths:
+        try:
+            return _query(path, timeout)
+        except NoStatusSocket:
+            continue
+    raise NoStatusSocket(f"no status socket at {' or '.join(map(str, paths))}")
+
+
+def _query(path: Path, timeout: float) -> Snapshot:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
@@ -153,7 +186,9 @@ def query(port: int, timeout: float = 5.0) -> Snapshot:
         except (FileNotFoundError, ConnectionRefusedError):
             raise NoStatusSocket(f"no status socket at {path}") from None
         except PermissionError:
-            raise StatusError(f"permission denied on {path}: run as the relay's user") from None
+            raise StatusError(
+                f"permission denied on {path}: run as the relay's user or root"
+            ) from None
         except OSError as err:
             raise StatusError(f"cannot read {path}: {err.strerror or err}") from None
     try:

@@ -180,7 +180,9 @@ def _inspection_commands(
         parents=[port],
         help="connections, clusters, topics, traffic, slow consumers, partial-input budget",
         description="What the relay holds and has carried, from its status socket "
-        "/tmp/iris-relay-UID/PORT.sock (iris-relay and irishost's embedded relay).",
+        "(iris-relay and irishost's embedded relay): $RUNTIME_DIRECTORY/PORT.sock when "
+        "set, else /tmp/iris-relay-UID/PORT.sock, then /run/iris-relay/PORT.sock "
+        "(the shipped systemd unit's; as root).",
     )
     shown.add_argument("--json", action="store_true", help="the snapshot as JSON, keys stable")
 

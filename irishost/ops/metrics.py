@@ -1,31 +1,23 @@
-"""Prometheus metrics for the host, in the text exposition format, on 127.0.0.1 only.
+"""Prometheus metrics for the host, in the text format; :mod:`iris.prometheus` serves them.
 
 Off unless ``[metrics] port`` is set. The numbers come from the same snapshot
 as ``irishost status`` (its schema is in :mod:`irishost.ops.control`), so the two
-never disagree. Loopback only: the endpoint has no authentication, and a
-scraper on another machine should go through a proxy that adds it.
+never disagree.
 """
 
 from __future__ import annotations
 
 import bisect
 import enum
-import logging
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from iris import prometheus
 from iris.logs import ContextLog
+from iris.prometheus import MetricsServer
 
 Snapshot = dict[str, Any]
-
-# The exposition format's version, which Prometheus reads from the content type.
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-# How quickly close() takes effect: the accept loop checks for it this often.
-POLL_INTERVAL = 0.1
-
-log = ContextLog(logging.getLogger(__name__))
 
 # Request duration buckets, seconds: from an echo through the rings (~100 us)
 # to a handler using most of a generous timeout (10 s); longer ones land in +Inf.
@@ -125,7 +117,7 @@ def render(snapshot: Snapshot) -> str:
 
 
 def _family(name: str, kind: str, description: str) -> list[str]:
-    return [f"# HELP irishost_{name} {description}", f"# TYPE irishost_{name} {kind}"]
+    return prometheus.family(f"irishost_{name}", kind, description)
 
 
 def _duration_histogram(durations: dict[str, Any]) -> list[str]:
@@ -162,78 +154,20 @@ def _by_slot(workers: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     return totals
 
 
-class MetricsServer:
-    """Serves GET /metrics on 127.0.0.1:``port`` from a daemon thread until closed.
-
-    ``port`` 0 picks a free port; ``port`` says which one was bound.
-    ``snapshot`` runs on the server's request threads (see :mod:`irishost.ops.control`).
-    """
-
-    def __init__(self, port: int, snapshot: Callable[[], Snapshot]):
-        self._server = _HTTPServer(port, snapshot)
-        self.port: int = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            args=(POLL_INTERVAL,),
-            name="irishost-metrics",
-            daemon=True,
-        )
-        self._thread.start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
 def serve_optionally(
     port: int, snapshot: Callable[[], Snapshot], log: ContextLog
 ) -> tuple[MetricsServer | None, str]:
     """The metrics endpoint on ``port``, or None and why not.
 
-    It is optional: another process holding the port (another local user
-    can bind any free port first) must not keep the service from starting,
-    so a taken port costs one ERROR line and the metrics, not the host.
+    It is optional (see :mod:`iris.prometheus`): a taken port costs one
+    ERROR line and the metrics, not the host. ``snapshot`` runs on the
+    server's request threads (see :mod:`irishost.ops.control`).
     """
-    try:
-        server = MetricsServer(port, snapshot)
-    except OSError as err:
-        problem = f"port {port} unavailable: {err.strerror or err}"
-        log.error("metrics endpoint not served; serving without it", port=port, error=str(err))
-        return None, problem
-    log.info("metrics endpoint", url=f"http://127.0.0.1:{port}/metrics")
-    return server, ""
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True  # a stuck scraper must not hold up the host's exit
-
-    def __init__(self, port: int, snapshot: Callable[[], Snapshot]):
-        self.snapshot = snapshot
-        super().__init__(("127.0.0.1", port), _Handler)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    # A scraper that connects and sends nothing is dropped after this long.
-    timeout = 10.0
-    server: _HTTPServer
-
-    def do_GET(self) -> None:
-        if self.path.partition("?")[0] != "/metrics":
-            self.send_error(404, "only /metrics is served here")
-            return
-        try:
-            body = render(self.server.snapshot()).encode()
-        except Exception:  # the host carries on; the scrape fails visibly
-            log.logger.exception("metrics snapshot failed")
-            self.send_error(500, "snapshot failed; see the host's log")
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", CONTENT_TYPE)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        # The default writes every request to stderr, which under systemd is
-        # the journal; a scrape every 15 s is not news.
-        log.debug("metrics request", client=self.client_address[0], line=format % args)
+    server, problem = prometheus.serve_optionally(
+        port, lambda: render(snapshot()), "irishost-metrics"
+    )
+    if server is None:
+        log.error("metrics endpoint not served; serving without it", port=port, error=problem)
+    else:
+        log.info("metrics endpoint", url=f"http://{prometheus.HOST}:{port}/metrics")
+    return server, problem

@@ -35,11 +35,12 @@ from typing import Any
 
 from iris.logfmt import reopen_log_file
 from iris.logs import ContextLog
+from iris.prometheus import MetricsServer
 
 from ..config import Config
 from ..exits import Exit, HostError, describe_exit
 from ..ops.control import Command, ControlError, ControlServer
-from ..ops.metrics import MetricsServer, serve_optionally
+from ..ops.metrics import serve_optionally
 from ..ops.notify import Notifier
 from ..wire import frames
 from ..wire.ring import remove_stale_segments, segment_prefix, wait_readable

@@ -62,14 +62,16 @@ class RelayLink:
         ``true`` embeds one and refuses a port another relay holds: this
         host would otherwise depend on a relay it does not own. ``"auto"``
         uses a relay already listening and embeds one only when none is;
-        ``false`` only waits for one.
+        ``false`` only waits for one. ``metrics_port`` is served by an
+        embedded relay only: another relay is not this host's to configure.
         """
         port, embedded = self.config.relay.port, self.config.relay.embedded
+        metrics_port = self.config.relay.metrics_port or None  # 0: off
         deadline = time.monotonic() + self.config.relay.connect_timeout
         while embedded is True or not self.listening():
             if embedded:
                 try:
-                    self.relay = RelayServer(port).start()
+                    self.relay = RelayServer(port, metrics_port=metrics_port).start()
                     self.log.info("started embedded relay", port=self.relay.port)
                     return
                 except OSError as err:
@@ -85,6 +87,11 @@ class RelayLink:
                 raise HostError(Exit.RELAY, f"no Iris relay is listening on port {port}")
             time.sleep(0.1)
         self.log.info("using the relay already listening", port=port)
+        if metrics_port is not None:
+            self.log.warning(
+                "relay.metrics_port ignored: the relay on the port is not this host's",
+                metrics_port=metrics_port,
+            )
 
     def listening(self) -> bool:
         with socket.socket() as probe:

@@ -58,11 +58,16 @@ def reread(running: Config, overrides: dict[str, Any], number: int) -> Generatio
     server re-imports the handler when preloading: Spawner.add.)
     """
     config = load_config(running.file).with_overrides(**overrides)
-    if (config.service.cluster, config.relay.port) != (
+    if (config.service.cluster, config.relay.port, config.relay.metrics_port) != (
         running.service.cluster,
         running.relay.port,
+        running.relay.metrics_port,
     ):
-        raise ConfigError(config.file, "service.cluster", "cluster and relay port need a restart")
+        raise ConfigError(
+            config.file,
+            "service.cluster",
+            "cluster, relay.port and relay.metrics_port need a restart",
+        )
     return Generation(number, config, code=number)
 
 

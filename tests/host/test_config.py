@@ -309,6 +309,14 @@ KNOWN_TABLES = (
          'duration such as "30s", got -1'),
         (MINIMAL + "[relay]\nconnect_timeout = nan", 'relay.connect_timeout: expected a '
          'duration such as "30s", got nan'),
+        (MINIMAL + "[relay]\nmetrics_port = 70000", "relay.metrics_port: expected an integer "
+         "from 0 to 65535, got 70000"),
+        (MINIMAL + "[relay]\nmetrics_port = '9188'", "relay.metrics_port: expected an integer "
+         'from 0 to 65535, got "9188"'),
+        (MINIMAL + "[relay]\nport = 9188\nmetrics_port = 9188", "relay.metrics_port: 9188 is "
+         "relay.port too"),
+        (MINIMAL + "[relay]\nmetrics_port = 9188\n[metrics]\nport = 9188", "relay.metrics_port: "
+         "9188 is metrics.port too"),
         (MINIMAL + "[workers]\nbroadcast = 'some'", 'workers.broadcast: expected "all" or '
          '"one", got "some"'),
         (MINIMAL + "[[topics]]\nname = 'a'\ndeliver = 'every'", 'topics[0].deliver: '

@@ -1,4 +1,5 @@
-"""Tests for irishost.ops.metrics: the exposition text, and a real HTTP server on loopback."""
+"""Tests for irishost.ops.metrics: the exposition text, and a real HTTP server on loopback
+(iris.prometheus, which serves it)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,8 @@ from unittest import mock
 
 import pytest
 
-from irishost.ops.metrics import (
-    CONTENT_TYPE,
-    DURATION_BUCKETS,
-    MetricsServer,
-    Outcome,
-    RequestStats,
-    render,
-)
+from iris.prometheus import CONTENT_TYPE, MetricsServer
+from irishost.ops.metrics import DURATION_BUCKETS, Outcome, RequestStats, render
 
 SNAPSHOT = {
     "service": "primes",
@@ -145,7 +140,7 @@ def serve():
     servers: list[MetricsServer] = []
 
     def start(snapshot) -> MetricsServer:
-        server = MetricsServer(0, snapshot)
+        server = MetricsServer(0, lambda: render(snapshot()), "irishost-metrics")
         servers.append(server)
         return server
 

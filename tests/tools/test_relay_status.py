@@ -77,6 +77,39 @@ def test_status_socket_is_owner_only_and_removed_at_stop(relay_factory):
     assert not path.exists()
 
 
+def test_under_systemd_the_socket_is_in_the_runtime_directory(relay_factory, monkeypatch, tmp_path):
+    """RuntimeDirectory= sets RUNTIME_DIRECTORY: PrivateTmp= would hide /tmp from a shell.
+    A client with the same variable finds it there; one without looks elsewhere."""
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("RUNTIME_DIRECTORY", f"{runtime}:{tmp_path / 'other'}")
+    relay = relay_factory()  # inherits the variable, as the relay under systemd has it
+    path = runtime / f"{relay.port}.sock"
+    assert stat.S_ISSOCK(path.stat().st_mode) and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert status_path(relay.port) == path
+    done = run_iris(relay.port, "relay", "status", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["port"] == relay.port
+
+    monkeypatch.delenv("RUNTIME_DIRECTORY")
+    done = run_iris(relay.port, "ls")
+    assert done.returncode == Exit.FAILURE
+    assert done.stderr.decode().count("\n") == 1
+    assert f"no status socket at {status_path(relay.port)} or /run/iris-relay/" in (
+        done.stderr.decode()
+    )
+    assert relay.stop() == 0
+    assert not path.exists()
+
+
+def test_a_client_under_systemd_still_finds_a_relay_in_tmp(relay, monkeypatch, tmp_path):
+    """A shell started from a unit inherits RUNTIME_DIRECTORY; the relay it asks about did not."""
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path))
+    done = run_iris(relay.port, "relay", "status", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["port"] == relay.port
+
+
 def test_request_to_an_unregistered_cluster_says_no_member(relay):
     done = run_iris(relay.port, "request", "nobody", "x", "--timeout", "0.3")
     assert done.returncode == Exit.TIMEOUT
