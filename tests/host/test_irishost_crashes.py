@@ -265,5 +265,7 @@ def test_a_wedged_worker_does_not_hold_up_broadcasts_or_the_other_worker(service
     finally:
         os.kill(stopped, signal.SIGCONT)
     assert answers == {other}
-    assert elapsed < PUT_TIMEOUT, f"the stopped worker held the others up for {elapsed:.2f} s"
+    # Held a PUT_TIMEOUT per frame, the broadcasts its 4 MiB inbox cannot take
+    # would cost 4 s or more; a loaded machine can take over 1 s without that.
+    assert elapsed < 2.5 * PUT_TIMEOUT, f"the stopped worker held the others up for {elapsed:.2f} s"
     assert wait_for(lambda: int(service.request(b"pid")) == stopped, what="the worker back")

@@ -86,16 +86,18 @@ def test_a_recycled_worker_whose_successor_fails_in_init_leaves_requests_waiting
 
 
 def test_a_hung_init_at_start_is_killed_after_boot_timeout_with_exit_4(service):
-    service.config(workers={"boot_timeout": "1s"})
+    # 3 s: it also bounds the fork server's start, which a loaded machine slows
+    # past 1 s; still far from the default 60 s.
+    service.config(workers={"boot_timeout": "3s"})
     service.open_gate("init-hangs")
     started = time.monotonic()
     host = service.start(env={"PROBE_INIT": "hang-while:init-hangs"}, wait=False)
 
-    assert host.wait_exit() == 4
-    assert time.monotonic() - started < 8
+    assert host.wait_exit(timeout=30) == 4
+    assert time.monotonic() - started < 20
     assert (
         "worker 0 failed to start: killed by the supervisor: "
-        "still starting after workers.boot_timeout (1 s)" in host.log()
+        "still starting after workers.boot_timeout (3 s)" in host.log()
     )
 
 
@@ -124,7 +126,6 @@ def test_a_worker_far_over_max_rss_is_killed_at_once(service):
     service.config(limits={"max_rss": "100MiB"})
     host = service.start()
     victim = host.worker_count(1)[0].pid
-    started = time.monotonic()
 
     fault = fault_of(service.request_async(b"grow:320,600", timeout=10), timeout=10)
 
@@ -132,8 +133,10 @@ def test_a_worker_far_over_max_rss_is_killed_at_once(service):
     assert "exceeded max_rss 100.0 MiB more than 1.5 times" in fault
     seen = float(re.search(r"resident memory ([0-9.]+) MiB", fault)[1])
     # The first sample past 150 MiB, not one long after (undrained, it reaches 600 MiB).
-    assert 150 <= seen < 300, fault  # shown to 0.1 MiB: just past 150 reads "150.0"
-    assert time.monotonic() - started < 1.5  # the handler would have run 1.9 s
+    # Shown to 0.1 MiB: just past 150 reads "150.0". Under 300: killed at the
+    # first sample past the line, not drained (the handler would reach 600 MiB).
+    # Not timed: a loaded machine slows the handler's growth as much as the check.
+    assert 150 <= seen < 300, fault
     assert gone(victim, wait=5)
     assert int(service.request(b"pid")) != victim
 
