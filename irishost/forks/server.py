@@ -10,7 +10,7 @@ interpreter (``python -m irishost.forks.server``), as CPython's
 ``multiprocessing.forkserver`` is::
 
     supervisor --- socket pair (msgpack): spawn (call id, slot) ----------> fork server
-               <-- ready (rss, threads), failed (why),                      |
+               <-- started, then ready (rss, threads) or failed (why),     |
                    spawned (call id, pid, ring descriptors by SCM_RIGHTS),  fork, fork
                    spawn-failed (call id, errno, reason) ------------------ v
                <============== reparented (child subreaper) ============= worker
@@ -116,7 +116,12 @@ class _Server:
         self.handler_class: type | None = None
 
     def prepare(self, check: bool) -> bool:
-        """Import the handler when preloading (or checking); tell the supervisor."""
+        """Import the handler when preloading (or checking); tell the supervisor.
+
+        "started" first: workers.boot_timeout runs from here, so it bounds the
+        handler's import, not this interpreter's start.
+        """
+        self._send(("started",))
         try:
             if self.config.workers.preload or check:
                 self.handler_class = reload_handler(self.config)

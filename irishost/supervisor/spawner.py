@@ -47,6 +47,11 @@ from .respawner import fresh_memory_problem
 # relaunched: a fork takes milliseconds, even of a large preloaded process,
 # so this only fires for a stopped or wedged server.
 SPAWN_TIMEOUT = 5.0
+# How long a fork server's interpreter may take to start (up to its "started",
+# before the handler's import): workers.boot_timeout bounds only what the
+# handler does, so that a loaded machine's slow interpreter start does not
+# fail a host whose boot_timeout is tight for its handler alone.
+START_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -101,9 +106,10 @@ class ForkServer:
 
     def __init__(self, generation: Generation, alive: int, check: bool = False):
         self.generation = generation
+        self.started = False  # its interpreter is up; the handler's import is next
         self.ready = False
         self.gone = False
-        self.deadline = time.monotonic() + generation.config.workers.boot_timeout
+        self.deadline = time.monotonic() + START_TIMEOUT
         self.calls: dict[int, _Call] = {}
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         launch = Launch(generation.code, generation.config, check)
@@ -143,6 +149,15 @@ class ForkServer:
         if not self.ready:
             return now > self.deadline
         return any(entry.deadline and now > entry.deadline for entry in self.calls.values())
+
+    def late(self) -> str:
+        """What an overdue server has not done in time."""
+        if not self.started:
+            return f"the fork server's interpreter did not start within {START_TIMEOUT:g} s"
+        if not self.ready:
+            limit = self.generation.config.workers.boot_timeout
+            return f"importing the handler took longer than workers.boot_timeout ({limit:g} s)"
+        return "the fork server did not answer a spawn in time"
 
     def kill(self) -> None:
         try:
@@ -207,9 +222,8 @@ class Spawner:
             if server.busy():
                 events += self._read(server)
             if server.overdue(now):
-                what = "start" if not server.ready else "answer a spawn"
                 server.kill()
-                events += self._fail(server, f"fork server did not {what} in time; killed it")
+                events += self._fail(server, f"{server.late()}; killed it")
         return events
 
     def on_exit(self, pid: int, status: int) -> list[Event] | None:
@@ -219,7 +233,10 @@ class Spawner:
                 if server.gone:
                     return []
                 events = self._read(server)  # what it said before dying counts
-                return events + self._fail(server, f"fork server {describe_exit(status)}")
+                reason = f"fork server {describe_exit(status)}"
+                if server.started and not server.ready:
+                    reason += " (did the handler's module end the process while being imported?)"
+                return events + self._fail(server, reason)
         return None
 
     def retain(self, generations: set[int]) -> None:
@@ -259,6 +276,10 @@ class Spawner:
     def _answer(self, server: ForkServer, message: list[Any], fds: list[int]) -> list[Event]:
         kind = message[0]
         generation = server.generation
+        if kind == "started":
+            server.started = True
+            server.deadline = time.monotonic() + generation.config.workers.boot_timeout
+            return []
         if kind == "ready":
             server.ready = True
             rss, threads = int(message[1]), int(message[2])
@@ -318,10 +339,7 @@ class Spawner:
         server.close()
         events: list[Event] = []
         if not was_ready and not launch_reported:
-            hint = ""
-            if server.generation.config.workers.preload:
-                hint = " (did the handler's module end the process while being imported?)"
-            message = f"handler error: the fork server ended before it was ready: {reason}{hint}"
+            message = f"handler error: the fork server ended before it was ready: {reason}"
             events.append(LaunchFailed(server.generation, Exit.HANDLER, message))
         events += [
             SpawnFailed(entry.slot, entry.generation, reason) for entry in server.calls.values()
@@ -340,7 +358,6 @@ def check_handler(config: Config) -> int:
     generation = Generation(0, config, code=0)
     server = ForkServer(generation, spawner.alive, check=True)
     spawner.servers[0] = server
-    deadline = server.deadline
     try:
         while True:
             select.select([server.sock], [], [], 0.05)
@@ -353,9 +370,5 @@ def check_handler(config: Config) -> int:
                     raise HostError(event.code, event.message, event.details)
                 if isinstance(event, ServerReady):
                     return event.rss
-            if time.monotonic() > deadline:
-                raise HostError(
-                    Exit.HANDLER, "importing the handler took longer than workers.boot_timeout"
-                )
     finally:
         spawner.stop()

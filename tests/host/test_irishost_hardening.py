@@ -86,23 +86,20 @@ def test_a_recycled_worker_whose_successor_fails_in_init_leaves_requests_waiting
 
 
 def test_a_hung_init_at_start_is_killed_after_boot_timeout_with_exit_4(service):
-    # 3 s: it also bounds the fork server's start, which a loaded machine slows
-    # past 1 s; still far from the default 60 s.
-    service.config(workers={"boot_timeout": "3s"})
+    service.config(workers={"boot_timeout": "1s"})
     service.open_gate("init-hangs")
     started = time.monotonic()
     host = service.start(env={"PROBE_INIT": "hang-while:init-hangs"}, wait=False)
 
-    assert host.wait_exit(timeout=30) == 4
-    assert time.monotonic() - started < 20
+    assert host.wait_exit() == 4
+    assert time.monotonic() - started < 8
     assert (
         "worker 0 failed to start: killed by the supervisor: "
-        "still starting after workers.boot_timeout (3 s)" in host.log()
+        "still starting after workers.boot_timeout (1 s)" in host.log()
     )
 
 
 def test_a_replacement_hung_in_init_is_killed_after_boot_timeout_and_retried(service):
-    # 1.5 s: it also bounds the fork server's start, which a loaded machine slows.
     service.config(workers={"count": 2, "boot_timeout": "1.5s"})
     host = service.start(env={"PROBE_INIT": "hang-while:init-hangs"})
     victim, survivor = (worker.pid for worker in host.worker_count(2))

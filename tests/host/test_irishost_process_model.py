@@ -427,6 +427,33 @@ def test_a_handler_module_exiting_at_import_is_a_handler_error_for_check_and_sta
     assert not host.workers()
 
 
+def test_boot_timeout_bounds_the_handler_s_import_not_the_interpreter_s_start(service):
+    """Every interpreter here starts 1.5 s late (a sitecustomize that sleeps, as
+    a loaded machine would): a 1 s boot_timeout still serves; the fork server's
+    interpreter start did count against it before."""
+    slow_site = service.dir / "slow-site"
+    slow_site.mkdir()
+    (slow_site / "sitecustomize.py").write_text("import time\ntime.sleep(1.5)\n")
+    serve_module(service, workers={"boot_timeout": "1s"})
+
+    host = service.start(env={"PYTHONPATH": str(slow_site)})
+
+    assert parse_reply(service.request(b"pid"), b"pid").pid == host.worker_count(1)[0].pid
+
+
+def test_a_preloaded_import_past_boot_timeout_fails_the_start_saying_so(service):
+    serve_module(service, mode="slow", workers={"boot_timeout": "1s"})  # a 3 s import
+
+    check = service.run("--check")
+    host = service.start(wait=False)
+
+    why = "importing the handler took longer than workers.boot_timeout (1 s)"
+    assert check.returncode == 4 and why in check.stderr, (check.stdout, check.stderr)
+    assert host.wait_exit() == 4, host.log()
+    assert why in host.log()
+    assert "end the process while being imported" not in host.log()
+
+
 def test_a_max_rss_below_a_fresh_workers_memory_is_a_config_error_naming_both(service):
     serve_module(service, limits={"max_rss": "1B"})
 
