@@ -101,6 +101,11 @@ class Host:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_log(self, text: str, timeout: float = 10.0) -> str:
+        """The log once ``text`` is in it: a running host's processes write
+        their lines from writer threads, a moment after they are logged."""
+        return wait_for(lambda: text in (log := self.log()) and log, timeout, what=repr(text))
+
     def workers(self) -> list[psutil.Process]:
         """The host's live worker processes, remembered for the teardown check."""
         live = [child for child in worker_processes(self.pid) if not gone(child.pid)]

@@ -166,7 +166,7 @@ def test_a_process_forked_by_a_handler_never_answers_for_the_worker(service):
     assert len(children) == 5
     for child in children:
         assert gone(child, wait=5), "a forked child lived on in the worker's code"
-    assert "a process forked by a handler returned into the worker; it exits" in host.log()
+    host.wait_log("a process forked by a handler returned into the worker; it exits")
     assert int(service.request(b"pid")) == worker
 
 

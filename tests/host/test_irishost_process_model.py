@@ -207,7 +207,7 @@ def test_a_fork_failing_with_eagain_degrades_the_slot_and_recovers_when_the_limi
     assert back < 12.0
     assert first in {w.pid for w in workers}
     assert sorted(w["slot"] for w in status_json(service)["workers"]) == [0, 1, 2]
-    assert "EAGAIN" in host.log()
+    host.wait_log("EAGAIN")
 
 
 # -- 3. a slow reload ------------------------------------------------------------------------

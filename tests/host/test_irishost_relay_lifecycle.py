@@ -44,7 +44,7 @@ def test_auto_embeds_a_relay_when_none_listens(service):
     host = service.start()
 
     assert service.request(b"ping") == b"pong"
-    assert f"started embedded relay service={service.cluster} port={service.port}" in host.log()
+    host.wait_log(f"started embedded relay service={service.cluster} port={service.port}")
 
 
 def test_true_refuses_a_port_another_relay_holds(relay, service):
