@@ -45,6 +45,7 @@ import socket
 import time
 
 import pytest
+from hypothesis import settings
 from relay_process import RelayProcess
 from support import ThreadLimit
 
@@ -56,6 +57,11 @@ from iris import codec
 # never see the Ctrl-C a test sends it. Tests run as if from a terminal.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+# No time limit per example: on a loaded machine one example of a codec test
+# took 306 ms against hypothesis's default 200 ms; what is tested is the result.
+settings.register_profile("tests", deadline=None)
+settings.load_profile("tests")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -232,6 +232,6 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_zero(service):
     held = service.request_async(b"sleep:0.5")
     wait_for(lambda: service.records("request"))
 
-    assert host.stop() == 0
+    assert host.stop() == 0, host.log()
     assert int(held.result(5)) == worker
     assert gone(worker)

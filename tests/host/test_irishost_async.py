@@ -83,6 +83,6 @@ def test_sigterm_lets_running_coroutines_finish_then_exits_zero(service):
     held = service.request_async(b"peak:0.5")
     time.sleep(0.2)  # the request is on its way to, or in, the worker's handler
 
-    assert host.stop() == 0
+    assert host.stop() == 0, host.log()
     assert json.loads(held.result(5))[0] == worker
     assert gone(worker)

@@ -147,7 +147,7 @@ def test_log_level_flag_overrides_the_file(service):
     for level in ("warning", "debug"):  # each host brings its own embedded relay
         host = service.start("--log-level", level)
         service.connect().request(service.cluster, b"pid", 5)
-        assert host.stop() == 0
+        assert host.stop() == 0, host.log()
         logs[level] = host.log()
 
     assert not re.search(r" (DEBUG|INFO) ", logs["warning"]), logs["warning"]

@@ -95,7 +95,7 @@ def test_a_sigkilled_worker_runs_no_close(service):
     (replacement,) = wait_for(
         lambda: [w for w in host.workers() if w.pid != worker.pid], what="its replacement"
     )
-    assert host.stop() == 0
+    assert host.stop() == 0, host.log()
 
     assert closes(service) == [replacement.pid]
 

@@ -341,7 +341,7 @@ def test_a_process_a_handler_started_ends_with_the_host(service, kind):
 
     with killed_at_exit([child]):
         assert not gone(child)
-        assert host.stop() == 0
+        assert host.stop() == 0, host.log()
         assert gone(child, wait=5.0), f"the handler's {kind} outlived the host"
 
 

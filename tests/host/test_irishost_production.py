@@ -243,7 +243,9 @@ def test_irishost_status_shows_the_host_and_a_row_per_worker_then_fails_once_it_
     assert int(header["served"]) >= 6
     assert (header["in flight"], header["waiting"]) == ("0", "0")
     assert (header["restarts"], header["workers"]) == ("1", "2 alive")
-    assert header["failed"] == "0"  # the killed worker held no request
+    # The killed worker held no request: no failure but, on a loaded machine, a
+    # start-up ping of 0.2 s that expired waiting for the first worker.
+    assert re.fullmatch(r"0|(\d+) \(expired \1\)", header["failed"]), header["failed"]
     assert shown["columns"] == [
         "WORKER", "PID", "STATE", "SERVED", "IN FLIGHT", "RSS", "RESTARTS", "UPTIME",
     ]  # fmt: skip
@@ -256,7 +258,7 @@ def test_irishost_status_shows_the_host_and_a_row_per_worker_then_fails_once_it_
     assert {row["WORKER"]: row["RESTARTS"] for row in rows} == {"0": "0", "1": "1"}
     assert header["health"] == "ok"  # the crashed slot is back
 
-    assert host.stop() == 0
+    assert host.stop() == 0, host.log()
     gone_host = service.run("status", timeout=15)
     assert gone_host.returncode == 1
     assert gone_host.stdout == ""
@@ -271,7 +273,7 @@ def test_log_lines_carry_time_level_and_key_value_context(service):
     service.config(service={"handler": write_handler(service.dir)})
     host = service.start()
     worker = host.worker_count(1)[0].pid
-    assert host.stop() == 0
+    assert host.stop() == 0, host.log()
 
     lines = host.log().splitlines()
     stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"

@@ -64,7 +64,7 @@ def test_stopping_an_embedded_relay_others_use_warns_how_many(service):
     host = service.start()  # its probe client stays attached
     bystander = service.connect()
 
-    assert host.stop() == 0
+    assert host.stop() == 0, host.log()
 
     warned = [line for line in host.log().splitlines() if "other clients attached" in line]
     assert len(warned) == 1, host.log()
@@ -78,7 +78,7 @@ def test_stopping_an_embedded_relay_no_one_else_uses_does_not_warn(service):
     host = service.start()
     service.close_clients()
 
-    assert host.stop() == 0
+    assert host.stop() == 0, host.log()
     assert "other clients attached" not in host.log()
 
 

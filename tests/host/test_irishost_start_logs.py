@@ -26,7 +26,7 @@ def test_worker_connections_log_their_service_and_worker(service):
     service.config(workers={"count": 2})
     host = service.start()
     host.worker_count(2)
-    assert host.stop() == 0
+    assert host.stop() == 0, host.log()
 
     log = host.log()
     established = [line for line in log.splitlines() if "relay connection established" in line]

@@ -124,7 +124,7 @@ def test_drain_respects_max_frames(make_ring):
     assert ring.drain() == []
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(st.lists(st.tuples(st.integers(0, 300), st.booleans()), max_size=80))
 def test_any_put_and_drain_interleaving_keeps_frames_intact(steps):
     ring = Ring.create(512, prefix=f"ringtest-hyp-{os.getpid()}")

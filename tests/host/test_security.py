@@ -199,7 +199,7 @@ def test_what_a_running_host_creates_is_private(service, open_dir):
     assert connect_as(NOBODY, control) == "permission denied"
     control.chmod(0o666)  # the control: opened up, the same user gets in
     assert connect_as(NOBODY, control) == "connected"
-    assert host.stop() == 0
+    assert host.stop() == 0, host.log()
 
 
 # ---------------------------------------------------------------------------

@@ -457,7 +457,7 @@ def test_a_silent_relay_times_out_calls_instead_of_hanging(fake_relay, thread_er
     assert thread_errors == []
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100)
 @given(st.binary(max_size=200) | st.lists(relay_packets, min_size=1, max_size=3).map(
     lambda packets: b"".join(packet.encode() for packet in packets)
 ))  # fmt: skip

@@ -82,7 +82,7 @@ odd_bytes = st.sampled_from(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(
     st.lists(st.one_of(packets.map(lambda packet: packet.encode()), odd_bytes), max_size=12),
     st.integers(0, 40),
