@@ -4,13 +4,15 @@ stand-in relay, process state, tunnels, faults, journald, a thread limit."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import random
 import select
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -18,11 +20,41 @@ import pytest
 
 import iris
 
+PORTS_FROM = 10000  # free_port's ports: from here to the ephemeral range
+
+
+def _own_ports() -> Iterator[int]:
+    """Ports for this test process to hand out, in turn, from a random start.
+
+    Below the kernel's ephemeral range: a port from ``bind(0)`` was free when
+    asked, but the kernel gives the same range to every ``connect()`` and
+    ``bind(0)`` on the machine, and a loaded run of four test processes once
+    lost such a port to someone else's connection before its host bound it.
+    Each pytest-xdist worker takes a slice of its own.
+    """
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+        ephemeral = int(ranges.read().split()[0])
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    size = (ephemeral - PORTS_FROM) // workers
+    ports = range(PORTS_FROM + worker * size, PORTS_FROM + (worker + 1) * size)
+    start = random.randrange(len(ports))  # another run at once starts elsewhere
+    return itertools.cycle([*ports[start:], *ports[:start]])
+
+
+_ports = _own_ports()
+
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A loopback port nobody listens on, that no other test here will be given."""
+    while True:
+        port = next(_ports)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:  # in use, or still in TIME_WAIT
+                continue
+            return port
 
 
 def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, what: str = ""):

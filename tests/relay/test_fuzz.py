@@ -360,7 +360,7 @@ def attach_to(fake: FakeRelay, member: Echo | None):
         init = fake.accept()
         assert init == Init("svc" if member else "")
         fake.send(Accept().encode())
-        result = attached.result(5)
+        result = attached.result(15)  # 5 s once ran out on a machine at load 15
     return (result, None) if member is None else (result.conn, result)
 
 
