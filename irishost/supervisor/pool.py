@@ -154,7 +154,7 @@ class WorkerPool:
         for handle in self.table.workers:
             if handle.kill_reason is not None:
                 continue
-            verdict = memory_verdict(handle.rss(), handle.state, self.config)
+            verdict = memory_verdict(handle.memory.rss(), handle.state, self.config)
             if verdict is not None:
                 action, reason = verdict
                 if action == "kill":
