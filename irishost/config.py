@@ -67,6 +67,7 @@ class WorkersSection:
     timeout_grace: float
     shutdown_timeout: float
     boot_timeout: float  # a worker still in import or init() after this is killed
+    gc_freeze: bool = True  # the fork server freezes its objects (gc.freeze) before forking
 
 
 @dataclass(frozen=True)
@@ -408,6 +409,7 @@ _SECTIONS: dict[str, tuple[type, _Spec]] = {
             "timeout_grace": (parse_duration, "5s"),
             "shutdown_timeout": (parse_duration, "30s"),
             "boot_timeout": (_positive_duration, "60s"),
+            "gc_freeze": (_boolean, True),
         },
     ),
     "limits": (

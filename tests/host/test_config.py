@@ -57,6 +57,7 @@ max_requests_jitter = 50
 timeout_grace = "500ms"
 shutdown_timeout = 12.5
 boot_timeout = "90s"
+gc_freeze = false
 
 [limits]
 request_threads = 4
@@ -129,6 +130,7 @@ def test_minimal_config_gets_every_default(in_tmp):
             timeout_grace=5.0,
             shutdown_timeout=30.0,
             boot_timeout=60.0,
+            gc_freeze=True,
         ),
         limits=LimitsSection(
             request_threads=1,
@@ -159,6 +161,7 @@ def test_full_config(in_tmp):
         timeout_grace=0.5,
         shutdown_timeout=12.5,
         boot_timeout=90.0,
+        gc_freeze=False,
     )
     assert config.limits == LimitsSection(
         request_threads=4,
@@ -289,6 +292,10 @@ KNOWN_TABLES = (
          '"512MiB", got "lots"'),
         (MINIMAL + "[limits]\nmax_rss = 1.5", 'limits.max_rss: expected a size such as '
          '"512MiB", got 1.5'),
+        (MINIMAL + "[workers]\ngc_freeze = 1", "workers.gc_freeze: expected true or false, "
+         "got 1"),
+        (MINIMAL + "[workers]\ngc_freeze = 'yes'", "workers.gc_freeze: expected true or false, "
+         'got "yes"'),
         (MINIMAL + "[limits]\nmax_rss_kill_factor = 0.5", "limits.max_rss_kill_factor: "
          "expected a number from 1 to 1000 such as 1.5, got 0.5"),
         (MINIMAL + "[limits]\nmax_rss_kill_factor = '2x'", "limits.max_rss_kill_factor: "

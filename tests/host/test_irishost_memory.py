@@ -1,6 +1,11 @@
 """What a worker's memory costs the machine (issue 19, items 3 and 4), on real
-processes: ``irishost status`` and the metrics show private (USS) and
-proportional (PSS) memory beside RSS.
+processes: a preloaded structure stays shared after the workers' garbage
+collector has run (``workers.gc_freeze``), ``irishost status`` and the metrics
+show private (USS) and proportional (PSS) memory beside RSS.
+
+The handler (``HANDLER``) builds 100 MB of small containers at import, the
+objects CPython's collector writes to, and runs a full collection in ``init``,
+as a worker's first automatic one would.
 """
 
 from __future__ import annotations
@@ -9,7 +14,52 @@ import json
 import re
 import urllib.request
 
+import pytest
 from support import free_port
+
+HANDLER = '''"""Written by tests/host/test_irishost_memory.py."""
+
+import gc
+import json
+import os
+
+import iris
+
+
+def resident() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+_before = resident()
+# About 100 MB: a list and a string per entry, all reached by the collector.
+TABLE = {str(i): [i, str(i)] for i in range(370_000)}
+SIZE = resident() - _before
+_hoard = []
+
+
+class Handler(iris.ServiceHandler):
+    def init(self, conn):
+        gc.collect()
+
+    def handle_request(self, request):
+        command, _, argument = request.decode().partition(":")
+        if command == "alloc":  # written bytes, so the pages are resident and private
+            _hoard.append(b"x" * (int(argument) * 2**20))
+        state = {"pid": os.getpid(), "size": SIZE, "collecting": gc.isenabled()}
+        return json.dumps({**state, "frozen": gc.get_freeze_count()}).encode()
+'''
+MiB = 2**20
+
+
+def serve_preloaded(service, **tables: dict) -> None:
+    (service.dir / "preloaded.py").write_text(HANDLER)
+    service.config(service={"handler": "preloaded:Handler"}, **tables)
+
+
+def ask(service, request: bytes = b"state") -> dict:
+    answer: dict = json.loads(service.request(request, timeout=10))
+    return answer
 
 
 def status_json(service) -> dict:
@@ -17,6 +67,33 @@ def status_json(service) -> dict:
     assert result.returncode == 0, result.stderr
     snapshot: dict = json.loads(result.stdout)
     return snapshot
+
+
+def only_worker(service) -> dict:
+    (worker,) = status_json(service)["workers"]
+    return worker  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_a_preloaded_structure_stays_shared_after_the_worker_collects_only_when_frozen(
+    service, freeze
+):
+    serve_preloaded(service, workers={"count": 1, "preload": True, "gc_freeze": freeze})
+    service.start()
+
+    state = ask(service)
+    worker = only_worker(service)
+
+    assert state["collecting"]  # the worker's collector runs either way
+    size = state["size"]
+    assert size > 80 * MiB
+    assert worker["rss"] > size  # the structure is resident in the worker either way
+    if freeze:
+        assert state["frozen"] > 370_000
+        assert worker["uss"] < 0.2 * size, (worker, size)
+    else:
+        assert state["frozen"] == 0
+        assert worker["uss"] > 0.5 * size, (worker, size)
 
 
 def test_status_and_metrics_show_private_and_proportional_memory_beside_rss(service):
@@ -38,4 +115,3 @@ def test_status_and_metrics_show_private_and_proportional_memory_beside_rss(serv
         for slot in (0, 1):
             series = rf'^irishost_worker_{kind}_bytes{{worker="{slot}"}} (\d+)$'
             assert int(re.search(series, metrics, re.M)[1]) > 0, metrics
-
