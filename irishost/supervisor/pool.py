@@ -22,13 +22,15 @@ from ..config import MAX_WORKERS, Config
 from ..wire import frames
 from .generation import Generation
 from .handle import WorkerHandle, WorkerState, WorkerUnreachable
-from .respawner import Death, Respawner, memory_verdict, stuck_reason
+from .memory import PrivatePace
+from .respawner import Death, Respawner, memory_verdict, private_verdict, stuck_reason
 from .spawner import Spawned, Spawner
 from .worker_table import Change, WorkerTable
 
-# Resident memory is sampled this often when max_rss is set: psutil reads
-# /proc/<pid>/statm, some microseconds per worker. Often enough that a handler
-# growing 320 MiB a second gets 32 MiB past the kill threshold at most.
+# Resident memory is sampled this often when max_rss or max_private is set:
+# psutil reads /proc/<pid>/statm, some microseconds per worker. Often enough
+# that a handler growing 320 MiB a second gets 32 MiB past the kill threshold
+# at most. Private memory costs more, and is paced by PrivatePace.
 RSS_CHECK_SECONDS = 0.1
 # On the way out, killed workers are waited for this long (SIGKILL takes effect
 # at once; a worker in uninterruptible I/O may take a moment).
@@ -47,6 +49,7 @@ class WorkerPool:
         self.log = log
         self.stopping = False  # no recycling or respawning any more
         self.next_rss_check = 0.0
+        self.private_pace = PrivatePace()
 
     @property
     def config(self) -> Config:
@@ -147,20 +150,40 @@ class WorkerPool:
             if reason is not None:
                 self.kill(handle, reason)
 
+    def watches_memory(self) -> bool:
+        limits = self.config.limits
+        return bool(limits.max_rss or limits.max_private)
+
     def check_memory(self, now: float) -> None:
-        if not self.config.limits.max_rss or now < self.next_rss_check:
+        if not self.watches_memory() or now < self.next_rss_check:
             return
         self.next_rss_check = now + RSS_CHECK_SECONDS
+        private_due = bool(self.config.limits.max_private) and self.private_pace.due(now)
+        started = time.thread_time()
         for handle in self.table.workers:
             if handle.kill_reason is not None:
                 continue
-            verdict = memory_verdict(handle.memory.rss(), handle.state, self.config)
+            verdict = self._memory_verdict(handle, private_due)
             if verdict is not None:
                 action, reason = verdict
                 if action == "kill":
                     self.kill(handle, reason)
                 else:
                     self.recycle(handle, reason)
+        if private_due:
+            self.private_pace.done(now, time.thread_time() - started)
+
+    def _memory_verdict(self, handle: WorkerHandle, private_due: bool) -> tuple[str, str] | None:
+        """What max_rss says of ``handle``, else what max_private says when due.
+
+        Private memory is part of the resident, so only a worker resident
+        beyond max_private can be over it: the others cost no costly read.
+        """
+        rss = handle.memory.rss()
+        verdict = memory_verdict(rss, handle.state, self.config)
+        if verdict is None and private_due and rss > self.config.limits.max_private:
+            verdict = private_verdict(handle.memory.usage().uss, handle.state, self.config)
+        return verdict
 
     def respawn_due(self, now: float) -> None:
         for slot in self.respawner.due(now):

@@ -67,6 +67,7 @@ broadcast_memory = 1000
 max_rss = "10MB"
 max_rss_kill_factor = 2
 max_requests = 1000
+max_private = "300MiB"
 
 [[topics]]
 name = "news"
@@ -140,6 +141,7 @@ def test_minimal_config_gets_every_default(in_tmp):
             max_rss=0,
             max_rss_kill_factor=1.5,
             max_requests=0,
+            max_private=0,
         ),
         topics=(),
         control=ControlSection(socket=socket),
@@ -171,6 +173,7 @@ def test_full_config(in_tmp):
         max_rss=10_000_000,
         max_rss_kill_factor=2.0,
         max_requests=1000,
+        max_private=300 * MiB,
     )
     assert config.topics == (
         TopicSection(name="news", deliver="all", event_threads=1, event_memory=64 * MiB),
@@ -292,6 +295,10 @@ KNOWN_TABLES = (
          '"512MiB", got "lots"'),
         (MINIMAL + "[limits]\nmax_rss = 1.5", 'limits.max_rss: expected a size such as '
          '"512MiB", got 1.5'),
+        (MINIMAL + "[limits]\nmax_private = '1 gigabyte'", 'limits.max_private: expected a '
+         'size such as "512MiB", got "1 gigabyte"'),
+        (MINIMAL + "[limits]\nmax_private = -1", 'limits.max_private: expected a size such '
+         'as "512MiB", got -1'),
         (MINIMAL + "[workers]\ngc_freeze = 1", "workers.gc_freeze: expected true or false, "
          "got 1"),
         (MINIMAL + "[workers]\ngc_freeze = 'yes'", "workers.gc_freeze: expected true or false, "

@@ -1,7 +1,8 @@
 """What a worker's memory costs the machine (issue 19, items 3 and 4), on real
 processes: a preloaded structure stays shared after the workers' garbage
 collector has run (``workers.gc_freeze``), ``irishost status`` and the metrics
-show private (USS) and proportional (PSS) memory beside RSS.
+show private (USS) and proportional (PSS) memory beside RSS, and
+``limits.max_private`` recycles by private memory, not by shared pages.
 
 The handler (``HANDLER``) builds 100 MB of small containers at import, the
 objects CPython's collector writes to, and runs a full collection in ``init``,
@@ -15,7 +16,7 @@ import re
 import urllib.request
 
 import pytest
-from support import free_port
+from support import free_port, gone, wait_for
 
 HANDLER = '''"""Written by tests/host/test_irishost_memory.py."""
 
@@ -115,3 +116,27 @@ def test_status_and_metrics_show_private_and_proportional_memory_beside_rss(serv
         for slot in (0, 1):
             series = rf'^irishost_worker_{kind}_bytes{{worker="{slot}"}} (\d+)$'
             assert int(re.search(series, metrics, re.M)[1]) > 0, metrics
+
+
+def test_max_private_recycles_by_private_memory_not_by_shared_pages(service):
+    serve_preloaded(
+        service,
+        workers={"count": 1, "preload": True},
+        limits={"max_private": "60MiB", "max_rss_kill_factor": 3},  # recycled, not killed
+    )
+    host = service.start()
+    first = ask(service)["pid"]
+    # Resident far beyond max_private (the preloaded structure), private well below it:
+    # the supervisor reads its private memory several times a second, and keeps it.
+    wait_for(lambda: only_worker(service)["uptime"] > 1.0, what="a second of checks")
+    worker = only_worker(service)
+    assert worker["rss"] > 100 * MiB and worker["uss"] < 40 * MiB, worker
+    assert "recycling worker" not in host.log()
+
+    assert ask(service, b"alloc:60")["pid"] == first
+
+    wait_for(lambda: "recycling worker" in host.log(), timeout=10, what="a recycle")
+    (line,) = [line for line in host.log().splitlines() if "recycling worker" in line]
+    assert f"pid={first}" in line and "is over max_private" in line, line
+    assert wait_for(lambda: gone(first), what="the recycled worker to exit")
+    assert ask(service)["pid"] != first
