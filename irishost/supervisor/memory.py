@@ -13,24 +13,26 @@ come from /proc/PID/smaps_rollup (psutil's ``memory_full_info``; on kernels
 older than 4.14, which lack it, psutil reads /proc/PID/smaps instead, slower
 but the same figures), for which the kernel walks the process's page tables:
 about 14 us per MiB resident, 3 ms for a worker of 216 MiB. So the
-supervisor reads them only where they can decide something, at the pace
-:class:`PrivatePace` sets from their measured cost.
+supervisor's loop reads them only where they can decide something (a worker
+resident beyond ``max_private``), one worker at a time, at the pace
+:class:`PrivatePace` sets from their measured cost. ``irishost status`` and
+the metrics read them for every worker, on their own threads, when asked.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
 import psutil
 
-# How often a worker's process tree is looked up again (a scan of /proc:
-# about a millisecond on a busy machine); its members' memory is read at
-# every call.
+# How often the machine's processes are scanned again for the workers'
+# descendants (see Family); their memory is read at every call.
 TREE_SECONDS = 1.0
 # The share of one core that reading private memory may take in the
-# supervisor's loop: a round that cost 50 ms (16 workers of 216 MiB) is
-# followed by the next one 5 s later.
+# supervisor's loop: a read that cost 3 ms (a worker of 216 MiB) is followed
+# by the next one 0.3 s later.
 PRIVATE_CPU_SHARE = 0.01
 
 
@@ -43,18 +45,54 @@ class Usage:
     pss: int  # proportional
 
 
+class Family:
+    """Who is whose child on this machine, for every worker's tree at once.
+
+    psutil's ``children(recursive=True)`` scans all of /proc for each
+    process it is asked about: 3 ms a worker on the loaded 2-core machine,
+    50 ms a second for 16 workers looked up once a second each. One scan a
+    period serves them all. Shared by the supervisor's loop and the status
+    and metrics threads, so under a lock.
+    """
+
+    def __init__(self, seconds: float = TREE_SECONDS):
+        self.seconds = seconds  # how stale the answers may be
+        self._lock = threading.Lock()
+        self._children: dict[int, list[psutil.Process]] = {}
+        self._next_scan = 0.0
+
+    def descendants(self, pid: int) -> list[psutil.Process]:
+        with self._lock:
+            now = time.monotonic()
+            if now >= self._next_scan:
+                self._next_scan = now + self.seconds
+                self._children = {}
+                for process in psutil.process_iter(["ppid"]):
+                    self._children.setdefault(process.info["ppid"], []).append(process)
+            children = self._children
+        found: list[psutil.Process] = []
+        parents = [pid]
+        while parents:
+            for child in children.get(parents.pop(), []):
+                found.append(child)
+                parents.append(child.pid)
+        return found
+
+
+_FAMILY = Family()
+
+
 class ProcessTree:
     """A worker and the processes it forked: a handler that forks helpers is
     judged by what they hold too."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, family: Family = _FAMILY):
         self.process = _process(pid)
-        self._members: list[psutil.Process] = []
-        self._next_lookup = 0.0
+        self._family = family
 
     def rss(self) -> int:
         total = 0
-        for member in self._current_members():
+        for member in self._members():
             try:
                 total += member.memory_info().rss
             except psutil.Error:
@@ -64,7 +102,7 @@ class ProcessTree:
     def usage(self) -> Usage:
         """All three figures; costly (see the module's docstring)."""
         rss = uss = pss = 0
-        for member in self._current_members():
+        for member in self._members():
             try:
                 memory = member.memory_full_info()
             except psutil.Error:
@@ -72,28 +110,20 @@ class ProcessTree:
             rss, uss, pss = rss + memory.rss, uss + memory.uss, pss + memory.pss
         return Usage(rss, uss, pss)
 
-    def _current_members(self) -> list[psutil.Process]:
-        """The tree as last looked up, at most TREE_SECONDS ago."""
+    def _members(self) -> list[psutil.Process]:
         if self.process is None:
             return []
-        now = time.monotonic()
-        if now >= self._next_lookup:
-            self._next_lookup = now + TREE_SECONDS
-            try:
-                self._members = [self.process, *self.process.children(recursive=True)]
-            except psutil.Error:
-                self._members = [self.process]
-        return self._members
+        return [self.process, *self._family.descendants(self.process.pid)]
 
 
 class PrivatePace:
-    """When the supervisor may read its workers' private memory again.
+    """When the supervisor may read a worker's private memory again.
 
-    Its cost grows with the workers' resident memory, so a fixed period
-    would be either slow for small workers or costly for large ones. After
-    a round that cost ``cpu`` seconds the next waits ``cpu /
-    PRIVATE_CPU_SHARE``: for small workers that is less than the period of
-    the resident memory checks, so they are read at every check.
+    The read's cost grows with the worker's resident memory, so a fixed
+    period would be either slow for small workers or costly for large ones.
+    After a read that cost ``cpu`` seconds the next waits ``cpu /
+    PRIVATE_CPU_SHARE``: for a small worker less than the period of the
+    resident memory checks, for 16 workers of 216 MiB about 5 s each.
     """
 
     def __init__(self) -> None:

@@ -50,6 +50,7 @@ class WorkerPool:
         self.stopping = False  # no recycling or respawning any more
         self.next_rss_check = 0.0
         self.private_pace = PrivatePace()
+        self.private_turn = 0  # which worker's private memory is read next
 
     @property
     def config(self) -> Config:
@@ -155,35 +156,48 @@ class WorkerPool:
         return bool(limits.max_rss or limits.max_private)
 
     def check_memory(self, now: float) -> None:
+        """Recycle or kill the workers over max_rss, each check, or over
+        max_private, one worker a turn (see ``_check_private``)."""
         if not self.watches_memory() or now < self.next_rss_check:
             return
         self.next_rss_check = now + RSS_CHECK_SECONDS
-        private_due = bool(self.config.limits.max_private) and self.private_pace.due(now)
-        started = time.thread_time()
+        max_private = self.config.limits.max_private
+        suspects = []  # resident beyond max_private, so they may be over it
         for handle in self.table.workers:
             if handle.kill_reason is not None:
                 continue
-            verdict = self._memory_verdict(handle, private_due)
+            rss = handle.memory.rss()
+            verdict = memory_verdict(rss, handle.state, self.config)
             if verdict is not None:
-                action, reason = verdict
-                if action == "kill":
-                    self.kill(handle, reason)
-                else:
-                    self.recycle(handle, reason)
-        if private_due:
-            self.private_pace.done(now, time.thread_time() - started)
+                self._enforce(handle, verdict)
+            elif max_private and rss > max_private:
+                suspects.append(handle)
+        if suspects and self.private_pace.due(now):
+            self._check_private(suspects, now)
 
-    def _memory_verdict(self, handle: WorkerHandle, private_due: bool) -> tuple[str, str] | None:
-        """What max_rss says of ``handle``, else what max_private says when due.
+    def _check_private(self, suspects: list[WorkerHandle], now: float) -> None:
+        """Read the private memory of one of ``suspects``, each in turn.
 
-        Private memory is part of the resident, so only a worker resident
-        beyond max_private can be over it: the others cost no costly read.
+        Private memory is part of the resident, so only workers resident
+        beyond max_private can be over it. Reading it walks the worker's page
+        tables on this loop's thread, milliseconds for a large worker, so one
+        worker is read a turn and PrivatePace spaces the turns by their cost.
         """
-        rss = handle.memory.rss()
-        verdict = memory_verdict(rss, handle.state, self.config)
-        if verdict is None and private_due and rss > self.config.limits.max_private:
-            verdict = private_verdict(handle.memory.usage().uss, handle.state, self.config)
-        return verdict
+        handle = suspects[self.private_turn % len(suspects)]
+        self.private_turn += 1
+        started = time.thread_time()
+        uss = handle.memory.usage().uss
+        self.private_pace.done(now, time.thread_time() - started)
+        verdict = private_verdict(uss, handle.state, self.config)
+        if verdict is not None:
+            self._enforce(handle, verdict)
+
+    def _enforce(self, handle: WorkerHandle, verdict: tuple[str, str]) -> None:
+        action, reason = verdict
+        if action == "kill":
+            self.kill(handle, reason)
+        else:
+            self.recycle(handle, reason)
 
     def respawn_due(self, now: float) -> None:
         for slot in self.respawner.due(now):

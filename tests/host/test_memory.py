@@ -1,5 +1,6 @@
 """irishost.supervisor.memory in-process: a worker's process tree read from
-/proc, with members that vanish meanwhile, and the pace of the costly reads."""
+/proc, with members that vanish meanwhile, and the pace of the costly reads.
+Each test has a Family of its own, so no other test's look at /proc is reused."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ import sys
 
 import pytest
 
-from irishost.supervisor import memory
-from irishost.supervisor.memory import PRIVATE_CPU_SHARE, PrivatePace, ProcessTree, Usage
+from irishost.supervisor.memory import PRIVATE_CPU_SHARE, Family, PrivatePace, ProcessTree, Usage
 
 MiB = 2**20
 
@@ -29,19 +29,18 @@ def child():
     process.wait()
 
 
-def test_a_tree_sums_its_members(child, monkeypatch):
-    monkeypatch.setattr(memory, "TREE_SECONDS", 0.0)  # look the tree up at every read
-    alone = ProcessTree(child.pid).usage()
-    tree = ProcessTree(os.getpid()).usage()  # this process, and the child under it
+def test_a_tree_sums_its_members(child):
+    family = Family(seconds=0.0)  # a fresh look at every read
+    alone = ProcessTree(child.pid, family).usage()
+    tree = ProcessTree(os.getpid(), family)  # this process, and the child under it
 
     assert alone.uss > 50 * MiB and alone.rss >= alone.pss >= alone.uss
-    assert tree.uss > alone.uss and tree.pss > alone.pss
-    assert ProcessTree(os.getpid()).rss() > alone.rss
+    assert tree.usage().uss > alone.uss and tree.usage().pss > alone.pss
+    assert tree.rss() > alone.rss
 
 
-def test_a_member_that_vanished_counts_for_nothing(child, monkeypatch):
-    monkeypatch.setattr(memory, "TREE_SECONDS", 3600.0)  # the tree as first looked up
-    tree = ProcessTree(os.getpid())
+def test_a_member_that_vanished_counts_for_nothing(child):
+    tree = ProcessTree(os.getpid(), Family(seconds=3600.0))  # the tree as first looked up
     with_child = tree.usage()
 
     child.kill()
@@ -56,7 +55,7 @@ def test_a_worker_gone_before_it_was_seen_has_no_memory(child):
     child.kill()
     child.wait()
 
-    tree = ProcessTree(child.pid)
+    tree = ProcessTree(child.pid, Family())
 
     assert tree.usage() == Usage(0, 0, 0)
     assert tree.rss() == 0
