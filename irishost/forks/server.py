@@ -182,11 +182,14 @@ def freeze_for_workers() -> None:
 
     CPython's cyclic collector writes to the header of every container object
     it scans, so a worker's first full collection would copy every page the
-    preloaded handler's objects live on: measured, a 1M-entry dict preloaded
-    here left each worker 214 MiB of private memory after one ``gc.collect()``,
-    24 MiB with this. ``gc.freeze()`` moves every object into a permanent
-    generation that no collection scans, in this process and in every worker
-    forked from it; the workers' collector stays enabled for their own objects.
+    preloaded handler's objects live on: measured (``bench/irishost_bench.py
+    --only preload-memory``), a preloaded structure of 202 MiB left each
+    worker 147 MiB of private memory after one ``gc.collect()``, 3.4 MiB with
+    this. ``gc.freeze()`` moves every object into a permanent generation
+    that no collection scans, in this process and in every worker forked from
+    it; the workers' collector stays enabled for their own objects. The price:
+    a preloaded cycle a worker lets go of is never collected in that worker
+    (what is in no cycle is freed by reference counting as ever).
 
     The import's cyclic garbage is collected first, since frozen it would
     stay in the fork server and every worker for good. CPython's docs also
