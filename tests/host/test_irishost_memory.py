@@ -16,6 +16,7 @@ import re
 import urllib.request
 
 import pytest
+from production_support import run_ok, status_json
 from support import free_port, gone, wait_for
 
 HANDLER = '''"""Written by tests/host/test_irishost_memory.py."""
@@ -63,13 +64,6 @@ def ask(service, request: bytes = b"state") -> dict:
     return answer
 
 
-def status_json(service) -> dict:
-    result = service.run("status", "--json", timeout=15)
-    assert result.returncode == 0, result.stderr
-    snapshot: dict = json.loads(result.stdout)
-    return snapshot
-
-
 def only_worker(service) -> dict:
     (worker,) = status_json(service)["workers"]
     return worker  # type: ignore[no-any-return]
@@ -104,7 +98,7 @@ def test_status_and_metrics_show_private_and_proportional_memory_beside_rss(serv
     host.worker_count(2)
 
     workers = status_json(service)["workers"]
-    text = service.run("status").stdout
+    text = run_ok(service, "status")
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         metrics = response.read().decode()
 
