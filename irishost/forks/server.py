@@ -184,7 +184,7 @@ def freeze_for_workers() -> None:
     it scans, so a worker's first full collection would copy every page the
     preloaded handler's objects live on: measured (``bench/irishost_bench.py
     --only preload-memory``), a preloaded structure of 202 MiB left each
-    worker 147 MiB of private memory after one ``gc.collect()``, 3.4 MiB with
+    worker 147 MiB of private memory after one ``gc.collect()``, 3.3 MiB with
     this. ``gc.freeze()`` moves every object into a permanent generation
     that no collection scans, in this process and in every worker forked from
     it; the workers' collector stays enabled for their own objects. The price:
