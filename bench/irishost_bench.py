@@ -41,6 +41,17 @@ a ratio holds for this machine at this moment; absolute figures on a shared
   stream drains it). Target: on keeps >= 0.85x the requests/s of off. With
   ``--compare DIR`` the checkout DIR runs both ways in the same alternation.
 
+- preload-memory: a handler module that builds about 200 MB of small
+  containers at import, preloaded by irishost's fork server, 4 workers,
+  each running a full ``gc.collect()`` in ``init`` (as its collector
+  would once the worker has allocated enough): each worker's private
+  memory (USS), read by ``irishost status``, with ``[workers] gc_freeze``
+  off and on, and the proportional memory (PSS) of the whole host. Target:
+  frozen, under 15 % of the preloaded size per worker. Then the cost of
+  reading memory in the supervisor's way, per round over 16 workers,
+  preloaded and small: RSS (/proc/PID/statm) and USS with PSS
+  (/proc/PID/smaps_rollup).
+
 The sides of cpu-bound, ring, echo-overhead and access-log run in alternating rounds
 (ABBA order; for the services, on rigs that are all up), so a load spike
 from elsewhere on the machine lands on every side rather than on one.
@@ -84,13 +95,15 @@ import iris.aio
 from irishost import cli
 from irishost.config import Config, load_config
 from irishost.loader import load_handler
+from irishost.ops.control import query_status
+from irishost.supervisor.memory import PRIVATE_CPU_SHARE, Family, ProcessTree
 from irishost.wire import frames
 from irishost.wire.ring import Ring, segment_prefix
 from irishost.worker import process as worker
 
 T = TypeVar("T")
 
-BENCHMARKS = ("cpu-bound", "ring", "dispatch", "echo-overhead", "access-log")
+BENCHMARKS = ("cpu-bound", "ring", "dispatch", "echo-overhead", "access-log", "preload-memory")
 
 # The handlers both sides serve: the example services of configs/, so the
 # figures are those of the code the README runs. A module written into the
@@ -861,12 +874,167 @@ def bench_access_log(report: _util.Report, settings: Settings, directory: Path) 
         )
 
 
+# ---------------------------------------------------------------------------
+# 6. Preloaded memory: what each worker holds of its own (issue 19, items 3 and 4).
+
+PRELOADED_MODULE = "hostbench_preloaded"
+PRELOADED_SOURCE = """\
+\"\"\"The preloaded handler of bench/irishost_bench.py's preload-memory benchmark.\"\"\"
+
+import gc
+import os
+
+import iris
+
+
+def resident():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+_before = resident()
+# About 200 MB: a list and two strings per entry, the lists reached by the collector.
+TABLE = {str(i): [i, str(i)] for i in range(750_000)}
+SIZE = resident() - _before
+
+
+class PreloadedHandler(iris.ServiceHandler):
+    def init(self, conn):
+        gc.collect()  # the worker's first full collection
+
+    def handle_request(self, request):
+        return str(SIZE).encode() if request == b"size" else request
+"""
+MEMORY_WORKERS = 4
+SAMPLING_WORKERS = 16
+SAMPLING_ROUNDS = 20
+# Frozen, a worker's private memory stays under 15 % of what was preloaded (issue 19).
+PRIVATE_TARGET = _util.Target(floor=0.15, higher_is_better=False, on_ratio=True)
+
+
+class WatchedHost:
+    """irishost as Rig's ``argv``, keeping its config to read ``irishost status``:
+    the config Rig wrote gets its handler from ``module`` and ``gc_freeze`` set."""
+
+    def __init__(self, module: str = HANDLER_MODULE, freeze: bool = True):
+        self.module = module
+        self.freeze = freeze
+        self.config: Config | None = None
+
+    def __call__(self, path: Path) -> list[str]:
+        text = path.read_text().replace(f'"{HANDLER_MODULE}:', f'"{self.module}:')
+        freeze = f"gc_freeze = {str(self.freeze).lower()}"
+        path.write_text(text.replace("[workers]\n", f"[workers]\n{freeze}\n"))
+        self.config = load_config(path)
+        return irishost_argv(path)
+
+    def ready_workers(self, count: int) -> list[dict]:
+        """The status of the host's workers once ``count`` are ready (each has collected)."""
+        assert self.config is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            workers = query_status(self.config.control.socket)["workers"]
+            if sum(worker["state"] == "ready" for worker in workers) == count:
+                return list(workers)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{count} workers not ready after {START_TIMEOUT:g} s")
+            time.sleep(0.1)
+
+
+def _host_pss(rig: Rig) -> int:
+    """Proportional memory of every process of the host: what the machine pays for it."""
+    ps = rig.service.ps
+    total = 0
+    for process in [ps, *ps.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += process.memory_full_info().pss
+    return total
+
+
+def sampling_cost(pids: list[int]) -> dict[str, float]:
+    """CPU seconds of one round over ``pids`` of each thing the supervisor reads:
+    the workers' descendants (a scan of /proc, once a second: psutil's per
+    worker before issue 19, one for all since), their resident memory (each
+    check), and all three figures (smaps_rollup)."""
+    processes = [psutil.Process(pid) for pid in pids]
+
+    def each(read: Callable[[psutil.Process], object]) -> Callable[[], None]:
+        def round_() -> None:
+            for process in processes:
+                read(process)
+
+        return round_
+
+    def one_scan() -> None:
+        family = Family()  # a fresh one scans /proc once, for every worker's tree
+        for pid in pids:
+            family.descendants(pid)
+
+    rounds = {
+        "descendants, a scan of /proc per worker": each(
+            lambda process: process.children(recursive=True)
+        ),
+        "descendants, one scan of /proc": one_scan,
+        "RSS (statm)": each(psutil.Process.memory_info),
+        "RSS, USS, PSS (smaps_rollup)": each(psutil.Process.memory_full_info),
+    }
+    costs = {}
+    for name, round_ in rounds.items():
+        start = time.thread_time()
+        for _ in range(SAMPLING_ROUNDS):
+            round_()
+        costs[name] = (time.thread_time() - start) / SAMPLING_ROUNDS
+    return costs
+
+
+def bench_preload_memory(report: _util.Report, settings: Settings, directory: Path) -> None:
+    """Each worker's private memory with gc_freeze off and on, and what reading it costs."""
+    (directory / f"{PRELOADED_MODULE}.py").write_text(PRELOADED_SOURCE)
+    probe = (ECHO_REQUEST, ECHO_REQUEST)
+    label = f"preload-memory: {MEMORY_WORKERS} workers"
+    size = 0.0
+    for freeze in (False, True):
+        host = WatchedHost(PRELOADED_MODULE, freeze)
+        with Rig(directory, "PreloadedHandler", MEMORY_WORKERS, probe, host) as rig:
+            size = int(rig.conn.request(CLUSTER, b"size", REPLY_TIMEOUT)) / 2**20
+            workers = host.ready_workers(MEMORY_WORKERS)
+            host_pss = _host_pss(rig) / 2**20
+        side = f"{label}, gc_freeze {'on' if freeze else 'off'}"
+        private = statistics.mean(worker["uss"] for worker in workers) / 2**20
+        resident = statistics.mean(worker["rss"] for worker in workers) / 2**20
+        target = PRIVATE_TARGET if freeze else None
+        report.add(
+            f"{side}: private memory (USS) per worker", private, "MiB", target, baseline=size
+        )
+        report.add(f"{side}: resident memory (RSS) per worker", resident, "MiB")
+        report.add(f"{side}: proportional memory (PSS), whole host", host_pss, "MiB")
+    report.add("preload-memory: preloaded structure (the fork server's RSS growth)", size, "MiB")
+    for kind, handler, host in (
+        ("preloaded", "PreloadedHandler", WatchedHost(PRELOADED_MODULE)),
+        ("echo", "EchoHandler", WatchedHost()),
+    ):
+        with Rig(directory, handler, SAMPLING_WORKERS, probe, host):
+            pids = [worker["pid"] for worker in host.ready_workers(SAMPLING_WORKERS)]
+            rss = statistics.mean(ProcessTree(pid).rss() for pid in pids) / 2**20
+            costs = sampling_cost(pids)
+        each = f"memory sampling, {SAMPLING_WORKERS} {kind} workers of {rss:.0f} MiB RSS"
+        for name, seconds in costs.items():
+            report.add(f"{each}: {name}, CPU per round", seconds * 1e3, "ms")
+        rollup = costs["RSS, USS, PSS (smaps_rollup)"]
+        report.add(
+            f"{each}: each worker's private memory read every ({PRIVATE_CPU_SHARE:.0%} of a core)",
+            rollup / PRIVATE_CPU_SHARE,
+            "s",
+        )
+
+
 RUNNERS: dict[str, Callable[[_util.Report, Settings, Path], None]] = {
     "cpu-bound": bench_cpu_bound,
     "ring": bench_ring,
     "dispatch": bench_dispatch,
     "echo-overhead": bench_echo_overhead,
     "access-log": bench_access_log,
+    "preload-memory": bench_preload_memory,
 }
 
 

@@ -67,6 +67,7 @@ class WorkersSection:
     timeout_grace: float
     shutdown_timeout: float
     boot_timeout: float  # a worker still in import or init() after this is killed
+    gc_freeze: bool = True  # the fork server freezes its objects (gc.freeze) before forking
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,10 @@ class LimitsSection:
     broadcast_threads: int
     broadcast_memory: int
     max_rss: int  # bytes; 0 = never recycle for memory
-    max_rss_kill_factor: float  # above max_rss times this, killed at once instead of drained
+    # above max_rss (or max_private) times this, killed at once instead of drained
+    max_rss_kill_factor: float
     max_requests: int  # 0 = never recycle for request count
+    max_private: int = 0  # bytes of private memory (USS); 0 = never recycle for it
 
     def service_limits(self) -> ServiceLimits:
         return ServiceLimits(
@@ -269,7 +272,8 @@ def _positive_duration(value: Any) -> float:
 
 
 def _kill_factor(value: Any) -> float:
-    """How far over max_rss a worker may get before it is killed instead of drained."""
+    """How far over max_rss (or max_private) a worker may get before it is killed
+    instead of drained."""
     if not _is_number(value) or not 1 <= value <= 1000:
         raise ValueError(f"expected a number from 1 to 1000 such as 1.5, got {_show(value)}")
     return float(value)
@@ -408,6 +412,7 @@ _SECTIONS: dict[str, tuple[type, _Spec]] = {
             "timeout_grace": (parse_duration, "5s"),
             "shutdown_timeout": (parse_duration, "30s"),
             "boot_timeout": (_positive_duration, "60s"),
+            "gc_freeze": (_boolean, True),
         },
     ),
     "limits": (
@@ -420,6 +425,7 @@ _SECTIONS: dict[str, tuple[type, _Spec]] = {
             "max_rss": (parse_size, 0),
             "max_rss_kill_factor": (_kill_factor, 1.5),
             "max_requests": (_integer(0), 0),
+            "max_private": (parse_size, 0),
         },
     ),
     "control": (ControlSection, {"socket": (_string, "")}),  # "" = see _control_socket

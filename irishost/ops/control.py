@@ -49,7 +49,10 @@ The snapshot, as built by the supervisor's ``snapshot`` callable::
           "state": str,      # "booting", "ready" or "draining"
           "served": int,
           "in_flight": int,
-          "rss": int,        # resident memory, bytes
+          "rss": int,        # resident memory, bytes; counts pages shared with other workers
+          "uss": int,        # private memory (USS), bytes: what the worker alone holds
+          "pss": int,        # proportional memory (PSS), bytes: shared pages split among
+                             # their sharers, so the workers' add up to what they cost
           "restarts": int,   # unexpected deaths in this slot
           "uptime": float,   # seconds
         },
@@ -363,6 +366,8 @@ def format_status(snapshot: Snapshot) -> str:
         "SERVED",
         "IN FLIGHT",
         "RSS",
+        "USS",
+        "PSS",
         "RESTARTS",
         "UPTIME",
     ]
@@ -374,6 +379,8 @@ def format_status(snapshot: Snapshot) -> str:
             worker["served"],
             worker["in_flight"],
             _size(worker["rss"]),
+            # A host started before an upgrade of the package reads RSS alone.
+            *(_size(worker[key]) if key in worker else "-" for key in ("uss", "pss")),
             worker["restarts"],
             _duration(worker["uptime"]),
         ]

@@ -99,6 +99,10 @@ def render(snapshot: Snapshot) -> str:
          "writer fell behind.", {"": snapshot.get("log_records_dropped", 0)}),
         ("worker_rss_bytes", "gauge", "Resident memory of the worker processes in a slot.",
          per_slot["rss"]),
+        ("worker_uss_bytes", "gauge", "Private memory (USS) of the worker processes in a slot.",
+         per_slot["uss"]),
+        ("worker_pss_bytes", "gauge",
+         "Proportional memory (PSS) of the worker processes in a slot.", per_slot["pss"]),
         ("worker_requests_served_total", "counter", "Requests answered by a slot's worker.",
          per_slot["served"]),
         ("worker_requests_in_flight", "gauge", "Requests held by a slot's worker processes.",
@@ -138,7 +142,7 @@ def _duration_histogram(durations: dict[str, Any]) -> list[str]:
 
 
 def _by_slot(workers: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    """Per-slot totals: {"rss": {'{worker="0"}': bytes, ...}, "served": ..., "in_flight": ...}.
+    """Per-slot totals: {"rss": {'{worker="0"}': bytes, ...}, "uss": ..., "served": ...}.
 
     A draining worker and its successor share a slot for a while; two samples
     with the same labels would make the whole scrape invalid, and a pid label
@@ -146,7 +150,8 @@ def _by_slot(workers: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     per slot, and a counter that drops when the old worker leaves is a reset
     that Prometheus's rate() already handles.
     """
-    totals: dict[str, dict[str, int]] = {key: {} for key in ("rss", "served", "in_flight")}
+    keys = ("rss", "uss", "pss", "served", "in_flight")
+    totals: dict[str, dict[str, int]] = {key: {} for key in keys}
     for worker in sorted(workers, key=lambda worker: worker["slot"]):
         labels = f'{{worker="{worker["slot"]}"}}'
         for key, samples in totals.items():

@@ -12,9 +12,8 @@ import itertools
 import threading
 import time
 
-import psutil
-
 from ..wire.ring import Ring
+from .memory import ProcessTree
 
 
 class WorkerState(enum.StrEnum):
@@ -38,10 +37,6 @@ BEST_EFFORT_TIMEOUT = 0.05
 # answers again, so that one wedged worker costs the relay reader one wait
 # per period, not one per frame.
 STALL_SECONDS = 1.0
-# How often a worker's process tree is looked up again for its memory (a scan
-# of /proc: about a millisecond on a busy machine); its members' memory is
-# read at every check.
-TREE_SECONDS = 1.0
 
 
 class WorkerHandle:
@@ -70,9 +65,7 @@ class WorkerHandle:
         self.broken = False  # it sent a frame that does not decode: nothing more is read
         self.drain_deadline = 0.0  # when DRAINING: killed if still alive after this
         self.stalled_until = 0.0  # passed over until then; see put()
-        self.process = _process(pid)
-        self._tree: list[psutil.Process] = []  # the process and its descendants; see rss()
-        self._next_tree = 0.0
+        self.memory = ProcessTree(pid)  # its memory, and its descendants'
         self._put_lock = threading.Lock()  # several supervisor threads write to the inbox
 
     def put(self, frame: bytes, timeout: float = PUT_TIMEOUT) -> None:
@@ -91,30 +84,6 @@ class WorkerHandle:
     def stalled(self, now: float) -> bool:
         """Whether a frame for it timed out lately (see STALL_SECONDS)."""
         return now < self.stalled_until
-
-    def rss(self) -> int:
-        """Resident memory of the worker's whole process tree: a handler that
-        forks helpers is judged by what they hold too.
-
-        Finding the tree scans /proc, so it is refreshed once per
-        TREE_SECONDS; the members' memory is read at each call.
-        """
-        if self.process is None:
-            return 0
-        now = time.monotonic()
-        if now >= self._next_tree:
-            self._next_tree = now + TREE_SECONDS
-            try:
-                self._tree = [self.process, *self.process.children(recursive=True)]
-            except psutil.Error:
-                self._tree = [self.process]
-        total = 0
-        for member in self._tree:
-            try:
-                total += member.memory_info().rss
-            except psutil.Error:
-                pass  # gone meanwhile
-        return total
 
     def running_deadline(self, threads: int) -> float | None:
         """The earliest deadline among the requests its ``threads`` handler threads may run.
@@ -137,15 +106,3 @@ class WorkerHandle:
 
     def __repr__(self) -> str:
         return f"worker {self.slot} (pid {self.pid})"
-
-
-def _process(pid: int) -> psutil.Process | None:
-    """The worker's process, for its memory; None if it is already gone.
-
-    The supervisor may reap a worker that died at once before it has its
-    pid: no zombie is left to look at.
-    """
-    try:
-        return psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return None

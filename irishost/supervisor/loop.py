@@ -253,7 +253,7 @@ class Supervisor:
     def _next_wake(self) -> float:
         """The next respawn, watchdog ping or memory sample, or the tick."""
         wakes = [self._next_tick, self.pool.respawner.next_due(), self.status.next_watchdog()]
-        if self.config.limits.max_rss:
+        if self.pool.watches_memory():
             wakes.append(self.pool.next_rss_check)
         return min(wake for wake in wakes if wake is not None)
 

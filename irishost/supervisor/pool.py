@@ -22,13 +22,15 @@ from ..config import MAX_WORKERS, Config
 from ..wire import frames
 from .generation import Generation
 from .handle import WorkerHandle, WorkerState, WorkerUnreachable
-from .respawner import Death, Respawner, memory_verdict, stuck_reason
+from .memory import PrivatePace
+from .respawner import Death, Respawner, memory_verdict, private_verdict, stuck_reason
 from .spawner import Spawned, Spawner
 from .worker_table import Change, WorkerTable
 
-# Resident memory is sampled this often when max_rss is set: psutil reads
-# /proc/<pid>/statm, some microseconds per worker. Often enough that a handler
-# growing 320 MiB a second gets 32 MiB past the kill threshold at most.
+# Resident memory is sampled this often when max_rss or max_private is set:
+# psutil reads /proc/<pid>/statm, some microseconds per worker. Often enough
+# that a handler growing 320 MiB a second gets 32 MiB past the kill threshold
+# at most. Private memory costs more, and is paced by PrivatePace.
 RSS_CHECK_SECONDS = 0.1
 # On the way out, killed workers are waited for this long (SIGKILL takes effect
 # at once; a worker in uninterruptible I/O may take a moment).
@@ -47,6 +49,8 @@ class WorkerPool:
         self.log = log
         self.stopping = False  # no recycling or respawning any more
         self.next_rss_check = 0.0
+        self.private_pace = PrivatePace()
+        self.private_turn = 0  # which worker's private memory is read next
 
     @property
     def config(self) -> Config:
@@ -147,20 +151,53 @@ class WorkerPool:
             if reason is not None:
                 self.kill(handle, reason)
 
+    def watches_memory(self) -> bool:
+        limits = self.config.limits
+        return bool(limits.max_rss or limits.max_private)
+
     def check_memory(self, now: float) -> None:
-        if not self.config.limits.max_rss or now < self.next_rss_check:
+        """Recycle or kill the workers over max_rss, each check, or over
+        max_private, one worker a turn (see ``_check_private``)."""
+        if not self.watches_memory() or now < self.next_rss_check:
             return
         self.next_rss_check = now + RSS_CHECK_SECONDS
+        max_private = self.config.limits.max_private
+        suspects = []  # resident beyond max_private, so they may be over it
         for handle in self.table.workers:
             if handle.kill_reason is not None:
                 continue
-            verdict = memory_verdict(handle.rss(), handle.state, self.config)
+            rss = handle.memory.rss()
+            verdict = memory_verdict(rss, handle.state, self.config)
             if verdict is not None:
-                action, reason = verdict
-                if action == "kill":
-                    self.kill(handle, reason)
-                else:
-                    self.recycle(handle, reason)
+                self._enforce(handle, verdict)
+            elif max_private and rss > max_private:
+                suspects.append(handle)
+        if suspects and self.private_pace.due(now):
+            self._check_private(suspects, now)
+
+    def _check_private(self, suspects: list[WorkerHandle], now: float) -> None:
+        """Read the private memory of one of ``suspects``, each in turn.
+
+        Private memory is part of the resident, so only workers resident
+        beyond max_private can be over it. Reading it walks the worker's page
+        tables on this loop's thread, milliseconds for a large worker, so one
+        worker is read a turn and PrivatePace spaces the turns by their cost.
+        """
+        handle = suspects[self.private_turn % len(suspects)]
+        self.private_turn += 1
+        started = time.thread_time()
+        uss = handle.memory.usage().uss
+        self.private_pace.done(now, time.thread_time() - started)
+        verdict = private_verdict(uss, handle.state, self.config)
+        if verdict is not None:
+            self._enforce(handle, verdict)
+
+    def _enforce(self, handle: WorkerHandle, verdict: tuple[str, str]) -> None:
+        action, reason = verdict
+        if action == "kill":
+            self.kill(handle, reason)
+        else:
+            self.recycle(handle, reason)
 
     def respawn_due(self, now: float) -> None:
         for slot in self.respawner.due(now):

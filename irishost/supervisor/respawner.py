@@ -13,7 +13,8 @@ in-process (tests/host/test_respawner.py), as ``Router`` keeps the relay's.
   its slot, retried with the backoff and reported as a problem of the slot.
 - Stuck workers (a handler past its deadline plus the grace, a drain past its
   deadline, a boot past ``boot_timeout``) are killed; bloated ones are
-  recycled over ``max_rss`` and killed at once far over it.
+  recycled over ``max_rss`` or ``max_private`` and killed at once far over
+  either.
 """
 
 from __future__ import annotations
@@ -149,24 +150,36 @@ def stuck_reason(
 
 
 def memory_verdict(rss: int, state: WorkerState, config: Config) -> tuple[str, str] | None:
-    """("kill", reason) far over max_rss, ("recycle", reason) over it, else None.
+    """("kill", reason) far over max_rss, ("recycle", reason) over it, else None."""
+    return _cap_verdict("resident memory", "max_rss", rss, config.limits.max_rss, state, config)
+
+
+def private_verdict(uss: int, state: WorkerState, config: Config) -> tuple[str, str] | None:
+    """The same for private memory and max_private."""
+    cap = config.limits.max_private
+    return _cap_verdict("private memory", "max_private", uss, cap, state, config)
+
+
+def _cap_verdict(
+    what: str, key: str, size: int, cap: int, state: WorkerState, config: Config
+) -> tuple[str, str] | None:
+    """("kill", reason) far over ``cap``, ("recycle", reason) over it, else None.
 
     Recycling drains a worker first, which takes as long as its slowest
     request: a handler leaking fast would reach many times the cap
     meanwhile. So beyond ``max_rss_kill_factor`` times the cap a worker,
     booting, ready or draining, is killed without waiting.
     """
-    limits = config.limits
-    if not limits.max_rss:
+    if not cap:
         return None
-    if rss > limits.max_rss * limits.max_rss_kill_factor:
+    factor = config.limits.max_rss_kill_factor
+    if size > cap * factor:
         return (
             "kill",
-            f"resident memory {_mib(rss)} exceeded max_rss {_mib(limits.max_rss)} "
-            f"more than {limits.max_rss_kill_factor:g} times",
+            f"{what} {_mib(size)} exceeded {key} {_mib(cap)} more than {factor:g} times",
         )
-    if rss > limits.max_rss and state is WorkerState.READY:
-        return ("recycle", f"resident memory {_mib(rss)} is over max_rss")
+    if size > cap and state is WorkerState.READY:
+        return ("recycle", f"{what} {_mib(size)} is over {key}")
     return None
 
 

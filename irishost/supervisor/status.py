@@ -110,7 +110,8 @@ class HostStatus:
             in_flight = host.dispatch.in_flight()
             waiting = host.dispatch.waiting()
         for entry in workers:  # outside the lock: reading /proc is slow
-            entry["rss"] = entry.pop("process").rss()
+            usage = entry.pop("process").memory.usage()
+            entry.update(rss=usage.rss, uss=usage.uss, pss=usage.pss)
         problems = host.pool.respawner.slot_problems(host.pool.count)
         return {
             "service": host.config.file.stem,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import socket
 import struct
 import threading
@@ -304,6 +305,12 @@ def run_ok(service, *args: str) -> str:
     result = service.run(*args)
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+def status_json(service) -> dict:
+    """``irishost status --json -c service.toml``, which must succeed."""
+    snapshot: dict = json.loads(run_ok(service, "status", "--json"))
+    return snapshot
 
 
 def status(service) -> dict:

@@ -57,6 +57,7 @@ max_requests_jitter = 50
 timeout_grace = "500ms"
 shutdown_timeout = 12.5
 boot_timeout = "90s"
+gc_freeze = false
 
 [limits]
 request_threads = 4
@@ -66,6 +67,7 @@ broadcast_memory = 1000
 max_rss = "10MB"
 max_rss_kill_factor = 2
 max_requests = 1000
+max_private = "300MiB"
 
 [[topics]]
 name = "news"
@@ -129,6 +131,7 @@ def test_minimal_config_gets_every_default(in_tmp):
             timeout_grace=5.0,
             shutdown_timeout=30.0,
             boot_timeout=60.0,
+            gc_freeze=True,
         ),
         limits=LimitsSection(
             request_threads=1,
@@ -138,6 +141,7 @@ def test_minimal_config_gets_every_default(in_tmp):
             max_rss=0,
             max_rss_kill_factor=1.5,
             max_requests=0,
+            max_private=0,
         ),
         topics=(),
         control=ControlSection(socket=socket),
@@ -159,6 +163,7 @@ def test_full_config(in_tmp):
         timeout_grace=0.5,
         shutdown_timeout=12.5,
         boot_timeout=90.0,
+        gc_freeze=False,
     )
     assert config.limits == LimitsSection(
         request_threads=4,
@@ -168,6 +173,7 @@ def test_full_config(in_tmp):
         max_rss=10_000_000,
         max_rss_kill_factor=2.0,
         max_requests=1000,
+        max_private=300 * MiB,
     )
     assert config.topics == (
         TopicSection(name="news", deliver="all", event_threads=1, event_memory=64 * MiB),
@@ -289,6 +295,14 @@ KNOWN_TABLES = (
          '"512MiB", got "lots"'),
         (MINIMAL + "[limits]\nmax_rss = 1.5", 'limits.max_rss: expected a size such as '
          '"512MiB", got 1.5'),
+        (MINIMAL + "[limits]\nmax_private = '1 gigabyte'", 'limits.max_private: expected a '
+         'size such as "512MiB", got "1 gigabyte"'),
+        (MINIMAL + "[limits]\nmax_private = -1", 'limits.max_private: expected a size such '
+         'as "512MiB", got -1'),
+        (MINIMAL + "[workers]\ngc_freeze = 1", "workers.gc_freeze: expected true or false, "
+         "got 1"),
+        (MINIMAL + "[workers]\ngc_freeze = 'yes'", "workers.gc_freeze: expected true or false, "
+         'got "yes"'),
         (MINIMAL + "[limits]\nmax_rss_kill_factor = 0.5", "limits.max_rss_kill_factor: "
          "expected a number from 1 to 1000 such as 1.5, got 0.5"),
         (MINIMAL + "[limits]\nmax_rss_kill_factor = '2x'", "limits.max_rss_kill_factor: "

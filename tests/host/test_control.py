@@ -43,6 +43,8 @@ SNAPSHOT = {
             "served": 1000,
             "in_flight": 0,
             "rss": 43_200_000,
+            "uss": 9_500_000,
+            "pss": 20_100_000,
             "restarts": 1,
             "uptime": 95.2,
         },
@@ -53,6 +55,8 @@ SNAPSHOT = {
             "served": 523,
             "in_flight": 2,
             "rss": 900,
+            "uss": 500,
+            "pss": 700,
             "restarts": 0,
             "uptime": 7529.0,
         },
@@ -424,10 +428,22 @@ def test_format_status():
         "health:    ok\n"
         "logging:   0 records dropped\n"  # SNAPSHOT is of a host too old to count them
         "\n"
-        "WORKER  PID   STATE     SERVED  IN FLIGHT  RSS       RESTARTS  UPTIME\n"
-        "0       4243  draining  523     2          900 B     0         2h 05m\n"
-        "1       4301  ready     1000    0          41.2 MiB  1         1m 35s\n"
+        "WORKER  PID   STATE     SERVED  IN FLIGHT  RSS       USS      PSS       RESTARTS  UPTIME\n"
+        "0       4243  draining  523     2          900 B     500 B    700 B     0         2h 05m\n"
+        "1       4301  ready     1000    0          41.2 MiB  9.1 MiB  19.2 MiB  1         1m 35s\n"
     )
+
+
+def test_format_status_of_a_host_that_reads_no_private_memory():
+    """A host started before an upgrade of the package has no "uss" or "pss"."""
+    workers = [
+        {key: value for key, value in worker.items() if key not in ("uss", "pss")}
+        for worker in SNAPSHOT["workers"]
+    ]
+
+    text = format_status({**SNAPSHOT, "workers": workers})
+
+    assert "1       4301  ready     1000    0          41.2 MiB  -    -    1 " in text
 
 
 def test_format_status_names_the_slots_that_are_down():

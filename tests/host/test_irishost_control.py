@@ -71,7 +71,8 @@ def test_status_json_parses_and_names_every_worker(service):
         assert worker["state"] == "ready"
         assert worker["rss"] > 1_000_000
         assert set(worker) == {
-            "slot", "pid", "state", "served", "in_flight", "rss", "restarts", "uptime"
+            "slot", "pid", "state", "served", "in_flight", "rss", "uss", "pss", "restarts",
+            "uptime",
         }  # fmt: skip
 
 

@@ -247,13 +247,15 @@ def test_irishost_status_shows_the_host_and_a_row_per_worker_then_fails_once_it_
     # start-up ping of 0.2 s that expired waiting for the first worker.
     assert re.fullmatch(r"0|(\d+) \(expired \1\)", header["failed"]), header["failed"]
     assert shown["columns"] == [
-        "WORKER", "PID", "STATE", "SERVED", "IN FLIGHT", "RSS", "RESTARTS", "UPTIME",
+        "WORKER", "PID", "STATE", "SERVED", "IN FLIGHT", "RSS", "USS", "PSS", "RESTARTS",
+        "UPTIME",
     ]  # fmt: skip
     assert {int(row["PID"]) for row in rows} == workers and crashed not in workers
     assert sorted(row["WORKER"] for row in rows) == ["0", "1"]
     assert all(row["STATE"] == "ready" and row["IN FLIGHT"] == "0" for row in rows)
     assert sum(int(row["SERVED"]) for row in rows) >= 6
-    assert all(re.fullmatch(r"\d+\.\d MiB", row["RSS"]) for row in rows), rows
+    assert all(re.fullmatch(r"\d+\.\d MiB", row[size]) for row in rows for size in ("RSS", "PSS"))
+    assert all(re.fullmatch(r"\d+(\.\d KiB| B|\.\d MiB)", row["USS"]) for row in rows), rows
     assert all(re.fullmatch(r"\d+s", row["UPTIME"]) for row in rows), rows
     assert {row["WORKER"]: row["RESTARTS"] for row in rows} == {"0": "0", "1": "1"}
     assert header["health"] == "ok"  # the crashed slot is back

@@ -27,11 +27,11 @@ SNAPSHOT = {
     "workers": [
         # Slot 1 is being recycled: the draining worker and its successor both count.
         {"slot": 1, "pid": 11, "state": "draining", "served": 900, "in_flight": 1, "rss": 5000,
-         "restarts": 0, "uptime": 50.0},
+         "uss": 2000, "pss": 3500, "restarts": 0, "uptime": 50.0},
         {"slot": 0, "pid": 10, "state": "ready", "served": 600, "in_flight": 2, "rss": 7000,
-         "restarts": 1, "uptime": 50.0},
+         "uss": 1000, "pss": 4000, "restarts": 1, "uptime": 50.0},
         {"slot": 1, "pid": 12, "state": "booting", "served": 0, "in_flight": 0, "rss": 3000,
-         "restarts": 0, "uptime": 0.5},
+         "uss": 500, "pss": 1500, "restarts": 0, "uptime": 0.5},
     ],
     "durations": {"buckets": [[0.001, 1000], [0.1, 1500], [10.0, 1520]], "sum": 17.25,
                   "count": 1530},
@@ -68,6 +68,14 @@ irishost_log_records_dropped_total 7
 # TYPE irishost_worker_rss_bytes gauge
 irishost_worker_rss_bytes{worker="0"} 7000
 irishost_worker_rss_bytes{worker="1"} 8000
+# HELP irishost_worker_uss_bytes Private memory (USS) of the worker processes in a slot.
+# TYPE irishost_worker_uss_bytes gauge
+irishost_worker_uss_bytes{worker="0"} 1000
+irishost_worker_uss_bytes{worker="1"} 2500
+# HELP irishost_worker_pss_bytes Proportional memory (PSS) of the worker processes in a slot.
+# TYPE irishost_worker_pss_bytes gauge
+irishost_worker_pss_bytes{worker="0"} 4000
+irishost_worker_pss_bytes{worker="1"} 5000
 # HELP irishost_worker_requests_served_total Requests answered by a slot's worker.
 # TYPE irishost_worker_requests_served_total counter
 irishost_worker_requests_served_total{worker="0"} 600

@@ -18,6 +18,7 @@ from irishost.supervisor.respawner import (
     Death,
     Respawner,
     memory_verdict,
+    private_verdict,
     stuck_reason,
 )
 
@@ -42,7 +43,7 @@ def config(tmp_path) -> Config:
     path.write_text(
         '[service]\ncluster = "c"\nhandler = "h:H"\n'
         '[workers]\ntimeout_grace = "2s"\nboot_timeout = "30s"\n'
-        '[limits]\nmax_rss = "100MiB"\nmax_rss_kill_factor = 1.5\n'
+        '[limits]\nmax_rss = "100MiB"\nmax_rss_kill_factor = 1.5\nmax_private = "40MiB"\n'
     )
     return load_config(path)
 
@@ -167,3 +168,24 @@ def test_far_over_max_rss_any_worker_is_killed_at_once(config, state):
 def test_without_max_rss_memory_is_not_watched(config):
     unlimited = replace(config, limits=replace(config.limits, max_rss=0))
     assert memory_verdict(10_000 * MiB, READY, unlimited) is None
+
+
+def test_over_max_private_a_ready_worker_is_recycled_and_far_over_it_killed(config):
+    assert private_verdict(39 * MiB, READY, config) is None
+    assert private_verdict(50 * MiB, READY, config) == (
+        "recycle",
+        "private memory 50.0 MiB is over max_private",
+    )
+    assert private_verdict(50 * MiB, DRAINING, config) is None  # already on its way out
+    assert private_verdict(61 * MiB, DRAINING, config) == (
+        "kill",
+        "private memory 61.0 MiB exceeded max_private 40.0 MiB more than 1.5 times",
+    )
+
+
+def test_max_private_and_max_rss_judge_separately(config):
+    """A preloaded worker resident beyond max_private is not over it for that."""
+    assert memory_verdict(90 * MiB, READY, config) is None
+    assert private_verdict(10 * MiB, READY, config) is None
+    unlimited = replace(config, limits=replace(config.limits, max_private=0))
+    assert private_verdict(10_000 * MiB, READY, unlimited) is None
