@@ -23,7 +23,12 @@ import sys
 from pathlib import Path
 
 from iris import argtypes
-from iris.logfmt import configure_logging, start_log_writer, tag_standard_streams
+from iris.logfmt import (
+    configure_logging,
+    start_log_writer,
+    stop_log_writer,
+    tag_standard_streams,
+)
 from iris.version import add_version_option
 
 from .config import (
@@ -134,9 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         return Supervisor(config, overrides).run()
     except HostError as err:
         if err.code != Exit.OK:
-            print(f"irishost: {err}", file=sys.stderr)
-            if err.details:
-                print(err.details, file=sys.stderr, end="")
+            # The log's last lines first, and not from the writer thread while
+            # this is written: under journald both go through one tagging
+            # stream, which tags line starts from one thread at a time.
+            stop_log_writer()
+            sys.stderr.write(f"irishost: {err}\n{err.details}")
         return err.code
 
 
