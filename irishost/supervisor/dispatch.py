@@ -40,6 +40,7 @@ from ..config import Config
 from ..ops.metrics import Outcome
 from ..wire import frames
 from .bridge import TunnelBridge
+from .fastpath import FastPath
 from .handle import BEST_EFFORT_TIMEOUT, WorkerHandle, WorkerState, WorkerUnreachable
 from .request_log import RequestLog
 from .worker_table import Pending, WorkerTable
@@ -101,8 +102,12 @@ class RelayDispatch:
         self._waiting_bytes = 0
         self._delivery_dropped = RateLimitedWarning(log, "broadcast or event dropped")
         self.accepting = True  # False while stopping: new requests get a fault
-        self._recycle = recycle
+        self.recycle = recycle
         self.requests = RequestLog(config)
+        # The fast path. The relay connection's reader hands each read to
+        # route_leading first; the loop hands each batch of frames to answer_replies.
+        self.fast = FastPath(self)
+        self.route_leading = self.fast.route_leading
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -135,7 +140,7 @@ class RelayDispatch:
         now = time.monotonic()
         waiting = Waiting(conn, request_id, now + timeout, request, now)
         with self.table.lock:
-            choice = self._pick_for_request(len(request), now)
+            choice = self.pick_for_request(len(request), now)
             if choice is None:
                 choice = self._wait_for_worker(waiting)
                 if choice is None:
@@ -205,7 +210,7 @@ class RelayDispatch:
             self._waiting_bytes = sum(len(w.request) for w in live)
             while self._waiting:
                 waiting = self._waiting[0]
-                choice = self._pick_for_request(len(waiting.request), now)
+                choice = self.pick_for_request(len(waiting.request), now)
                 if choice is None:
                     break
                 self._waiting.popleft()
@@ -216,7 +221,7 @@ class RelayDispatch:
         for waiting, choice, ticket in handed:
             self._hand_over(waiting, choice, ticket)
 
-    def _pick_for_request(self, size: int, now: float) -> WorkerHandle | Refusal | None:
+    def pick_for_request(self, size: int, now: float) -> WorkerHandle | Refusal | None:
         """The least loaded worker with room, a Refusal saying why none, or
         None when no worker is ready at all (the request waits for one).
 
@@ -329,7 +334,7 @@ class RelayDispatch:
                 # caller's next request could still reach it: a worker serves
                 # max_requests, not one more.
                 if worker.max_requests and worker.served >= worker.max_requests:
-                    self._recycle(worker)
+                    self.recycle(worker)
                 outcome = Outcome.OK if frame.success else Outcome.FAULT
                 self.answer(pending, outcome, frame.payload, worker)
         elif isinstance(frame, frames.Expired):

@@ -258,13 +258,13 @@ class Supervisor:
         return min(wake for wake in wakes if wake is not None)
 
     def _collect(self, handle: WorkerHandle) -> None:
-        """Act on every frame a worker has written; a broken one is killed."""
+        """Act on every frame a worker has written (fast path first); kill a broken one."""
         if handle.outbox.closed or handle.broken:
             return
         batch = handle.outbox.drain()
         if batch:
             handle.stalled_until = 0.0  # it is running again
-        for data in batch:
+        for data in self.dispatch.fast.answer_replies(handle, batch):
             try:
                 frame = frames.decode(data)
                 if isinstance(frame, frames.Ready):
