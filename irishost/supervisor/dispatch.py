@@ -45,6 +45,8 @@ from .handle import BEST_EFFORT_TIMEOUT, WorkerHandle, WorkerState, WorkerUnreac
 from .request_log import RequestLog
 from .worker_table import Pending, WorkerTable
 
+READY, DRAINING = WorkerState.READY, WorkerState.DRAINING
+
 
 class Waiting(NamedTuple):
     """A request on its way to a worker, or waiting here for one to be ready."""
@@ -237,22 +239,24 @@ class RelayDispatch:
         best_load: tuple[bool, int] = (True, 0)
         open_workers = ready = stalled = 0
         workers, start = self.table.workers, self._cursor
-        for step in range(len(workers)):
-            worker = workers[(start + step) % len(workers)]
-            if worker.state is WorkerState.DRAINING:
+        count = len(workers)
+        for step in range(count):  # per request: worker.stalled() inlined
+            worker = workers[(start + step) % count]
+            state = worker.state
+            if state is DRAINING:
                 continue
             open_workers += 1
-            if worker.state is WorkerState.READY:
+            if state is READY:
                 ready += 1
-            if worker.stalled(now):
+            if now < worker.stalled_until:
                 stalled += 1
                 continue
             if worker.in_flight_bytes + size > self._memory_cap:
                 continue
-            load = (worker.state is not WorkerState.READY, len(worker.in_flight))
+            load = (state is not READY, len(worker.in_flight))
             if best is None or load < best_load:
                 best, best_load = worker, load
-                self._cursor = (start + step + 1) % len(workers)
+                self._cursor = (start + step + 1) % count
         if not ready:
             return None
         if best is not None:

@@ -121,7 +121,7 @@ class FastPath:
     ) -> None:
         """Send the replies to the settled requests, one write per connection."""
         dispatch = self.dispatch
-        record = dispatch.requests.record
+        answered: list[Pending] = []
         sends: dict[iris.Connection, list[bytes]] = {}
         for pending, payload in zip(settled, payloads, strict=True):
             if pending is None:  # settled already: its worker's death answered it
@@ -138,6 +138,7 @@ class FastPath:
             if out is None:
                 out = sends[pending.conn] = []
             out += (pending.head, _encode_varint(len(payload)), payload)
-            record(pending, Outcome.OK, worker)
+            answered.append(pending)
         for conn, out in sends.items():
             conn.send_encoded(b"".join(out))
+        dispatch.requests.record_all(answered, Outcome.OK, worker)
