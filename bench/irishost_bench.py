@@ -3,8 +3,9 @@
 Run as ``python bench/irishost_bench.py`` (under a minute; ``--quick`` for a
 smoke test of a few seconds, ``--only NAME`` for one benchmark, ``--json
 FILE`` to keep the figures, ``--strict`` to exit 1 when a target is missed,
-``--profile DIR`` to profile irishost's request path instead, ``--compare
-DIR`` to run echo-overhead against irishost from another checkout too).
+``--profile DIR`` to profile irishost's request path instead, sequential
+or with ``--profile-load`` under load, ``--compare DIR`` to run
+echo-overhead against irishost from another checkout too).
 
 Each comparison measures both sides in the same run on the same machine, so
 a ratio holds for this machine at this moment; absolute figures on a shared
