@@ -106,8 +106,7 @@ class RelayDispatch:
         self.accepting = True  # False while stopping: new requests get a fault
         self.recycle = recycle
         self.requests = RequestLog(config)
-        # The fast path. The relay connection's reader hands each read to
-        # route_leading first; the loop hands each batch of frames to answer_replies.
+        # The fast path (fastpath.py); the relay connection's reader calls route_leading.
         self.fast = FastPath(self)
         self.route_leading = self.fast.route_leading
         self.reconfigure(config)
@@ -372,6 +371,7 @@ class RelayDispatch:
 
     def fail_worker(self, worker: WorkerHandle, how: str) -> None:
         """Fault everything a dead worker held, and close its tunnels."""
+        self.fast.flush()  # its last replies, collected just before, go first
         held = self.table.remove(worker)
         fault = f"{worker} died while handling the request: {how}"
         for pending in held:

@@ -16,9 +16,11 @@ straight from the bytes, with no packet or frame objects:
   with their waiting, refusals and faults.
 - Replies. The loop hands every batch a worker wrote to
   :meth:`FastPath.answer_replies`, which settles the successful REPLY frames
-  among them in one taking of the lock and writes their packets (head,
-  length, payload) to the relay in one write per batch. The other frames
-  (faults, expiries, tunnels, READY) go back to the loop's decoder.
+  among them in one taking of the lock, and after each turn calls
+  :meth:`FastPath.flush`, which writes their packets (head, length, payload)
+  to the relay in one write for all the workers' batches of that turn. The
+  other frames (faults, expiries, tunnels, READY) go back to the loop's
+  decoder.
 
 Every request still gets exactly one answer, is counted and logged
 (``RequestLog``) and counts toward its worker's ``max_requests``, as on the
@@ -51,6 +53,10 @@ class FastPath:
 
     def __init__(self, dispatch: RelayDispatch):
         self.dispatch = dispatch
+        # The replies of one turn of the loop, until flush(): the packets per
+        # connection, and the requests they answer per worker.
+        self._sends: dict[iris.Connection, list[bytes]] = {}
+        self._answered: list[tuple[WorkerHandle, list[Pending]]] = []
 
     def route_leading(self, data: bytes) -> int:
         """Book and hand to workers the run of complete requests at the start
@@ -100,8 +106,8 @@ class FastPath:
                     self.dispatch.answer(pending, Outcome.NO_ROOM, fault, worker)
 
     def answer_replies(self, worker: WorkerHandle, batch: list[bytes]) -> list[bytes]:
-        """Answer the successful replies among the frames ``worker`` wrote, one
-        write to the relay for them all (loop thread); the other frames."""
+        """Settle the successful replies among the frames ``worker`` wrote, for
+        :meth:`flush` to send (loop thread); the other frames."""
         tickets: list[int] = []
         payloads: list[bytes] = []
         rest: list[bytes] = []
@@ -113,16 +119,15 @@ class FastPath:
                 tickets.append(reply[0])
                 payloads.append(reply[1])
         if tickets:
-            self._answer(worker, self.dispatch.table.settle_all(tickets), payloads)
+            self._queue(worker, self.dispatch.table.settle_all(tickets), payloads)
         return rest
 
-    def _answer(
+    def _queue(
         self, worker: WorkerHandle, settled: list[Pending | None], payloads: list[bytes]
     ) -> None:
-        """Send the replies to the settled requests, one write per connection."""
+        """Queue the replies to the settled requests for flush()."""
         dispatch = self.dispatch
         answered: list[Pending] = []
-        sends: dict[iris.Connection, list[bytes]] = {}
         for pending, payload in zip(settled, payloads, strict=True):
             if pending is None:  # settled already: its worker's death answered it
                 continue
@@ -134,11 +139,19 @@ class FastPath:
             if len(payload) > codec.MAX_MESSAGE:  # refused by reply(), with a fault
                 dispatch.answer(pending, Outcome.OK, payload, worker)
                 continue
-            out = sends.get(pending.conn)
+            out = self._sends.get(pending.conn)
             if out is None:
-                out = sends[pending.conn] = []
+                out = self._sends[pending.conn] = []
             out += (pending.head, _encode_varint(len(payload)), payload)
             answered.append(pending)
+        self._answered.append((worker, answered))
+
+    def flush(self) -> None:
+        """Send the replies queued since the last flush, one write per connection
+        for every worker's, then count and log them (loop thread)."""
+        sends, self._sends = self._sends, {}
+        answered, self._answered = self._answered, []
         for conn, out in sends.items():
             conn.send_encoded(b"".join(out))
-        dispatch.requests.record_all(answered, Outcome.OK, worker)
+        for worker, requests in answered:
+            self.dispatch.requests.record_all(requests, Outcome.OK, worker)

@@ -225,12 +225,12 @@ class Supervisor:
         its tick instead of costing every reply.
         """
         due = self._next_wake()
-        rings = self.table.outboxes()
-        spawner = self.pool.spawner
+        rings, spawner = self.table.outboxes(), self.pool.spawner
         timeout = max(0.0, due - time.monotonic())
         owed = spawner.fds()  # fork servers that owe an answer: usually none
         for ring in wait_readable(list(rings), timeout, (self._wakeup.fileno(), *owed)):
             self._collect(rings[ring])
+        self.dispatch.fast.flush()  # the turn's replies, in one write
         if owed:
             for event in spawner.poll(time.monotonic()):
                 self._on_spawner(event)
