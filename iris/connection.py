@@ -369,8 +369,13 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
     def _read_loop(self, packets: list[codec.RelayPacket]) -> None:
         reason = "connection lost"
         dispatch = self._dispatch
+        # An Inbound may route requests straight from the bytes read (irishost's
+        # supervisor does): route_leading(data) takes the complete requests at
+        # the start of a read and returns how many bytes they were.
+        route = getattr(self.inbound, "route_leading", None)
         try:
-            recv, feed, wake = self._sock.recv, self._decoder.feed, self._handoff.wake
+            decoder = self._decoder
+            recv, feed, wake = self._sock.recv, decoder.feed, self._handoff.wake
             while True:
                 for packet in packets:
                     handle = dispatch.get(type(packet))
@@ -383,7 +388,10 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
                 data = recv(RECV_SIZE)
                 if not data:
                     break
-                packets = feed(data)
+                if route is not None and not decoder.buffered:
+                    packets = feed(memoryview(data)[route(data) :])  # the rest, if any
+                else:
+                    packets = feed(data)
         except codec.ProtocolError as err:
             reason = f"protocol violation by relay: {err}"
             self.log.error("relay broke the protocol", error=str(err))

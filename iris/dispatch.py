@@ -182,6 +182,16 @@ class MemberConnection(Generic[_Tunnel]):
         except ClosedError:
             self.log.debug("reply lost: connection closed", id=request_id)
 
+    def send_encoded(self, packets: bytes) -> None:
+        """Send packets encoded by the caller: irishost's supervisor writes a
+        batch of replies from heads it kept. Each must be within the relay's
+        message limit, as reply() makes sure of. Dropped, as a reply is, if
+        the connection has closed."""
+        try:
+            self._send(packets)
+        except ClosedError:
+            self.log.debug("replies lost: connection closed")
+
 
 class HandlerDispatch:
     """Runs a ServiceHandler's callbacks in capped thread pools.

@@ -30,7 +30,7 @@ _REPLY = int(codec.Op.REPLY)
 _SUCCESS = 1
 
 
-class _NotFast(Exception):
+class NotFast(Exception):
     """The packet is valid or not, but the codec must decide: stop here."""
 
 
@@ -43,7 +43,7 @@ def route_leading(router: Router, peer: Peer, data: bytes, max_message: int) -> 
         op = data[pos]
         try:
             if op == _REQUEST:
-                _, at = _minimal_varint(data, pos + 1)
+                _, at = read_minimal_varint(data, pos + 1)
                 client_id = data[pos + 1 : at]
                 size = data[at]
                 at += 1
@@ -53,22 +53,22 @@ def route_leading(router: Router, peer: Peer, data: bytes, max_message: int) -> 
                 if group is None:
                     break
                 body = at + size
-                length, at = _minimal_varint(data, body)
+                length, at = read_minimal_varint(data, body)
                 at += length
                 if length > max_message or at >= end:
                     break
-                timeout_ms, at = _minimal_varint(data, at)
+                timeout_ms, at = read_minimal_varint(data, at)
             elif op == _REPLY:
-                reply_id, answer = _varint(data, pos + 1)
+                reply_id, answer = read_varint(data, pos + 1)
                 if data[answer] != _SUCCESS:
                     break
-                length, at = _minimal_varint(data, answer + 1)
+                length, at = read_minimal_varint(data, answer + 1)
                 at += length
                 if length > max_message or at > end:
                     break
             else:
                 break
-        except (IndexError, _NotFast):  # incomplete, or for the codec to judge
+        except (IndexError, NotFast):  # incomplete, or for the codec to judge
             break
         # Outside the try: an IndexError of the router's is not an incomplete packet.
         if op == _REQUEST:
@@ -81,9 +81,10 @@ def route_leading(router: Router, peer: Peer, data: bytes, max_message: int) -> 
     return pos
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
+def read_varint(data: bytes, pos: int) -> tuple[int, int]:
     """The varint at ``pos`` and the position after it; IndexError if it is
-    incomplete, _NotFast if it is longer than the codec allows."""
+    incomplete, NotFast if it is longer than the codec allows. Shared with
+    irishost's supervisor, which routes requests from the bytes too."""
     octet = data[pos]
     if octet < 0x80:
         return octet, pos + 1
@@ -94,16 +95,16 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
         if octet < 0x80:
             return value, pos + 1
         shift += 7
-    raise _NotFast
+    raise NotFast
 
 
-def _minimal_varint(data: bytes, pos: int) -> tuple[int, int]:
-    """As _varint, for a varint forwarded as it is: _NotFast unless minimally
+def read_minimal_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """As read_varint, for a varint forwarded as it is: NotFast unless minimally
     encoded (no trailing zero octet), so the bytes are those the codec writes."""
     octet = data[pos]
     if octet < 0x80:
         return octet, pos + 1
-    value, after = _varint(data, pos)
+    value, after = read_varint(data, pos)
     if data[after - 1] == 0:
-        raise _NotFast
+        raise NotFast
     return value, after

@@ -56,13 +56,15 @@ class RequestStats:
         self._seconds = 0.0
         self._failures = dict.fromkeys(FAILURES, 0)
 
-    def record(self, outcome: Outcome, seconds: float) -> None:
-        bucket = bisect.bisect_left(DURATION_BUCKETS, seconds)  # le: bounds are inclusive
+    def record_all(self, outcome: Outcome, durations: list[float]) -> None:
+        """Requests that ended with ``outcome`` after these many seconds each."""
+        buckets = [bisect.bisect_left(DURATION_BUCKETS, s) for s in durations]  # le: inclusive
         with self._lock:
-            self._counts[bucket] += 1
-            self._seconds += seconds
+            for bucket in buckets:
+                self._counts[bucket] += 1
+            self._seconds += sum(durations)
             if outcome is not Outcome.OK:
-                self._failures[outcome] += 1
+                self._failures[outcome] += len(durations)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

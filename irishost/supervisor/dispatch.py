@@ -40,9 +40,12 @@ from ..config import Config
 from ..ops.metrics import Outcome
 from ..wire import frames
 from .bridge import TunnelBridge
+from .fastpath import FastPath
 from .handle import BEST_EFFORT_TIMEOUT, WorkerHandle, WorkerState, WorkerUnreachable
 from .request_log import RequestLog
 from .worker_table import Pending, WorkerTable
+
+READY, DRAINING = WorkerState.READY, WorkerState.DRAINING
 
 
 class Waiting(NamedTuple):
@@ -101,8 +104,11 @@ class RelayDispatch:
         self._waiting_bytes = 0
         self._delivery_dropped = RateLimitedWarning(log, "broadcast or event dropped")
         self.accepting = True  # False while stopping: new requests get a fault
-        self._recycle = recycle
+        self.recycle = recycle
         self.requests = RequestLog(config)
+        # The fast path (fastpath.py); the relay connection's reader calls route_leading.
+        self.fast = FastPath(self)
+        self.route_leading = self.fast.route_leading
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -135,7 +141,7 @@ class RelayDispatch:
         now = time.monotonic()
         waiting = Waiting(conn, request_id, now + timeout, request, now)
         with self.table.lock:
-            choice = self._pick_for_request(len(request), now)
+            choice = self.pick_for_request(len(request), now)
             if choice is None:
                 choice = self._wait_for_worker(waiting)
                 if choice is None:
@@ -205,7 +211,7 @@ class RelayDispatch:
             self._waiting_bytes = sum(len(w.request) for w in live)
             while self._waiting:
                 waiting = self._waiting[0]
-                choice = self._pick_for_request(len(waiting.request), now)
+                choice = self.pick_for_request(len(waiting.request), now)
                 if choice is None:
                     break
                 self._waiting.popleft()
@@ -216,7 +222,7 @@ class RelayDispatch:
         for waiting, choice, ticket in handed:
             self._hand_over(waiting, choice, ticket)
 
-    def _pick_for_request(self, size: int, now: float) -> WorkerHandle | Refusal | None:
+    def pick_for_request(self, size: int, now: float) -> WorkerHandle | Refusal | None:
         """The least loaded worker with room, a Refusal saying why none, or
         None when no worker is ready at all (the request waits for one).
 
@@ -232,22 +238,24 @@ class RelayDispatch:
         best_load: tuple[bool, int] = (True, 0)
         open_workers = ready = stalled = 0
         workers, start = self.table.workers, self._cursor
-        for step in range(len(workers)):
-            worker = workers[(start + step) % len(workers)]
-            if worker.state is WorkerState.DRAINING:
+        count = len(workers)
+        for step in range(count):  # per request: worker.stalled() inlined
+            worker = workers[(start + step) % count]
+            state = worker.state
+            if state is DRAINING:
                 continue
             open_workers += 1
-            if worker.state is WorkerState.READY:
+            if state is READY:
                 ready += 1
-            if worker.stalled(now):
+            if now < worker.stalled_until:
                 stalled += 1
                 continue
             if worker.in_flight_bytes + size > self._memory_cap:
                 continue
-            load = (worker.state is not WorkerState.READY, len(worker.in_flight))
+            load = (state is not READY, len(worker.in_flight))
             if best is None or load < best_load:
                 best, best_load = worker, load
-                self._cursor = (start + step + 1) % len(workers)
+                self._cursor = (start + step + 1) % count
         if not ready:
             return None
         if best is not None:
@@ -329,7 +337,7 @@ class RelayDispatch:
                 # caller's next request could still reach it: a worker serves
                 # max_requests, not one more.
                 if worker.max_requests and worker.served >= worker.max_requests:
-                    self._recycle(worker)
+                    self.recycle(worker)
                 outcome = Outcome.OK if frame.success else Outcome.FAULT
                 self.answer(pending, outcome, frame.payload, worker)
         elif isinstance(frame, frames.Expired):
@@ -363,6 +371,7 @@ class RelayDispatch:
 
     def fail_worker(self, worker: WorkerHandle, how: str) -> None:
         """Fault everything a dead worker held, and close its tunnels."""
+        self.fast.flush()  # its last replies, collected just before, go first
         held = self.table.remove(worker)
         fault = f"{worker} died while handling the request: {how}"
         for pending in held:

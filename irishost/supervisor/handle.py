@@ -25,7 +25,14 @@ class WorkerState(enum.StrEnum):
 
 
 class WorkerUnreachable(Exception):
-    """A frame could not be written to a worker: it is wedged, or its ring is closed."""
+    """A frame could not be written to a worker: it is wedged, or its ring is closed.
+
+    ``taken``: how many frames of a batch (WorkerHandle.put_batch) it took first.
+    """
+
+    def __init__(self, message: str, taken: int = 0):
+        super().__init__(message)
+        self.taken = taken
 
 
 # A frame for a worker that cannot take it within this long is given up on:
@@ -80,6 +87,20 @@ class WorkerHandle:
                 ) from err
             except (ValueError, OSError) as err:  # its ring was closed: it died meanwhile
                 raise WorkerUnreachable(f"{self} is gone: {err}") from err
+
+    def put_batch(self, frames: list[bytes]) -> None:
+        """Send frames with one wake-up of the worker (Ring.put_batch).
+        WorkerUnreachable, saying how many it took, if it did not take them all."""
+        with self._put_lock:
+            try:
+                taken = self.inbox.put_batch(frames, PUT_TIMEOUT)
+            except (ValueError, OSError) as err:  # its ring was closed: it died meanwhile
+                raise WorkerUnreachable(f"{self} is gone: {err}") from err
+            if taken < len(frames):
+                self.stalled_until = time.monotonic() + STALL_SECONDS
+                raise WorkerUnreachable(
+                    f"{self} did not take a frame within {PUT_TIMEOUT:g} s", taken
+                )
 
     def stalled(self, now: float) -> bool:
         """Whether a frame for it timed out lately (see STALL_SECONDS)."""

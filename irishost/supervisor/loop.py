@@ -225,12 +225,12 @@ class Supervisor:
         its tick instead of costing every reply.
         """
         due = self._next_wake()
-        rings = self.table.outboxes()
-        spawner = self.pool.spawner
+        rings, spawner = self.table.outboxes(), self.pool.spawner
         timeout = max(0.0, due - time.monotonic())
         owed = spawner.fds()  # fork servers that owe an answer: usually none
         for ring in wait_readable(list(rings), timeout, (self._wakeup.fileno(), *owed)):
             self._collect(rings[ring])
+        self.dispatch.fast.flush()  # the turn's replies, in one write
         if owed:
             for event in spawner.poll(time.monotonic()):
                 self._on_spawner(event)
@@ -258,13 +258,13 @@ class Supervisor:
         return min(wake for wake in wakes if wake is not None)
 
     def _collect(self, handle: WorkerHandle) -> None:
-        """Act on every frame a worker has written; a broken one is killed."""
+        """Act on every frame a worker has written (fast path first); kill a broken one."""
         if handle.outbox.closed or handle.broken:
             return
         batch = handle.outbox.drain()
         if batch:
             handle.stalled_until = 0.0  # it is running again
-        for data in batch:
+        for data in self.dispatch.fast.answer_replies(handle, batch):
             try:
                 frame = frames.decode(data)
                 if isinstance(frame, frames.Ready):

@@ -29,6 +29,7 @@ import time
 from typing import NamedTuple
 
 import iris
+from iris import codec
 
 from ..wire.ring import Ring
 from .handle import WorkerHandle, WorkerState
@@ -55,6 +56,15 @@ class IllegalTransition(Exception):
     """A change the state table does not allow: a bug in the supervisor."""
 
 
+_REPLY_OP, _SUCCESS = bytes((codec.Op.REPLY,)), b"\x01"
+
+
+def reply_head(id_octets: bytes) -> bytes:
+    """A successful reply packet up to its payload's length: the opcode, the
+    request's id (its varint, as the relay sent it) and the success flag."""
+    return _REPLY_OP + id_octets + _SUCCESS
+
+
 class Pending(NamedTuple):
     """A request a worker holds, under its ticket: who runs it, where the answer goes."""
 
@@ -63,6 +73,7 @@ class Pending(NamedTuple):
     request_id: int  # the relay's id for it, on that connection
     received: float  # monotonic, when it reached the host
     size: int  # bytes
+    head: bytes  # reply_head: a successful reply is this, the length, the payload
 
 
 class WorkerTable:
@@ -139,18 +150,22 @@ class WorkerTable:
         deadline: float,
         size: int,
         received: float | None = None,
+        head: bytes | None = None,
     ) -> int:
         """Record a request as held by ``worker``; its ticket. Under the lock.
 
         ``received`` is when the request reached the host (its duration
         counts from there); by default now, for a request booked on arrival.
+        ``head`` is its reply_head, if the caller has the id's octets at hand.
         """
         ticket = next(self._tickets)
         worker.in_flight[ticket] = (deadline, size)
         worker.in_flight_bytes += size
         if received is None:
             received = time.monotonic()
-        self._owner[ticket] = Pending(worker, conn, request_id, received, size)
+        if head is None:
+            head = reply_head(codec.encode_varint(request_id))
+        self._owner[ticket] = Pending(worker, conn, request_id, received, size, head)
         return ticket
 
     def settle(self, ticket: int) -> Pending | None:
@@ -161,6 +176,19 @@ class WorkerTable:
                 _, size = pending.worker.in_flight.pop(ticket)
                 pending.worker.in_flight_bytes -= size
         return pending
+
+    def settle_all(self, tickets: list[int]) -> list[Pending | None]:
+        """settle() for each of a batch of answers, under one taking of the lock."""
+        settled: list[Pending | None] = []
+        owner = self._owner
+        with self.lock:
+            for ticket in tickets:
+                pending = owner.pop(ticket, None)
+                if pending is not None:
+                    worker = pending.worker
+                    worker.in_flight_bytes -= worker.in_flight.pop(ticket)[1]
+                settled.append(pending)
+        return settled
 
     def in_flight(self) -> int:
         return len(self._owner)

@@ -300,6 +300,33 @@ def decode(data: bytes) -> Frame:
     return tuple.__new__(frame_type, values)
 
 
+# The fast path's frames (see irishost/supervisor/fastpath.py). A REQUEST is
+# written and a successful REPLY read once per request, so these skip the
+# frame objects; what they make or accept is exactly what encode() makes and
+# decode() accepts.
+_REQUEST = int(Kind.REQUEST)
+_REPLY_HEAD = bytes((0x94, Kind.REPLY))  # msgpack: an array of 4, then the kind
+
+
+def request_frame(ticket: int, deadline: float, payload: bytes) -> bytes:
+    """``Request(ticket, deadline, payload).encode()``, without the Request."""
+    return _pack((_REQUEST, ticket, deadline, payload))
+
+
+def successful_reply(data: bytes) -> tuple[int, bytes] | None:
+    """(ticket, payload) if ``data`` is a successful REPLY frame; None for any
+    other frame, which :func:`decode` then judges."""
+    if not data.startswith(_REPLY_HEAD):
+        return None
+    try:
+        _, ticket, success, payload = msgpack.unpackb(data, use_list=False)
+    except Exception:  # msgpack raises several unrelated types; decode() says which
+        return None
+    if success is True and type(ticket) is int and type(payload) is bytes:
+        return ticket, payload
+    return None
+
+
 def _mismatch(frame_type: type[Frame], values: tuple[object, ...]) -> str:
     """What is wrong with a frame of a known kind, for the FrameError."""
     name = frame_type.__name__

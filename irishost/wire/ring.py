@@ -352,6 +352,25 @@ class Ring:
         self._write_record(tail, len(frame), frame)
         self._publish(tail + size)
 
+    def put_batch(self, frames: Sequence[bytes], timeout: float | None = None) -> int:
+        """:meth:`put` each frame, publishing together those that fit; how many went in."""
+        hdr = self._hdr64
+        tail = hdr[_TAIL]
+        for count, frame in enumerate(frames):
+            end = tail + _record_size(len(frame))
+            if len(frame) <= self._max_fragment and end - hdr[_HEAD] <= self._usable:
+                self._write_record(tail, len(frame), frame)
+                tail = end
+                continue
+            self._publish(tail)  # what is written so far, before waiting for room
+            try:
+                self.put(frame, timeout)
+            except TimeoutError:
+                return count
+            tail = hdr[_TAIL]
+        self._publish(tail)  # one fence, and at most one wake-up, for the batch
+        return len(frames)
+
     def _put_fragmented(self, frame: memoryview | bytes, deadline: float | None) -> None:
         view = memoryview(frame)
         step = self._max_fragment
@@ -414,8 +433,7 @@ class Ring:
         return self._hdr64[_TAIL] != self._hdr64[_HEAD]
 
     def get_nowait(self) -> bytes | None:
-        frames = self._read(1)
-        return frames[0] if frames else None
+        return next(iter(self._read(1)), None)
 
     def get(self, timeout: float | None = None, spin: bool = True) -> bytes | None:
         """Return the next frame, or None if none arrived within ``timeout``.

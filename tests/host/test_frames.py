@@ -77,3 +77,12 @@ def test_a_tunnel_send_timeout_is_left_for_the_tunnel_to_check():
     """The bridge's tunnel.send() raises the precise ValueError for a bad timeout
     and closes only that tunnel (see test_irishost_hardening)."""
     assert frames.decode(raw(int(frames.Kind.TUN_SEND), 3, b"x", "5")).timeout == "5"
+
+
+def test_the_fast_path_frames_are_the_ones_encode_and_decode_know():
+    assert frames.request_frame(7, 1.5, b"x") == frames.Request(7, 1.5, b"x").encode()
+    assert frames.successful_reply(frames.Reply(7, True, b"ok").encode()) == (7, b"ok")
+    for other in (frames.Reply(7, False, "fault"), frames.Expired(7), frames.Ready(1)):
+        assert frames.successful_reply(other.encode()) is None
+    assert frames.successful_reply(raw(frames.Kind.REPLY, 7, True)) is None  # 3 fields
+    assert frames.successful_reply(b"\x94\x15\xc1") is None  # undecodable

@@ -204,7 +204,7 @@ def test_request_stats_fill_the_buckets_up_to_their_inclusive_bounds():
         (Outcome.WORKER_DIED, 3.0),
         (Outcome.EXPIRED, 60.0),  # above every bound: only in +Inf
     ]:
-        stats.record(outcome, seconds)
+        stats.record_all(outcome, [seconds])
 
     snapshot = stats.snapshot()
 

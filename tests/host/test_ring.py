@@ -231,6 +231,21 @@ def test_put_times_out_when_full_and_ring_stays_usable(make_ring):
     assert ring.get_nowait() == b"after"
 
 
+def test_put_batch_publishes_once_and_says_how_many_fit(make_ring, monkeypatch):
+    ring = make_ring(1024)
+    published = []
+    publish = ring._publish
+    monkeypatch.setattr(ring, "_publish", lambda tail: published.append(tail) or publish(tail))
+    batch = [pattern(i, 100) for i in range(12)]  # room for 9 of 104 bytes each
+    assert ring.put_batch(batch[:3], timeout=0) == 3
+    assert len(published) == 1 and ring.drain() == batch[:3]
+    assert ring.put_batch(batch, timeout=0.05) == (1024 - 8) // 104
+    assert ring.drain() == batch[: (1024 - 8) // 104]
+    big = pattern(99, 600)  # over half the ring: fragmented, through put()
+    assert ring.put_batch([batch[0], big, batch[1]], timeout=1.0) == 3
+    assert ring.drain() == [batch[0], big, batch[1]]
+
+
 def test_fragmented_put_that_times_out_is_dropped_by_the_reader(make_ring):
     ring = make_ring(1024)
     ring.put(b"before")

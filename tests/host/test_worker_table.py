@@ -92,6 +92,17 @@ def test_tickets_are_unique_and_settle_once(table):
     assert table.in_flight() == 1 and worker.in_flight_bytes == 5
 
 
+def test_settle_all_settles_a_batch_once_each(table):
+    worker = add_worker(table)
+    with table.lock:
+        tickets = [table.book(worker, None, rid, 1.0, 10) for rid in (1, 2, 3)]
+    assert table.settle(tickets[1]) is not None
+    settled = table.settle_all([*tickets, tickets[0]])
+    assert [p and p.request_id for p in settled] == [1, None, 3, None]
+    assert table.in_flight() == 0 and worker.in_flight_bytes == 0
+    assert settled[0].head == b"\x05\x01\x01"  # REPLY, the id's varint, success
+
+
 def test_removing_a_dead_worker_hands_back_exactly_its_requests(table):
     dead, alive = add_worker(table, 0), add_worker(table, 1)
     with table.lock:

@@ -1,0 +1,157 @@
+"""The supervisor's fast path: requests from the relay's bytes to the rings, and back.
+
+Nearly all of a host's traffic is requests and their successful replies. As
+the relay does (``iris/relay/passthrough.py``), the supervisor handles those
+straight from the bytes, with no packet or frame objects:
+
+- Requests. The relay connection's reader thread hands each read to
+  :meth:`FastPath.route_leading` before its decoder sees it. For the complete
+  REQUEST packets at the start of the read it finds the id, the payload and
+  the timeout, picks a worker and books each request (one taking of the
+  table's lock for the whole read), keeps the head of its reply (the id's
+  octets as they came), and writes each worker's frames to its ring together:
+  one wake-up per worker per read, not one per request. Anything else (another
+  packet, an incomplete one, a request no worker can take now) ends the fast
+  path there, and the decoder and ``RelayDispatch.request`` take the rest,
+  with their waiting, refusals and faults.
+- Replies. The loop hands every batch a worker wrote to
+  :meth:`FastPath.answer_replies`, which settles the successful REPLY frames
+  among them in one taking of the lock, and after each turn calls
+  :meth:`FastPath.flush`, which writes their packets (head, length, payload)
+  to the relay in one write for all the workers' batches of that turn. The
+  other frames (faults, expiries, tunnels, READY) go back to the loop's
+  decoder.
+
+Every request still gets exactly one answer, is counted and logged
+(``RequestLog``) and counts toward its worker's ``max_requests``, as on the
+slow path; the bookkeeping (ticket, Pending) is the same.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import iris
+from iris import codec
+from iris.relay.passthrough import NotFast, read_minimal_varint, read_varint
+
+from ..ops.metrics import Outcome
+from ..wire.frames import request_frame, successful_reply
+from .handle import WorkerHandle, WorkerUnreachable
+from .worker_table import Pending, reply_head
+
+if TYPE_CHECKING:
+    from .dispatch import RelayDispatch
+
+_REQUEST = int(codec.Op.REQUEST)
+_encode_varint = codec.encode_varint
+
+
+class FastPath:
+    """The fast path of one RelayDispatch; see the module docstring."""
+
+    def __init__(self, dispatch: RelayDispatch):
+        self.dispatch = dispatch
+        # The replies of one turn of the loop, until flush(): the packets per
+        # connection, and the requests they answer per worker.
+        self._sends: dict[iris.Connection, list[bytes]] = {}
+        self._answered: list[tuple[WorkerHandle, list[Pending]]] = []
+
+    def route_leading(self, data: bytes) -> int:
+        """Book and hand to workers the run of complete requests at the start
+        of ``data``, one read of the relay connection (reader thread); return
+        how many bytes they took. Dense on purpose: this runs per request."""
+        dispatch = self.dispatch
+        conn, table, pick = dispatch.conn, dispatch.table, dispatch.pick_for_request
+        batches: dict[WorkerHandle, tuple[list[int], list[bytes]]] = {}
+        end, pos = len(data), 0
+        now = time.monotonic()
+        with table.lock:
+            while pos < end and data[pos] == _REQUEST:
+                try:
+                    request_id, body = read_minimal_varint(data, pos + 1)
+                    head = reply_head(data[pos + 1 : body])
+                    length, body = read_varint(data, body)
+                    at = body + length
+                    if length > codec.MAX_MESSAGE or at >= end:
+                        break
+                    timeout_ms, at = read_varint(data, at)
+                except (IndexError, NotFast):  # incomplete, or for the codec to judge
+                    break
+                worker = pick(length, now)
+                if not isinstance(worker, WorkerHandle):  # it waits, or is refused
+                    break
+                deadline = now + timeout_ms / 1000
+                assert conn is not None  # set before the connection reads
+                ticket = table.book(worker, conn, request_id, deadline, length, now, head)
+                if worker not in batches:
+                    batches[worker] = ([], [])
+                tickets, out = batches[worker]
+                tickets.append(ticket)
+                out.append(request_frame(ticket, deadline, data[body : body + length]))
+                pos = at
+        for worker, (tickets, out) in batches.items():
+            self._hand_over(worker, tickets, out)
+        return pos
+
+    def _hand_over(self, worker: WorkerHandle, tickets: list[int], out: list[bytes]) -> None:
+        """Write one read's requests to ``worker``; fault the ones it did not take."""
+        try:
+            worker.put_batch(out)
+        except WorkerUnreachable as err:
+            fault = f"{worker} did not take the request: {err}"
+            for pending in self.dispatch.table.settle_all(tickets[err.taken :]):
+                if pending is not None:
+                    self.dispatch.answer(pending, Outcome.NO_ROOM, fault, worker)
+
+    def answer_replies(self, worker: WorkerHandle, batch: list[bytes]) -> list[bytes]:
+        """Settle the successful replies among the frames ``worker`` wrote, for
+        :meth:`flush` to send (loop thread); the other frames."""
+        tickets: list[int] = []
+        payloads: list[bytes] = []
+        rest: list[bytes] = []
+        for data in batch:
+            reply = successful_reply(data)
+            if reply is None:
+                rest.append(data)
+            else:
+                tickets.append(reply[0])
+                payloads.append(reply[1])
+        if tickets:
+            self._queue(worker, self.dispatch.table.settle_all(tickets), payloads)
+        return rest
+
+    def _queue(
+        self, worker: WorkerHandle, settled: list[Pending | None], payloads: list[bytes]
+    ) -> None:
+        """Queue the replies to the settled requests for flush()."""
+        dispatch = self.dispatch
+        answered: list[Pending] = []
+        for pending, payload in zip(settled, payloads, strict=True):
+            if pending is None:  # settled already: its worker's death answered it
+                continue
+            dispatch.served += 1
+            worker.served += 1
+            # Retire the worker before its last reply goes out (see on_frame).
+            if worker.max_requests and worker.served >= worker.max_requests:
+                dispatch.recycle(worker)
+            if len(payload) > codec.MAX_MESSAGE:  # refused by reply(), with a fault
+                dispatch.answer(pending, Outcome.OK, payload, worker)
+                continue
+            out = self._sends.get(pending.conn)
+            if out is None:
+                out = self._sends[pending.conn] = []
+            out += (pending.head, _encode_varint(len(payload)), payload)
+            answered.append(pending)
+        self._answered.append((worker, answered))
+
+    def flush(self) -> None:
+        """Send the replies queued since the last flush, one write per connection
+        for every worker's, then count and log them (loop thread)."""
+        sends, self._sends = self._sends, {}
+        answered, self._answered = self._answered, []
+        for conn, out in sends.items():
+            conn.send_encoded(b"".join(out))
+        for worker, requests in answered:
+            self.dispatch.requests.record_all(requests, Outcome.OK, worker)
