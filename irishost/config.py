@@ -15,8 +15,6 @@ import json
 import math
 import os
 import re
-import stat
-import tomllib
 import unicodedata
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -25,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from iris.limits import ServiceLimits, TopicLimits
+from iris.toml_file import TomlFileError, read_toml
 
 
 class ConfigError(Exception):
@@ -503,50 +502,12 @@ def _check_ports(file: Path, sections: dict[str, dict[str, Any]]) -> None:
             raise ConfigError(file, "relay.metrics_port", f"{metrics_port} is {key} too")
 
 
-# A service's config is a few kilobytes; anything this large is some other file.
-MAX_CONFIG_SIZE = 2**20
-
-
 def _read_toml(file: Path) -> dict[str, Any]:
     try:
-        raw = _read_regular_file(file)
-    except OSError as error:
-        raise ConfigError(file, None, f"cannot read: {error.strerror or error}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw.count(b"\n", 0, error.start) + 1
-        raise ConfigError(file, None, f"invalid TOML: not UTF-8 (at line {line})") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        # tomllib's message ends with "(at line L, column C)".
-        raise ConfigError(file, None, f"invalid TOML: {error}") from None
-    except (ValueError, RecursionError) as error:
-        # What tomllib lets through undressed: an integer of over 4300 digits
-        # (int()'s ValueError) and arrays or inline tables nested deeper than
-        # the interpreter's recursion limit. Uncaught, either would be a
-        # traceback at start and would end a running host on SIGHUP.
-        problem = "nested too deeply" if isinstance(error, RecursionError) else str(error)
-        raise ConfigError(file, None, f"invalid TOML: {problem}") from None
-
-
-def _read_regular_file(file: Path) -> bytes:
-    """The bytes of ``file``, which must be a regular file of at most MAX_CONFIG_SIZE.
-
-    A FIFO would block the read (and the start, or a reload) until some writer
-    turned up, and a device such as /dev/zero would never end. O_NONBLOCK lets
-    the open itself return at once for a FIFO; the type is then checked on the
-    open descriptor, so the file cannot be swapped between check and read.
-    """
-    fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with open(fd, "rb") as reader:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ConfigError(file, None, "not a regular file (a FIFO, device or directory?)")
-        raw = reader.read(MAX_CONFIG_SIZE + 1)
-    if len(raw) > MAX_CONFIG_SIZE:
-        raise ConfigError(file, None, "too large for a config (over 1 MiB)")
-    return raw
+        data, _ = read_toml(file, "a config")
+    except TomlFileError as error:
+        raise ConfigError(file, None, str(error)) from None
+    return data
 
 
 def _parse_table(file: Path, where: str, table: Any, spec: _Spec) -> dict[str, Any]:
