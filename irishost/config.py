@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from iris.limits import ServiceLimits, TopicLimits
+from iris.relay.permissions import Permissions, PermissionsError
 from iris.toml_file import TomlFileError, read_toml
 
 
@@ -55,6 +56,7 @@ class RelaySection:
     embedded: bool | str  # True, False or "auto" (see _embedded)
     connect_timeout: float
     metrics_port: int = 0  # the embedded relay's Prometheus metrics; 0 = off
+    permissions: Path | None = None  # the embedded relay's permissions file; absolute
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,8 @@ class Config:
         data["file"] = str(self.file)
         data["service"]["path"] = [str(entry) for entry in self.service.path]
         data["control"]["socket"] = str(self.control.socket)
-        data["logging"]["file"] = None if self.logging.file is None else str(self.logging.file)
+        data["relay"]["permissions"] = _optional_text(self.relay.permissions)
+        data["logging"]["file"] = _optional_text(self.logging.file)
         times: list[list[Any]] = []
         data["settings"] = _times_as_text(self.settings, [], times)
         data["settings_times"] = times
@@ -146,18 +149,18 @@ class Config:
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> Config:
-        service = data["service"]
+        service, relay = data["service"], data["relay"]
         log_file = data["logging"]["file"]  # None or a path
         return cls(
             file=Path(data["file"]),
             service=ServiceSection(**{**service, "path": tuple(map(Path, service["path"]))}),
-            relay=RelaySection(**data["relay"]),
+            relay=RelaySection(**{**relay, "permissions": _optional_path(relay["permissions"])}),
             workers=WorkersSection(**data["workers"]),
             limits=LimitsSection(**data["limits"]),
             topics=tuple(TopicSection(**topic) for topic in data["topics"]),
             control=ControlSection(socket=Path(data["control"]["socket"])),
             metrics=MetricsSection(**data["metrics"]),
-            logging=LoggingSection(**{**data["logging"], "file": log_file and Path(log_file)}),
+            logging=LoggingSection(**{**data["logging"], "file": _optional_path(log_file)}),
             settings=_text_as_times(data["settings"], data["settings_times"]),
         )
 
@@ -395,6 +398,7 @@ _SECTIONS: dict[str, tuple[type, _Spec]] = {
             "embedded": (_embedded, False),
             "connect_timeout": (parse_duration, "10s"),
             "metrics_port": (_integer(0, 65535), 0),
+            "permissions": (_string, ""),  # "" = none; made absolute and read by load_config
         },
     ),
     "workers": (
@@ -479,6 +483,12 @@ def load_config(path: str | Path) -> Config:
         log_section["file"] = _log_file(directory, log_section["file"])
     except ValueError as error:
         raise ConfigError(file, "logging.file", str(error)) from None
+
+    relay = sections["relay"]
+    try:
+        relay["permissions"] = _permissions_file(directory, relay["permissions"])
+    except ValueError as error:
+        raise ConfigError(file, "relay.permissions", str(error)) from None
 
     _check_ports(file, sections)
     built = {name: cls(**sections[name]) for name, (cls, _) in _SECTIONS.items()}
@@ -662,6 +672,29 @@ def _log_file(directory: Path, configured: str) -> Path | None:
     if not os.access(writable, os.W_OK):
         raise ValueError(f"{writable}: not writable by this user (uid {os.getuid()})")
     return path
+
+
+def _permissions_file(directory: Path, configured: str) -> Path | None:
+    """``[relay] permissions`` made absolute (against the config's ``directory``),
+    or None; ValueError if the file cannot be used, so that ``--check`` and a
+    reload find its mistakes rather than the relay. The relay reads it again
+    when it starts, and on each reload."""
+    if not configured:
+        return None
+    path = Path(os.path.normpath(directory / configured))
+    try:
+        Permissions.load(path)
+    except PermissionsError as error:
+        raise ValueError(str(error)) from None
+    return path
+
+
+def _optional_path(text: str | None) -> Path | None:
+    return None if text is None else Path(text)
+
+
+def _optional_text(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def _runtime_directory() -> Path:
