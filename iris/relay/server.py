@@ -36,7 +36,7 @@ from ..version import __version__
 from . import metrics
 from .input_guard import InputGuard, InputLimits
 from .passthrough import route_leading
-from .peer_uid import Address, socket_owners
+from .peer_uid import Address, OwnerFinder
 from .permissions import Action, Gate, Permissions, PermissionsError, User
 from .router import ProtocolViolation, Router, TunnelEnd
 from .status import Snapshot, StatusListener
@@ -170,6 +170,7 @@ class RelayServer:
         self._accept_report_due = 0.0
         self.permissions = permissions
         self._gate = None if permissions is None else Gate(Permissions.load(permissions))
+        self._owners = None if permissions is None else OwnerFinder()
         self._reload_due = False  # reload_permissions was asked for
         self.router = Router(gate=self._gate)
         # Traffic, for the status socket: integer adds per read and per flush.
@@ -430,18 +431,21 @@ class RelayServer:
             self._selector.register(sock, selectors.EVENT_READ, peer)
             self._guard.accepted(peer, now)
             accepted.append((peer, address))
-        if self._gate is not None and accepted:
-            self._identify(self._gate, accepted, listener.getsockname())
+        if accepted and self._gate is not None and self._owners is not None:
+            self._identify(self._gate, self._owners, accepted, listener.getsockname())
         if self._guard.watching:
             self._watch(now)
 
     @staticmethod
     def _identify(
-        gate: Gate, accepted: list[tuple[PeerConnection, Address]], relay: Address
+        gate: Gate,
+        finder: OwnerFinder,
+        accepted: list[tuple[PeerConnection, Address]],
+        relay: Address,
     ) -> None:
-        """Find the user of each new connection, all in one read of the
-        socket table, and start its decisions afresh."""
-        owners = socket_owners((address, relay) for _, address in accepted)
+        """Find the user of each new connection (peer_uid.py), and start its
+        decisions afresh."""
+        owners = finder.owners((address, relay) for _, address in accepted)
         for peer, address in accepted:
             uid = owners[(address, relay)]
             if uid is None:
@@ -650,6 +654,8 @@ class RelayServer:
         """
         if self._metrics is not None:
             self._metrics.close()
+        if self._owners is not None:
+            self._owners.close()
         for listener in self._listeners:
             if self._accept_paused_until is None:
                 self._selector.unregister(listener)

@@ -20,7 +20,7 @@ from test_router import Peer
 import iris
 from iris import codec
 from iris.relay.passthrough import route_leading
-from iris.relay.peer_uid import owner_in_table, socket_owners, table_address
+from iris.relay.peer_uid import OwnerFinder, owner_in_table, owners_in_tables, table_address
 from iris.relay.permissions import Action, Gate, Permissions, PermissionsError, User
 from iris.relay.router import Router
 
@@ -162,10 +162,21 @@ def test_the_owner_is_the_established_client_socket_of_the_pair():
     assert owner_in_table(TCP6, (("::1", 50001, 0, 0), relay6)) == 33
 
 
+def with_the_diagnostics(connections):
+    finder = OwnerFinder()
+    try:
+        if finder.method != "sock_diag":
+            pytest.skip("no socket diagnostics (netlink) here")
+        return finder.owners(connections)
+    finally:
+        finder.close()
+
+
+@pytest.mark.parametrize("owners", [with_the_diagnostics, owners_in_tables])
 @pytest.mark.parametrize(
     ("family", "host"), [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
 )
-def test_real_loopback_sockets_are_found_and_gone_ones_are_not(family, host):
+def test_real_loopback_sockets_are_found_and_gone_ones_are_not(family, host, owners):
     with socket.socket(family) as listener:
         listener.bind((host, 0))
         listener.listen()
@@ -174,10 +185,10 @@ def test_real_loopback_sockets_are_found_and_gone_ones_are_not(family, host):
         accepted, address = listener.accept()
         with accepted:
             ends = (address, accepted.getsockname())
-            assert socket_owners([ends]) == {ends: os.geteuid()}
+            assert owners([ends]) == {ends: os.geteuid()}
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
             client.close()  # a reset: the socket is gone at once
-            wait_for(lambda: socket_owners([ends]) == {ends: None}, what="the socket gone")
+            wait_for(lambda: owners([ends]) == {ends: None}, what="the socket gone")
 
 
 # -- decisions on connections --------------------------------------------------------
