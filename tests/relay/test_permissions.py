@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from support import wait_for
@@ -286,3 +287,11 @@ def test_a_bad_permissions_file_stops_the_relay_at_start_naming_line_and_key(tmp
         f'iris-relay: --permissions: {path}:1: default: expected "open" or "closed", '
         'got "sometimes"\n'
     )
+
+
+def test_the_shipped_example_holds_as_soon_as_its_user_exists(tmp_path):
+    shipped = Path(__file__).resolve().parents[2] / "systemd" / "iris-relay-permissions.toml"
+    rules = load(tmp_path, shipped.read_text().replace('"primes"', '"nobody"'))
+    assert rules.allows(NOBODY, Action.SERVE, "primes")
+    assert not rules.allows(ROOT, Action.SERVE, "primes")
+    assert rules.allows(ROOT, Action.SEND, "primes")
