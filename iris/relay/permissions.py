@@ -43,7 +43,7 @@ import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from ..toml_file import TomlFileError, read_toml
 
@@ -319,6 +319,11 @@ def _key_path(key: str) -> tuple[str, ...]:
     return tuple(path)
 
 
+# A name as a connection's decisions keep it: a cluster's UTF-8 bytes (as the
+# fast path meets it on the wire), a topic's text.
+_Key = TypeVar("_Key", bytes, str)
+
+
 class Guarded(Protocol):
     """What the gate needs of a connection (server.PeerConnection)."""
 
@@ -368,23 +373,22 @@ class Gate:
 
     def may_send(self, peer: Guarded, cluster: str) -> bool:
         """Whether ``peer`` may send to ``cluster``; a refusal closes it."""
-        cleared = peer.cleared
-        key = cluster.encode()
-        if cleared is None or key in cleared:
-            return True
-        if self._expelled(peer, Action.SEND, cluster):
-            return False
-        cleared.add(key)
-        return True
+        return self._cleared(peer, peer.cleared, cluster.encode(), Action.SEND, cluster)
 
     def may_publish(self, peer: Guarded, topic: str) -> bool:
         """Whether ``peer`` may publish to ``topic``; a refusal closes it."""
-        cleared = peer.cleared_topics
-        if cleared is None or topic in cleared:
+        return self._cleared(peer, peer.cleared_topics, topic, Action.PUBLISH, topic)
+
+    def _cleared(
+        self, peer: Guarded, cleared: set[_Key] | None, key: _Key, action: Action, name: str
+    ) -> bool:
+        """Decide once per connection and name: a yes is kept in ``cleared``
+        (None: the peer came before the gate), a no closes the connection."""
+        if cleared is None or key in cleared:
             return True
-        if self._expelled(peer, Action.PUBLISH, topic):
+        if self._expelled(peer, action, name):
             return False
-        cleared.add(topic)
+        cleared.add(key)
         return True
 
     def may_subscribe(self, peer: Guarded, topic: str) -> bool:
