@@ -171,10 +171,10 @@ class Permissions:
     def __init__(self, file: Path, default_open: bool) -> None:
         self.file = file
         self.default_open = default_open
-        self._tables = {"cluster": _Names(), "topic": _Names()}
+        self.tables = {"cluster": _Names(), "topic": _Names()}
 
     def allows(self, user: User, action: Action, name: str) -> bool:
-        section = self._tables[action.kind].section(name)
+        section = self.tables[action.kind].section(name)
         who = None if section is None else section.get(action)
         return self.default_open if who is None else who.admits(user)
 
@@ -212,7 +212,7 @@ class _Reader:
         if default not in ("open", "closed"):
             raise self.fail(("default",), f'expected "open" or "closed", got {_show(default)}')
         permissions = Permissions(self.file, default == "open")
-        for kind, names in permissions._tables.items():
+        for kind, names in permissions.tables.items():
             table = data.get(kind, {})
             if not isinstance(table, dict):
                 raise self.fail(

@@ -7,7 +7,9 @@ or not), with the file naming users that exist everywhere (root, nobody).
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +21,7 @@ from support import wait_for
 from test_router import Peer
 
 import iris
+import iris.aio
 from iris import codec
 from iris.relay.passthrough import route_leading
 from iris.relay.peer_uid import OwnerFinder, owner_in_table, owners_in_tables, table_address
@@ -295,3 +298,24 @@ def test_the_shipped_example_holds_as_soon_as_its_user_exists(tmp_path):
     assert rules.allows(NOBODY, Action.SERVE, "primes")
     assert not rules.allows(ROOT, Action.SERVE, "primes")
     assert rules.allows(ROOT, Action.SEND, "primes")
+
+
+def test_the_asyncio_binding_raises_the_same_errors(relay_factory, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("the file names root as the user that runs the tests")
+    path = tmp_path / "permissions.toml"
+    path.write_text(ROOT_MAY_NOT + '[topic.secret]\nsubscribe = ["nobody"]\n')
+    relay = relay_factory("--permissions", str(path))
+    reason = 'permission denied: user root (uid 0) may not subscribe to topic "secret"'
+
+    async def refused() -> None:
+        with pytest.raises(iris.DeniedError, match="user root .uid 0. may not serve cluster"):
+            await iris.aio.register(relay.port, "secure", iris.aio.ServiceHandler())
+        async with iris.aio.connect(relay.port) as conn:
+            await conn.subscribe("secret", lambda event: None)
+            with pytest.raises(iris.ClosedError, match=re.escape(reason)):
+                await asyncio.wait_for(conn.request("elsewhere", b"x", 5), 5)
+            with pytest.raises(iris.ClosedError, match=re.escape(reason)):
+                await conn.publish("news", b"x")
+
+    asyncio.run(refused())
