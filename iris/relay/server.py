@@ -11,6 +11,11 @@ limits of input_guard.py (handshake and packet deadlines, the budget for
 partial packets) is closed alone, with the reason logged; the loop and every
 other connection carry on.
 
+With a permissions file, each accepted connection's local user is found
+at once (peer_uid.py), and the router asks the Gate (permissions.py)
+before it registers, subscribes or routes for it; without one, nothing of
+that runs.
+
 Deadlines that are not requests' (those, the router keeps) are checked on a
 housekeeping tick that runs on the loop's own timeout, only while something
 is watched, so the path of a packet carries no timer.
@@ -171,6 +176,8 @@ class RelayServer:
         self.permissions = permissions
         self._gate = None if permissions is None else Gate(Permissions.load(permissions))
         self._owners = None if permissions is None else OwnerFinder()
+        if self._owners is not None:
+            log.info("permissions from %s; users found by %s", permissions, self._owners.method)
         self._reload_due = False  # reload_permissions was asked for
         self.router = Router(gate=self._gate)
         # Traffic, for the status socket: integer adds per read and per flush.
