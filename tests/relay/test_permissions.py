@@ -217,11 +217,25 @@ def test_a_send_is_decided_once_per_connection_and_cluster_then_takes_the_fast_p
     assert route_leading(router, sender, request, codec.MAX_MESSAGE) == len(request)
     assert len(member.sent) == 3  # ACCEPT and two deliveries
 
-    intruder = guarded_peer(router, NOBODY)
-    router.handle(intruder, codec.Broadcast("secure", b"x"))
-    assert intruder.closed and intruder.cleared == set()
-    assert router.gate is not None and router.gate.refusals["send"] == 1
+    for refused in (codec.Broadcast("secure", b"x"), codec.TunnelInit(1, "secure", 1000)):
+        intruder = guarded_peer(router, NOBODY)
+        router.handle(intruder, refused)
+        assert intruder.closed and intruder.cleared == set()
+    assert router.gate is not None and router.gate.refusals["send"] == 2
     assert not member.closed and not sender.closed
+    assert len(member.sent) == 3  # neither reached it
+
+
+def test_a_publish_is_decided_once_per_connection_and_topic(tmp_path):
+    rules = load(tmp_path, 'default = "open"\n[topic."audit-*"]\npublish = ["root"]\n')
+    router = Router(gate=Gate(rules))
+    listener, publisher = guarded_peer(router, NOBODY), guarded_peer(router, ROOT)
+    router.handle(listener, codec.Subscribe("audit-log"))
+    for _ in range(2):
+        router.handle(publisher, codec.Publish("audit-log", b"entry"))
+    assert publisher.cleared_topics == {"audit-log"} and len(listener.sent) == 3
+    router.handle(listener, codec.Publish("audit-log", b"forged"))
+    assert listener.closed and not publisher.closed and len(listener.sent) == 3
 
 
 def test_a_refused_registration_is_denied_with_the_reason(tmp_path):
