@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from iris.limits import ServiceLimits, TopicLimits
-from iris.relay.permissions import Permissions, PermissionsError
 from iris.toml_file import TomlFileError, read_toml
 
 
@@ -679,6 +678,10 @@ def _permissions_file(directory: Path, configured: str) -> Path | None:
     or None; ValueError if the file cannot be used, so that ``--check`` and a
     reload find its mistakes rather than the relay. The relay reads it again
     when it starts, and on each reload."""
+    # Imported here: every fork server and worker imports this module, and
+    # importing iris.relay would load the whole relay into each of them.
+    from iris.relay.permissions import Permissions, PermissionsError
+
     if not configured:
         return None
     path = Path(os.path.normpath(directory / configured))
