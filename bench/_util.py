@@ -64,7 +64,7 @@ class Child:
     in the relay or the service is explained rather than seen as a timeout.
     """
 
-    def __init__(self, argv: Sequence[str], name: str):
+    def __init__(self, argv: Sequence[str], name: str, cwd: str | None = None):
         self.name = name
         # Lives as long as the child, closed by stop(): no with-block fits.
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
@@ -74,6 +74,7 @@ class Child:
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             preexec_fn=_die_with_parent,
+            cwd=cwd,
         )
         self.ps = psutil.Process(self.proc.pid)
 
@@ -129,14 +130,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_relay(profile_to: str | None = None) -> tuple[Child, int]:
+def start_relay(
+    profile_to: str | None = None, extra: Sequence[str] = (), checkout: str | None = None
+) -> tuple[Child, int]:
     """Start ``python -m iris.relay --port 0``; return it and the port it chose.
 
     With ``profile_to`` the relay runs under cProfile instead (see
     :func:`profiled_relay_main`), which writes there when the relay exits on
-    SIGTERM.
+    SIGTERM. ``extra``: more of the relay's options. ``checkout``: run the
+    relay of that checkout of the project instead of this one.
     """
-    args = ["--port", "0", "--log-level", "warning"]
+    args = ["--port", "0", "--log-level", "warning", *extra]
     if profile_to:
         bench_dir = os.path.dirname(os.path.abspath(__file__))
         code = (
@@ -146,7 +150,8 @@ def start_relay(profile_to: str | None = None) -> tuple[Child, int]:
         argv = [sys.executable, "-c", code, profile_to, *args]
     else:
         argv = [sys.executable, "-m", "iris.relay", *args]
-    relay = Child(argv, "relay")
+    # -m puts the working directory first on the path: a checkout's own iris runs.
+    relay = Child(argv, "relay", cwd=checkout)
     try:
         line = relay.readline()
         match = _LISTENING.search(line)

@@ -5,7 +5,7 @@ for a service; request/reply, broadcast, publish/subscribe and tunnels.
 """
 
 from .connection import Connection, connect
-from .errors import ClosedError, Error, RemoteError, TimeoutError
+from .errors import ClosedError, DeniedError, Error, RemoteError, TimeoutError
 from .handlers import ServiceHandler, TopicHandler, TunnelEnd
 from .limits import ServiceLimits, TopicLimits
 from .logs import ContextLog
@@ -17,6 +17,7 @@ __all__ = [
     "ClosedError",
     "Connection",
     "ContextLog",
+    "DeniedError",
     "Error",
     "RemoteError",
     "Service",

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, cast
 
 from . import codec
 from .dispatch import Inbound, MemberConnection
-from .errors import ClosedError, RemoteError, TimeoutError
+from .errors import ClosedError, DeniedError, RemoteError, TimeoutError
 from .handlers import TopicHandler, event_callback
 from .handoff import ReplyHandoff, Waiter
 from .limits import TopicLimits
@@ -167,7 +167,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
                     break
             answer, *early = packets
             if isinstance(answer, codec.Deny):
-                raise ConnectionRefusedError(f"relay denied the connection: {answer.reason}")
+                raise DeniedError(answer.reason)
             if not isinstance(answer, codec.Accept):
                 raise ConnectionError(f"relay answered the handshake with {answer!r}")
             sock.settimeout(None)
@@ -242,12 +242,12 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
 
     def _send(self, data: bytes) -> None:
         if self._closed.is_set():
-            raise ClosedError("connection closed")
+            raise self._closed_error()
         self._writer.send(data)
 
     def _check_open(self) -> None:
         if self._closing:
-            raise ClosedError("connection closed")
+            raise self._closed_error()
 
     # -- the public operations ---------------------------------------------------
 

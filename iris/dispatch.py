@@ -148,13 +148,19 @@ class MemberConnection(Generic[_Tunnel]):
     """What both bindings' connections do as a cluster member: hand the
     relay's work to their Inbound, and send its replies.
 
-    The connection sets ``inbound`` (None for a plain client) and has
-    ``log`` and ``_send``.
+    The connection sets ``inbound`` (None for a plain client) and
+    ``close_reason`` (None until it has ended), and has ``log`` and ``_send``.
     """
 
     inbound: Inbound[_Tunnel] | None
+    close_reason: str | None
     log: ContextLog
     _send: Callable[[bytes], None]
+
+    def _closed_error(self) -> ClosedError:
+        """What a call on the ended connection raises: why it ended, if the
+        relay said (say, a permission it refused), so the caller learns it."""
+        return ClosedError(self.close_reason or "connection closed")
 
     def _member_inbound(self, what: str) -> Inbound[_Tunnel]:
         """The Inbound; ProtocolError naming ``what`` the relay sent to a plain client."""

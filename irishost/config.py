@@ -15,8 +15,6 @@ import json
 import math
 import os
 import re
-import stat
-import tomllib
 import unicodedata
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -25,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from iris.limits import ServiceLimits, TopicLimits
+from iris.toml_file import TomlFileError, read_toml
 
 
 class ConfigError(Exception):
@@ -56,6 +55,7 @@ class RelaySection:
     embedded: bool | str  # True, False or "auto" (see _embedded)
     connect_timeout: float
     metrics_port: int = 0  # the embedded relay's Prometheus metrics; 0 = off
+    permissions: Path | None = None  # the embedded relay's permissions file; absolute
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,8 @@ class Config:
         data["file"] = str(self.file)
         data["service"]["path"] = [str(entry) for entry in self.service.path]
         data["control"]["socket"] = str(self.control.socket)
-        data["logging"]["file"] = None if self.logging.file is None else str(self.logging.file)
+        data["relay"]["permissions"] = _optional_text(self.relay.permissions)
+        data["logging"]["file"] = _optional_text(self.logging.file)
         times: list[list[Any]] = []
         data["settings"] = _times_as_text(self.settings, [], times)
         data["settings_times"] = times
@@ -150,18 +151,18 @@ class Config:
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> Config:
-        service = data["service"]
+        service, relay = data["service"], data["relay"]
         log_file = data["logging"]["file"]  # None or a path
         return cls(
             file=Path(data["file"]),
             service=ServiceSection(**{**service, "path": tuple(map(Path, service["path"]))}),
-            relay=RelaySection(**data["relay"]),
+            relay=RelaySection(**{**relay, "permissions": _optional_path(relay["permissions"])}),
             workers=WorkersSection(**data["workers"]),
             limits=LimitsSection(**data["limits"]),
             topics=tuple(TopicSection(**topic) for topic in data["topics"]),
             control=ControlSection(socket=Path(data["control"]["socket"])),
             metrics=MetricsSection(**data["metrics"]),
-            logging=LoggingSection(**{**data["logging"], "file": log_file and Path(log_file)}),
+            logging=LoggingSection(**{**data["logging"], "file": _optional_path(log_file)}),
             settings=_text_as_times(data["settings"], data["settings_times"]),
         )
 
@@ -400,6 +401,7 @@ _SECTIONS: dict[str, tuple[type, _Spec]] = {
             "embedded": (_embedded, False),
             "connect_timeout": (parse_duration, "10s"),
             "metrics_port": (_integer(0, 65535), 0),
+            "permissions": (_string, ""),  # "" = none; made absolute and read by load_config
         },
     ),
     "workers": (
@@ -487,6 +489,12 @@ def load_config(path: str | Path) -> Config:
     except ValueError as error:
         raise ConfigError(file, "logging.file", str(error)) from None
 
+    relay = sections["relay"]
+    try:
+        relay["permissions"] = _permissions_file(directory, relay["permissions"])
+    except ValueError as error:
+        raise ConfigError(file, "relay.permissions", str(error)) from None
+
     _check_ports(file, sections)
     built = {name: cls(**sections[name]) for name, (cls, _) in _SECTIONS.items()}
     return Config(
@@ -509,50 +517,12 @@ def _check_ports(file: Path, sections: dict[str, dict[str, Any]]) -> None:
             raise ConfigError(file, "relay.metrics_port", f"{metrics_port} is {key} too")
 
 
-# A service's config is a few kilobytes; anything this large is some other file.
-MAX_CONFIG_SIZE = 2**20
-
-
 def _read_toml(file: Path) -> dict[str, Any]:
     try:
-        raw = _read_regular_file(file)
-    except OSError as error:
-        raise ConfigError(file, None, f"cannot read: {error.strerror or error}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw.count(b"\n", 0, error.start) + 1
-        raise ConfigError(file, None, f"invalid TOML: not UTF-8 (at line {line})") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        # tomllib's message ends with "(at line L, column C)".
-        raise ConfigError(file, None, f"invalid TOML: {error}") from None
-    except (ValueError, RecursionError) as error:
-        # What tomllib lets through undressed: an integer of over 4300 digits
-        # (int()'s ValueError) and arrays or inline tables nested deeper than
-        # the interpreter's recursion limit. Uncaught, either would be a
-        # traceback at start and would end a running host on SIGHUP.
-        problem = "nested too deeply" if isinstance(error, RecursionError) else str(error)
-        raise ConfigError(file, None, f"invalid TOML: {problem}") from None
-
-
-def _read_regular_file(file: Path) -> bytes:
-    """The bytes of ``file``, which must be a regular file of at most MAX_CONFIG_SIZE.
-
-    A FIFO would block the read (and the start, or a reload) until some writer
-    turned up, and a device such as /dev/zero would never end. O_NONBLOCK lets
-    the open itself return at once for a FIFO; the type is then checked on the
-    open descriptor, so the file cannot be swapped between check and read.
-    """
-    fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with open(fd, "rb") as reader:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ConfigError(file, None, "not a regular file (a FIFO, device or directory?)")
-        raw = reader.read(MAX_CONFIG_SIZE + 1)
-    if len(raw) > MAX_CONFIG_SIZE:
-        raise ConfigError(file, None, "too large for a config (over 1 MiB)")
-    return raw
+        data, _ = read_toml(file, "a config")
+    except TomlFileError as error:
+        raise ConfigError(file, None, str(error)) from None
+    return data
 
 
 def _parse_table(file: Path, where: str, table: Any, spec: _Spec) -> dict[str, Any]:
@@ -707,6 +677,33 @@ def _log_file(directory: Path, configured: str) -> Path | None:
     if not os.access(writable, os.W_OK):
         raise ValueError(f"{writable}: not writable by this user (uid {os.getuid()})")
     return path
+
+
+def _permissions_file(directory: Path, configured: str) -> Path | None:
+    """``[relay] permissions`` made absolute (against the config's ``directory``),
+    or None; ValueError if the file cannot be used, so that ``--check`` and a
+    reload find its mistakes rather than the relay. The relay reads it again
+    when it starts, and on each reload."""
+    # Imported here: every fork server and worker imports this module, and
+    # importing iris.relay would load the whole relay into each of them.
+    from iris.relay.permissions import Permissions, PermissionsError
+
+    if not configured:
+        return None
+    path = Path(os.path.normpath(directory / configured))
+    try:
+        Permissions.load(path)
+    except PermissionsError as error:
+        raise ValueError(str(error)) from None
+    return path
+
+
+def _optional_path(text: str | None) -> Path | None:
+    return None if text is None else Path(text)
+
+
+def _optional_text(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def _runtime_directory() -> Path:

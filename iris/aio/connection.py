@@ -46,7 +46,7 @@ from ..connection import (
     timeout_ms,
 )
 from ..dispatch import Inbound, MemberConnection
-from ..errors import ClosedError, RemoteError, TimeoutError
+from ..errors import ClosedError, DeniedError, RemoteError, TimeoutError
 from ..handlers import TopicHandler, event_callback
 from ..limits import TopicLimits
 from ..logs import ContextLog, HandlerErrorLog, RateLimitedWarning
@@ -135,6 +135,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         self._closing = False
         self._closed = False
         self._drop_reason: str | None = None
+        self.close_reason: str | None = None  # why the connection ended, once it has
 
     async def _attach(self, port: int) -> None:
         """Dial the relay, send INIT and wait for its answer."""
@@ -190,6 +191,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         if self._closed:
             return
         self._closed = self._closing = True
+        self.close_reason = reason
         self._out.clear()
         requests, self._requests = self._requests, {}
         inits, self._tunnel_inits = self._tunnel_inits, {}
@@ -242,7 +244,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
     def _send(self, data: bytes) -> None:
         """Queue ``data`` for this loop turn's write."""
         if self._closed:
-            raise ClosedError("connection closed")
+            raise self._closed_error()
         self._out.append(data)
         if not self._flush_pending and not self._reading:
             self._flush_pending = True
@@ -262,11 +264,11 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         if not self._writable.is_set():
             await self._writable.wait()
         if self._closed:
-            raise ClosedError("connection closed")
+            raise self._closed_error()
 
     def _check_open(self) -> None:
         if self._closing:
-            raise ClosedError("connection closed")
+            raise self._closed_error()
 
     def _watch_deadlines(self) -> None:
         if self._sweeper is None:
@@ -298,7 +300,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         request = _validate_message("request", request)
         millis = timeout_ms(timeout)
         if self._closing:
-            raise ClosedError("connection closed")
+            raise self._closed_error()
         rid = next(self._ids)
         future: asyncio.Future[codec.ReplyDelivery] = self._loop.create_future()
         self._requests[rid] = (future, self._loop.time() + timeout + RELAY_GRACE)
@@ -424,10 +426,9 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         self._accepted.set_result(None)
 
     def _on_deny(self, packet: codec.Deny) -> None:
-        self._accepted.set_exception(
-            ConnectionRefusedError(f"relay denied the connection: {packet.reason}")
-        )
-        self._drop_reason = f"relay denied the connection: {packet.reason}"
+        denied = DeniedError(packet.reason)
+        self._accepted.set_exception(denied)
+        self._drop_reason = str(denied)
         self._shutdown(self._drop_reason)
 
     def _on_closed(self, packet: codec.Closed) -> None:

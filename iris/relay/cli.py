@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from pathlib import Path
 
 from .. import argtypes, codec
 from ..logfmt import configure_logging, start_log_writer, tag_standard_streams
@@ -15,6 +16,7 @@ from .input_guard import (
     DEFAULT_PARTIAL_BUDGET,
     InputLimits,
 )
+from .permissions import PermissionsError
 from .server import DEFAULT_OUTBOUND_CAP, DEFAULT_PORT, RelayServer
 
 SINGLE_NODE = (
@@ -90,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
         "a taken port is logged and the relay serves without them (off)",
     )
     parser.add_argument(
+        "--permissions",
+        type=Path,
+        metavar="FILE",
+        help="who may serve, send to, subscribe to and publish to which clusters and topics, "
+        "by local user (a TOML file; see README); re-read on SIGHUP (off: anyone may do anything)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     parser.add_argument("--net", help=argparse.SUPPRESS)
@@ -113,8 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     start_log_writer()  # the relay never forks; its threads never wait on stderr
     try:
         server = RelayServer(
-            args.port, args.max_message, args.outbound_cap, limits, args.metrics_port
+            args.port,
+            args.max_message,
+            args.outbound_cap,
+            limits,
+            args.metrics_port,
+            args.permissions,
         )
+    except PermissionsError as err:
+        print(f"iris-relay: --permissions: {err}", file=sys.stderr)
+        return 2
     except OSError as err:
         print(
             f"iris-relay: cannot listen on port {args.port}: {err.strerror or err}", file=sys.stderr
@@ -123,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.request_stop())
+    if args.permissions is not None:
+        signal.signal(signal.SIGHUP, lambda *_: server.reload_permissions())
     print(f"iris-relay: listening on {' and '.join(server.addresses)}", flush=True)
     server.serve_forever()
     return 0

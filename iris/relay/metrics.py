@@ -54,6 +54,9 @@ def render(snapshot: Snapshot) -> str:
          {"": snapshot["partial_bytes"]}),
         ("partial_budget_bytes", "gauge", "The most bytes of incomplete packets held at once "
          "(--partial-budget).", {"": snapshot["partial_budget"]}),
+        ("refusals_total", "counter", "Actions the permissions file refused, by action "
+         "(--permissions).",
+         {_labels(action=action): count for action, count in sorted(snapshot["refusals"].items())}),
     ]  # fmt: skip
     lines = []
     for name, kind, description, samples in families:

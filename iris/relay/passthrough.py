@@ -11,13 +11,15 @@ length on, the reply from its success flag on. The requester's id for a
 request is kept as the bytes it came in, to go back in the reply as they are.
 
 Anything else ends the fast path where it is, and the codec's decoder takes
-the rest: another packet type, a fault reply (the codec checks its text is
-UTF-8), an incomplete packet, a cluster with no member or a name of 128
-bytes or more, an overlong varint, a forwarded varint that is not minimal
-(the codec would re-encode it), a length over the limit. So every error is
-still the codec's, and a packet the fast path takes is one the codec decodes
-to the same values, with the same bytes delivered (test_relay_passthrough.py
-checks that against the codec).
+the rest: another packet type, a request to a cluster the relay's
+permissions have not yet cleared this connection to send to (the router
+decides, and clears it for the next one: permissions.py), a fault reply (the
+codec checks its text is UTF-8), an incomplete packet, a cluster with no
+member or a name of 128 bytes or more, an overlong varint, a forwarded
+varint that is not minimal (the codec would re-encode it), a length over the
+limit. So every error is still the codec's, and a packet the fast path takes
+is one the codec decodes to the same values, with the same bytes delivered
+(test_relay_passthrough.py checks that against the codec).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def route_leading(router: Router, peer: Peer, data: bytes, max_message: int) -> 
     attached ``peer``; return how many bytes they took."""
     view, end, pos, routed = memoryview(data), len(data), 0, 0
     cluster, route_request, route_reply = router.cluster, router.route_request, router.route_reply
+    cleared = peer.cleared  # None: no permissions to check
     while pos < end:
         op = data[pos]
         try:
@@ -49,7 +52,10 @@ def route_leading(router: Router, peer: Peer, data: bytes, max_message: int) -> 
                 at += 1
                 if size >= 0x80 or at + size > end:
                     break
-                group = cluster(data[at : at + size])
+                name = data[at : at + size]
+                if cleared is not None and name not in cleared:
+                    break  # not yet decided for this connection: the router decides
+                group = cluster(name)
                 if group is None:
                     break
                 body = at + size

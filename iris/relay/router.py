@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from .. import codec
+from .permissions import Action, Gate, User
 
 log = logging.getLogger("iris.relay")
 
@@ -55,6 +56,10 @@ class Peer(Protocol):
     requests: set[int]  # the relay's keys of its own requests still pending
     topics: set[str]
     tunnels: dict[int, TunnelEnd]
+    # Kept by the Gate (permissions.py) when the relay has permissions; else None.
+    user: User | None
+    cleared: set[bytes] | None
+    cleared_topics: set[str] | None
 
     def send(self, data: bytes) -> None: ...
 
@@ -123,8 +128,12 @@ class TunnelEnd:
 
 
 class Router:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, gate: Gate | None = None
+    ) -> None:
+        """``gate``: the permissions in force; None lets every connection do anything."""
         self._clock = clock
+        self.gate = gate
         # Keyed by the name's UTF-8 bytes, as requests carry it on the wire.
         self._clusters: dict[bytes, _Cluster] = {}
         self._topics: dict[str, dict[Peer, None]] = {}  # insertion-ordered sets
@@ -174,14 +183,23 @@ class Router:
                 f"client speaks {packet.version}"
             )
             log.info("denied %s: %s", peer.name, reason)
-            peer.send(codec.Deny(reason).encode())
-            peer.close(None)
+            self._deny(peer, reason)
             return
+        if packet.cluster and self.gate is not None:
+            refused = self.gate.refusal(peer, Action.SERVE, packet.cluster)
+            if refused is not None:
+                self._deny(peer, refused)
+                return
         peer.cluster = packet.cluster
         if packet.cluster:
             self._clusters.setdefault(packet.cluster.encode(), _Cluster()).members.append(peer)
         peer.send(codec.Accept().encode())
         log.info("attached %s cluster=%s", peer.name, packet.cluster or "-")
+
+    @staticmethod
+    def _deny(peer: Peer, reason: str) -> None:
+        peer.send(codec.Deny(reason).encode())
+        peer.close(None)
 
     def detach(self, peer: Peer) -> None:
         """Stop routing to ``peer`` and close its tunnels; idempotent."""
@@ -269,6 +287,8 @@ class Router:
 
     def _on_request(self, peer: Peer, packet: codec.Request) -> None:
         client_id, cluster, request, timeout_ms = packet
+        if self.gate is not None and not self.gate.may_send(peer, cluster):
+            return
         body = (_varint(len(request)), request, _varint(timeout_ms))
         group = self._clusters.get(cluster.encode())
         self.route_request(peer, _varint(client_id), group, timeout_ms, body)
@@ -323,6 +343,8 @@ class Router:
     # -- broadcast and publish/subscribe ---------------------------------------------
 
     def _on_broadcast(self, peer: Peer, packet: codec.Broadcast) -> None:
+        if self.gate is not None and not self.gate.may_send(peer, packet.cluster):
+            return
         group = self._clusters.get(packet.cluster.encode())
         if group:
             data = codec.BroadcastDelivery(packet.message).encode()
@@ -330,6 +352,8 @@ class Router:
                 member.send(data)
 
     def _on_subscribe(self, peer: Peer, packet: codec.Subscribe) -> None:
+        if self.gate is not None and not self.gate.may_subscribe(peer, packet.topic):
+            return
         peer.topics.add(packet.topic)
         self._topics.setdefault(packet.topic, {})[peer] = None
 
@@ -345,6 +369,8 @@ class Router:
             del self._topics[topic]
 
     def _on_publish(self, peer: Peer, packet: codec.Publish) -> None:
+        if self.gate is not None and not self.gate.may_publish(peer, packet.topic):
+            return
         subscribers = self._topics.get(packet.topic)
         if subscribers:
             data = packet.encode()  # the delivery has the publish packet's format
@@ -356,6 +382,8 @@ class Router:
     def _on_tunnel_init(self, peer: Peer, packet: codec.TunnelInit) -> None:
         if packet.id in peer.tunnels:
             raise ProtocolViolation(f"tunnel id {packet.id} is already open")
+        if self.gate is not None and not self.gate.may_send(peer, packet.cluster):
+            return
         key = self._schedule(packet.timeout_ms)
         member = self._member(packet.cluster)
         self._builds[key] = _PendingBuild(peer, packet.id, member)

@@ -11,6 +11,11 @@ limits of input_guard.py (handshake and packet deadlines, the budget for
 partial packets) is closed alone, with the reason logged; the loop and every
 other connection carry on.
 
+With a permissions file, each accepted connection's local user is found
+at once (peer_uid.py), and the router asks the Gate (permissions.py)
+before it registers, subscribes or routes for it; without one, nothing of
+that runs.
+
 Deadlines that are not requests' (those, the router keeps) are checked on a
 housekeeping tick that runs on the loop's own timeout, only while something
 is watched, so the path of a packet carries no timer.
@@ -28,6 +33,7 @@ import socket
 import threading
 import time
 from concurrent.futures import CancelledError, Future
+from pathlib import Path
 from typing import cast
 
 from .. import codec
@@ -35,6 +41,8 @@ from ..version import __version__
 from . import metrics
 from .input_guard import InputGuard, InputLimits
 from .passthrough import route_leading
+from .peer_uid import Address, OwnerFinder
+from .permissions import Action, Gate, Permissions, PermissionsError, User
 from .router import ProtocolViolation, Router, TunnelEnd
 from .status import Snapshot, StatusListener
 
@@ -71,10 +79,6 @@ ACCEPT_REPORT_SECONDS = 10.0
 # the loop answers within its turn; one that has not come round by then is stuck.
 SNAPSHOT_WAIT_SECONDS = 5.0
 
-# A socket address as the socket module gives it: (host, port) for IPv4,
-# (host, port, flowinfo, scope_id) for IPv6.
-_Address = tuple[str, int] | tuple[str, int, int, int]
-
 
 class PeerConnection:
     """One accepted socket: decoder, outbound buffer and the router's peer state."""
@@ -93,11 +97,14 @@ class PeerConnection:
         "requests",
         "topics",
         "tunnels",
+        "user",
+        "cleared",
+        "cleared_topics",
         "_server",
         "_writing",
     )
 
-    def __init__(self, server: RelayServer, sock: socket.socket, address: _Address) -> None:
+    def __init__(self, server: RelayServer, sock: socket.socket, address: Address) -> None:
         self.sock = sock
         self.name = f"{address[0]}:{address[1]}"
         # None once the connection stops reading, which frees a partial packet.
@@ -116,6 +123,10 @@ class PeerConnection:
         self.requests: set[int] = set()
         self.topics: set[str] = set()
         self.tunnels: dict[int, TunnelEnd] = {}
+        # Set at accept when the relay has permissions (see permissions.Gate).
+        self.user: User | None = None
+        self.cleared: set[bytes] | None = None
+        self.cleared_topics: set[str] | None = None
         self._server = server
         self._writing = False  # registered for write readiness
 
@@ -144,9 +155,13 @@ class RelayServer:
         outbound_cap: int = DEFAULT_OUTBOUND_CAP,
         limits: InputLimits | None = None,
         metrics_port: int | None = None,
+        permissions: Path | None = None,
     ) -> None:
         """``metrics_port``: serve Prometheus metrics there (0: any free port;
-        None: not at all); a taken one costs the metrics, not the relay."""
+        None: not at all); a taken one costs the metrics, not the relay.
+        ``permissions``: the permissions file (permissions.py), read here
+        (PermissionsError) and again on :meth:`reload_permissions`; None:
+        every local program may do anything, as on the original relay."""
         limits = limits or InputLimits()
         limits.check_fits(max_message)
         self.max_message = max_message
@@ -158,7 +173,13 @@ class RelayServer:
         self._accept_failures = 0  # failed accepts not yet reported
         self._accept_troubled = False  # a failure was reported, and its end not yet
         self._accept_report_due = 0.0
-        self.router = Router()
+        self.permissions = permissions
+        self._gate = None if permissions is None else Gate(Permissions.load(permissions))
+        self._owners = None if permissions is None else OwnerFinder()
+        if self._owners is not None:
+            log.info("permissions from %s; users found by %s", permissions, self._owners.method)
+        self._reload_due = False  # reload_permissions was asked for
+        self.router = Router(gate=self._gate)
         # Traffic, for the status socket: integer adds per read and per flush.
         self.in_msgs = self.in_bytes = self.out_msgs = self.out_bytes = 0
         self.slow_consumers = 0
@@ -224,6 +245,12 @@ class RelayServer:
             "slow_consumers": self.slow_consumers,
             "partial_bytes": self._guard.partial_total,
             "partial_budget": self._guard.limits.partial_budget,
+            "permissions": None if self.permissions is None else str(self.permissions),
+            "refusals": (
+                dict.fromkeys((action.value for action in Action), 0)
+                if self._gate is None
+                else dict(self._gate.refusals)
+            ),
         }
 
     def snapshot_from_thread(self) -> Snapshot | None:
@@ -231,18 +258,52 @@ class RelayServer:
         next turn, as the status socket's is; None if it is stopping, or has
         not answered within SNAPSHOT_WAIT_SECONDS."""
         answer: Future[Snapshot] = Future()
-        with self._wake_lock:
-            if self._stopping:
-                return None
-            self._snapshot_requests.put(answer)
-            try:
-                os.write(self._wake_w, b"x")
-            except BlockingIOError:
-                pass  # a wake-up is already pending
+        self._snapshot_requests.put(answer)
+        if not self._wake():
+            return None
         try:
             return answer.result(SNAPSHOT_WAIT_SECONDS)
         except (TimeoutError, CancelledError):  # cancelled: the relay stopped first
             return None
+
+    def reload_permissions(self) -> None:
+        """Re-read the permissions file on the loop's next turn; from any
+        thread, or a signal handler (SIGHUP). A file that cannot be used is
+        logged, and the rules in force stay."""
+        self._reload_due = True
+        self._wake()
+
+    def _wake(self) -> bool:
+        """Wake the loop from another thread or a signal handler; False once it
+        is stopping, when its wake-up pipe may be closed already.
+
+        ``_stopping`` is checked before the lock too: it is set before
+        _shutdown takes the lock, so a signal handler on the loop's own
+        thread never waits for a lock that thread holds.
+        """
+        if self._stopping:
+            return False
+        with self._wake_lock:
+            if self._stopping:
+                return False
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass  # a wake-up is already pending
+        return True
+
+    def _reload(self) -> None:
+        self._reload_due = False
+        if self._gate is None or self.permissions is None:
+            log.warning("no permissions file to reload (iris-relay --permissions)")
+            return
+        try:
+            permissions = Permissions.load(self.permissions)
+        except PermissionsError as err:
+            log.error("permissions not reloaded, the rules in force stay: %s", err)
+            return
+        self._gate.replace(permissions, list(self.peers))
+        log.info("permissions reloaded from %s", self.permissions)
 
     def _answer_snapshot_requests(self) -> None:
         waiting = []
@@ -319,6 +380,8 @@ class RelayServer:
                 elif peer is self:
                     _drain(self._wake_r)
                     self._answer_snapshot_requests()
+                    if self._reload_due:
+                        self._reload()
                 else:
                     if mask & selectors.EVENT_READ:
                         self._read(peer)
@@ -355,6 +418,7 @@ class RelayServer:
             self._status.serve(self.snapshot)
             return
         now = time.monotonic()
+        accepted: list[tuple[PeerConnection, Address]] = []
         while True:
             try:
                 sock, address = listener.accept()
@@ -373,8 +437,28 @@ class RelayServer:
             self.peers.add(peer)
             self._selector.register(sock, selectors.EVENT_READ, peer)
             self._guard.accepted(peer, now)
+            accepted.append((peer, address))
+        if accepted and self._gate is not None and self._owners is not None:
+            self._identify(self._gate, self._owners, accepted, listener.getsockname())
         if self._guard.watching:
             self._watch(now)
+
+    @staticmethod
+    def _identify(
+        gate: Gate,
+        finder: OwnerFinder,
+        accepted: list[tuple[PeerConnection, Address]],
+        relay: Address,
+    ) -> None:
+        """Find the user of each new connection (peer_uid.py), and start its
+        decisions afresh."""
+        owners = finder.owners((address, relay) for _, address in accepted)
+        for peer, address in accepted:
+            uid = owners[(address, relay)]
+            if uid is None:
+                log.warning("cannot find the user of %s; it counts as an unknown user", peer.name)
+            peer.user = gate.user(uid)
+            peer.cleared, peer.cleared_topics = set(), set()
 
     def _pause_accepting(self, err: OSError, now: float) -> None:
         """Stop watching the listeners for ACCEPT_PAUSE_SECONDS; served
@@ -577,6 +661,8 @@ class RelayServer:
         """
         if self._metrics is not None:
             self._metrics.close()
+        if self._owners is not None:
+            self._owners.close()
         for listener in self._listeners:
             if self._accept_paused_until is None:
                 self._selector.unregister(listener)
@@ -613,7 +699,7 @@ def _drain(fd: int) -> None:
         pass
 
 
-def _format_address(address: _Address) -> str:
+def _format_address(address: Address) -> str:
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

@@ -34,6 +34,8 @@ client that does not read cannot hold up the loop. Its keys, as built by
       "slow_consumers": int,        # connections dropped for not reading
       "partial_bytes": int,         # bytes of incomplete packets held now
       "partial_budget": int,        # --partial-budget
+      "permissions": str | None,    # --permissions: the file, if any
+      "refusals": {action: int},    # refused by it: serve, send, subscribe, publish
     }
 """
 

@@ -81,6 +81,8 @@ def show(port: int, as_json: bool) -> Exit:
         ("out", f"{snapshot['out_msgs']} packets, {snapshot['out_bytes']} bytes"),
         ("slow", f"{snapshot['slow_consumers']} consumers dropped for not reading"),
         ("partial", f"{snapshot['partial_bytes']} of {snapshot['partial_budget']} bytes"),
+        ("permissions", snapshot["permissions"] or "none: every local user may do anything"),
+        ("refused", ", ".join(f"{n} {action}" for action, n in snapshot["refusals"].items())),
     ]
     print("\n".join(f"{name + ':':<13}{value}" for name, value in summary))
     return Exit.OK

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 import iris
 from iris.logs import ContextLog
 from iris.relay import RelayServer
+from iris.relay.permissions import PermissionsError
 
 from ..config import Config, TopicSection
 from ..exits import Exit, HostError
@@ -62,18 +63,24 @@ class RelayLink:
         ``true`` embeds one and refuses a port another relay holds: this
         host would otherwise depend on a relay it does not own. ``"auto"``
         uses a relay already listening and embeds one only when none is;
-        ``false`` only waits for one. ``metrics_port`` is served by an
-        embedded relay only: another relay is not this host's to configure.
+        ``false`` only waits for one. ``metrics_port`` and ``permissions``
+        are an embedded relay's only: another relay is not this host's to
+        configure.
         """
         port, embedded = self.config.relay.port, self.config.relay.embedded
         metrics_port = self.config.relay.metrics_port or None  # 0: off
+        permissions = self.config.relay.permissions
         deadline = time.monotonic() + self.config.relay.connect_timeout
         while embedded is True or not self.listening():
             if embedded:
                 try:
-                    self.relay = RelayServer(port, metrics_port=metrics_port).start()
+                    self.relay = RelayServer(
+                        port, metrics_port=metrics_port, permissions=permissions
+                    ).start()
                     self.log.info("started embedded relay", port=self.relay.port)
                     return
+                except PermissionsError as err:  # changed since the config was read
+                    raise HostError(Exit.CONFIG, f"relay.permissions: {err}") from err
                 except OSError as err:
                     if embedded is True:
                         raise HostError(
@@ -87,11 +94,12 @@ class RelayLink:
                 raise HostError(Exit.RELAY, f"no Iris relay is listening on port {port}")
             time.sleep(0.1)
         self.log.info("using the relay already listening", port=port)
-        if metrics_port is not None:
-            self.log.warning(
-                "relay.metrics_port ignored: the relay on the port is not this host's",
-                metrics_port=metrics_port,
-            )
+        for key, value in (("metrics_port", metrics_port), ("permissions", permissions)):
+            if value is not None:
+                self.log.warning(
+                    f"relay.{key} ignored: the relay on the port is not this host's",
+                    **{key: value},
+                )
 
     def listening(self) -> bool:
         with socket.socket() as probe:
@@ -127,6 +135,8 @@ class RelayLink:
         """Follow a reload's topics: unsubscribe the dropped ones, subscribe the new."""
         old_topics = {t.name for t in self.config.topics}
         self.config = config
+        if self.relay is not None and config.relay.permissions is not None:
+            self.relay.reload_permissions()
         if self.state is RelayState.CONNECTED:
             assert self.conn is not None  # connected: the connection is set
             for topic in old_topics - {t.name for t in config.topics}:

@@ -58,17 +58,21 @@ def reread(running: Config, overrides: dict[str, Any], number: int) -> Generatio
     server re-imports the handler when preloading: Spawner.add.)
     """
     config = load_config(running.file).with_overrides(**overrides)
-    if (config.service.cluster, config.relay.port, config.relay.metrics_port) != (
-        running.service.cluster,
-        running.relay.port,
-        running.relay.metrics_port,
-    ):
+    if _fixed(config) != _fixed(running):
         raise ConfigError(
             config.file,
             "service.cluster",
-            "cluster, relay.port and relay.metrics_port need a restart",
+            "cluster, relay.port, relay.metrics_port and relay.permissions (the file's "
+            "name; its rules are re-read) need a restart",
         )
     return Generation(number, config, code=number)
+
+
+def _fixed(config: Config) -> tuple[object, ...]:
+    """What a reload cannot change: the registration and the embedded relay
+    are made once, at start."""
+    relay = config.relay
+    return (config.service.cluster, relay.port, relay.metrics_port, relay.permissions)
 
 
 class Rollout(abc.ABC):

@@ -167,7 +167,9 @@ def test_host_exit_codes_match_the_unit():
 def test_relay_unit_directives():
     service = parse_unit(RELAY)["Service"]
     expected = {
-        "ExecStart": "/opt/irishost/venv/bin/iris-relay --port 55555",
+        "ExecStart": "/opt/irishost/venv/bin/iris-relay --port 55555 "
+        "--permissions /etc/iris/relay-permissions.toml",
+        "ExecReload": "/bin/kill -HUP $MAINPID",  # re-reads the permissions
         "Type": "exec",
         "Restart": "on-failure",
         "DynamicUser": "yes",  # implies RemoveIPC=yes
@@ -175,6 +177,9 @@ def test_relay_unit_directives():
         "ProcSubset": "pid",
         "SystemCallFilter": ("@system-service", "~@privileged @resources"),
         **HARDENING,
+        # The permissions find each connection's user over NETLINK_SOCK_DIAG;
+        # ProcSubset=pid hides their fallback, /proc/net/tcp.
+        "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK",
     }
     assert {key: service.get(key) for key in expected} == expected
 
@@ -372,13 +377,16 @@ def test_irishost_makes_only_system_calls_its_unit_allows(analyze, service, tmp_
 
 
 def test_iris_relay_makes_only_system_calls_its_unit_allows(analyze, tmp_path):
+    """With a permissions file, as the unit runs it: the user look-up and a reload too."""
     allowed = allowed_system_calls(analyze, RELAY)
     port = free_port()
-    traced = Traced(
-        tmp_path / "relay.trace", [sys.executable, "-m", "iris.relay", "--port", str(port)]
-    )
+    permissions = tmp_path / "permissions.toml"
+    permissions.write_text('default = "open"\n[topic.news]\npublish = ["*"]\n')
+    command = [sys.executable, "-m", "iris.relay", "--port", str(port)]
+    traced = Traced(tmp_path / "relay.trace", [*command, "--permissions", str(permissions)])
     try:
         client = wait_for(lambda: connected(port), 30, what="the traced relay")
+        traced.program.send_signal(signal.SIGHUP)
         with client, iris.register(port, "echo", EchoHandler()):
             assert client.request("echo", b"hello", 10) == b"hello"
             client.publish("news", b"event")

@@ -19,6 +19,7 @@ class Peer:
         self.requests = set()
         self.topics = set()
         self.tunnels = {}
+        self.user = self.cleared = self.cleared_topics = None  # no permissions
         self.sent = []
 
     def send(self, data: bytes) -> None:
