@@ -10,7 +10,7 @@ import socket
 import threading
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iris import codec
@@ -431,7 +431,7 @@ def mutated_streams(draw):
     return side, bytes(wire)
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300)
 @given(mutated_streams(), st.lists(st.integers(0, 500), max_size=6))
 def test_mutated_streams_decode_or_raise_protocol_error(stream, cuts):
     side, data = stream

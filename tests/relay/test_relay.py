@@ -631,7 +631,7 @@ def test_backlog_of_a_slow_reader_costs_linear_time(relay, raw, attach):
     for _ in range(1536):
         publisher.publish("flood", event)
     assert publisher.request("echo", b"served", 10) == b"served"
-    assert time.monotonic() - start < 3  # about 0.2 s; copying the backlog per turn: 10+ s
+    assert time.monotonic() - start < 5  # about 0.2 s (3 s at load 14); copying it per turn: 10+ s
 
 
 def test_lingering_peer_does_not_busy_loop_the_relay(relay, raw, attach):
