@@ -17,7 +17,13 @@ from .input_guard import (
     InputLimits,
 )
 from .permissions import PermissionsError
-from .server import DEFAULT_OUTBOUND_CAP, DEFAULT_PORT, RelayServer
+from .server import (
+    DEFAULT_OUTBOUND_BUDGET,
+    DEFAULT_OUTBOUND_CAP,
+    DEFAULT_PORT,
+    DEFAULT_WRITE_DEADLINE,
+    RelayServer,
+)
 
 SINGLE_NODE = (
     "iris-relay is a single-node relay and does not join networks; "
@@ -59,6 +65,22 @@ def _parser() -> argparse.ArgumentParser:
         type=_size,
         default=DEFAULT_OUTBOUND_CAP,
         help="unsent bytes after which a peer that stopped reading is dropped (256MiB)",
+    )
+    parser.add_argument(
+        "--outbound-budget",
+        type=_size,
+        default=DEFAULT_OUTBOUND_BUDGET,
+        metavar="SIZE",
+        help="unsent bytes the relay holds for all connections together; past it, those "
+        "holding the most are dropped as slow consumers (256MiB)",
+    )
+    parser.add_argument(
+        "--write-deadline",
+        type=SECONDS,
+        default=DEFAULT_WRITE_DEADLINE,
+        metavar="SECONDS",
+        help="drop a peer that has taken none of the data waiting for it for this long, "
+        f"0.001 to 86400 ({DEFAULT_WRITE_DEADLINE:g})",
     )
     parser.add_argument(
         "--handshake-timeout",
@@ -128,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             limits,
             args.metrics_port,
             args.permissions,
+            args.outbound_budget,
+            args.write_deadline,
         )
     except PermissionsError as err:
         print(f"iris-relay: --permissions: {err}", file=sys.stderr)

@@ -48,8 +48,14 @@ def render(snapshot: Snapshot) -> str:
         ("sent_packets_total", "counter", "Packets written to clients.",
          {"": snapshot["out_msgs"]}),
         ("sent_bytes_total", "counter", "Bytes written to clients.", {"": snapshot["out_bytes"]}),
-        ("slow_consumers_total", "counter", "Connections dropped for not reading their packets.",
-         {"": snapshot["slow_consumers"]}),
+        ("slow_consumers_total", "counter", "Connections dropped for not reading their packets, "
+         "by the bound they broke (--outbound-cap, --outbound-budget, --write-deadline).",
+         {_labels(cause=cause): count
+          for cause, count in sorted(snapshot["slow_consumer_causes"].items())}),
+        ("unsent_bytes", "gauge", "Bytes routed to connections and not yet written.",
+         {"": snapshot["unsent_bytes"]}),
+        ("outbound_budget_bytes", "gauge", "The most unsent bytes held at once "
+         "(--outbound-budget).", {"": snapshot["outbound_budget"]}),
         ("partial_bytes", "gauge", "Bytes of incomplete packets held now.",
          {"": snapshot["partial_bytes"]}),
         ("partial_budget_bytes", "gauge", "The most bytes of incomplete packets held at once "

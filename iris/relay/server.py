@@ -6,10 +6,29 @@ connection that got output in one ``send`` each, so a burst of small packets
 costs one system call per connection rather than one per packet.
 
 A connection that breaks the protocol, sends an oversized message, stops
-reading until its outbound backlog passes the cap, or holds input past the
-limits of input_guard.py (handshake and packet deadlines, the budget for
-partial packets) is closed alone, with the reason logged; the loop and every
-other connection carry on.
+reading (see "Slow consumers" below), or holds input past the limits of
+input_guard.py (handshake and packet deadlines, the budget for partial
+packets) is closed alone, with the reason logged; the loop and every other
+connection carry on.
+
+Slow consumers: what the relay has routed to a peer and not yet written is
+bounded three ways, so the relay's memory is bounded whatever its clients do:
+
+- per connection, by the outbound cap (``--outbound-cap``);
+- for all connections together, by the outbound budget
+  (``--outbound-budget``): past it, the peers holding the most unsent bytes
+  are cut first, which frees the most with the fewest cuts and spares a
+  reader that keeps up, whose backlog stays small;
+- in time, by the write deadline (``--write-deadline``): a peer that has
+  taken nothing for that long while data waits for it is cut, however
+  little it holds, so stalled peers do not sit on the budget (and on the
+  requests routed to them) until it fills.
+
+Such a peer is hung up on at once, without a CLOSE: it reads nothing, and
+its stream may stop inside a packet. Each cut is one WARNING, and counted
+by cause in the status snapshot. The total of unsent bytes is summed once
+per loop turn over the connections left with a backlog, the same ones the
+turn's flush has just visited, so a packet's path carries no bookkeeping.
 
 With a permissions file, each accepted connection's local user is found
 at once (peer_uid.py), and the router asks the Gate (permissions.py)
@@ -52,6 +71,19 @@ DEFAULT_PORT = 55555
 # Beyond this many unsent bytes a peer is taken to have stopped reading.
 # Generous, because one 64 MiB message to a slow reader is legitimate.
 DEFAULT_OUTBOUND_CAP = 256 * 1024 * 1024
+# Unsent bytes of all connections together. With the budget for partial input
+# (input_guard.DEFAULT_PARTIAL_BUDGET, also 256 MiB) a relay's buffers stay
+# within 512 MiB whatever its clients do; four 64 MiB messages to four slow
+# readers still fit. Equal to the cap, so by default a single peer may hold it
+# all; the cap matters when the budget is raised.
+DEFAULT_OUTBOUND_BUDGET = 256 * 1024 * 1024
+# A healthy client reads its socket on a thread of its own whatever its
+# handlers do, and any progress restarts the clock, so a large message to a
+# slow reader never trips it; only a stopped or wedged process takes nothing
+# for half a minute, which also rides out a badly loaded machine.
+DEFAULT_WRITE_DEADLINE = 30.0
+# Why slow consumers were cut, as counted in the snapshot: named after the flags.
+SLOW_CAUSES = ("outbound_cap", "outbound_budget", "write_deadline")
 # One read takes a whole batch of small packets or a tunnel chunk. Not larger:
 # glibc serves allocations over 128 KiB with mmap, which made every 256 KiB
 # read cost ten times as much as a 64 KiB one.
@@ -100,6 +132,7 @@ class PeerConnection:
         "user",
         "cleared",
         "cleared_topics",
+        "stalled_since",
         "_server",
         "_writing",
     )
@@ -129,6 +162,9 @@ class PeerConnection:
         self.cleared_topics: set[str] | None = None
         self._server = server
         self._writing = False  # registered for write readiness
+        # While a backlog waits: when the socket last took some of it, or the
+        # backlog began (the write deadline counts from there).
+        self.stalled_since = 0.0
 
     def send(self, data: bytes) -> None:
         if self.closing and self.closed:
@@ -156,8 +192,12 @@ class RelayServer:
         limits: InputLimits | None = None,
         metrics_port: int | None = None,
         permissions: Path | None = None,
+        outbound_budget: int = DEFAULT_OUTBOUND_BUDGET,
+        write_deadline: float = DEFAULT_WRITE_DEADLINE,
     ) -> None:
-        """``metrics_port``: serve Prometheus metrics there (0: any free port;
+        """``outbound_cap``, ``outbound_budget``, ``write_deadline``: the bounds
+        on slow consumers (module docstring).
+        ``metrics_port``: serve Prometheus metrics there (0: any free port;
         None: not at all); a taken one costs the metrics, not the relay.
         ``permissions``: the permissions file (permissions.py), read here
         (PermissionsError) and again on :meth:`reload_permissions`; None:
@@ -166,8 +206,11 @@ class RelayServer:
         limits.check_fits(max_message)
         self.max_message = max_message
         self.outbound_cap = outbound_cap
+        self.outbound_budget = outbound_budget
+        self.write_deadline = write_deadline
         self._guard: InputGuard[PeerConnection] = InputGuard(limits)
-        self._tick_seconds = limits.tick
+        # Deadlines are met within a quarter of themselves (input_guard.py).
+        self._tick_seconds = min(limits.tick, write_deadline / 4)
         self._next_tick = math.inf  # when housekeeping is due; never while nothing is watched
         self._accept_paused_until: float | None = None
         self._accept_failures = 0  # failed accepts not yet reported
@@ -182,7 +225,8 @@ class RelayServer:
         self.router = Router(gate=self._gate)
         # Traffic, for the status socket: integer adds per read and per flush.
         self.in_msgs = self.in_bytes = self.out_msgs = self.out_bytes = 0
-        self.slow_consumers = 0
+        self.slow_consumers = dict.fromkeys(SLOW_CAUSES, 0)  # cut, by cause
+        self.unsent = 0  # unsent bytes of all connections, as of the last flush
         self._started = time.monotonic()
         self.dirty: list[PeerConnection] = []
         self.peers: set[PeerConnection] = set()
@@ -242,7 +286,10 @@ class RelayServer:
             "in_bytes": self.in_bytes,
             "out_msgs": self.out_msgs,
             "out_bytes": self.out_bytes,
-            "slow_consumers": self.slow_consumers,
+            "slow_consumers": sum(self.slow_consumers.values()),
+            "slow_consumer_causes": dict(self.slow_consumers),
+            "unsent_bytes": self.unsent,
+            "outbound_budget": self.outbound_budget,
             "partial_bytes": self._guard.partial_total,
             "partial_budget": self._guard.limits.partial_budget,
             "permissions": None if self.permissions is None else str(self.permissions),
@@ -392,19 +439,21 @@ class RelayServer:
                 self._flush_all()
 
     def _tick(self, now: float) -> None:
-        """Housekeeping: cut lingering peers, enforce the input deadlines,
-        resume accepting; then plan the next tick, if anything is watched."""
+        """Housekeeping: cut lingering peers, enforce the input deadlines and
+        the write deadline, resume accepting; then plan the next tick, if
+        anything is watched."""
         for peer, deadline in list(self._lingering.items()):
             if now >= deadline:
                 self._close_socket(peer, "closing peer did not read its last packets")
         for peer, reason in self._guard.overdue(now):
             self._expel(peer, reason)
+        self._cut_stalled(now)
         if self._accept_paused_until is not None and now >= self._accept_paused_until:
             self._accept_paused_until = None
             for listener in self._listeners:
                 self._selector.register(listener, selectors.EVENT_READ, None)
         self._next_tick = math.inf
-        if self._lingering or self._guard.watching:
+        if self._lingering or self._guard.watching or self.dirty:
             self._next_tick = now + self._tick_seconds
         if self._accept_paused_until is not None:
             self._next_tick = min(self._next_tick, self._accept_paused_until)
@@ -548,9 +597,46 @@ class RelayServer:
     # -- output -----------------------------------------------------------------------
 
     def _flush_all(self) -> None:
+        """Flush every peer with output; those left with a backlog stay in
+        ``dirty``, and are what the outbound budget and the tick look at."""
         dirty, self.dirty = self.dirty, []
         for peer in dirty:
             self._flush(peer)
+        if self.dirty:
+            self._bound_backlog()
+        else:
+            self.unsent = 0
+
+    def _bound_backlog(self) -> None:
+        """Sum the backlog; over the outbound budget, cut the peers holding
+        the most until the rest fit. Keep the tick planned for the write deadline."""
+        self.unsent = sum(peer.out_bytes for peer in self.dirty)
+        budget = self.outbound_budget
+        if self.unsent > budget:
+            for peer in sorted(self.dirty, key=lambda peer: peer.out_bytes, reverse=True):
+                if self.unsent <= budget:
+                    break
+                self.unsent -= peer.out_bytes
+                self._cut_slow(
+                    peer,
+                    "outbound_budget",
+                    f"unsent bytes of all connections over the relay's budget of {budget} "
+                    f"bytes, and this connection's ({peer.out_bytes} bytes) are the most",
+                )
+            self.dirty = [peer for peer in self.dirty if peer.out]
+        self._watch(time.monotonic())
+
+    def _cut_stalled(self, now: float) -> None:
+        """Cut the peers that have taken nothing for the write deadline while
+        data waited; closing ones have their linger instead."""
+        deadline = self.write_deadline
+        for peer in self.dirty:
+            if peer.out and not peer.closing and now - peer.stalled_since >= deadline:
+                self._cut_slow(
+                    peer,
+                    "write_deadline",
+                    f"nothing taken for {deadline:g} s while {peer.out_bytes} bytes wait",
+                )
 
     def _flush(self, peer: PeerConnection) -> None:
         """Send what the socket takes of ``peer.out``, gathered without copying.
@@ -576,6 +662,7 @@ class RelayServer:
             out.clear()
             peer.out_bytes = 0
         else:
+            drained = sent > 0
             peer.out_bytes -= sent
             done = 0
             while sent >= len(out[done]):
@@ -592,11 +679,10 @@ class RelayServer:
         if sent:
             out[0] = memoryview(out[0])[sent:]  # later sends resume from here
         if peer.out_bytes > self.outbound_cap and not peer.closing:
-            self.slow_consumers += 1
-            peer.out.clear()
-            self.drop(peer, f"peer stopped reading: over {self.outbound_cap} bytes unsent")
-            self._close_socket(peer, None)
+            self._cut_slow(peer, "outbound_cap", f"over {self.outbound_cap} bytes unsent")
             return
+        if drained or not peer._writing:  # progress, or a backlog that starts now
+            peer.stalled_since = time.monotonic()
         self.dirty.append(peer)  # retried when writable
         self._set_writing(peer, True)
 
@@ -607,6 +693,12 @@ class RelayServer:
             self._selector.modify(peer.sock, events, peer)
 
     # -- ending connections ---------------------------------------------------------
+
+    def _cut_slow(self, peer: PeerConnection, cause: str, why: str) -> None:
+        """Hang up on a peer that does not read, at once and without a CLOSE
+        (it would wait behind what the peer does not read); count it under ``cause``."""
+        self.slow_consumers[cause] += 1
+        self._close_socket(peer, f"peer stopped reading: {why}")
 
     def _expel(self, peer: PeerConnection, reason: str) -> None:
         """Tell ``peer`` why in a CLOSE, log it, and drop the connection."""
@@ -647,6 +739,7 @@ class RelayServer:
             log.warning("closing %s: %s", peer.name, reason)
         self._stop_reading(peer)
         peer.out.clear()
+        peer.out_bytes = 0
         self._lingering.pop(peer, None)
         self.peers.discard(peer)
         self._selector.unregister(peer.sock)

@@ -32,6 +32,10 @@ client that does not read cannot hold up the loop. Its keys, as built by
       "in_msgs": int, "in_bytes": int,    # packets and bytes read from clients
       "out_msgs": int, "out_bytes": int,  # packets and bytes written to them
       "slow_consumers": int,        # connections dropped for not reading
+      "slow_consumer_causes": {cause: int},  # the same by cause: outbound_cap,
+                                    # outbound_budget, write_deadline (the flags)
+      "unsent_bytes": int,          # bytes routed to connections, not yet written
+      "outbound_budget": int,       # --outbound-budget
       "partial_bytes": int,         # bytes of incomplete packets held now
       "partial_budget": int,        # --partial-budget
       "permissions": str | None,    # --permissions: the file, if any

@@ -69,6 +69,8 @@ def show(port: int, as_json: bool) -> Exit:
     if as_json:
         print(json.dumps(snapshot, indent=2, sort_keys=True))
         return Exit.OK
+    causes = ", ".join(f"{n} {cause}" for cause, n in snapshot["slow_consumer_causes"].items() if n)
+    causes = f" ({causes})" if causes else ""
     summary = [
         ("relay", f"{snapshot['server']} {snapshot['version']} (pid {snapshot['pid']})"),
         ("port", snapshot["port"]),
@@ -79,7 +81,8 @@ def show(port: int, as_json: bool) -> Exit:
         ("pending", f"{snapshot['pending']} requests"),
         ("in", f"{snapshot['in_msgs']} packets, {snapshot['in_bytes']} bytes"),
         ("out", f"{snapshot['out_msgs']} packets, {snapshot['out_bytes']} bytes"),
-        ("slow", f"{snapshot['slow_consumers']} consumers dropped for not reading"),
+        ("slow", f"{snapshot['slow_consumers']} consumers dropped for not reading{causes}"),
+        ("unsent", f"{snapshot['unsent_bytes']} of {snapshot['outbound_budget']} bytes"),
         ("partial", f"{snapshot['partial_bytes']} of {snapshot['partial_budget']} bytes"),
         ("permissions", snapshot["permissions"] or "none: every local user may do anything"),
         ("refused", ", ".join(f"{n} {action}" for action, n in snapshot["refusals"].items())),

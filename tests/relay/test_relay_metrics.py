@@ -86,6 +86,7 @@ def test_label_values_are_escaped():
         "clusters": {'say "hi"\\\n': 1}, "topics": {"plain": 2},
         "in_msgs": 0, "in_bytes": 0, "out_msgs": 0, "out_bytes": 0,
         "slow_consumers": 0, "partial_bytes": 0, "partial_budget": 1,
+        "slow_consumer_causes": {"write_deadline": 0}, "unsent_bytes": 0, "outbound_budget": 1,
         "refusals": {"serve": 0, "send": 3},
     }  # fmt: skip
     lines = render(snapshot).splitlines()
