@@ -621,7 +621,7 @@ class RelayServer:
                     peer,
                     "outbound_budget",
                     f"unsent bytes of all connections over the relay's budget of {budget} "
-                    f"bytes, and this connection's ({peer.out_bytes} bytes) are the most",
+                    f"bytes, and this connection holds the most ({peer.out_bytes} bytes)",
                 )
             self.dirty = [peer for peer in self.dirty if peer.out]
         self._watch(time.monotonic())

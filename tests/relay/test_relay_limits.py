@@ -9,6 +9,11 @@
 - Out of file descriptors, the relay pauses accepting instead of spinning on
   accept, logs it once, keeps serving its connections, and accepts again
   once descriptors are free.
+- Peers that stop reading are cut: the four services of issue 18 that never
+  read leave the relay's RSS under 600 MiB and are dropped within the write
+  deadline; over the outbound budget, the largest backlog is cut first while
+  the rest are served; a peer that takes nothing for the write deadline is
+  cut, one that takes a little now and then is not.
 
 Deadlines are set short on the command line so the tests take a second each.
 """
@@ -20,8 +25,10 @@ import time
 
 import psutil
 from support import cpu_share, wait_for
+from test_relay import stuck_subscriber
 
-from iris.codec import Closed, Init, Publish, Subscribe
+from iris.codec import Closed, Init, Publish, Request, Subscribe
+from iris.relay.status import query
 
 MiB = 1 << 20
 # How late a deadline may be met on a loaded two-core machine (the tick is a
@@ -177,3 +184,157 @@ def test_out_of_file_descriptors_the_relay_pauses_accepting(relay, raw):
     echoing(late, "late")
     wait_for(lambda: "accepting connections again" in relay.log())
     assert relay.log().count("cannot accept connections") == 1
+
+
+def relay_name(peer) -> str:
+    """How the relay names ``peer`` in its log: the address it sees."""
+    host, port = peer.sock.getsockname()[:2]
+    return f"{host}:{port}"
+
+
+def cut_for(relay, cause: str) -> int:
+    """How many slow consumers the relay has cut for ``cause``."""
+    return query(relay.port)["slow_consumer_causes"][cause]
+
+
+def drain_in_background(peer, stop: threading.Event) -> threading.Thread:
+    """Read and discard whatever ``peer`` is sent until ``stop``: a well-behaved reader."""
+
+    def drain() -> None:
+        peer.sock.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                if not peer.sock.recv(1 << 20):
+                    return
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    thread = threading.Thread(target=drain)
+    thread.start()
+    return thread
+
+
+def test_four_services_that_never_read_cannot_grow_the_relay(relay_factory, raw):
+    """Issue 18's measure: four services that register and never read, sent
+    1 MiB requests as fast as a client can, took the relay to 1,045 MiB. Now
+    its RSS stays under 600 MiB, and each is dropped within the write deadline,
+    or sooner by the outbound budget or the last one's cap (both 256 MiB),
+    while the relay serves the rest."""
+    relay = relay_factory("--write-deadline", "2")
+    process = psutil.Process(relay.proc.pid)
+    bystander = raw(relay.port).handshake()
+    round_trip = echoing(bystander)
+    stalled = [raw(relay.port).handshake("stalled") for _ in range(4)]
+    flooder = raw(relay.port).handshake()
+    stop = threading.Event()
+    reader = drain_in_background(flooder, stop)  # answers to the requests of cut members
+    payload = bytes(MiB)
+
+    def flood() -> None:
+        ident = 0
+        while not stop.is_set():
+            ident += 1
+            try:
+                flooder.send(Request(ident, "stalled", payload, 600_000))
+            except OSError:
+                return
+
+    flooding = threading.Thread(target=flood)
+    peak = 0
+
+    def all_cut() -> bool:
+        nonlocal peak
+        peak = max(peak, process.memory_info().rss)
+        return query(relay.port)["slow_consumers"] == len(stalled)  # for whichever bound
+
+    started = time.monotonic()
+    flooding.start()
+    try:
+        wait_for(all_cut, timeout=30, what="the four stalled services cut")
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        flooding.join()
+        reader.join()
+    assert peak < 600 * MiB, f"relay RSS reached {peak / MiB:.0f} MiB"
+    assert elapsed < 2 + LATE, f"the stalled services were cut after {elapsed:.1f} s"
+    log = relay.log()
+    for peer in stalled:
+        assert f"closing {relay_name(peer)}: peer stopped reading" in log, log[-3000:]
+    assert log.count("peer stopped reading") == len(stalled)
+    round_trip()
+
+
+def publish_until(publisher, relay, topic: str, done) -> int:
+    """Publish 64 KiB events to ``topic`` until ``done(snapshot)``; return how many."""
+    event, published = Publish(topic, bytes(64 * 1024)), 0
+    while not done(query(relay.port)):
+        publisher.send(event)
+        published += 1
+        assert published < 1000, f"{topic}: the relay never got there"
+    return published
+
+
+def test_over_the_outbound_budget_the_largest_backlog_is_cut_first(relay_factory, raw):
+    """Two subscribers stop reading, one holding about 5 MiB, the other about
+    2; more for the smaller one takes the total past the 8 MiB budget, and
+    the larger is cut. The smaller keeps everything, and a reader is served."""
+    relay = relay_factory("--outbound-budget", "8MiB")
+    bystander = raw(relay.port).handshake()
+    round_trip = echoing(bystander)
+    big = stuck_subscriber(raw, relay.port, "big")
+    small = stuck_subscriber(raw, relay.port, "small")
+    publisher = raw(relay.port).handshake()
+    publish_until(publisher, relay, "big", lambda status: status["unsent_bytes"] >= 5 * MiB)
+    to_small = publish_until(
+        publisher, relay, "small", lambda status: status["unsent_bytes"] >= 7 * MiB
+    )
+    round_trip()  # backed-up peers cost a reader nothing
+    to_small += publish_until(
+        publisher, relay, "small", lambda status: status["slow_consumers"] == 1
+    )
+    assert cut_for(relay, "outbound_budget") == 1
+    log = relay.log()
+    assert f"closing {relay_name(big)}: peer stopped reading: unsent bytes of all" in log
+    assert f"closing {relay_name(small)}" not in log
+    round_trip()
+    # The smaller one, reading at last, gets every event it was sent.
+    assert [small.recv().topic for _ in range(to_small)] == ["small"] * to_small
+    small.assert_silent()
+
+
+def test_a_peer_that_takes_nothing_is_cut_at_the_write_deadline(relay_factory, raw):
+    """Two subscribers fall 2 MiB behind; one reads nothing, the other 16 KiB
+    every 0.2 s, far slower than it is sent to. Only the first is cut, at the
+    deadline; the other is still served two deadlines on, and gets everything."""
+    relay = relay_factory("--write-deadline", "1")
+    stuck = stuck_subscriber(raw, relay.port, "flood")
+    slow = stuck_subscriber(raw, relay.port, "flood")
+    publisher = raw(relay.port).handshake()
+    stop = threading.Event()
+
+    def read_a_little() -> None:
+        while not stop.wait(0.2):
+            slow.pending.extend(slow.decoder.feed(slow.sock.recv(16 * 1024)))
+
+    started = time.monotonic()
+    published = publish_until(
+        publisher, relay, "flood", lambda status: status["unsent_bytes"] >= 4 * MiB
+    )
+    trickle = threading.Thread(target=read_a_little)
+    trickle.start()
+    try:
+        wait_for(lambda: cut_for(relay, "write_deadline") == 1, what="the stuck peer cut")
+        assert time.monotonic() - started < 1 + LATE
+        time.sleep(2.0)  # two deadlines more: the slow reader is not taken for a stalled one
+        status = query(relay.port)
+        assert status["slow_consumers"] == 1 and status["unsent_bytes"] > 0
+    finally:
+        stop.set()
+        trickle.join()
+    assert f"closing {relay_name(stuck)}: peer stopped reading: nothing taken for 1 s" in (
+        relay.log()
+    )
+    assert [slow.recv().topic for _ in range(published)] == ["flood"] * published
