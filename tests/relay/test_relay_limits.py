@@ -29,6 +29,7 @@ from test_relay import stuck_subscriber
 
 from iris.codec import Closed, Init, Publish, Request, Subscribe
 from iris.relay.status import query
+from iris.tool.status import show
 
 MiB = 1 << 20
 # How late a deadline may be met on a loaded two-core machine (the tick is a
@@ -305,7 +306,7 @@ def test_over_the_outbound_budget_the_largest_backlog_is_cut_first(relay_factory
     small.assert_silent()
 
 
-def test_a_peer_that_takes_nothing_is_cut_at_the_write_deadline(relay_factory, raw):
+def test_a_peer_that_takes_nothing_is_cut_at_the_write_deadline(relay_factory, raw, capsys):
     """Two subscribers fall 2 MiB behind; one reads nothing, the other 16 KiB
     every 0.2 s, far slower than it is sent to. Only the first is cut, at the
     deadline; the other is still served two deadlines on, and gets everything."""
@@ -338,3 +339,6 @@ def test_a_peer_that_takes_nothing_is_cut_at_the_write_deadline(relay_factory, r
         relay.log()
     )
     assert [slow.recv().topic for _ in range(published)] == ["flood"] * published
+    show(relay.port, as_json=False)  # iris relay status
+    shown = capsys.readouterr().out
+    assert "slow:        1 consumers dropped for not reading (1 write_deadline)" in shown

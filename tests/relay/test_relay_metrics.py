@@ -92,6 +92,7 @@ def test_label_values_are_escaped():
     lines = render(snapshot).splitlines()
     assert 'iris_relay_members{cluster="say \\"hi\\"\\\\\\n"} 1' in lines
     assert 'iris_relay_subscribers{topic="plain"} 2' in lines
+    assert 'iris_relay_slow_consumers_total{cause="write_deadline"} 0' in lines
 
 
 def test_a_taken_metrics_port_is_one_error_and_the_relay_serves(relay_factory, attach):

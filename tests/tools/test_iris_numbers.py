@@ -88,6 +88,8 @@ def test_a_bad_number_for_iris_exits_2_naming_the_flag_and_range(args, flag, all
         (["--packet-timeout", "1e12"], "--packet-timeout", SECONDS),
         (["--max-message", "-5"], "--max-message", "a size"),
         (["--outbound-cap", "0"], "--outbound-cap", "a size"),
+        (["--outbound-budget", "2TiB"], "--outbound-budget", "a size"),
+        (["--write-deadline", "inf"], "--write-deadline", SECONDS),
     ],
 )
 def test_a_bad_number_for_iris_relay_exits_2_naming_the_flag_and_range(args, flag, allowed):
