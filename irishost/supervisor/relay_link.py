@@ -65,7 +65,9 @@ class RelayLink:
         uses a relay already listening and embeds one only when none is;
         ``false`` only waits for one. ``metrics_port`` and ``permissions``
         are an embedded relay's only: another relay is not this host's to
-        configure.
+        configure. Its bounds on slow consumers (outbound cap and budget,
+        write deadline) are not keys: the relay's defaults already keep its
+        buffers within about 512 MiB, whatever the host's clients do.
         """
         port, embedded = self.config.relay.port, self.config.relay.embedded
         metrics_port = self.config.relay.metrics_port or None  # 0: off
