@@ -107,9 +107,10 @@ def test_metrics_count_durations_and_failures_by_cause(service):
     failed = 'irishost_requests_failed_total{cause="%s"}'
     causes = ("fault", "worker_died", "expired", "no_room", "shutdown")
     assert [delta(text, failed % cause) for cause in causes] == [1, 1, 1, 0, 0]
-    # sleep:0.3, sleep:0.6, and the expired one, answered once sleep:0.6 was done.
+    # sleep:0.3, sleep:0.6, and the expired one, answered once sleep:0.6 was done;
+    # on a loaded machine a quick one (the segv's fault, a ping) may be slow too.
     quick = 'irishost_request_duration_seconds_bucket{le="0.25"}'
-    assert delta(text, COUNT) - delta(text, quick) == 3
+    assert delta(text, COUNT) - delta(text, quick) >= 3
     assert delta(text, "irishost_request_duration_seconds_sum") >= 0.3 + 0.6 + 0.2
 
 
