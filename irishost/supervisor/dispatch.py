@@ -163,17 +163,14 @@ class RelayDispatch:
         return None
 
     def _book(self, choice: WorkerHandle | Refusal, waiting: Waiting) -> int | None:
-        """Record a request as held by the worker chosen for it; its ticket. Under the lock."""
+        """Record a request as held by the worker chosen for it; its ticket. Under the
+        lock; the worker's inbox is held until _hand_over (see WorkerHandle.hold_inbox)."""
         if isinstance(choice, Refusal):
             return None
-        return self.table.book(
-            choice,
-            waiting.conn,
-            waiting.request_id,
-            waiting.deadline,
-            waiting.size,
-            waiting.received,
-        )
+        w = waiting
+        ticket = self.table.book(choice, w.conn, w.request_id, w.deadline, w.size, w.received)
+        choice.hold_inbox()
+        return ticket
 
     def _hand_over(
         self, waiting: Waiting, choice: WorkerHandle | Refusal, ticket: int | None
@@ -190,6 +187,8 @@ class RelayDispatch:
             if pending is not None:
                 fault = f"{choice} did not take the request: {err}"
                 self.answer(pending, Outcome.NO_ROOM, fault, choice)
+        finally:
+            choice.release_inbox()
 
     def release_waiting(self) -> None:
         """Hand waiting requests to workers once one is ready; forget expired ones.

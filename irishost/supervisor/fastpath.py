@@ -91,8 +91,13 @@ class FastPath:
                 tickets.append(ticket)
                 out.append(request_frame(ticket, deadline, data[body : body + length]))
                 pos = at
+            for worker in batches:
+                worker.hold_inbox()  # see WorkerHandle.hold_inbox
         for worker, (tickets, out) in batches.items():
-            self._hand_over(worker, tickets, out)
+            try:
+                self._hand_over(worker, tickets, out)
+            finally:
+                worker.release_inbox()
         return pos
 
     def _hand_over(self, worker: WorkerHandle, tickets: list[int], out: list[bytes]) -> None:

@@ -73,7 +73,23 @@ class WorkerHandle:
         self.drain_deadline = 0.0  # when DRAINING: killed if still alive after this
         self.stalled_until = 0.0  # passed over until then; see put()
         self.memory = ProcessTree(pid)  # its memory, and its descendants'
-        self._put_lock = threading.Lock()  # several supervisor threads write to the inbox
+        # Several supervisor threads write to the inbox. Reentrant: the relay's
+        # reader holds it from booking a request to writing it (hold_inbox).
+        self._put_lock = threading.RLock()
+
+    def hold_inbox(self) -> None:
+        """Keep other threads' frames out until :meth:`release_inbox`.
+
+        The relay's reader books a request under the table's lock and writes
+        it after. Held from the booking (under that lock) to the write, the
+        request reaches the ring before a DRAIN that a retirement, which
+        takes the table's lock to mark the worker, sends meanwhile; behind
+        it, the worker could exit idle and leave the request unread.
+        """
+        self._put_lock.acquire()
+
+    def release_inbox(self) -> None:
+        self._put_lock.release()
 
     def put(self, frame: bytes, timeout: float = PUT_TIMEOUT) -> None:
         """Send a frame; WorkerUnreachable if the worker does not take it in time."""
