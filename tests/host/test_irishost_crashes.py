@@ -95,9 +95,10 @@ def test_a_worker_that_keeps_crashing_is_respawned_with_growing_backoff(service)
 
     # 0.1 s, 0.2 s, 0.4 s, 0.8 s: each quick death doubles the wait before the next fork.
     # (The fault reaches the test a little after the death, hence the 50 ms allowance.)
+    # Lower bounds only: on a loaded machine a fork and init can take longer
+    # than the first waits (0.51 s for the first, 0.49 s for the second, once).
     for number, delay in enumerate(delays):
         assert delay >= 0.1 * 2**number - 0.05, delays
-    assert delays == sorted(delays)
 
 
 # -- stuck handlers ---------------------------------------------------------------------------
