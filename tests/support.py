@@ -3,8 +3,8 @@ stand-in relay, process state, tunnels, faults, journald, a thread limit."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import itertools
 import os
 import random
 import select
@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -23,8 +23,8 @@ import iris
 PORTS_FROM = 10000  # free_port's ports: from here to the ephemeral range
 
 
-def _own_ports() -> Iterator[int]:
-    """Ports for this test process to hand out, in turn, from a random start.
+def _own_ports() -> range:
+    """The ports this test process hands out.
 
     Below the kernel's ephemeral range: a port from ``bind(0)`` was free when
     asked, but the kernel gives the same range to every ``connect()`` and
@@ -37,24 +37,30 @@ def _own_ports() -> Iterator[int]:
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     size = (ephemeral - PORTS_FROM) // workers
-    ports = range(PORTS_FROM + worker * size, PORTS_FROM + (worker + 1) * size)
-    start = random.randrange(len(ports))  # another run at once starts elsewhere
-    return itertools.cycle([*ports[start:], *ports[:start]])
+    return range(PORTS_FROM + worker * size, PORTS_FROM + (worker + 1) * size)
 
 
-_ports = _own_ports()
+_PORTS = _own_ports()
+_handed: collections.deque[int] = collections.deque(maxlen=256)
 
 
 def free_port() -> int:
-    """A loopback port nobody listens on, that no other test here will be given."""
+    """A loopback port nobody listens on, not handed out here lately.
+
+    Picked at random: another test run at once has the same slices, and two
+    runs stepping through them in order fell into step and kept colliding.
+    """
     while True:
-        port = next(_ports)
+        port = random.choice(_PORTS)
+        if port in _handed:
+            continue
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError:  # in use, or still in TIME_WAIT
                 continue
-            return port
+        _handed.append(port)
+        return port
 
 
 def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, what: str = ""):
