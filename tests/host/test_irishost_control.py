@@ -207,8 +207,7 @@ def test_a_stopping_host_refuses_reloads_and_lets_stop_wait(service):
     held = service.request_async(b"wait:release")
     wait_for(lambda: service.records("request"), what="request running")
     host.proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: "stopping" in host.log(), what="stopping")
-
+    host.wait_log("stopping")
     result = service.run("reload")
     stop = subprocess.Popen(
         [sys.executable, "-m", "irishost", "stop", "-c", str(service.config_path)],
@@ -219,7 +218,7 @@ def test_a_stopping_host_refuses_reloads_and_lets_stop_wait(service):
 
     assert result.returncode == 1
     assert "the host is stopping" in result.stderr
-    wait_for(lambda: "control command cmd=stop" in host.log(), what="stop command received")
+    host.wait_log("control command cmd=stop")
     service.open_gate("release")
     assert stop.wait(10) == 0, stop.stderr.read()
     assert "already stopping; stopped" in stop.stdout.read()
@@ -277,7 +276,7 @@ def test_a_reload_with_bad_settings_keeps_the_running_workers(service):
     service.config(service={"handler": "tuned:Tuned"}, settings={"repeat": 1, "colour": "red"})
     os.kill(host.pid, signal.SIGHUP)
 
-    wait_for(lambda: "reload failed" in host.log(), what="reload failed")
+    host.wait_log("reload failed")
     assert "settings.colour: not a keyword argument" in host.log()
     assert ask(service)[2] == pid
 

@@ -111,7 +111,7 @@ def test_no_worker_is_forked_from_a_multi_threaded_process(service, preload):
     os.kill(first.pid, signal.SIGKILL)
     wait_for(lambda: len(spawns(host)) == 3, what="the respawn")
     os.kill(host.pid, signal.SIGHUP)
-    wait_for(lambda: "reload complete" in host.log(), what="the reload")
+    host.wait_log("reload complete")
     # The fork server's answer (and its log line) may come after the new worker's ready.
     wait_for(lambda: len(spawns(host)) >= 4, what="the reload's spawn")
     service.request(b"pid")

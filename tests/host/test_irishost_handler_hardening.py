@@ -169,7 +169,7 @@ def test_under_irishost_handler_exceptions_are_logged_with_service_and_worker(ho
     service, host = hosted
     remote_fault(service.conn, service.cluster, b"key")
 
-    log = wait_for(lambda: "Traceback" in host.log() and host.log())
+    log = host.wait_log("Traceback")
     line = next(line for line in log.splitlines() if "request handler raised" in line)
     assert "ERROR" in line and f"service={service.cluster} worker=0" in line
     assert "in _fail" in log and "KeyError: 'user'" in log

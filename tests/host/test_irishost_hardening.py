@@ -78,7 +78,7 @@ def test_a_recycled_worker_whose_successor_fails_in_init_leaves_requests_waiting
     assert int(service.request(b"pid")) == retired  # the second: recycled
     assert gone(retired, wait=5)
     waiting = service.request_async(b"pid", timeout=15)
-    wait_for(lambda: "worker failed to start; retrying" in host.log(), what="a failed start")
+    host.wait_log("worker failed to start; retrying")
     (service.dir / "init-fails").unlink()
 
     assert int(waiting.result(15)) != retired
@@ -107,7 +107,7 @@ def test_a_replacement_hung_in_init_is_killed_after_boot_timeout_and_retried(ser
     service.open_gate("init-hangs")
     os.kill(victim, signal.SIGKILL)
 
-    wait_for(lambda: "still starting after workers.boot_timeout" in host.log(), timeout=10)
+    host.wait_log("still starting after workers.boot_timeout", timeout=10)
     wait_for(lambda: len(service.records("init")) >= 2 + 2, what="a second try")
     assert int(service.request(b"pid")) == survivor
     assert "still starting after" in status(service)["header"]["health"]
@@ -198,7 +198,7 @@ def test_a_tunnel_frame_the_supervisor_cannot_perform_closes_only_that_tunnel(se
     closed = wait_for(lambda: service.records("tunnel closed"), what="the handler told")
     assert "tunnel bridge failed: ValueError" in closed[0][2]
     # The log writer writes the line moments later: it is a thread of its own.
-    wait_for(lambda: "tunnel bridge failed" in host.log(), what="the log line")
+    host.wait_log("tunnel bridge failed")
     healthy = service.conn.tunnel(service.cluster, 5)
     healthy.send(b"echo", 5)
     healthy.send(b"hello", 5)

@@ -107,8 +107,7 @@ def test_a_raising_close_is_logged_with_its_traceback_and_the_worker_exits_0(ser
 
     run_ok(service, "scale", "1")
     wait_for(lambda: gone(retired.pid), what="the retired worker to exit")
-    wait_for(lambda: "retired worker exited" in host.log(), what="its exit logged")
-
+    host.wait_log("retired worker exited")
     log = host.log()
     assert "handler close() raised" in log
     assert "RuntimeError: close refused: the pool is gone" in log

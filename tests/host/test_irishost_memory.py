@@ -127,7 +127,7 @@ def test_max_private_recycles_by_private_memory_not_by_shared_pages(service):
 
     assert ask(service, b"alloc:60")["pid"] == first
 
-    wait_for(lambda: "recycling worker" in host.log(), timeout=10, what="a recycle")
+    host.wait_log("recycling worker", timeout=10)
     (line,) = [line for line in host.log().splitlines() if "recycling worker" in line]
     assert f"pid={first}" in line and "is over max_private" in line, line
     assert wait_for(lambda: gone(first), what="the recycled worker to exit")

@@ -122,7 +122,7 @@ def test_refused_requests_are_logged_as_no_room_and_shutdown(service):
     held = service.request_async(b"wait:release")
     wait_for(lambda: service.records("request"), what="request running")
     host.proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: "stopping" in host.log(), what="stopping")
+    host.wait_log("stopping")
     assert "shutting down" in faults(service, b"pid|late")[0]
     service.open_gate("release")
     held.result(10)

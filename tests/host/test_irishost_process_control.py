@@ -241,7 +241,7 @@ def test_twenty_concurrent_reloads_start_one_and_the_rest_say_it_is_in_progress(
             answers.append(answer)
 
     in_threads(20, reload)
-    wait_for(lambda: "reload complete" in host.log(), timeout=15.0, what="the reload")
+    host.wait_log("reload complete", timeout=15.0)
     (service.dir / "slow-import").unlink()
 
     started = [line for ok, line in answers if ok]
@@ -265,7 +265,7 @@ def test_scale_during_a_slow_reload_applies_to_the_new_generation(service):
     assert "reload started" in answer["message"]
     scaled = service.run("scale", "3")
     assert scaled.returncode == 0, scaled.stderr
-    wait_for(lambda: "reload complete" in host.log(), timeout=15.0, what="the reload")
+    host.wait_log("reload complete", timeout=15.0)
     (service.dir / "slow-import").unlink()
 
     assert "scaling to 3 workers" in scaled.stdout
@@ -356,7 +356,7 @@ def test_max_rss_counts_the_memory_of_a_worker_s_children(service):
 
     child = int(service.request(b"child-alloc:300"))
     with killed_at_exit([child]):
-        wait_for(lambda: "recycling worker" in host.log(), timeout=10.0, what="a recycle")
+        host.wait_log("recycling worker", timeout=10.0)
         lines = [line for line in host.log().splitlines() if "recycling worker" in line]
         # The successor is forked once the fork server answers; the old worker drains.
         replacement = wait_for(

@@ -136,8 +136,7 @@ def test_sigttin_and_sigttou_add_and_remove_workers_but_never_the_last(service):
     host.proc.send_signal(signal.SIGTTOU)
     one = settles_at(1)
     host.proc.send_signal(signal.SIGTTOU)  # ignored: a service needs a worker
-    wait_for(lambda: "SIGTTOU ignored" in host.log(), what="the refusal in the log")
-
+    host.wait_log("SIGTTOU ignored")
     assert two > {first} and three > two
     assert back_to_two < three and one == {first}
     assert settles_at(1) == {first}

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import urllib.request
 
-from support import free_port, wait_for
+from support import free_port
 
 from iris.relay.status import status_path
 
@@ -47,5 +47,5 @@ def test_embedded_relay_serves_metrics_and_its_status_in_the_runtime_directory(s
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
     assert f'iris_relay_members{{cluster="{service.cluster}"}} 1\n' in text
-    wait_for(lambda: f"INFO iris.relay: metrics on {url}" in host.log(), what="the metrics URL")
+    host.wait_log(f"INFO iris.relay: metrics on {url}")
     assert (runtime / f"{service.port}.sock").exists()

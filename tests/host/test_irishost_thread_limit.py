@@ -68,6 +68,6 @@ def test_a_worker_that_cannot_start_a_thread_for_handle_drop_logs_it_and_lives_o
 
     relay.kill()  # the supervisor hands the drop on to its workers
 
-    wait_for(lambda: "refused=handle_drop" in host.log(), what="the skipped handle_drop")
+    host.wait_log("refused=handle_drop")
     thread_limit.off()
     assert not gone(worker.pid), host.log()

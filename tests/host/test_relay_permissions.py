@@ -14,7 +14,6 @@ import signal
 
 import pytest
 from other_user import OtherUser
-from support import wait_for
 
 from irishost.config import Config, ConfigError, load_config
 
@@ -79,15 +78,15 @@ def test_the_embedded_relay_keeps_the_cluster_to_its_user_and_reloads_the_file(s
 
     permissions.write_text('default = "sometimes"\n')
     host.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "reload failed" in host.log(), what="the failed reload")
+    host.wait_log("reload failed")
     assert f"relay.permissions: {permissions}:1: default: expected" in host.log()
     impostor = other_user.start(str(service.port), "serve", service.cluster)
     assert impostor.line()[0] == "denied"  # the rules in force stay
 
     permissions.write_text('default = "open"\n')
     host.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "reload complete" in host.log(), what="the reload")
-    wait_for(lambda: "permissions reloaded" in host.log(), what="the relay's reload")
+    host.wait_log("reload complete")
+    host.wait_log("permissions reloaded")
     impostor = other_user.start(str(service.port), "serve", service.cluster)
     assert impostor.line() == ["ready"]
     impostor.finish()
