@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support import echo_tunnel
 
 import iris
 import iris.aio
@@ -27,12 +28,12 @@ CLIENT = Path(__file__).parent.parent / "pushback_client.py"
 
 
 class Echo(iris.ServiceHandler):
+    """Requests and tunnel messages come back as they went."""
+
     def handle_request(self, request: bytes) -> bytes:
         return request
 
-    def handle_tunnel(self, tunnel: iris.TunnelEnd) -> None:
-        with tunnel:
-            tunnel.send(tunnel.recv())
+    handle_tunnel = staticmethod(echo_tunnel)
 
 
 @pytest.fixture
