@@ -291,7 +291,8 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         past ``deadline`` (the loop's time), ClosedError if the connection ends.
 
         Called before a message is encoded, so a waiting caller holds no copy
-        of it and one refused here has queued nothing.
+        of it and one refused here has queued nothing. The operations call it
+        only when _over_bound: under the bound a send costs no coroutine.
         """
         while not self._closed and self._over_bound():
             self._room.clear()
@@ -342,7 +343,8 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         millis = timeout_ms(timeout)
         if self._closing:
             raise self._closed_error()
-        await self._wait_for_room(self._loop.time() + timeout)
+        if self._over_bound():
+            await self._wait_for_room(self._loop.time() + timeout)
         rid = next(self._ids)
         future: asyncio.Future[codec.ReplyDelivery] = self._loop.create_future()
         self._requests[rid] = (future, self._loop.time() + timeout + RELAY_GRACE)
@@ -370,7 +372,8 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         _validate_name("cluster", cluster)
         message = _validate_message("message", message)
         self._check_open()
-        await self._wait_for_room()
+        if self._over_bound():
+            await self._wait_for_room()
         self._send(codec.Broadcast(cluster, message).encode())
 
     async def publish(self, topic: str, event: bytes) -> None:
@@ -381,7 +384,8 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         _validate_name("topic", topic)
         event = _validate_message("event", event)
         self._check_open()
-        await self._wait_for_room()
+        if self._over_bound():
+            await self._wait_for_room()
         self._send(codec.Publish(topic, event).encode())
 
     async def subscribe(

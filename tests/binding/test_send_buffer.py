@@ -88,7 +88,7 @@ class Stalled:
         os.kill(self.pid, signal.SIGCONT)
 
 
-def wait_until_stuck(progress: list[int], steady: float = 0.5, limit: float = 20.0) -> None:
+def wait_until_stuck(progress: list[int], steady: float = 1.0, limit: float = 30.0) -> None:
     """Wait until ``progress[0]`` stops moving for ``steady`` seconds."""
     deadline = time.monotonic() + limit
     last = -1
