@@ -89,35 +89,42 @@ class Stalled:
 
 
 def wait_until_stuck(progress: list[int], steady: float = 1.0, limit: float = 30.0) -> None:
-    """Wait until ``progress[0]`` stops moving for ``steady`` seconds."""
+    """Wait until the sum of ``progress`` stops moving for ``steady`` seconds."""
     deadline = time.monotonic() + limit
     last = -1
-    while progress[0] != last:
-        assert time.monotonic() < deadline, "the sender never blocked"
-        last = progress[0]
+    while sum(progress) != last:
+        assert time.monotonic() < deadline, "the senders never blocked"
+        last = sum(progress)
         time.sleep(steady)
 
 
 def test_threaded_publish_and_request_block_for_room_and_resume(echo):
     """With the relay not reading, publish blocks once the kernel's buffers
     and the bound are full; a request's timeout applies while it waits for
-    room; both go on once the relay reads again."""
-    events, size = 200, MiB
+    room; both go on once the relay reads again.
+
+    Two publishers: one blocks writing its own event (a packet its sender
+    writes is not queued), the other's event waits in the queue, over the
+    bound."""
+    events, size = 100, MiB
     with iris.connect(echo.port, send_buffer=256 * 1024) as conn:
         assert conn.request("echo", b"warm", 5) == b"warm"
         stalled = Stalled(echo.proc.pid)
         try:
-            published = [0]
+            published = [0, 0]
 
-            def publish_all() -> None:
+            def publish_all(me: int) -> None:
                 for _ in range(events):
                     conn.publish("nobody-listens", b"e" * size)
-                    published[0] += 1
+                    published[me] += 1
 
-            publisher = threading.Thread(target=publish_all, daemon=True)
-            publisher.start()
+            publishers = [
+                threading.Thread(target=publish_all, args=(me,), daemon=True) for me in (0, 1)
+            ]
+            for publisher in publishers:
+                publisher.start()
             wait_until_stuck(published)
-            assert published[0] < events, "200 MiB went out to a relay that reads nothing"
+            assert sum(published) < 2 * events, "200 MiB went out to a relay that reads nothing"
 
             started = time.monotonic()
             with pytest.raises(iris.TimeoutError, match="room to send"):
@@ -126,8 +133,9 @@ def test_threaded_publish_and_request_block_for_room_and_resume(echo):
             assert 0.5 <= time.monotonic() - started < 2.0
         finally:
             stalled.resume()
-        publisher.join(60)
-        assert published[0] == events
+        for publisher in publishers:
+            publisher.join(60)
+        assert published == [events, events]
         assert conn.request("echo", b"again", 10) == b"again"
 
 

@@ -145,18 +145,21 @@ def test_a_write_failing_with_packets_queued_ends_the_flush(socket_pair):
 
 
 def test_over_the_bound_callers_wait_for_room_until_their_deadline(socket_pair):
-    """The bytes queued or being written are counted: over the bound,
-    wait_for_room blocks, raises TimeoutError at a deadline, and returns once
-    the peer has read enough."""
+    """The bytes left in the outbox are counted: over the bound, wait_for_room
+    blocks, raises TimeoutError at a deadline, and returns once the peer has
+    read enough."""
     left, right = socket_pair
     left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     bound = 64 * 1024
     writer = SocketWriter(left, bound)
     writer.wait_for_room(time.monotonic())  # nothing queued: no wait, even at the deadline
-    big = frame(0, 0, 4 << 20)  # larger than the bound, but the queue is empty: it goes
-    blocked_writer = threading.Thread(target=writer.send, args=(big,))
-    blocked_writer.start()
-    time.sleep(0.1)
+    # Larger than the bound, both: the first is written by its sender (stuck
+    # on the full socket), the second waits in the outbox, over the bound.
+    big = [frame(0, 0, 4 << 20), frame(0, 1, 1 << 20)]
+    senders = [threading.Thread(target=writer.send, args=(packet,)) for packet in big]
+    for sender in senders:
+        sender.start()
+        time.sleep(0.1)
 
     started = time.monotonic()
     with pytest.raises(TimeoutError, match="room to send"):
@@ -167,34 +170,37 @@ def test_over_the_bound_callers_wait_for_room_until_their_deadline(socket_pair):
     waiting.start()
     waiting.join(0.2)
     assert waiting.is_alive(), "a caller went on with the queue over its bound"
-    received = read_frames(right, 1)  # the peer reads: room returns
+    received = read_frames(right, 2)  # the peer reads: room returns
     waiting.join(10)
-    blocked_writer.join(10)
-    assert not waiting.is_alive() and received == [(0, 0, 4 << 20)]
+    for sender in senders:
+        sender.join(10)
+    assert not waiting.is_alive() and received == [(0, 0, 4 << 20), (0, 1, 1 << 20)]
 
 
 def test_a_caller_waiting_for_room_gets_closed_error_when_the_socket_breaks(socket_pair):
     left, right = socket_pair
     left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     writer = SocketWriter(left, 1)
-    blocked_writer = threading.Thread(
-        target=lambda: pytest.raises(ClosedError, writer.send, frame(0, 0, 4 << 20))
-    )
-    blocked_writer.start()
-    time.sleep(0.1)
     errors: list[BaseException] = []
 
-    def wait() -> None:
+    def run(call, *args) -> None:
         try:
-            writer.wait_for_room()
+            call(*args)
         except ClosedError as err:
             errors.append(err)
 
-    waiting = threading.Thread(target=wait)
-    waiting.start()
-    time.sleep(0.1)
+    threads = [
+        threading.Thread(target=run, args=(writer.send, frame(0, 0, 4 << 20))),
+        threading.Thread(target=run, args=(writer.send, frame(0, 1, 100))),  # queued: over 1
+        threading.Thread(target=run, args=(writer.wait_for_room,)),
+    ]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.1)
+    assert threads[2].is_alive(), "no wait for room over the bound"
     right.close()
     left.shutdown(socket.SHUT_RDWR)
-    waiting.join(10)
-    blocked_writer.join(10)
-    assert len(errors) == 1
+    for thread in threads:
+        thread.join(10)
+    # The writer's sender and the waiter; the queued packet's sender had returned.
+    assert not any(thread.is_alive() for thread in threads) and len(errors) == 2
