@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, ClassVar, cast
 
@@ -32,6 +33,7 @@ from .handoff import ReplyHandoff, Waiter
 from .limits import TopicLimits
 from .logs import ContextLog, HandlerErrorLog, RateLimitedWarning
 from .pool import HandlerPool
+from .send_buffer import DEFAULT_SEND_BUFFER, check_send_buffer
 from .tunnel import Tunnel
 from .tunnel_core import TUNNEL_HANDLERS, TunnelRoutes
 from .writer import SocketWriter
@@ -114,10 +116,13 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         cluster: str = "",
         inbound: Callable[[Connection], Inbound[Tunnel]] | None = None,
         log: ContextLog | None = None,
+        send_buffer: int = DEFAULT_SEND_BUFFER,
     ) -> None:
         """Attach; a member (non-empty ``cluster``) passes ``inbound``, a factory
-        of the Inbound that receives its requests, broadcasts and tunnels."""
+        of the Inbound that receives its requests, broadcasts and tunnels.
+        ``send_buffer`` bounds the bytes queued but not yet sent (iris.send_buffer)."""
         check_port(port)
+        check_send_buffer(send_buffer)
         self.log = log or ContextLog().new(client=next(_client_ids))
         self._state_lock = threading.Lock()
         self._ids = itertools.count()
@@ -134,7 +139,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
 
         self.log.info("connecting to relay", relay_port=port, cluster=cluster or None)
         self._sock, self._decoder, early = self._handshake(port, cluster)
-        self._writer = SocketWriter(self._sock)
+        self._writer = SocketWriter(self._sock, send_buffer)
         self._handoff = ReplyHandoff(self._writer)
         self._reader = threading.Thread(
             target=self._read_loop, args=(early,), name=f"iris-reader-{port}", daemon=True
@@ -240,10 +245,15 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
 
     # -- sending -------------------------------------------------------------
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes, deadline: float | None = None) -> None:
         if self._closed.is_set():
             raise self._closed_error()
-        self._writer.send(data)
+        self._writer.send(data, deadline)
+
+    def _wait_for_room(self, deadline: float | None = None) -> None:
+        """Block while more than ``send_buffer`` bytes are queued; iris.TimeoutError
+        past ``deadline`` (``time.monotonic()``), ClosedError if the connection ends."""
+        self._writer.wait_for_room(deadline)
 
     def _check_open(self) -> None:
         if self._closing:
@@ -255,12 +265,15 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         """Send ``request`` to one member of ``cluster`` and wait for its reply.
 
         Raises iris.TimeoutError, iris.RemoteError (the member's fault text) or
-        iris.ClosedError.
+        iris.ClosedError. Over the connection's ``send_buffer`` it first blocks
+        for room; the timeout counts that wait too.
         """
         _validate_name("cluster", cluster)
         request = _validate_message("request", request)
         millis = timeout_ms(timeout)
         self._check_open()
+        deadline = time.monotonic() + timeout
+        self._wait_for_room(deadline)
         rid = next(self._ids)
         waiter: Waiter[codec.ReplyDelivery] = Waiter()
         self._requests[rid] = waiter
@@ -269,7 +282,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
                 self.log.debug("sending request", cluster=cluster, id=rid, size=len(request))
             data = codec.Request(rid, cluster, request, millis).encode()
             if not self._handoff.hold(data):
-                self._send(data)
+                self._send(data, deadline)
             reply = self._handoff.wait(waiter, timeout + RELAY_GRACE)
         except BaseException:
             self._handoff.cancel(waiter)  # an answer queued for us must not stop the chain
@@ -284,19 +297,29 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         return cast(bytes, reply.payload)
 
     def broadcast(self, cluster: str, message: bytes) -> None:
-        """Send ``message`` to every member of ``cluster`` (best effort)."""
+        """Send ``message`` to every member of ``cluster`` (best effort).
+
+        Over the connection's ``send_buffer`` it blocks until there is room,
+        or raises ClosedError if the connection ends first: no timeout, as in
+        the Go binding.
+        """
         _validate_name("cluster", cluster)
         message = _validate_message("message", message)
         self._check_open()
+        self._wait_for_room()
         if self.log.is_debug():
             self.log.debug("sending broadcast", cluster=cluster, size=len(message))
         self._send(codec.Broadcast(cluster, message).encode())
 
     def publish(self, topic: str, event: bytes) -> None:
-        """Deliver ``event`` to every subscriber of ``topic`` (best effort)."""
+        """Deliver ``event`` to every subscriber of ``topic`` (best effort).
+
+        Waits for room as :meth:`broadcast` does.
+        """
         _validate_name("topic", topic)
         event = _validate_message("event", event)
         self._check_open()
+        self._wait_for_room()
         if self.log.is_debug():
             self.log.debug("publishing event", topic=topic, size=len(event))
         self._send(codec.Publish(topic, event).encode())
@@ -474,10 +497,15 @@ def _dial(port: int) -> socket.socket:
     raise ConnectionRefusedError(f"no Iris relay on port {port}: {errors[0]}") from errors[0]
 
 
-def connect(port: int = DEFAULT_PORT, log: ContextLog | None = None) -> Connection:
+def connect(
+    port: int = DEFAULT_PORT, log: ContextLog | None = None, send_buffer: int = DEFAULT_SEND_BUFFER
+) -> Connection:
     """Attach to the local relay as a plain client (cannot receive requests).
 
     ``log`` tags the connection's log lines with its context (a host passes
-    its service and worker) instead of a bare ``client=<n>``.
+    its service and worker) instead of a bare ``client=<n>``. ``send_buffer``
+    bounds the bytes queued but not yet sent (32 MiB by default): over it,
+    request, publish, broadcast and tunnel sends block for room. A message
+    larger than the bound still goes, once the queue has drained to it.
     """
-    return Connection(port, log=log)
+    return Connection(port, log=log, send_buffer=send_buffer)

@@ -18,6 +18,7 @@ from .errors import ClosedError
 from .handlers import ServiceHandler, close_handler
 from .limits import ServiceLimits
 from .logs import ContextLog
+from .send_buffer import DEFAULT_SEND_BUFFER
 
 _service_ids = itertools.count(1)
 
@@ -34,6 +35,7 @@ class Service:
         cluster: str,
         handler: ServiceHandler,
         limits: ServiceLimits | None = None,
+        send_buffer: int = DEFAULT_SEND_BUFFER,
     ):
         _validate_name("cluster", cluster)
         if not isinstance(handler, ServiceHandler):
@@ -52,6 +54,7 @@ class Service:
             cluster,
             lambda conn: HandlerDispatch(conn, handler, limits, handler_log),
             self.log,
+            send_buffer,
         )
         try:
             handler.init(self.conn)
@@ -97,13 +100,17 @@ def register(
     cluster: str,
     handler: ServiceHandler,
     limits: ServiceLimits | None = None,
+    send_buffer: int = DEFAULT_SEND_BUFFER,
 ) -> Service:
     """Join ``cluster`` with ``handler`` serving its requests, broadcasts and tunnels.
 
     ``handler.init(conn)`` runs before any other callback; if it raises, the
-    service is unregistered and the exception propagates.
+    service is unregistered and the exception propagates. ``send_buffer`` is
+    the connection's bound on bytes queued but not yet sent, as in
+    :func:`iris.connect`.
     """
-    return Service(port if port is not None else DEFAULT_PORT, cluster, handler, limits)
+    port = port if port is not None else DEFAULT_PORT
+    return Service(port, cluster, handler, limits, send_buffer)
 
 
 def serve(
@@ -111,6 +118,7 @@ def serve(
     cluster: str,
     handler: ServiceHandler,
     limits: ServiceLimits | None = None,
+    send_buffer: int = DEFAULT_SEND_BUFFER,
 ) -> None:
     """Register ``handler`` under ``cluster`` and serve until SIGINT or SIGTERM.
 
@@ -125,7 +133,7 @@ def serve(
     stop = threading.Event()
     previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in STOP_SIGNALS}
     try:
-        with register(port, cluster, handler, limits) as service:
+        with register(port, cluster, handler, limits, send_buffer) as service:
 
             def stop_when_dropped() -> None:
                 service.wait()

@@ -77,6 +77,8 @@ def check_wait(what: str, timeout: float | None) -> None:
 class Tunnel(TunnelCore):
     """One end of a tunnel; made by Connection.tunnel or given to handle_tunnel."""
 
+    _conn: Connection  # TunnelCore's TunnelHost, with _wait_for_room for back-pressure
+
     def __init__(self, conn: Connection, tid: int, chunk_limit: int, log: ContextLog):
         super().__init__(conn, tid, chunk_limit, log)
         self._cond = threading.Condition(threading.Lock())
@@ -99,6 +101,8 @@ class Tunnel(TunnelCore):
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._send_lock:
             for size_field, chunk in chunks.split(message, self._chunk_limit):
+                # Room first: a chunk refused there has spent no allowance.
+                self._conn._wait_for_room(deadline)
                 self._spend(len(chunk), deadline)
                 self._conn._send(codec.TunnelTransfer(self.id, size_field, chunk).encode())
         if self.log.is_debug():

@@ -13,15 +13,24 @@ thread sends these bytes too, and the sender returns at once.
 
 What "sent" means is unchanged: the bytes are on their way and will be
 written in order, as when ``sendall`` returned into the kernel's buffer.
+
+The bytes queued, from when a sender leaves them in the outbox until they
+are written, are counted against the connection's bound
+(``iris.send_buffer``); a packet its own sender writes at once is not
+queued. Over the bound, ``wait_for_room`` blocks the caller, until a
+deadline if it has one. The count is one integer under a plain lock held
+for an addition; a condition is waited on only over the bound.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 from typing import NoReturn
 
 from .errors import ClosedError
+from .send_buffer import no_room
 
 # A packet larger than this is not left behind in the outbox: its sender
 # waits until it is written, as with a plain sendall, so the outbox holds at
@@ -40,30 +49,77 @@ class SocketWriter:
     Once a write has failed, the writer and every later sender get ClosedError.
     """
 
-    __slots__ = ("_sock", "_outbox", "_lock", "_error")
+    __slots__ = (
+        "_sock",
+        "_outbox",
+        "_lock",
+        "_error",
+        "_bound",
+        "_queued",
+        "_count_lock",
+        "_room",
+        "_waiting",
+    )
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, bound: int):
         self._sock = sock
+        self._bound = bound
+        self._queued = 0  # bytes left in the outbox, until written; under _count_lock
+        # The counter's lock, entered directly where no one waits: a Condition's
+        # own ``with`` runs Python code and cost 0.8 us a packet.
+        self._count_lock = threading.Lock()
+        self._room = threading.Condition(self._count_lock)
+        self._waiting = 0  # callers in wait_for_room's wait: only then is there a notify
         # Appended to by senders, emptied from the front by the writer; list
         # append, slicing and del are each atomic, so no lock guards it.
         self._outbox: list[bytes] = []
         self._lock = threading.Lock()  # held by the thread writing
         self._error: OSError | None = None
 
-    def send(self, data: bytes) -> None:
-        """Queue ``data``; write it now unless another thread is writing."""
+    def wait_for_room(self, deadline: float | None = None) -> None:
+        """Block while more than the bound is queued; iris.TimeoutError at
+        ``deadline`` (``time.monotonic()``), ClosedError once a write failed.
+
+        Called before a message is encoded and sent, so that a caller refused
+        here has queued nothing.
+        """
+        if self._queued <= self._bound:  # unlocked read: the fast path
+            return
+        with self._room:
+            self._waiting += 1
+            try:
+                while self._queued > self._bound and self._error is None:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise no_room(self._bound)
+                    self._room.wait(remaining)
+            finally:
+                self._waiting -= 1
+        if self._error is not None:
+            self._raise_error()
+
+    def send(self, data: bytes, deadline: float | None = None) -> None:
+        """Queue ``data``; write it now unless another thread is writing.
+
+        A large packet waits for the writer, until ``deadline`` if given; past
+        it, the packet stays queued (and counted) for the writer to send.
+        """
         if self._error is not None:
             self._raise_error()
         outbox = self._outbox
         if not outbox and self._lock.acquire(blocking=False):
-            self._write(data)  # alone: no batch to join
+            self._write(data)  # alone: no batch to join, and nothing queued
         else:
+            with self._count_lock:
+                self._queued += len(data)
             outbox.append(data)
             if len(data) <= SMALL_PACKET and len(outbox) <= OUTBOX_PACKETS:
                 if not self._lock.acquire(blocking=False):
                     return  # the writer sends it with its batch
-            else:
+            elif deadline is None:
                 self._lock.acquire()
+            elif not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                return  # queued: the thread writing sends it
         self._write_while_queued()
         if self._error is not None:
             self._raise_error()
@@ -74,8 +130,15 @@ class SocketWriter:
 
         For a caller that knows a flush follows shortly; see ReplyHandoff.
         """
-        if len(data) > SMALL_PACKET or len(self._outbox) >= limit or self._error is not None:
+        if (
+            len(data) > SMALL_PACKET
+            or len(self._outbox) >= limit
+            or self._error is not None
+            or self._queued > self._bound
+        ):
             return False
+        with self._count_lock:
+            self._queued += len(data)
         self._outbox.append(data)
         return True
 
@@ -113,6 +176,7 @@ class SocketWriter:
             batch = outbox[0] if count == 1 else b"".join(outbox[:count])
             del outbox[:count]
             self._write(batch)
+            self._unqueue(len(batch))
         if self._error is not None:
             outbox.clear()  # never to be sent: free them
 
@@ -122,3 +186,11 @@ class SocketWriter:
             self._sock.sendall(data)
         except OSError as err:
             self._error = err
+            self._unqueue(0)  # whoever waits for room finds the error
+
+    def _unqueue(self, size: int) -> None:
+        """``size`` queued bytes are written (or never will be): wake whoever waits."""
+        with self._count_lock:
+            self._queued -= size
+            if self._waiting:
+                self._room.notify_all()

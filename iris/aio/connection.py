@@ -21,6 +21,12 @@ Why it is built this way (speed is the point of this binding):
   the read that brought it.
 - Writes are batched: packets queued in one loop turn leave in one
   ``transport.write``; those queued while handling a read leave at its end.
+- The bytes queued but not yet sent (``_out`` and the transport's buffer)
+  are bounded by ``send_buffer`` (iris.send_buffer): over it, the public
+  operations await room before they encode anything, so a thousand
+  concurrent large requests wait instead of all being copied into memory.
+  The check adds one integer and reads the transport's buffer size; an event
+  is awaited only over the bound.
 - The relay answers every request by its deadline, so there is no timer per
   request; one sweep a second fails the calls of a relay that stopped
   answering.
@@ -29,6 +35,7 @@ Why it is built this way (speed is the point of this binding):
 from __future__ import annotations
 
 import asyncio
+import builtins
 import itertools
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, Generic, Protocol, TypeVar, cast
@@ -50,14 +57,16 @@ from ..errors import ClosedError, DeniedError, RemoteError, TimeoutError
 from ..handlers import TopicHandler, event_callback
 from ..limits import TopicLimits
 from ..logs import ContextLog, HandlerErrorLog, RateLimitedWarning
+from ..send_buffer import DEFAULT_SEND_BUFFER, check_send_buffer, no_room
 from ..tunnel_core import TUNNEL_HANDLERS, TunnelRoutes
 from .pool import Callback, HandlerPool
 from .tunnel import Tunnel
 
 # How often pending calls are checked against their deadline plus RELAY_GRACE.
 SWEEP_SECONDS = 1.0
-# Outbound bytes buffered in the transport before senders wait (tunnel data,
-# floods of publishes): a few chunks, enough to keep the socket busy.
+# The transport pauses (and its resume wakes senders waiting for room) past
+# this many buffered bytes, or past send_buffer if that is smaller: a few
+# chunks, enough to keep the socket busy.
 WRITE_HIGH_WATER = 1024 * 1024
 
 _client_ids = itertools.count(1)
@@ -71,8 +80,10 @@ class _RelayProtocol(asyncio.BufferedProtocol):
         self._buffer = memoryview(bytearray(RECV_SIZE))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # create_connection's transport is a stream one, which can write.
-        cast(asyncio.WriteTransport, transport).set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        # create_connection's transport is a stream one, which can write. Over
+        # send_buffer it is then paused, so its resume_writing comes when room does.
+        high = min(WRITE_HIGH_WATER, self._conn._send_buffer)
+        cast(asyncio.WriteTransport, transport).set_write_buffer_limits(high=high)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._buffer
@@ -86,11 +97,8 @@ class _RelayProtocol(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._conn._on_lost(exc)
 
-    def pause_writing(self) -> None:
-        self._conn._writable.clear()
-
     def resume_writing(self) -> None:
-        self._conn._writable.set()
+        self._conn._room.set()
 
 
 class _Subscription:
@@ -107,8 +115,14 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
 
     tunnel_class = Tunnel
 
-    def __init__(self, cluster: str = "", log: ContextLog | None = None):
+    def __init__(
+        self,
+        cluster: str = "",
+        log: ContextLog | None = None,
+        send_buffer: int = DEFAULT_SEND_BUFFER,
+    ):
         """Not attached yet: :meth:`_attach` does that (connect and register call it)."""
+        self._send_buffer = check_send_buffer(send_buffer)
         self.log = log or ContextLog().new(client=next(_client_ids))
         self.cluster = cluster
         self.inbound: Inbound[Tunnel] | None = None  # a member's, set before attaching
@@ -124,11 +138,13 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         self._subscriptions: dict[str, _Subscription] = {}
         self._event_errors = HandlerErrorLog(self.log)  # all subscriptions share one budget
         self._out: list[bytes] = []
+        self._out_bytes = 0  # the size of what _out holds
         self._flush_pending = False
         self._reading = False  # inside _on_bytes: its end flushes what was queued
         self._sweeper: asyncio.TimerHandle | None = None
-        self._writable = asyncio.Event()
-        self._writable.set()
+        # Cleared by a sender that found no room; set when room may have come
+        # (a flush, the transport's resume) or the connection ended.
+        self._room = asyncio.Event()
         self._accepted: asyncio.Future[None] = self._loop.create_future()
         self._finished: asyncio.Future[None] = self._loop.create_future()  # set once shut down
         self._dispatch: _Handlers = _HANDSHAKE
@@ -193,6 +209,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         self._closed = self._closing = True
         self.close_reason = reason
         self._out.clear()
+        self._out_bytes = 0
         requests, self._requests = self._requests, {}
         inits, self._tunnel_inits = self._tunnel_inits, {}
         tunnels, self._tunnels = self._tunnels, {}
@@ -209,7 +226,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
             self.inbound.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        self._writable.set()  # wake senders waiting for room; they find the end
+        self._room.set()  # wake senders waiting for room; they find the end
         if not self._accepted.done():
             self._accepted.set_exception(ConnectionError(f"relay ended the handshake: {reason}"))
         if self._transport is not None:
@@ -246,6 +263,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         if self._closed:
             raise self._closed_error()
         self._out.append(data)
+        self._out_bytes += len(data)
         if not self._flush_pending and not self._reading:
             self._flush_pending = True
             self._loop.call_soon(self._flush)
@@ -255,14 +273,37 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         out = self._out
         if out and not self._closed:
             self._out = []
+            self._out_bytes = 0
             # Attached: nothing is queued before _attach set the transport.
             transport = cast(asyncio.Transport, self._transport)
             transport.write(out[0] if len(out) == 1 else b"".join(out))
+            # Still over: the transport is paused, and its resume_writing wakes.
+            if not self._room.is_set() and not self._over_bound():
+                self._room.set()
 
-    async def _drain(self) -> None:
-        """Wait while the transport holds more than WRITE_HIGH_WATER unsent bytes."""
-        if not self._writable.is_set():
-            await self._writable.wait()
+    def _over_bound(self) -> bool:
+        # Attached: senders run after _attach set the transport.
+        transport = cast(asyncio.Transport, self._transport)
+        return self._out_bytes + transport.get_write_buffer_size() > self._send_buffer
+
+    async def _wait_for_room(self, deadline: float | None = None) -> None:
+        """Wait while more than ``send_buffer`` bytes are queued; iris.TimeoutError
+        past ``deadline`` (the loop's time), ClosedError if the connection ends.
+
+        Called before a message is encoded, so a waiting caller holds no copy
+        of it and one refused here has queued nothing. The operations call it
+        only when _over_bound: under the bound a send costs no coroutine.
+        """
+        while not self._closed and self._over_bound():
+            self._room.clear()
+            if deadline is None:
+                await self._room.wait()
+                continue
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._room.wait()
+            except builtins.TimeoutError:  # asyncio's; iris's derives from it
+                raise no_room(self._send_buffer) from None
         if self._closed:
             raise self._closed_error()
 
@@ -294,13 +335,16 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
 
         Raises iris.TimeoutError, iris.RemoteError (the member's fault text) or
         iris.ClosedError. Cancelling the call forgets the request; a late
-        reply is dropped.
+        reply is dropped. Over the connection's ``send_buffer`` it first waits
+        for room; the timeout counts that wait too.
         """
         _validate_name("cluster", cluster)
         request = _validate_message("request", request)
         millis = timeout_ms(timeout)
         if self._closing:
             raise self._closed_error()
+        if self._over_bound():
+            await self._wait_for_room(self._loop.time() + timeout)
         rid = next(self._ids)
         future: asyncio.Future[codec.ReplyDelivery] = self._loop.create_future()
         self._requests[rid] = (future, self._loop.time() + timeout + RELAY_GRACE)
@@ -319,20 +363,30 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         return cast(bytes, reply.payload)
 
     async def broadcast(self, cluster: str, message: bytes) -> None:
-        """Send ``message`` to every member of ``cluster`` (best effort)."""
+        """Send ``message`` to every member of ``cluster`` (best effort).
+
+        Over the connection's ``send_buffer`` it waits until there is room,
+        or raises ClosedError if the connection ends first: no timeout, as in
+        the Go binding.
+        """
         _validate_name("cluster", cluster)
         message = _validate_message("message", message)
         self._check_open()
+        if self._over_bound():
+            await self._wait_for_room()
         self._send(codec.Broadcast(cluster, message).encode())
-        await self._drain()
 
     async def publish(self, topic: str, event: bytes) -> None:
-        """Deliver ``event`` to every subscriber of ``topic`` (best effort)."""
+        """Deliver ``event`` to every subscriber of ``topic`` (best effort).
+
+        Waits for room as :meth:`broadcast` does.
+        """
         _validate_name("topic", topic)
         event = _validate_message("event", event)
         self._check_open()
+        if self._over_bound():
+            await self._wait_for_room()
         self._send(codec.Publish(topic, event).encode())
-        await self._drain()
 
     async def subscribe(
         self,
@@ -362,7 +416,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         pool.start()
         self.log.info("subscribing to topic", topic=topic)
         self._send(codec.Subscribe(topic).encode())
-        await self._drain()
+        await self._wait_for_room()
 
     async def unsubscribe(self, topic: str) -> None:
         """Stop receiving ``topic``; events already queued are still handled."""
@@ -374,7 +428,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         self.log.info("unsubscribing from topic", topic=topic)
         sub.pool.close()
         self._send(codec.Unsubscribe(topic).encode())
-        await self._drain()
+        await self._wait_for_room()
 
     async def tunnel(self, cluster: str, timeout: float) -> Tunnel:
         """Open an ordered, flow-controlled stream to one member of ``cluster``."""
@@ -513,17 +567,22 @@ class Opening(Generic[_Opened]):
         await self._opened.__aexit__(*exc)
 
 
-def connect(port: int = DEFAULT_PORT, log: ContextLog | None = None) -> Opening[Connection]:
+def connect(
+    port: int = DEFAULT_PORT, log: ContextLog | None = None, send_buffer: int = DEFAULT_SEND_BUFFER
+) -> Opening[Connection]:
     """Attach to the local relay as a plain client (cannot receive requests).
 
     ``conn = await iris.aio.connect(port)``, or ``async with
     iris.aio.connect(port) as conn:`` to have it closed at the block's end.
     ``log`` tags the connection's log lines with its context instead of a
-    bare ``client=<n>``, as in :func:`iris.connect`.
+    bare ``client=<n>``, as in :func:`iris.connect`. ``send_buffer`` bounds
+    the bytes queued but not yet sent, as there: over it, request, publish,
+    broadcast and tunnel sends await room.
     """
+    check_send_buffer(send_buffer)
 
     async def open_() -> Connection:
-        conn = Connection(log=log)
+        conn = Connection(log=log, send_buffer=send_buffer)
         await conn._attach(port)
         return conn
 

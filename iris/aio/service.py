@@ -20,6 +20,7 @@ from ..errors import ClosedError
 from ..handlers import CLOSE_FAILED
 from ..limits import ServiceLimits
 from ..logs import ContextLog, HandlerErrorLog, RateLimitedWarning
+from ..send_buffer import DEFAULT_SEND_BUFFER, check_send_buffer
 from ..service import _service_ids
 from .connection import Connection, Opening
 from .handlers import ServiceHandler
@@ -204,14 +205,18 @@ def register(
     cluster: str,
     handler: ServiceHandler,
     limits: ServiceLimits | None = None,
+    send_buffer: int = DEFAULT_SEND_BUFFER,
 ) -> Opening[Service]:
     """Join ``cluster`` with ``handler`` serving its requests, broadcasts and tunnels.
 
     ``service = await iris.aio.register(...)``, or ``async with`` it.
     ``handler.init(conn)`` runs before any other callback; if it raises, the
-    service is unregistered and the exception propagates.
+    service is unregistered and the exception propagates. ``send_buffer`` is
+    the connection's bound on bytes queued but not yet sent, as in
+    :func:`iris.aio.connect`.
     """
     _validate_name("cluster", cluster)
+    check_send_buffer(send_buffer)
     if not isinstance(handler, ServiceHandler):
         raise ValueError("handler must be an iris.aio.ServiceHandler instance")
     port = port if port is not None else DEFAULT_PORT
@@ -219,7 +224,7 @@ def register(
     async def open_() -> Service:
         log = ContextLog().new(service=next(_service_ids))
         log.info("registering service", cluster=cluster)
-        conn = Connection(cluster, log)
+        conn = Connection(cluster, log, send_buffer)
         # Handler errors name the cluster, as in iris.register.
         dispatch = HandlerDispatch(conn, handler, limits, log.new(cluster=cluster))
         conn.inbound = dispatch

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 class Tunnel(TunnelCore):
     """One end of a tunnel; made by Connection.tunnel or given to handle_tunnel."""
 
-    _conn: Connection  # TunnelCore's TunnelHost, here with _drain for send's back-pressure
+    _conn: Connection  # TunnelCore's TunnelHost, with _wait_for_room for back-pressure
 
     def __init__(self, conn: Connection, tid: int, chunk_limit: int, log: ContextLog):
         super().__init__(conn, tid, chunk_limit, log)
@@ -57,10 +57,11 @@ class Tunnel(TunnelCore):
                     return self._allowance >= size
 
                 await self._wait_until(has_allowance, deadline, "send waiting for allowance")
+                # Then room: nothing awaits between it and the send below.
+                await self._conn._wait_for_room(deadline)
                 self._raise_if_closed()
                 self._allowance -= size
                 self._conn._send(codec.TunnelTransfer(self.id, size_field, chunk).encode())
-                await self._conn._drain()
         if self.log.is_debug():
             self.log.debug("tunnel message sent", size=len(message))
 

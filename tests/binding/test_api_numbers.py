@@ -103,3 +103,27 @@ def test_asyncio_a_port_out_of_range_is_a_value_error(port):
             await iris.aio.register(port, "echo", AsyncEcho())
 
     asyncio.run(main())
+
+
+BAD_SEND_BUFFERS = [0, -1, 1.5, True, "32", (1 << 40) + 1]
+
+
+@pytest.mark.parametrize("send_buffer", BAD_SEND_BUFFERS)
+def test_a_bad_send_buffer_is_a_value_error(relay, send_buffer):
+    """Refused before anything is dialled, in every call that makes a connection."""
+    with pytest.raises(ValueError, match="send_buffer must be an int of bytes"):
+        iris.connect(relay.port, send_buffer=send_buffer)
+    with pytest.raises(ValueError, match="send_buffer must be an int of bytes"):
+        iris.register(relay.port, "echo", Echo(), send_buffer=send_buffer)
+
+    class AsyncEcho(iris.aio.ServiceHandler):
+        async def handle_request(self, request: bytes) -> bytes:
+            return request
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match="send_buffer must be an int of bytes"):
+            await iris.aio.connect(relay.port, send_buffer=send_buffer)
+        with pytest.raises(ValueError, match="send_buffer must be an int of bytes"):
+            await iris.aio.register(relay.port, "echo", AsyncEcho(), send_buffer=send_buffer)
+
+    asyncio.run(main())

@@ -16,6 +16,7 @@ import pytest
 
 from iris import ClosedError, TimeoutError
 from iris.handoff import HELD_REQUESTS, ReplyHandoff, Waiter
+from iris.send_buffer import DEFAULT_SEND_BUFFER
 from iris.writer import SocketWriter
 
 # Generous: a woken thread on a loaded 2-core machine can take a while to run.
@@ -27,7 +28,7 @@ CALLER_TIMEOUT = 3 * WAKE_TIMEOUT
 
 @pytest.fixture
 def handoff(socket_pair) -> ReplyHandoff:
-    return ReplyHandoff(SocketWriter(socket_pair[0]))
+    return ReplyHandoff(SocketWriter(socket_pair[0], DEFAULT_SEND_BUFFER))
 
 
 def wait_in_threads(handoff: ReplyHandoff, waiters: list[Waiter], timeout=CALLER_TIMEOUT):
