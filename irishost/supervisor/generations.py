@@ -81,17 +81,17 @@ class Generations:
             )
             self.log.warning(f"{line}; reload ignored")
             # Type=notify-reload waits for this pair after each SIGHUP it sends.
-            self.notifier.reloading()
-            self.notifier.ready()
+            self.notifier.tell_reloading()
+            self.notifier.tell_ready()
             reply(False, line)
             return
         self.log.info("reloading", config=str(self.config.file))
-        self.notifier.reloading()
+        self.notifier.tell_reloading()
         try:
             generation = reread(self.config, self.overrides, next(self._numbers))
         except ConfigError as err:
             self.log.error("reload failed; keeping the running workers", error=str(err))
-            self.notifier.ready()
+            self.notifier.tell_ready()
             reply(False, f"reload failed: {err}; the running workers carry on")
             return
         self.pool.spawner.launch(generation)

@@ -169,7 +169,7 @@ class Supervisor:
             self._wait_until_ready()
             self.link.connect()
             self.log.info("service ready", workers=len(self.table.workers))
-            self.notifier.ready()
+            self.notifier.tell_ready()
             while not self.stopping:
                 self._step()
             self._stop_gracefully()
@@ -348,10 +348,10 @@ class Supervisor:
         if self.stopping:
             return
         self.log.info("stopping", signal=signal.Signals(signum).name)
-        self.link.stopping()
+        self.link.begin_stopping()
         self.pool.stopping = True
         self.generations.abandon()  # its workers stop with the rest
-        self.notifier.stopping()
+        self.notifier.tell_stopping()
 
     # -- dead processes ----------------------------------------------------------------
 

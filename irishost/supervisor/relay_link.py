@@ -31,10 +31,13 @@ SETTLE_SECONDS, SETTLE_STEP = 1.0, 0.05
 
 
 class RelayState(enum.StrEnum):
+    """Where the host stands with the relay. Each value is its name in lower
+    case: `irishost status`, STATUS= and the metrics show it as it is."""
+
     STARTING = "starting"  # not registered yet
     CONNECTED = "connected"
     RECONNECTING = "reconnecting"  # the relay dropped us; fresh workers will register again
-    STOPPING = "stopped"  # the host is stopping: no reconnect
+    STOPPING = "stopping"  # the host is stopping: no reconnect
 
 
 class RelayLink:
@@ -54,7 +57,8 @@ class RelayLink:
             self._state = RelayState.RECONNECTING
         return self._state
 
-    def stopping(self) -> None:
+    def begin_stopping(self) -> None:
+        """The host is stopping: no reconnect from now on."""
         self._state = RelayState.STOPPING
 
     def ensure_relay(self) -> None:

@@ -172,11 +172,11 @@ class Reload(Rollout):
 
     def _completed(self, workers: int) -> None:
         self.host.log.info("reload complete", workers=workers, generation=self.generation.number)
-        self.host.notifier.ready()
+        self.host.notifier.tell_ready()
 
     def _aborted(self, why: str) -> None:
         self.host.log.error("reload failed; keeping the running workers", error=why)
-        self.host.notifier.ready()
+        self.host.notifier.tell_ready()
 
 
 class Reconnect(Rollout):

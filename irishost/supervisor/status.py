@@ -53,13 +53,13 @@ class HostStatus:
         notifier = self.host.notifier
         interval = notifier.watchdog_interval()
         if interval and now >= self._next_watchdog:
-            notifier.watchdog()
+            notifier.ping_watchdog()
             self._next_watchdog = now + interval
         # A change of the relay's state is news at once: an outage shorter
         # than STATUS_SECONDS would otherwise never show.
         relay = self.host.link.state.value
         if now >= self._next_status or relay != self._status_relay:
-            notifier.status(self.line())
+            notifier.tell_status(self.line())
             self._next_status = now + STATUS_SECONDS
             self._status_relay = relay
 

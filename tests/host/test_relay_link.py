@@ -48,9 +48,15 @@ def test_the_link_states_follow_the_connection(relay):
     wait_for(lambda: link.state is RelayState.RECONNECTING, what="the drop noticed")
     assert not link.listening()
 
-    link.stopping()
+    link.begin_stopping()
     assert link.state is RelayState.STOPPING
     link.close()
+
+
+def test_each_relay_state_shows_as_its_own_name():
+    """The value is what `irishost status`, systemd's STATUS= and the metrics
+    show: a host that is stopping says "stopping", not "stopped"."""
+    assert [state.value for state in RelayState] == [state.name.lower() for state in RelayState]
 
 
 def test_no_relay_is_a_relay_exit(relay):
