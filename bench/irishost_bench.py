@@ -624,7 +624,7 @@ def _stop_worker(pid: int, inbox: Ring) -> None:
 
 
 def _request_frame(request_id: int) -> bytes:
-    """What RelayDispatch.request writes, deadline included."""
+    """What Switchboard.request writes, deadline included."""
     deadline = time.monotonic() + REPLY_TIMEOUT
     return frames.Request(request_id, deadline, DISPATCH_PAYLOAD).encode()
 

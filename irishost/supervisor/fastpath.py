@@ -12,7 +12,7 @@ straight from the bytes, with no packet or frame objects:
   octets as they came), and writes each worker's frames to its ring together:
   one wake-up per worker per read, not one per request. Anything else (another
   packet, an incomplete one, a request no worker can take now) ends the fast
-  path there, and the decoder and ``RelayDispatch.request`` take the rest,
+  path there, and the decoder and ``Switchboard.request`` take the rest,
   with their waiting, refusals and faults.
 - Replies. The loop hands every batch a worker wrote to
   :meth:`FastPath.answer_replies`, which settles the successful REPLY frames
@@ -42,17 +42,17 @@ from .handle import WorkerHandle, WorkerUnreachable
 from .worker_table import Pending, reply_head
 
 if TYPE_CHECKING:
-    from .dispatch import RelayDispatch
+    from .switchboard import Switchboard
 
 _REQUEST = int(codec.Op.REQUEST)
 _encode_varint = codec.encode_varint
 
 
 class FastPath:
-    """The fast path of one RelayDispatch; see the module docstring."""
+    """The fast path of one Switchboard; see the module docstring."""
 
-    def __init__(self, dispatch: RelayDispatch):
-        self.dispatch = dispatch
+    def __init__(self, switchboard: Switchboard):
+        self.switchboard = switchboard
         # The replies of one turn of the loop, until flush(): the packets per
         # connection, and the requests they answer per worker.
         self._sends: dict[iris.Connection, list[bytes]] = {}
@@ -62,8 +62,8 @@ class FastPath:
         """Book and hand to workers the run of complete requests at the start
         of ``data``, one read of the relay connection (reader thread); return
         how many bytes they took. Dense on purpose: this runs per request."""
-        dispatch = self.dispatch
-        conn, table, pick = dispatch.conn, dispatch.table, dispatch.pick_for_request
+        switchboard = self.switchboard
+        conn, table, pick = switchboard.conn, switchboard.table, switchboard.pick_for_request
         batches: dict[WorkerHandle, tuple[list[int], list[bytes]]] = {}
         end, pos = len(data), 0
         now = time.monotonic()
@@ -106,9 +106,9 @@ class FastPath:
             worker.put_batch(out)
         except WorkerUnreachable as err:
             fault = f"{worker} did not take the request: {err}"
-            for pending in self.dispatch.table.settle_all(tickets[err.taken :]):
+            for pending in self.switchboard.table.settle_all(tickets[err.taken :]):
                 if pending is not None:
-                    self.dispatch.answer(pending, Outcome.NO_ROOM, fault, worker)
+                    self.switchboard.answer(pending, Outcome.NO_ROOM, fault, worker)
 
     def answer_replies(self, worker: WorkerHandle, batch: list[bytes]) -> list[bytes]:
         """Settle the successful replies among the frames ``worker`` wrote, for
@@ -124,25 +124,25 @@ class FastPath:
                 tickets.append(reply[0])
                 payloads.append(reply[1])
         if tickets:
-            self._queue(worker, self.dispatch.table.settle_all(tickets), payloads)
+            self._queue(worker, self.switchboard.table.settle_all(tickets), payloads)
         return rest
 
     def _queue(
         self, worker: WorkerHandle, settled: list[Pending | None], payloads: list[bytes]
     ) -> None:
         """Queue the replies to the settled requests for flush()."""
-        dispatch = self.dispatch
+        switchboard = self.switchboard
         answered: list[Pending] = []
         for pending, payload in zip(settled, payloads, strict=True):
             if pending is None:  # settled already: its worker's death answered it
                 continue
-            dispatch.served += 1
+            switchboard.served += 1
             worker.served += 1
             # Retire the worker before its last reply goes out (see on_frame).
             if worker.max_requests and worker.served >= worker.max_requests:
-                dispatch.recycle(worker)
+                switchboard.recycle(worker)
             if len(payload) > codec.MAX_MESSAGE:  # refused by reply(), with a fault
-                dispatch.answer(pending, Outcome.OK, payload, worker)
+                switchboard.answer(pending, Outcome.OK, payload, worker)
                 continue
             out = self._sends.get(pending.conn)
             if out is None:
@@ -159,4 +159,4 @@ class FastPath:
         for conn, out in sends.items():
             conn.send_encoded(b"".join(out))
         for worker, requests in answered:
-            self.dispatch.requests.record_all(requests, Outcome.OK, worker)
+            self.switchboard.requests.record_all(requests, Outcome.OK, worker)

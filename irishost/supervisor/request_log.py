@@ -1,6 +1,6 @@
 """What became of each request: the metrics' counts and the access log.
 
-Every answer point of :mod:`irishost.supervisor.dispatch` records its request here once,
+Every answer point of :mod:`irishost.supervisor.switchboard` records its request here once,
 with its :class:`~irishost.ops.metrics.Outcome` and the time since it reached the
 host: counted in :class:`~irishost.ops.metrics.RequestStats` (the snapshot's
 ``durations`` and ``failures``, the metrics' histogram and failure counters),

@@ -1,7 +1,7 @@
 """The one owner of the supervisor's worker records and request tickets.
 
 Two threads use the table: the relay connection's reader thread books
-requests onto workers (through RelayDispatch), and the supervisor's loop
+requests onto workers (through Switchboard), and the supervisor's loop
 changes workers' states, settles answers and removes dead workers. Every
 change goes through a method here, under the table's lock, so no other
 module changes a record's state or its requests.

@@ -1,8 +1,8 @@
-"""The worker pool: the verbs of a worker's life, as gunicorn's arbiter names them.
+"""The workforce: the verbs of a worker process's life, as gunicorn's arbiter names them.
 
 spawn (fork one), retire (drain and exit), recycle (spawn a successor, then
 retire), kill (SIGKILL, with the reason its requests' faults carry), murder
-(kill the stuck), bury (a dead worker's respawn) and scale. The pool acts; the
+(kill the stuck), bury (a dead worker's respawn) and scale. The workforce acts; the
 :class:`~irishost.supervisor.respawner.Respawner` decides when, and the
 :class:`~irishost.supervisor.worker_table.WorkerTable` keeps the records.
 """
@@ -37,7 +37,7 @@ RSS_CHECK_SECONDS = 0.1
 KILL_ALL_SECONDS = 5.0
 
 
-class WorkerPool:
+class Workforce:
     def __init__(
         self, generation: Generation, table: WorkerTable, spawner: Spawner, log: ContextLog
     ):
@@ -215,7 +215,7 @@ class WorkerPool:
         return live | self.spawner.spawning(number)
 
     def valid_count(self, count: int) -> bool:
-        """Whether the pool may run ``count`` workers; logs why not."""
+        """Whether the host may run ``count`` workers; logs why not."""
         if count < 1:
             self.log.warning("SIGTTOU ignored: at least one worker must stay")
             return False

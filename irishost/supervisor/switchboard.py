@@ -1,6 +1,6 @@
-"""Fanning the relay's inbound work out to workers, and answers back.
+"""The switchboard: the relay's inbound work put through to workers, and answers back.
 
-:class:`RelayDispatch` is the ``iris.dispatch.Inbound`` of the supervisor's
+:class:`Switchboard` is the ``iris.dispatch.Inbound`` of the supervisor's
 relay connection. The connection's reader thread calls it for every request,
 broadcast and tunnel; it picks a worker and writes a frame to that worker's
 ring, with no thread hop. The supervisor's loop calls :meth:`on_frame` with
@@ -20,7 +20,7 @@ deadline passes while it waits is dropped unrun; its caller gets the
 relay's timeout, as a client of gunicorn gets its proxy's. Only when that
 budget is full does a request get a fault at once.
 
-Every answer, reply or fault, leaves through :meth:`RelayDispatch.answer`,
+Every answer, reply or fault, leaves through :meth:`Switchboard.answer`,
 which records its outcome in the :class:`~irishost.supervisor.request_log.RequestLog`
 (metrics and access log); so does every request whose deadline passes
 unanswered (its caller got the relay's timeout).
@@ -84,7 +84,7 @@ def no_room(open_workers: int, stalled: int, memory_cap: int, size: int) -> Refu
     )
 
 
-class RelayDispatch:
+class Switchboard:
     def __init__(
         self,
         config: Config,
@@ -118,7 +118,7 @@ class RelayDispatch:
         self._topic_rules = {topic.name: topic.deliver for topic in config.topics}
         self.requests.reconfigure(config)
 
-    def attach(self, conn: iris.Connection) -> RelayDispatch:
+    def attach(self, conn: iris.Connection) -> Switchboard:
         """Used as the Connection's inbound factory."""
         self.conn = conn
         return self
