@@ -24,7 +24,7 @@ straight from the bytes, with no packet or frame objects:
 
 Every request still gets exactly one answer, is counted and logged
 (``RequestLog``) and counts toward its worker's ``max_requests``, as on the
-slow path; the bookkeeping (ticket, Pending) is the same.
+slow path; the bookkeeping (ticket, HeldRequest) is the same.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from iris.relay.passthrough import NotFast, read_minimal_varint, read_varint
 from ..ops.metrics import Outcome
 from ..wire.frames import request_frame, successful_reply
 from .handle import WorkerHandle, WorkerUnreachable
-from .worker_table import Pending, reply_head
+from .worker_table import HeldRequest, reply_head
 
 if TYPE_CHECKING:
     from .switchboard import Switchboard
@@ -56,7 +56,7 @@ class FastPath:
         # The replies of one turn of the loop, until flush(): the packets per
         # connection, and the requests they answer per worker.
         self._sends: dict[iris.Connection, list[bytes]] = {}
-        self._answered: list[tuple[WorkerHandle, list[Pending]]] = []
+        self._answered: list[tuple[WorkerHandle, list[HeldRequest]]] = []
 
     def route_leading(self, data: bytes) -> int:
         """Book and hand to workers the run of complete requests at the start
@@ -70,7 +70,7 @@ class FastPath:
         with table.lock:
             while pos < end and data[pos] == _REQUEST:
                 try:
-                    request_id, body = read_minimal_varint(data, pos + 1)
+                    relay_id, body = read_minimal_varint(data, pos + 1)
                     head = reply_head(data[pos + 1 : body])
                     length, body = read_varint(data, body)
                     at = body + length
@@ -84,7 +84,7 @@ class FastPath:
                     break
                 deadline = now + timeout_ms / 1000
                 assert conn is not None  # set before the connection reads
-                ticket = table.book(worker, conn, request_id, deadline, length, now, head)
+                ticket = table.book(worker, conn, relay_id, deadline, length, now, head)
                 if worker not in batches:
                     batches[worker] = ([], [])
                 tickets, out = batches[worker]
@@ -106,9 +106,9 @@ class FastPath:
             worker.put_batch(out)
         except WorkerUnreachable as err:
             fault = f"{worker} did not take the request: {err}"
-            for pending in self.switchboard.table.settle_all(tickets[err.taken :]):
-                if pending is not None:
-                    self.switchboard.answer(pending, Outcome.NO_ROOM, fault, worker)
+            for held in self.switchboard.table.settle_all(tickets[err.taken :]):
+                if held is not None:
+                    self.switchboard.answer(held, Outcome.NO_ROOM, fault, worker)
 
     def answer_replies(self, worker: WorkerHandle, batch: list[bytes]) -> list[bytes]:
         """Settle the successful replies among the frames ``worker`` wrote, for
@@ -128,13 +128,13 @@ class FastPath:
         return rest
 
     def _queue(
-        self, worker: WorkerHandle, settled: list[Pending | None], payloads: list[bytes]
+        self, worker: WorkerHandle, settled: list[HeldRequest | None], payloads: list[bytes]
     ) -> None:
         """Queue the replies to the settled requests for flush()."""
         switchboard = self.switchboard
-        answered: list[Pending] = []
-        for pending, payload in zip(settled, payloads, strict=True):
-            if pending is None:  # settled already: its worker's death answered it
+        answered: list[HeldRequest] = []
+        for held, payload in zip(settled, payloads, strict=True):
+            if held is None:  # settled already: its worker's death answered it
                 continue
             switchboard.served += 1
             worker.served += 1
@@ -142,13 +142,13 @@ class FastPath:
             if worker.max_requests and worker.served >= worker.max_requests:
                 switchboard.recycle(worker)
             if len(payload) > codec.MAX_MESSAGE:  # refused by reply(), with a fault
-                switchboard.answer(pending, Outcome.OK, payload, worker)
+                switchboard.answer(held, Outcome.OK, payload, worker)
                 continue
-            out = self._sends.get(pending.conn)
+            out = self._sends.get(held.conn)
             if out is None:
-                out = self._sends[pending.conn] = []
-            out += (pending.head, _encode_varint(len(payload)), payload)
-            answered.append(pending)
+                out = self._sends[held.conn] = []
+            out += (held.head, _encode_varint(len(payload)), payload)
+            answered.append(held)
         self._answered.append((worker, answered))
 
     def flush(self) -> None:
@@ -159,4 +159,4 @@ class FastPath:
         for conn, out in sends.items():
             conn.send_encoded(b"".join(out))
         for worker, requests in answered:
-            self.switchboard.requests.record_all(requests, Outcome.OK, worker)
+            self.switchboard.request_log.record_all(requests, Outcome.OK, worker)

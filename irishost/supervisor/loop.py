@@ -230,7 +230,7 @@ class Supervisor:
         owed = spawner.fds()  # fork servers that owe an answer: usually none
         for ring in wait_readable(list(rings), timeout, (self._wakeup.fileno(), *owed)):
             self._collect(rings[ring])
-        self.switchboard.fast.flush()  # the turn's replies, in one write
+        self.switchboard.fast_path.flush()  # the turn's replies, in one write
         if owed:
             for event in spawner.poll(time.monotonic()):
                 self._on_spawner(event)
@@ -264,7 +264,7 @@ class Supervisor:
         batch = handle.outbox.drain()
         if batch:
             handle.stalled_until = 0.0  # it is running again
-        for data in self.switchboard.fast.answer_replies(handle, batch):
+        for data in self.switchboard.fast_path.answer_replies(handle, batch):
             try:
                 frame = frames.decode(data)
                 if isinstance(frame, frames.Ready):

@@ -127,5 +127,5 @@ class HostStatus:
             "metrics": self._metrics(),
             "workers": workers,
             "log_records_dropped": dropped_records(),  # the supervisor's writer's queue was full
-            **host.switchboard.requests.stats.snapshot(),  # "durations" and "failures"
+            **host.switchboard.request_log.stats.snapshot(),  # "durations" and "failures"
         }
