@@ -27,7 +27,7 @@ from .generation import Generation
 from .handle import WorkerHandle
 from .relay_link import RelayLink
 from .rollout import Reconnect, Reload, Rollout, Waiter, reread
-from .spawner import Event, LaunchFailed, Spawned, SpawnFailed
+from .spawner import LaunchFailed, Spawned, SpawnerEvent, SpawnFailed
 from .switchboard import Switchboard
 from .worker_table import WorkerTable
 from .workforce import Workforce, signal_worker
@@ -175,7 +175,7 @@ class Generations:
 
     # -- what the fork servers say -------------------------------------------------------
 
-    def on_spawner(self, event: Event, stopping: bool) -> WorkerHandle | None:
+    def on_spawner(self, event: SpawnerEvent, stopping: bool) -> WorkerHandle | None:
         """Act on a fork server's answer, or its failure; the worker that joined
         the table, if one did. HostError when the host cannot start at all."""
         number = event.handle.generation if isinstance(event, Spawned) else event.generation.number

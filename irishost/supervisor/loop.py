@@ -49,7 +49,7 @@ from .generation import Generation
 from .generations import Generations
 from .handle import WorkerHandle, WorkerState
 from .relay_link import RelayLink, RelayState
-from .spawner import Event, Spawner
+from .spawner import Spawner, SpawnerEvent
 from .status import STATUS_SECONDS, HostStatus
 from .switchboard import Switchboard
 from .worker_table import Change, WorkerTable
@@ -290,10 +290,10 @@ class Supervisor:
         self.workforce.respawner.on_ready(handle.slot)
         self.switchboard.release_waiting()
         self.log.info("worker ready", worker=handle.slot, pid=handle.pid)
-        self.workforce.title()
+        self.workforce.set_title()
         self.generations.on_ready(handle)
 
-    def _on_spawner(self, event: Event) -> None:
+    def _on_spawner(self, event: SpawnerEvent) -> None:
         """Act on what a fork server said, or on its failure."""
         handle = self.generations.on_spawner(event, self.stopping)
         unclaimed = self._unclaimed.pop(handle.pid, None) if handle is not None else None
@@ -381,7 +381,7 @@ class Supervisor:
         how = handle.kill_reason or describe_exit(status)
         self.switchboard.fail_worker(handle, how)
         handle.close()
-        self.workforce.title()
+        self.workforce.set_title()
         if self.stopping:
             return
         if handle.state is DRAINING:

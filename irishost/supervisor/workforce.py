@@ -80,7 +80,7 @@ class Workforce:
                 worker=handle.slot,
                 threads=spawned.threads,
             )
-        self.title()
+        self.set_title()
 
     def on_spawn_failed(self, slot: int, reason: str) -> None:
         """No worker came for ``slot`` of the running generation: retry with backoff."""
@@ -98,7 +98,7 @@ class Workforce:
             handle.put(frames.Drain().encode())
         except WorkerUnreachable as err:
             self.log.warning("could not ask worker to drain", worker=handle.slot, error=str(err))
-        self.title()
+        self.set_title()
 
     def recycle(self, handle: WorkerHandle, reason: str = "reached max_requests") -> None:
         """Replace a worker: fork its successor, then let it drain and exit."""
@@ -261,7 +261,8 @@ class Workforce:
             self.table.remove(handle)
             handle.close()
 
-    def title(self) -> None:
+    def set_title(self) -> None:
+        """Show the cluster, config and ready workers in ps and top."""
         config = self.config
         ready = len(self.table.in_state(WorkerState.READY))
         setproctitle.setproctitle(

@@ -20,7 +20,7 @@ from irishost.supervisor.generation import Generation
 from irishost.supervisor.generations import Generations
 from irishost.supervisor.handle import WorkerHandle, WorkerState
 from irishost.supervisor.relay_link import RelayLink
-from irishost.supervisor.spawner import Event, LaunchFailed, Spawned, SpawnFailed
+from irishost.supervisor.spawner import LaunchFailed, Spawned, SpawnerEvent, SpawnFailed
 from irishost.supervisor.switchboard import Switchboard
 from irishost.supervisor.worker_table import Change, WorkerTable
 from irishost.supervisor.workforce import Workforce
@@ -93,7 +93,7 @@ class Host:
     def reply(self, ok: bool, line: str) -> None:
         self.replies.append((ok, line))
 
-    def tell(self, event: Event) -> WorkerHandle | None:
+    def tell(self, event: SpawnerEvent) -> WorkerHandle | None:
         return self.generations.on_spawner(event, stopping=False)
 
     def boot(self, slot: int, generation: int) -> WorkerHandle:
