@@ -30,7 +30,8 @@ slow path; the bookkeeping (ticket, HeldRequest) is the same.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 import iris
 from iris import codec
@@ -39,19 +40,40 @@ from iris.relay.passthrough import NotFast, read_minimal_varint, read_varint
 from ..ops.metrics import Outcome
 from ..wire.frames import request_frame, successful_reply
 from .handle import WorkerHandle, WorkerUnreachable
-from .worker_table import HeldRequest, reply_head
-
-if TYPE_CHECKING:
-    from .switchboard import Switchboard
+from .request_log import HostRequest, RequestLog
+from .worker_table import HeldRequest, WorkerTable, reply_head
 
 _REQUEST = int(codec.Op.REQUEST)
 _encode_varint = codec.encode_varint
 
 
+class FastPathHost(Protocol):
+    """What the fast path shares with the slow one
+    (``irishost.supervisor.switchboard.Switchboard``, which owns it): the
+    connection, the bookkeeping and the counts, the choice of a worker, and
+    the one way out for an answer the fast path does not send itself."""
+
+    conn: iris.Connection | None
+    table: WorkerTable
+    request_log: RequestLog
+    served: int
+    recycle: Callable[[WorkerHandle], None]
+
+    def pick_for_request(self, size: int, now: float) -> object: ...  # a WorkerHandle, or not
+
+    def answer(
+        self,
+        request: HostRequest,
+        outcome: Outcome,
+        payload: bytes | str,
+        worker: WorkerHandle | None = None,
+    ) -> None: ...
+
+
 class FastPath:
     """The fast path of one Switchboard; see the module docstring."""
 
-    def __init__(self, switchboard: Switchboard):
+    def __init__(self, switchboard: FastPathHost):
         self.switchboard = switchboard
         # The replies of one turn of the loop, until flush(): the packets per
         # connection, and the requests they answer per worker.
