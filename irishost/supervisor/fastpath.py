@@ -59,15 +59,11 @@ class FastPathHost(Protocol):
     served: int
     recycle: Callable[[WorkerHandle], None]
 
-    def pick_for_request(self, size: int, now: float) -> object: ...  # a WorkerHandle, or not
+    @property
+    def answer(self) -> Callable[[HostRequest, Outcome, bytes | str, WorkerHandle | None], None]:
+        """Switchboard.answer: the request, its outcome, the reply or fault, its worker."""
 
-    def answer(
-        self,
-        request: HostRequest,
-        outcome: Outcome,
-        payload: bytes | str,
-        worker: WorkerHandle | None = None,
-    ) -> None: ...
+    def pick_for_request(self, size: int, now: float) -> object: ...  # a WorkerHandle, or not
 
 
 class FastPath:
