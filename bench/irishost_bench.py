@@ -623,14 +623,14 @@ def _stop_worker(pid: int, inbox: Ring) -> None:
     os.waitpid(pid, 0)
 
 
-def _request_frame(request_id: int) -> bytes:
-    """What RelayDispatch.request writes, deadline included."""
+def _request_frame(ticket: int) -> bytes:
+    """What Switchboard.request writes, deadline included."""
     deadline = time.monotonic() + REPLY_TIMEOUT
-    return frames.Request(request_id, deadline, DISPATCH_PAYLOAD).encode()
+    return frames.Request(ticket, deadline, DISPATCH_PAYLOAD).encode()
 
 
 def _check_reply(data: bytes) -> int:
-    """Decode a REPLY frame as the supervisor's loop does; return its request id."""
+    """Decode a REPLY frame as the supervisor's loop does; return its ticket."""
     reply = frames.decode(data)
     if (
         not isinstance(reply, frames.Reply)
@@ -643,14 +643,14 @@ def _check_reply(data: bytes) -> int:
 
 def dispatch_round_trip(inbox: Ring, outbox: Ring) -> Callable[[], None]:
     """One REQUEST -> REPLY exchange with the worker, for timed_calls."""
-    ids = itertools.count(1)
+    tickets = itertools.count(1)
 
     def round_trip() -> None:
-        request_id = next(ids)
-        inbox.put(_request_frame(request_id), REPLY_TIMEOUT)
+        ticket = next(tickets)
+        inbox.put(_request_frame(ticket), REPLY_TIMEOUT)
         data = outbox.get(REPLY_TIMEOUT)
-        if data is None or _check_reply(data) != request_id:
-            raise RuntimeError(f"no reply to request {request_id}")
+        if data is None or _check_reply(data) != ticket:
+            raise RuntimeError(f"no reply to ticket {ticket}")
 
     return round_trip
 
