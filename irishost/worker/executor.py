@@ -1,0 +1,155 @@
+"""How a worker runs its handler's code: the protocol both executors implement.
+
+A worker's :class:`~irishost.worker.core.WorkerCore` keeps its state and
+reads its frames' meaning; an executor runs the handler: on threads
+(:class:`~irishost.worker.threads.ThreadExecutor`, for
+``iris.ServiceHandler``) or on an event loop
+(:class:`~irishost.worker.loop.LoopExecutor`, for ``iris.aio.ServiceHandler``).
+The supervisor cannot tell the two apart.
+
+What both share lives here too (:class:`PooledExecutor`): which pools a
+config asks for and how broadcasts and events are routed to them, and how
+long a booting worker keeps trying to reach its relay.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+from iris.logs import ContextLog, HandlerErrorLog, RateLimitedWarning
+
+from ..config import Config
+from ..wire.ring import Ring
+
+if TYPE_CHECKING:
+    from .core import WorkerCore
+
+# A refused relay connection is retried this often while a worker boots:
+# the relay may be restarting just then.
+CONNECT_RETRY_SECONDS = 0.1
+
+
+class Executor(Protocol):
+    """Runs a worker's handler. The core calls the ``run_*`` methods on the
+    frame loop, so none may block; the work they start ends through the
+    core (``complete``, ``returned``), which counts it out."""
+
+    def boot(self) -> None:
+        """Connect to the relay, run the handler's ``init``, start the pools;
+        raises what init raised."""
+
+    def serve(self) -> int:
+        """Read frames into the core until drained or orphaned; the exit code."""
+
+    def run_request(self, ticket: int, deadline: float, payload: bytes) -> str | None:
+        """Start ``handle_request``, answered through ``complete``; or the fault
+        text for its caller if it cannot be taken."""
+
+    def run_broadcast(self, payload: bytes) -> bool:
+        """Start ``handle_broadcast``; False (logged) if it is dropped."""
+
+    def run_event(self, topic: str, payload: bytes) -> bool:
+        """Start ``handle_event``; False (logged) if it is dropped."""
+
+    def run_drop(self, reason: str) -> bool:
+        """Start ``handle_drop``; False (logged) if it cannot run."""
+
+    def run_tunnel(self, tunnel_id: int) -> None:
+        """Open the tunnel's proxy through the core and start ``handle_tunnel``;
+        close it if that cannot run."""
+
+
+class _Pool(Protocol):
+    """What :class:`PooledExecutor` needs of a pool: iris.pool's or iris.aio.pool's."""
+
+    name: str
+
+    def start(self) -> None: ...
+
+
+PoolT = TypeVar("PoolT", bound=_Pool)
+
+
+class PooledExecutor(Generic[PoolT]):
+    """What both executors share: what they run for whom, and their pools.
+
+    Threads (iris.pool) or coroutines (iris.aio.pool): which pools a config
+    asks for, their limits and which broadcast or event goes to which pool
+    are the same, so they are made and routed here; each executor says in
+    ``_run_callback`` how a fire-and-forget callback runs.
+    """
+
+    _requests: PoolT
+    _broadcasts: PoolT
+    _topics: dict[str, tuple[PoolT, RateLimitedWarning]]
+    _broadcast_overflow: RateLimitedWarning
+
+    def __init__(self, core: WorkerCore, handler: Any, config: Config, inbox: Ring):
+        self._core = core
+        self._handler = handler
+        self._config = config
+        self._inbox = inbox  # read by the executor's frame loop
+
+    def _start_pools(self, pool_class: Callable[[str, int, int, HandlerErrorLog], PoolT]) -> None:
+        """Make the pools the config asks for and start them: init has returned.
+
+        Made here, at boot, on the executor's own loop (iris.aio's pools
+        belong to the loop they are made on).
+        """
+        limits, errors = self._config.limits, self._core.errors
+        self._requests = pool_class(
+            "request", limits.request_threads, limits.request_memory, errors
+        )
+        self._broadcasts = pool_class(
+            "broadcast", limits.broadcast_threads, limits.broadcast_memory, errors
+        )
+        self._broadcast_overflow = RateLimitedWarning(errors.log, "broadcast dropped: memory limit")
+        self._topics = {
+            topic.name: (
+                pool_class(f"topic-{topic.name}", topic.event_threads, topic.event_memory, errors),
+                RateLimitedWarning(errors.log.new(topic=topic.name), "event dropped: memory limit"),
+            )
+            for topic in self._config.topics
+        }
+        for pool in (self._requests, self._broadcasts, *(p for p, _ in self._topics.values())):
+            pool.start()
+
+    def run_broadcast(self, payload: bytes) -> bool:
+        return self._run_callback(
+            self._broadcasts,
+            self._handler.handle_broadcast,
+            (payload,),
+            len(payload),
+            self._broadcast_overflow,
+        )
+
+    def run_event(self, topic: str, payload: bytes) -> bool:
+        pool, overflow = self._topics[topic]
+        return self._run_callback(
+            pool, self._handler.handle_event, (topic, payload), len(payload), overflow
+        )
+
+    def _run_callback(
+        self,
+        pool: PoolT,
+        callback: Callable[..., object],
+        args: tuple[object, ...],
+        size: int,
+        overflow: RateLimitedWarning,
+    ) -> bool:
+        """Start a counted fire-and-forget callback; False, logged, if it is dropped."""
+        raise NotImplementedError
+
+
+def connect_deadline(config: Config) -> float:
+    """Until when a booting worker retries a refused relay connection."""
+    return time.monotonic() + config.relay.connect_timeout
+
+
+def connection_log(log: ContextLog) -> ContextLog:
+    """The worker's own relay connection logs on the binding's logger, tagged
+    with this worker's service and slot: a bare ``client=1`` would not say
+    which of the host's workers it is."""
+    return ContextLog(context=log.context)
