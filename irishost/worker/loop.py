@@ -40,13 +40,14 @@ class LoopExecutor(PooledExecutor[HandlerPool]):
         super().__init__(core, handler, config, inbox)
         self._log = core.log
         self._errors = core.errors  # tracebacks, rate-limited, with service and worker
-        self._loop = asyncio.new_event_loop()
+        self._runner = asyncio.Runner()  # boot and serve run on the same loop
+        self._loop = self._runner.get_loop()
         self._drained: asyncio.Future[None] = self._loop.create_future()
 
     # -- life cycle ---------------------------------------------------------------
 
     def boot(self) -> None:
-        self._loop.run_until_complete(self._boot())
+        self._runner.run(self._boot())
 
     async def _boot(self) -> None:
         self._conn = await self._connect()
@@ -66,7 +67,10 @@ class LoopExecutor(PooledExecutor[HandlerPool]):
                 await asyncio.sleep(CONNECT_RETRY_SECONDS)
 
     def serve(self) -> int:
-        return self._loop.run_until_complete(self._serve())
+        code = self._runner.run(self._serve())
+        if code == 0:  # drained: end the idle pool tasks, as asyncio.run would
+            self._runner.close()
+        return code
 
     async def _serve(self) -> int:
         self._loop.add_reader(self._inbox.data_fd, self._pump)
