@@ -81,6 +81,11 @@ class PooledExecutor(Generic[PoolT]):
     ``_run_callback`` how a fire-and-forget callback runs.
     """
 
+    # Each executor's own: start a counted fire-and-forget callback in ``pool``,
+    # (pool, callback, args, size, overflow) -> False, logged, if it is dropped.
+    _run_callback: Callable[
+        [PoolT, Callable[..., object], tuple[object, ...], int, RateLimitedWarning], bool
+    ]
     _requests: PoolT
     _broadcasts: PoolT
     _topics: dict[str, tuple[PoolT, RateLimitedWarning]]
@@ -130,17 +135,6 @@ class PooledExecutor(Generic[PoolT]):
         return self._run_callback(
             pool, self._handler.handle_event, (topic, payload), len(payload), overflow
         )
-
-    def _run_callback(
-        self,
-        pool: PoolT,
-        callback: Callable[..., object],
-        args: tuple[object, ...],
-        size: int,
-        overflow: RateLimitedWarning,
-    ) -> bool:
-        """Start a counted fire-and-forget callback; False, logged, if it is dropped."""
-        raise NotImplementedError
 
 
 def connect_deadline(config: Config) -> float:
