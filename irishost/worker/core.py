@@ -2,8 +2,9 @@
 
 Frames from the supervisor come in through :meth:`WorkerCore.handle`; the
 core keeps the state of the worker and hands the handler's work to an
-executor (irishost/worker/executor.py: threads in threads.py, an event
-loop in loop.py), which says how handler code runs and nothing else::
+executor (:class:`Executor`: threads in threads.py, an event loop in
+loop.py, what they share in executor.py), which says how handler code runs
+and nothing else::
 
     inbound ring --> executor's frame loop --> WorkerCore.handle(batch)
                                                  |  the frame table
@@ -33,16 +34,13 @@ import os
 import select
 import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, TypeVar
+from typing import Protocol, TypeVar
 
 from iris.logs import ContextLog, HandlerErrorLog
 
 from ..wire import frames
 from ..wire.ring import Ring
 from .tunnel import TunnelProxy, TunnelRegistry
-
-if TYPE_CHECKING:
-    from .executor import Executor
 
 # The worker's exit code when its supervisor disappeared.
 PARENT_GONE = 4
@@ -53,6 +51,36 @@ FORKED_CHILD_EXIT = 0
 IDLE_CHECK_SECONDS = 1.0
 
 ProxyT = TypeVar("ProxyT", bound=TunnelProxy)
+
+
+class Executor(Protocol):
+    """Runs a worker's handler. The core calls the ``run_*`` methods on the
+    frame loop, so none may block; the work they start ends through the
+    core (``complete``, ``returned``), which counts it out."""
+
+    def boot(self) -> None:
+        """Connect to the relay, run the handler's ``init``, start the pools;
+        raises what init raised."""
+
+    def serve(self) -> int:
+        """Read frames into the core until drained or orphaned; the exit code."""
+
+    def run_request(self, ticket: int, deadline: float, payload: bytes) -> str | None:
+        """Start ``handle_request``, answered through ``complete``; or the fault
+        text for its caller if it cannot be taken."""
+
+    def run_broadcast(self, payload: bytes) -> bool:
+        """Start ``handle_broadcast``; False (logged) if it is dropped."""
+
+    def run_event(self, topic: str, payload: bytes) -> bool:
+        """Start ``handle_event``; False (logged) if it is dropped."""
+
+    def run_drop(self, reason: str) -> bool:
+        """Start ``handle_drop``; False (logged) if it cannot run."""
+
+    def run_tunnel(self, tunnel_id: int) -> None:
+        """Open the tunnel's proxy through the core and start ``handle_tunnel``;
+        close it if that cannot run."""
 
 
 def supervisor_gone(alive: int) -> bool:

@@ -1,64 +1,32 @@
-"""How a worker runs its handler's code: the protocol both executors implement.
+"""What both executors share, threads and an event loop.
 
 A worker's :class:`~irishost.worker.core.WorkerCore` keeps its state and
-reads its frames' meaning; an executor runs the handler: on threads
-(:class:`~irishost.worker.threads.ThreadExecutor`, for
-``iris.ServiceHandler``) or on an event loop
+reads its frames' meaning; an executor (the core's ``Executor`` protocol)
+runs the handler: on threads (:class:`~irishost.worker.threads.ThreadExecutor`,
+for ``iris.ServiceHandler``) or on an event loop
 (:class:`~irishost.worker.loop.LoopExecutor`, for ``iris.aio.ServiceHandler``).
 The supervisor cannot tell the two apart.
 
-What both share lives here too (:class:`PooledExecutor`): which pools a
-config asks for and how broadcasts and events are routed to them, and how
-long a booting worker keeps trying to reach its relay.
+Both take from here (:class:`PooledExecutor`) which pools a config asks for
+and how broadcasts and events are routed to them, and how long a booting
+worker keeps trying to reach its relay.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from iris.logs import ContextLog, HandlerErrorLog, RateLimitedWarning
 
 from ..config import Config
 from ..wire.ring import Ring
-
-if TYPE_CHECKING:
-    from .core import WorkerCore
+from .core import WorkerCore
 
 # A refused relay connection is retried this often while a worker boots:
 # the relay may be restarting just then.
 CONNECT_RETRY_SECONDS = 0.1
-
-
-class Executor(Protocol):
-    """Runs a worker's handler. The core calls the ``run_*`` methods on the
-    frame loop, so none may block; the work they start ends through the
-    core (``complete``, ``returned``), which counts it out."""
-
-    def boot(self) -> None:
-        """Connect to the relay, run the handler's ``init``, start the pools;
-        raises what init raised."""
-
-    def serve(self) -> int:
-        """Read frames into the core until drained or orphaned; the exit code."""
-
-    def run_request(self, ticket: int, deadline: float, payload: bytes) -> str | None:
-        """Start ``handle_request``, answered through ``complete``; or the fault
-        text for its caller if it cannot be taken."""
-
-    def run_broadcast(self, payload: bytes) -> bool:
-        """Start ``handle_broadcast``; False (logged) if it is dropped."""
-
-    def run_event(self, topic: str, payload: bytes) -> bool:
-        """Start ``handle_event``; False (logged) if it is dropped."""
-
-    def run_drop(self, reason: str) -> bool:
-        """Start ``handle_drop``; False (logged) if it cannot run."""
-
-    def run_tunnel(self, tunnel_id: int) -> None:
-        """Open the tunnel's proxy through the core and start ``handle_tunnel``;
-        close it if that cannot run."""
 
 
 class _Pool(Protocol):

@@ -47,8 +47,7 @@ from ..config import Config
 from ..loader import reload_handler
 from ..wire import frames
 from ..wire.ring import Ring
-from .core import PARENT_GONE, WorkerCore
-from .executor import Executor
+from .core import PARENT_GONE, Executor, WorkerCore
 from .loop import LoopExecutor
 from .threads import ThreadExecutor
 
