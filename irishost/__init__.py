@@ -66,7 +66,7 @@ callbacks handler code registered, within ``workers.shutdown_timeout``
 
 Layout, by layer (each imports only from those below it; checked by
 tests/host/test_irishost_layout.py): ``cli`` (command line); ``supervisor/``
-(``loop``: the loop and the signal table; ``generations`` and ``rollout``:
+(``loop``: the loop and the signal table; ``succession`` and ``rollout``:
 reloads, reconnects, scaling; ``spawner``: the fork servers, seen from the
 supervisor; ``workforce`` and ``respawner``: spawn, retire, recycle, kill, and
 when; ``worker_table`` and ``handle``: worker records, states, tickets;

@@ -11,7 +11,7 @@ reader thread only books requests through the WorkerTable.
 
 The parts it drives, each owning one kind of state: ``WorkerTable`` (the
 workers, their states, the requests they hold), ``RelayLink`` (the relay
-connection and its state), ``Generations`` (the running generation, and the
+connection and its state), ``Succession`` (the running generation, and the
 reload or reconnect in progress), ``Respawner`` (when to replace a worker
 and when to give up), ``Spawner`` (the fork servers, whose answers arrive
 through this loop's own wait: it never blocks on one).
@@ -46,11 +46,11 @@ from ..wire import frames
 from ..wire.ring import remove_stale_segments, segment_prefix, wait_readable
 from ..wire.wakeup import WakeupPipe
 from .generation import Generation
-from .generations import Generations
 from .handle import WorkerHandle, WorkerState
 from .relay_link import RelayLink, RelayState
 from .spawner import Spawner, SpawnerEvent
 from .status import STATUS_SECONDS, HostStatus
+from .succession import Succession
 from .switchboard import Switchboard
 from .worker_table import Change, WorkerTable
 from .workforce import Workforce, reap_children
@@ -116,7 +116,7 @@ class Supervisor:
         self.switchboard = Switchboard(config, self.log, self.table, self.workforce.recycle)
         self.link = RelayLink(config, self.switchboard, self.log)
         self.notifier = Notifier.from_environ()
-        self.generations = Generations(
+        self.succession = Succession(
             self.workforce, self.switchboard, self.link, self.notifier, self.log, overrides or {}
         )
         self.status = HostStatus(self)
@@ -248,7 +248,7 @@ class Supervisor:
         self.switchboard.release_waiting()  # drops the expired ones
         self.status.tell_systemd(now)
         if serving and self.link.state is RelayState.RECONNECTING:
-            self.generations.reconnect()
+            self.succession.reconnect()
 
     def _next_wake(self) -> float:
         """The next respawn, watchdog ping or memory sample, or the tick."""
@@ -291,11 +291,11 @@ class Supervisor:
         self.switchboard.release_waiting()
         self.log.info("worker ready", worker=handle.slot, pid=handle.pid)
         self.workforce.set_title()
-        self.generations.on_ready(handle)
+        self.succession.on_ready(handle)
 
     def _on_spawner(self, event: SpawnerEvent) -> None:
         """Act on what a fork server said, or on its failure."""
-        handle = self.generations.on_spawner(event, self.stopping)
+        handle = self.succession.on_spawner(event, self.stopping)
         unclaimed = self._unclaimed.pop(handle.pid, None) if handle is not None else None
         if handle is not None and unclaimed is not None:  # it died before this answer came
             self._on_exit(handle, unclaimed[0])
@@ -326,18 +326,18 @@ class Supervisor:
             self._stop()
             answer(True, "stopping: in-flight requests finish within workers.shutdown_timeout")
         elif command.name == "reload":
-            self.generations.reload(answer, command.wait)
+            self.succession.reload(answer, command.wait)
         else:
-            answer(True, self.generations.scale(command.count))
+            answer(True, self.succession.scale(command.count))
 
     def _reload(self) -> None:
         """SIGHUP: a reload with no one to answer but the log."""
         if not self.stopping:
-            self.generations.reload(lambda ok, line: None)
+            self.succession.reload(lambda ok, line: None)
 
     def _scale_by(self, delta: int) -> None:
         if not self.stopping:
-            self.generations.scale_by(delta)
+            self.succession.scale_by(delta)
 
     def _interrupt(self) -> None:
         if self.stopping:
@@ -350,7 +350,7 @@ class Supervisor:
         self.log.info("stopping", signal=signal.Signals(signum).name)
         self.link.begin_stopping()
         self.workforce.stopping = True
-        self.generations.abandon()  # its workers stop with the rest
+        self.succession.abandon()  # its workers stop with the rest
         self.notifier.tell_stopping()
 
     # -- dead processes ----------------------------------------------------------------
@@ -387,7 +387,7 @@ class Supervisor:
         if handle.state is DRAINING:
             self.log.info("retired worker exited", worker=handle.slot, pid=handle.pid, how=how)
         else:
-            self.generations.on_death(handle, how)
+            self.succession.on_death(handle, how)
 
     # -- stopping ----------------------------------------------------------------------
 

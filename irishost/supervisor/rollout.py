@@ -40,7 +40,7 @@ Waiter = Callable[[bool, str], None]
 
 
 class RolloutHost(Protocol):
-    """What a rollout works on (``irishost.supervisor.generations.Generations``): the
+    """What a rollout works on (``irishost.supervisor.succession.Succession``): the
     parts it starts, retires and reconfigures, and where it clears itself."""
 
     workforce: Workforce

@@ -16,7 +16,7 @@ tests import by name are in production_support.py here and ../support.py.
 
 ``restore_root_logger`` (every test here)
     ``configure_logging``, called by in-process tests and by a reload
-    (test_generations.py), changes the root logger; it is put back after
+    (test_succession.py), changes the root logger; it is put back after
     each test, so no handler outlives the stream it writes to.
 
 ``notify``

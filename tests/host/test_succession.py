@@ -17,10 +17,10 @@ from irishost.config import Config, load_config
 from irishost.exits import Exit, HostError
 from irishost.ops.notify import Notifier
 from irishost.supervisor.generation import Generation
-from irishost.supervisor.generations import Generations
 from irishost.supervisor.handle import WorkerHandle, WorkerState
 from irishost.supervisor.relay_link import RelayLink
 from irishost.supervisor.spawner import LaunchFailed, Spawned, SpawnerEvent, SpawnFailed
+from irishost.supervisor.succession import Succession
 from irishost.supervisor.switchboard import Switchboard
 from irishost.supervisor.worker_table import Change, WorkerTable
 from irishost.supervisor.workforce import Workforce
@@ -75,7 +75,7 @@ class FakeSpawner:
 
 
 class Host:
-    """A Generations over a real workforce, table, switchboard and link, and the fake spawner."""
+    """A Succession over a real workforce, table, switchboard and link, and the fake spawner."""
 
     def __init__(self, config: Config):
         self.config = config
@@ -85,7 +85,7 @@ class Host:
         self.workforce = Workforce(Generation(0, config, 0), self.table, self.spawner, self.log)
         switchboard = Switchboard(config, self.log, self.table, self.workforce.recycle)
         self.link = RelayLink(config, switchboard, self.log)
-        self.generations = Generations(
+        self.succession = Succession(
             self.workforce, switchboard, self.link, Notifier(None, None), self.log, {}
         )
         self.replies: list[tuple[bool, str]] = []
@@ -94,7 +94,7 @@ class Host:
         self.replies.append((ok, line))
 
     def tell(self, event: SpawnerEvent) -> WorkerHandle | None:
-        return self.generations.on_spawner(event, stopping=False)
+        return self.succession.on_spawner(event, stopping=False)
 
     def boot(self, slot: int, generation: int) -> WorkerHandle:
         """The spawn for ``slot`` answered, and its worker READY."""
@@ -102,7 +102,7 @@ class Host:
         assert handle is not None
         self.table.transition(handle, Change.BOOTED)
         self.workforce.respawner.on_ready(slot)
-        self.generations.on_ready(handle)
+        self.succession.on_ready(handle)
         return handle
 
     def start(self) -> list[WorkerHandle]:
@@ -129,7 +129,7 @@ def host(tmp_path):
 
 def test_a_reload_takes_over_once_every_slot_of_it_is_ready(host):
     old = host.start()
-    host.generations.reload(host.reply)
+    host.succession.reload(host.reply)
     assert host.replies == [(True, host.replies[0][1])]
     assert host.replies[0][1].startswith("reload started (generation 1)")
     assert host.spawner.launched == [0, 1]
@@ -139,23 +139,23 @@ def test_a_reload_takes_over_once_every_slot_of_it_is_ready(host):
     assert host.workforce.generation.number == 0  # one of two: not yet
     host.boot(1, 1)
     assert host.workforce.generation.number == 1
-    assert host.generations.rollout is None
+    assert host.succession.rollout is None
     assert [w.state for w in old] == [WorkerState.DRAINING] * 2
     assert host.spawner.retained == {1}
 
 
 def test_a_reload_during_a_reload_is_refused_and_says_which(host):
     host.start()
-    host.generations.reload(host.reply)
-    host.generations.reload(host.reply)
+    host.succession.reload(host.reply)
+    host.succession.reload(host.reply)
     assert host.replies[1] == (False, "reload already in progress (generation 1)")
     assert host.spawner.launched == [0, 1]
 
 
 def test_a_scale_during_a_reload_applies_to_the_new_generation(host):
     host.start()
-    host.generations.reload(host.reply, wait=True)
-    answer = host.generations.scale(3)
+    host.succession.reload(host.reply, wait=True)
+    answer = host.succession.scale(3)
     assert answer == "scaling to 3 workers: applies to the reload in progress (generation 1)"
     assert sorted(host.spawner.spawning(1)) == [0, 1, 2]
     host.boot(0, 1)
@@ -168,10 +168,10 @@ def test_a_scale_during_a_reload_applies_to_the_new_generation(host):
 
 def test_a_failed_spawn_fails_the_reload_and_keeps_the_running_workers(host):
     old = host.start()
-    host.generations.reload(host.reply, wait=True)
+    host.succession.reload(host.reply, wait=True)
     host.boot(0, 1)
     host.tell(host.spawner.fail(1, 1))
-    assert host.generations.rollout is None
+    assert host.succession.rollout is None
     assert host.workforce.generation.number == 0
     assert [w.state for w in old] == [WorkerState.READY] * 2
     assert host.replies == [
@@ -188,7 +188,7 @@ def test_a_failed_spawn_fails_the_reload_and_keeps_the_running_workers(host):
 
 def test_a_fork_server_that_cannot_start_fails_the_reload_not_the_host(host):
     host.start()
-    host.generations.reload(host.reply, wait=True)
+    host.succession.reload(host.reply, wait=True)
     generation = host.spawner.generation(1)
     host.tell(LaunchFailed(generation, Exit.HANDLER, "handler error: boom", "Traceback"))
     assert host.replies == [
@@ -216,7 +216,7 @@ def test_a_failed_spawn_of_the_running_generation_is_retried_with_backoff(host):
 
 def test_a_worker_of_a_generation_given_up_meanwhile_is_not_taken_on(host):
     host.start()
-    host.generations.reload(host.reply)
+    host.succession.reload(host.reply)
     host.tell(host.spawner.fail(0, 1))  # the reload fails; slot 1's spawn is still out
     assert host.tell(host.spawner.answer(1, 1)) is None
     assert host.table.of_generation(1) == []

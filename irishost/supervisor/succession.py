@@ -1,4 +1,5 @@
-"""Which generation of workers runs, which one a rollout is starting, and what changes them.
+"""Succession: which generation of workers runs, which one a rollout is
+starting to succeed it, and what changes them.
 
 A reload (SIGHUP, ``irishost reload``) and a reconnect start a generation
 beside the running one (see :mod:`irishost.supervisor.rollout`); ``scale`` changes the
@@ -33,7 +34,7 @@ from .worker_table import WorkerTable
 from .workforce import Workforce, signal_worker
 
 
-class Generations:
+class Succession:
     """The running generation (the workforce's) and the rollout in progress, if any.
 
     It is what a :class:`~irishost.supervisor.rollout.Rollout` works on (its
