@@ -824,13 +824,20 @@ def bench_echo_overhead(report: _util.Report, settings: Settings, directory: Pat
         answered = dict.fromkeys(loaded_rigs, 0)
         load_cpu = dict.fromkeys(loaded_rigs, 0.0)  # all of the service's processes
         first_cpu = dict.fromkeys(loaded_rigs, 0.0)  # its first: irishost's supervisor
+        rest_cpu = dict.fromkeys(loaded_rigs, 0.0)  # the client (this process) and the relay
+        machine_cpu = dict.fromkeys(loaded_rigs, 0.0)  # everything that ran meanwhile
+        client = psutil.Process()
         for rig in alternating(loaded_rigs, settings.rounds):
-            processes = rig.processes()
+            processes = [*rig.processes(), client, rig.relay.ps]
             before = [_cpu_seconds(process) for process in processes]
+            machine_before = _cpu_split()[0]
             answered[rig] += load_window(rig, settings)
+            machine_cpu[rig] += _cpu_split()[0] - machine_before
             after = [_cpu_seconds(process) for process in processes]
-            load_cpu[rig] += sum(after) - sum(before)
-            first_cpu[rig] += after[0] - before[0]
+            spent = [end - start for start, end in zip(before, after, strict=True)]
+            load_cpu[rig] += sum(spent[:-2])
+            first_cpu[rig] += spent[0]
+            rest_cpu[rig] += sum(spent[-2:])
     baseline = report.add_latencies(f"echo latency: {plain.label}", samples[plain])
     for host in hosts:
         target = ECHO_TARGET if host is hosts[0] else None
@@ -854,6 +861,7 @@ def bench_echo_overhead(report: _util.Report, settings: Settings, directory: Pat
             baseline=plain_cpu,
         )
     report_loaded(report, settings, plain, hosts, wide, answered, load_cpu, first_cpu)
+    report_saturation(report, settings, [plain, *hosts, *wide], answered, rest_cpu, machine_cpu)
 
 
 def report_loaded(
@@ -895,6 +903,35 @@ def report_loaded(
             supervisor_cpu[rig] / answered[rig] * 1e6,
             "us",
             SUPERVISOR_TARGET if rig is hosts[0] else None,
+        )
+
+
+def report_saturation(
+    report: _util.Report,
+    settings: Settings,
+    rigs: list[Rig],
+    answered: dict[Rig, int],
+    rest_cpu: dict[Rig, float],
+    machine_cpu: dict[Rig, float],
+) -> None:
+    """What else each loaded window cost, and how busy the machine was.
+
+    When the cores are all busy, a side's requests/s is the cores over the CPU
+    per request of everything a request crosses (client, relay, service), so
+    a host's share of that decides its ratio to the plain service, whatever
+    the supervisor's own speed: the reason issue 19's figures need these."""
+    seconds = settings.rounds * settings.latency_seconds
+    loaded = f"{LOAD_CONCURRENCY} in flight"
+    for rig in rigs:
+        report.add(
+            f"echo CPU per request, {loaded}: {rig.label}, client + relay",
+            rest_cpu[rig] / answered[rig] * 1e6,
+            "us",
+        )
+        report.add(
+            f"echo, {loaded}: {rig.label}, cores busy (whole machine)",
+            machine_cpu[rig] / seconds,
+            "cores",
         )
 
 
