@@ -37,7 +37,11 @@ a ratio holds for this machine at this moment; absolute figures on a shared
   service's, the supervisor at most 8 us; at 2 workers, requests/s at
   least the plain service's). irishost with 1 worker also runs the
   ``iris.aio`` echo of configs/async_echo.py (its event-loop worker), in
-  every window, with no target of its own. ``--compare DIR`` (repeatable) adds
+  every window, with no target of its own. The loaded windows also count
+  the client's and the relay's CPU per request and how many cores the
+  whole machine kept busy: once the cores are all busy, requests/s is the
+  cores over everything a request crosses, whatever the supervisor's
+  speed. ``--compare DIR`` (repeatable) adds
   irishost run from the checkout DIR (its ``iris`` and ``irishost``) to the
   same alternation, here, in cpu-bound and in access-log: the way to tell
   whether a change helps or hurts, as run-to-run noise on this machine is
