@@ -81,24 +81,27 @@ writer adds the bytes it publishes to ``data_fd`` (``eventfd_write``), and
 the reader trusts only the bytes it has read back from there; the reader
 adds the bytes it frees to ``space_fd``, and the writer trusts only what it
 has read back from that. An eventfd's counter changes under its wait
-queue's spinlock: the writer's unlock is a release, ordering every store
-before it, the record's included (W1, R2); the reader's lock is an acquire,
-ordering every load after it, the copy of the record included (R1, W2); a
-read that returns the count took the lock after the write that added it.
+queue's spinlock. The side that writes a count unlocks last, a release:
+every access before it in that process is visible first, the writer's
+record stores (W1) or the reader's copy (R2). The side that reads the count
+locks first, an acquire: every access after it waits for it, the reader's
+copy (R1) or the writer's overwrite (W2). A read that returns the count
+took the lock after the write that added it, so the one happens before the
+other.
 The shared ``head`` and ``tail`` are still stored, as hints: a waiter spins
 on them to learn that a count is worth a system call, never to read a
 record. K disappears: every publication writes the eventfd, so a sleeper
 polls it with no flag and no handshake. The price, measured in
 BENCHMARKS.md: a system call per publication and two per batch read.
 
-Wakeups (TSO) travel through eventfds, never through the data: a sleeper sets its
-``*_waiting`` flag, fences, re-checks the ring and polls its eventfd; the
-other side publishes, fences, and writes the eventfd only when it sees the
-flag set.  Before
-sleeping a waiter spins for up to :data:`SPIN_SECONDS`, because a sleep/wake
-round trip through the kernel costs tens of microseconds, far more than a
-peer that is busy answering needs.  The spin shrinks when it keeps failing
-(see ``_Waiter``), so a loaded machine is not made busier.
+Wakeups (TSO) travel through eventfds, never through the data: a sleeper
+sets its ``*_waiting`` flag, fences, re-checks the ring and polls its
+eventfd; the other side publishes, fences, and writes the eventfd only when
+it sees the flag set.  Before sleeping a waiter (either discipline) spins
+for up to :data:`SPIN_SECONDS`, because a sleep/wake round trip through the
+kernel costs tens of microseconds, far more than a peer that is busy
+answering needs.  The spin shrinks when it keeps failing (see
+``_Waiter``), so a loaded machine is not made busier.
 """
 
 from __future__ import annotations
