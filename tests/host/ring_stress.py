@@ -18,10 +18,13 @@ put_batch.
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import platform
 import random
 import struct
 import zlib
+from collections.abc import Iterator
 
 from irishost.wire.ordering import Ordering, ordering_for
 from irishost.wire.ring import Ring
@@ -70,18 +73,30 @@ def write_records(ring: Ring, count: int) -> None:
                 ring.put(frame, TIMEOUT)
 
 
+@contextlib.contextmanager
+def writer_process(ring: Ring, count: int) -> Iterator[multiprocessing.Process]:
+    """:func:`write_records` in a forked child for the length of the block,
+    which is killed if it is still running at the end."""
+    child = multiprocessing.get_context("fork").Process(
+        target=write_records, args=(ring, count), daemon=True
+    )
+    child.start()
+    try:
+        yield child
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join(5)
+
+
 def read_records(ring: Ring, count: int) -> str | None:
     """The reader's side: None when all ``count`` records arrived intact and in
     order, else what was wrong with the first that did not."""
     seq = 0
     while seq < count:
-        frames = ring.drain()
-        if not frames:
-            frame = ring.get(TIMEOUT)
+        for frame in ring.drain() or [ring.get(TIMEOUT)]:
             if frame is None:
                 return f"record {seq}: nothing arrived within {TIMEOUT} s"
-            frames = [frame]
-        for frame in frames:
             expected = record(seq)
             if frame != expected:
                 return _describe(seq, frame, expected)

@@ -11,7 +11,6 @@ is tested from the machine's name, in a real interpreter told that name.
 from __future__ import annotations
 
 import mmap
-import multiprocessing
 import os
 import random
 import subprocess
@@ -27,31 +26,12 @@ from irishost.wire import ring as ring_module
 from irishost.wire.ordering import ENV_VARIABLE, Ordering, ordering_for
 from irishost.wire.ring import DEFAULT_CAPACITY, KernelOrderedRing, Ring, TsoRing
 
-CTX = multiprocessing.get_context("fork")
 STRESS_RECORDS = 1_000_000
 
 
 @pytest.fixture
 def prefix() -> str:
     return f"ringorder-{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-def spawn():
-    """Start forked children; whatever is still alive at teardown is killed."""
-    children = []
-
-    def start(target, *args) -> multiprocessing.Process:
-        child = CTX.Process(target=target, args=args, daemon=True)
-        child.start()
-        children.append(child)
-        return child
-
-    yield start
-    for child in children:
-        if child.is_alive():
-            child.kill()
-        child.join(5)
 
 
 # ------------------------------------------------------- choosing the discipline
@@ -128,13 +108,13 @@ def test_the_side_that_attaches_follows_the_creator_s_discipline(ordering, prefi
 
 
 @pytest.mark.parametrize("ordering", SOUND_HERE, ids=lambda o: o.value)
-def test_a_million_records_cross_two_processes_whole_and_in_order(ordering, prefix, spawn):
+def test_a_million_records_cross_two_processes_whole_and_in_order(ordering, prefix):
     ring = Ring.create(ring_stress.CAPACITY, prefix, ordering)
     try:
-        writer = spawn(ring_stress.write_records, ring, STRESS_RECORDS)
-        assert ring_stress.read_records(ring, STRESS_RECORDS) is None
-        writer.join(30)
-        assert writer.exitcode == 0
+        with ring_stress.writer_process(ring, STRESS_RECORDS) as writer:
+            assert ring_stress.read_records(ring, STRESS_RECORDS) is None
+            writer.join(30)
+            assert writer.exitcode == 0
         assert not ring.readable()
     finally:
         ring.close()
@@ -158,7 +138,7 @@ class _PublishesBeforeThePayload(TsoRing):
         super()._write_record(tail, word, payload)
 
 
-def test_the_stress_run_catches_a_record_published_before_its_payload(prefix, spawn):
+def test_the_stress_run_catches_a_record_published_before_its_payload(prefix):
     ring, segment = Ring.create_shared(ring_stress.CAPACITY, prefix, Ordering.TSO)
     try:
         mapping = mmap.mmap(segment, 0, mmap.MAP_SHARED)
@@ -168,8 +148,8 @@ def test_the_stress_run_catches_a_record_published_before_its_payload(prefix, sp
         mapping, ring.capacity, os.dup(ring.data_fd), os.dup(ring.space_fd)
     )
     try:
-        spawn(ring_stress.write_records, broken, 2_000)
-        problem = ring_stress.read_records(ring, 2_000)
+        with ring_stress.writer_process(broken, 2_000):
+            problem = ring_stress.read_records(ring, 2_000)
         assert problem is not None and "torn or stale" in problem, problem
     finally:
         broken.close()  # this process's copy: the writer child has its own
