@@ -14,20 +14,29 @@ the writer laps it every few dozen records: a stale byte is always the byte
 of another record. Every BIG_EVERY-th record is larger than half the ring,
 so fragmented frames are in the mix; the writer alternates put and
 put_batch.
+
+``python tests/host/ring_stress.py [COUNT]`` runs it once with the ring
+this interpreter chooses, for an interpreter that cannot run the suite: an
+aarch64 Python under qemu-user (BENCHMARKS.md says how).
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import platform
 import random
 import struct
+import sys
+import time
 import zlib
 from collections.abc import Iterator
 
-from irishost.wire.ordering import Ordering, ordering_for
-from irishost.wire.ring import Ring
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+from irishost.wire.ordering import Ordering, ordering_for  # noqa: E402
+from irishost.wire.ring import Ring  # noqa: E402
 
 #: The disciplines sound on this machine: KERNEL everywhere, TSO where the
 #: machine's name says so. A TSO ring is not tested where it may fail for
@@ -115,3 +124,23 @@ def _describe(seq: int, frame: bytes, expected: bytes) -> str:
     return (
         f"record {seq}: torn or stale at byte {first} of {len(expected)} (got {len(frame)} bytes)"
     )
+
+
+def main() -> int:
+    count = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
+    ring = Ring.create(CAPACITY, prefix=f"ringstress-{os.getpid()}")
+    print(f"{platform.machine()}, {struct.calcsize('P') * 8}-bit: {type(ring).__name__}")
+    started = time.perf_counter()
+    try:
+        with writer_process(ring, count) as writer:
+            problem = read_records(ring, count)
+            writer.join(TIMEOUT)
+    finally:
+        ring.close()
+    seconds = time.perf_counter() - started
+    print(f"{count:,} records in {seconds:.1f} s: {problem or 'all whole and in order'}")
+    return 1 if problem or writer.exitcode else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
