@@ -7,7 +7,12 @@ because Queue and Pipe pickle theirs.
 
 Targets (product spec, floors): one-way ring throughput at least 3x Queue;
 ring round trip at most half of a Pipe round trip. Exit status 1 when one
-is missed. bench/irishost_bench.py runs the same measurements against the
+is missed. On a machine whose rings are TSO (x86-64), the same two
+measurements of the KERNEL ordering follow, with no target: what the safe
+path of a weakly ordered CPU costs (irishost/wire/ordering.py). Last, the
+CPU one frame costs in one process (a put, then a get_nowait, no peer to
+wait for) under each ordering: the figure the machine's load moves least.
+bench/irishost_bench.py runs the same measurements against the
 same targets in alternating rounds.
 """
 
@@ -24,6 +29,7 @@ import msgpack
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from irishost.wire.ordering import ORDERING, Ordering  # noqa: E402
 from irishost.wire.ring import Ring  # noqa: E402
 
 CTX = multiprocessing.get_context("fork")
@@ -68,8 +74,8 @@ def _ring_producer(ring: Ring, count: int) -> None:
         put(pack(MESSAGE), TIMEOUT)
 
 
-def ring_throughput(count: int) -> float:
-    ring = Ring.create(prefix="ringbench")
+def ring_throughput(count: int, ordering: Ordering = ORDERING) -> float:
+    ring = Ring.create(prefix="ringbench", ordering=ordering)
     child = CTX.Process(target=_ring_producer, args=(ring, count))
     child.start()
     unpack = msgpack.unpackb
@@ -90,6 +96,21 @@ def ring_throughput(count: int) -> float:
     child.join()
     ring.close()
     return _rate(count - 1, elapsed)
+
+
+def ring_cost_in_one_process(count: int, ordering: Ordering) -> float:
+    """Microseconds of one put and one get_nowait of a 100-byte frame, best of 5."""
+    ring = Ring.create(prefix="ringbench", ordering=ordering)
+    frame = msgpack.packb(MESSAGE)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(count):
+            ring.put(frame)
+            ring.get_nowait()
+        best = min(best, time.perf_counter() - start)
+    ring.close()
+    return best / count * 1e6
 
 
 # --------------------------------------------------------------- round trip
@@ -121,9 +142,9 @@ def _ring_echo(requests: Ring, replies: Ring) -> None:
         replies.put(msgpack.packb(msgpack.unpackb(frame)), TIMEOUT)
 
 
-def ring_round_trips(count: int) -> list[float]:
-    requests = Ring.create(prefix="ringbench")
-    replies = Ring.create(prefix="ringbench")
+def ring_round_trips(count: int, ordering: Ordering = ORDERING) -> list[float]:
+    requests = Ring.create(prefix="ringbench", ordering=ordering)
+    replies = Ring.create(prefix="ringbench", ordering=ordering)
     child = CTX.Process(target=_ring_echo, args=(requests, replies))
     child.start()
     samples = []
@@ -159,6 +180,19 @@ def main() -> int:
         f"{round_trip}, Ring pair, median", ring_median, "us", PIPE_TARGET, baseline=pipe_median
     )
     report.add(f"{round_trip}, Ring pair, p99", _util.percentile(ring, 0.99), "us")
+    if ORDERING is not Ordering.KERNEL:
+        kernel_rate = ring_throughput(THROUGHPUT_MESSAGES, Ordering.KERNEL)
+        kernel = sorted(ring_round_trips(ROUND_TRIPS, Ordering.KERNEL))
+        label = "KernelOrderedRing"
+        report.add(f"{one_way}, {label} (drain)", kernel_rate, "msgs/s", baseline=ring_rate)
+        median = statistics.median(kernel)
+        report.add(f"{round_trip}, {label} pair, median", median, "us", baseline=ring_median)
+        report.add(f"{round_trip}, {label} pair, p99", _util.percentile(kernel, 0.99), "us")
+    one_process = f"one process, put + get_nowait x {ROUND_TRIPS:,}"
+    costs = {ordering: ring_cost_in_one_process(ROUND_TRIPS, ordering) for ordering in Ordering}
+    for ordering, cost in costs.items():
+        baseline = costs[ORDERING]
+        report.add(f"{one_process}, {ordering.value} ordering", cost, "us", baseline=baseline)
     report.print()
     print(f"\ntotal {time.perf_counter() - started:.1f} s")
     return 1 if report.missed() else 0

@@ -12,6 +12,7 @@ Memory layout of one mapping (all integers little-endian)::
 
     offset 0     +-------------------------------+
                  | head            u64           |  bytes consumed; only the reader stores it
+    offset 8     | ordering        u32           |  1 TSO, 2 KERNEL; stored once, by the creator
     offset 64    +-------------------------------+
                  | tail            u64           |  bytes produced; only the writer stores it
     offset 128   +-------------------------------+
@@ -23,8 +24,8 @@ Memory layout of one mapping (all integers little-endian)::
                  +-------------------------------+
 
 Each header field has its own 64-byte cache line, so the two sides never
-write to the same line.  ``head`` and ``tail`` only grow; ``tail - head`` is
-the number of bytes in use.
+write to the same line (``ordering`` is written before either side runs).
+``head`` and ``tail`` only grow; ``tail - head`` is the number of bytes in use.
 
 A record is a 4-byte length word followed by the payload, padded so the
 next record starts on an 8-byte boundary::
@@ -37,20 +38,70 @@ the capacity is a multiple of 8.  The word ``0xFFFFFFFF`` is an abort
 record: the writer gave up in the middle of a fragmented frame and the
 reader drops the fragments it has collected.
 
-Publishing is "write the record, then store ``tail``" (consuming: "copy
-the record out, then store ``head``"), so the peer never sees an index
-before the bytes it covers.  That relies on stores becoming visible in
-program order, which x86-64 guarantees and CPython does not disturb; a
-weakly ordered CPU would need more fences than _fence() provides.
+The ordering contract
+---------------------
+Four orderings keep a record whole; each is named for the access it protects:
 
-Wakeups travel through eventfds, never through the data: a sleeper sets its
-``*_waiting`` flag, fences, re-checks the ring and polls its eventfd; the
-other side publishes, fences, and writes the eventfd only when it sees the
-flag set.  Before
-sleeping a waiter spins for up to :data:`SPIN_SECONDS`, because a sleep/wake
-round trip through the kernel costs tens of microseconds, far more than a
-peer that is busy answering needs.  The spin shrinks when it keeps failing
-(see ``_Waiter``), so a loaded machine is not made busier.
+- **W1, writer, store/store**: the record's bytes (length word, payload) are
+  stored before the ``tail`` that covers them.
+- **R1, reader, load/load**: ``tail`` is loaded before the record bytes it
+  covers.
+- **R2, reader, load/store**: the record's bytes are copied out before the
+  ``head`` that frees them is stored (else the writer may overwrite them
+  mid-copy).
+- **W2, writer, load/store**: ``head`` is loaded before the bytes it freed
+  are overwritten.
+
+And one for waking, a Dekker handshake: a sleeper stores its ``*_waiting``
+flag, then loads the index; a publisher stores the index, then loads the
+flag (**K, store/load**, both sides).
+
+Each side of one ring follows one of two disciplines, chosen per machine by
+:mod:`irishost.wire.ordering` and recorded in the header so that the side
+that attaches follows the same:
+
+**TSO, x86-64 only: no fence for W1, R1, R2, W2.** x86-64 keeps stores in
+order with stores (W1), loads with loads (R1), and stores after earlier loads
+(R2, W2); the only reordering it allows is a load passing an earlier store
+(K). So program order is enough for the four, and CPython keeps the
+compiler from changing it: each index store, slice store and slice copy is
+a separate call into the C code of ``memoryview``/``mmap``, run in bytecode
+order, and no C compiler moves a memory access across a call it cannot see
+through. The indexes are aligned 8-byte words, stored and loaded by one
+instruction each (``memcpy`` of 8 bytes), so never seen half-written. K is
+the one place that needs a fence: :func:`_fence`, a lock's atomic
+read-modify-write (``lock cmpxchg``), a full barrier on x86.
+
+**KERNEL, every other CPU (and on request): nothing in shared memory is
+trusted.** aarch64, POWER and RISC-V reorder all four, and Python reaches
+no fence instruction (C11's ``atomic_thread_fence`` is in libatomic, which
+not every machine has; a lock's acquire-then-release is no full fence
+there). So each index a peer must trust travels through the kernel: the
+writer adds the bytes it publishes to ``data_fd`` (``eventfd_write``), and
+the reader trusts only the bytes it has read back from there; the reader
+adds the bytes it frees to ``space_fd``, and the writer trusts only what it
+has read back from that. An eventfd's counter changes under its wait
+queue's spinlock. The side that writes a count unlocks last, a release:
+every access before it in that process is visible first, the writer's
+record stores (W1) or the reader's copy (R2). The side that reads the count
+locks first, an acquire: every access after it waits for it, the reader's
+copy (R1) or the writer's overwrite (W2). A read that returns the count
+took the lock after the write that added it, so the one happens before the
+other.
+The shared ``head`` and ``tail`` are still stored, as hints: a waiter spins
+on them to learn that a count is worth a system call, never to read a
+record. K disappears: every publication writes the eventfd, so a sleeper
+polls it with no flag and no handshake. The price, measured in
+BENCHMARKS.md: a system call per publication and two per batch read.
+
+Wakeups (TSO) travel through eventfds, never through the data: a sleeper
+sets its ``*_waiting`` flag, fences, re-checks the ring and polls its
+eventfd; the other side publishes, fences, and writes the eventfd only when
+it sees the flag set.  Before sleeping a waiter (either discipline) spins
+for up to :data:`SPIN_SECONDS`, because a sleep/wake round trip through the
+kernel costs tens of microseconds, far more than a peer that is busy
+answering needs.  The spin shrinks when it keeps failing (see
+``_Waiter``), so a loaded machine is not made busier.
 """
 
 from __future__ import annotations
@@ -64,14 +115,20 @@ import secrets
 import select
 import threading
 import time
+from array import array
 from collections.abc import Callable, Sequence
 
 import psutil
 
+from .ordering import ORDERING, Ordering
+
 __all__ = [
     "DEFAULT_CAPACITY",
+    "KernelOrderedRing",
+    "Ordering",
     "SPIN_SECONDS",
     "Ring",
+    "TsoRing",
     "remove_stale_segments",
     "wait_readable",
 ]
@@ -100,6 +157,7 @@ HEADER_SIZE = 256
 # Indexes into the header viewed as u64 and as u32 words.
 _HEAD = 0
 _TAIL = 64 // 8
+_ORDERING = 8 // 4
 _READER_WAITING = 128 // 4
 _WRITER_WAITING = 192 // 4
 
@@ -110,6 +168,8 @@ _ABORT = 0xFFFFFFFF
 # always be written, even into a ring the reader has stopped emptying.
 _ABORT_RESERVE = 8
 _MAX_CAPACITY = 1 << 31
+# How the header's ordering word names each discipline.
+_ORDERING_CODES = {Ordering.TSO: 1, Ordering.KERNEL: 2}
 
 
 def _record_size(payload_len: int) -> int:
@@ -133,9 +193,12 @@ def _fence() -> None:
     _FENCE_LOCK.release()
 
 
-def _drain_eventfd(fd: int) -> None:
-    with contextlib.suppress(BlockingIOError):
-        os.eventfd_read(fd)
+def _take_count(fd: int) -> int:
+    """Read an eventfd's counter, resetting it; 0 when it was empty."""
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
 
 
 class _Waiter:
@@ -163,11 +226,14 @@ class _Waiter:
         deadline: float | None,
         wake_fds: Sequence[int] = (),
         spin: bool = True,
+        counted_fds: Sequence[int] = (),
     ) -> bool:
         """Return True once ``ready()`` or a ``wake_fds`` is readable, False if
-        the deadline passed first. ``spin=False`` sleeps at once (see Ring.get)."""
+        the deadline passed first. ``spin=False`` sleeps at once (see Ring.get).
+        ``counted_fds`` wake the sleeper to look at ``ready()`` again, and keep
+        their counts (``ready()`` collects them: KernelOrderedRing)."""
         if not spin:
-            return _sleep_until(ready, flags, fds, deadline, wake_fds)
+            return _sleep_until(ready, flags, fds, deadline, wake_fds, counted_fds)
         now = time.monotonic()
         spin_seconds = self._spin_seconds
         if not spin_seconds and now >= self._next_probe:
@@ -188,7 +254,7 @@ class _Waiter:
                 self._spin_seconds /= 2
                 if self._spin_seconds < MIN_SPIN_SECONDS:
                     self._spin_seconds = 0.0
-        return _sleep_until(ready, flags, fds, deadline, wake_fds)
+        return _sleep_until(ready, flags, fds, deadline, wake_fds, counted_fds)
 
 
 def _sleep_until(
@@ -197,6 +263,7 @@ def _sleep_until(
     fds: Sequence[int],
     deadline: float | None,
     wake_fds: Sequence[int] = (),
+    counted_fds: Sequence[int] = (),
 ) -> bool:
     """Sleep on ``fds`` until ``ready()`` or the deadline; False on timeout.
 
@@ -205,7 +272,7 @@ def _sleep_until(
     window in which a peer publishes after our check but before our sleep.
     """
     poller = select.poll()
-    for fd in (*fds, *wake_fds):
+    for fd in (*fds, *wake_fds, *counted_fds):
         poller.register(fd, select.POLLIN)
     while True:
         for words, index in flags:
@@ -225,8 +292,8 @@ def _sleep_until(
             for fd, _events in poller.poll(int(sleep * 1000) + 1):
                 if fd in wake_fds:
                     woken = True  # the caller reads its own descriptor
-                else:
-                    _drain_eventfd(fd)
+                elif fd not in counted_fds:
+                    _take_count(fd)
             if woken:
                 return True
         finally:
@@ -247,16 +314,27 @@ class Ring:
     the reader's copy of the object.  A ring belongs to one writer/reader
     pair for its whole life: give a restarted worker new rings rather than
     reusing the old ones.
+
+    The record format and the algorithms are here; how an index is
+    published, trusted and waited for is the discipline's (the module's
+    ordering contract): :meth:`create` returns a :class:`TsoRing` where that
+    is sound and a :class:`KernelOrderedRing` elsewhere.
     """
+
+    ordering: Ordering
+    #: The header words this side may trust (the writer: head; the reader: tail).
+    _trusted: memoryview | array[int]
+    # How a reader sleeps (_Waiter.wait): flags to set, fds to drain, fds to count.
+    _wake_flags: tuple[tuple[memoryview, int], ...]
+    _drained_fds: tuple[int, ...]
+    _counted_fds: tuple[int, ...]
 
     def __init__(self, mm: mmap.mmap, capacity: int, data_fd: int, space_fd: int) -> None:
         self._mm = mm
         self._capacity = capacity
-        #: Written by the writer when the reader may be asleep; poll it for
-        #: POLLIN to learn about new data together with other descriptors.
+        #: Poll it for POLLIN, with other descriptors, to learn of new records.
         self.data_fd = data_fd
-        #: Written by the reader when the writer may be waiting for space.
-        self.space_fd = space_fd
+        self.space_fd = space_fd  # tells the writer that the reader made room
         view = memoryview(mm)
         self._hdr64 = view[:HEADER_SIZE].cast("Q")
         self._hdr32 = view[:HEADER_SIZE].cast("I")
@@ -273,54 +351,77 @@ class Ring:
         self._closed = False
 
     @classmethod
-    def create(cls, capacity: int = DEFAULT_CAPACITY, prefix: str = "irishost") -> Ring:
-        """Create a ring in a private, already unlinked shared-memory segment.
-
-        The name exists only between ``O_CREAT`` and ``unlink`` a few lines
-        later, so not even a ``kill -9`` of the creator can leave it behind
-        in /dev/shm, except inside that window (see
-        :func:`remove_stale_segments`).
-        """
-        ring, segment = cls.create_shared(capacity, prefix)
+    def create(
+        cls,
+        capacity: int = DEFAULT_CAPACITY,
+        prefix: str = "irishost",
+        ordering: Ordering = ORDERING,
+    ) -> Ring:
+        """Create a ring in a private, already unlinked shared-memory segment."""
+        ring, segment = cls.create_shared(capacity, prefix, ordering)
         os.close(segment)
         return ring
 
     @classmethod
     def create_shared(
-        cls, capacity: int = DEFAULT_CAPACITY, prefix: str = "irishost"
+        cls,
+        capacity: int = DEFAULT_CAPACITY,
+        prefix: str = "irishost",
+        ordering: Ordering = ORDERING,
     ) -> tuple[Ring, int]:
         """:meth:`create`, and the segment's descriptor, to pass to another process
         (with ``data_fd`` and ``space_fd``) that maps it with :meth:`attach`.
-        The caller closes the descriptor."""
-        if capacity % 8 or not 64 <= capacity <= _MAX_CAPACITY:
-            raise ValueError(f"capacity must be a multiple of 8 in [64, 2**31], got {capacity}")
-        if "/" in prefix or not prefix:
-            raise ValueError(f"bad segment prefix {prefix!r}")
-        path = os.path.join(SHM_DIR, f"{prefix}-{os.getpid()}-{secrets.token_hex(8)}")
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        try:
-            # Already gone if systemd's RemoveIPC= swept the user's /dev/shm in
-            # between, as another unit of the same user stopped: no matter.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            os.ftruncate(fd, HEADER_SIZE + capacity)
-            mm = mmap.mmap(fd, HEADER_SIZE + capacity, mmap.MAP_SHARED)
-        except BaseException:
-            os.close(fd)
-            raise
+        The caller closes the descriptor. ``ordering`` is for tests and
+        benchmarks: the default is this machine's (irishost.wire.ordering)."""
+        mm, segment = _create_segment(capacity, prefix)
+        memoryview(mm)[:HEADER_SIZE].cast("I")[_ORDERING] = _ORDERING_CODES[ordering]
         data_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         space_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        return cls(mm, capacity, data_fd, space_fd), fd
+        return _ring_class(ordering)(mm, capacity, data_fd, space_fd), segment
 
     @classmethod
     def attach(cls, segment: int, data_fd: int, space_fd: int, capacity: int) -> Ring:
         """Map a ring another process made with :meth:`create_shared`; takes
-        over the three descriptors (the segment's is closed once mapped)."""
-        try:
-            mm = mmap.mmap(segment, HEADER_SIZE + capacity, mmap.MAP_SHARED)
-        finally:
-            os.close(segment)
-        return cls(mm, capacity, data_fd, space_fd)
+        over the three descriptors (the segment's is closed once mapped).
+        Follows the ordering its creator chose, whatever this process's."""
+        mm, ordering = _map_segment(segment, capacity)
+        return _ring_class(ordering)(mm, capacity, data_fd, space_fd)
+
+    # ------------------------------------------------------ the discipline's part
+
+    def readable(self) -> bool:
+        """True when at least one record is waiting.
+
+        A record can be one fragment of a frame still being written, so a
+        ring that is readable may still yield no complete frame.
+        """
+        raise NotImplementedError
+
+    def arm(self) -> None:
+        """Ask the writer to signal :attr:`data_fd` on its next publish.
+
+        For callers that poll ``data_fd`` themselves: arm, check
+        :meth:`readable`, poll, then :meth:`disarm`.
+        """
+        raise NotImplementedError
+
+    def disarm(self) -> None:
+        raise NotImplementedError
+
+    def _publish(self, tail: int) -> None:
+        """Make records up to ``tail`` visible, and wake a sleeping reader."""
+        raise NotImplementedError
+
+    def _wait_space(self, size: int, deadline: float | None) -> bool:
+        raise NotImplementedError
+
+    def _visible_tail(self) -> int:
+        """The tail up to which the reader may read records."""
+        raise NotImplementedError
+
+    def _free(self, head: int) -> None:
+        """Hand the bytes before ``head`` back to the writer, and wake it if it waits."""
+        raise NotImplementedError
 
     @property
     def capacity(self) -> int:
@@ -346,7 +447,7 @@ class Ring:
         hdr = self._hdr64
         tail = hdr[_TAIL]
         size = _record_size(len(frame))
-        full = tail - hdr[_HEAD] + size > self._usable
+        full = tail - self._trusted[_HEAD] + size > self._usable
         if full and not self._wait_space(size, _deadline(timeout)):
             raise TimeoutError("ring full: the reader did not make room in time")
         self._write_record(tail, len(frame), frame)
@@ -354,11 +455,11 @@ class Ring:
 
     def put_batch(self, frames: Sequence[bytes], timeout: float | None = None) -> int:
         """:meth:`put` each frame, publishing together those that fit; how many went in."""
-        hdr = self._hdr64
+        hdr, trusted = self._hdr64, self._trusted
         tail = hdr[_TAIL]
         for count, frame in enumerate(frames):
             end = tail + _record_size(len(frame))
-            if len(frame) <= self._max_fragment and end - hdr[_HEAD] <= self._usable:
+            if len(frame) <= self._max_fragment and end - trusted[_HEAD] <= self._usable:
                 self._write_record(tail, len(frame), frame)
                 tail = end
                 continue
@@ -392,13 +493,6 @@ class Ring:
         self._words[(tail % self._capacity) >> 2] = _ABORT
         self._publish(tail + _record_size(0))
 
-    def _publish(self, tail: int) -> None:
-        """Make records up to ``tail`` visible, and wake a sleeping reader."""
-        self._hdr64[_TAIL] = tail
-        _fence()
-        if self._hdr32[_READER_WAITING]:
-            os.eventfd_write(self.data_fd, 1)
-
     def _write_record(self, tail: int, word: int, payload: bytes | memoryview) -> None:
         capacity = self._capacity
         pos = tail % capacity
@@ -412,25 +506,7 @@ class Ring:
             self._data[start:capacity] = payload[:first]
             self._data[: end - capacity] = payload[first:]
 
-    def _wait_space(self, size: int, deadline: float | None) -> bool:
-        hdr = self._hdr64
-        room = self._usable - size
-
-        def has_space() -> bool:
-            return hdr[_TAIL] - hdr[_HEAD] <= room
-
-        flags = [(self._hdr32, _WRITER_WAITING)]
-        return self._space_waiter.wait(has_space, flags, [self.space_fd], deadline)
-
     # ----------------------------------------------------------------- reader
-
-    def readable(self) -> bool:
-        """True when at least one record is waiting.
-
-        A record can be one fragment of a frame still being written, so a
-        ring that is readable may still yield no complete frame.
-        """
-        return self._hdr64[_TAIL] != self._hdr64[_HEAD]
 
     def get_nowait(self) -> bytes | None:
         return next(iter(self._read(1)), None)
@@ -459,27 +535,19 @@ class Ring:
         """
         return self._read(max_frames)
 
-    def arm(self) -> None:
-        """Ask the writer to signal :attr:`data_fd` on its next publish.
-
-        For callers that poll ``data_fd`` themselves: arm, check
-        :meth:`readable`, poll, then :meth:`disarm`.
-        """
-        self._hdr32[_READER_WAITING] = 1
-        _fence()
-
-    def disarm(self) -> None:
-        self._hdr32[_READER_WAITING] = 0
-        _drain_eventfd(self.data_fd)
-
     def _wait_data(self, deadline: float | None, spin: bool = True) -> bool:
-        flags = [(self._hdr32, _READER_WAITING)]
-        return self._data_waiter.wait(self.readable, flags, [self.data_fd], deadline, spin=spin)
+        return self._data_waiter.wait(
+            self.readable,
+            self._wake_flags,
+            self._drained_fds,
+            deadline,
+            spin=spin,
+            counted_fds=self._counted_fds,
+        )
 
     def _read(self, max_frames: int) -> list[bytes]:
-        hdr = self._hdr64
-        head = hdr[_HEAD]
-        tail = hdr[_TAIL]
+        head = self._hdr64[_HEAD]
+        tail = self._visible_tail()
         if head == tail:
             return []
         frames: list[bytes] = []
@@ -512,10 +580,7 @@ class Ring:
             frames.append(payload)
             if len(frames) >= max_frames:
                 break
-        hdr[_HEAD] = head
-        _fence()
-        if self._hdr32[_WRITER_WAITING]:
-            os.eventfd_write(self.space_fd, 1)
+        self._free(head)
         return frames
 
     # -------------------------------------------------------------- lifecycle
@@ -540,6 +605,164 @@ class Ring:
         os.close(self.space_fd)
 
 
+class TsoRing(Ring):
+    """A ring for x86-64: TSO in the module's ordering contract. The shared
+    indexes are trusted as they are; the one fence is the wake-up handshake's."""
+
+    ordering = Ordering.TSO
+
+    def __init__(self, mm: mmap.mmap, capacity: int, data_fd: int, space_fd: int) -> None:
+        super().__init__(mm, capacity, data_fd, space_fd)
+        self._trusted = self._hdr64
+        self._wake_flags = ((self._hdr32, _READER_WAITING),)
+        self._drained_fds, self._counted_fds = (data_fd,), ()
+
+    # -- writer
+
+    def _publish(self, tail: int) -> None:
+        self._hdr64[_TAIL] = tail
+        _fence()
+        if self._hdr32[_READER_WAITING]:
+            os.eventfd_write(self.data_fd, 1)
+
+    def _wait_space(self, size: int, deadline: float | None) -> bool:
+        hdr = self._hdr64
+        room = self._usable - size
+
+        def has_space() -> bool:
+            return hdr[_TAIL] - hdr[_HEAD] <= room
+
+        flags = [(self._hdr32, _WRITER_WAITING)]
+        return self._space_waiter.wait(has_space, flags, [self.space_fd], deadline)
+
+    # -- reader
+
+    def readable(self) -> bool:
+        return self._hdr64[_TAIL] != self._hdr64[_HEAD]
+
+    def arm(self) -> None:
+        self._hdr32[_READER_WAITING] = 1
+        _fence()
+
+    def disarm(self) -> None:
+        self._hdr32[_READER_WAITING] = 0
+        _take_count(self.data_fd)
+
+    def _visible_tail(self) -> int:
+        return self._hdr64[_TAIL]
+
+    def _free(self, head: int) -> None:
+        self._hdr64[_HEAD] = head
+        _fence()
+        if self._hdr32[_WRITER_WAITING]:
+            os.eventfd_write(self.space_fd, 1)
+
+
+class KernelOrderedRing(Ring):
+    """A ring for CPUs that reorder memory accesses: KERNEL in the module's
+    ordering contract.
+
+    Each index a side trusts is one it counted through an eventfd: the
+    writer adds every publication's bytes to ``data_fd``, the reader every
+    batch's freed bytes to ``space_fd``. The shared ``head`` and ``tail``
+    are stored too, but only as hints that a count is worth a system call.
+    """
+
+    ordering = Ordering.KERNEL
+
+    def __init__(self, mm: mmap.mmap, capacity: int, data_fd: int, space_fd: int) -> None:
+        super().__init__(mm, capacity, data_fd, space_fd)
+        # Header-shaped, so both classes index it alike: the writer counts
+        # the reader's head in it, the reader the writer's tail.
+        self._trusted = array("Q", bytes(HEADER_SIZE))
+        self._wake_flags, self._drained_fds, self._counted_fds = (), (), (data_fd,)
+
+    # -- writer
+
+    def _publish(self, tail: int) -> None:
+        """Count the new records into ``data_fd``, which also wakes a sleeping reader."""
+        hdr = self._hdr64
+        published = tail - hdr[_TAIL]
+        if published:
+            hdr[_TAIL] = tail  # the hint first: a reader the count wakes finds it
+            os.eventfd_write(self.data_fd, published)
+
+    def _wait_space(self, size: int, deadline: float | None) -> bool:
+        hdr, trusted = self._hdr64, self._trusted
+        room = self._usable - size
+
+        def has_space() -> bool:
+            if hdr[_HEAD] != trusted[_HEAD]:  # the reader has freed more than counted
+                trusted[_HEAD] += _take_count(self.space_fd)
+            return hdr[_TAIL] - trusted[_HEAD] <= room
+
+        counted = (self.space_fd,)
+        return self._space_waiter.wait(has_space, (), (), deadline, counted_fds=counted)
+
+    # -- reader
+
+    def readable(self) -> bool:
+        return self._visible_tail() != self._hdr64[_HEAD]
+
+    def arm(self) -> None:
+        """Nothing to ask: the writer counts every publication into :attr:`data_fd`."""
+
+    def disarm(self) -> None:
+        """Nothing to drop: :attr:`data_fd`'s count is the reader's to collect."""
+
+    def _visible_tail(self) -> int:
+        trusted = self._trusted
+        if self._hdr64[_TAIL] != trusted[_TAIL]:  # the writer has published more than counted
+            trusted[_TAIL] += _take_count(self.data_fd)
+        return trusted[_TAIL]
+
+    def _free(self, head: int) -> None:
+        hdr = self._hdr64
+        freed = head - hdr[_HEAD]
+        hdr[_HEAD] = head  # the hint first, as in _publish
+        os.eventfd_write(self.space_fd, freed)
+
+
+def _ring_class(ordering: Ordering) -> type[Ring]:
+    return KernelOrderedRing if ordering is Ordering.KERNEL else TsoRing
+
+
+def _create_segment(capacity: int, prefix: str) -> tuple[mmap.mmap, int]:
+    """A new shared-memory segment for a ring, mapped, and its descriptor.
+
+    The name exists only between ``O_CREAT`` and ``unlink`` a few lines
+    later, so not even a ``kill -9`` of the creator can leave it behind in
+    /dev/shm, except inside that window (see :func:`remove_stale_segments`).
+    """
+    if capacity % 8 or not 64 <= capacity <= _MAX_CAPACITY:
+        raise ValueError(f"capacity must be a multiple of 8 in [64, 2**31], got {capacity}")
+    if "/" in prefix or not prefix:
+        raise ValueError(f"bad segment prefix {prefix!r}")
+    path = os.path.join(SHM_DIR, f"{prefix}-{os.getpid()}-{secrets.token_hex(8)}")
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        # Already gone if systemd's RemoveIPC= swept the user's /dev/shm in
+        # between, as another unit of the same user stopped: no matter.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.ftruncate(fd, HEADER_SIZE + capacity)
+        return mmap.mmap(fd, HEADER_SIZE + capacity, mmap.MAP_SHARED), fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _map_segment(segment: int, capacity: int) -> tuple[mmap.mmap, Ordering]:
+    """Map a ring's segment (Ring.attach), closing its descriptor; and the
+    ordering its creator recorded."""
+    try:
+        mm = mmap.mmap(segment, HEADER_SIZE + capacity, mmap.MAP_SHARED)
+    finally:
+        os.close(segment)
+    code = memoryview(mm)[:HEADER_SIZE].cast("I")[_ORDERING]
+    return mm, next(o for o, c in _ORDERING_CODES.items() if c == code)
+
+
 #: The spin budget of wait_readable().  One per process, because the call is
 #: meant for the single thread that collects from all workers.
 _collector = _Waiter()
@@ -561,9 +784,10 @@ def wait_readable(
     def any_readable() -> bool:
         return any(ring.readable() for ring in rings)
 
-    flags = [(ring._hdr32, _READER_WAITING) for ring in rings]
-    fds = [ring.data_fd for ring in rings]
-    _collector.wait(any_readable, flags, fds, _deadline(timeout), wake_fds)
+    flags = [flag for ring in rings for flag in ring._wake_flags]
+    fds = [fd for ring in rings for fd in ring._drained_fds]
+    counted = [fd for ring in rings for fd in ring._counted_fds]
+    _collector.wait(any_readable, flags, fds, _deadline(timeout), wake_fds, counted_fds=counted)
     return [ring for ring in rings if ring.readable()]
 
 

@@ -32,6 +32,7 @@ import time
 
 import iris
 from irishost.wire import frames
+from irishost.wire.ring import Ring
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECORDS = os.path.join(HERE, "records.jsonl")
@@ -119,6 +120,11 @@ class ProbeHandler(iris.ServiceHandler):
 
     def do_pid(self, _: str) -> bytes:
         return str(os.getpid()).encode()
+
+    def do_rings(self, _: str) -> bytes:
+        """The classes of this worker's rings: which memory ordering they follow."""
+        rings = [type(o).__name__ for o in gc.get_objects() if isinstance(o, Ring)]
+        return " ".join(sorted(rings)).encode()
 
     def do_sleep(self, seconds: str) -> bytes:
         time.sleep(float(seconds))
