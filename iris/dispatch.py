@@ -14,7 +14,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 from . import codec
 from .errors import ClosedError
@@ -22,6 +22,7 @@ from .handlers import ServiceHandler, TunnelEnd
 from .limits import ServiceLimits
 from .logs import ContextLog, HandlerErrorLog, RateLimitedWarning
 from .pool import HandlerPool
+from .session import RouteLeading, Session
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -139,6 +140,14 @@ class Inbound(Protocol[_Tunnel_contra]):
     def close(self) -> None:
         """The connection ended; release the threads or cancel the tasks still running."""
 
+    @property
+    def route_leading(self) -> RouteLeading | None:
+        """None, or a fast path for requests: called with the bytes of each
+        read before they are decoded, it takes the complete requests at their
+        start and returns how many bytes they were (irishost's supervisor
+        does). An attribute, not a method, so that the reader reads it once
+        and calls it without a lookup per read."""
+
 
 # The kind of tunnel a member connection makes: iris.Tunnel or iris.aio.Tunnel.
 _Tunnel = TypeVar("_Tunnel")
@@ -149,24 +158,33 @@ class MemberConnection(Generic[_Tunnel]):
     relay's work to their Inbound, and send its replies.
 
     The connection sets ``inbound`` (None for a plain client) and
-    ``close_reason`` (None until it has ended), and has ``log`` and ``_send``.
+    ``_session`` (its iris.session.Session), and has ``log`` and ``_send``.
     """
 
     inbound: Inbound[_Tunnel] | None
-    close_reason: str | None
+    _session: Session[Any, _Tunnel, Any]
     log: ContextLog
     _send: Callable[[bytes], None]
 
-    def _closed_error(self) -> ClosedError:
-        """What a call on the ended connection raises: why it ended, if the
-        relay said (say, a permission it refused), so the caller learns it."""
-        return ClosedError(self.close_reason or "connection closed")
+    @property
+    def close_reason(self) -> str | None:
+        """Why the connection ended (None until it has)."""
+        return self._session.close_reason
 
-    def _member_inbound(self, what: str) -> Inbound[_Tunnel]:
-        """The Inbound; ProtocolError naming ``what`` the relay sent to a plain client."""
-        if self.inbound is None:
-            raise codec.ProtocolError(f"relay sent {what} to a plain client")
-        return self.inbound
+    def _member_inbound(self) -> Inbound[_Tunnel]:
+        """The Inbound: the session passes requests, broadcasts and tunnels
+        only to a member, which has one."""
+        return cast(Inbound[_Tunnel], self.inbound)
+
+    def _on_request(self, packet: codec.RequestDelivery) -> None:
+        if self.log.is_debug():
+            self.log.debug("request arrived", id=packet.id, size=len(packet.request))
+        self._member_inbound().request(packet.id, packet.request, packet.timeout_ms / 1000)
+
+    def _on_broadcast(self, packet: codec.BroadcastDelivery) -> None:
+        if self.log.is_debug():
+            self.log.debug("broadcast arrived", size=len(packet.message))
+        self._member_inbound().broadcast(packet.message)
 
     def reply(self, request_id: int, success: bool, payload: bytes | str) -> None:
         """Answer an inbound request (for Inbound implementations).
@@ -184,7 +202,7 @@ class MemberConnection(Generic[_Tunnel]):
             success = False
             self.log.error("reply refused", id=request_id, reason=payload)
         try:
-            self._send(codec.Reply(request_id, success, payload).encode())
+            self._send(codec.ReplyPacket(request_id, success, payload).encode())
         except ClosedError:
             self.log.debug("reply lost: connection closed", id=request_id)
 
@@ -228,6 +246,8 @@ class HandlerDispatch:
         self._no_tunnel_thread = RateLimitedWarning(log, "tunnel closed: no thread for it")
         self._started = threading.Event()
         self._closed = False
+
+    route_leading = None  # no fast path: every request goes through request()
 
     def start(self) -> None:
         self._requests.start()

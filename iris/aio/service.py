@@ -14,7 +14,7 @@ import asyncio
 import inspect
 from typing import Protocol, cast
 
-from ..connection import DEFAULT_PORT, _validate_name
+from ..connection import DEFAULT_PORT
 from ..dispatch import checked_reply, fault_text, memory_fault
 from ..errors import ClosedError
 from ..handlers import CLOSE_FAILED
@@ -22,6 +22,7 @@ from ..limits import ServiceLimits
 from ..logs import ContextLog, HandlerErrorLog, RateLimitedWarning
 from ..send_buffer import DEFAULT_SEND_BUFFER, check_send_buffer
 from ..service import _service_ids
+from ..session import check_name
 from .connection import Connection, Opening
 from .handlers import ServiceHandler
 from .pool import UNCAPPED, HandlerPool
@@ -127,6 +128,8 @@ class HandlerDispatch:
         self._drops.start()
         self._broadcast_overflow = RateLimitedWarning(log, "broadcast dropped: memory limit")
 
+    route_leading = None  # no fast path: every request goes through request()
+
     def start(self) -> None:
         for pool in (self._requests, self._broadcasts, self._tunnels):
             pool.start()
@@ -215,7 +218,7 @@ def register(
     the connection's bound on bytes queued but not yet sent, as in
     :func:`iris.aio.connect`.
     """
-    _validate_name("cluster", cluster)
+    check_name("cluster", cluster)
     check_send_buffer(send_buffer)
     if not isinstance(handler, ServiceHandler):
         raise ValueError("handler must be an iris.aio.ServiceHandler instance")
@@ -224,10 +227,16 @@ def register(
     async def open_() -> Service:
         log = ContextLog().new(service=next(_service_ids))
         log.info("registering service", cluster=cluster)
-        conn = Connection(cluster, log, send_buffer)
         # Handler errors name the cluster, as in iris.register.
-        dispatch = HandlerDispatch(conn, handler, limits, log.new(cluster=cluster))
-        conn.inbound = dispatch
+        handler_log = log.new(cluster=cluster)
+        conn = Connection(
+            cluster,
+            log,
+            send_buffer,
+            lambda conn: HandlerDispatch(conn, handler, limits, handler_log),
+        )
+        # The inbound factory above made it: narrowed, not a check that can fail.
+        dispatch = cast(HandlerDispatch, conn.inbound)
         await conn._attach(port)
         try:
             await settle(handler.init(conn))
