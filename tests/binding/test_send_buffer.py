@@ -169,3 +169,73 @@ def test_asyncio_publish_and_request_wait_for_room_and_resume(echo):
             assert await conn.request("echo", b"again", 10) == b"again"
 
     asyncio.run(main())
+
+
+def test_threaded_tunnel_send_waits_for_room_and_its_timeout_applies(echo):
+    """With the relay not reading, a tunnel's sends block once the bound is
+    full; a send with a timeout, behind one that waits for room on the same
+    tunnel, gives up at its timeout; both go on once the relay reads again."""
+    messages, size = 40, MiB
+    with iris.connect(echo.port, send_buffer=256 * 1024) as conn, conn.tunnel("echo", 10) as tunnel:
+        tunnel.send(b"warm")
+        assert tunnel.recv(10) == b"warm"
+        stalled = Stalled(echo.proc.pid)
+        try:
+            sent = [0]
+
+            def send_all() -> None:
+                for _ in range(messages):
+                    tunnel.send(b"t" * size)
+                    sent[0] += 1
+
+            sender = threading.Thread(target=send_all, daemon=True)
+            sender.start()
+            wait_until_stuck(sent)
+            assert sent[0] < messages, "40 MiB went out to a relay that reads nothing"
+
+            started = time.monotonic()
+            with pytest.raises(iris.TimeoutError, match="timed out"):
+                tunnel.send(b"late", timeout=0.5)
+            assert 0.5 <= time.monotonic() - started < 10.0
+        finally:
+            stalled.resume()
+        sender.join(60)
+        assert sent[0] == messages
+        for _ in range(messages):
+            assert len(tunnel.recv(30)) == size
+
+
+def test_asyncio_tunnel_send_waits_for_room_and_its_timeout_applies(echo):
+    messages, size = 40, MiB
+
+    async def main() -> None:
+        async with iris.aio.connect(echo.port, send_buffer=256 * 1024) as conn:
+            tunnel = await conn.tunnel("echo", 10)
+            await tunnel.send(b"warm")
+            assert await tunnel.recv(10) == b"warm"
+            stalled = Stalled(echo.proc.pid)
+            try:
+                sent = [0]
+
+                async def send_all() -> None:
+                    for _ in range(messages):
+                        await tunnel.send(b"t" * size)
+                        sent[0] += 1
+
+                sender = asyncio.create_task(send_all())
+                await asyncio.to_thread(wait_until_stuck, sent)
+                assert sent[0] < messages, "40 MiB went out to a relay that reads nothing"
+
+                started = time.monotonic()
+                with pytest.raises(iris.TimeoutError, match="timed out"):
+                    await tunnel.send(b"late", timeout=0.5)
+                assert 0.5 <= time.monotonic() - started < 10.0
+            finally:
+                stalled.resume()
+            await asyncio.wait_for(sender, 60)
+            assert sent[0] == messages
+            for _ in range(messages):
+                assert len(await tunnel.recv(30)) == size
+            await tunnel.close()
+
+    asyncio.run(main())
