@@ -116,7 +116,9 @@ class _Peer:
 
 
 def check_figures(report: _util.Report, permissions: Permissions) -> None:
-    stream = b"".join(codec.RequestPacket(i, CLUSTER, b"x" * 100, 10_000).encode() for i in range(BATCH))
+    stream = b"".join(
+        codec.RequestPacket(i, CLUSTER, b"x" * 100, 10_000).encode() for i in range(BATCH)
+    )
     per_request = {}
     for label, gate in (("no permissions", None), ("permissions, cleared", Gate(permissions))):
         router = Router(gate=gate)

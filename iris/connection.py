@@ -142,12 +142,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         """Detach gracefully; pending calls on this connection raise ClosedError."""
         with self._state_lock:
             farewell = self._session.close()
-        if farewell is not None:
-            self.log.info("detaching from relay")
-            try:
-                self._send(farewell)
-            except ClosedError:
-                pass
+        self._say_goodbye(farewell)
         if threading.current_thread() is not self._reader:
             self._closed.wait(CLOSE_TIMEOUT)
         self._end()
@@ -177,19 +172,14 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         for call in ended.calls:
             call.waiter.resolve(ClosedError(ended.reason))
         self._handoff.wake_all()
-        for tunnel in ended.tunnels:
-            tunnel._on_closed(ended.reason)
+        self._close_tunnels(ended.tunnels, ended.reason)
         for subscription in ended.subscriptions:
             subscription.pool.close()
-        if self.inbound is not None:
-            self.inbound.close()
+        self._close_inbound()
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
-        if ended.dropped:
-            self.log.warning("relay connection dropped", reason=ended.reason)
-            if self.inbound is not None:
-                self.inbound.drop(ClosedError(ended.reason))
+        self._report_drop(ended)
 
     # -- sending -------------------------------------------------------------
 

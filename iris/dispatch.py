@@ -22,7 +22,7 @@ from .handlers import ServiceHandler, TunnelEnd
 from .limits import ServiceLimits
 from .logs import ContextLog, HandlerErrorLog, RateLimitedWarning
 from .pool import HandlerPool
-from .session import RouteLeading, Session
+from .session import Ended, RouteLeading, Session
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -154,8 +154,9 @@ _Tunnel = TypeVar("_Tunnel")
 
 
 class MemberConnection(Generic[_Tunnel]):
-    """What both bindings' connections do as a cluster member: hand the
-    relay's work to their Inbound, and send its replies.
+    """What both bindings' connection shells share: as a cluster member,
+    hand the relay's work to their Inbound and send its replies; and the
+    steps of a goodbye and an end that do not depend on how they wait.
 
     The connection sets ``inbound`` (None for a plain client) and
     ``_session`` (its iris.session.Session), and has ``log`` and ``_send``.
@@ -175,6 +176,24 @@ class MemberConnection(Generic[_Tunnel]):
         """The Inbound: the session passes requests, broadcasts and tunnels
         only to a member, which has one."""
         return cast(Inbound[_Tunnel], self.inbound)
+
+    def _say_goodbye(self, farewell: bytes | None) -> None:
+        """Send the session's CLOSE, if it gave one (the first close() only)."""
+        if farewell is not None:
+            self.log.info("detaching from relay")
+            with contextlib.suppress(ClosedError):  # ended already: nothing to say
+                self._send(farewell)
+
+    def _close_inbound(self) -> None:
+        if self.inbound is not None:
+            self.inbound.close()
+
+    def _report_drop(self, ended: Ended[Any, Any, Any]) -> None:
+        """The last step of an end: a drop is logged, and the Inbound told."""
+        if ended.dropped:
+            self.log.warning("relay connection dropped", reason=ended.reason)
+            if self.inbound is not None:
+                self.inbound.drop(ClosedError(ended.reason))
 
     def _on_request(self, packet: codec.RequestDelivery) -> None:
         if self.log.is_debug():

@@ -351,11 +351,8 @@ class Session(Generic[_Waiter, _Tunnel, _Pool]):
     def check_request(self, cluster: str, request: bytes, timeout: float) -> tuple[bytes, int]:
         """A request's arguments checked, before the shell waits for room:
         the request as bytes and the timeout in milliseconds."""
-        check_name("cluster", cluster)
-        request = check_message("request", request)
         millis = timeout_ms(timeout)
-        self.check_open()
-        return request, millis
+        return self._checked("cluster", cluster, "request", request), millis
 
     def request(
         self, cluster: str, request: bytes, millis: int, timeout: float, now: float, waiter: _Waiter
@@ -372,10 +369,8 @@ class Session(Generic[_Waiter, _Tunnel, _Pool]):
         self._tunnel_calls.pop(call.id, None)
 
     def check_broadcast(self, cluster: str, message: bytes) -> bytes:
-        check_name("cluster", cluster)
-        message = check_message("message", message)
-        self.check_open()
-        return message
+        """A broadcast's arguments checked, before the shell waits for room."""
+        return self._checked("cluster", cluster, "message", message)
 
     def broadcast(self, cluster: str, message: bytes) -> bytes:
         """A checked broadcast's packet (:meth:`check_broadcast`)."""
@@ -383,10 +378,8 @@ class Session(Generic[_Waiter, _Tunnel, _Pool]):
         return codec.BroadcastPacket(cluster, message).encode()
 
     def check_publish(self, topic: str, event: bytes) -> bytes:
-        check_name("topic", topic)
-        event = check_message("event", event)
-        self.check_open()
-        return event
+        """An event's arguments checked, before the shell waits for room."""
+        return self._checked("topic", topic, "event", event)
 
     def publish(self, topic: str, event: bytes) -> bytes:
         """A checked event's packet (:meth:`check_publish`)."""
@@ -479,6 +472,13 @@ class Session(Generic[_Waiter, _Tunnel, _Pool]):
             list(tunnels.values()),
             list(subscriptions.values()),
         )
+
+    def _checked(self, name_kind: str, name: str, message_kind: str, message: bytes) -> bytes:
+        """The message as bytes, once the name, the message and the state allow sending."""
+        check_name(name_kind, name)
+        message = check_message(message_kind, message)
+        self.check_open()
+        return message
 
     def _register(self, calls: dict[int, PendingCall[_Waiter]], call: PendingCall[_Waiter]) -> None:
         calls[call.id] = call

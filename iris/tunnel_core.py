@@ -15,18 +15,10 @@ from collections.abc import Callable
 from typing import Any, Generic, Protocol, Self, TypeVar
 
 from . import chunks, codec
+from . import session as protocol
 from .errors import ClosedError
 from .logs import ContextLog
-from .session import (
-    PendingCall,
-    Session,
-    TunnelAllowed,
-    TunnelData,
-    TunnelEnded,
-    TunnelOffered,
-    TunnelOpened,
-    TunnelRefused,
-)
+from .session import PendingCall, Session
 
 
 class TunnelHost(Protocol):
@@ -137,13 +129,18 @@ class TunnelRoutes(Generic[_Tunnel]):
     def _forget_tunnel(self, tid: int) -> None:
         self._session.forget_tunnel(tid)
 
-    def _on_tunnel_offered(self, event: TunnelOffered[_Tunnel]) -> None:
+    def _close_tunnels(self, tunnels: list[_Tunnel], reason: str) -> None:
+        """The session ended: its tunnels end too, waking whoever waits on them."""
+        for tunnel in tunnels:
+            tunnel._on_closed(reason)
+
+    def _on_tunnel_offered(self, event: protocol.TunnelOffered[_Tunnel]) -> None:
         """A member accepted a tunnel: confirm it and hand it to the service."""
         self._send(event.send)
         event.tunnel.log.info("inbound tunnel accepted")
         self._member_inbound().tunnel(event.tunnel)
 
-    def _on_tunnel_opened(self, event: TunnelOpened[Any, _Tunnel]) -> None:
+    def _on_tunnel_opened(self, event: protocol.TunnelOpened[Any, _Tunnel]) -> None:
         """The relay's answer to this connection's ``tunnel()`` call."""
         self._send(event.send)
         if event.call is None:  # its caller gave up already
@@ -152,16 +149,16 @@ class TunnelRoutes(Generic[_Tunnel]):
             event.tunnel.log.info("tunnel established")
             self._resolve(event.call, event.tunnel)
 
-    def _on_tunnel_refused(self, event: TunnelRefused[Any]) -> None:
+    def _on_tunnel_refused(self, event: protocol.TunnelRefused[Any]) -> None:
         self._resolve(event.call, event.call.timed_out())
 
-    def _on_tunnel_allowed(self, event: TunnelAllowed[_Tunnel]) -> None:
+    def _on_tunnel_allowed(self, event: protocol.TunnelAllowed[_Tunnel]) -> None:
         event.tunnel._on_allow(event.size)
 
-    def _on_tunnel_data(self, event: TunnelData[_Tunnel]) -> None:
+    def _on_tunnel_data(self, event: protocol.TunnelData[_Tunnel]) -> None:
         event.tunnel._on_transfer(event.size, event.chunk)
 
-    def _on_tunnel_ended(self, event: TunnelEnded[_Tunnel]) -> None:
+    def _on_tunnel_ended(self, event: protocol.TunnelEnded[_Tunnel]) -> None:
         event.tunnel._on_closed(event.reason)
 
 
@@ -170,10 +167,10 @@ class TunnelRoutes(Generic[_Tunnel]):
 # takes its own event type, which a dict's value type cannot tie to its key:
 # hence Any.
 TUNNEL_HANDLERS: dict[type, Callable[[TunnelRoutes[Any], Any], None]] = {
-    TunnelOffered: TunnelRoutes._on_tunnel_offered,
-    TunnelOpened: TunnelRoutes._on_tunnel_opened,
-    TunnelRefused: TunnelRoutes._on_tunnel_refused,
-    TunnelAllowed: TunnelRoutes._on_tunnel_allowed,
-    TunnelData: TunnelRoutes._on_tunnel_data,
-    TunnelEnded: TunnelRoutes._on_tunnel_ended,
+    protocol.TunnelOffered: TunnelRoutes._on_tunnel_offered,
+    protocol.TunnelOpened: TunnelRoutes._on_tunnel_opened,
+    protocol.TunnelRefused: TunnelRoutes._on_tunnel_refused,
+    protocol.TunnelAllowed: TunnelRoutes._on_tunnel_allowed,
+    protocol.TunnelData: TunnelRoutes._on_tunnel_data,
+    protocol.TunnelEnded: TunnelRoutes._on_tunnel_ended,
 }

@@ -42,6 +42,7 @@ from collections.abc import Awaitable, Callable, Generator
 from typing import Any, Generic, Protocol, TypeVar, cast
 
 from .. import codec
+from .. import session as protocol
 from ..connection import CLOSE_TIMEOUT, DEFAULT_PORT, HANDSHAKE_TIMEOUT, RECV_SIZE
 from ..dispatch import Inbound, MemberConnection
 from ..errors import ClosedError, TimeoutError
@@ -49,17 +50,7 @@ from ..handlers import TopicHandler
 from ..limits import TopicLimits
 from ..logs import ContextLog, HandlerErrorLog
 from ..send_buffer import DEFAULT_SEND_BUFFER, check_send_buffer, no_room
-from ..session import (
-    Accepted,
-    CallAnswered,
-    PendingCall,
-    Refused,
-    RelayEnded,
-    Session,
-    Subscription,
-    TopicEvent,
-    check_port,
-)
+from ..session import PendingCall, Session, Subscription, check_port
 from ..tunnel_core import TUNNEL_HANDLERS, TunnelRoutes
 from .pool import HandlerPool
 from .tunnel import Tunnel
@@ -171,13 +162,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
 
     async def close(self) -> None:
         """Detach gracefully; pending calls on this connection raise ClosedError."""
-        farewell = self._session.close()
-        if farewell is not None:
-            self.log.info("detaching from relay")
-            try:
-                self._send(farewell)
-            except ClosedError:
-                pass
+        self._say_goodbye(self._session.close())
         await asyncio.wait([self._finished], timeout=CLOSE_TIMEOUT)
         self._end()
 
@@ -202,12 +187,10 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         for call in ended.calls:
             if not call.waiter.done():
                 call.waiter.set_exception(ClosedError(ended.reason))
-        for tunnel in ended.tunnels:
-            tunnel._on_closed(ended.reason)
+        self._close_tunnels(ended.tunnels, ended.reason)
         for subscription in ended.subscriptions:
             subscription.pool.cancel()
-        if self.inbound is not None:
-            self.inbound.close()
+        self._close_inbound()
         if self._sweeper is not None:
             self._sweeper.cancel()
         self._room.set()  # wake senders waiting for room; they find the end
@@ -217,10 +200,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         if self._transport is not None:
             self._transport.close()
         self._finished.set_result(None)
-        if ended.dropped:
-            self.log.warning("relay connection dropped", reason=ended.reason)
-            if self.inbound is not None:
-                self.inbound.drop(ClosedError(ended.reason))
+        self._report_drop(ended)
 
     # -- sending ---------------------------------------------------------------------
 
@@ -304,19 +284,19 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         reply is dropped. Over the connection's ``send_buffer`` it first waits
         for room; the timeout counts that wait too.
         """
-        session = self._session
-        request, millis = session.check_request(cluster, request, timeout)
+        request, millis = self._session.check_request(cluster, request, timeout)
         if self._over_bound():
             await self._wait_for_room(self._loop.time() + timeout)
         future: asyncio.Future[Any] = self._loop.create_future()
-        call, data = session.request(cluster, request, millis, timeout, self._loop.time(), future)
+        now = self._loop.time()
+        call, data = self._session.request(cluster, request, millis, timeout, now, future)
         if self._sweeper is None:
             self._watch_deadlines()
         self._send(data)
         try:
             reply = await future
         finally:
-            session.forget(call)
+            self._session.forget(call)
         return call.outcome(reply)
 
     async def broadcast(self, cluster: str, message: bytes) -> None:
@@ -393,24 +373,24 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         if self._out:
             self._flush()
 
-    def _on_accepted(self, event: Accepted) -> None:
+    def _on_accepted(self, event: protocol.Accepted) -> None:
         self._accepted.set_result(None)
 
-    def _on_refused(self, event: Refused) -> None:
+    def _on_refused(self, event: protocol.Refused) -> None:
         self._accepted.set_exception(event.error)
         self._end()
 
-    def _on_relay_ended(self, event: RelayEnded) -> None:
+    def _on_relay_ended(self, event: protocol.RelayEnded) -> None:
         if event.violation is not None:
             self.log.error("relay broke the protocol", error=event.violation)
         self._end()
 
-    def _on_answer(self, event: CallAnswered[asyncio.Future[Any]]) -> None:
+    def _on_answer(self, event: protocol.CallAnswered[asyncio.Future[Any]]) -> None:
         future = event.call.waiter
         if not future.done():
             future.set_result(event.reply)
 
-    def _on_event(self, event: TopicEvent[HandlerPool]) -> None:
+    def _on_event(self, event: protocol.TopicEvent[HandlerPool]) -> None:
         subscription, data = event
         if not subscription.pool.submit(subscription.callback, (data,), len(data)):
             subscription.overflow(size=len(data))
@@ -419,14 +399,14 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
 # An event's handler, by the event's type. Each handler takes its own event
 # type, which a dict's value type cannot tie to its key: hence Any.
 _EVENT_HANDLERS: dict[type, Callable[[Connection, Any], None]] = {
-    Accepted: Connection._on_accepted,
-    Refused: Connection._on_refused,
-    CallAnswered: Connection._on_answer,
+    protocol.Accepted: Connection._on_accepted,
+    protocol.Refused: Connection._on_refused,
+    protocol.CallAnswered: Connection._on_answer,
     codec.RequestDelivery: Connection._on_request,
     codec.BroadcastDelivery: Connection._on_broadcast,
-    TopicEvent: Connection._on_event,
+    protocol.TopicEvent: Connection._on_event,
     **TUNNEL_HANDLERS,
-    RelayEnded: Connection._on_relay_ended,
+    protocol.RelayEnded: Connection._on_relay_ended,
 }
 
 

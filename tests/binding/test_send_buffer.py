@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,24 @@ def wait_until_stuck(progress: list[int], steady: float = 1.0, limit: float = 30
         time.sleep(steady)
 
 
+async def fill_until_stuck(
+    send_one: Callable[[], Awaitable[None]], count: int
+) -> tuple[asyncio.Task[None], list[int]]:
+    """Start sending ``count`` 1 MiB messages with ``send_one`` and return once
+    the sends have stopped moving: the task, and the count sent so far."""
+    sent = [0]
+
+    async def send_all() -> None:
+        for _ in range(count):
+            await send_one()
+            sent[0] += 1
+
+    sender = asyncio.create_task(send_all())
+    await asyncio.to_thread(wait_until_stuck, sent)
+    assert sent[0] < count, f"{count} MiB went out to a relay that reads nothing"
+    return sender, sent
+
+
 def test_threaded_publish_and_request_block_for_room_and_resume(echo):
     """With the relay not reading, publish blocks once the kernel's buffers
     and the bound are full; a request's timeout applies while it waits for
@@ -147,16 +166,9 @@ def test_asyncio_publish_and_request_wait_for_room_and_resume(echo):
             assert await conn.request("echo", b"warm", 5) == b"warm"
             stalled = Stalled(echo.proc.pid)
             try:
-                published = [0]
-
-                async def publish_all() -> None:
-                    for _ in range(events):
-                        await conn.publish("nobody-listens", b"e" * size)
-                        published[0] += 1
-
-                publisher = asyncio.create_task(publish_all())
-                await asyncio.to_thread(wait_until_stuck, published)
-                assert published[0] < events, "200 MiB went out to a relay that reads nothing"
+                publisher, published = await fill_until_stuck(
+                    lambda: conn.publish("nobody-listens", b"e" * size), events
+                )
 
                 started = time.monotonic()
                 with pytest.raises(iris.TimeoutError, match="room to send"):
@@ -215,16 +227,7 @@ def test_asyncio_tunnel_send_waits_for_room_and_its_timeout_applies(echo):
             assert await tunnel.recv(10) == b"warm"
             stalled = Stalled(echo.proc.pid)
             try:
-                sent = [0]
-
-                async def send_all() -> None:
-                    for _ in range(messages):
-                        await tunnel.send(b"t" * size)
-                        sent[0] += 1
-
-                sender = asyncio.create_task(send_all())
-                await asyncio.to_thread(wait_until_stuck, sent)
-                assert sent[0] < messages, "40 MiB went out to a relay that reads nothing"
+                sender, sent = await fill_until_stuck(lambda: tunnel.send(b"t" * size), messages)
 
                 started = time.monotonic()
                 with pytest.raises(iris.TimeoutError, match="timed out"):

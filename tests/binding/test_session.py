@@ -364,10 +364,9 @@ class SessionMachine(RuleBasedStateMachine):
     def _receive(self, packet: codec.RelayPacket) -> list[object]:
         events = self.session.receive_data(packet.encode())
         for event in events:
-            if isinstance(event, CallAnswered | TunnelRefused):
-                self._settle(event.call)
-            elif isinstance(event, TunnelOpened) and event.call is not None:
-                self._settle(event.call)
+            answered = isinstance(event, CallAnswered | TunnelRefused | TunnelOpened)
+            if answered and event.call is not None:  # type: ignore[union-attr]
+                self._settle(event.call)  # type: ignore[union-attr]
             elif isinstance(event, RelayEnded):
                 self._end()
         return events
