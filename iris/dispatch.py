@@ -236,37 +236,58 @@ class MemberConnection(Generic[_Tunnel]):
             self.log.debug("replies lost: connection closed")
 
 
-class HandlerDispatch:
-    """Runs a ServiceHandler's callbacks in capped thread pools.
+# What a service's dispatch is generic in: its binding's connection, handler
+# interface and handler pool.
+_Conn = TypeVar("_Conn")
+_Handler = TypeVar("_Handler")
+_Pool = TypeVar("_Pool")
+
+
+class ServiceDispatch(Generic[_Conn, _Handler, _Pool]):
+    """What both bindings' HandlerDispatch keep: the connection, the handler,
+    one error budget for all its callbacks, and the request and broadcast
+    pools made to the service's limits.
 
     Pools start held, so that ``init`` runs before any other callback; call
-    :meth:`start` once it returned.
+    the subclass's ``start`` once it returned.
     """
 
+    route_leading = None  # no fast path: every request goes through request()
+    # The binding's handler pool class.
+    pool_class: Callable[[str, int, int, HandlerErrorLog], _Pool]
+
     def __init__(
-        self,
-        conn: Connection,
-        handler: ServiceHandler,
-        limits: ServiceLimits | None,
-        log: ContextLog,
+        self, conn: _Conn, handler: _Handler, limits: ServiceLimits | None, log: ContextLog
     ) -> None:
         limits = (limits or ServiceLimits()).with_defaults()
         self._conn = conn
         self._handler = handler
         self._log = log
-        self._errors = HandlerErrorLog(log)
-        self._requests = HandlerPool(
-            "request", limits.request_threads, limits.request_memory, self._errors
+        self._errors = HandlerErrorLog(log)  # all callbacks of the service share its budget
+        errors = self._errors
+        self._requests = self.pool_class(
+            "request", limits.request_threads, limits.request_memory, errors
         )
-        self._broadcasts = HandlerPool(
-            "broadcast", limits.broadcast_threads, limits.broadcast_memory, self._errors
+        self._broadcasts = self.pool_class(
+            "broadcast", limits.broadcast_threads, limits.broadcast_memory, errors
         )
         self._broadcast_overflow = RateLimitedWarning(log, "broadcast dropped: memory limit")
-        self._no_tunnel_thread = RateLimitedWarning(log, "tunnel closed: no thread for it")
+        self._init_binding()
+
+    def _init_binding(self) -> None:
+        """The binding's own parts, made last."""
+
+
+class HandlerDispatch(ServiceDispatch[Any, ServiceHandler, HandlerPool]):
+    """Runs a ServiceHandler's callbacks in capped thread pools."""
+
+    _conn: Connection  # the base's, for its type: a run-time base cannot name it (import circle)
+    pool_class = HandlerPool
+
+    def _init_binding(self) -> None:
+        self._no_tunnel_thread = RateLimitedWarning(self._log, "tunnel closed: no thread for it")
         self._started = threading.Event()
         self._closed = False
-
-    route_leading = None  # no fast path: every request goes through request()
 
     def start(self) -> None:
         self._requests.start()

@@ -408,8 +408,11 @@ class SessionMachine(RuleBasedStateMachine):
             return
         cid = call.id  # type: ignore[attr-defined]
         if call.kind == "request":  # type: ignore[attr-defined]
-            payload = b"r" if success else "fault"
-            packet: codec.RelayPacket = codec.ReplyDelivery(cid, timed_out, success, payload)
+            packet: codec.RelayPacket = (
+                codec.ReplyDelivery(cid, True)
+                if timed_out
+                else codec.ReplyDelivery(cid, False, success, b"r" if success else "fault")
+            )
         else:
             packet = codec.TunnelResult(cid, timed_out, 0 if timed_out else 64)
         events = self._receive(packet)
