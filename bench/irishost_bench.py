@@ -35,7 +35,9 @@ a ratio holds for this machine at this moment; absolute figures on a shared
   processes and of irishost's supervisor alone (issue 19's targets: at 1
   worker, CPU at most 1.5x and requests/s at least 0.8x the plain
   service's, the supervisor at most 8 us; at 2 workers, requests/s at
-  least the plain service's). ``--compare DIR`` (repeatable) adds
+  least the plain service's). irishost with 1 worker also runs the
+  ``iris.aio`` echo of configs/async_echo.py (its event-loop worker), in
+  every window, with no target of its own. ``--compare DIR`` (repeatable) adds
   irishost run from the checkout DIR (its ``iris`` and ``irishost``) to the
   same alternation, here, in cpu-bound and in access-log: the way to tell
   whether a change helps or hurts, as run-to-run noise on this machine is
@@ -128,6 +130,7 @@ PROFILE_VARIABLE = {PROFILE_VARIABLE!r}
 
 sys.path.insert(0, {str(CONFIGS)!r})
 
+from async_echo import AsyncEchoHandler  # noqa: E402,F401
 from echo import EchoHandler  # noqa: E402,F401
 from primes import PrimeHandler  # noqa: E402,F401
 
@@ -145,6 +148,9 @@ PRIME_REQUEST = str(PRIME_LIMIT).encode()
 CPU_REQUESTERS = 8
 CPU_WORKERS = 2
 ECHO_REQUEST = b"x"
+# configs/async_echo.py's handler: echo-overhead runs it in irishost too, so the
+# event-loop worker's request path is measured beside the threaded one.
+ASYNC_ECHO = "AsyncEchoHandler"
 # Frames to the worker in the dispatch benchmark: 100 bytes, as in ring_bench.
 DISPATCH_PAYLOAD = b"x" * 100
 # Enough to keep the worker's main thread and handler thread both busy; the
@@ -316,6 +322,8 @@ class Rig:
             self.label = "plain iris.register"
         else:
             self.label = f"irishost {workers} worker{'s' if workers > 1 else ''}"
+        if handler == ASYNC_ECHO:
+            self.label += ", iris.aio handler"
         if access:
             self.label += ", access log on"
         self.relay = self.service = self.conn = None
@@ -623,14 +631,14 @@ def _stop_worker(pid: int, inbox: Ring) -> None:
     os.waitpid(pid, 0)
 
 
-def _request_frame(request_id: int) -> bytes:
-    """What RelayDispatch.request writes, deadline included."""
+def _request_frame(ticket: int) -> bytes:
+    """What Switchboard.request writes, deadline included."""
     deadline = time.monotonic() + REPLY_TIMEOUT
-    return frames.Request(request_id, deadline, DISPATCH_PAYLOAD).encode()
+    return frames.Request(ticket, deadline, DISPATCH_PAYLOAD).encode()
 
 
 def _check_reply(data: bytes) -> int:
-    """Decode a REPLY frame as the supervisor's loop does; return its request id."""
+    """Decode a REPLY frame as the supervisor's loop does; return its ticket."""
     reply = frames.decode(data)
     if (
         not isinstance(reply, frames.Reply)
@@ -643,14 +651,14 @@ def _check_reply(data: bytes) -> int:
 
 def dispatch_round_trip(inbox: Ring, outbox: Ring) -> Callable[[], None]:
     """One REQUEST -> REPLY exchange with the worker, for timed_calls."""
-    ids = itertools.count(1)
+    tickets = itertools.count(1)
 
     def round_trip() -> None:
-        request_id = next(ids)
-        inbox.put(_request_frame(request_id), REPLY_TIMEOUT)
+        ticket = next(tickets)
+        inbox.put(_request_frame(ticket), REPLY_TIMEOUT)
         data = outbox.get(REPLY_TIMEOUT)
-        if data is None or _check_reply(data) != request_id:
-            raise RuntimeError(f"no reply to request {request_id}")
+        if data is None or _check_reply(data) != ticket:
+            raise RuntimeError(f"no reply to ticket {ticket}")
 
     return round_trip
 
@@ -798,6 +806,8 @@ def bench_echo_overhead(report: _util.Report, settings: Settings, directory: Pat
         plain = stack.enter_context(Rig(directory, "EchoHandler", None, probe))
         hosts = [stack.enter_context(Rig(directory, "EchoHandler", 1, probe))]
         hosts += compared_rigs(stack, settings, directory, "EchoHandler", 1, probe)
+        hosts.append(stack.enter_context(Rig(directory, ASYNC_ECHO, 1, probe)))
+        hosts += compared_rigs(stack, settings, directory, ASYNC_ECHO, 1, probe)
         wide = [stack.enter_context(Rig(directory, "EchoHandler", LOAD_WORKERS, probe))]
         wide += compared_rigs(stack, settings, directory, "EchoHandler", LOAD_WORKERS, probe)
         rigs = [plain, *hosts]

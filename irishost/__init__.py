@@ -9,11 +9,11 @@ and keeps the relay connection in one supervisor process::
     +---+-------------------------------------------------------------+
     |   supervisor process                                            |
     |   RelayLink: the connection, its state, reconnect backoff       |
-    |   reader thread --RelayDispatch--> WorkerTable.book, write frame|
-    |   Supervisor loop: collect frames -> RelayDispatch.answer       |
+    |   reader thread --Switchboard--> WorkerTable.book, write frame  |
+    |   Supervisor loop: collect frames -> Switchboard.answer         |
     |     (-> RequestLog: metrics, access log); signal queue, from    |
     |     signals and control commands, and its table; reap;          |
-    |     WorkerPool murders stuck, recycles bloated, respawns        |
+    |     Workforce murders stuck, recycles bloated, respawns         |
     |     (when: Respawner); Rollout for reloads                      |
     |     and reconnects; HostStatus to systemd and `irishost status` |
     |   WorkerTable: worker records, their states, request tickets    |
@@ -68,9 +68,9 @@ Layout, by layer (each imports only from those below it; checked by
 tests/host/test_irishost_layout.py): ``cli`` (command line); ``supervisor/``
 (``loop``: the loop and the signal table; ``generations`` and ``rollout``:
 reloads, reconnects, scaling; ``spawner``: the fork servers, seen from the
-supervisor; ``pool`` and ``respawner``: spawn, retire, recycle, kill, and
+supervisor; ``workforce`` and ``respawner``: spawn, retire, recycle, kill, and
 when; ``worker_table`` and ``handle``: worker records, states, tickets;
-``dispatch``, ``request_log``, ``bridge``: relay -> workers, every answer,
+``switchboard`` (and its ``fastpath``), ``request_log``, ``bridge``: relay -> workers, every answer,
 tunnels; ``relay_link``; ``status``); ``forks/`` (``server``: the fork
 server process; ``messages``: what crosses to it); ``ops/`` (``control``,
 ``metrics``, ``notify``: operators and systemd); ``worker/`` (``process``:

@@ -135,9 +135,9 @@ class Config:
     # (irishost.loader), since only the class can tell.
     settings: dict[str, Any] = field(default_factory=dict)
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_plain(self) -> dict[str, Any]:
         """The config as plain values (str, int, float, bool, lists, dicts), for
-        msgpack to carry to the fork server; :meth:`from_wire` rebuilds it."""
+        msgpack to carry to the fork server; :meth:`from_plain` rebuilds it."""
         data = asdict(self)
         data["file"] = str(self.file)
         data["service"]["path"] = [str(entry) for entry in self.service.path]
@@ -150,7 +150,7 @@ class Config:
         return data
 
     @classmethod
-    def from_wire(cls, data: dict[str, Any]) -> Config:
+    def from_plain(cls, data: dict[str, Any]) -> Config:
         service, relay = data["service"], data["relay"]
         log_file = data["logging"]["file"]  # None or a path
         return cls(
@@ -561,8 +561,8 @@ def _parse_topics(file: Path, entries: Any) -> tuple[TopicSection, ...]:
 
 
 # TOML's dates and times, the only [settings] values msgpack does not carry
-# (and the fork server unpacks with no hooks), cross as ISO text; the wire
-# lists where each one is and its type, so no string can pass for one.
+# (and the fork server unpacks with no hooks), cross as ISO text;
+# ``settings_times`` lists where each one is and its type, so no string can pass for one.
 _TIME_TYPES = {kind.__name__: kind for kind in (datetime.datetime, datetime.date, datetime.time)}
 
 
@@ -598,13 +598,13 @@ def _parse_settings(file: Path, table: Any) -> dict[str, Any]:
 
 
 # The integers msgpack carries: the config crosses to the fork server in it.
-_WIRE_INTEGERS = range(-(2**63), 2**64)
+_MSGPACK_INTEGERS = range(-(2**63), 2**64)
 
 
 def _check_integers(file: Path, value: Any, where: str) -> None:
     """ConfigError naming the first integer in ``value`` that msgpack cannot carry.
 
-    The config crosses to the fork server as msgpack (:meth:`Config.to_wire`)
+    The config crosses to the fork server as msgpack (:meth:`Config.to_plain`)
     at every reload and relay reconnect (the first generation is forked with
     it in memory). Such an integer would pass ``--check`` and the start, then
     end the host with OverflowError on the next SIGHUP; found here, it is a
@@ -616,7 +616,7 @@ def _check_integers(file: Path, value: Any, where: str) -> None:
     elif isinstance(value, list):
         for index, item in enumerate(value):
             _check_integers(file, item, f"{where}[{index}]")
-    elif isinstance(value, int) and value not in _WIRE_INTEGERS:
+    elif isinstance(value, int) and value not in _MSGPACK_INTEGERS:
         raise ConfigError(
             file,
             where,

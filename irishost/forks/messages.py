@@ -49,7 +49,7 @@ def command(launch: Launch, sock: int, alive: int, config_fd: int) -> list[str]:
 def config_memfd(config: Config) -> int:
     """A memfd holding the config as msgpack, read once by the fork server."""
     fd = os.memfd_create("irishost-config", os.MFD_CLOEXEC)
-    data = pack(config.to_wire())
+    data = pack(config.to_plain())
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     tag_standard_streams()
     sock = socket.socket(fileno=args.socket)
     with open(args.config_fd, "rb") as source:
-        config = Config.from_wire(unpack(source.read()))
+        config = Config.from_plain(unpack(source.read()))
     # As the supervisor's; workers inherit it (and open the file afresh).
     configure_logging(config.logging.level, file=config.logging.file)
     setproctitle.setproctitle(

@@ -30,7 +30,8 @@ The snapshot, as built by the supervisor's ``snapshot`` callable::
       "cluster": str,        # the Iris cluster the workers serve
       "pid": int,            # the supervisor's
       "uptime": float,       # seconds since the supervisor started
-      "relay": {"state": str, "port": int},  # state "connected" when usable
+      "relay": {"state": str, "port": int},  # "starting", "connected" (usable),
+                             # "reconnecting" or "stopping"
       "served": int,         # requests answered since start, by any worker
       "in_flight": int,      # requests handed to workers and not yet answered
       "waiting": int,        # requests waiting for a worker to be ready

@@ -44,7 +44,7 @@ FAILURES = tuple(outcome for outcome in Outcome if outcome is not Outcome.OK)
 class RequestStats:
     """How long requests took until answered, and why the failed ones failed.
 
-    Fed at every answer point of irishost.supervisor.dispatch, from the supervisor's loop
+    Fed at every answer point of irishost.supervisor.switchboard, from the supervisor's loop
     and from the relay connection's reader thread, so under a lock of its own.
     Read into the snapshot (see :mod:`irishost.ops.control`), as ``durations``
     and ``failures``.

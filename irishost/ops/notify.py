@@ -73,21 +73,21 @@ class Notifier:
         except OSError as err:
             self._warn(error=err.strerror or str(err))
 
-    def ready(self) -> None:
+    def tell_ready(self) -> None:
         self.send(READY=1)
 
-    def reloading(self) -> None:
+    def tell_reloading(self) -> None:
         """Start a reload; Type=notify-reload needs the timestamp in the same datagram."""
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         self.send(RELOADING=1, MONOTONIC_USEC=usec)
 
-    def stopping(self) -> None:
+    def tell_stopping(self) -> None:
         self.send(STOPPING=1)
 
-    def status(self, text: str) -> None:
+    def tell_status(self, text: str) -> None:
         self.send(STATUS=text)
 
-    def watchdog(self) -> None:
+    def ping_watchdog(self) -> None:
         self.send(WATCHDOG=1)
 
     def watchdog_interval(self) -> float | None:

@@ -12,7 +12,7 @@ straight from the bytes, with no packet or frame objects:
   octets as they came), and writes each worker's frames to its ring together:
   one wake-up per worker per read, not one per request. Anything else (another
   packet, an incomplete one, a request no worker can take now) ends the fast
-  path there, and the decoder and ``RelayDispatch.request`` take the rest,
+  path there, and the decoder and ``Switchboard.request`` take the rest,
   with their waiting, refusals and faults.
 - Replies. The loop hands every batch a worker wrote to
   :meth:`FastPath.answer_replies`, which settles the successful REPLY frames
@@ -24,13 +24,14 @@ straight from the bytes, with no packet or frame objects:
 
 Every request still gets exactly one answer, is counted and logged
 (``RequestLog``) and counts toward its worker's ``max_requests``, as on the
-slow path; the bookkeeping (ticket, Pending) is the same.
+slow path; the bookkeeping (ticket, HeldRequest) is the same.
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 import iris
 from iris import codec
@@ -39,38 +40,55 @@ from iris.relay.passthrough import NotFast, read_minimal_varint, read_varint
 from ..ops.metrics import Outcome
 from ..wire.frames import request_frame, successful_reply
 from .handle import WorkerHandle, WorkerUnreachable
-from .worker_table import Pending, reply_head
-
-if TYPE_CHECKING:
-    from .dispatch import RelayDispatch
+from .request_log import HostRequest, RequestLog
+from .worker_table import HeldRequest, WorkerTable, reply_head
 
 _REQUEST = int(codec.Op.REQUEST)
 _encode_varint = codec.encode_varint
 
 
-class FastPath:
-    """The fast path of one RelayDispatch; see the module docstring."""
+class FastPathHost(Protocol):
+    """What the fast path shares with the slow one
+    (``irishost.supervisor.switchboard.Switchboard``, which owns it): the
+    connection, the bookkeeping and the counts, the choice of a worker, and
+    the one way out for an answer the fast path does not send itself."""
 
-    def __init__(self, dispatch: RelayDispatch):
-        self.dispatch = dispatch
+    conn: iris.Connection | None
+    table: WorkerTable
+    request_log: RequestLog
+    served: int
+    recycle: Callable[[WorkerHandle], None]
+
+    @property
+    def answer(self) -> Callable[[HostRequest, Outcome, bytes | str, WorkerHandle | None], None]:
+        """Switchboard.answer: the request, its outcome, the reply or fault, its worker."""
+
+    def pick_for_request(self, size: int, now: float) -> object: ...  # a WorkerHandle, or not
+
+
+class FastPath:
+    """The fast path of one Switchboard; see the module docstring."""
+
+    def __init__(self, switchboard: FastPathHost):
+        self.switchboard = switchboard
         # The replies of one turn of the loop, until flush(): the packets per
         # connection, and the requests they answer per worker.
         self._sends: dict[iris.Connection, list[bytes]] = {}
-        self._answered: list[tuple[WorkerHandle, list[Pending]]] = []
+        self._answered: list[tuple[WorkerHandle, list[HeldRequest]]] = []
 
     def route_leading(self, data: bytes) -> int:
         """Book and hand to workers the run of complete requests at the start
         of ``data``, one read of the relay connection (reader thread); return
         how many bytes they took. Dense on purpose: this runs per request."""
-        dispatch = self.dispatch
-        conn, table, pick = dispatch.conn, dispatch.table, dispatch.pick_for_request
+        switchboard = self.switchboard
+        conn, table, pick = switchboard.conn, switchboard.table, switchboard.pick_for_request
         batches: dict[WorkerHandle, tuple[list[int], list[bytes]]] = {}
         end, pos = len(data), 0
         now = time.monotonic()
         with table.lock:
             while pos < end and data[pos] == _REQUEST:
                 try:
-                    request_id, body = read_minimal_varint(data, pos + 1)
+                    relay_id, body = read_minimal_varint(data, pos + 1)
                     head = reply_head(data[pos + 1 : body])
                     length, body = read_varint(data, body)
                     at = body + length
@@ -84,7 +102,7 @@ class FastPath:
                     break
                 deadline = now + timeout_ms / 1000
                 assert conn is not None  # set before the connection reads
-                ticket = table.book(worker, conn, request_id, deadline, length, now, head)
+                ticket = table.book(worker, conn, relay_id, deadline, length, now, head)
                 if worker not in batches:
                     batches[worker] = ([], [])
                 tickets, out = batches[worker]
@@ -106,9 +124,9 @@ class FastPath:
             worker.put_batch(out)
         except WorkerUnreachable as err:
             fault = f"{worker} did not take the request: {err}"
-            for pending in self.dispatch.table.settle_all(tickets[err.taken :]):
-                if pending is not None:
-                    self.dispatch.answer(pending, Outcome.NO_ROOM, fault, worker)
+            for held in self.switchboard.table.settle_all(tickets[err.taken :]):
+                if held is not None:
+                    self.switchboard.answer(held, Outcome.NO_ROOM, fault, worker)
 
     def answer_replies(self, worker: WorkerHandle, batch: list[bytes]) -> list[bytes]:
         """Settle the successful replies among the frames ``worker`` wrote, for
@@ -124,31 +142,31 @@ class FastPath:
                 tickets.append(reply[0])
                 payloads.append(reply[1])
         if tickets:
-            self._queue(worker, self.dispatch.table.settle_all(tickets), payloads)
+            self._queue(worker, self.switchboard.table.settle_all(tickets), payloads)
         return rest
 
     def _queue(
-        self, worker: WorkerHandle, settled: list[Pending | None], payloads: list[bytes]
+        self, worker: WorkerHandle, settled: list[HeldRequest | None], payloads: list[bytes]
     ) -> None:
         """Queue the replies to the settled requests for flush()."""
-        dispatch = self.dispatch
-        answered: list[Pending] = []
-        for pending, payload in zip(settled, payloads, strict=True):
-            if pending is None:  # settled already: its worker's death answered it
+        switchboard = self.switchboard
+        answered: list[HeldRequest] = []
+        for held, payload in zip(settled, payloads, strict=True):
+            if held is None:  # settled already: its worker's death answered it
                 continue
-            dispatch.served += 1
+            switchboard.served += 1
             worker.served += 1
             # Retire the worker before its last reply goes out (see on_frame).
             if worker.max_requests and worker.served >= worker.max_requests:
-                dispatch.recycle(worker)
+                switchboard.recycle(worker)
             if len(payload) > codec.MAX_MESSAGE:  # refused by reply(), with a fault
-                dispatch.answer(pending, Outcome.OK, payload, worker)
+                switchboard.answer(held, Outcome.OK, payload, worker)
                 continue
-            out = self._sends.get(pending.conn)
+            out = self._sends.get(held.conn)
             if out is None:
-                out = self._sends[pending.conn] = []
-            out += (pending.head, _encode_varint(len(payload)), payload)
-            answered.append(pending)
+                out = self._sends[held.conn] = []
+            out += (held.head, _encode_varint(len(payload)), payload)
+            answered.append(held)
         self._answered.append((worker, answered))
 
     def flush(self) -> None:
@@ -159,4 +177,4 @@ class FastPath:
         for conn, out in sends.items():
             conn.send_encoded(b"".join(out))
         for worker, requests in answered:
-            self.dispatch.requests.record_all(requests, Outcome.OK, worker)
+            self.switchboard.request_log.record_all(requests, Outcome.OK, worker)

@@ -23,36 +23,36 @@ from iris.logs import ContextLog
 from ..config import Config, ConfigError
 from ..exits import HostError
 from ..ops.notify import Notifier
-from .dispatch import RelayDispatch
 from .generation import Generation
 from .handle import WorkerHandle
-from .pool import WorkerPool, signal_worker
 from .relay_link import RelayLink
 from .rollout import Reconnect, Reload, Rollout, Waiter, reread
-from .spawner import Event, LaunchFailed, Spawned, SpawnFailed
+from .spawner import LaunchFailed, Spawned, SpawnerEvent, SpawnFailed
+from .switchboard import Switchboard
 from .worker_table import WorkerTable
+from .workforce import Workforce, signal_worker
 
 
 class Generations:
-    """The running generation (the pool's) and the rollout in progress, if any.
+    """The running generation (the workforce's) and the rollout in progress, if any.
 
     It is what a :class:`~irishost.supervisor.rollout.Rollout` works on (its
-    ``RolloutHost``): the pool, the table, the relay link and dispatch, the
+    ``RolloutHost``): the workforce, the table, the relay link and switchboard, the
     notifier and the log, and ``rollout``, which it clears when it ends.
     """
 
     def __init__(
         self,
-        pool: WorkerPool,
-        dispatch: RelayDispatch,
+        workforce: Workforce,
+        switchboard: Switchboard,
         link: RelayLink,
         notifier: Notifier,
         log: ContextLog,
         overrides: dict[str, Any],
     ):
-        self.pool = pool
-        self.table: WorkerTable = pool.table
-        self.dispatch = dispatch
+        self.workforce = workforce
+        self.table: WorkerTable = workforce.table
+        self.switchboard = switchboard
         self.link = link
         self.notifier = notifier
         self.log = log
@@ -64,7 +64,7 @@ class Generations:
 
     @property
     def config(self) -> Config:
-        return self.pool.config
+        return self.workforce.config
 
     # -- reload, reconnect, scale --------------------------------------------------------
 
@@ -81,20 +81,20 @@ class Generations:
             )
             self.log.warning(f"{line}; reload ignored")
             # Type=notify-reload waits for this pair after each SIGHUP it sends.
-            self.notifier.reloading()
-            self.notifier.ready()
+            self.notifier.tell_reloading()
+            self.notifier.tell_ready()
             reply(False, line)
             return
         self.log.info("reloading", config=str(self.config.file))
-        self.notifier.reloading()
+        self.notifier.tell_reloading()
         try:
             generation = reread(self.config, self.overrides, next(self._numbers))
         except ConfigError as err:
             self.log.error("reload failed; keeping the running workers", error=str(err))
-            self.notifier.ready()
+            self.notifier.tell_ready()
             reply(False, f"reload failed: {err}; the running workers carry on")
             return
-        self.pool.spawner.launch(generation)
+        self.workforce.spawner.launch(generation)
         rollout = Reload(self, generation, generation.config.workers.count)
         if wait:
             rollout.waiters.append(reply)
@@ -125,9 +125,9 @@ class Generations:
             return
         number = next(self._numbers)
         self.log.info("relay is back; starting fresh workers", generation=number)
-        running = self.pool.generation
+        running = self.workforce.generation
         generation = Generation(number, running.config, code=running.code)
-        self._roll_out(Reconnect(self, generation, self.pool.count))
+        self._roll_out(Reconnect(self, generation, self.workforce.count))
 
     def _roll_out(self, rollout: Rollout) -> None:
         self.rollout = rollout
@@ -135,14 +135,14 @@ class Generations:
 
     def scale_by(self, delta: int) -> None:
         """SIGTTIN and SIGTTOU: one worker more or less than the count in force."""
-        self.scale((self.rollout or self.pool).count + delta)
+        self.scale((self.rollout or self.workforce).count + delta)
 
     def scale(self, count: int) -> str:
         """Scale the running generation, or the one a rollout is starting; the answer."""
         if self.rollout is None:
-            self.pool.scale(count)
+            self.workforce.scale(count)
             return f"scaling to {count} workers"
-        if self.pool.valid_count(count):
+        if self.workforce.valid_count(count):
             number = self.rollout.generation.number
             self.log.info("scaling the new generation", generation=number, after=count)
             self.rollout.scale(count)
@@ -167,35 +167,35 @@ class Generations:
 
     def on_death(self, worker: WorkerHandle, how: str) -> None:
         """A worker that was not retired died: respawn its slot, or fail its rollout."""
-        if worker.generation <= self.pool.generation.number:
-            self.pool.bury(worker, how)
+        if worker.generation <= self.workforce.generation.number:
+            self.workforce.bury(worker, how)
         elif self.rollout is not None and self.rollout.owns(worker):
             self.rollout.on_death(worker, how)
         # else one of the workers an aborted rollout killed: reported already
 
     # -- what the fork servers say -------------------------------------------------------
 
-    def on_spawner(self, event: Event, stopping: bool) -> WorkerHandle | None:
+    def on_spawner(self, event: SpawnerEvent, stopping: bool) -> WorkerHandle | None:
         """Act on a fork server's answer, or its failure; the worker that joined
         the table, if one did. HostError when the host cannot start at all."""
         number = event.handle.generation if isinstance(event, Spawned) else event.generation.number
-        running = number == self.pool.generation.number
+        running = number == self.workforce.generation.number
         rollout = (
             self.rollout if self.rollout and self.rollout.generation.number == number else None
         )
         if isinstance(event, Spawned):
             if (running or rollout) and not stopping:
-                self.pool.on_spawned(event)
+                self.workforce.on_spawned(event)
                 return event.handle
             signal_worker(event.handle.pid, signal.SIGKILL)  # its generation was given up
             event.handle.close()
         elif isinstance(event, SpawnFailed):
             if running and not stopping:
-                self.pool.on_spawn_failed(event.slot, event.reason)
+                self.workforce.on_spawn_failed(event.slot, event.reason)
             elif rollout is not None:
                 rollout.abort(f"could not start new worker {event.slot}: {event.reason}")
         elif isinstance(event, LaunchFailed):
-            if running and not self.pool.respawner.ever_ready:  # at start-up
+            if running and not self.workforce.respawner.ever_ready:  # at start-up
                 raise HostError(event.code, event.message, event.details)
             if rollout is not None:
                 rollout.abort(event.message, event.details or None)

@@ -45,15 +45,15 @@ from ..ops.notify import Notifier
 from ..wire import frames
 from ..wire.ring import remove_stale_segments, segment_prefix, wait_readable
 from ..wire.wakeup import WakeupPipe
-from .dispatch import RelayDispatch
 from .generation import Generation
 from .generations import Generations
 from .handle import WorkerHandle, WorkerState
-from .pool import WorkerPool, reap_children
 from .relay_link import RelayLink, RelayState
-from .spawner import Event, Spawner
+from .spawner import Spawner, SpawnerEvent
 from .status import STATUS_SECONDS, HostStatus
+from .switchboard import Switchboard
 from .worker_table import Change, WorkerTable
+from .workforce import Workforce, reap_children
 
 __all__ = ["STATUS_SECONDS", "Exit", "HostError", "Supervisor", "describe_exit"]
 
@@ -110,14 +110,14 @@ class Supervisor:
         self.log = ContextLog(logging.getLogger("irishost")).new(service=config.service.cluster)
         self.table = WorkerTable()
         self.prefix = segment_prefix(config.service.cluster)
-        self.pool = WorkerPool(
+        self.workforce = Workforce(
             Generation(0, config, code=0), self.table, Spawner(self.log), self.log
         )
-        self.dispatch = RelayDispatch(config, self.log, self.table, self.pool.recycle)
-        self.link = RelayLink(config, self.dispatch, self.log)
+        self.switchboard = Switchboard(config, self.log, self.table, self.workforce.recycle)
+        self.link = RelayLink(config, self.switchboard, self.log)
         self.notifier = Notifier.from_environ()
         self.generations = Generations(
-            self.pool, self.dispatch, self.link, self.notifier, self.log, overrides or {}
+            self.workforce, self.switchboard, self.link, self.notifier, self.log, overrides or {}
         )
         self.status = HostStatus(self)
         # Filled by signal handlers and control threads (SimpleQueue.put is
@@ -142,7 +142,7 @@ class Supervisor:
     @property
     def config(self) -> Config:
         """The running generation's."""
-        return self.pool.config
+        return self.workforce.config
 
     # -- the whole life ----------------------------------------------------------------
 
@@ -163,13 +163,13 @@ class Supervisor:
                 )
                 servers += [metrics] if metrics is not None else []
             self.link.ensure_relay()
-            self.pool.spawner.launch(self.pool.generation)
+            self.workforce.spawner.launch(self.workforce.generation)
             for slot in range(self.config.workers.count):
-                self.pool.spawn(slot)
+                self.workforce.spawn(slot)
             self._wait_until_ready()
             self.link.connect()
             self.log.info("service ready", workers=len(self.table.workers))
-            self.notifier.ready()
+            self.notifier.tell_ready()
             while not self.stopping:
                 self._step()
             self._stop_gracefully()
@@ -177,8 +177,8 @@ class Supervisor:
         except ControlError as err:
             raise HostError(Exit.FAILURE, f"control socket: {err}") from err
         finally:
-            self.pool.kill_all()
-            self.pool.spawner.stop()
+            self.workforce.kill_all()
+            self.workforce.spawner.stop()
             self.link.close()
             for server in servers:
                 server.close()
@@ -210,7 +210,7 @@ class Supervisor:
         while (
             not self.table.in_state(READY)
             or self.table.in_state(BOOTING)
-            or self.pool.spawner.spawning(self.pool.generation.number)
+            or self.workforce.spawner.spawning(self.workforce.generation.number)
         ):
             self._step(serving=False)
             if self.stopping:
@@ -225,12 +225,12 @@ class Supervisor:
         its tick instead of costing every reply.
         """
         due = self._next_wake()
-        rings, spawner = self.table.outboxes(), self.pool.spawner
+        rings, spawner = self.table.outboxes(), self.workforce.spawner
         timeout = max(0.0, due - time.monotonic())
         owed = spawner.fds()  # fork servers that owe an answer: usually none
         for ring in wait_readable(list(rings), timeout, (self._wakeup.fileno(), *owed)):
             self._collect(rings[ring])
-        self.dispatch.fast.flush()  # the turn's replies, in one write
+        self.switchboard.fast_path.flush()  # the turn's replies, in one write
         if owed:
             for event in spawner.poll(time.monotonic()):
                 self._on_spawner(event)
@@ -241,20 +241,20 @@ class Supervisor:
             return
         self._next_tick = now + TICK_SECONDS
         self._reap()  # SIGCHLD reaps at once; this is the safety net
-        self.pool.murder_stuck(now)
-        self.pool.check_memory(now)
+        self.workforce.murder_stuck(now)
+        self.workforce.check_memory(now)
         if self.link.state is not RelayState.RECONNECTING:  # init needs the relay
-            self.pool.respawn_due(now)
-        self.dispatch.release_waiting()  # drops the expired ones
+            self.workforce.respawn_due(now)
+        self.switchboard.release_waiting()  # drops the expired ones
         self.status.tell_systemd(now)
         if serving and self.link.state is RelayState.RECONNECTING:
             self.generations.reconnect()
 
     def _next_wake(self) -> float:
         """The next respawn, watchdog ping or memory sample, or the tick."""
-        wakes = [self._next_tick, self.pool.respawner.next_due(), self.status.next_watchdog()]
-        if self.pool.watches_memory():
-            wakes.append(self.pool.next_rss_check)
+        wakes = [self._next_tick, self.workforce.respawner.next_due(), self.status.next_watchdog()]
+        if self.workforce.watches_memory():
+            wakes.append(self.workforce.next_rss_check)
         return min(wake for wake in wakes if wake is not None)
 
     def _collect(self, handle: WorkerHandle) -> None:
@@ -264,7 +264,7 @@ class Supervisor:
         batch = handle.outbox.drain()
         if batch:
             handle.stalled_until = 0.0  # it is running again
-        for data in self.dispatch.fast.answer_replies(handle, batch):
+        for data in self.switchboard.fast_path.answer_replies(handle, batch):
             try:
                 frame = frames.decode(data)
                 if isinstance(frame, frames.Ready):
@@ -272,13 +272,13 @@ class Supervisor:
                 elif isinstance(frame, frames.Failed):
                     handle.failure = frame.traceback
                 else:
-                    self.dispatch.on_frame(handle, frame)
+                    self.switchboard.on_frame(handle, frame)
             except frames.FrameError as err:
                 handle.broken = True
                 self.log.error(
                     "worker sent an undecodable frame", worker=handle.slot, error=str(err)
                 )
-                self.pool.kill(handle, "sent an undecodable frame")
+                self.workforce.kill(handle, "sent an undecodable frame")
                 return
 
     def _on_ready(self, handle: WorkerHandle) -> None:
@@ -287,13 +287,13 @@ class Supervisor:
         if self.table.transition(handle, Change.BOOTED) is DRAINING:
             self.log.info("retired worker finished starting; it drains", worker=handle.slot)
             return
-        self.pool.respawner.on_ready(handle.slot)
-        self.dispatch.release_waiting()
+        self.workforce.respawner.on_ready(handle.slot)
+        self.switchboard.release_waiting()
         self.log.info("worker ready", worker=handle.slot, pid=handle.pid)
-        self.pool.title()
+        self.workforce.set_title()
         self.generations.on_ready(handle)
 
-    def _on_spawner(self, event: Event) -> None:
+    def _on_spawner(self, event: SpawnerEvent) -> None:
         """Act on what a fork server said, or on its failure."""
         handle = self.generations.on_spawner(event, self.stopping)
         unclaimed = self._unclaimed.pop(handle.pid, None) if handle is not None else None
@@ -348,10 +348,10 @@ class Supervisor:
         if self.stopping:
             return
         self.log.info("stopping", signal=signal.Signals(signum).name)
-        self.link.stopping()
-        self.pool.stopping = True
+        self.link.begin_stopping()
+        self.workforce.stopping = True
         self.generations.abandon()  # its workers stop with the rest
-        self.notifier.stopping()
+        self.notifier.tell_stopping()
 
     # -- dead processes ----------------------------------------------------------------
 
@@ -364,7 +364,7 @@ class Supervisor:
             if handle is not None:
                 self._on_exit(handle, status)
                 continue
-            events = self.pool.spawner.on_exit(pid, status)
+            events = self.workforce.spawner.on_exit(pid, status)
             if events is None:  # an orphan, or a worker whose fork answer is yet to come
                 self._unclaimed[pid] = (status, now)
             for event in events or []:
@@ -379,9 +379,9 @@ class Supervisor:
         """Fail what a dead worker held; then tell whoever cares about its death."""
         self._collect(handle)  # frames written just before death (FAILED, last replies) count
         how = handle.kill_reason or describe_exit(status)
-        self.dispatch.fail_worker(handle, how)
+        self.switchboard.fail_worker(handle, how)
         handle.close()
-        self.pool.title()
+        self.workforce.set_title()
         if self.stopping:
             return
         if handle.state is DRAINING:
@@ -393,15 +393,15 @@ class Supervisor:
 
     def _stop_gracefully(self) -> None:
         """Finish in-flight work, then drain the workers (their close(), atexit), in time."""
-        dispatch = self.dispatch
-        dispatch.accepting = False
-        dispatch.release_waiting()  # with the shutdown fault
+        switchboard = self.switchboard
+        switchboard.accepting = False
+        switchboard.release_waiting()  # with the shutdown fault
         deadline = time.monotonic() + self.config.workers.shutdown_timeout
-        while dispatch.in_flight() and time.monotonic() < deadline:
+        while switchboard.in_flight() and time.monotonic() < deadline:
             self._step(serving=False)
         self.link.close()
         for handle in self.table.workers:
-            self.pool.retire(handle)  # drained, not signalled: so close() and atexit run
+            self.workforce.retire(handle)  # drained, not signalled: so close() and atexit run
         while self.table.pids() and time.monotonic() < deadline:
             self._step(serving=False)
         self.log.info("stopped")

@@ -20,7 +20,7 @@ from iris.relay.permissions import PermissionsError
 
 from ..config import Config, TopicSection
 from ..exits import Exit, HostError
-from .dispatch import RelayDispatch
+from .switchboard import Switchboard
 
 # Reconnect backoff when the relay goes away. The relay is always on this
 # machine (loopback), so a probe costs next to nothing: the cap keeps the
@@ -31,16 +31,19 @@ SETTLE_SECONDS, SETTLE_STEP = 1.0, 0.05
 
 
 class RelayState(enum.StrEnum):
+    """Where the host stands with the relay. Each value is its name in lower
+    case: `irishost status`, STATUS= and the metrics show it as it is."""
+
     STARTING = "starting"  # not registered yet
     CONNECTED = "connected"
     RECONNECTING = "reconnecting"  # the relay dropped us; fresh workers will register again
-    STOPPING = "stopped"  # the host is stopping: no reconnect
+    STOPPING = "stopping"  # the host is stopping: no reconnect
 
 
 class RelayLink:
-    def __init__(self, config: Config, dispatch: RelayDispatch, log: ContextLog):
+    def __init__(self, config: Config, switchboard: Switchboard, log: ContextLog):
         self.config = config
-        self.dispatch = dispatch
+        self.switchboard = switchboard
         self.log = log
         self.relay: RelayServer | None = None  # the embedded relay, when this host started it
         self.conn: iris.Connection | None = None
@@ -54,7 +57,8 @@ class RelayLink:
             self._state = RelayState.RECONNECTING
         return self._state
 
-    def stopping(self) -> None:
+    def begin_stopping(self) -> None:
+        """The host is stopping: no reconnect from now on."""
         self._state = RelayState.STOPPING
 
     def ensure_relay(self) -> None:
@@ -113,7 +117,7 @@ class RelayLink:
         config = self.config
         try:
             self.conn = iris.Connection(
-                config.relay.port, config.service.cluster, self.dispatch.attach, self.log
+                config.relay.port, config.service.cluster, self.switchboard.attach, self.log
             )
             self.subscribe(config.topics)
         except (OSError, iris.ClosedError) as err:
@@ -129,7 +133,7 @@ class RelayLink:
         for topic in topics:
             conn.subscribe(
                 topic.name,
-                self.dispatch.event(topic.name),
+                self.switchboard.event(topic.name),
                 iris.TopicLimits(event_threads=1, event_memory=topic.event_memory),
             )
 
@@ -150,7 +154,7 @@ class RelayLink:
 
         Fresh workers must wait for it: one forked earlier could be told too.
         """
-        return self.dispatch.dropped is self.conn
+        return self.switchboard.dropped is self.conn
 
     def retry_due(self, now: float) -> bool:
         return now >= self._retry_at

@@ -1,6 +1,6 @@
 """What became of each request: the metrics' counts and the access log.
 
-Every answer point of :mod:`irishost.supervisor.dispatch` records its request here once,
+Every answer point of :mod:`irishost.supervisor.switchboard` records its request here once,
 with its :class:`~irishost.ops.metrics.Outcome` and the time since it reached the
 host: counted in :class:`~irishost.ops.metrics.RequestStats` (the snapshot's
 ``durations`` and ``failures``, the metrics' histogram and failure counters),
@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
+import iris
 from iris.logs import HotRecord, format_pairs
 
 from ..config import Config
@@ -28,8 +29,17 @@ from .handle import WorkerHandle
 access_logger = logging.getLogger("irishost.access")
 
 
-class Request(Protocol):
-    """A request as the dispatch knows it (waiting, or held by a worker)."""
+class HostRequest(Protocol):
+    """A request the host took from the relay: a
+    :class:`~irishost.supervisor.switchboard.WaitingRequest` (for a worker to be
+    ready) or a :class:`~irishost.supervisor.worker_table.HeldRequest` (by one).
+    What answering it and recording it read."""
+
+    @property
+    def conn(self) -> iris.Connection: ...  # the connection it came in on
+
+    @property
+    def relay_id(self) -> int: ...  # the relay's id for it, on that connection
 
     @property
     def received(self) -> float: ...  # monotonic, when it reached the host
@@ -75,13 +85,13 @@ class RequestLog:
             self._access = format_pairs((("cluster", config.service.cluster),))
 
     def record(
-        self, request: Request, outcome: Outcome, worker: WorkerHandle | None = None
+        self, request: HostRequest, outcome: Outcome, worker: WorkerHandle | None = None
     ) -> None:
         """``request`` was answered (or expired) just now; ``worker`` held it, if one did."""
         self.record_all((request,), outcome, worker)
 
     def record_all(
-        self, requests: Sequence[Request], outcome: Outcome, worker: WorkerHandle | None = None
+        self, requests: Sequence[HostRequest], outcome: Outcome, worker: WorkerHandle | None = None
     ) -> None:
         """:meth:`record` for a batch (the fast path's replies): one clock read,
         one taking of the stats' lock."""

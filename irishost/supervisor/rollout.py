@@ -28,12 +28,12 @@ from iris.logs import ContextLog
 from ..config import Config, ConfigError, load_config
 from ..exits import HostError
 from ..ops.notify import Notifier
-from .dispatch import RelayDispatch
 from .generation import Generation
 from .handle import WorkerHandle, WorkerState
-from .pool import WorkerPool
 from .relay_link import RelayLink
+from .switchboard import Switchboard
 from .worker_table import WorkerTable
+from .workforce import Workforce
 
 # Told how a reload command or a rollout ended: (succeeded, the line to say).
 Waiter = Callable[[bool, str], None]
@@ -43,9 +43,9 @@ class RolloutHost(Protocol):
     """What a rollout works on (``irishost.supervisor.generations.Generations``): the
     parts it starts, retires and reconfigures, and where it clears itself."""
 
-    pool: WorkerPool
+    workforce: Workforce
     table: WorkerTable
-    dispatch: RelayDispatch
+    switchboard: Switchboard
     link: RelayLink
     notifier: Notifier
     log: ContextLog
@@ -86,7 +86,7 @@ class Rollout(abc.ABC):
 
     def start(self) -> None:
         for slot in range(self.count):
-            self.host.pool.spawn(slot, self.generation)
+            self.host.workforce.spawn(slot, self.generation)
 
     def owns(self, worker: WorkerHandle) -> bool:
         return worker.generation == self.generation.number
@@ -96,13 +96,13 @@ class Rollout(abc.ABC):
         self.count = count
         number = self.generation.number
         fresh = self.host.table.of_generation(number)
-        occupied = {w.slot for w in fresh} | self.host.pool.spawner.spawning(number)
+        occupied = {w.slot for w in fresh} | self.host.workforce.spawner.spawning(number)
         for slot in range(count):
             if slot not in occupied:
-                self.host.pool.spawn(slot, self.generation)
+                self.host.workforce.spawn(slot, self.generation)
         for worker in fresh:
             if worker.slot >= count:
-                self.host.pool.kill(worker, "scaled down during a rollout", quiet=True)
+                self.host.workforce.kill(worker, "scaled down during a rollout", quiet=True)
         self.on_ready()
 
     def on_ready(self) -> None:
@@ -121,12 +121,12 @@ class Rollout(abc.ABC):
         host = self.host
         host.rollout = None
         old = [w for w in host.table.workers if w.generation < self.generation.number]
-        host.pool.generation = self.generation
-        host.pool.count = self.count
+        host.workforce.generation = self.generation
+        host.workforce.count = self.count
         self._take_over()
         for worker in old:
-            host.pool.retire(worker)
-        host.pool.spawner.retain({self.generation.code})
+            host.workforce.retire(worker)
+        host.workforce.spawner.retain({self.generation.code})
         self._completed(workers)
         self._tell(True, f"{self.what} complete (generation {self.generation.number})")
 
@@ -137,8 +137,8 @@ class Rollout(abc.ABC):
         if details:
             host.log.error("traceback of the failure", traceback=details)
         for worker in host.table.of_generation(self.generation.number):
-            host.pool.kill(worker, "its generation was given up", quiet=True)
-        host.pool.spawner.retain({host.pool.generation.code})
+            host.workforce.kill(worker, "its generation was given up", quiet=True)
+        host.workforce.spawner.retain({host.workforce.generation.code})
         self._tell(False, f"{self.what} failed: {why}; the running workers carry on")
 
     def _tell(self, ok: bool, line: str) -> None:
@@ -166,17 +166,17 @@ class Reload(Rollout):
     def _take_over(self) -> None:
         """The new config's topics, dispatch rules and log level."""
         host, config = self.host, self.generation.config
-        host.dispatch.reconfigure(config)
+        host.switchboard.reconfigure(config)
         host.link.reconfigure(config)
         configure_logging(config.logging.level)
 
     def _completed(self, workers: int) -> None:
         self.host.log.info("reload complete", workers=workers, generation=self.generation.number)
-        self.host.notifier.ready()
+        self.host.notifier.tell_ready()
 
     def _aborted(self, why: str) -> None:
         self.host.log.error("reload failed; keeping the running workers", error=why)
-        self.host.notifier.ready()
+        self.host.notifier.tell_ready()
 
 
 class Reconnect(Rollout):

@@ -91,7 +91,8 @@ class LaunchFailed:
     details: str = ""
 
 
-Event = Spawned | SpawnFailed | ServerReady | LaunchFailed
+# What the Spawner reports to the loop (not a topic's event: that is frames.Event).
+SpawnerEvent = Spawned | SpawnFailed | ServerReady | LaunchFailed
 
 
 @dataclass
@@ -215,9 +216,9 @@ class Spawner:
         """The sockets the loop waits on: those of servers that owe an answer."""
         return [server.sock.fileno() for server in self.servers.values() if server.busy()]
 
-    def poll(self, now: float) -> list[Event]:
+    def poll(self, now: float) -> list[SpawnerEvent]:
         """Answers that arrived, and the failures of servers past a deadline."""
-        events: list[Event] = []
+        events: list[SpawnerEvent] = []
         for server in list(self.servers.values()):
             if server.busy():
                 events += self._read(server)
@@ -226,7 +227,7 @@ class Spawner:
                 events += self._fail(server, f"{server.late()}; killed it")
         return events
 
-    def on_exit(self, pid: int, status: int) -> list[Event] | None:
+    def on_exit(self, pid: int, status: int) -> list[SpawnerEvent] | None:
         """A child of the supervisor exited: the events if it was a fork server, else None."""
         for server in self.servers.values():
             if server.pid == pid:
@@ -254,8 +255,8 @@ class Spawner:
 
     # -- answers ---------------------------------------------------------------------
 
-    def _read(self, server: ForkServer) -> list[Event]:
-        events: list[Event] = []
+    def _read(self, server: ForkServer) -> list[SpawnerEvent]:
+        events: list[SpawnerEvent] = []
         while not server.gone:
             try:
                 data, cmsgs, _, _ = server.sock.recvmsg(
@@ -273,7 +274,7 @@ class Spawner:
             events += self._answer(server, unpack(data), fds)
         return events
 
-    def _answer(self, server: ForkServer, message: list[Any], fds: list[int]) -> list[Event]:
+    def _answer(self, server: ForkServer, message: list[Any], fds: list[int]) -> list[SpawnerEvent]:
         kind = message[0]
         generation = server.generation
         if kind == "started":
@@ -333,11 +334,13 @@ class Spawner:
         handle.generation = entry.generation.number
         return handle
 
-    def _fail(self, server: ForkServer, reason: str, launch_reported: bool = False) -> list[Event]:
+    def _fail(
+        self, server: ForkServer, reason: str, launch_reported: bool = False
+    ) -> list[SpawnerEvent]:
         """``server`` is gone: its start, if it was not ready, and every call it held fail."""
         was_ready = server.ready
         server.close()
-        events: list[Event] = []
+        events: list[SpawnerEvent] = []
         if not was_ready and not launch_reported:
             message = f"handler error: the fork server ended before it was ready: {reason}"
             events.append(LaunchFailed(server.generation, Exit.HANDLER, message))

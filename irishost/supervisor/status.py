@@ -11,10 +11,10 @@ from iris.logfmt import dropped_records
 
 from ..config import Config
 from ..ops.notify import Notifier
-from .dispatch import RelayDispatch
-from .pool import WorkerPool
 from .relay_link import RelayLink
+from .switchboard import Switchboard
 from .worker_table import WorkerTable
+from .workforce import Workforce
 
 
 class Observed(Protocol):
@@ -23,8 +23,8 @@ class Observed(Protocol):
 
     notifier: Notifier
     link: RelayLink
-    dispatch: RelayDispatch
-    pool: WorkerPool
+    switchboard: Switchboard
+    workforce: Workforce
     table: WorkerTable
     metrics_problem: str
 
@@ -53,28 +53,28 @@ class HostStatus:
         notifier = self.host.notifier
         interval = notifier.watchdog_interval()
         if interval and now >= self._next_watchdog:
-            notifier.watchdog()
+            notifier.ping_watchdog()
             self._next_watchdog = now + interval
         # A change of the relay's state is news at once: an outage shorter
         # than STATUS_SECONDS would otherwise never show.
         relay = self.host.link.state.value
         if now >= self._next_status or relay != self._status_relay:
-            notifier.status(self.line())
+            notifier.tell_status(self.line())
             self._next_status = now + STATUS_SECONDS
             self._status_relay = relay
 
     def line(self) -> str:
         host = self.host
-        dispatch = host.dispatch
+        switchboard, workforce = host.switchboard, host.workforce
         line = (
-            f"workers {len(dispatch.ready_workers())}/{host.pool.count}, served {dispatch.served}, "
-            f"in flight {dispatch.in_flight()}, restarts {host.pool.respawner.restarts}, "
-            f"relay {host.link.state.value}"
+            f"workers {len(switchboard.ready_workers())}/{workforce.count}, "
+            f"served {switchboard.served}, in flight {switchboard.in_flight()}, "
+            f"restarts {workforce.respawner.restarts}, relay {host.link.state.value}"
         )
-        waiting = dispatch.waiting()
+        waiting = switchboard.waiting()
         if waiting:
             line += f", waiting for a worker {waiting}"
-        problems = host.pool.respawner.slot_problems(host.pool.count)
+        problems = workforce.respawner.slot_problems(workforce.count)
         if problems:
             line += "; degraded: " + "; ".join(
                 f"worker {slot} {problem}" for slot, problem in problems.items()
@@ -92,7 +92,7 @@ class HostStatus:
         """What `irishost status` and the metrics show; runs on their threads."""
         host = self.host
         now = time.monotonic()
-        restarts = host.pool.respawner.slot_restarts
+        restarts = host.workforce.respawner.slot_restarts
         with host.table.lock:
             workers: list[dict[str, Any]] = [
                 {
@@ -107,25 +107,25 @@ class HostStatus:
                 }
                 for w in host.table.workers
             ]
-            in_flight = host.dispatch.in_flight()
-            waiting = host.dispatch.waiting()
+            in_flight = host.switchboard.in_flight()
+            waiting = host.switchboard.waiting()
         for entry in workers:  # outside the lock: reading /proc is slow
             usage = entry.pop("process").memory.usage()
             entry.update(rss=usage.rss, uss=usage.uss, pss=usage.pss)
-        problems = host.pool.respawner.slot_problems(host.pool.count)
+        problems = host.workforce.respawner.slot_problems(host.workforce.count)
         return {
             "service": host.config.file.stem,
             "cluster": host.config.service.cluster,
             "pid": os.getpid(),
             "uptime": now - self.started,
             "relay": {"state": host.link.state.value, "port": host.config.relay.port},
-            "served": host.dispatch.served,
+            "served": host.switchboard.served,
             "in_flight": in_flight,
             "waiting": waiting,
-            "restarts": host.pool.respawner.restarts,
+            "restarts": host.workforce.respawner.restarts,
             "degraded": [{"slot": slot, "problem": text} for slot, text in problems.items()],
             "metrics": self._metrics(),
             "workers": workers,
             "log_records_dropped": dropped_records(),  # the supervisor's writer's queue was full
-            **host.dispatch.requests.stats.snapshot(),  # "durations" and "failures"
+            **host.switchboard.request_log.stats.snapshot(),  # "durations" and "failures"
         }

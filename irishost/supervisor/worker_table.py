@@ -1,7 +1,7 @@
 """The one owner of the supervisor's worker records and request tickets.
 
 Two threads use the table: the relay connection's reader thread books
-requests onto workers (through RelayDispatch), and the supervisor's loop
+requests onto workers (through Switchboard), and the supervisor's loop
 changes workers' states, settles answers and removes dead workers. Every
 change goes through a method here, under the table's lock, so no other
 module changes a record's state or its requests.
@@ -13,11 +13,14 @@ announces READY afterwards; it stays DRAINING, so it never takes work it
 would be gone before finishing. Any other change not in the table is a bug
 in the supervisor and raises :class:`IllegalTransition`.
 
-Workers never see the relay's request ids. Those are only unique within one
+Two numbers name a request here, and never mix. Its ``relay_id`` is the
+relay's id for it, what the answer must carry; it is only unique within one
 relay process: a restarted relay numbers its requests from 0 again, and a
 late reply to a request of the dead one would answer whichever new request
-now has its number. So each request gets a ticket of ours, unique for the
-host's life, and the ticket remembers the connection and id to answer.
+now has its number. So workers never see it: each request gets a ``ticket``
+of ours, unique for the host's life, which the frames on the rings carry,
+and the ticket's :class:`HeldRequest` remembers the connection and relay_id
+to answer.
 """
 
 from __future__ import annotations
@@ -65,12 +68,12 @@ def reply_head(id_octets: bytes) -> bytes:
     return _REPLY_OP + id_octets + _SUCCESS
 
 
-class Pending(NamedTuple):
+class HeldRequest(NamedTuple):
     """A request a worker holds, under its ticket: who runs it, where the answer goes."""
 
     worker: WorkerHandle
     conn: iris.Connection  # the connection it came in on, perhaps closed since
-    request_id: int  # the relay's id for it, on that connection
+    relay_id: int  # the relay's id for it, on that connection
     received: float  # monotonic, when it reached the host
     size: int  # bytes
     head: bytes  # reply_head: a successful reply is this, the length, the payload
@@ -81,7 +84,7 @@ class WorkerTable:
         self.lock = threading.Lock()
         self._workers: list[WorkerHandle] = []  # every live worker process, in fork order
         self._by_pid: dict[int, WorkerHandle] = {}
-        self._owner: dict[int, Pending] = {}  # ticket -> the request
+        self._held: dict[int, HeldRequest] = {}  # ticket -> the request
         self._tickets = itertools.count()
         self._outboxes: dict[Ring, WorkerHandle] | None = None  # until the workers change
 
@@ -128,14 +131,14 @@ class WorkerTable:
             worker.state = new
             return new
 
-    def remove(self, worker: WorkerHandle) -> list[Pending]:
+    def remove(self, worker: WorkerHandle) -> list[HeldRequest]:
         """Forget a dead worker; the requests it held, which nobody will answer now."""
         with self.lock:
             if worker in self._workers:
                 self._workers.remove(worker)
                 self._outboxes = None
             self._by_pid.pop(worker.pid, None)
-            held = [self._owner.pop(ticket) for ticket in worker.in_flight]
+            held = [self._held.pop(ticket) for ticket in worker.in_flight]
             worker.in_flight.clear()
             worker.in_flight_bytes = 0
         return held
@@ -146,7 +149,7 @@ class WorkerTable:
         self,
         worker: WorkerHandle,
         conn: iris.Connection,
-        request_id: int,
+        relay_id: int,
         deadline: float,
         size: int,
         received: float | None = None,
@@ -164,34 +167,34 @@ class WorkerTable:
         if received is None:
             received = time.monotonic()
         if head is None:
-            head = reply_head(codec.encode_varint(request_id))
-        self._owner[ticket] = Pending(worker, conn, request_id, received, size, head)
+            head = reply_head(codec.encode_varint(relay_id))
+        self._held[ticket] = HeldRequest(worker, conn, relay_id, received, size, head)
         return ticket
 
-    def settle(self, ticket: int) -> Pending | None:
+    def settle(self, ticket: int) -> HeldRequest | None:
         """Forget a request's bookkeeping; None if it was settled already."""
         with self.lock:
-            pending = self._owner.pop(ticket, None)
-            if pending is not None:
-                _, size = pending.worker.in_flight.pop(ticket)
-                pending.worker.in_flight_bytes -= size
-        return pending
+            held = self._held.pop(ticket, None)
+            if held is not None:
+                _, size = held.worker.in_flight.pop(ticket)
+                held.worker.in_flight_bytes -= size
+        return held
 
-    def settle_all(self, tickets: list[int]) -> list[Pending | None]:
+    def settle_all(self, tickets: list[int]) -> list[HeldRequest | None]:
         """settle() for each of a batch of answers, under one taking of the lock."""
-        settled: list[Pending | None] = []
-        owner = self._owner
+        settled: list[HeldRequest | None] = []
+        by_ticket = self._held
         with self.lock:
             for ticket in tickets:
-                pending = owner.pop(ticket, None)
-                if pending is not None:
-                    worker = pending.worker
+                held = by_ticket.pop(ticket, None)
+                if held is not None:
+                    worker = held.worker
                     worker.in_flight_bytes -= worker.in_flight.pop(ticket)[1]
-                settled.append(pending)
+                settled.append(held)
         return settled
 
     def in_flight(self) -> int:
-        return len(self._owner)
+        return len(self._held)
 
     def running_deadline(self, worker: WorkerHandle, threads: int) -> float | None:
         with self.lock:

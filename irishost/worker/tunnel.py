@@ -5,7 +5,7 @@ cross the rings: TUN_DATA frames bring the remote end's messages, a TUN_ACK
 after each ``recv`` lets the supervisor fetch more (so flow control reaches
 all the way to the handler), and each ``send`` waits for the supervisor's
 TUN_SENT, so a send returns or times out exactly as iris.Tunnel.send does.
-:class:`AsyncWorkerTunnel` is the same for iris.aio handlers.
+:class:`LoopTunnelProxy` is the same for iris.aio handlers.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from iris.tunnel import validate_send, wait_until
 from ..wire import frames
 
 # A worker's open tunnels by id; each removes itself when it closes.
-TunnelRegistry: TypeAlias = "dict[int, WorkerTunnel | AsyncWorkerTunnel]"
+TunnelRegistry: TypeAlias = "dict[int, TunnelProxy]"
 
 
-class _TunnelProxy:
+class TunnelProxy:
     """What both proxies share: the tunnel's id, the queues its frames fill, its close.
 
     The waits differ (a condition variable for threads, futures on a loop),
@@ -73,14 +73,14 @@ class _TunnelProxy:
         self.log.info("tunnel closed")
 
 
-class WorkerTunnel(_TunnelProxy):
+class ThreadTunnelProxy(TunnelProxy):
     """The iris.Tunnel surface, proxied, for handlers on a worker's threads."""
 
     def _make_waits(self) -> None:
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
 
-    def __enter__(self) -> WorkerTunnel:
+    def __enter__(self) -> ThreadTunnelProxy:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -136,11 +136,11 @@ class WorkerTunnel(_TunnelProxy):
         self._registry.pop(self.id, None)
 
 
-class AsyncWorkerTunnel(_TunnelProxy):
+class LoopTunnelProxy(TunnelProxy):
     """The iris.aio.Tunnel surface, proxied, for handlers on a worker's event loop.
 
-    The same frames as :class:`WorkerTunnel`; the waits are futures resolved
-    by the loop worker's frame pump instead of condition variables.
+    The same frames as :class:`ThreadTunnelProxy`; the waits are futures resolved
+    by the loop executor's frame pump instead of condition variables.
     """
 
     def _make_waits(self) -> None:
@@ -148,7 +148,7 @@ class AsyncWorkerTunnel(_TunnelProxy):
         self._send_lock = asyncio.Lock()
         self._changed = self._loop.create_future()
 
-    async def __aenter__(self) -> AsyncWorkerTunnel:
+    async def __aenter__(self) -> LoopTunnelProxy:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

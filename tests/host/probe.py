@@ -179,9 +179,9 @@ class ProbeHandler(iris.ServiceHandler):
     def do_garbage(self, delay: str) -> bytes:
         """Write a frame the supervisor cannot decode into the worker's outbox, as
         a worker with corrupted memory would; then answer after ``delay``."""
-        from irishost.worker.process import Worker
+        from irishost.worker.core import WorkerCore
 
-        (worker,) = [o for o in gc.get_objects() if isinstance(o, Worker)]
+        (worker,) = [o for o in gc.get_objects() if isinstance(o, WorkerCore)]
         worker.send(b"\xc1 not msgpack")
         time.sleep(float(delay or 0))
         return self.do_pid("")

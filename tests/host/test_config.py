@@ -206,7 +206,7 @@ def test_relay_embedded_takes_true_false_or_auto(in_tmp, written, value):
     config = load_config(write(in_tmp, MINIMAL + f"[relay]\nembedded = {written}"))
 
     assert config.relay.embedded == value
-    assert Config.from_wire(config.to_wire()) == config  # crosses to the fork server as is
+    assert Config.from_plain(config.to_plain()) == config  # crosses to the fork server as is
 
 
 # --- errors --------------------------------------------------------------------------------
@@ -721,7 +721,7 @@ def test_settings_integers_at_the_ends_of_msgpacks_range_cross_unchanged(in_tmp)
     lines = "".join(f"{key} = {to_toml(value)}\n" for key, value in ends.items())
     config = load_config(write(in_tmp, MINIMAL + "[settings]\n" + lines))
 
-    crossed = Config.from_wire(msgpack.unpackb(msgpack.packb(config.to_wire()), raw=False))
+    crossed = Config.from_plain(msgpack.unpackb(msgpack.packb(config.to_plain()), raw=False))
 
     assert crossed.settings == ends
 
@@ -731,7 +731,7 @@ def test_a_400_kb_string_setting_crosses_to_the_fork_server_unchanged(in_tmp):
     big = "0123456789abcdef" * 25_000
     config = load_config(write(in_tmp, MINIMAL + f"[settings]\nbig = {to_toml(big)}\n"))
 
-    crossed = Config.from_wire(msgpack.unpackb(msgpack.packb(config.to_wire()), raw=False))
+    crossed = Config.from_plain(msgpack.unpackb(msgpack.packb(config.to_plain()), raw=False))
 
     assert crossed.settings == {"big": big} and crossed == config
 
@@ -753,8 +753,8 @@ def test_a_config_crosses_to_the_fork_server_as_plain_values_unchanged(in_tmp):
     with_settings = write(in_tmp, MINIMAL + SETTINGS + times)
     for path in [*sorted(CONFIGS.glob("*.toml")), with_settings]:
         config = load_config(path).with_overrides(workers=3)
-        wire = msgpack.unpackb(msgpack.packb(config.to_wire()), raw=False)
-        crossed = Config.from_wire(wire)
+        plain = msgpack.unpackb(msgpack.packb(config.to_plain()), raw=False)
+        crossed = Config.from_plain(plain)
         assert crossed == config
     assert crossed.settings["database"] == {"host": "db", "port": 5432}
     assert crossed.settings["day"] == datetime.date(2026, 11, 29)
@@ -764,7 +764,7 @@ def test_a_config_crosses_to_the_fork_server_as_plain_values_unchanged(in_tmp):
     # Text that only looks like a date stays text.
     text = write(in_tmp, MINIMAL + '[settings]\nday = "2026-11-29"\nlist = [[1979-05-27]]\n')
     config = load_config(text)
-    crossed = Config.from_wire(msgpack.unpackb(msgpack.packb(config.to_wire()), raw=False))
+    crossed = Config.from_plain(msgpack.unpackb(msgpack.packb(config.to_plain()), raw=False))
     assert crossed.settings == {"day": "2026-11-29", "list": [[datetime.date(1979, 5, 27)]]}
 
 
@@ -773,8 +773,8 @@ def test_log_file_is_made_absolute_against_the_configs_directory(in_tmp):
     config = load_config(write(in_tmp / "conf", MINIMAL + '[logging]\nfile = "logs/host.log"'))
 
     assert config.logging.file == in_tmp / "conf" / "logs" / "host.log"
-    wire = msgpack.unpackb(msgpack.packb(config.to_wire()), raw=False)
-    assert Config.from_wire(wire) == config  # the fork server gets it too
+    plain = msgpack.unpackb(msgpack.packb(config.to_plain()), raw=False)
+    assert Config.from_plain(plain) == config  # the fork server gets it too
     assert load_config(write(in_tmp, MINIMAL)).logging.file is None  # stderr
 
 

@@ -16,14 +16,14 @@ from iris.logs import ContextLog
 from irishost.config import Config, load_config
 from irishost.exits import Exit, HostError
 from irishost.ops.notify import Notifier
-from irishost.supervisor.dispatch import RelayDispatch
 from irishost.supervisor.generation import Generation
 from irishost.supervisor.generations import Generations
 from irishost.supervisor.handle import WorkerHandle, WorkerState
-from irishost.supervisor.pool import WorkerPool
 from irishost.supervisor.relay_link import RelayLink
-from irishost.supervisor.spawner import Event, LaunchFailed, Spawned, SpawnFailed
+from irishost.supervisor.spawner import LaunchFailed, Spawned, SpawnerEvent, SpawnFailed
+from irishost.supervisor.switchboard import Switchboard
 from irishost.supervisor.worker_table import Change, WorkerTable
+from irishost.supervisor.workforce import Workforce
 from irishost.wire.ring import Ring
 
 # Fake workers get pids above the kernel's pid_max, so that no signal the
@@ -33,7 +33,7 @@ with open("/proc/sys/kernel/pid_max") as _file:
 
 
 class FakeSpawner:
-    """What the pool asks of a Spawner, recorded; the test plays the fork server."""
+    """What the workforce asks of a Spawner, recorded; the test plays the fork server."""
 
     def __init__(self) -> None:
         self.launched: list[int] = []  # generation codes
@@ -75,25 +75,25 @@ class FakeSpawner:
 
 
 class Host:
-    """A Generations over a real pool, table, dispatch and link, and the fake spawner."""
+    """A Generations over a real workforce, table, switchboard and link, and the fake spawner."""
 
     def __init__(self, config: Config):
         self.config = config
         self.log = ContextLog(logging.getLogger("irishost.test"))
         self.table = WorkerTable()
         self.spawner = FakeSpawner()
-        self.pool = WorkerPool(Generation(0, config, 0), self.table, self.spawner, self.log)
-        dispatch = RelayDispatch(config, self.log, self.table, self.pool.recycle)
-        self.link = RelayLink(config, dispatch, self.log)
+        self.workforce = Workforce(Generation(0, config, 0), self.table, self.spawner, self.log)
+        switchboard = Switchboard(config, self.log, self.table, self.workforce.recycle)
+        self.link = RelayLink(config, switchboard, self.log)
         self.generations = Generations(
-            self.pool, dispatch, self.link, Notifier(None, None), self.log, {}
+            self.workforce, switchboard, self.link, Notifier(None, None), self.log, {}
         )
         self.replies: list[tuple[bool, str]] = []
 
     def reply(self, ok: bool, line: str) -> None:
         self.replies.append((ok, line))
 
-    def tell(self, event: Event) -> WorkerHandle | None:
+    def tell(self, event: SpawnerEvent) -> WorkerHandle | None:
         return self.generations.on_spawner(event, stopping=False)
 
     def boot(self, slot: int, generation: int) -> WorkerHandle:
@@ -101,16 +101,16 @@ class Host:
         handle = self.tell(self.spawner.answer(slot, generation))
         assert handle is not None
         self.table.transition(handle, Change.BOOTED)
-        self.pool.respawner.on_ready(slot)
+        self.workforce.respawner.on_ready(slot)
         self.generations.on_ready(handle)
         return handle
 
     def start(self) -> list[WorkerHandle]:
         """The first generation up, as Supervisor.run brings it."""
-        self.spawner.launch(self.pool.generation)
-        for slot in range(self.pool.count):
-            self.pool.spawn(slot)
-        return [self.boot(slot, 0) for slot in range(self.pool.count)]
+        self.spawner.launch(self.workforce.generation)
+        for slot in range(self.workforce.count):
+            self.workforce.spawn(slot)
+        return [self.boot(slot, 0) for slot in range(self.workforce.count)]
 
     def close(self) -> None:
         for ring in self.spawner.rings:
@@ -136,9 +136,9 @@ def test_a_reload_takes_over_once_every_slot_of_it_is_ready(host):
     assert sorted(host.spawner.spawning(1)) == [0, 1]
 
     host.boot(0, 1)
-    assert host.pool.generation.number == 0  # one of two: not yet
+    assert host.workforce.generation.number == 0  # one of two: not yet
     host.boot(1, 1)
-    assert host.pool.generation.number == 1
+    assert host.workforce.generation.number == 1
     assert host.generations.rollout is None
     assert [w.state for w in old] == [WorkerState.DRAINING] * 2
     assert host.spawner.retained == {1}
@@ -160,9 +160,9 @@ def test_a_scale_during_a_reload_applies_to_the_new_generation(host):
     assert sorted(host.spawner.spawning(1)) == [0, 1, 2]
     host.boot(0, 1)
     host.boot(1, 1)
-    assert host.pool.generation.number == 0  # slot 2 is not ready yet
+    assert host.workforce.generation.number == 0  # slot 2 is not ready yet
     host.boot(2, 1)
-    assert (host.pool.generation.number, host.pool.count) == (1, 3)
+    assert (host.workforce.generation.number, host.workforce.count) == (1, 3)
     assert host.replies == [(True, "reload complete (generation 1)")]
 
 
@@ -172,7 +172,7 @@ def test_a_failed_spawn_fails_the_reload_and_keeps_the_running_workers(host):
     host.boot(0, 1)
     host.tell(host.spawner.fail(1, 1))
     assert host.generations.rollout is None
-    assert host.pool.generation.number == 0
+    assert host.workforce.generation.number == 0
     assert [w.state for w in old] == [WorkerState.READY] * 2
     assert host.replies == [
         (
@@ -194,24 +194,24 @@ def test_a_fork_server_that_cannot_start_fails_the_reload_not_the_host(host):
     assert host.replies == [
         (False, "reload failed: handler error: boom; the running workers carry on")
     ]
-    assert host.pool.generation.number == 0
+    assert host.workforce.generation.number == 0
 
 
 def test_a_fork_server_that_cannot_start_at_start_up_ends_the_host(host):
-    host.spawner.launch(host.pool.generation)
-    host.pool.spawn(0)
+    host.spawner.launch(host.workforce.generation)
+    host.workforce.spawn(0)
     with pytest.raises(HostError) as raised:
-        host.tell(LaunchFailed(host.pool.generation, Exit.HANDLER, "handler error: boom"))
+        host.tell(LaunchFailed(host.workforce.generation, Exit.HANDLER, "handler error: boom"))
     assert raised.value.code == Exit.HANDLER
 
 
 def test_a_failed_spawn_of_the_running_generation_is_retried_with_backoff(host):
     host.start()
-    host.pool.spawn(1)  # a respawn, say
+    host.workforce.spawn(1)  # a respawn, say
     host.tell(host.spawner.fail(1, 0))
-    assert host.pool.respawner.problems == {1: "fork failed (EAGAIN)"}
-    assert host.pool.respawner.next_due() is not None
-    assert host.pool.respawner.restarts == 0  # no worker died
+    assert host.workforce.respawner.problems == {1: "fork failed (EAGAIN)"}
+    assert host.workforce.respawner.next_due() is not None
+    assert host.workforce.respawner.restarts == 0  # no worker died
 
 
 def test_a_worker_of_a_generation_given_up_meanwhile_is_not_taken_on(host):
@@ -224,8 +224,10 @@ def test_a_worker_of_a_generation_given_up_meanwhile_is_not_taken_on(host):
 
 def test_a_config_the_fork_server_refuses_at_start_up_ends_the_host_with_exit_3(host):
     """[settings] the class does not take, or a max_rss below a fresh worker's memory."""
-    host.spawner.launch(host.pool.generation)
-    failed = LaunchFailed(host.pool.generation, Exit.CONFIG, "config error: limits.max_rss: ...")
+    host.spawner.launch(host.workforce.generation)
+    failed = LaunchFailed(
+        host.workforce.generation, Exit.CONFIG, "config error: limits.max_rss: ..."
+    )
     with pytest.raises(HostError) as raised:
         host.tell(failed)
     assert raised.value.code == Exit.CONFIG

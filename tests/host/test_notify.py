@@ -59,10 +59,10 @@ def notifiers():
 
 def test_state_changes_are_exact_datagrams(systemd, notifiers):
     notifier = notifiers(systemd.environ)
-    notifier.ready()
-    notifier.stopping()
-    notifier.status("serving 4 workers")
-    notifier.watchdog()
+    notifier.tell_ready()
+    notifier.tell_stopping()
+    notifier.tell_status("serving 4 workers")
+    notifier.ping_watchdog()
     assert [systemd.recv() for _ in range(4)] == [
         b"READY=1",
         b"STOPPING=1",
@@ -78,14 +78,14 @@ def test_send_puts_all_fields_in_one_datagram(systemd, notifiers):
 
 
 def test_multi_line_values_are_flattened(systemd, notifiers):
-    notifiers(systemd.environ).status("relay lost:\nconnection reset")
+    notifiers(systemd.environ).tell_status("relay lost:\nconnection reset")
     assert systemd.recv() == b"STATUS=relay lost: connection reset"
 
 
 def test_reloading_carries_the_monotonic_clock_in_microseconds(systemd, notifiers):
     notifier = notifiers(systemd.environ)
     before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-    notifier.reloading()
+    notifier.tell_reloading()
     after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     reloading, stamp = systemd.recv().split(b"\n")
     assert reloading == b"RELOADING=1"
@@ -96,15 +96,15 @@ def test_reloading_carries_the_monotonic_clock_in_microseconds(systemd, notifier
 
 def test_without_notify_socket_everything_is_a_no_op(notifiers):
     notifier = notifiers({})
-    notifier.ready()
+    notifier.tell_ready()
     notifier.send(STATUS="x")
-    notifier.watchdog()
+    notifier.ping_watchdog()
     assert notifier.watchdog_interval() is None
 
 
 def test_unsupported_address_is_a_no_op_with_a_warning(notifiers, caplog):
     notifier = notifiers({"NOTIFY_SOCKET": "vsock:2:1234"})
-    notifier.ready()
+    notifier.tell_ready()
     assert "unsupported NOTIFY_SOCKET" in caplog.text
 
 
@@ -128,14 +128,14 @@ def test_watchdog_interval(notifiers, extra, interval):
 
 def test_vanished_socket_warns_once_and_never_raises(systemd, notifiers, caplog):
     notifier = notifiers(systemd.environ)
-    notifier.ready()
+    notifier.tell_ready()
     assert systemd.recv() == b"READY=1"
     systemd.sock.close()
     path = systemd.environ["NOTIFY_SOCKET"]
     if path.startswith("/"):
         os.unlink(path)
     for _ in range(3):
-        notifier.watchdog()
+        notifier.ping_watchdog()
     warnings = [r for r in caplog.records if "cannot notify systemd" in r.getMessage()]
     assert len(warnings) == 1
     assert f"notify_socket={path}" in warnings[0].getMessage()

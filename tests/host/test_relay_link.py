@@ -15,8 +15,8 @@ from iris.logs import ContextLog
 from iris.relay import RelayServer
 from irishost.config import load_config
 from irishost.exits import Exit, HostError
-from irishost.supervisor.dispatch import RelayDispatch
 from irishost.supervisor.relay_link import RECONNECT_START, RelayLink, RelayState
+from irishost.supervisor.switchboard import Switchboard
 from irishost.supervisor.worker_table import WorkerTable
 
 EXAMPLE = Path(__file__).parents[2] / "configs" / "echo.toml"
@@ -33,7 +33,7 @@ def link_to(port: int) -> RelayLink:
     config = load_config(EXAMPLE)
     config = replace(config, relay=replace(config.relay, port=port, embedded=False))
     log = ContextLog(logging.getLogger("irishost"))
-    return RelayLink(config, RelayDispatch(config, log, WorkerTable(), lambda _: None), log)
+    return RelayLink(config, Switchboard(config, log, WorkerTable(), lambda _: None), log)
 
 
 def test_the_link_states_follow_the_connection(relay):
@@ -48,9 +48,15 @@ def test_the_link_states_follow_the_connection(relay):
     wait_for(lambda: link.state is RelayState.RECONNECTING, what="the drop noticed")
     assert not link.listening()
 
-    link.stopping()
+    link.begin_stopping()
     assert link.state is RelayState.STOPPING
     link.close()
+
+
+def test_each_relay_state_shows_as_its_own_name():
+    """The value is what `irishost status`, systemd's STATUS= and the metrics
+    show: a host that is stopping says "stopping", not "stopped"."""
+    assert [state.value for state in RelayState] == [state.name.lower() for state in RelayState]
 
 
 def test_no_relay_is_a_relay_exit(relay):

@@ -25,7 +25,7 @@ def test_the_file_is_found_beside_the_config_and_crosses_to_the_fork_server(tmp_
     (tmp_path / "service.toml").write_text(SERVICE + '[relay]\npermissions = "permissions.toml"\n')
     config = load_config(tmp_path / "service.toml")
     assert config.relay.permissions == tmp_path / "permissions.toml"
-    assert Config.from_wire(config.to_wire()) == config
+    assert Config.from_plain(config.to_plain()) == config
     assert load_config(_written(tmp_path, SERVICE)).relay.permissions is None
 
 

@@ -81,13 +81,13 @@ def test_a_retired_booting_worker_is_never_in_the_ready_list(table):
 def test_tickets_are_unique_and_settle_once(table):
     worker = add_worker(table)
     with table.lock:
-        first = table.book(worker, conn=None, request_id=7, deadline=1.0, size=10)
-        second = table.book(worker, conn=None, request_id=7, deadline=2.0, size=5)
+        first = table.book(worker, conn=None, relay_id=7, deadline=1.0, size=10)
+        second = table.book(worker, conn=None, relay_id=7, deadline=2.0, size=5)
     assert first != second
     assert table.in_flight() == 2 and worker.in_flight_bytes == 15
 
-    pending = table.settle(first)
-    assert (pending.worker, pending.request_id) == (worker, 7)
+    held = table.settle(first)
+    assert (held.worker, held.relay_id) == (worker, 7)
     assert table.settle(first) is None  # a late duplicate answer is ignored
     assert table.in_flight() == 1 and worker.in_flight_bytes == 5
 
@@ -98,7 +98,7 @@ def test_settle_all_settles_a_batch_once_each(table):
         tickets = [table.book(worker, None, rid, 1.0, 10) for rid in (1, 2, 3)]
     assert table.settle(tickets[1]) is not None
     settled = table.settle_all([*tickets, tickets[0]])
-    assert [p and p.request_id for p in settled] == [1, None, 3, None]
+    assert [p and p.relay_id for p in settled] == [1, None, 3, None]
     assert table.in_flight() == 0 and worker.in_flight_bytes == 0
     assert settled[0].head == b"\x05\x01\x01"  # REPLY, the id's varint, success
 
@@ -111,9 +111,9 @@ def test_removing_a_dead_worker_hands_back_exactly_its_requests(table):
 
     orphans = table.remove(dead)
 
-    assert sorted(p.request_id for p in orphans) == [1, 2]
+    assert sorted(p.relay_id for p in orphans) == [1, 2]
     assert all(table.settle(ticket) is None for ticket in held)
-    assert table.settle(kept).request_id == 3
+    assert table.settle(kept).relay_id == 3
     assert table.workers == [alive] and table.by_pid(dead.pid) is None
     dead.close()
 

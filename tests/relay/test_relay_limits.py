@@ -20,6 +20,7 @@ Deadlines are set short on the command line so the tests take a second each.
 
 from __future__ import annotations
 
+import select
 import threading
 import time
 
@@ -202,13 +203,14 @@ def drain_in_background(peer, stop: threading.Event) -> threading.Thread:
     """Read and discard whatever ``peer`` is sent until ``stop``: a well-behaved reader."""
 
     def drain() -> None:
-        peer.sock.settimeout(0.1)
+        # select, not a socket timeout: a timeout would apply to the sends of
+        # the test's own thread on the same socket too, and end its flood early.
         while not stop.is_set():
+            if not select.select([peer.sock], [], [], 0.1)[0]:
+                continue
             try:
                 if not peer.sock.recv(1 << 20):
                     return
-            except TimeoutError:
-                continue
             except OSError:
                 return
 
@@ -229,6 +231,7 @@ def test_four_services_that_never_read_cannot_grow_the_relay(relay_factory, raw)
     round_trip = echoing(bystander)
     stalled = [raw(relay.port).handshake("stalled") for _ in range(4)]
     flooder = raw(relay.port).handshake()
+    flooder.sock.settimeout(None)  # the handshake's read left one; the flood must only end on stop
     stop = threading.Event()
     reader = drain_in_background(flooder, stop)  # answers to the requests of cut members
     payload = bytes(MiB)
@@ -253,7 +256,12 @@ def test_four_services_that_never_read_cannot_grow_the_relay(relay_factory, raw)
     started = time.monotonic()
     flooding.start()
     try:
-        wait_for(all_cut, timeout=30, what="the four stalled services cut")
+        try:
+            wait_for(all_cut, timeout=30, what="the four stalled services cut")
+        except AssertionError as error:
+            raise AssertionError(
+                f"{error}; status {query(relay.port)}; log: {relay.log()[-3000:]}"
+            ) from None
         elapsed = time.monotonic() - started
     finally:
         stop.set()

@@ -1,6 +1,6 @@
-"""Fanning the relay's inbound work out to workers, and answers back.
+"""The switchboard: the relay's inbound work put through to workers, and answers back.
 
-:class:`RelayDispatch` is the ``iris.dispatch.Inbound`` of the supervisor's
+:class:`Switchboard` is the ``iris.dispatch.Inbound`` of the supervisor's
 relay connection. The connection's reader thread calls it for every request,
 broadcast and tunnel; it picks a worker and writes a frame to that worker's
 ring, with no thread hop. The supervisor's loop calls :meth:`on_frame` with
@@ -20,7 +20,7 @@ deadline passes while it waits is dropped unrun; its caller gets the
 relay's timeout, as a client of gunicorn gets its proxy's. Only when that
 budget is full does a request get a fault at once.
 
-Every answer, reply or fault, leaves through :meth:`RelayDispatch.answer`,
+Every answer, reply or fault, leaves through :meth:`Switchboard.answer`,
 which records its outcome in the :class:`~irishost.supervisor.request_log.RequestLog`
 (metrics and access log); so does every request whose deadline passes
 unanswered (its caller got the relay's timeout).
@@ -42,24 +42,24 @@ from ..wire import frames
 from .bridge import TunnelBridge
 from .fastpath import FastPath
 from .handle import BEST_EFFORT_TIMEOUT, WorkerHandle, WorkerState, WorkerUnreachable
-from .request_log import RequestLog
-from .worker_table import Pending, WorkerTable
+from .request_log import HostRequest, RequestLog
+from .worker_table import WorkerTable
 
 READY, DRAINING = WorkerState.READY, WorkerState.DRAINING
 
 
-class Waiting(NamedTuple):
+class WaitingRequest(NamedTuple):
     """A request on its way to a worker, or waiting here for one to be ready."""
 
     conn: iris.Connection  # the connection it came in on
-    request_id: int  # the relay's id for it, on that connection
+    relay_id: int  # the relay's id for it, on that connection
     deadline: float  # monotonic; its caller has timed out after this
-    request: bytes
+    payload: bytes
     received: float  # monotonic, when it reached the host
 
     @property
     def size(self) -> int:
-        return len(self.request)
+        return len(self.payload)
 
 
 class Refusal(NamedTuple):
@@ -84,7 +84,7 @@ def no_room(open_workers: int, stalled: int, memory_cap: int, size: int) -> Refu
     )
 
 
-class RelayDispatch:
+class Switchboard:
     def __init__(
         self,
         config: Config,
@@ -100,15 +100,15 @@ class RelayDispatch:
         self.bridges: dict[int, TunnelBridge] = {}
         self.served = 0
         self._cursor = 0  # where the round-robin among equally loaded workers starts
-        self._waiting: deque[Waiting] = deque()  # for a worker to be ready, oldest first
+        self._waiting: deque[WaitingRequest] = deque()  # for a worker to be ready, oldest first
         self._waiting_bytes = 0
         self._delivery_dropped = RateLimitedWarning(log, "broadcast or event dropped")
         self.accepting = True  # False while stopping: new requests get a fault
         self.recycle = recycle
-        self.requests = RequestLog(config)
+        self.request_log = RequestLog(config)
         # The fast path (fastpath.py); the relay connection's reader calls route_leading.
-        self.fast = FastPath(self)
-        self.route_leading = self.fast.route_leading
+        self.fast_path = FastPath(self)
+        self.route_leading = self.fast_path.route_leading
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -116,9 +116,9 @@ class RelayDispatch:
         self.config = config
         self._memory_cap = config.limits.request_memory
         self._topic_rules = {topic.name: topic.deliver for topic in config.topics}
-        self.requests.reconfigure(config)
+        self.request_log.reconfigure(config)
 
-    def attach(self, conn: iris.Connection) -> RelayDispatch:
+    def attach(self, conn: iris.Connection) -> Switchboard:
         """Used as the Connection's inbound factory."""
         self.conn = conn
         return self
@@ -135,13 +135,13 @@ class RelayDispatch:
 
     # -- Inbound: called on the relay connection's reader thread ---------------------
 
-    def request(self, request_id: int, request: bytes, timeout: float) -> None:
+    def request(self, relay_id: int, payload: bytes, timeout: float) -> None:
         conn = self.conn  # the connection whose reader thread this is: set
         assert conn is not None
         now = time.monotonic()
-        waiting = Waiting(conn, request_id, now + timeout, request, now)
+        waiting = WaitingRequest(conn, relay_id, now + timeout, payload, now)
         with self.table.lock:
-            choice = self.pick_for_request(len(request), now)
+            choice = self.pick_for_request(len(payload), now)
             if choice is None:
                 choice = self._wait_for_worker(waiting)
                 if choice is None:
@@ -149,7 +149,7 @@ class RelayDispatch:
             ticket = self._book(choice, waiting)
         self._hand_over(waiting, choice, ticket)
 
-    def _wait_for_worker(self, waiting: Waiting) -> Refusal | None:
+    def _wait_for_worker(self, waiting: WaitingRequest) -> Refusal | None:
         """Keep a request until a worker is ready; a Refusal if the budget is full."""
         size = waiting.size
         if self._waiting_bytes + size > self._memory_cap:
@@ -162,18 +162,18 @@ class RelayDispatch:
         self._waiting_bytes += size
         return None
 
-    def _book(self, choice: WorkerHandle | Refusal, waiting: Waiting) -> int | None:
+    def _book(self, choice: WorkerHandle | Refusal, waiting: WaitingRequest) -> int | None:
         """Record a request as held by the worker chosen for it; its ticket. Under the
         lock; the worker's inbox is held until _hand_over (see WorkerHandle.hold_inbox)."""
         if isinstance(choice, Refusal):
             return None
         w = waiting
-        ticket = self.table.book(choice, w.conn, w.request_id, w.deadline, w.size, w.received)
+        ticket = self.table.book(choice, w.conn, w.relay_id, w.deadline, w.size, w.received)
         choice.hold_inbox()
         return ticket
 
     def _hand_over(
-        self, waiting: Waiting, choice: WorkerHandle | Refusal, ticket: int | None
+        self, waiting: WaitingRequest, choice: WorkerHandle | Refusal, ticket: int | None
     ) -> None:
         """Write a booked request to its worker's ring, or answer with the fault text."""
         if isinstance(choice, Refusal):
@@ -181,12 +181,12 @@ class RelayDispatch:
             return
         assert ticket is not None  # _book gives a worker's booking its ticket
         try:
-            choice.put(frames.Request(ticket, waiting.deadline, waiting.request).encode())
+            choice.put(frames.Request(ticket, waiting.deadline, waiting.payload).encode())
         except WorkerUnreachable as err:
-            pending = self.table.settle(ticket)
-            if pending is not None:
+            held = self.table.settle(ticket)
+            if held is not None:
                 fault = f"{choice} did not take the request: {err}"
-                self.answer(pending, Outcome.NO_ROOM, fault, choice)
+                self.answer(held, Outcome.NO_ROOM, fault, choice)
         finally:
             choice.release_inbox()
 
@@ -197,27 +197,27 @@ class RelayDispatch:
         tick, and when stopping (the requests then get the shutdown fault).
         """
         now = time.monotonic()
-        handed: list[tuple[Waiting, WorkerHandle | Refusal, int | None]] = []
-        expired: list[Waiting] = []
+        handed: list[tuple[WaitingRequest, WorkerHandle | Refusal, int | None]] = []
+        expired: list[WaitingRequest] = []
         with self.table.lock:
             if not self._waiting:
                 return
-            live: list[Waiting] = []
+            live: list[WaitingRequest] = []
             for waiting in self._waiting:
                 alive = waiting.deadline > now and not waiting.conn.closed
                 (live if alive else expired).append(waiting)
             self._waiting = deque(live)
-            self._waiting_bytes = sum(len(w.request) for w in live)
+            self._waiting_bytes = sum(w.size for w in live)
             while self._waiting:
                 waiting = self._waiting[0]
-                choice = self.pick_for_request(len(waiting.request), now)
+                choice = self.pick_for_request(waiting.size, now)
                 if choice is None:
                     break
                 self._waiting.popleft()
-                self._waiting_bytes -= len(waiting.request)
+                self._waiting_bytes -= waiting.size
                 handed.append((waiting, choice, self._book(choice, waiting)))
         for waiting in expired:  # unanswered: the relay has timed them out, or is gone
-            self.requests.record(waiting, Outcome.EXPIRED)
+            self.request_log.record(waiting, Outcome.EXPIRED)
         for waiting, choice, ticket in handed:
             self._hand_over(waiting, choice, ticket)
 
@@ -328,8 +328,8 @@ class RelayDispatch:
     def on_frame(self, worker: WorkerHandle, frame: frames.Frame) -> None:
         """An answer or tunnel frame from ``worker``; FrameError for any other kind."""
         if isinstance(frame, frames.Reply):
-            pending = self.table.settle(frame.ticket)
-            if pending is not None:
+            held = self.table.settle(frame.ticket)
+            if held is not None:
                 self.served += 1
                 worker.served += 1
                 # Retire the worker before its last reply goes out, or the
@@ -338,11 +338,11 @@ class RelayDispatch:
                 if worker.max_requests and worker.served >= worker.max_requests:
                     self.recycle(worker)
                 outcome = Outcome.OK if frame.success else Outcome.FAULT
-                self.answer(pending, outcome, frame.payload, worker)
+                self.answer(held, outcome, frame.payload, worker)
         elif isinstance(frame, frames.Expired):
-            pending = self.table.settle(frame.ticket)
-            if pending is not None:
-                self.requests.record(pending, Outcome.EXPIRED, worker)
+            held = self.table.settle(frame.ticket)
+            if held is not None:
+                self.request_log.record(held, Outcome.EXPIRED, worker)
         elif isinstance(frame, (frames.TunSend, frames.TunAck, frames.TunClose)):
             bridge = self.bridges.get(frame.tunnel_id)
             # Tunnel ids restart with each connection too: a frame from the
@@ -355,7 +355,7 @@ class RelayDispatch:
 
     def answer(
         self,
-        request: Pending | Waiting,
+        request: HostRequest,
         outcome: Outcome,
         payload: bytes | str,
         worker: WorkerHandle | None = None,
@@ -365,16 +365,16 @@ class RelayDispatch:
         ``payload`` is the reply if ``outcome`` is OK, else the fault text. On a
         connection closed since, the answer is dropped: its relay has answered
         the caller already, or is gone with the caller."""
-        request.conn.reply(request.request_id, outcome is Outcome.OK, payload)
-        self.requests.record(request, outcome, worker)
+        request.conn.reply(request.relay_id, outcome is Outcome.OK, payload)
+        self.request_log.record(request, outcome, worker)
 
     def fail_worker(self, worker: WorkerHandle, how: str) -> None:
         """Fault everything a dead worker held, and close its tunnels."""
-        self.fast.flush()  # its last replies, collected just before, go first
+        self.fast_path.flush()  # its last replies, collected just before, go first
         held = self.table.remove(worker)
         fault = f"{worker} died while handling the request: {how}"
-        for pending in held:
-            self.answer(pending, Outcome.WORKER_DIED, fault, worker)
+        for request in held:
+            self.answer(request, Outcome.WORKER_DIED, fault, worker)
         for tunnel_id in list(worker.tunnels):
             bridge = self.bridges.get(tunnel_id)
             if bridge is not None:

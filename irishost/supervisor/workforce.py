@@ -1,8 +1,8 @@
-"""The worker pool: the verbs of a worker's life, as gunicorn's arbiter names them.
+"""The workforce: the verbs of a worker process's life, as gunicorn's arbiter names them.
 
 spawn (fork one), retire (drain and exit), recycle (spawn a successor, then
 retire), kill (SIGKILL, with the reason its requests' faults carry), murder
-(kill the stuck), bury (a dead worker's respawn) and scale. The pool acts; the
+(kill the stuck), bury (a dead worker's respawn) and scale. The workforce acts; the
 :class:`~irishost.supervisor.respawner.Respawner` decides when, and the
 :class:`~irishost.supervisor.worker_table.WorkerTable` keeps the records.
 """
@@ -37,7 +37,7 @@ RSS_CHECK_SECONDS = 0.1
 KILL_ALL_SECONDS = 5.0
 
 
-class WorkerPool:
+class Workforce:
     def __init__(
         self, generation: Generation, table: WorkerTable, spawner: Spawner, log: ContextLog
     ):
@@ -80,7 +80,7 @@ class WorkerPool:
                 worker=handle.slot,
                 threads=spawned.threads,
             )
-        self.title()
+        self.set_title()
 
     def on_spawn_failed(self, slot: int, reason: str) -> None:
         """No worker came for ``slot`` of the running generation: retry with backoff."""
@@ -98,7 +98,7 @@ class WorkerPool:
             handle.put(frames.Drain().encode())
         except WorkerUnreachable as err:
             self.log.warning("could not ask worker to drain", worker=handle.slot, error=str(err))
-        self.title()
+        self.set_title()
 
     def recycle(self, handle: WorkerHandle, reason: str = "reached max_requests") -> None:
         """Replace a worker: fork its successor, then let it drain and exit."""
@@ -215,7 +215,7 @@ class WorkerPool:
         return live | self.spawner.spawning(number)
 
     def valid_count(self, count: int) -> bool:
-        """Whether the pool may run ``count`` workers; logs why not."""
+        """Whether the host may run ``count`` workers; logs why not."""
         if count < 1:
             self.log.warning("SIGTTOU ignored: at least one worker must stay")
             return False
@@ -261,7 +261,8 @@ class WorkerPool:
             self.table.remove(handle)
             handle.close()
 
-    def title(self) -> None:
+    def set_title(self) -> None:
+        """Show the cluster, config and ready workers in ps and top."""
         config = self.config
         ready = len(self.table.in_state(WorkerState.READY))
         setproctitle.setproctitle(
