@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from typing import Generic, NamedTuple, TypeVar, cast
+from typing import Any, Generic, NamedTuple, NoReturn, TypeVar, cast
 
 from . import codec
 from .errors import ClosedError, DeniedError, RemoteError, TimeoutError
@@ -181,6 +181,10 @@ class Subscription(Generic[_Pool]):
 
 # -- events: what the relay's packets mean for the shell
 
+# Builds an event without the Python-level __new__ a NamedTuple has: the
+# events made once per packet (replies, topic events, tunnel data) use it.
+_tuple_new = tuple.__new__
+
 
 class Accepted(NamedTuple):
     """The relay accepted the connection."""
@@ -262,6 +266,14 @@ class Ended(NamedTuple, Generic[_Waiter, _Tunnel, _Pool]):
     subscriptions: list[Subscription[_Pool]]
 
 
+class _StopReading(Exception):
+    """Raised by the handler of the packet after which nothing is read (the
+    relay's CLOSE), with the last event: cheaper than a check per packet."""
+
+    def __init__(self, event: RelayEnded) -> None:
+        self.event = event
+
+
 # The bytes of one read, for an Inbound that routes requests itself
 # (irishost's supervisor): returns how many leading bytes it took.
 RouteLeading = Callable[[bytes], int]
@@ -297,12 +309,14 @@ class Session(Generic[_Waiter, _Tunnel, _Pool]):
         self.close_reason: str | None = None  # set by end()
         # A packet's handler, by the packet's type and the state: until the
         # relay accepts, only its answer (or its CLOSE) may come.
-        self._handshake: dict[type, Callable[[codec.RelayPacket], object]] = {
+        # Each handler takes its own packet type, which a dict's value type
+        # cannot tie to its key: hence Any.
+        self._handshake: dict[type, Callable[[Any], object]] = {
             codec.Accept: self._on_accept,
             codec.Deny: self._on_deny,
             codec.Closed: self._on_closed,
         }
-        self._open: dict[type, Callable[[codec.RelayPacket], object]] = {
+        self._accepted_handlers: dict[type, Callable[[Any], object]] = {
             codec.ReplyDelivery: self._on_reply,
             codec.RequestDelivery: self._on_member_packet,
             codec.BroadcastDelivery: self._on_member_packet,
@@ -317,11 +331,6 @@ class Session(Generic[_Waiter, _Tunnel, _Pool]):
         self._handlers = self._handshake
 
     # -- state --------------------------------------------------------------------
-
-    @property
-    def closing(self) -> bool:
-        """close() was asked for, or the session ended: operations refuse."""
-        return self._closing
 
     @property
     def ended(self) -> bool:
@@ -358,9 +367,11 @@ class Session(Generic[_Waiter, _Tunnel, _Pool]):
         self, cluster: str, request: bytes, millis: int, timeout: float, now: float, waiter: _Waiter
     ) -> tuple[PendingCall[_Waiter], bytes]:
         """Register a checked request (:meth:`check_request`); its call and packet."""
-        call = PendingCall("request", next(self._ids), cluster, timeout, now, waiter)
-        self._register(self._calls, call)
-        return call, codec.RequestPacket(call.id, cluster, request, millis).encode()
+        cid = next(self._ids)
+        call = self._calls[cid] = PendingCall("request", cid, cluster, timeout, now, waiter)
+        if self.close_reason is not None:  # end() ran meanwhile (another thread)
+            self._refuse(call)
+        return call, codec.RequestPacket(cid, cluster, request, millis).encode()
 
     def forget(self, call: PendingCall[_Waiter]) -> None:
         """The caller stopped waiting (answered, timed out or cancelled):
@@ -411,8 +422,10 @@ class Session(Generic[_Waiter, _Tunnel, _Pool]):
         check_name("cluster", cluster)
         millis = timeout_ms(timeout)
         self.check_open()
-        call = PendingCall("tunnel", next(self._ids), cluster, timeout, now, waiter)
-        self._register(self._tunnel_calls, call)
+        cid = next(self._ids)
+        call = self._tunnel_calls[cid] = PendingCall("tunnel", cid, cluster, timeout, now, waiter)
+        if self.close_reason is not None:  # end() ran meanwhile (another thread)
+            self._refuse(call)
         return call, codec.TunnelInit(call.id, cluster, millis).encode()
 
     def forget_tunnel(self, tid: int) -> None:
@@ -477,14 +490,15 @@ class Session(Generic[_Waiter, _Tunnel, _Pool]):
         """The message as bytes, once the name, the message and the state allow sending."""
         check_name(name_kind, name)
         message = check_message(message_kind, message)
-        self.check_open()
+        if self._closing:  # check_open(), inline: this runs per request
+            raise self.closed_error()
         return message
 
-    def _register(self, calls: dict[int, PendingCall[_Waiter]], call: PendingCall[_Waiter]) -> None:
-        calls[call.id] = call
-        if self.close_reason is not None:  # end() ran meanwhile (another thread)
-            calls.pop(call.id, None)
-            raise self.closed_error()
+    def _refuse(self, call: PendingCall[_Waiter]) -> NoReturn:
+        """Take back a call registered after end() took the tables: nothing
+        would ever answer it."""
+        self.forget(call)
+        raise self.closed_error()
 
     # -- received bytes: events out ----------------------------------------------------
 
@@ -501,47 +515,46 @@ class Session(Generic[_Waiter, _Tunnel, _Pool]):
             taken = route(data if isinstance(data, bytes) else bytes(data))
             data = memoryview(data)[taken:]
         events: list[object] = []
+        append = events.append
         try:
-            packets = self._decoder.feed(data)
-            for packet in packets:
+            for packet in self._decoder.feed(data):
                 handle = self._handlers.get(type(packet))
                 if handle is None:
                     raise codec.ProtocolError(f"unexpected packet {type(packet).__name__}")
                 event = handle(packet)
                 if event is not None:
-                    events.append(event)
-                    if type(event) is RelayEnded:
-                        break
+                    append(event)
+        except _StopReading as stop:
+            append(stop.event)
         except codec.ProtocolError as err:
             self._drop_reason = f"protocol violation by relay: {err}"
             self._handlers = {}
             events.append(RelayEnded(str(err)))
         return events
 
-    def _on_accept(self, packet: codec.RelayPacket) -> Accepted:
+    def _on_accept(self, packet: codec.Accept) -> Accepted:
         self._accepted = True
-        self._handlers = self._open
+        self._handlers = self._accepted_handlers
         return Accepted()
 
-    def _on_deny(self, packet: codec.RelayPacket) -> Refused:
-        error = DeniedError(cast(codec.Deny, packet).reason)
+    def _on_deny(self, packet: codec.Deny) -> Refused:
+        error = DeniedError(packet.reason)
         self._drop_reason = str(error)
         self._handlers = {}
         return Refused(error)
 
-    def _on_closed(self, packet: codec.RelayPacket) -> RelayEnded:
-        """The relay's CLOSE: an acknowledgement, or a drop with its reason."""
-        reason = cast(codec.Closed, packet).reason
-        if reason:
-            self._drop_reason = reason
+    def _on_closed(self, packet: codec.Closed) -> None:
+        """The relay's CLOSE: an acknowledgement, or a drop with its reason.
+        Nothing after it is read."""
+        if packet.reason:
+            self._drop_reason = packet.reason
         self._relay_closed = True
         self._handlers = {}
-        return RelayEnded(None)
+        raise _StopReading(RelayEnded(None))
 
-    def _on_reply(self, packet: codec.RelayPacket) -> CallAnswered[_Waiter] | None:
-        reply = cast(codec.ReplyDelivery, packet)
-        call = self._calls.pop(reply.id, None)
-        return None if call is None else CallAnswered(call, reply)
+    def _on_reply(self, packet: codec.ReplyDelivery) -> CallAnswered[_Waiter] | None:
+        call = self._calls.pop(packet.id, None)
+        return None if call is None else _tuple_new(CallAnswered, (call, packet))
 
     def _on_member_packet(self, packet: codec.RelayPacket) -> codec.RelayPacket:
         """A request or a broadcast, for the member's Inbound as it is."""
@@ -550,12 +563,11 @@ class Session(Generic[_Waiter, _Tunnel, _Pool]):
             raise codec.ProtocolError(f"relay sent {what} to a plain client")
         return packet
 
-    def _on_event(self, packet: codec.RelayPacket) -> TopicEvent[_Pool] | None:
-        publish = cast(codec.Publish, packet)
-        subscription = self._subscriptions.get(publish.topic)
+    def _on_event(self, packet: codec.Publish) -> TopicEvent[_Pool] | None:
+        subscription = self._subscriptions.get(packet.topic)
         if subscription is None:
             return None  # unsubscribed while the event was in flight
-        return TopicEvent(subscription, publish.event)
+        return _tuple_new(TopicEvent, (subscription, packet.event))
 
     def _make_tunnel(self, tid: int, chunk_limit: int) -> _Tunnel:
         if chunk_limit < 1:
@@ -564,41 +576,38 @@ class Session(Generic[_Waiter, _Tunnel, _Pool]):
         self._tunnels[tid] = tunnel
         return tunnel
 
-    def _on_tunnel_offer(self, packet: codec.RelayPacket) -> TunnelOffered[_Tunnel]:
+    def _on_tunnel_offer(self, packet: codec.TunnelOffer) -> TunnelOffered[_Tunnel]:
         """A member is offered a tunnel: accept it with a full allowance."""
-        offer = cast(codec.TunnelOffer, packet)
         if not self.member:
             raise codec.ProtocolError("relay sent a tunnel to a plain client")
         tid = next(self._ids)
-        tunnel = self._make_tunnel(tid, offer.chunk_limit)
+        tunnel = self._make_tunnel(tid, packet.chunk_limit)
         send = (
-            codec.TunnelConfirm(offer.build_id, tid).encode()
+            codec.TunnelConfirm(packet.build_id, tid).encode()
             + codec.TunnelAllow(tid, TUNNEL_BUFFER).encode()
         )
         return TunnelOffered(tunnel, send)
 
     def _on_tunnel_result(
-        self, packet: codec.RelayPacket
+        self, packet: codec.TunnelResult
     ) -> TunnelOpened[_Waiter, _Tunnel] | TunnelRefused[_Waiter] | None:
         """The relay's answer to a tunnel() call."""
-        result = cast(codec.TunnelResult, packet)
-        call = self._tunnel_calls.pop(result.id, None)
-        if result.timed_out:
+        call = self._tunnel_calls.pop(packet.id, None)
+        if packet.timed_out:
             return None if call is None else TunnelRefused(call)
-        tunnel = self._make_tunnel(result.id, result.chunk_limit)
-        return TunnelOpened(call, tunnel, codec.TunnelAllow(result.id, TUNNEL_BUFFER).encode())
+        tunnel = self._make_tunnel(packet.id, packet.chunk_limit)
+        return TunnelOpened(call, tunnel, codec.TunnelAllow(packet.id, TUNNEL_BUFFER).encode())
 
-    def _on_tunnel_allow(self, packet: codec.RelayPacket) -> TunnelAllowed[_Tunnel] | None:
-        allow = cast(codec.TunnelAllow, packet)
-        tunnel = self._tunnels.get(allow.id)
-        return None if tunnel is None else TunnelAllowed(tunnel, allow.size)
+    def _on_tunnel_allow(self, packet: codec.TunnelAllow) -> TunnelAllowed[_Tunnel] | None:
+        tunnel = self._tunnels.get(packet.id)
+        return None if tunnel is None else TunnelAllowed(tunnel, packet.size)
 
-    def _on_tunnel_transfer(self, packet: codec.RelayPacket) -> TunnelData[_Tunnel] | None:
-        transfer = cast(codec.TunnelTransfer, packet)
-        tunnel = self._tunnels.get(transfer.id)
-        return None if tunnel is None else TunnelData(tunnel, transfer.size, transfer.chunk)
+    def _on_tunnel_transfer(self, packet: codec.TunnelTransfer) -> TunnelData[_Tunnel] | None:
+        tunnel = self._tunnels.get(packet.id)
+        return (
+            None if tunnel is None else _tuple_new(TunnelData, (tunnel, packet.size, packet.chunk))
+        )
 
-    def _on_tunnel_closed(self, packet: codec.RelayPacket) -> TunnelEnded[_Tunnel] | None:
-        closed = cast(codec.TunnelClosed, packet)
-        tunnel = self._tunnels.pop(closed.id, None)
-        return None if tunnel is None else TunnelEnded(tunnel, closed.reason)
+    def _on_tunnel_closed(self, packet: codec.TunnelClosed) -> TunnelEnded[_Tunnel] | None:
+        tunnel = self._tunnels.pop(packet.id, None)
+        return None if tunnel is None else TunnelEnded(tunnel, packet.reason)
