@@ -116,7 +116,9 @@ class _Peer:
 
 
 def check_figures(report: _util.Report, permissions: Permissions) -> None:
-    stream = b"".join(codec.Request(i, CLUSTER, b"x" * 100, 10_000).encode() for i in range(BATCH))
+    stream = b"".join(
+        codec.RequestPacket(i, CLUSTER, b"x" * 100, 10_000).encode() for i in range(BATCH)
+    )
     per_request = {}
     for label, gate in (("no permissions", None), ("permissions, cleared", Gate(permissions))):
         router = Router(gate=gate)
@@ -124,7 +126,7 @@ def check_figures(report: _util.Report, permissions: Permissions) -> None:
         member, sender = _Peer(user), _Peer(user)
         router.handle(member, codec.Init(CLUSTER))  # type: ignore[arg-type]
         router.handle(sender, codec.Init(""))  # type: ignore[arg-type]
-        router.handle(sender, codec.Request(0, CLUSTER, b"x", 10_000))  # type: ignore[arg-type]
+        router.handle(sender, codec.RequestPacket(0, CLUSTER, b"x", 10_000))  # type: ignore[arg-type]
 
         def batch(router: Router = router, sender: _Peer = sender) -> None:
             assert route_leading(router, sender, stream, codec.MAX_MESSAGE) == len(stream)  # type: ignore[arg-type]

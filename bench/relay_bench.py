@@ -89,14 +89,14 @@ class Side:
         client, member = self.client, self.member
         client.sock.sendall(
             b"".join(
-                codec.Request(self.next_id + i, CLUSTER, PAYLOAD, TIMEOUT_MS).encode()
+                codec.RequestPacket(self.next_id + i, CLUSTER, PAYLOAD, TIMEOUT_MS).encode()
                 for i in range(batch)
             )
         )
         self.next_id += batch
         delivered = member.read(batch)
         member.sock.sendall(
-            b"".join(codec.Reply(p.id, True, p.request).encode() for p in delivered)
+            b"".join(codec.ReplyPacket(p.id, True, p.request).encode() for p in delivered)
         )
         client.read(batch)
 

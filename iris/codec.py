@@ -127,7 +127,7 @@ def encode_answer(success: bool, payload: bytes | str, errors: str) -> tuple[byt
     """A reply's wire form from its success flag on: the flag, then the
     payload on success or else the fault text, encoded with ``errors``.
 
-    Shared by Reply, ReplyDelivery and the relay's router, which passes it
+    Shared by ReplyPacket, ReplyDelivery and the relay's router, which passes it
     on after its own head."""
     # The payload's type follows ``success``; cast, not checked: this is per reply.
     if success:
@@ -206,7 +206,9 @@ class _Reader:
 
 
 # ---------------------------------------------------------------------------
-# Packets a client sends.
+# Packets a client sends. The three whose plain names also name an operation
+# of the binding and a frame on irishost's ring carry the layer in their name:
+# RequestPacket, ReplyPacket, BroadcastPacket (issue 18).
 
 
 class Init(NamedTuple):
@@ -235,7 +237,7 @@ class Close(NamedTuple):
         return Close(), pos
 
 
-class Broadcast(NamedTuple):
+class BroadcastPacket(NamedTuple):
     cluster: str
     message: bytes
 
@@ -250,13 +252,13 @@ class Broadcast(NamedTuple):
         )
 
     @staticmethod
-    def read(r: _Reader, pos: int) -> tuple[Broadcast, int]:
+    def read(r: _Reader, pos: int) -> tuple[BroadcastPacket, int]:
         cluster, pos = r.string(pos)
         message, pos = r.binary(pos)
-        return Broadcast(cluster, message), pos
+        return BroadcastPacket(cluster, message), pos
 
 
-class Request(NamedTuple):
+class RequestPacket(NamedTuple):
     id: int
     cluster: str
     request: bytes
@@ -277,15 +279,15 @@ class Request(NamedTuple):
         )
 
     @staticmethod
-    def read(r: _Reader, pos: int) -> tuple[Request, int]:
+    def read(r: _Reader, pos: int) -> tuple[RequestPacket, int]:
         rid, pos = r.varint(pos)
         cluster, pos = r.string(pos)
         request, pos = r.binary(pos)
         timeout, pos = r.varint(pos)
-        return Request(rid, cluster, request, timeout), pos
+        return RequestPacket(rid, cluster, request, timeout), pos
 
 
-class Reply(NamedTuple):
+class ReplyPacket(NamedTuple):
     id: int
     success: bool
     payload: bytes | str  # the reply's bytes on success, else the fault text
@@ -296,11 +298,11 @@ class Reply(NamedTuple):
         return b"".join((_OPS[Op.REPLY], encode_varint(self.id), *answer))
 
     @staticmethod
-    def read(r: _Reader, pos: int) -> tuple[Reply, int]:
+    def read(r: _Reader, pos: int) -> tuple[ReplyPacket, int]:
         rid, pos = r.varint(pos)
         success, pos = r.bool(pos)
         payload, pos = r.binary(pos) if success else r.string(pos)
-        return Reply(rid, success, payload), pos
+        return ReplyPacket(rid, success, payload), pos
 
 
 class Subscribe(NamedTuple):
@@ -607,9 +609,9 @@ class TunnelClosed(NamedTuple):
 ClientPacket = (
     Init
     | Close
-    | Broadcast
-    | Request
-    | Reply
+    | BroadcastPacket
+    | RequestPacket
+    | ReplyPacket
     | Subscribe
     | Unsubscribe
     | Publish
@@ -642,9 +644,9 @@ PacketReader = Callable[[_Reader, int], tuple[_Packet, int]]
 CLIENT_READERS: dict[int, PacketReader[ClientPacket]] = {
     int(Op.INIT): Init.read,
     int(Op.CLOSE): Close.read,
-    int(Op.BROADCAST): Broadcast.read,
-    int(Op.REQUEST): Request.read,
-    int(Op.REPLY): Reply.read,
+    int(Op.BROADCAST): BroadcastPacket.read,
+    int(Op.REQUEST): RequestPacket.read,
+    int(Op.REPLY): ReplyPacket.read,
     int(Op.SUBSCRIBE): Subscribe.read,
     int(Op.UNSUBSCRIBE): Unsubscribe.read,
     int(Op.PUBLISH): Publish.read,

@@ -14,7 +14,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 from . import codec
 from .errors import ClosedError
@@ -22,6 +22,7 @@ from .handlers import ServiceHandler, TunnelEnd
 from .limits import ServiceLimits
 from .logs import ContextLog, HandlerErrorLog, RateLimitedWarning
 from .pool import HandlerPool
+from .session import Ended, RouteLeading, Session
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -139,34 +140,70 @@ class Inbound(Protocol[_Tunnel_contra]):
     def close(self) -> None:
         """The connection ended; release the threads or cancel the tasks still running."""
 
+    @property
+    def route_leading(self) -> RouteLeading | None:
+        """None, or a fast path for requests: called with the bytes of each
+        read before they are decoded, it takes the complete requests at their
+        start and returns how many bytes they were (irishost's supervisor
+        does). An attribute, not a method, so that the reader reads it once
+        and calls it without a lookup per read."""
+
 
 # The kind of tunnel a member connection makes: iris.Tunnel or iris.aio.Tunnel.
 _Tunnel = TypeVar("_Tunnel")
 
 
 class MemberConnection(Generic[_Tunnel]):
-    """What both bindings' connections do as a cluster member: hand the
-    relay's work to their Inbound, and send its replies.
+    """What both bindings' connection shells share: as a cluster member,
+    hand the relay's work to their Inbound and send its replies; and the
+    steps of a goodbye and an end that do not depend on how they wait.
 
     The connection sets ``inbound`` (None for a plain client) and
-    ``close_reason`` (None until it has ended), and has ``log`` and ``_send``.
+    ``_session`` (its iris.session.Session), and has ``log`` and ``_send``.
     """
 
     inbound: Inbound[_Tunnel] | None
-    close_reason: str | None
+    _session: Session[Any, _Tunnel, Any]
     log: ContextLog
     _send: Callable[[bytes], None]
 
-    def _closed_error(self) -> ClosedError:
-        """What a call on the ended connection raises: why it ended, if the
-        relay said (say, a permission it refused), so the caller learns it."""
-        return ClosedError(self.close_reason or "connection closed")
+    @property
+    def close_reason(self) -> str | None:
+        """Why the connection ended (None until it has)."""
+        return self._session.close_reason
 
-    def _member_inbound(self, what: str) -> Inbound[_Tunnel]:
-        """The Inbound; ProtocolError naming ``what`` the relay sent to a plain client."""
-        if self.inbound is None:
-            raise codec.ProtocolError(f"relay sent {what} to a plain client")
-        return self.inbound
+    def _member_inbound(self) -> Inbound[_Tunnel]:
+        """The Inbound: the session passes requests, broadcasts and tunnels
+        only to a member, which has one."""
+        return cast(Inbound[_Tunnel], self.inbound)
+
+    def _say_goodbye(self, farewell: bytes | None) -> None:
+        """Send the session's CLOSE, if it gave one (the first close() only)."""
+        if farewell is not None:
+            self.log.info("detaching from relay")
+            with contextlib.suppress(ClosedError):  # ended already: nothing to say
+                self._send(farewell)
+
+    def _close_inbound(self) -> None:
+        if self.inbound is not None:
+            self.inbound.close()
+
+    def _report_drop(self, ended: Ended[Any, Any, Any]) -> None:
+        """The last step of an end: a drop is logged, and the Inbound told."""
+        if ended.dropped:
+            self.log.warning("relay connection dropped", reason=ended.reason)
+            if self.inbound is not None:
+                self.inbound.drop(ClosedError(ended.reason))
+
+    def _on_request(self, packet: codec.RequestDelivery) -> None:
+        if self.log.is_debug():
+            self.log.debug("request arrived", id=packet.id, size=len(packet.request))
+        self._member_inbound().request(packet.id, packet.request, packet.timeout_ms / 1000)
+
+    def _on_broadcast(self, packet: codec.BroadcastDelivery) -> None:
+        if self.log.is_debug():
+            self.log.debug("broadcast arrived", size=len(packet.message))
+        self._member_inbound().broadcast(packet.message)
 
     def reply(self, request_id: int, success: bool, payload: bytes | str) -> None:
         """Answer an inbound request (for Inbound implementations).
@@ -184,7 +221,7 @@ class MemberConnection(Generic[_Tunnel]):
             success = False
             self.log.error("reply refused", id=request_id, reason=payload)
         try:
-            self._send(codec.Reply(request_id, success, payload).encode())
+            self._send(codec.ReplyPacket(request_id, success, payload).encode())
         except ClosedError:
             self.log.debug("reply lost: connection closed", id=request_id)
 
@@ -199,33 +236,56 @@ class MemberConnection(Generic[_Tunnel]):
             self.log.debug("replies lost: connection closed")
 
 
-class HandlerDispatch:
-    """Runs a ServiceHandler's callbacks in capped thread pools.
+# What a service's dispatch is generic in: its binding's connection, handler
+# interface and handler pool.
+_Conn = TypeVar("_Conn")
+_Handler = TypeVar("_Handler")
+_Pool = TypeVar("_Pool")
+
+
+class ServiceDispatch(Generic[_Conn, _Handler, _Pool]):
+    """What both bindings' HandlerDispatch keep: the connection, the handler,
+    one error budget for all its callbacks, and the request and broadcast
+    pools made to the service's limits.
 
     Pools start held, so that ``init`` runs before any other callback; call
-    :meth:`start` once it returned.
+    the subclass's ``start`` once it returned.
     """
 
+    route_leading = None  # no fast path: every request goes through request()
+    # The binding's handler pool class.
+    pool_class: Callable[[str, int, int, HandlerErrorLog], _Pool]
+
     def __init__(
-        self,
-        conn: Connection,
-        handler: ServiceHandler,
-        limits: ServiceLimits | None,
-        log: ContextLog,
+        self, conn: _Conn, handler: _Handler, limits: ServiceLimits | None, log: ContextLog
     ) -> None:
         limits = (limits or ServiceLimits()).with_defaults()
         self._conn = conn
         self._handler = handler
         self._log = log
-        self._errors = HandlerErrorLog(log)
-        self._requests = HandlerPool(
-            "request", limits.request_threads, limits.request_memory, self._errors
+        self._errors = HandlerErrorLog(log)  # all callbacks of the service share its budget
+        errors = self._errors
+        self._requests = self.pool_class(
+            "request", limits.request_threads, limits.request_memory, errors
         )
-        self._broadcasts = HandlerPool(
-            "broadcast", limits.broadcast_threads, limits.broadcast_memory, self._errors
+        self._broadcasts = self.pool_class(
+            "broadcast", limits.broadcast_threads, limits.broadcast_memory, errors
         )
         self._broadcast_overflow = RateLimitedWarning(log, "broadcast dropped: memory limit")
-        self._no_tunnel_thread = RateLimitedWarning(log, "tunnel closed: no thread for it")
+        self._init_binding()
+
+    def _init_binding(self) -> None:
+        """The binding's own parts, made last."""
+
+
+class HandlerDispatch(ServiceDispatch[Any, ServiceHandler, HandlerPool]):
+    """Runs a ServiceHandler's callbacks in capped thread pools."""
+
+    _conn: Connection  # the base's, for its type: a run-time base cannot name it (import circle)
+    pool_class = HandlerPool
+
+    def _init_binding(self) -> None:
+        self._no_tunnel_thread = RateLimitedWarning(self._log, "tunnel closed: no thread for it")
         self._started = threading.Event()
         self._closed = False
 

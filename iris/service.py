@@ -12,13 +12,14 @@ import signal
 import threading
 from typing import cast
 
-from .connection import DEFAULT_PORT, Connection, _validate_name
+from .connection import DEFAULT_PORT, Connection
 from .dispatch import HandlerDispatch
 from .errors import ClosedError
 from .handlers import ServiceHandler, close_handler
 from .limits import ServiceLimits
 from .logs import ContextLog
 from .send_buffer import DEFAULT_SEND_BUFFER
+from .session import check_name
 
 _service_ids = itertools.count(1)
 
@@ -37,7 +38,7 @@ class Service:
         limits: ServiceLimits | None = None,
         send_buffer: int = DEFAULT_SEND_BUFFER,
     ):
-        _validate_name("cluster", cluster)
+        check_name("cluster", cluster)
         if not isinstance(handler, ServiceHandler):
             raise ValueError("handler must be an iris.ServiceHandler instance")
         self.log = ContextLog().new(service=next(_service_ids))

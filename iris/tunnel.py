@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 # How long close() waits for the relay to acknowledge the TUN_CLOSE.
 CLOSE_TIMEOUT = 5.0
+# A send whose timeout passed while another send of its tunnel went on.
+SEND_BEHIND_ANOTHER = "tunnel send timed out behind another send on the tunnel"
 
 
 def wait_until(
@@ -99,12 +101,19 @@ class Tunnel(TunnelCore):
         """
         validate_send(message, timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._send_lock:
+        # Behind another send of this tunnel, the timeout applies too: that
+        # one may wait for room or allowance as long as its own allows.
+        wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._send_lock.acquire(timeout=wait):
+            raise TimeoutError(SEND_BEHIND_ANOTHER)
+        try:
             for size_field, chunk in chunks.split(message, self._chunk_limit):
                 # Room first: a chunk refused there has spent no allowance.
                 self._conn._wait_for_room(deadline)
                 self._spend(len(chunk), deadline)
                 self._conn._send(codec.TunnelTransfer(self.id, size_field, chunk).encode())
+        finally:
+            self._send_lock.release()
         if self.log.is_debug():
             self.log.debug("tunnel message sent", size=len(message))
 

@@ -1,8 +1,9 @@
 """What the threaded and the asyncio tunnels share, whatever does the waiting.
 
 :class:`TunnelCore` holds a tunnel end's flow and closing state and grants
-allowance back; :class:`TunnelRoutes` is the part of a connection that keeps
-its tunnels and routes the relay's tunnel packets to them. ``iris.Tunnel``
+allowance back; :class:`TunnelRoutes` is the part of a connection that makes
+its tunnels and delivers the session's tunnel events to them (which tunnel a
+packet belongs to is the session's to know: iris.session). ``iris.Tunnel``
 and ``iris.Connection`` build on them with threads, ``iris.aio.Tunnel`` and
 ``iris.aio.Connection`` with the event loop.
 """
@@ -10,13 +11,14 @@ and ``iris.Connection`` build on them with threads, ``iris.aio.Tunnel`` and
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Generic, Protocol, Self, TypeVar
 
 from . import chunks, codec
+from . import session as protocol
 from .errors import ClosedError
-from .limits import TUNNEL_BUFFER
 from .logs import ContextLog
+from .session import PendingCall, Session
 
 
 class TunnelHost(Protocol):
@@ -100,87 +102,75 @@ class TunnelAcceptor(Protocol[_Tunnel_contra]):
 
 
 class TunnelRoutes(Generic[_Tunnel]):
-    """A connection's tunnels, and the routing of the relay's tunnel packets.
+    """The part of a connection shell that makes its tunnels and delivers the
+    session's tunnel events (iris.session) to them.
 
     Generic in the connection's kind of tunnel. The connection sets
-    ``_tunnels`` to a dict and ``tunnel_class`` to its kind of tunnel, has
-    ``_ids``, ``_send``, ``_member_inbound`` (iris.dispatch.MemberConnection's)
-    and ``_take_tunnel_init``, and dispatches the relay's TUN_INIT,
-    TUN_RESULT, TUN_ALLOW, TUN_TRANSFER and TUN_CLOSE packets to the
-    handlers here (its table takes in TUNNEL_HANDLERS).
+    ``tunnel_class`` to its kind of tunnel, has ``_session``, ``_send``,
+    ``_member_inbound`` (iris.dispatch.MemberConnection's) and ``_resolve``,
+    gives ``_new_tunnel`` to its Session, and takes TUNNEL_HANDLERS into its
+    table of event handlers.
     """
 
     tunnel_class: Callable[[Self, int, int, ContextLog], _Tunnel]  # called with the connection
-    _tunnels: dict[int, _Tunnel]
-    _ids: Iterator[int]  # the connection's ids for its requests and tunnels
+    _session: Session[Any, _Tunnel, Any]
     log: ContextLog
     _send: Callable[[bytes], None]
-    # The member's Inbound, or a ProtocolError naming ``what`` was sent to a plain client.
-    _member_inbound: Callable[[str], TunnelAcceptor[_Tunnel]]
-    # The waiting ``tunnel()`` call for an id, taken off the pending ones: what
-    # to call with its tunnel, or with None when it timed out; None if that
-    # call gave up already. Each binding waits its own way.
-    _take_tunnel_init: Callable[[int], Callable[[_Tunnel | None], object] | None]
+    # The member's Inbound; the session passes tunnel offers to members only.
+    _member_inbound: Callable[[], TunnelAcceptor[_Tunnel]]
+    # Answer the caller waiting on a PendingCall, each binding its own way:
+    # with its tunnel, or with the exception to raise.
+    _resolve: Callable[[PendingCall[Any], object], None]
 
     def _new_tunnel(self: Self, tid: int, chunk_limit: int) -> _Tunnel:
-        if chunk_limit < 1:
-            raise codec.ProtocolError(f"tunnel chunk limit {chunk_limit} is not positive")
-        tunnel = self.tunnel_class(self, tid, chunk_limit, self.log.new(tunnel=tid))
-        self._tunnels[tid] = tunnel
-        return tunnel
+        """The Session's factory of tunnel objects."""
+        return self.tunnel_class(self, tid, chunk_limit, self.log.new(tunnel=tid))
 
     def _forget_tunnel(self, tid: int) -> None:
-        self._tunnels.pop(tid, None)
+        self._session.forget_tunnel(tid)
 
-    def _on_tunnel_offer(self, packet: codec.TunnelOffer) -> None:
-        """A member is offered a tunnel: accept it and hand it to the service."""
-        inbound = self._member_inbound("a tunnel")
-        tunnel = self._new_tunnel(next(self._ids), packet.chunk_limit)
-        self._send(
-            codec.TunnelConfirm(packet.build_id, tunnel.id).encode()
-            + codec.TunnelAllow(tunnel.id, TUNNEL_BUFFER).encode()
-        )
-        tunnel.log.info("inbound tunnel accepted")
-        inbound.tunnel(tunnel)
+    def _close_tunnels(self, tunnels: list[_Tunnel], reason: str) -> None:
+        """The session ended: its tunnels end too, waking whoever waits on them."""
+        for tunnel in tunnels:
+            tunnel._on_closed(reason)
 
-    def _on_tunnel_result(self, packet: codec.TunnelResult) -> None:
+    def _on_tunnel_offered(self, event: protocol.TunnelOffered[_Tunnel]) -> None:
+        """A member accepted a tunnel: confirm it and hand it to the service."""
+        self._send(event.send)
+        event.tunnel.log.info("inbound tunnel accepted")
+        self._member_inbound().tunnel(event.tunnel)
+
+    def _on_tunnel_opened(self, event: protocol.TunnelOpened[Any, _Tunnel]) -> None:
         """The relay's answer to this connection's ``tunnel()`` call."""
-        resolve = self._take_tunnel_init(packet.id)
-        if packet.timed_out:
-            if resolve is not None:
-                resolve(None)
-            return
-        tunnel = self._new_tunnel(packet.id, packet.chunk_limit)
-        self._send(codec.TunnelAllow(packet.id, TUNNEL_BUFFER).encode())
-        if resolve is None:  # its caller gave up already
-            tunnel._close_unclaimed()
+        self._send(event.send)
+        if event.call is None:  # its caller gave up already
+            event.tunnel._close_unclaimed()
         else:
-            tunnel.log.info("tunnel established")
-            resolve(tunnel)
+            event.tunnel.log.info("tunnel established")
+            self._resolve(event.call, event.tunnel)
 
-    def _on_tunnel_allow(self, packet: codec.TunnelAllow) -> None:
-        tunnel = self._tunnels.get(packet.id)
-        if tunnel is not None:
-            tunnel._on_allow(packet.size)
+    def _on_tunnel_refused(self, event: protocol.TunnelRefused[Any]) -> None:
+        self._resolve(event.call, event.call.timed_out())
 
-    def _on_tunnel_transfer(self, packet: codec.TunnelTransfer) -> None:
-        tunnel = self._tunnels.get(packet.id)
-        if tunnel is not None:
-            tunnel._on_transfer(packet.size, packet.chunk)
+    def _on_tunnel_allowed(self, event: protocol.TunnelAllowed[_Tunnel]) -> None:
+        event.tunnel._on_allow(event.size)
 
-    def _on_tunnel_closed(self, packet: codec.TunnelClosed) -> None:
-        tunnel = self._tunnels.pop(packet.id, None)
-        if tunnel is not None:
-            tunnel._on_closed(packet.reason)
+    def _on_tunnel_data(self, event: protocol.TunnelData[_Tunnel]) -> None:
+        event.tunnel._on_transfer(event.size, event.chunk)
+
+    def _on_tunnel_ended(self, event: protocol.TunnelEnded[_Tunnel]) -> None:
+        event.tunnel._on_closed(event.reason)
 
 
-# The relay's tunnel packets and their TunnelRoutes handlers: the part of a
-# connection's dispatch table both bindings share. Each handler takes its own
-# packet type, which a dict's value type cannot tie to its key: hence Any.
-TUNNEL_HANDLERS: dict[type[codec.RelayPacket], Callable[[TunnelRoutes[Any], Any], None]] = {
-    codec.TunnelOffer: TunnelRoutes._on_tunnel_offer,
-    codec.TunnelResult: TunnelRoutes._on_tunnel_result,
-    codec.TunnelAllow: TunnelRoutes._on_tunnel_allow,
-    codec.TunnelTransfer: TunnelRoutes._on_tunnel_transfer,
-    codec.TunnelClosed: TunnelRoutes._on_tunnel_closed,
+# The session's tunnel events and their TunnelRoutes handlers: the part of a
+# connection's table of event handlers both bindings share. Each handler
+# takes its own event type, which a dict's value type cannot tie to its key:
+# hence Any.
+TUNNEL_HANDLERS: dict[type, Callable[[TunnelRoutes[Any], Any], None]] = {
+    protocol.TunnelOffered: TunnelRoutes._on_tunnel_offered,
+    protocol.TunnelOpened: TunnelRoutes._on_tunnel_opened,
+    protocol.TunnelRefused: TunnelRoutes._on_tunnel_refused,
+    protocol.TunnelAllowed: TunnelRoutes._on_tunnel_allowed,
+    protocol.TunnelData: TunnelRoutes._on_tunnel_data,
+    protocol.TunnelEnded: TunnelRoutes._on_tunnel_ended,
 }

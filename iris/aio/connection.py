@@ -1,13 +1,14 @@
-"""A connection to the local Iris relay, on an asyncio event loop.
+"""A connection to the local Iris relay on an asyncio event loop: the I/O shell of a Session.
 
-The same protocol and semantics as :class:`iris.Connection`, driven by the
-loop instead of a reader thread: the transport hands received bytes to the
-shared codec (``iris.codec``), and the decoded packets complete waiting
-futures or go to handler pools (``iris.aio.pool``).
+The same protocol and semantics as :class:`iris.Connection`, whose rules both
+take from the pure ``iris.session.Session``, driven by the loop instead of a
+reader thread: the transport hands received bytes to the session, and the
+events it returns complete waiting futures or go to handler pools
+(``iris.aio.pool``).
 
-    coroutines --encode--> outbound batch --one write per loop turn--> relay
-    protocol   <--decode-- received bytes <--------------------------- relay
-        |-- replies / tunnel results -> waiting futures
+    coroutines --Session op--> outbound batch --one write per loop turn--> relay
+    protocol   <--events-- Session.receive_data <-------------------------- relay
+        |-- replies / tunnel answers -> waiting futures
         |-- requests, broadcasts, tunnels -> the service's Inbound
         |-- events -> subscription pools
         `-- tunnel allowance and data -> Tunnel objects
@@ -41,28 +42,21 @@ from collections.abc import Awaitable, Callable, Generator
 from typing import Any, Generic, Protocol, TypeVar, cast
 
 from .. import codec
-from ..connection import (
-    CLOSE_TIMEOUT,
-    DEFAULT_PORT,
-    HANDSHAKE_TIMEOUT,
-    RECV_SIZE,
-    RELAY_GRACE,
-    _validate_message,
-    _validate_name,
-    check_port,
-    timeout_ms,
-)
+from .. import session as protocol
+from ..connection import CLOSE_TIMEOUT, DEFAULT_PORT, HANDSHAKE_TIMEOUT, RECV_SIZE
 from ..dispatch import Inbound, MemberConnection
-from ..errors import ClosedError, DeniedError, RemoteError, TimeoutError
-from ..handlers import TopicHandler, event_callback
+from ..errors import ClosedError, TimeoutError
+from ..handlers import TopicHandler
 from ..limits import TopicLimits
-from ..logs import ContextLog, HandlerErrorLog, RateLimitedWarning
+from ..logs import ContextLog, HandlerErrorLog
 from ..send_buffer import DEFAULT_SEND_BUFFER, check_send_buffer, no_room
+from ..session import PendingCall, Session, Subscription, check_port
 from ..tunnel_core import TUNNEL_HANDLERS, TunnelRoutes
-from .pool import Callback, HandlerPool
+from .pool import HandlerPool
 from .tunnel import Tunnel
 
-# How often pending calls are checked against their deadline plus RELAY_GRACE.
+# How often pending calls are checked against their deadline (which includes
+# iris.session.RELAY_GRACE).
 SWEEP_SECONDS = 1.0
 # The transport pauses (and its resume wakes senders waiting for room) past
 # this many buffered bytes, or past send_buffer if that is smaller: a few
@@ -95,19 +89,10 @@ class _RelayProtocol(asyncio.BufferedProtocol):
         return False  # close the transport; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._conn._on_lost(exc)
+        self._conn._end(None if exc is None else str(exc))
 
     def resume_writing(self) -> None:
         self._conn._room.set()
-
-
-class _Subscription:
-    __slots__ = ("callback", "pool", "overflow")
-
-    def __init__(self, callback: Callback, pool: HandlerPool, overflow: RateLimitedWarning):
-        self.callback = callback
-        self.pool = pool
-        self.overflow = overflow
 
 
 class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
@@ -120,23 +105,23 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         cluster: str = "",
         log: ContextLog | None = None,
         send_buffer: int = DEFAULT_SEND_BUFFER,
+        inbound: Callable[[Connection], Inbound[Tunnel]] | None = None,
     ):
-        """Not attached yet: :meth:`_attach` does that (connect and register call it)."""
+        """Not attached yet: :meth:`_attach` does that (connect and register
+        call it). A member (non-empty ``cluster``) passes ``inbound``, a
+        factory of the Inbound that receives its requests, broadcasts and tunnels."""
         self._send_buffer = check_send_buffer(send_buffer)
         self.log = log or ContextLog().new(client=next(_client_ids))
         self.cluster = cluster
-        self.inbound: Inbound[Tunnel] | None = None  # a member's, set before attaching
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        self._decoder = codec.Decoder(codec.Side.RELAY)
-        self._ids = itertools.count()
-        # Calls waiting for the relay's answer, with the deadline of their sweep.
-        self._requests: dict[int, tuple[asyncio.Future[codec.ReplyDelivery], float]] = {}
-        # A tunnel, or None if it timed out.
-        self._tunnel_inits: dict[int, tuple[asyncio.Future[Tunnel | None], float]] = {}
-        self._tunnels: dict[int, Tunnel] = {}
-        self._subscriptions: dict[str, _Subscription] = {}
         self._event_errors = HandlerErrorLog(self.log)  # all subscriptions share one budget
+        self.inbound: Inbound[Tunnel] | None = inbound(self) if inbound else None
+        self._session: Session[asyncio.Future[Any], Tunnel, HandlerPool] = Session(
+            self._new_tunnel,
+            member=self.inbound is not None,
+            route_leading=self.inbound.route_leading if self.inbound is not None else None,
+        )
         self._out: list[bytes] = []
         self._out_bytes = 0  # the size of what _out holds
         self._flush_pending = False
@@ -146,12 +131,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         # (a flush, the transport's resume) or the connection ended.
         self._room = asyncio.Event()
         self._accepted: asyncio.Future[None] = self._loop.create_future()
-        self._finished: asyncio.Future[None] = self._loop.create_future()  # set once shut down
-        self._dispatch: _Handlers = _HANDSHAKE
-        self._closing = False
-        self._closed = False
-        self._drop_reason: str | None = None
-        self.close_reason: str | None = None  # why the connection ended, once it has
+        self._finished: asyncio.Future[None] = self._loop.create_future()  # set once ended
 
     async def _attach(self, port: int) -> None:
         """Dial the relay, send INIT and wait for its answer."""
@@ -169,7 +149,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         else:
             first = errors[0]
             raise ConnectionRefusedError(f"no Iris relay on port {port}: {first}") from first
-        self._transport.write(codec.Init(self.cluster).encode())
+        self._transport.write(self._session.hello(self.cluster))
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
                 await asyncio.shield(self._accepted)
@@ -182,15 +162,9 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
 
     async def close(self) -> None:
         """Detach gracefully; pending calls on this connection raise ClosedError."""
-        if not self._closing:
-            self._closing = True
-            self.log.info("detaching from relay")
-            try:
-                self._send(codec.Close().encode())
-            except ClosedError:
-                pass
+        self._say_goodbye(self._session.close())
         await asyncio.wait([self._finished], timeout=CLOSE_TIMEOUT)
-        self._shutdown("connection closed")
+        self._end()
 
     async def __aenter__(self) -> Connection:
         return self
@@ -200,68 +174,40 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._session.ended
 
-    def _shutdown(self, reason: str) -> None:
-        """Fail everything pending and release the transport; idempotent."""
-        if self._closed:
+    def _end(self, lost: str | None = None) -> None:
+        """End the session, in its order: fail what is pending, close the
+        tunnels and pools, release the transport; report a drop. Idempotent."""
+        ended = self._session.end(lost)
+        if not ended.first:
             return
-        self._closed = self._closing = True
-        self.close_reason = reason
         self._out.clear()
         self._out_bytes = 0
-        requests, self._requests = self._requests, {}
-        inits, self._tunnel_inits = self._tunnel_inits, {}
-        tunnels, self._tunnels = self._tunnels, {}
-        subscriptions, self._subscriptions = self._subscriptions, {}
-        pending: list[tuple[asyncio.Future[Any], float]] = [*requests.values(), *inits.values()]
-        for future, _ in pending:
-            if not future.done():
-                future.set_exception(ClosedError(reason))
-        for tunnel in tunnels.values():
-            tunnel._on_closed(reason)
-        for sub in subscriptions.values():
-            sub.pool.cancel()
-        if self.inbound is not None:
-            self.inbound.close()
+        for call in ended.calls:
+            if not call.waiter.done():
+                call.waiter.set_exception(ClosedError(ended.reason))
+        self._close_tunnels(ended.tunnels, ended.reason)
+        for subscription in ended.subscriptions:
+            subscription.pool.cancel()
+        self._close_inbound()
         if self._sweeper is not None:
             self._sweeper.cancel()
         self._room.set()  # wake senders waiting for room; they find the end
         if not self._accepted.done():
-            self._accepted.set_exception(ConnectionError(f"relay ended the handshake: {reason}"))
+            error = ConnectionError(f"relay ended the handshake: {ended.reason}")
+            self._accepted.set_exception(error)
         if self._transport is not None:
             self._transport.close()
-        if not self._finished.done():
-            self._finished.set_result(None)
-
-    def _on_lost(self, exc: Exception | None) -> None:
-        if self._closed:
-            return
-        if self._drop_reason is not None:
-            reason = self._drop_reason
-        elif exc is not None:
-            reason = f"connection lost: {exc}"
-        else:
-            reason = "connection closed" if self._closing else "connection lost"
-        graceful = self._closing and self._drop_reason is None
-        self._shutdown(reason)
-        if not graceful:
-            self.log.warning("relay connection dropped", reason=reason)
-            if self.inbound is not None:
-                self.inbound.drop(ClosedError(reason))
-
-    def _fail(self, reason: str) -> None:
-        """End the connection because the relay broke the protocol."""
-        self.log.error("relay broke the protocol", error=reason)
-        self._drop_reason = f"protocol violation by relay: {reason}"
-        self._on_lost(None)
+        self._finished.set_result(None)
+        self._report_drop(ended)
 
     # -- sending ---------------------------------------------------------------------
 
     def _send(self, data: bytes) -> None:
         """Queue ``data`` for this loop turn's write."""
-        if self._closed:
-            raise self._closed_error()
+        if self._session.ended:
+            raise self._session.closed_error()
         self._out.append(data)
         self._out_bytes += len(data)
         if not self._flush_pending and not self._reading:
@@ -271,7 +217,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
     def _flush(self) -> None:
         self._flush_pending = False
         out = self._out
-        if out and not self._closed:
+        if out and not self._session.ended:
             self._out = []
             self._out_bytes = 0
             # Attached: nothing is queued before _attach set the transport.
@@ -294,7 +240,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         of it and one refused here has queued nothing. The operations call it
         only when _over_bound: under the bound a send costs no coroutine.
         """
-        while not self._closed and self._over_bound():
+        while not self._session.ended and self._over_bound():
             self._room.clear()
             if deadline is None:
                 await self._room.wait()
@@ -304,12 +250,17 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
                     await self._room.wait()
             except builtins.TimeoutError:  # asyncio's; iris's derives from it
                 raise no_room(self._send_buffer) from None
-        if self._closed:
-            raise self._closed_error()
+        if self._session.ended:
+            raise self._session.closed_error()
 
-    def _check_open(self) -> None:
-        if self._closing:
-            raise self._closed_error()
+    def _resolve(self, call: PendingCall[asyncio.Future[Any]], result: object) -> None:
+        future = call.waiter
+        if future.done():
+            return
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
 
     def _watch_deadlines(self) -> None:
         if self._sweeper is None:
@@ -318,14 +269,9 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
     def _sweep(self) -> None:
         """Fail calls whose relay has not answered by their deadline and the grace."""
         self._sweeper = None
-        now = self._loop.time()
-        for pending in (self._requests, self._tunnel_inits):
-            late = [key for key, (_, deadline) in pending.items() if deadline < now]
-            for key in late:
-                future, _ = pending.pop(key)
-                if not future.done():
-                    future.set_exception(TimeoutError("the relay did not answer in time"))
-        if self._requests or self._tunnel_inits:
+        for call in self._session.overdue(self._loop.time()):
+            self._resolve(call, TimeoutError("the relay did not answer in time"))
+        if self._session.pending:
             self._watch_deadlines()
 
     # -- the public operations ---------------------------------------------------------
@@ -338,29 +284,20 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         reply is dropped. Over the connection's ``send_buffer`` it first waits
         for room; the timeout counts that wait too.
         """
-        _validate_name("cluster", cluster)
-        request = _validate_message("request", request)
-        millis = timeout_ms(timeout)
-        if self._closing:
-            raise self._closed_error()
+        request, millis = self._session.check_request(cluster, request, timeout)
         if self._over_bound():
             await self._wait_for_room(self._loop.time() + timeout)
-        rid = next(self._ids)
-        future: asyncio.Future[codec.ReplyDelivery] = self._loop.create_future()
-        self._requests[rid] = (future, self._loop.time() + timeout + RELAY_GRACE)
+        future: asyncio.Future[Any] = self._loop.create_future()
+        now = self._loop.time()
+        call, data = self._session.request(cluster, request, millis, timeout, now, future)
         if self._sweeper is None:
             self._watch_deadlines()
-        self._send(codec.Request(rid, cluster, request, millis).encode())
+        self._send(data)
         try:
             reply = await future
         finally:
-            self._requests.pop(rid, None)
-        if reply.timed_out:
-            raise TimeoutError(f"request to {cluster!r} timed out after {timeout:g} s")
-        # The payload's type follows ``success``, as in codec.ReplyDelivery.
-        if not reply.success:
-            raise RemoteError(cast(str, reply.payload))
-        return cast(bytes, reply.payload)
+            self._session.forget(call)
+        return call.outcome(reply)
 
     async def broadcast(self, cluster: str, message: bytes) -> None:
         """Send ``message`` to every member of ``cluster`` (best effort).
@@ -369,24 +306,20 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         or raises ClosedError if the connection ends first: no timeout, as in
         the Go binding.
         """
-        _validate_name("cluster", cluster)
-        message = _validate_message("message", message)
-        self._check_open()
+        message = self._session.check_broadcast(cluster, message)
         if self._over_bound():
             await self._wait_for_room()
-        self._send(codec.Broadcast(cluster, message).encode())
+        self._send(self._session.broadcast(cluster, message))
 
     async def publish(self, topic: str, event: bytes) -> None:
         """Deliver ``event`` to every subscriber of ``topic`` (best effort).
 
         Waits for room as :meth:`broadcast` does.
         """
-        _validate_name("topic", topic)
-        event = _validate_message("event", event)
-        self._check_open()
+        event = self._session.check_publish(topic, event)
         if self._over_bound():
             await self._wait_for_room()
-        self._send(codec.Publish(topic, event).encode())
+        self._send(self._session.publish(topic, event))
 
     async def subscribe(
         self,
@@ -400,141 +333,80 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         bytes, or a TopicHandler whose ``handle_event`` is either. At most
         ``limits.event_threads`` of its calls run at once.
         """
-        _validate_name("topic", topic)
-        callback = event_callback(handler)
-        limits = (limits or TopicLimits()).with_defaults()
-        self._check_open()
-        if topic in self._subscriptions:
-            raise ValueError(f"already subscribed to {topic!r}")
-        pool = HandlerPool(
-            f"topic-{topic}", limits.event_threads, limits.event_memory, self._event_errors
-        )
-        overflow = RateLimitedWarning(
-            self.log.new(topic=topic), "event dropped: memory limit reached"
-        )
-        self._subscriptions[topic] = _Subscription(callback, pool, overflow)
-        pool.start()
+        subscription = Subscription.of(topic, handler, limits, HandlerPool, self._event_errors)
+        self._send(self._session.subscribe(topic, subscription))
+        subscription.pool.start()
         self.log.info("subscribing to topic", topic=topic)
-        self._send(codec.Subscribe(topic).encode())
         await self._wait_for_room()
 
     async def unsubscribe(self, topic: str) -> None:
         """Stop receiving ``topic``; events already queued are still handled."""
-        _validate_name("topic", topic)
-        self._check_open()
-        sub = self._subscriptions.pop(topic, None)
-        if sub is None:
-            raise ValueError(f"not subscribed to {topic!r}")
+        subscription, data = self._session.unsubscribe(topic)
         self.log.info("unsubscribing from topic", topic=topic)
-        sub.pool.close()
-        self._send(codec.Unsubscribe(topic).encode())
+        subscription.pool.close()
+        self._send(data)
         await self._wait_for_room()
 
     async def tunnel(self, cluster: str, timeout: float) -> Tunnel:
         """Open an ordered, flow-controlled stream to one member of ``cluster``."""
-        _validate_name("cluster", cluster)
-        millis = timeout_ms(timeout)
-        self._check_open()
-        tid = next(self._ids)
-        future: asyncio.Future[Tunnel | None] = self._loop.create_future()
-        self._tunnel_inits[tid] = (future, self._loop.time() + timeout + RELAY_GRACE)
+        future: asyncio.Future[Tunnel] = self._loop.create_future()
+        call, data = self._session.tunnel(cluster, timeout, self._loop.time(), future)
         self._watch_deadlines()
+        self.log.info("opening tunnel", cluster=cluster, tunnel=call.id)
+        self._send(data)
         try:
-            self.log.info("opening tunnel", cluster=cluster, tunnel=tid)
-            self._send(codec.TunnelInit(tid, cluster, millis).encode())
-            # A late answer finds no future, and its tunnel is closed at once.
-            tunnel = await future
+            # A late answer finds no call, and its tunnel is closed at once.
+            return await future
         finally:
-            self._tunnel_inits.pop(tid, None)
-        if tunnel is None:
-            raise TimeoutError(f"tunnel to {cluster!r} timed out after {timeout:g} s")
-        return tunnel
+            self._session.forget(call)
 
-    # -- received packets ------------------------------------------------------------------
+    # -- received bytes ------------------------------------------------------------------
 
     def _on_bytes(self, data: memoryview) -> None:
-        try:
-            packets = self._decoder.feed(data)
-        except codec.ProtocolError as err:
-            self._fail(str(err))
-            return
+        events = self._session.receive_data(data)
         self._reading = True
         try:
-            for packet in packets:
-                handle = self._dispatch.get(type(packet))
-                if handle is None:
-                    raise codec.ProtocolError(f"unexpected packet {type(packet).__name__}")
-                handle(self, packet)
-                if self._closed:
-                    return
-        except codec.ProtocolError as err:
-            self._fail(str(err))
-            return
+            for event in events:
+                _EVENT_HANDLERS[type(event)](self, event)
         finally:
             self._reading = False
         if self._out:
             self._flush()
 
-    def _on_accept(self, packet: codec.Accept) -> None:
-        self._dispatch = _DISPATCH
+    def _on_accepted(self, event: protocol.Accepted) -> None:
         self._accepted.set_result(None)
 
-    def _on_deny(self, packet: codec.Deny) -> None:
-        denied = DeniedError(packet.reason)
-        self._accepted.set_exception(denied)
-        self._drop_reason = str(denied)
-        self._shutdown(self._drop_reason)
+    def _on_refused(self, event: protocol.Refused) -> None:
+        self._accepted.set_exception(event.error)
+        self._end()
 
-    def _on_closed(self, packet: codec.Closed) -> None:
-        """The relay's CLOSE: an acknowledgement, or a drop with its reason."""
-        if packet.reason:
-            self._drop_reason = packet.reason
-        self._on_lost(None)
+    def _on_relay_ended(self, event: protocol.RelayEnded) -> None:
+        if event.violation is not None:
+            self.log.error("relay broke the protocol", error=event.violation)
+        self._end()
 
-    def _on_reply(self, packet: codec.ReplyDelivery) -> None:
-        pending = self._requests.pop(packet.id, None)
-        if pending is not None and not pending[0].done():
-            pending[0].set_result(packet)
+    def _on_answer(self, event: protocol.CallAnswered[asyncio.Future[Any]]) -> None:
+        future = event.call.waiter
+        if not future.done():
+            future.set_result(event.reply)
 
-    def _on_request(self, packet: codec.RequestDelivery) -> None:
-        self._member_inbound("a request").request(
-            packet.id, packet.request, packet.timeout_ms / 1000
-        )
-
-    def _on_broadcast(self, packet: codec.BroadcastDelivery) -> None:
-        self._member_inbound("a broadcast").broadcast(packet.message)
-
-    def _on_event(self, packet: codec.Publish) -> None:
-        sub = self._subscriptions.get(packet.topic)
-        if sub is None:
-            return  # unsubscribed while the event was in flight
-        if not sub.pool.submit(sub.callback, (packet.event,), len(packet.event)):
-            sub.overflow(size=len(packet.event))
-
-    def _take_tunnel_init(self, tid: int) -> Callable[[Tunnel | None], None] | None:
-        pending = self._tunnel_inits.pop(tid, None)
-        if pending is None or pending[0].done():
-            return None
-        return pending[0].set_result
+    def _on_event(self, event: protocol.TopicEvent[HandlerPool]) -> None:
+        subscription, data = event
+        if not subscription.pool.submit(subscription.callback, (data,), len(data)):
+            subscription.overflow(size=len(data))
 
 
-# A packet's handler, by the packet's type. Each handler takes its own packet
+# An event's handler, by the event's type. Each handler takes its own event
 # type, which a dict's value type cannot tie to its key: hence Any.
-_Handlers = dict[type[codec.RelayPacket], Callable[[Connection, Any], None]]
-
-# What the relay may send before, and after, it accepted the connection.
-_HANDSHAKE: _Handlers = {
-    codec.Accept: Connection._on_accept,
-    codec.Deny: Connection._on_deny,
-    codec.Closed: Connection._on_closed,
-}
-_DISPATCH: _Handlers = {
-    codec.ReplyDelivery: Connection._on_reply,
+_EVENT_HANDLERS: dict[type, Callable[[Connection, Any], None]] = {
+    protocol.Accepted: Connection._on_accepted,
+    protocol.Refused: Connection._on_refused,
+    protocol.CallAnswered: Connection._on_answer,
     codec.RequestDelivery: Connection._on_request,
     codec.BroadcastDelivery: Connection._on_broadcast,
-    codec.Publish: Connection._on_event,
+    protocol.TopicEvent: Connection._on_event,
     **TUNNEL_HANDLERS,
-    codec.Closed: Connection._on_closed,
+    protocol.RelayEnded: Connection._on_relay_ended,
 }
 
 

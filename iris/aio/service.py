@@ -14,14 +14,15 @@ import asyncio
 import inspect
 from typing import Protocol, cast
 
-from ..connection import DEFAULT_PORT, _validate_name
-from ..dispatch import checked_reply, fault_text, memory_fault
+from ..connection import DEFAULT_PORT
+from ..dispatch import ServiceDispatch, checked_reply, fault_text, memory_fault
 from ..errors import ClosedError
 from ..handlers import CLOSE_FAILED
 from ..limits import ServiceLimits
-from ..logs import ContextLog, HandlerErrorLog, RateLimitedWarning
+from ..logs import ContextLog, HandlerErrorLog
 from ..send_buffer import DEFAULT_SEND_BUFFER, check_send_buffer
 from ..service import _service_ids
+from ..session import check_name
 from .connection import Connection, Opening
 from .handlers import ServiceHandler
 from .pool import UNCAPPED, HandlerPool
@@ -93,39 +94,21 @@ async def close_handler(handler: ServiceHandler, log: ContextLog) -> None:
         log.exception(CLOSE_FAILED, err)
 
 
-class HandlerDispatch:
+class HandlerDispatch(ServiceDispatch[Connection, ServiceHandler, HandlerPool]):
     """Runs a ServiceHandler's callbacks, coroutines or plain, in capped pools.
 
-    Pools start held, so that ``init`` runs before any other callback; call
-    :meth:`start` once it returned. Closing cancels the callbacks still
-    running: their answers could no longer be sent.
+    Closing cancels the callbacks still running: their answers could no
+    longer be sent.
     """
 
-    def __init__(
-        self,
-        conn: Connection,
-        handler: ServiceHandler,
-        limits: ServiceLimits | None,
-        log: ContextLog,
-    ):
-        limits = (limits or ServiceLimits()).with_defaults()
-        self._conn = conn
-        self._handler = handler
-        self._log = log
-        self._errors = HandlerErrorLog(log)  # all callbacks of the service share its budget
+    pool_class = HandlerPool
+
+    def _init_binding(self) -> None:
         self._time = asyncio.get_running_loop().time
-        errors = self._errors
-        self._requests = HandlerPool(
-            "request", limits.request_threads, limits.request_memory, errors
-        )
-        self._broadcasts = HandlerPool(
-            "broadcast", limits.broadcast_threads, limits.broadcast_memory, errors
-        )
-        self._tunnels = HandlerPool("tunnel", UNCAPPED, UNCAPPED, errors)
+        self._tunnels = HandlerPool("tunnel", UNCAPPED, UNCAPPED, self._errors)
         # Not closed with the others: handle_drop runs after the connection ended.
-        self._drops = HandlerPool("drop", UNCAPPED, UNCAPPED, errors)
+        self._drops = HandlerPool("drop", UNCAPPED, UNCAPPED, self._errors)
         self._drops.start()
-        self._broadcast_overflow = RateLimitedWarning(log, "broadcast dropped: memory limit")
 
     def start(self) -> None:
         for pool in (self._requests, self._broadcasts, self._tunnels):
@@ -215,7 +198,7 @@ def register(
     the connection's bound on bytes queued but not yet sent, as in
     :func:`iris.aio.connect`.
     """
-    _validate_name("cluster", cluster)
+    check_name("cluster", cluster)
     check_send_buffer(send_buffer)
     if not isinstance(handler, ServiceHandler):
         raise ValueError("handler must be an iris.aio.ServiceHandler instance")
@@ -224,10 +207,16 @@ def register(
     async def open_() -> Service:
         log = ContextLog().new(service=next(_service_ids))
         log.info("registering service", cluster=cluster)
-        conn = Connection(cluster, log, send_buffer)
         # Handler errors name the cluster, as in iris.register.
-        dispatch = HandlerDispatch(conn, handler, limits, log.new(cluster=cluster))
-        conn.inbound = dispatch
+        handler_log = log.new(cluster=cluster)
+        conn = Connection(
+            cluster,
+            log,
+            send_buffer,
+            lambda conn: HandlerDispatch(conn, handler, limits, handler_log),
+        )
+        # The inbound factory above made it: narrowed, not a check that can fail.
+        dispatch = cast(HandlerDispatch, conn.inbound)
         await conn._attach(port)
         try:
             await settle(handler.init(conn))

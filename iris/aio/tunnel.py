@@ -10,13 +10,14 @@ consumed. Waits are futures woken by the connection's read callback.
 from __future__ import annotations
 
 import asyncio
+import builtins
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .. import chunks, codec
 from ..errors import TimeoutError
 from ..logs import ContextLog
-from ..tunnel import CLOSE_TIMEOUT, check_wait, validate_send
+from ..tunnel import CLOSE_TIMEOUT, SEND_BEHIND_ANOTHER, check_wait, validate_send
 from ..tunnel_core import TunnelCore
 
 if TYPE_CHECKING:
@@ -49,7 +50,13 @@ class Tunnel(TunnelCore):
         """
         validate_send(message, timeout)
         deadline = None if timeout is None else self._loop.time() + timeout
-        async with self._send_lock:
+        # Behind another send of this tunnel, the timeout applies too.
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._send_lock.acquire()
+        except builtins.TimeoutError:  # asyncio's; iris's derives from it
+            raise TimeoutError(SEND_BEHIND_ANOTHER) from None
+        try:
             for size_field, chunk in chunks.split(message, self._chunk_limit):
                 size = len(chunk)
 
@@ -62,6 +69,8 @@ class Tunnel(TunnelCore):
                 self._raise_if_closed()
                 self._allowance -= size
                 self._conn._send(codec.TunnelTransfer(self.id, size_field, chunk).encode())
+        finally:
+            self._send_lock.release()
         if self.log.is_debug():
             self.log.debug("tunnel message sent", size=len(message))
 

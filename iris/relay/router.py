@@ -145,9 +145,9 @@ class Router:
         self.fast_packets = 0
         # Each handler takes the packet type it is keyed by.
         self._handlers: dict[type[codec.ClientPacket], Callable[[Peer, Any], None]] = {
-            codec.Request: self._on_request,
-            codec.Reply: self._on_reply,
-            codec.Broadcast: self._on_broadcast,
+            codec.RequestPacket: self._on_request,
+            codec.ReplyPacket: self._on_reply,
+            codec.BroadcastPacket: self._on_broadcast,
             codec.Publish: self._on_publish,
             codec.Subscribe: self._on_subscribe,
             codec.Unsubscribe: self._on_unsubscribe,
@@ -285,7 +285,7 @@ class Router:
 
     # -- request/reply -----------------------------------------------------------------
 
-    def _on_request(self, peer: Peer, packet: codec.Request) -> None:
+    def _on_request(self, peer: Peer, packet: codec.RequestPacket) -> None:
         client_id, cluster, request, timeout_ms = packet
         if self.gate is not None and not self.gate.may_send(peer, cluster):
             return
@@ -317,7 +317,7 @@ class Router:
             member.outstanding += 1
             member.send(b"".join((_REQUEST_HEAD, _varint(key), *body)))
 
-    def _on_reply(self, peer: Peer, packet: codec.Reply) -> None:
+    def _on_reply(self, peer: Peer, packet: codec.ReplyPacket) -> None:
         reply_id, success, payload = packet
         self.route_reply(peer, reply_id, codec.encode_answer(success, payload, "strict"))
 
@@ -342,7 +342,7 @@ class Router:
 
     # -- broadcast and publish/subscribe ---------------------------------------------
 
-    def _on_broadcast(self, peer: Peer, packet: codec.Broadcast) -> None:
+    def _on_broadcast(self, peer: Peer, packet: codec.BroadcastPacket) -> None:
         if self.gate is not None and not self.gate.may_send(peer, packet.cluster):
             return
         group = self._clusters.get(packet.cluster.encode())

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from iris import codec
 from iris.codec import (
     Accept,
-    Broadcast,
     BroadcastDelivery,
+    BroadcastPacket,
     Close,
     Closed,
     Decoder,
@@ -25,10 +25,10 @@ from iris.codec import (
     Init,
     ProtocolError,
     Publish,
-    Reply,
     ReplyDelivery,
-    Request,
+    ReplyPacket,
     RequestDelivery,
+    RequestPacket,
     Side,
     Subscribe,
     TunnelAllow,
@@ -113,22 +113,22 @@ def test_relay_acceptance_bytes():
 
 
 def test_request_300_bytes():
-    assert Request(300, "echo", b"hi", 1000).encode() == REQUEST_300
-    same(decode(Side.CLIENT, REQUEST_300), [Request(300, "echo", b"hi", 1000)])
+    assert RequestPacket(300, "echo", b"hi", 1000).encode() == REQUEST_300
+    same(decode(Side.CLIENT, REQUEST_300), [RequestPacket(300, "echo", b"hi", 1000)])
 
 
 def test_a_fault_text_with_lone_surrogates_is_encoded_with_replacement():
     """A handler's text from surrogateescape must still make an answer."""
     fault = b"caf\xe9".decode("utf-8", "surrogateescape")
-    assert Reply(1, False, fault).encode() == b"\x05\x01\x00\x04caf?"
+    assert ReplyPacket(1, False, fault).encode() == b"\x05\x01\x00\x04caf?"
 
 
 def test_direction_asymmetries():
     """docs/protocol.md section 4: REPLY, CLOSE and TUN_CLOSE differ by direction."""
-    assert Reply(1, True, b"x").encode() == b"\x05\x01\x01\x01x"
+    assert ReplyPacket(1, True, b"x").encode() == b"\x05\x01\x01\x01x"
     assert ReplyDelivery(1, False, True, b"x").encode() == b"\x05\x01\x00\x01\x01x"
     assert ReplyDelivery(1, True).encode() == b"\x05\x01\x01"
-    assert Reply(1, False, "no").encode() == b"\x05\x01\x00\x02no"
+    assert ReplyPacket(1, False, "no").encode() == b"\x05\x01\x00\x02no"
     assert Close().encode() == b"\x02"
     assert Closed("").encode() == b"\x02\x00"
     assert TunnelClose(5).encode() == b"\x0d\x05"
@@ -179,10 +179,10 @@ CLIENT_PACKETS = [
     Init(),
     Init("echo"),
     Close(),
-    Broadcast("echo", b"to all"),
-    Request(300, "echo", b"hi", 1000),
-    Reply(7, True, b"answer"),
-    Reply(7, False, "it broke: ünïcode"),
+    BroadcastPacket("echo", b"to all"),
+    RequestPacket(300, "echo", b"hi", 1000),
+    ReplyPacket(7, True, b"answer"),
+    ReplyPacket(7, False, "it broke: ünïcode"),
     Subscribe("news"),
     Unsubscribe("news"),
     Publish("news", b"event"),
@@ -318,10 +318,10 @@ blobs = st.binary(max_size=200)
 client_packets = st.one_of(
     st.builds(Init, names, names),
     st.just(Close()),
-    st.builds(Broadcast, names, blobs),
-    st.builds(Request, ids, names, blobs, ids),
-    st.builds(Reply, ids, st.just(True), blobs),
-    st.builds(Reply, ids, st.just(False), names),
+    st.builds(BroadcastPacket, names, blobs),
+    st.builds(RequestPacket, ids, names, blobs, ids),
+    st.builds(ReplyPacket, ids, st.just(True), blobs),
+    st.builds(ReplyPacket, ids, st.just(False), names),
     st.builds(Subscribe, names),
     st.builds(Unsubscribe, names),
     st.builds(Publish, names, blobs),
@@ -485,7 +485,7 @@ def test_a_packet_as_a_whole_is_bounded():
 
 def test_names_and_message_within_the_overhead_are_accepted():
     """A maximum-size message with ordinary names is a valid packet."""
-    packet = Request(2**63, "a-cluster-name", bytes(MiB), 2**32)
+    packet = RequestPacket(2**63, "a-cluster-name", bytes(MiB), 2**32)
     same(decode(Side.CLIENT, packet.encode(), max_message=MiB), [packet])
 
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,24 @@ def wait_until_stuck(progress: list[int], steady: float = 1.0, limit: float = 30
         time.sleep(steady)
 
 
+async def fill_until_stuck(
+    send_one: Callable[[], Awaitable[None]], count: int
+) -> tuple[asyncio.Task[None], list[int]]:
+    """Start sending ``count`` 1 MiB messages with ``send_one`` and return once
+    the sends have stopped moving: the task, and the count sent so far."""
+    sent = [0]
+
+    async def send_all() -> None:
+        for _ in range(count):
+            await send_one()
+            sent[0] += 1
+
+    sender = asyncio.create_task(send_all())
+    await asyncio.to_thread(wait_until_stuck, sent)
+    assert sent[0] < count, f"{count} MiB went out to a relay that reads nothing"
+    return sender, sent
+
+
 def test_threaded_publish_and_request_block_for_room_and_resume(echo):
     """With the relay not reading, publish blocks once the kernel's buffers
     and the bound are full; a request's timeout applies while it waits for
@@ -159,16 +178,9 @@ def test_asyncio_publish_and_request_wait_for_room_and_resume(echo):
             assert await conn.request("echo", b"warm", 5) == b"warm"
             stalled = Stalled(echo.proc.pid)
             try:
-                published = [0]
-
-                async def publish_all() -> None:
-                    for _ in range(events):
-                        await conn.publish("nobody-listens", b"e" * size)
-                        published[0] += 1
-
-                publisher = asyncio.create_task(publish_all())
-                await asyncio.to_thread(wait_until_stuck, published)
-                assert published[0] < events, "200 MiB went out to a relay that reads nothing"
+                publisher, published = await fill_until_stuck(
+                    lambda: conn.publish("nobody-listens", b"e" * size), events
+                )
 
                 started = time.monotonic()
                 with pytest.raises(iris.TimeoutError, match="room to send"):
@@ -179,5 +191,66 @@ def test_asyncio_publish_and_request_wait_for_room_and_resume(echo):
             await asyncio.wait_for(publisher, 60)
             assert published[0] == events
             assert await conn.request("echo", b"again", 10) == b"again"
+
+    asyncio.run(main())
+
+
+def test_threaded_tunnel_send_waits_for_room_and_its_timeout_applies(echo):
+    """With the relay not reading, a tunnel's sends block once the bound is
+    full; a send with a timeout, behind one that waits for room on the same
+    tunnel, gives up at its timeout; both go on once the relay reads again."""
+    messages, size = 40, MiB
+    with iris.connect(echo.port, send_buffer=256 * 1024) as conn, conn.tunnel("echo", 10) as tunnel:
+        tunnel.send(b"warm")
+        assert tunnel.recv(10) == b"warm"
+        stalled = Stalled(echo.proc.pid)
+        try:
+            sent = [0]
+
+            def send_all() -> None:
+                for _ in range(messages):
+                    tunnel.send(b"t" * size)
+                    sent[0] += 1
+
+            sender = threading.Thread(target=send_all, daemon=True)
+            sender.start()
+            wait_until_stuck(sent)
+            assert sent[0] < messages, "40 MiB went out to a relay that reads nothing"
+
+            started = time.monotonic()
+            with pytest.raises(iris.TimeoutError, match="timed out"):
+                tunnel.send(b"late", timeout=0.5)
+            assert 0.5 <= time.monotonic() - started < 10.0
+        finally:
+            stalled.resume()
+        sender.join(60)
+        assert sent[0] == messages
+        for _ in range(messages):
+            assert len(tunnel.recv(30)) == size
+
+
+def test_asyncio_tunnel_send_waits_for_room_and_its_timeout_applies(echo):
+    messages, size = 40, MiB
+
+    async def main() -> None:
+        async with iris.aio.connect(echo.port, send_buffer=256 * 1024) as conn:
+            tunnel = await conn.tunnel("echo", 10)
+            await tunnel.send(b"warm")
+            assert await tunnel.recv(10) == b"warm"
+            stalled = Stalled(echo.proc.pid)
+            try:
+                sender, sent = await fill_until_stuck(lambda: tunnel.send(b"t" * size), messages)
+
+                started = time.monotonic()
+                with pytest.raises(iris.TimeoutError, match="timed out"):
+                    await tunnel.send(b"late", timeout=0.5)
+                assert 0.5 <= time.monotonic() - started < 10.0
+            finally:
+                stalled.resume()
+            await asyncio.wait_for(sender, 60)
+            assert sent[0] == messages
+            for _ in range(messages):
+                assert len(await tunnel.recv(30)) == size
+            await tunnel.close()
 
     asyncio.run(main())

@@ -357,7 +357,7 @@ def test_binding_refuses_an_oversized_message_before_buffering_it():
             sock.settimeout(5)
             decoder = codec.Decoder(codec.Side.CLIENT)
             packets = []
-            while not any(type(p) is codec.Request for p in packets):
+            while not any(type(p) is codec.RequestPacket for p in packets):
                 data = sock.recv(1024)
                 if not data:
                     return

@@ -34,18 +34,18 @@ import iris
 from iris import codec
 from iris.codec import (
     Accept,
-    Broadcast,
     BroadcastDelivery,
+    BroadcastPacket,
     Close,
     Closed,
     Deny,
     Init,
     Op,
     Publish,
-    Reply,
     ReplyDelivery,
-    Request,
+    ReplyPacket,
     RequestDelivery,
+    RequestPacket,
     Subscribe,
     TunnelAllow,
     TunnelClose,
@@ -56,7 +56,7 @@ from iris.codec import (
     TunnelTransfer,
     Unsubscribe,
 )
-from iris.connection import RELAY_GRACE
+from iris.session import RELAY_GRACE
 
 # The largest value a varint may carry: ten octets of seven bits.
 MAX_VARINT = 2**70 - 1
@@ -113,15 +113,15 @@ oversized_chunks = st.integers(CHUNK + 1, CHUNK + 64).map(bytes)
 # Packets a relay must take without a word: nothing they name exists. Each
 # comes with what the relay answers (only an unknown build gets an answer).
 silent_packets = st.one_of(
-    st.builds(Reply, ids, st.just(True), small_blobs),
-    st.builds(Reply, ids, st.just(False), names),
+    st.builds(ReplyPacket, ids, st.just(True), small_blobs),
+    st.builds(ReplyPacket, ids, st.just(False), names),
     st.builds(TunnelAllow, ids, ids),
     st.builds(TunnelTransfer, ids, ids, small_blobs | oversized_chunks),
     st.builds(TunnelClose, ids),
     st.builds(Unsubscribe, names),
-    st.builds(Broadcast, names, small_blobs),
+    st.builds(BroadcastPacket, names, small_blobs),
     st.builds(Publish, names.map("nobody-{}".format), small_blobs),
-    st.builds(Request, ids, names.map("nobody-{}".format), small_blobs, far_timeouts),
+    st.builds(RequestPacket, ids, names.map("nobody-{}".format), small_blobs, far_timeouts),
 ).map(lambda packet: (packet, []))
 unknown_builds = st.builds(TunnelConfirm, ids, ids).map(
     lambda packet: (packet, [TunnelClosed(packet.id, "tunnel build expired")])
@@ -257,7 +257,7 @@ def test_far_timeouts_keep_the_relay_serving(relay, raw, attach):
     such a deadline was its nearest. A quiet relay, so that it is."""
     peer = raw(relay.port).handshake()
     for timeout in (2**31, 2**32, 10**12, MAX_VARINT):
-        peer.send(Request(timeout % 1000, "nobody", b"x", timeout))
+        peer.send(RequestPacket(timeout % 1000, "nobody", b"x", timeout))
     time.sleep(0.2)  # the loop now waits for the nearest of them
     assert relay.proc.poll() is None, f"relay died:\n{relay.log()}"
     attach.register(relay.port, "echo", Echo())

@@ -210,14 +210,14 @@ def test_a_send_is_decided_once_per_connection_and_cluster_then_takes_the_fast_p
     router = Router(clock=lambda: 0.0, gate=Gate(rules))
     member = guarded_peer(router, ROOT, "secure")
     sender = guarded_peer(router, ROOT)
-    request = codec.Request(1, "secure", b"x", 1000).encode()
+    request = codec.RequestPacket(1, "secure", b"x", 1000).encode()
     assert route_leading(router, sender, request, codec.MAX_MESSAGE) == 0  # not decided yet
-    router.handle(sender, codec.Request(1, "secure", b"x", 1000))  # the router decides
+    router.handle(sender, codec.RequestPacket(1, "secure", b"x", 1000))  # the router decides
     assert sender.cleared == {b"secure"}
     assert route_leading(router, sender, request, codec.MAX_MESSAGE) == len(request)
     assert len(member.sent) == 3  # ACCEPT and two deliveries
 
-    for refused in (codec.Broadcast("secure", b"x"), codec.TunnelInit(1, "secure", 1000)):
+    for refused in (codec.BroadcastPacket("secure", b"x"), codec.TunnelInit(1, "secure", 1000)):
         intruder = guarded_peer(router, NOBODY)
         router.handle(intruder, refused)
         assert intruder.closed and intruder.cleared == set()

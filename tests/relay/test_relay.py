@@ -23,17 +23,17 @@ from support import OneShotServer, cpu_share, echo_tunnel, in_threads, timed, wa
 import iris
 from iris import codec
 from iris.codec import (
-    Broadcast,
     BroadcastDelivery,
+    BroadcastPacket,
     Close,
     Closed,
     Deny,
     Init,
     Publish,
-    Reply,
     ReplyDelivery,
-    Request,
+    ReplyPacket,
     RequestDelivery,
+    RequestPacket,
     Subscribe,
     TunnelAllow,
     TunnelClose,
@@ -124,13 +124,13 @@ def test_raw_broadcast_and_publish(relay, raw):
     assert plain.recv() == Publish("topic", b"probe")  # subscribed: the relay saw it
     member_a.send(Subscribe("topic"))
     # A member's own broadcast and a subscriber's own event come back to it.
-    member_a.send(Broadcast("group", b"hello"), Publish("topic", b"news"))
+    member_a.send(BroadcastPacket("group", b"hello"), Publish("topic", b"news"))
     for peer in (member_a, member_b):
         packet = peer.recv()
         assert type(packet) is BroadcastDelivery and packet.message == b"hello"
     assert member_a.recv() == Publish("topic", b"news")
     assert plain.recv() == Publish("topic", b"news")
-    plain.send(Broadcast("nobody", b"lost"), Broadcast("group", b"again"))
+    plain.send(BroadcastPacket("nobody", b"lost"), BroadcastPacket("group", b"again"))
     for peer in (member_a, member_b):
         assert peer.recv() == BroadcastDelivery(b"again")
     for peer in (member_a, member_b, plain):  # a plain client is a member of nothing
@@ -175,7 +175,7 @@ def test_busy_member_is_skipped(relay, raw, attach):
     """The least loaded member gets the request: one holding a request is passed over."""
     stuck = raw(relay.port).handshake("pick")
     client = raw(relay.port).handshake()
-    client.send(Request(1, "pick", b"held", 5000))
+    client.send(RequestPacket(1, "pick", b"held", 5000))
     assert type(stuck.recv()) is RequestDelivery  # the only member: it holds one now
     live = Echo(b"live:")
     attach.register(relay.port, "pick", live)
@@ -193,7 +193,7 @@ def test_timeouts_fire_when_they_pass(relay, raw):
     client = raw(relay.port).handshake()
     timeouts = {1: 50, 2: 400, 3: 200, 4: 1}
     start = time.monotonic()
-    client.send(*(Request(rid, "nobody", b"x", ms) for rid, ms in timeouts.items()))
+    client.send(*(RequestPacket(rid, "nobody", b"x", ms) for rid, ms in timeouts.items()))
     arrived = {}
     for _ in timeouts:
         packet = client.recv()
@@ -207,7 +207,7 @@ def test_timeouts_fire_when_they_pass(relay, raw):
 def test_member_gets_the_time_left(relay, raw):
     member = raw(relay.port).handshake("timed")
     client = raw(relay.port).handshake()
-    client.send(Request(9, "timed", b"q", 1234))
+    client.send(RequestPacket(9, "timed", b"q", 1234))
     delivery = member.recv()
     assert type(delivery) is RequestDelivery
     assert delivery.request == b"q" and 1200 <= delivery.timeout_ms <= 1234
@@ -217,16 +217,18 @@ def test_reply_after_the_deadline_is_ignored(relay, raw):
     member = raw(relay.port).handshake("late")
     client = raw(relay.port).handshake()
     start = time.monotonic()
-    client.send(Request(7, "late", b"q", 200))
+    client.send(RequestPacket(7, "late", b"q", 200))
     delivery = member.recv()
     assert client.recv() == ReplyDelivery(7, True)
     assert time.monotonic() - start >= 0.195
-    member.send(Reply(delivery.id, True, b"too late"), Reply(123456, False, "unknown id"))
+    member.send(
+        ReplyPacket(delivery.id, True, b"too late"), ReplyPacket(123456, False, "unknown id")
+    )
     client.assert_silent()
     # The late member was ignored, not dropped: it still serves.
-    client.send(Request(8, "late", b"again", 2000))
+    client.send(RequestPacket(8, "late", b"again", 2000))
     delivery = member.recv()
-    member.send(Reply(delivery.id, True, b"in time"))
+    member.send(ReplyPacket(delivery.id, True, b"in time"))
     reply = client.recv()
     assert reply == ReplyDelivery(8, False, True, b"in time") and type(reply) is ReplyDelivery
 
@@ -234,13 +236,13 @@ def test_reply_after_the_deadline_is_ignored(relay, raw):
 def test_reply_from_another_member_is_ignored(relay, raw):
     members = [raw(relay.port).handshake("pair") for _ in range(2)]
     client = raw(relay.port).handshake()
-    client.send(Request(1, "pair", b"q", 2000))
+    client.send(RequestPacket(1, "pair", b"q", 2000))
     ready, _, _ = select.select([m.sock for m in members], [], [], 5)
     chosen, other = members if ready[0] is members[0].sock else members[::-1]
     delivery = chosen.recv()
-    other.send(Reply(delivery.id, True, b"impostor"))
+    other.send(ReplyPacket(delivery.id, True, b"impostor"))
     client.assert_silent(0.1)
-    chosen.send(Reply(delivery.id, False, "real fault"))
+    chosen.send(ReplyPacket(delivery.id, False, "real fault"))
     assert client.recv() == ReplyDelivery(1, False, False, "real fault")
     other.assert_silent(0)  # the other member got nothing, and was not dropped
 
@@ -301,7 +303,7 @@ def test_close_stops_routing_to_a_member(relay, raw):
     client = raw(relay.port).handshake()
     member.send(Close())
     assert member.expect_eof() == [Closed("")]
-    client.send(Request(1, "gone", b"x", 100), Broadcast("gone", b"x"))
+    client.send(RequestPacket(1, "gone", b"x", 100), BroadcastPacket("gone", b"x"))
     assert client.recv() == ReplyDelivery(1, True)
 
 
@@ -555,12 +557,12 @@ def test_malformed_input_closes_only_the_offender(guarded_relay, raw, name):
 def test_truncated_packet_then_close(guarded_relay, raw):
     relay = guarded_relay
     offender = raw(relay.port).handshake("half")
-    wire = Request(1, "echo", b"x" * 1000, 1000).encode()
+    wire = RequestPacket(1, "echo", b"x" * 1000, 1000).encode()
     offender.send_bytes(wire[: len(wire) // 2])
     offender.close()
     wait_for(lambda: "detached" in relay.log())
     bystander = raw(relay.port).handshake()
-    bystander.send(Request(2, "half", b"x", 100))  # the half-sent member is gone
+    bystander.send(RequestPacket(2, "half", b"x", 100))  # the half-sent member is gone
     assert bystander.recv() == ReplyDelivery(2, True)
 
 
@@ -659,10 +661,10 @@ short_ms = st.integers(0, 30)
 cluster_names = st.sampled_from(["fuzz", "echo", "nobody"])
 blobs = st.binary(max_size=64)
 fuzz_packets = st.one_of(
-    st.builds(Broadcast, cluster_names, blobs),
-    st.builds(Request, small_ids, cluster_names, blobs, short_ms),
-    st.builds(Reply, small_ids, st.just(True), blobs),
-    st.builds(Reply, small_ids, st.just(False), st.text(max_size=8)),
+    st.builds(BroadcastPacket, cluster_names, blobs),
+    st.builds(RequestPacket, small_ids, cluster_names, blobs, short_ms),
+    st.builds(ReplyPacket, small_ids, st.just(True), blobs),
+    st.builds(ReplyPacket, small_ids, st.just(False), st.text(max_size=8)),
     st.builds(Subscribe, st.sampled_from(["a", "b"])),
     st.builds(codec.Unsubscribe, st.sampled_from(["a", "b"])),
     st.builds(Publish, st.sampled_from(["a", "b"]), blobs),

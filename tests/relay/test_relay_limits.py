@@ -28,7 +28,7 @@ import psutil
 from support import cpu_share, wait_for
 from test_relay import stuck_subscriber
 
-from iris.codec import Closed, Init, Publish, Request, Subscribe
+from iris.codec import Closed, Init, Publish, RequestPacket, Subscribe
 from iris.relay.status import query
 from iris.tool.status import show
 
@@ -241,7 +241,7 @@ def test_four_services_that_never_read_cannot_grow_the_relay(relay_factory, raw)
         while not stop.is_set():
             ident += 1
             try:
-                flooder.send(Request(ident, "stalled", payload, 600_000))
+                flooder.send(RequestPacket(ident, "stalled", payload, 600_000))
             except OSError:
                 return
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from test_router import attach
 
 from iris import codec
-from iris.codec import Publish, Reply, Request, Subscribe
+from iris.codec import Publish, ReplyPacket, RequestPacket, Subscribe
 from iris.relay.passthrough import route_leading
 from iris.relay.router import Router
 
@@ -60,10 +60,10 @@ small_ids = st.integers(0, 6)  # replies to the requests of the same stream
 payloads = st.binary(max_size=300)
 clusters = st.sampled_from(["echo", "ec", "nobody", "", LONG_NAME])
 packets = st.one_of(
-    st.builds(Request, ids, clusters, payloads, st.integers(0, 2**35)),
-    st.builds(Reply, small_ids, st.just(True), payloads),
-    st.builds(Reply, small_ids, st.just(False), st.text(max_size=20)),
-    st.builds(Reply, ids, st.just(True), payloads),  # mostly to keys never issued
+    st.builds(RequestPacket, ids, clusters, payloads, st.integers(0, 2**35)),
+    st.builds(ReplyPacket, small_ids, st.just(True), payloads),
+    st.builds(ReplyPacket, small_ids, st.just(False), st.text(max_size=20)),
+    st.builds(ReplyPacket, ids, st.just(True), payloads),  # mostly to keys never issued
     st.builds(Subscribe, st.just("t")),
     st.builds(Publish, st.just("t"), payloads),
 )
@@ -96,8 +96,8 @@ def test_fast_path_and_codec_route_alike(parts, cut):
 
 def test_fast_path_takes_requests_and_successful_replies():
     stream = b"".join(
-        [Request(i, "echo", bytes(i * 100), 10_000).encode() for i in range(5)]
-        + [Reply(i, True, bytes(i * 100)).encode() for i in range(5)]
+        [RequestPacket(i, "echo", bytes(i * 100), 10_000).encode() for i in range(5)]
+        + [ReplyPacket(i, True, bytes(i * 100)).encode() for i in range(5)]
     )
     router = Router()
     peer = attach(router, "echo")
@@ -108,13 +108,13 @@ def test_fast_path_takes_requests_and_successful_replies():
 @pytest.mark.parametrize(
     "packet",
     [
-        Request(1, "nobody", b"x", 10),  # no member: the codec path keeps it pending
-        Reply(0, False, "fault"),
+        RequestPacket(1, "nobody", b"x", 10),  # no member: the codec path keeps it pending
+        ReplyPacket(0, False, "fault"),
         Publish("t", b"x"),
     ],
 )
 def test_fast_path_leaves_other_packets_to_the_codec(packet):
     router = Router()
     peer = attach(router, "echo")
-    stream = Request(0, "echo", b"x", 10).encode() + packet.encode()
+    stream = RequestPacket(0, "echo", b"x", 10).encode() + packet.encode()
     assert route_leading(router, peer, stream, MAX_MESSAGE) == len(stream) - len(packet.encode())

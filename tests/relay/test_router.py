@@ -40,9 +40,9 @@ def test_answered_requests_do_not_accumulate_in_the_deadline_heap():
     member, client = attach(router, "echo"), attach(router, "")
     decoder = codec.Decoder(codec.Side.RELAY)
     for rid in range(10 * COMPACT_SLACK):
-        router.handle(client, codec.Request(rid, "echo", b"x", 3_600_000))  # one hour
+        router.handle(client, codec.RequestPacket(rid, "echo", b"x", 3_600_000))  # one hour
         (delivery,) = decoder.feed(member.sent.pop())
-        router.handle(member, codec.Reply(delivery.id, True, b"y"))
+        router.handle(member, codec.ReplyPacket(delivery.id, True, b"y"))
     assert len(router._requests) == 0
     assert len(router._deadlines) <= COMPACT_SLACK + 1
     replies = codec.Decoder(codec.Side.RELAY).feed(b"".join(client.sent[1:]))
@@ -55,12 +55,12 @@ def test_pending_requests_survive_compaction_and_still_time_out():
     router = Router(clock=lambda: now[0])
     member, client = attach(router, "echo"), attach(router, "")
     decoder = codec.Decoder(codec.Side.RELAY)
-    router.handle(client, codec.Request(0, "echo", b"unanswered", 1000))
+    router.handle(client, codec.RequestPacket(0, "echo", b"unanswered", 1000))
     decoder.feed(member.sent.pop())
     for rid in range(1, 4 * COMPACT_SLACK):
-        router.handle(client, codec.Request(rid, "echo", b"x", 1000))
+        router.handle(client, codec.RequestPacket(rid, "echo", b"x", 1000))
         (delivery,) = decoder.feed(member.sent.pop())
-        router.handle(member, codec.Reply(delivery.id, True, b"y"))
+        router.handle(member, codec.ReplyPacket(delivery.id, True, b"y"))
     client.sent.clear()
     now[0] = 1.0
     router.expire()
@@ -72,12 +72,12 @@ def test_a_departed_requester_takes_its_pending_requests_with_it():
     router = Router()
     member, client = attach(router, "echo"), attach(router, "")
     for rid in range(100):
-        router.handle(client, codec.Request(rid, "echo", b"x", 3_600_000))
+        router.handle(client, codec.RequestPacket(rid, "echo", b"x", 3_600_000))
     assert member.outstanding == 100
     router.detach(client)
     assert len(router._requests) == 0
     assert member.outstanding == 0  # the member is not left looking busy
-    router.handle(member, codec.Reply(0, True, b"late"))  # ignored, not an error
+    router.handle(member, codec.ReplyPacket(0, True, b"late"))  # ignored, not an error
 
 
 @pytest.mark.parametrize("number", [0, 127, 128, 16383, 16384, 2**21, 2**35])
@@ -91,11 +91,11 @@ def test_request_and_reply_deliveries_are_the_codecs_bytes(number, payload):
     member, client = attach(router, "echo"), attach(router, "")
     member.sent.clear()
     client.sent.clear()
-    router.handle(client, codec.Request(number, "echo", payload, number))
+    router.handle(client, codec.RequestPacket(number, "echo", payload, number))
     assert member.sent == [codec.RequestDelivery(number, payload, number).encode()]
-    router.handle(member, codec.Reply(number, True, payload))
+    router.handle(member, codec.ReplyPacket(number, True, payload))
     assert client.sent == [codec.ReplyDelivery(number, False, True, payload).encode()]
     fault = "fault: ünïcode " + payload.hex()
-    router.handle(client, codec.Request(number + 1, "echo", payload, 5))
-    router.handle(member, codec.Reply(number + 1, False, fault))
+    router.handle(client, codec.RequestPacket(number + 1, "echo", payload, 5))
+    router.handle(member, codec.ReplyPacket(number + 1, False, fault))
     assert client.sent[1] == codec.ReplyDelivery(number + 1, False, False, fault).encode()
