@@ -216,9 +216,8 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
             reply = self._handoff.wait(waiter, timeout + RELAY_GRACE)
         except BaseException:
             self._handoff.cancel(waiter)  # an answer queued for us must not stop the chain
+            session.forget(call)  # an answered call has left the session's tables already
             raise
-        finally:
-            session.forget(call)
         return call.outcome(reply)
 
     def broadcast(self, cluster: str, message: bytes) -> None:

@@ -113,25 +113,22 @@ _Tunnel = TypeVar("_Tunnel")
 _Pool = TypeVar("_Pool")
 
 
-class PendingCall(Generic[_Waiter]):
+class PendingCall(NamedTuple, Generic[_Waiter]):
     """A caller's request or tunnel() waiting for the relay's answer.
 
     ``deadline`` is the caller's timeout plus RELAY_GRACE, on the shell's
     clock: past it the relay has stopped answering, and the shell fails the
     call (iris.aio sweeps :meth:`Session.overdue`; a thread waits that long).
+    A tuple, which the session makes without the Python-level __new__ of a
+    NamedTuple or an __init__: one is made per request.
     """
 
-    __slots__ = ("kind", "id", "cluster", "timeout", "deadline", "waiter")
-
-    def __init__(
-        self, kind: str, cid: int, cluster: str, timeout: float, now: float, waiter: _Waiter
-    ) -> None:
-        self.kind = kind  # "request" or "tunnel", for the caller's errors
-        self.id = cid
-        self.cluster = cluster
-        self.timeout = timeout
-        self.deadline = now + timeout + RELAY_GRACE
-        self.waiter = waiter
+    kind: str  # "request" or "tunnel", for the caller's errors
+    id: int
+    cluster: str
+    timeout: float
+    deadline: float
+    waiter: _Waiter
 
     def outcome(self, reply: codec.ReplyDelivery) -> bytes:
         """The reply's payload, or the TimeoutError or RemoteError it stands for."""
@@ -385,22 +382,29 @@ class Session(Generic[_Waiter, _Tunnel, _Pool]):
     def check_request(self, cluster: str, request: bytes, timeout: float) -> tuple[bytes, int]:
         """A request's arguments checked, before the shell waits for room:
         the request as bytes and the timeout in milliseconds."""
+        # _checked(), inline: this runs per request.
+        check_name("cluster", cluster)
+        request = check_message("request", request)
         millis = timeout_ms(timeout)
-        return self._checked("cluster", cluster, "request", request), millis
+        if self._closing:
+            raise self.closed_error()
+        return request, millis
 
     def request(
         self, cluster: str, request: bytes, millis: int, timeout: float, now: float, waiter: _Waiter
     ) -> tuple[PendingCall[_Waiter], bytes]:
         """Register a checked request (:meth:`check_request`); its call and packet."""
         cid = next(self._ids)
-        call = self._calls[cid] = PendingCall("request", cid, cluster, timeout, now, waiter)
+        deadline = now + timeout + RELAY_GRACE
+        call = _tuple_new(PendingCall, ("request", cid, cluster, timeout, deadline, waiter))
+        self._calls[cid] = call
         if self.close_reason is not None:  # end() ran meanwhile (another thread)
             self._refuse(call)
         return call, codec.RequestPacket(cid, cluster, request, millis).encode()
 
     def forget(self, call: PendingCall[_Waiter]) -> None:
-        """The caller stopped waiting (answered, timed out or cancelled):
-        an answer that still comes is dropped."""
+        """The caller stopped waiting (timed out or cancelled): an answer that
+        still comes is dropped. (An answered call has left already.)"""
         self._calls.pop(call.id, None)
         self._tunnel_calls.pop(call.id, None)
 
@@ -410,7 +414,8 @@ class Session(Generic[_Waiter, _Tunnel, _Pool]):
 
     def broadcast(self, cluster: str, message: bytes) -> bytes:
         """A checked broadcast's packet (:meth:`check_broadcast`)."""
-        self.check_open()
+        if self._closing:  # check_open(), inline: this runs per message
+            raise self.closed_error()
         return codec.BroadcastPacket(cluster, message).encode()
 
     def check_publish(self, topic: str, event: bytes) -> bytes:
@@ -419,7 +424,8 @@ class Session(Generic[_Waiter, _Tunnel, _Pool]):
 
     def publish(self, topic: str, event: bytes) -> bytes:
         """A checked event's packet (:meth:`check_publish`)."""
-        self.check_open()
+        if self._closing:  # check_open(), inline: this runs per message
+            raise self.closed_error()
         return codec.Publish(topic, event).encode()
 
     def subscribe(self, topic: str, subscription: Subscription[_Pool]) -> bytes:
@@ -448,7 +454,9 @@ class Session(Generic[_Waiter, _Tunnel, _Pool]):
         millis = timeout_ms(timeout)
         self.check_open()
         cid = next(self._ids)
-        call = self._tunnel_calls[cid] = PendingCall("tunnel", cid, cluster, timeout, now, waiter)
+        deadline = now + timeout + RELAY_GRACE
+        call = _tuple_new(PendingCall, ("tunnel", cid, cluster, timeout, deadline, waiter))
+        self._tunnel_calls[cid] = call
         if self.close_reason is not None:  # end() ran meanwhile (another thread)
             self._refuse(call)
         return call, codec.TunnelInit(call.id, cluster, millis).encode()

@@ -204,7 +204,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
 
     def _send(self, data: bytes) -> None:
         """Queue ``data`` for this loop turn's write."""
-        if self._session.ended:
+        if self._session.close_reason is not None:  # .ended, inline: this runs per message
             raise self._session.closed_error()
         self._out.append(data)
         self._out_bytes += len(data)
@@ -215,7 +215,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
     def _flush(self) -> None:
         self._flush_pending = False
         out = self._out
-        if out and not self._session.ended:
+        if out and self._session.close_reason is None:  # not .ended, inline
             self._out = []
             self._out_bytes = 0
             # Attached: nothing is queued before _attach set the transport.
@@ -293,8 +293,9 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         self._send(data)
         try:
             reply = await future
-        finally:
-            self._session.forget(call)
+        except BaseException:  # cancelled (or failed: then the session let go of it)
+            self._session.forget(call)  # an answered call has left its tables already
+            raise
         return call.outcome(reply)
 
     async def broadcast(self, cluster: str, message: bytes) -> None:
