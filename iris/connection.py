@@ -11,7 +11,7 @@ ReplyHandoff (which wakes their callers one after another), inbound work
 
     caller threads --Session op--> bytes --> SocketWriter --> socket --> relay
     reader thread  <--events-- Session.receive_data <-- socket <-- relay
-        |-- CallAnswered -> ReplyHandoff -> waiting callers (one wake-up at a time)
+        |-- replies -> ReplyHandoff -> waiting callers (one wake-up at a time)
         |-- tunnel answers -> waiting callers
         |-- requests, broadcasts, events -> HandlerPools -> handlers
         `-- tunnel allowance and data -> Tunnel objects
@@ -39,13 +39,11 @@ from .send_buffer import DEFAULT_SEND_BUFFER, check_send_buffer
 from .session import (
     RELAY_GRACE,
     Accepted,
-    CallAnswered,
     PendingCall,
     Refused,
     RelayEnded,
     Session,
     Subscription,
-    TopicEvent,
     check_port,
 )
 from .tunnel import Tunnel
@@ -91,10 +89,8 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         self._closed = threading.Event()
         self._event_errors = HandlerErrorLog(self.log)  # all subscriptions share one budget
         self.inbound: Inbound[Tunnel] | None = inbound(self) if inbound else None
-        self._session: Session[Waiter[Any], Tunnel, HandlerPool] = Session(
-            self._new_tunnel,
-            member=self.inbound is not None,
-            route_leading=self.inbound.route_leading if self.inbound is not None else None,
+        self._session: Session[Waiter[Any], Tunnel, HandlerPool] = self._new_session(
+            self._new_tunnel
         )
 
         self.log.info("connecting to relay", relay_port=port, cluster=cluster or None)
@@ -220,9 +216,8 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
             reply = self._handoff.wait(waiter, timeout + RELAY_GRACE)
         except BaseException:
             self._handoff.cancel(waiter)  # an answer queued for us must not stop the chain
+            session.forget(call)  # an answered call has left the session's tables already
             raise
-        finally:
-            session.forget(call)
         return call.outcome(reply)
 
     def broadcast(self, cluster: str, message: bytes) -> None:
@@ -307,11 +302,10 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         finally:
             self._end(lost)
 
-    def _on_answer(self, event: CallAnswered[Waiter[Any]]) -> None:
-        self._handoff.deliver(event.call.waiter, event.reply)
+    def _on_answer(self, call: PendingCall[Waiter[Any]], reply: codec.ReplyDelivery) -> None:
+        self._handoff.deliver(call.waiter, reply)
 
-    def _on_event(self, event: TopicEvent[HandlerPool]) -> None:
-        subscription, data = event
+    def _on_event(self, subscription: Subscription[HandlerPool], data: bytes) -> None:
         if self.log.is_debug():
             self.log.debug("event arrived", size=len(data))
         # No thread for it (RuntimeError): dropped, as the pool has logged;
@@ -328,11 +322,8 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
     # An event's handler, by the event's type; True: stop reading. Each handler
     # takes its own event type, which a dict's value type cannot tie to its
     # key: hence Any.
+    # (Replies, requests, broadcasts and topic events are the session's Deliveries.)
     _event_handlers: ClassVar[dict[type, Callable[[Connection, Any], bool | None]]] = {
-        CallAnswered: _on_answer,
-        codec.RequestDelivery: MemberConnection._on_request,
-        codec.BroadcastDelivery: MemberConnection._on_broadcast,
-        TopicEvent: _on_event,
         **TUNNEL_HANDLERS,
         RelayEnded: _on_relay_ended,
     }

@@ -22,7 +22,7 @@ from .handlers import ServiceHandler, TunnelEnd
 from .limits import ServiceLimits
 from .logs import ContextLog, HandlerErrorLog, RateLimitedWarning
 from .pool import HandlerPool
-from .session import Ended, RouteLeading, Session
+from .session import Deliveries, Ended, PendingCall, RouteLeading, Session, Subscription
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -166,6 +166,22 @@ class MemberConnection(Generic[_Tunnel]):
     _session: Session[Any, _Tunnel, Any]
     log: ContextLog
     _send: Callable[[bytes], None]
+    # The shell's handlers of a reply and of a topic event, for its Deliveries.
+    _on_answer: Callable[[PendingCall[Any], codec.ReplyDelivery], None]
+    _on_event: Callable[[Subscription[Any], bytes], None]
+
+    def _new_session(self, new_tunnel: Callable[[int, int], _Tunnel]) -> Session[Any, _Tunnel, Any]:
+        """The connection's session: a member's if it has an Inbound, handing
+        the packets that come by the thousand straight to this shell."""
+        inbound = self.inbound
+        return Session(
+            new_tunnel,
+            member=inbound is not None,
+            route_leading=inbound.route_leading if inbound is not None else None,
+            deliveries=Deliveries(
+                self._on_answer, self._on_request, self._on_broadcast, self._on_event
+            ),
+        )
 
     @property
     def close_reason(self) -> str | None:
@@ -174,8 +190,9 @@ class MemberConnection(Generic[_Tunnel]):
 
     def _member_inbound(self) -> Inbound[_Tunnel]:
         """The Inbound: the session passes requests, broadcasts and tunnels
-        only to a member, which has one."""
-        return cast(Inbound[_Tunnel], self.inbound)
+        only to a member, which has one. (The type as a string: subscripted
+        at run time, ``Inbound[_Tunnel]`` cost as much as the call itself.)"""
+        return cast("Inbound[_Tunnel]", self.inbound)
 
     def _say_goodbye(self, farewell: bytes | None) -> None:
         """Send the session's CLOSE, if it gave one (the first close() only)."""
@@ -198,7 +215,10 @@ class MemberConnection(Generic[_Tunnel]):
     def _on_request(self, packet: codec.RequestDelivery) -> None:
         if self.log.is_debug():
             self.log.debug("request arrived", id=packet.id, size=len(packet.request))
-        self._member_inbound().request(packet.id, packet.request, packet.timeout_ms / 1000)
+        # _member_inbound(), inline: this runs per request.
+        cast("Inbound[_Tunnel]", self.inbound).request(
+            packet.id, packet.request, packet.timeout_ms / 1000
+        )
 
     def _on_broadcast(self, packet: codec.BroadcastDelivery) -> None:
         if self.log.is_debug():

@@ -117,10 +117,8 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         self._transport: asyncio.Transport | None = None
         self._event_errors = HandlerErrorLog(self.log)  # all subscriptions share one budget
         self.inbound: Inbound[Tunnel] | None = inbound(self) if inbound else None
-        self._session: Session[asyncio.Future[Any], Tunnel, HandlerPool] = Session(
-            self._new_tunnel,
-            member=self.inbound is not None,
-            route_leading=self.inbound.route_leading if self.inbound is not None else None,
+        self._session: Session[asyncio.Future[Any], Tunnel, HandlerPool] = self._new_session(
+            self._new_tunnel
         )
         self._out: list[bytes] = []
         self._out_bytes = 0  # the size of what _out holds
@@ -206,7 +204,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
 
     def _send(self, data: bytes) -> None:
         """Queue ``data`` for this loop turn's write."""
-        if self._session.ended:
+        if self._session.close_reason is not None:  # .ended, inline: this runs per message
             raise self._session.closed_error()
         self._out.append(data)
         self._out_bytes += len(data)
@@ -217,7 +215,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
     def _flush(self) -> None:
         self._flush_pending = False
         out = self._out
-        if out and not self._session.ended:
+        if out and self._session.close_reason is None:  # not .ended, inline
             self._out = []
             self._out_bytes = 0
             # Attached: nothing is queued before _attach set the transport.
@@ -295,8 +293,9 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         self._send(data)
         try:
             reply = await future
-        finally:
-            self._session.forget(call)
+        except BaseException:  # cancelled (or failed: then the session let go of it)
+            self._session.forget(call)  # an answered call has left its tables already
+            raise
         return call.outcome(reply)
 
     async def broadcast(self, cluster: str, message: bytes) -> None:
@@ -363,10 +362,9 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
     # -- received bytes ------------------------------------------------------------------
 
     def _on_bytes(self, data: memoryview) -> None:
-        events = self._session.receive_data(data)
-        self._reading = True
+        self._reading = True  # what the deliveries send leaves at the end of the read
         try:
-            for event in events:
+            for event in self._session.receive_data(data):
                 _EVENT_HANDLERS[type(event)](self, event)
         finally:
             self._reading = False
@@ -385,26 +383,24 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
             self.log.error("relay broke the protocol", error=event.violation)
         self._end()
 
-    def _on_answer(self, event: protocol.CallAnswered[asyncio.Future[Any]]) -> None:
-        future = event.call.waiter
+    def _on_answer(
+        self, call: PendingCall[asyncio.Future[Any]], reply: codec.ReplyDelivery
+    ) -> None:
+        future = call.waiter
         if not future.done():
-            future.set_result(event.reply)
+            future.set_result(reply)
 
-    def _on_event(self, event: protocol.TopicEvent[HandlerPool]) -> None:
-        subscription, data = event
+    def _on_event(self, subscription: Subscription[HandlerPool], data: bytes) -> None:
         if not subscription.pool.submit(subscription.callback, (data,), len(data)):
             subscription.overflow(size=len(data))
 
 
 # An event's handler, by the event's type. Each handler takes its own event
-# type, which a dict's value type cannot tie to its key: hence Any.
+# type, which a dict's value type cannot tie to its key: hence Any. (Replies,
+# requests, broadcasts and topic events are the session's Deliveries.)
 _EVENT_HANDLERS: dict[type, Callable[[Connection, Any], None]] = {
     protocol.Accepted: Connection._on_accepted,
     protocol.Refused: Connection._on_refused,
-    protocol.CallAnswered: Connection._on_answer,
-    codec.RequestDelivery: Connection._on_request,
-    codec.BroadcastDelivery: Connection._on_broadcast,
-    protocol.TopicEvent: Connection._on_event,
     **TUNNEL_HANDLERS,
     protocol.RelayEnded: Connection._on_relay_ended,
 }

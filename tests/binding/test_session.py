@@ -26,6 +26,7 @@ from iris.session import (
     RELAY_GRACE,
     Accepted,
     CallAnswered,
+    Deliveries,
     Refused,
     RelayEnded,
     Session,
@@ -193,6 +194,54 @@ def test_broadcast_and_publish_are_checked_and_encoded():
     assert decode_client(session.publish("news", b"e")) == [codec.Publish("news", b"e")]
     with pytest.raises(ValueError, match="topic name"):
         session.check_publish("", b"e")
+
+
+# -- a shell's deliveries ------------------------------------------------------------
+
+
+def test_a_shell_given_deliveries_gets_the_frequent_packets_as_they_are_decoded():
+    """Replies, requests, broadcasts and topic events go to the shell's
+    handlers in the order they came, no event for them in the list; the rest
+    still come back as events, and a plain client still refuses inbound work."""
+    got: list[tuple[object, ...]] = []
+    deliveries = Deliveries(
+        lambda call, reply: got.append(("answered", call, reply)),
+        lambda packet: got.append(("request", packet)),
+        lambda packet: got.append(("broadcast", packet)),
+        lambda sub, event: got.append(("event", sub, event)),
+    )
+    session = Session(FakeTunnel, member=True, deliveries=deliveries)
+    assert session.receive_data(codec.Accept().encode()) == [Accepted()]
+    call, _ = session.request("echo", b"x", 1000, 1.0, 0.0, "w")
+    sub = subscription()
+    session.subscribe("news", sub)
+    reply = codec.ReplyDelivery(call.id, False, True, b"answer")
+    request = codec.RequestDelivery(5, b"q", 1000)
+    broadcast = codec.BroadcastDelivery(b"b")
+    data = b"".join(
+        packet.encode()
+        for packet in (
+            request,
+            reply,
+            codec.Publish("news", b"e"),
+            codec.Publish("gone", b"e"),  # no subscription: dropped
+            broadcast,
+            codec.TunnelOffer(3, 1024),
+        )
+    )
+    [offered] = session.receive_data(data)
+    assert type(offered) is TunnelOffered
+    assert got == [
+        ("request", request),
+        ("answered", call, reply),
+        ("event", sub, b"e"),
+        ("broadcast", broadcast),
+    ]
+    assert not session.pending  # the answered call has left the session
+    client = Session(FakeTunnel, deliveries=deliveries)
+    client.receive_data(codec.Accept().encode())
+    [ended] = client.receive_data(request.encode())
+    assert ended == RelayEnded("relay sent a request to a plain client")
 
 
 # -- a member's inbound work --------------------------------------------------------
