@@ -202,12 +202,13 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         for room; the timeout counts that wait too.
         """
         session = self._session
-        request, millis = session.check_request(cluster, request, timeout)
         now = time.monotonic()
-        deadline = now + timeout
-        self._writer.wait_for_room(deadline)
+        if not self._writer.has_room():
+            session.check_request(cluster, request, timeout)  # a mistake is not kept waiting
+            self._writer.wait_for_room(now + timeout)
         waiter: Waiter[Any] = Waiter()
-        call, data = session.request(cluster, request, millis, timeout, now, waiter)
+        call, data = session.request(cluster, request, timeout, now, waiter)
+        deadline = now + timeout
         try:
             if self.log.is_debug():
                 self.log.debug("sending request", cluster=cluster, id=call.id, size=len(request))

@@ -379,21 +379,24 @@ class Session(Generic[_Waiter, _Tunnel, _Pool]):
         """The INIT that opens the connection (as a member of ``cluster``, if given)."""
         return codec.Init(cluster).encode()
 
-    def check_request(self, cluster: str, request: bytes, timeout: float) -> tuple[bytes, int]:
-        """A request's arguments checked, before the shell waits for room:
-        the request as bytes and the timeout in milliseconds."""
-        # _checked(), inline: this runs per request.
+    def check_request(self, cluster: str, request: bytes, timeout: float) -> None:
+        """A request's arguments checked, for a shell that must wait for room
+        before :meth:`request`: a caller's mistake is told before any wait."""
+        check_name("cluster", cluster)
+        check_message("request", request)
+        timeout_ms(timeout)
+        self.check_open()
+
+    def request(
+        self, cluster: str, request: bytes, timeout: float, now: float, waiter: _Waiter
+    ) -> tuple[PendingCall[_Waiter], bytes]:
+        """Check and register a request; its call and packet. The checks are
+        :meth:`check_request`'s, written out: this runs per request."""
         check_name("cluster", cluster)
         request = check_message("request", request)
         millis = timeout_ms(timeout)
         if self._closing:
             raise self.closed_error()
-        return request, millis
-
-    def request(
-        self, cluster: str, request: bytes, millis: int, timeout: float, now: float, waiter: _Waiter
-    ) -> tuple[PendingCall[_Waiter], bytes]:
-        """Register a checked request (:meth:`check_request`); its call and packet."""
         cid = next(self._ids)
         deadline = now + timeout + RELAY_GRACE
         call = _tuple_new(PendingCall, ("request", cid, cluster, timeout, deadline, waiter))

@@ -76,6 +76,11 @@ class SocketWriter:
         self._lock = threading.Lock()  # held by the thread writing
         self._error: OSError | None = None
 
+    def has_room(self) -> bool:
+        """Not over the bound: a sender need not :meth:`wait_for_room` (an
+        unlocked read, as that method's own fast path)."""
+        return self._queued <= self._bound
+
     def wait_for_room(self, deadline: float | None = None) -> None:
         """Block while more than the bound is queued; iris.TimeoutError at
         ``deadline`` (``time.monotonic()``), ClosedError once a write failed.

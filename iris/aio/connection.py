@@ -282,12 +282,12 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         reply is dropped. Over the connection's ``send_buffer`` it first waits
         for room; the timeout counts that wait too.
         """
-        request, millis = self._session.check_request(cluster, request, timeout)
         if self._over_bound():
+            self._session.check_request(cluster, request, timeout)  # a mistake is not kept waiting
             await self._wait_for_room(self._loop.time() + timeout)
         future: asyncio.Future[Any] = self._loop.create_future()
         now = self._loop.time()
-        call, data = self._session.request(cluster, request, millis, timeout, now, future)
+        call, data = self._session.request(cluster, request, timeout, now, future)
         if self._sweeper is None:
             self._watch_deadlines()
         self._send(data)

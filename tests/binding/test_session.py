@@ -109,9 +109,8 @@ def test_anything_but_an_answer_during_the_handshake_breaks_the_protocol():
 
 def test_a_request_is_checked_registered_answered_and_forgotten():
     session = accepted()
-    request, millis = session.check_request("echo", bytearray(b"hi"), 1.5)
-    assert (request, millis) == (b"hi", 1500)
-    call, data = session.request("echo", request, millis, 1.5, now=100.0, waiter="w")
+    session.check_request("echo", bytearray(b"hi"), 1.5)
+    call, data = session.request("echo", bytearray(b"hi"), 1.5, now=100.0, waiter="w")
     assert decode_client(data) == [codec.RequestPacket(call.id, "echo", b"hi", 1500)]
     assert call.deadline == 100.0 + 1.5 + RELAY_GRACE and session.pending
     reply = codec.ReplyDelivery(call.id, False, True, b"answer")
@@ -124,7 +123,7 @@ def test_a_request_is_checked_registered_answered_and_forgotten():
 
 def test_a_reply_says_timeout_or_fault_as_the_callers_error():
     session = accepted()
-    call, _ = session.request("echo", b"x", 10, 0.01, 0.0, "w")
+    call, _ = session.request("echo", b"x", 0.01, 0.0, "w")
     with pytest.raises(TimeoutError, match="request to 'echo' timed out after 0.01 s"):
         call.outcome(codec.ReplyDelivery(call.id, True))
     with pytest.raises(RemoteError, match="KeyError"):
@@ -149,12 +148,16 @@ def test_a_callers_mistake_is_a_value_error_before_anything_is_sent(
 ):
     with pytest.raises(ValueError, match=match):
         accepted().check_request(cluster, request_, timeout)
+    session = accepted()
+    with pytest.raises(ValueError, match=match):
+        session.request(cluster, request_, timeout, 0.0, "w")
+    assert not session.pending
 
 
 def test_overdue_takes_the_calls_past_their_deadline_only():
     session = accepted()
-    early, _ = session.request("echo", b"x", 1000, 1.0, 0.0, "early")
-    late, _ = session.request("echo", b"x", 9000, 9.0, 0.0, "late")
+    early, _ = session.request("echo", b"x", 1.0, 0.0, "early")
+    late, _ = session.request("echo", b"x", 9.0, 0.0, "late")
     tunnel, _ = session.tunnel("echo", 1.0, 0.0, "tunnel")
     assert session.overdue(1.0 + RELAY_GRACE) == []
     assert session.overdue(1.5 + RELAY_GRACE) == [early, tunnel]
@@ -212,7 +215,7 @@ def test_a_shell_given_deliveries_gets_the_frequent_packets_as_they_are_decoded(
     )
     session = Session(FakeTunnel, member=True, deliveries=deliveries)
     assert session.receive_data(codec.Accept().encode()) == [Accepted()]
-    call, _ = session.request("echo", b"x", 1000, 1.0, 0.0, "w")
+    call, _ = session.request("echo", b"x", 1.0, 0.0, "w")
     sub = subscription()
     session.subscribe("news", sub)
     reply = codec.ReplyDelivery(call.id, False, True, b"answer")
@@ -337,7 +340,7 @@ def test_a_tunnel_with_no_chunk_limit_breaks_the_protocol():
 
 def test_a_graceful_close_is_no_drop_and_hands_back_all_that_was_pending():
     session = accepted()
-    call, _ = session.request("echo", b"x", 1000, 1.0, 0.0, "w")
+    call, _ = session.request("echo", b"x", 1.0, 0.0, "w")
     session.subscribe("news", sub := subscription())
     [offered] = accepted(member=True).receive_data(codec.TunnelOffer(1, 10).encode())
     assert decode_client(session.close() or b"") == [codec.Close()]
@@ -370,16 +373,16 @@ def test_a_lost_transport_is_a_drop_that_says_why():
 
 def test_a_call_registered_after_the_end_is_refused_not_left_waiting():
     session = accepted()
-    request, millis = session.check_request("echo", b"x", 1)  # checked before the end
+    session.check_request("echo", b"x", 1)  # checked before the end (waiting for room)
     session.end()
     with pytest.raises(ClosedError):
-        session.request("echo", request, millis, 1, 0.0, "w")
+        session.request("echo", b"x", 1, 0.0, "w")
     assert not session.pending
 
 
 def test_nothing_is_read_after_the_relays_close():
     session = accepted()
-    call, _ = session.request("echo", b"x", 1000, 1.0, 0.0, "w")
+    call, _ = session.request("echo", b"x", 1.0, 0.0, "w")
     data = codec.Closed().encode() + codec.ReplyDelivery(call.id, True).encode()
     assert session.receive_data(data) == [RelayEnded(None)]
     assert session.end().calls == [call]
@@ -431,8 +434,7 @@ class SessionMachine(RuleBasedStateMachine):
     @rule(target=calls, timeout=st.floats(0.001, 100), data=st.binary(min_size=1, max_size=8))
     def request(self, timeout: float, data: bytes) -> object:
         try:
-            request, millis = self.session.check_request("echo", data, timeout)
-            call, sent = self.session.request("echo", request, millis, timeout, 0.0, "w")
+            call, sent = self.session.request("echo", data, timeout, 0.0, "w")
         except ClosedError:
             assert self.closing
             return None
