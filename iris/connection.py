@@ -228,22 +228,26 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         or raises ClosedError if the connection ends first: no timeout, as in
         the Go binding.
         """
-        message = self._session.check_broadcast(cluster, message)
-        self._writer.wait_for_room()
+        if not self._writer.has_room():
+            self._session.check_broadcast(cluster, message)  # a mistake is not kept waiting
+            self._writer.wait_for_room()
+        data = self._session.broadcast(cluster, message)
         if self.log.is_debug():
             self.log.debug("sending broadcast", cluster=cluster, size=len(message))
-        self._send(self._session.broadcast(cluster, message))
+        self._send(data)
 
     def publish(self, topic: str, event: bytes) -> None:
         """Deliver ``event`` to every subscriber of ``topic`` (best effort).
 
         Waits for room as :meth:`broadcast` does.
         """
-        event = self._session.check_publish(topic, event)
-        self._writer.wait_for_room()
+        if not self._writer.has_room():
+            self._session.check_publish(topic, event)  # a mistake is not kept waiting
+            self._writer.wait_for_room()
+        data = self._session.publish(topic, event)
         if self.log.is_debug():
             self.log.debug("publishing event", topic=topic, size=len(event))
-        self._send(self._session.publish(topic, event))
+        self._send(data)
 
     def subscribe(
         self,

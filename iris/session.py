@@ -412,22 +412,30 @@ class Session(Generic[_Waiter, _Tunnel, _Pool]):
         self._tunnel_calls.pop(call.id, None)
 
     def check_broadcast(self, cluster: str, message: bytes) -> bytes:
-        """A broadcast's arguments checked, before the shell waits for room."""
+        """A broadcast's arguments checked, for a shell that must wait for room
+        before :meth:`broadcast`: a caller's mistake is told before any wait."""
         return self._checked("cluster", cluster, "message", message)
 
     def broadcast(self, cluster: str, message: bytes) -> bytes:
-        """A checked broadcast's packet (:meth:`check_broadcast`)."""
-        if self._closing:  # check_open(), inline: this runs per message
+        """A broadcast's packet, its arguments checked as by
+        :meth:`check_broadcast` (written out: this runs per message)."""
+        check_name("cluster", cluster)
+        message = check_message("message", message)
+        if self._closing:
             raise self.closed_error()
         return codec.BroadcastPacket(cluster, message).encode()
 
     def check_publish(self, topic: str, event: bytes) -> bytes:
-        """An event's arguments checked, before the shell waits for room."""
+        """An event's arguments checked, for a shell that must wait for room
+        before :meth:`publish`: a caller's mistake is told before any wait."""
         return self._checked("topic", topic, "event", event)
 
     def publish(self, topic: str, event: bytes) -> bytes:
-        """A checked event's packet (:meth:`check_publish`)."""
-        if self._closing:  # check_open(), inline: this runs per message
+        """An event's packet, its arguments checked as by :meth:`check_publish`
+        (written out: this runs per message)."""
+        check_name("topic", topic)
+        event = check_message("event", event)
+        if self._closing:
             raise self.closed_error()
         return codec.Publish(topic, event).encode()
 

@@ -305,8 +305,8 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         or raises ClosedError if the connection ends first: no timeout, as in
         the Go binding.
         """
-        message = self._session.check_broadcast(cluster, message)
         if self._over_bound():
+            self._session.check_broadcast(cluster, message)  # a mistake is not kept waiting
             await self._wait_for_room()
         self._send(self._session.broadcast(cluster, message))
 
@@ -315,8 +315,8 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
 
         Waits for room as :meth:`broadcast` does.
         """
-        event = self._session.check_publish(topic, event)
         if self._over_bound():
+            self._session.check_publish(topic, event)  # a mistake is not kept waiting
             await self._wait_for_room()
         self._send(self._session.publish(topic, event))
 

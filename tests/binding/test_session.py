@@ -197,6 +197,15 @@ def test_broadcast_and_publish_are_checked_and_encoded():
     assert decode_client(session.publish("news", b"e")) == [codec.Publish("news", b"e")]
     with pytest.raises(ValueError, match="topic name"):
         session.check_publish("", b"e")
+    # The operations check for themselves: a shell with room calls no check_*.
+    assert decode_client(session.publish("news", bytearray(b"e"))) == [codec.Publish("news", b"e")]
+    with pytest.raises(ValueError, match="topic name"):
+        session.publish("", b"e")
+    with pytest.raises(ValueError, match="message must not be empty"):
+        session.broadcast("all", b"")
+    session.close()
+    with pytest.raises(ClosedError):
+        session.broadcast("all", b"m")
 
 
 # -- a shell's deliveries ------------------------------------------------------------
