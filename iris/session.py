@@ -397,13 +397,8 @@ class Session(Generic[_Waiter, _Tunnel, _Pool]):
         millis = timeout_ms(timeout)
         if self._closing:
             raise self.closed_error()
-        cid = next(self._ids)
-        deadline = now + timeout + RELAY_GRACE
-        call = _tuple_new(PendingCall, ("request", cid, cluster, timeout, deadline, waiter))
-        self._calls[cid] = call
-        if self.close_reason is not None:  # end() ran meanwhile (another thread)
-            self._refuse(call)
-        return call, codec.RequestPacket(cid, cluster, request, millis).encode()
+        call = self._register(self._calls, "request", cluster, timeout, now, waiter)
+        return call, codec.RequestPacket(call.id, cluster, request, millis).encode()
 
     def forget(self, call: PendingCall[_Waiter]) -> None:
         """The caller stopped waiting (timed out or cancelled): an answer that
@@ -464,12 +459,7 @@ class Session(Generic[_Waiter, _Tunnel, _Pool]):
         check_name("cluster", cluster)
         millis = timeout_ms(timeout)
         self.check_open()
-        cid = next(self._ids)
-        deadline = now + timeout + RELAY_GRACE
-        call = _tuple_new(PendingCall, ("tunnel", cid, cluster, timeout, deadline, waiter))
-        self._tunnel_calls[cid] = call
-        if self.close_reason is not None:  # end() ran meanwhile (another thread)
-            self._refuse(call)
+        call = self._register(self._tunnel_calls, "tunnel", cluster, timeout, now, waiter)
         return call, codec.TunnelInit(call.id, cluster, millis).encode()
 
     def forget_tunnel(self, tid: int) -> None:
@@ -538,11 +528,27 @@ class Session(Generic[_Waiter, _Tunnel, _Pool]):
             raise self.closed_error()
         return message
 
-    def _refuse(self, call: PendingCall[_Waiter]) -> NoReturn:
-        """Take back a call registered after end() took the tables: nothing
-        would ever answer it."""
-        self.forget(call)
-        raise self.closed_error()
+    def _register(
+        self,
+        calls: dict[int, PendingCall[_Waiter]],
+        kind: str,
+        cluster: str,
+        timeout: float,
+        now: float,
+        waiter: _Waiter,
+    ) -> PendingCall[_Waiter]:
+        """A new call in ``calls`` under a fresh id. One registered after
+        end() took the tables (another thread) is taken back: nothing would
+        ever answer it."""
+        cid = next(self._ids)
+        call = _tuple_new(
+            PendingCall, (kind, cid, cluster, timeout, now + timeout + RELAY_GRACE, waiter)
+        )
+        calls[cid] = call
+        if self.close_reason is not None:
+            self.forget(call)
+            raise self.closed_error()
+        return call
 
     # -- received bytes: events out ----------------------------------------------------
 
