@@ -14,12 +14,14 @@ thread sends these bytes too, and the sender returns at once.
 What "sent" means is unchanged: the bytes are on their way and will be
 written in order, as when ``sendall`` returned into the kernel's buffer.
 
-The bytes queued, from when a sender leaves them in the outbox until they
-are written, are counted against the connection's bound
-(``iris.send_buffer``); a packet its own sender writes at once is not
-queued. Over the bound, ``wait_for_room`` blocks the caller, until a
-deadline if it has one. The count is one integer under a plain lock held
-for an addition; a condition is waited on only over the bound.
+The bytes waiting are counted against the connection's bound
+(``iris.send_buffer``): those a sender leaves in the outbox, until they are
+written, and those of a packet its own sender is writing, while that write
+lasts (a write the peer has stalled leaves no room for the next). Over the
+bound, ``wait_for_room`` blocks the caller, until a deadline if it has one.
+The outbox's count is one integer under a plain lock held for an addition;
+the count being written is set only by the thread holding the write lock,
+so it needs none. A condition is waited on only over the bound.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class SocketWriter:
         "_error",
         "_bound",
         "_queued",
+        "_writing",
         "_count_lock",
         "_room",
         "_waiting",
@@ -65,6 +68,7 @@ class SocketWriter:
         self._sock = sock
         self._bound = bound
         self._queued = 0  # bytes left in the outbox, until written; under _count_lock
+        self._writing = 0  # bytes of a packet its own sender is writing; set holding _lock
         # The counter's lock, entered directly where no one waits: a Condition's
         # own ``with`` runs Python code and cost 0.8 us a packet.
         self._count_lock = threading.Lock()
@@ -79,7 +83,7 @@ class SocketWriter:
     def has_room(self) -> bool:
         """Not over the bound: a sender need not :meth:`wait_for_room` (an
         unlocked read, as that method's own fast path)."""
-        return self._queued <= self._bound
+        return self._queued + self._writing <= self._bound
 
     def wait_for_room(self, deadline: float | None = None) -> None:
         """Block while more than the bound is queued; iris.TimeoutError at
@@ -88,12 +92,12 @@ class SocketWriter:
         Called before a message is encoded and sent, so that a caller refused
         here has queued nothing.
         """
-        if self._queued <= self._bound:  # unlocked read: the fast path
+        if self._queued + self._writing <= self._bound:  # unlocked read: the fast path
             return
         with self._room:
             self._waiting += 1
             try:
-                while self._queued > self._bound and self._error is None:
+                while self._queued + self._writing > self._bound and self._error is None:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         raise no_room(self._bound)
@@ -113,7 +117,12 @@ class SocketWriter:
             self._raise_error()
         outbox = self._outbox
         if not outbox and self._lock.acquire(blocking=False):
-            self._write(data)  # alone: no batch to join, and nothing queued
+            # Alone: no batch to join. The write is counted while it lasts.
+            self._writing = len(data)
+            self._write(data)
+            self._writing = 0
+            if self._waiting:
+                self._unqueue(0)
         else:
             with self._count_lock:
                 self._queued += len(data)
@@ -139,7 +148,7 @@ class SocketWriter:
             len(data) > SMALL_PACKET
             or len(self._outbox) >= limit
             or self._error is not None
-            or self._queued > self._bound
+            or self._queued + self._writing > self._bound
         ):
             return False
         with self._count_lock:

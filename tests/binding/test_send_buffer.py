@@ -170,6 +170,39 @@ def test_threaded_publish_and_request_block_for_room_and_resume(echo):
         assert conn.request("echo", b"again", 10) == b"again"
 
 
+def test_threaded_request_waits_for_room_behind_a_write_the_relay_stalled(echo):
+    """A publisher alone writes its own events, so none is queued; once the
+    relay stops reading, its write stalls, and a request behind it must wait
+    for room (and time out for room) rather than be counted as sent.
+
+    The old writer counted only the outbox, so this request went out as if
+    there were room and timed out waiting for a reply instead."""
+    events, size = 100, MiB
+    with iris.connect(echo.port, send_buffer=256 * 1024) as conn:
+        assert conn.request("echo", b"warm", 5) == b"warm"
+        stalled = Stalled(echo.proc.pid)
+        try:
+            published = [0]
+
+            def publish_all() -> None:
+                for _ in range(events):
+                    conn.publish("nobody-listens", b"e" * size)
+                    published[0] += 1
+
+            publisher = threading.Thread(target=publish_all, daemon=True)
+            publisher.start()
+            wait_until_stuck(published)
+            assert published[0] < events, "100 MiB went out to a relay that reads nothing"
+
+            with pytest.raises(iris.TimeoutError, match="room to send"):
+                conn.request("echo", b"late", 0.5)
+        finally:
+            stalled.resume()
+        publisher.join(60)
+        assert published == [events]
+        assert conn.request("echo", b"again", 10) == b"again"
+
+
 def test_asyncio_publish_and_request_wait_for_room_and_resume(echo):
     events, size = 200, MiB
 
