@@ -62,6 +62,9 @@ SWEEP_SECONDS = 1.0
 # this many buffered bytes, or past send_buffer if that is smaller: a few
 # chunks, enough to keep the socket busy.
 WRITE_HIGH_WATER = 1024 * 1024
+# A turn's packets up to this size go out joined, in one write; a larger
+# batch (large messages) is written packet by packet.
+JOIN_LIMIT = 1024 * 1024
 
 _client_ids = itertools.count(1)
 
@@ -214,13 +217,20 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
 
     def _flush(self) -> None:
         self._flush_pending = False
-        out = self._out
+        out, size = self._out, self._out_bytes
         if out and self._session.close_reason is None:  # not .ended, inline
             self._out = []
             self._out_bytes = 0
             # Attached: nothing is queued before _attach set the transport.
             transport = cast(asyncio.Transport, self._transport)
-            transport.write(out[0] if len(out) == 1 else b"".join(out))
+            if len(out) == 1 or size <= JOIN_LIMIT:
+                transport.write(out[0] if len(out) == 1 else b"".join(out))
+            else:
+                # One at a time, each let go of once the transport has it: a
+                # join would hold the batch three times (packets, join, buffer).
+                out.reverse()
+                while out:
+                    transport.write(out.pop())
             # Still over: the transport is paused, and its resume_writing wakes.
             if not self._room.is_set() and not self._over_bound():
                 self._room.set()
