@@ -22,6 +22,8 @@ Why it is built this way (speed is the point of this binding):
   the read that brought it.
 - Writes are batched: packets queued in one loop turn leave in one
   ``transport.write``; those queued while handling a read leave at its end.
+  A batch is written as soon as it holds FLUSH_PACKETS, so that the relay
+  works on the first packets while the rest are being made.
 - The bytes queued but not yet sent (``_out`` and the transport's buffer)
   are bounded by ``send_buffer`` (iris.send_buffer): over it, the public
   operations await room before they encode anything, so a thousand
@@ -65,6 +67,13 @@ WRITE_HIGH_WATER = 1024 * 1024
 # A turn's packets up to this size go out joined, in one write; a larger
 # batch (large messages) is written packet by packet.
 JOIN_LIMIT = 1024 * 1024
+# A turn's packets go out when this many have gathered, not only at its end.
+# One write for a whole turn's requests leaves the relay and the peer idle
+# until the requester has made the last of them, and the three then take
+# turns; writing as they gather lets them work at once, on separate cores.
+# Measured (peer_bench, echo x64, 2 cores): 16 and 32 alike, +25 % round
+# trips; 32 makes fewer writes.
+FLUSH_PACKETS = 32
 
 _client_ids = itertools.count(1)
 
@@ -211,12 +220,17 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
             raise self._session.closed_error()
         self._out.append(data)
         self._out_bytes += len(data)
-        if not self._flush_pending and not self._reading:
+        if len(self._out) >= FLUSH_PACKETS:
+            self._write_out()
+        elif not self._flush_pending and not self._reading:
             self._flush_pending = True
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_pending = False
+        self._write_out()
+
+    def _write_out(self) -> None:
         out, size = self._out, self._out_bytes
         if out and self._session.close_reason is None:  # not .ended, inline
             self._out = []
