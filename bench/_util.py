@@ -64,7 +64,13 @@ class Child:
     in the relay or the service is explained rather than seen as a timeout.
     """
 
-    def __init__(self, argv: Sequence[str], name: str, cwd: str | None = None):
+    def __init__(
+        self,
+        argv: Sequence[str],
+        name: str,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ):
         self.name = name
         # Lives as long as the child, closed by stop(): no with-block fits.
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
@@ -75,6 +81,7 @@ class Child:
             stderr=self._stderr,
             preexec_fn=_die_with_parent,
             cwd=cwd,
+            env=None if env is None else {**os.environ, **env},
         )
         self.ps = psutil.Process(self.proc.pid)
 

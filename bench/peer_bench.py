@@ -3,7 +3,9 @@
 Run as ``python bench/peer_bench.py`` (about five minutes; ``--quick`` for a
 smoke test, ``--seconds S`` per measurement, ``--rounds N`` to keep the best
 of N runs per cell, ``--json FILE`` to keep the figures, ``--stacks
-aio,threads`` or ``--workloads echo`` to run part of the grid).
+aio,threads`` or ``--workloads echo`` to run part of the grid, ``--compare
+DIR`` to add the aio and threads columns of the checkout DIR, the code
+before a change, in the same alternation).
 
 Stacks, each with its own server and a fresh responder process:
 
@@ -37,6 +39,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import os
 import shutil
 import signal
 import socket
@@ -72,6 +75,7 @@ KEY_TARGETS = {
 @dataclass
 class Result:
     stack: str
+    checkout: str  # "" for this one's; else the --compare checkout the stack ran from
     workload: str
     concurrency: int
     round_trips_per_s: float
@@ -342,19 +346,30 @@ def cpu_seconds(child: _util.Child) -> float:
 
 
 class Stack:
-    """One column: its server and its responder, up for the whole run."""
+    """One column: its server and its responder, up for the whole run.
 
-    def __init__(self, name: str):
-        self.name = name
-        self.server, self.port = start_nats() if name == "nats" else _util.start_relay()
+    ``checkout``: the relay, responder and requester run that checkout's
+    iris (this script, with the checkout first on the path)."""
+
+    def __init__(self, name: str, checkout: str = ""):
+        self.name, self.checkout = name, checkout
+        self.env = {"PYTHONPATH": checkout} if checkout else None
+        if name == "nats":
+            self.server, self.port = start_nats()
+        else:
+            self.server, self.port = _util.start_relay(checkout=checkout or None)
         try:
             argv = [sys.executable, __file__, "--respond", name, str(self.port)]
-            self.responder = _util.Child(argv, f"{name} responder")
+            self.responder = _util.Child(argv, f"{self.label} responder", env=self.env)
             if self.responder.readline() != "ready":
                 raise RuntimeError(f"{name} responder misbehaved{self.responder.stderr_tail()}")
         except BaseException:
             self.stop()
             raise
+
+    @property
+    def label(self) -> str:
+        return column_label(self.name, self.checkout)
 
     def stop(self) -> None:
         if hasattr(self, "responder"):
@@ -377,7 +392,7 @@ def measure_all(stacks: list[Stack], settings: argparse.Namespace) -> list[Resul
                 for stack in stacks:
                     result = measure(stack, workload, concurrency, settings)
                     print(format_result(result), file=sys.stderr, flush=True)
-                    key = (stack.name, workload, concurrency)
+                    key = (stack.name, stack.checkout, workload, concurrency)
                     if key not in best or result.round_trips_per_s > best[key].round_trips_per_s:
                         best[key] = result
     return list(best.values())
@@ -386,12 +401,12 @@ def measure_all(stacks: list[Stack], settings: argparse.Namespace) -> list[Resul
 def measure(stack: Stack, workload: str, concurrency: int, settings) -> Result:
     argv = [sys.executable, __file__, "--request", stack.name, str(stack.port), workload]
     argv += [str(concurrency), str(settings.seconds), str(settings.warmup)]
-    requester = _util.Child(argv, f"{stack.name} requester")
+    requester = _util.Child(argv, f"{stack.label} requester", env=stack.env)
     processes = (requester, stack.responder, stack.server)
     try:
         timeout = settings.warmup + _util.READY_TIMEOUT
         if requester.readline(timeout) != "measuring":
-            raise RuntimeError(f"{stack.name} requester misbehaved{requester.stderr_tail()}")
+            raise RuntimeError(f"{stack.label} requester misbehaved{requester.stderr_tail()}")
         before = [cpu_seconds(p) for p in processes]
         outcome = json.loads(requester.readline(settings.seconds + _util.READY_TIMEOUT))
         after = [cpu_seconds(p) for p in processes]
@@ -399,12 +414,18 @@ def measure(stack: Stack, workload: str, concurrency: int, settings) -> Result:
         requester.stop()
     count = max(outcome["count"], 1)
     per_trip = [(a - b) / count * 1e6 for a, b in zip(after, before, strict=True)]
-    return Result(stack.name, workload, concurrency, count / outcome["elapsed"], *per_trip)
+    rate = count / outcome["elapsed"]
+    return Result(stack.name, stack.checkout, workload, concurrency, rate, *per_trip)
+
+
+def column_label(stack: str, checkout: str) -> str:
+    return STACK_LABELS[stack] + (f" from {checkout}" if checkout else "")
 
 
 def format_result(result: Result) -> str:
+    where = f" ({result.checkout})" if result.checkout else ""
     return (
-        f"{result.stack:>7} {result.workload:>7} x{result.concurrency:<3} "
+        f"{result.stack:>7}{where} {result.workload:>7} x{result.concurrency:<3} "
         f"{result.round_trips_per_s:>9,.0f} rt/s  CPU/rt us: requester {result.requester_us:.1f}, "
         f"responder {result.responder_us:.1f}, server {result.server_us:.1f}"
     )
@@ -425,26 +446,29 @@ def table(results: list[Result]) -> str:
         [
             r.workload,
             str(r.concurrency),
-            STACK_LABELS[r.stack],
+            column_label(r.stack, r.checkout),
             _util.format_value(r.round_trips_per_s),
             _util.format_value(r.requester_us),
             _util.format_value(r.responder_us),
             _util.format_value(r.server_us),
         ]
         for r in sorted(
-            results, key=lambda r: (WORKLOADS.index(r.workload), r.concurrency, order[r.stack])
+            results,
+            key=lambda r: (WORKLOADS.index(r.workload), r.concurrency, order[r.stack], r.checkout),
         )
     ]
     return _util.markdown_table(header, rows)
 
 
 def key_figures(report: _util.Report, results: list[Result]) -> None:
-    """iris.aio's rate at KEY_CONCURRENCY against each peer's, judged by KEY_TARGETS."""
+    """iris.aio's rate at KEY_CONCURRENCY against each peer's, judged by
+    KEY_TARGETS; then each cell against the same cell of every --compare
+    checkout (a ratio above 1: this checkout is faster)."""
     for workload in WORKLOADS:
         at_key = {
             r.stack: r
             for r in results
-            if r.workload == workload and r.concurrency == KEY_CONCURRENCY
+            if r.workload == workload and r.concurrency == KEY_CONCURRENCY and not r.checkout
         }
         aio = at_key.get("aio")
         if aio is None:
@@ -458,6 +482,17 @@ def key_figures(report: _util.Report, results: list[Result]) -> None:
                     target,
                     baseline=at_key[peer].round_trips_per_s,
                 )
+    here = {(r.stack, r.workload, r.concurrency): r for r in results if not r.checkout}
+    for before in results:
+        now = here.get((before.stack, before.workload, before.concurrency))
+        if before.checkout and now:
+            report.add(
+                f"{before.workload} x{before.concurrency}: {STACK_LABELS[before.stack]}"
+                f" against {before.checkout}",
+                now.round_trips_per_s,
+                "round trips/s",
+                baseline=before.round_trips_per_s,
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -468,6 +503,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stacks", default=",".join(STACKS), help="comma-separated columns")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated")
     parser.add_argument("--json", metavar="FILE", help="also write the figures here")
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also run the aio and threads stacks from the checkout DIR (repeatable)",
+    )
     parser.add_argument("--respond", nargs=2, metavar=("STACK", "PORT"), help=argparse.SUPPRESS)
     parser.add_argument("--request", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -497,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in stacks:
             running.append(Stack(name))
+            if name != "nats":
+                running.extend(Stack(name, os.path.abspath(d)) for d in args.compare)
         results = measure_all(running, args)
     finally:
         for stack in running:
