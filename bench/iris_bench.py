@@ -2,7 +2,9 @@
 
 Run as ``python bench/iris_bench.py`` (about a minute; ``--quick`` for a smoke
 test of a few seconds, ``--only NAME`` for one benchmark, ``--json FILE`` to
-keep the figures, ``--profile DIR`` to profile the request path instead).
+keep the figures, ``--profile DIR`` to profile the request path instead,
+``--compare DIR`` to run each benchmark in turn here and in the checkout DIR
+and report every figure against DIR's).
 
 Mirrors iris-go's BenchmarkRequestLatency, BenchmarkRequestThroughputNThreads,
 BenchmarkBroadcastLatency/Throughput, BenchmarkPublishLatency/Throughput and
@@ -48,7 +50,10 @@ import os
 import pstats
 import queue
 import signal
+import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -662,6 +667,47 @@ def cpu_table(cpu_per_round_trip: dict[str, dict]) -> str:
     return _util.markdown_table(("process", "user", "system", "total", "by thread"), rows)
 
 
+def compare_checkouts(names: list[str], checkouts: list[str], rounds: int, quick: bool) -> Report:
+    """Each benchmark run by this checkout and by each of ``checkouts``, in
+    child processes taking turns (the order reversed every other round, so
+    that neither side always runs first); each figure is the median of the
+    rounds, and this checkout's figures get their ratio to each other's.
+
+    A child is this script with a checkout's directory first on the path, so
+    every side is measured by the same code.
+    """
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sides = [here, *(os.path.abspath(c) for c in checkouts)]
+    figures: dict[str, dict[str, list[float]]] = {side: {} for side in sides}
+    units: dict[str, str] = {}
+    report = Report(_util.machine(), f"{'quick' if quick else 'full'}, median of {rounds}")
+    for name in names:
+        for turn in range(rounds):
+            for side in sides if turn % 2 == 0 else reversed(sides):
+                print(f"running {name} from {side} ...", file=sys.stderr, flush=True)
+                with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                    argv = [sys.executable, __file__, "--only", name, "--json", out.name]
+                    env = {**os.environ, "PYTHONPATH": side}
+                    done = subprocess.run([*argv, *(["--quick"] if quick else [])], env=env)
+                    if done.returncode:
+                        report.errors[f"{name} from {side}"] = f"exit {done.returncode}"
+                        continue
+                    for row in json.load(out)["rows"]:
+                        figures[side].setdefault(row["benchmark"], []).append(row["value"])
+                        units[row["benchmark"]] = row["unit"]
+    for benchmark, values in figures[here].items():
+        report.add(benchmark, statistics.median(values), units[benchmark])
+        for side in sides[1:]:
+            if theirs := figures[side].get(benchmark):
+                report.add(
+                    f"{benchmark}, against {side}",
+                    statistics.median(values),
+                    units[benchmark],
+                    baseline=statistics.median(theirs),
+                )
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="much shorter runs (smoke test)")
@@ -671,6 +717,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument(
         "--profile", metavar="DIR", help="profile the request path at 64 requesters instead"
+    )
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also run every benchmark from the checkout DIR, in turns (repeatable)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="with --compare: turns per benchmark (median)"
     )
     parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--serve-profile", metavar="FILE", help=argparse.SUPPRESS)
@@ -683,6 +739,13 @@ def main(argv: list[str] | None = None) -> int:
         profile_request_path(args.profile, settings)
         return 0
 
+    if args.compare:
+        names = _util.select(BENCHMARKS, args.only)
+        report = compare_checkouts(names, args.compare, args.rounds, args.quick)
+        report.print()
+        if args.json:
+            report.write_json(args.json, settings=asdict(settings))
+        return 1 if report.errors else 0
     report = Report(_util.machine(), "quick" if args.quick else "full")
     for name in _util.select(BENCHMARKS, args.only):
         print(f"running {name} ...", file=sys.stderr, flush=True)
