@@ -94,8 +94,16 @@ def read_varint(data: bytes, pos: int) -> tuple[int, int]:
     octet = data[pos]
     if octet < 0x80:
         return octet, pos + 1
-    value, shift = octet & 0x7F, 7
-    for pos in range(pos + 1, pos + codec.MAX_VARINT_OCTETS):  # noqa: B020
+    # Two and three octets, unrolled: the ids, lengths and timeouts of a busy
+    # connection are these, and the loop below costs twice as much.
+    second = data[pos + 1]
+    if second < 0x80:
+        return octet & 0x7F | second << 7, pos + 2
+    third = data[pos + 2]
+    if third < 0x80:
+        return octet & 0x7F | (second & 0x7F) << 7 | third << 14, pos + 3
+    value, shift = octet & 0x7F | (second & 0x7F) << 7 | (third & 0x7F) << 14, 21
+    for pos in range(pos + 3, pos + codec.MAX_VARINT_OCTETS):  # noqa: B020
         octet = data[pos]
         value |= (octet & 0x7F) << shift
         if octet < 0x80:

@@ -456,11 +456,19 @@ class Ring:
     def put_batch(self, frames: Sequence[bytes], timeout: float | None = None) -> int:
         """:meth:`put` each frame, publishing together those that fit; how many went in."""
         hdr, trusted = self._hdr64, self._trusted
+        words, data, capacity = self._words, self._data, self._capacity
+        largest, usable = self._max_fragment, self._usable
         tail = hdr[_TAIL]
         for count, frame in enumerate(frames):
-            end = tail + _record_size(len(frame))
-            if len(frame) <= self._max_fragment and end - trusted[_HEAD] <= self._usable:
-                self._write_record(tail, len(frame), frame)
+            size = len(frame)
+            end = tail + ((size + 11) & ~7)  # _record_size, inline: this runs per frame
+            if size <= largest and end - trusted[_HEAD] <= usable:
+                pos = tail % capacity
+                if pos + 4 + size <= capacity:  # _write_record's common case, inline
+                    words[pos >> 2] = size
+                    data[pos + 4 : pos + 4 + size] = frame
+                else:
+                    self._write_record(tail, size, frame)
                 tail = end
                 continue
             self._publish(tail)  # what is written so far, before waiting for room
