@@ -791,11 +791,19 @@ def compared_rigs(
 
 
 def checkout_argv(checkout: str) -> Callable[[Path], list[str]]:
-    """irishost run from another checkout: its iris and irishost come first on the path."""
+    """irishost run from another checkout: its iris and irishost come first on the path.
+
+    In the checkout's directory too: ``python -m`` puts the working directory
+    ahead of PYTHONPATH, and the fork servers are started with ``-m`` as well,
+    so run from this checkout's directory they would import this one's code.
+    """
 
     def argv(config: Path) -> list[str]:
         path = os.path.abspath(checkout)
-        return ["env", f"PYTHONPATH={path}", sys.executable, "-m", "irishost", "-c", str(config)]
+        return [
+            "env", "-C", path, f"PYTHONPATH={path}",
+            sys.executable, "-m", "irishost", "-c", str(config.resolve()),
+        ]  # fmt: skip
 
     return argv
 
