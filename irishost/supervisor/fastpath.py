@@ -169,12 +169,15 @@ class FastPath:
             answered.append(held)
         self._answered.append((worker, answered))
 
-    def flush(self) -> None:
+    def flush(self) -> int:
         """Send the replies queued since the last flush, one write per connection
-        for every worker's, then count and log them (loop thread)."""
+        for every worker's, then count and log them (loop thread); how many."""
         sends, self._sends = self._sends, {}
         answered, self._answered = self._answered, []
         for conn, out in sends.items():
             conn.send_encoded(b"".join(out))
+        replies = 0
         for worker, requests in answered:
             self.switchboard.request_log.record_all(requests, Outcome.OK, worker)
+            replies += len(requests)
+        return replies

@@ -43,7 +43,7 @@ from ..ops.control import Command, ControlError, ControlServer
 from ..ops.metrics import serve_optionally
 from ..ops.notify import Notifier
 from ..wire import frames
-from ..wire.ring import remove_stale_segments, segment_prefix, wait_readable
+from ..wire.ring import BatchWaiter, remove_stale_segments, segment_prefix
 from ..wire.wakeup import WakeupPipe
 from .generation import Generation
 from .handle import WorkerHandle, WorkerState
@@ -132,6 +132,7 @@ class Supervisor:
             signal.SIGUSR1: reopen_log_file,  # logrotate moved [logging] file away
         }
         self._next_tick = 0.0
+        self._waiter = BatchWaiter()
         self._unclaimed: dict[int, tuple[int, float]] = {}  # pid -> (wait status, when reaped)
         self.metrics_problem = ""  # why the metrics endpoint is not served, if it is not
 
@@ -149,8 +150,7 @@ class Supervisor:
     def run(self) -> Exit:
         """Start, serve until told to stop, stop; HostError for fatal problems."""
         _become_subreaper()
-        removed = remove_stale_segments(self.prefix)
-        if removed:
+        if removed := remove_stale_segments(self.prefix):
             self.log.info("removed stale shared memory", segments=len(removed))
         servers: list[ControlServer | MetricsServer] = []
         self._install_signals()
@@ -228,9 +228,9 @@ class Supervisor:
         rings, spawner = self.table.outboxes(), self.workforce.spawner
         timeout = max(0.0, due - time.monotonic())
         owed = spawner.fds()  # fork servers that owe an answer: usually none
-        for ring in wait_readable(list(rings), timeout, (self._wakeup.fileno(), *owed)):
+        for ring in self._waiter.wait(list(rings), timeout, (self._wakeup.fileno(), *owed)):
             self._collect(rings[ring])
-        self.switchboard.fast_path.flush()  # the turn's replies, in one write
+        self._waiter.after_turn(self.switchboard.fast_path.flush())  # the turn's replies, one write
         if owed:
             for event in spawner.poll(time.monotonic()):
                 self._on_spawner(event)

@@ -123,6 +123,7 @@ import psutil
 from .ordering import ORDERING, Ordering
 
 __all__ = [
+    "BatchWaiter",
     "DEFAULT_CAPACITY",
     "KernelOrderedRing",
     "Ordering",
@@ -145,6 +146,42 @@ MIN_SPIN_SECONDS = 2e-6
 #: ...except for one full-length probe this often, to notice when spinning
 #: pays off again.  Bounds the waste on a busy machine to about 1% of a core.
 SPIN_PROBE_INTERVAL = 0.01
+#: A turn that answers this many requests finds the machine busy (see BatchWaiter).
+BUSY_REPLIES = 4
+
+
+class BatchWaiter:
+    """:func:`wait_readable` for a loop that serves batches, spinning first
+    only while that pays.
+
+    A spin pays only while the peer runs on another core meanwhile. On two
+    cores a loaded host keeps four processes busy (client, relay, supervisor,
+    worker), so a spin that finds its answer has mostly kept the peer from a
+    core. So after a busy turn (BUSY_REPLIES or more replies), a loop on a
+    machine without a spare core sleeps at once; a quiet one still spins,
+    which shortens a lone request's round trip.
+    """
+
+    def __init__(self) -> None:
+        self._spare_core = spare_core()
+        self._spin = True
+
+    def wait(
+        self, rings: Sequence[Ring], timeout: float | None, wake_fds: Sequence[int] = ()
+    ) -> list[Ring]:
+        return wait_readable(rings, timeout, wake_fds, self._spin)
+
+    def after_turn(self, replies: int) -> None:
+        self._spin = replies < BUSY_REPLIES or self._spare_core
+
+
+def spare_core() -> bool:
+    """Whether this process may run on more than two cores (see BatchWaiter)."""
+    try:
+        return len(os.sched_getaffinity(0)) > 2
+    except AttributeError:  # not Linux
+        return (os.cpu_count() or 1) > 2
+
 
 #: Longest single sleep: a safety net only, since _fence() makes the wakeup
 #: handshake sound. Short enough that a lost wakeup (a bug, say) is a delay
@@ -346,8 +383,7 @@ class Ring:
         # one half while the reader copies out the other.
         self._max_fragment = capacity // 2 - 8
         self._fragments: list[bytes] = []
-        self._data_waiter = _Waiter()
-        self._space_waiter = _Waiter()
+        self._data_waiter, self._space_waiter = _Waiter(), _Waiter()
         self._closed = False
 
     @classmethod
@@ -455,20 +491,15 @@ class Ring:
 
     def put_batch(self, frames: Sequence[bytes], timeout: float | None = None) -> int:
         """:meth:`put` each frame, publishing together those that fit; how many went in."""
-        hdr, trusted = self._hdr64, self._trusted
-        words, data, capacity = self._words, self._data, self._capacity
-        largest, usable = self._max_fragment, self._usable
+        hdr, trusted, words, data = self._hdr64, self._trusted, self._words, self._data
+        capacity, largest, usable = self._capacity, self._max_fragment, self._usable
         tail = hdr[_TAIL]
-        for count, frame in enumerate(frames):
-            size = len(frame)
-            end = tail + ((size + 11) & ~7)  # _record_size, inline: this runs per frame
-            if size <= largest and end - trusted[_HEAD] <= usable:
-                pos = tail % capacity
-                if pos + 4 + size <= capacity:  # _write_record's common case, inline
-                    words[pos >> 2] = size
-                    data[pos + 4 : pos + 4 + size] = frame
-                else:
-                    self._write_record(tail, size, frame)
+        for count, frame in enumerate(frames):  # _record_size and _write_record inline:
+            size, pos = len(frame), tail % capacity  # this runs per request
+            end = tail + ((size + 11) & ~7)
+            if size <= largest and end - trusted[_HEAD] <= usable and pos + 4 + size <= capacity:
+                words[pos >> 2] = size
+                data[pos + 4 : pos + 4 + size] = frame
                 tail = end
                 continue
             self._publish(tail)  # what is written so far, before waiting for room
@@ -777,14 +808,14 @@ _collector = _Waiter()
 
 
 def wait_readable(
-    rings: Sequence[Ring], timeout: float | None, wake_fds: Sequence[int] = ()
+    rings: Sequence[Ring], timeout: float | None, wake_fds: Sequence[int] = (), spin: bool = True
 ) -> list[Ring]:
     """Block until at least one ring has data; return those that do.
 
     Lets one thread serve many workers with the same spin-then-sleep logic as
     :meth:`Ring.get`.  Returns an empty list on timeout, or early when one of
     ``wake_fds`` (a signal wake-up pipe, say) becomes readable; the caller
-    reads those itself.
+    reads those itself. ``spin=False`` sleeps at once (see :class:`BatchWaiter`).
     """
     if not rings and not wake_fds:
         raise ValueError("wait_readable() needs a ring or a wake fd")
@@ -795,7 +826,9 @@ def wait_readable(
     flags = [flag for ring in rings for flag in ring._wake_flags]
     fds = [fd for ring in rings for fd in ring._drained_fds]
     counted = [fd for ring in rings for fd in ring._counted_fds]
-    _collector.wait(any_readable, flags, fds, _deadline(timeout), wake_fds, counted_fds=counted)
+    _collector.wait(
+        any_readable, flags, fds, _deadline(timeout), wake_fds, spin, counted_fds=counted
+    )
     return [ring for ring in rings if ring.readable()]
 
 
