@@ -146,43 +146,6 @@ MIN_SPIN_SECONDS = 2e-6
 #: ...except for one full-length probe this often, to notice when spinning
 #: pays off again.  Bounds the waste on a busy machine to about 1% of a core.
 SPIN_PROBE_INTERVAL = 0.01
-#: A turn that answers this many requests finds the machine busy (see BatchWaiter).
-BUSY_REPLIES = 4
-
-
-class BatchWaiter:
-    """:func:`wait_readable` for a loop that serves batches, spinning first
-    only while that pays.
-
-    A spin pays only while the peer runs on another core meanwhile. On two
-    cores a loaded host keeps four processes busy (client, relay, supervisor,
-    worker), so a spin that finds its answer has mostly kept the peer from a
-    core. So after a busy turn (BUSY_REPLIES or more replies), a loop on a
-    machine without a spare core sleeps at once; a quiet one still spins,
-    which shortens a lone request's round trip.
-    """
-
-    def __init__(self) -> None:
-        self._spare_core = spare_core()
-        self._spin = True
-
-    def wait(
-        self, rings: Sequence[Ring], timeout: float | None, wake_fds: Sequence[int] = ()
-    ) -> list[Ring]:
-        return wait_readable(rings, timeout, wake_fds, self._spin)
-
-    def after_turn(self, replies: int) -> None:
-        self._spin = replies < BUSY_REPLIES or self._spare_core
-
-
-def spare_core() -> bool:
-    """Whether this process may run on more than two cores (see BatchWaiter)."""
-    try:
-        return len(os.sched_getaffinity(0)) > 2
-    except AttributeError:  # not Linux
-        return (os.cpu_count() or 1) > 2
-
-
 #: Longest single sleep: a safety net only, since _fence() makes the wakeup
 #: handshake sound. Short enough that a lost wakeup (a bug, say) is a delay
 #: and not a hang; long enough that an idle process wakes once a second.
@@ -830,6 +793,43 @@ def wait_readable(
         any_readable, flags, fds, _deadline(timeout), wake_fds, spin, counted_fds=counted
     )
     return [ring for ring in rings if ring.readable()]
+
+
+#: A turn that answers this many requests finds the machine busy (see BatchWaiter).
+BUSY_REPLIES = 4
+
+
+class BatchWaiter:
+    """:func:`wait_readable` for a loop that serves batches, spinning first
+    only while that pays.
+
+    A spin pays only while the peer runs on another core meanwhile. On two
+    cores a loaded host keeps four processes busy (client, relay, supervisor,
+    worker), so a spin that finds its answer has mostly kept the peer from a
+    core. So after a busy turn (BUSY_REPLIES or more replies), a loop on a
+    machine without a spare core sleeps at once; a quiet one still spins,
+    which shortens a lone request's round trip.
+    """
+
+    def __init__(self) -> None:
+        self._spare_core = spare_core()
+        self._spin = True
+
+    def wait(
+        self, rings: Sequence[Ring], timeout: float | None, wake_fds: Sequence[int] = ()
+    ) -> list[Ring]:
+        return wait_readable(rings, timeout, wake_fds, self._spin)
+
+    def after_turn(self, replies: int) -> None:
+        self._spin = replies < BUSY_REPLIES or self._spare_core
+
+
+def spare_core() -> bool:
+    """Whether this process may run on more than two cores (see BatchWaiter)."""
+    try:
+        return len(os.sched_getaffinity(0)) > 2
+    except AttributeError:  # not Linux
+        return (os.cpu_count() or 1) > 2
 
 
 def segment_prefix(cluster: str) -> str:
