@@ -38,13 +38,14 @@ from iris import codec
 from iris.relay.passthrough import NotFast, read_minimal_varint, read_varint
 
 from ..ops.metrics import Outcome
-from ..wire.frames import request_frame, successful_reply
+from ..wire.frames import request_frame, split_replies
 from .handle import WorkerHandle, WorkerUnreachable
 from .request_log import HostRequest, RequestLog
-from .worker_table import HeldRequest, WorkerTable, reply_head
+from .worker_table import REPLY_OP, SUCCESS, HeldRequest, WorkerTable
 
 _REQUEST = int(codec.Op.REQUEST)
 _encode_varint = codec.encode_varint
+_MAX_MESSAGE = codec.MAX_MESSAGE
 
 
 class FastPathHost(Protocol):
@@ -85,29 +86,30 @@ class FastPath:
         batches: dict[WorkerHandle, tuple[list[int], list[bytes]]] = {}
         end, pos = len(data), 0
         now = time.monotonic()
+        assert conn is not None  # set before the connection reads
         with table.lock:
             while pos < end and data[pos] == _REQUEST:
                 try:
                     relay_id, body = read_minimal_varint(data, pos + 1)
-                    head = reply_head(data[pos + 1 : body])
-                    length, body = read_varint(data, body)
-                    at = body + length
-                    if length > codec.MAX_MESSAGE or at >= end:
+                    length, after = read_varint(data, body)
+                    at = after + length
+                    if length > _MAX_MESSAGE or at >= end:
                         break
                     timeout_ms, at = read_varint(data, at)
                 except (IndexError, NotFast):  # incomplete, or for the codec to judge
                     break
                 worker = pick(length, now)
-                if not isinstance(worker, WorkerHandle):  # it waits, or is refused
+                if type(worker) is not WorkerHandle:  # it waits, or is refused
                     break
                 deadline = now + timeout_ms / 1000
-                assert conn is not None  # set before the connection reads
+                head = REPLY_OP + data[pos + 1 : body] + SUCCESS  # reply_head, inline
                 ticket = table.book(worker, conn, relay_id, deadline, length, now, head)
-                if worker not in batches:
-                    batches[worker] = ([], [])
-                tickets, out = batches[worker]
+                batch = batches.get(worker)
+                if batch is None:
+                    batch = batches[worker] = ([], [])
+                tickets, out = batch
                 tickets.append(ticket)
-                out.append(request_frame(ticket, deadline, data[body : body + length]))
+                out.append(request_frame(ticket, deadline, data[after : after + length]))
                 pos = at
             for worker in batches:
                 worker.hold_inbox()  # see WorkerHandle.hold_inbox
@@ -131,16 +133,7 @@ class FastPath:
     def answer_replies(self, worker: WorkerHandle, batch: list[bytes]) -> list[bytes]:
         """Settle the successful replies among the frames ``worker`` wrote, for
         :meth:`flush` to send (loop thread); the other frames."""
-        tickets: list[int] = []
-        payloads: list[bytes] = []
-        rest: list[bytes] = []
-        for data in batch:
-            reply = successful_reply(data)
-            if reply is None:
-                rest.append(data)
-            else:
-                tickets.append(reply[0])
-                payloads.append(reply[1])
+        tickets, payloads, rest = split_replies(batch)
         if tickets:
             self._queue(worker, self.switchboard.table.settle_all(tickets), payloads)
         return rest

@@ -46,6 +46,9 @@ from .request_log import HostRequest, RequestLog
 from .worker_table import WorkerTable
 
 READY, DRAINING = WorkerState.READY, WorkerState.DRAINING
+# Added to a booting worker's load when picking one for a request: more than
+# any ready worker's count of requests in flight, so it comes after them all.
+BOOTING_LOAD = 1 << 62
 
 
 class WaitingRequest(NamedTuple):
@@ -234,10 +237,9 @@ class Switchboard:
         if not self.accepting:
             return Refusal(Outcome.SHUTDOWN, "service is shutting down")
         best: WorkerHandle | None = None
-        best_load: tuple[bool, int] = (True, 0)
-        open_workers = ready = stalled = 0
+        best_load = open_workers = ready = stalled = 0
         workers, start = self.table.workers, self._cursor
-        count = len(workers)
+        count, room = len(workers), self._memory_cap - size
         for step in range(count):  # per request: worker.stalled() inlined
             worker = workers[(start + step) % count]
             state = worker.state
@@ -249,9 +251,10 @@ class Switchboard:
             if now < worker.stalled_until:
                 stalled += 1
                 continue
-            if worker.in_flight_bytes + size > self._memory_cap:
+            if worker.in_flight_bytes > room:
                 continue
-            load = (state is not READY, len(worker.in_flight))
+            # Ready ones first (a booting one weighs BOOTING_LOAD more), then the least loaded.
+            load = len(worker.in_flight) + (0 if state is READY else BOOTING_LOAD)
             if best is None or load < best_load:
                 best, best_load = worker, load
                 self._cursor = (start + step + 1) % count

@@ -59,13 +59,13 @@ class IllegalTransition(Exception):
     """A change the state table does not allow: a bug in the supervisor."""
 
 
-_REPLY_OP, _SUCCESS = bytes((codec.Op.REPLY,)), b"\x01"
+REPLY_OP, SUCCESS = bytes((codec.Op.REPLY,)), b"\x01"
 
 
 def reply_head(id_octets: bytes) -> bytes:
     """A successful reply packet up to its payload's length: the opcode, the
     request's id (its varint, as the relay sent it) and the success flag."""
-    return _REPLY_OP + id_octets + _SUCCESS
+    return REPLY_OP + id_octets + SUCCESS
 
 
 class HeldRequest(NamedTuple):
@@ -85,7 +85,9 @@ _new_tuple = tuple.__new__
 class WorkerTable:
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self._workers: list[WorkerHandle] = []  # every live worker process, in fork order
+        # Every live worker process, in fork order: a tuple, replaced when it
+        # changes, so that a reader may iterate it while the table changes.
+        self._workers: tuple[WorkerHandle, ...] = ()
         self._by_pid: dict[int, WorkerHandle] = {}
         self._held: dict[int, HeldRequest] = {}  # ticket -> the request
         self._tickets = itertools.count()
@@ -94,13 +96,13 @@ class WorkerTable:
     # -- the workers -------------------------------------------------------------------
 
     @property
-    def workers(self) -> list[WorkerHandle]:
-        """The live workers; a copy, safe to iterate while the table changes."""
-        return list(self._workers)
+    def workers(self) -> tuple[WorkerHandle, ...]:
+        """The live workers, safe to iterate while the table changes."""
+        return self._workers
 
     def add(self, worker: WorkerHandle) -> None:
         with self.lock:
-            self._workers.append(worker)
+            self._workers = (*self._workers, worker)
             self._by_pid[worker.pid] = worker
             self._outboxes = None
 
@@ -138,7 +140,7 @@ class WorkerTable:
         """Forget a dead worker; the requests it held, which nobody will answer now."""
         with self.lock:
             if worker in self._workers:
-                self._workers.remove(worker)
+                self._workers = tuple(w for w in self._workers if w is not worker)
                 self._outboxes = None
             self._by_pid.pop(worker.pid, None)
             held = [self._held.pop(ticket) for ticket in worker.in_flight]

@@ -313,18 +313,29 @@ def request_frame(ticket: int, deadline: float, payload: bytes) -> bytes:
     return _pack((_REQUEST, ticket, deadline, payload))
 
 
-def successful_reply(data: bytes) -> tuple[int, bytes] | None:
-    """(ticket, payload) if ``data`` is a successful REPLY frame; None for any
-    other frame, which :func:`decode` then judges."""
-    if not data.startswith(_REPLY_HEAD):
-        return None
-    try:
-        _, ticket, success, payload = msgpack.unpackb(data, use_list=False)
-    except Exception:  # msgpack raises several unrelated types; decode() says which
-        return None
-    if success is True and type(ticket) is int and type(payload) is bytes:
-        return ticket, payload
-    return None
+def split_replies(batch: list[bytes]) -> tuple[list[int], list[bytes], list[bytes]]:
+    """The successful REPLY frames of ``batch``, as their tickets and payloads
+    in order, and the other frames, which :func:`decode` then judges.
+
+    One call a batch, with the loop inside: a call a frame cost 0.2 us.
+    """
+    tickets: list[int] = []
+    payloads: list[bytes] = []
+    rest: list[bytes] = []
+    unpack = msgpack.unpackb
+    for data in batch:
+        if data.startswith(_REPLY_HEAD):
+            try:
+                _, ticket, success, payload = unpack(data, use_list=False)
+            except Exception:  # msgpack raises several unrelated types; decode() says which
+                rest.append(data)
+                continue
+            if success is True and type(ticket) is int and type(payload) is bytes:
+                tickets.append(ticket)
+                payloads.append(payload)
+                continue
+        rest.append(data)
+    return tickets, payloads, rest
 
 
 def _mismatch(frame_type: type[Frame], values: tuple[object, ...]) -> str:

@@ -81,8 +81,13 @@ def test_a_tunnel_send_timeout_is_left_for_the_tunnel_to_check():
 
 def test_the_fast_path_frames_are_the_ones_encode_and_decode_know():
     assert frames.request_frame(7, 1.5, b"x") == frames.Request(7, 1.5, b"x").encode()
-    assert frames.successful_reply(frames.Reply(7, True, b"ok").encode()) == (7, b"ok")
-    for other in (frames.Reply(7, False, "fault"), frames.Expired(7), frames.Ready(1)):
-        assert frames.successful_reply(other.encode()) is None
-    assert frames.successful_reply(raw(frames.Kind.REPLY, 7, True)) is None  # 3 fields
-    assert frames.successful_reply(b"\x94\x15\xc1") is None  # undecodable
+    others = [
+        frames.Reply(7, False, "fault").encode(),
+        frames.Expired(7).encode(),
+        frames.Ready(1).encode(),
+        raw(frames.Kind.REPLY, 7, True),  # 3 fields
+        bytes((0x94, frames.Kind.REPLY, 0xC1)),  # a REPLY's head, then undecodable
+    ]
+    ok = [frames.Reply(7, True, b"ok").encode(), frames.Reply(8, True, b"").encode()]
+    batch = [ok[0], others[0], others[1], ok[1], *others[2:]]
+    assert frames.split_replies(batch) == ([7, 8], [b"ok", b""], others)

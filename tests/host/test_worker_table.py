@@ -114,7 +114,7 @@ def test_removing_a_dead_worker_hands_back_exactly_its_requests(table):
     assert sorted(p.relay_id for p in orphans) == [1, 2]
     assert all(table.settle(ticket) is None for ticket in held)
     assert table.settle(kept).relay_id == 3
-    assert table.workers == [alive] and table.by_pid(dead.pid) is None
+    assert table.workers == (alive,) and table.by_pid(dead.pid) is None
     dead.close()
 
 
