@@ -23,8 +23,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
 
 import psutil
 
@@ -57,6 +58,24 @@ def _die_with_parent() -> None:
         _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
+T = TypeVar("T")
+
+
+def in_checkout(checkout: str) -> dict[str, Any]:
+    """``subprocess`` arguments that run a child on the code of ``checkout``:
+    its directory first on the path, and the working directory, because
+    ``python -m`` (the relay, irishost and its fork servers) puts the working
+    directory ahead of ``PYTHONPATH``."""
+    return {"cwd": checkout, "env": {**os.environ, "PYTHONPATH": checkout}}
+
+
+def alternating(sides: Sequence[T], rounds: int) -> Iterator[T]:
+    """Each side once per round, in ABBA order (ABC CBA ...), so a slow drift
+    of the machine's load favours no side."""
+    for number in range(rounds):
+        yield from (sides if number % 2 == 0 else sides[::-1])
+
+
 class Child:
     """A subprocess that announces readiness with one line on stdout.
 
@@ -64,13 +83,8 @@ class Child:
     in the relay or the service is explained rather than seen as a timeout.
     """
 
-    def __init__(
-        self,
-        argv: Sequence[str],
-        name: str,
-        cwd: str | None = None,
-        env: Mapping[str, str] | None = None,
-    ):
+    def __init__(self, argv: Sequence[str], name: str, checkout: str | None = None):
+        """``checkout``: run on that checkout's code (see :func:`in_checkout`)."""
         self.name = name
         # Lives as long as the child, closed by stop(): no with-block fits.
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
@@ -80,8 +94,7 @@ class Child:
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             preexec_fn=_die_with_parent,
-            cwd=cwd,
-            env=None if env is None else {**os.environ, **env},
+            **(in_checkout(checkout) if checkout else {}),
         )
         self.ps = psutil.Process(self.proc.pid)
 
@@ -157,8 +170,7 @@ def start_relay(
         argv = [sys.executable, "-c", code, profile_to, *args]
     else:
         argv = [sys.executable, "-m", "iris.relay", *args]
-    # -m puts the working directory first on the path: a checkout's own iris runs.
-    relay = Child(argv, "relay", cwd=checkout)
+    relay = Child(argv, "relay", checkout)
     try:
         line = relay.readline()
         match = _LISTENING.search(line)

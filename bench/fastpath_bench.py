@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import _util
+
 from iris import codec
 from iris.logs import ContextLog
 from irishost.config import load_config
@@ -129,15 +131,16 @@ def compare(checkouts: list[str], rounds: int) -> None:
     here = str(Path(__file__).resolve().parent.parent)
     sides = [here, *(str(Path(c).resolve()) for c in checkouts)]
     figures: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
-    for turn in range(rounds):
-        for side in sides if turn % 2 == 0 else reversed(sides):
-            env = {**os.environ, "PYTHONPATH": side}
-            done = subprocess.run(
-                [sys.executable, __file__, "--json"], env=env, capture_output=True, text=True
-            )
-            if done.returncode:
-                raise SystemExit(f"the run from {side} failed:\n{done.stderr}")
-            figures[side].append(json.loads(done.stdout))
+    for side in _util.alternating(sides, rounds):
+        done = subprocess.run(
+            [sys.executable, __file__, "--json"],
+            capture_output=True,
+            text=True,
+            **_util.in_checkout(side),
+        )
+        if done.returncode:
+            raise SystemExit(f"the run from {side} failed:\n{done.stderr}")
+        figures[side].append(json.loads(done.stdout))
     print(f"us of supervisor Python per request, batches of {BATCH}, median of {rounds} turns")
     print()
     print(

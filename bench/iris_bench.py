@@ -682,19 +682,18 @@ def compare_checkouts(names: list[str], checkouts: list[str], rounds: int, quick
     units: dict[str, str] = {}
     report = Report(_util.machine(), f"{'quick' if quick else 'full'}, median of {rounds}")
     for name in names:
-        for turn in range(rounds):
-            for side in sides if turn % 2 == 0 else reversed(sides):
-                print(f"running {name} from {side} ...", file=sys.stderr, flush=True)
-                with tempfile.NamedTemporaryFile(suffix=".json") as out:
-                    argv = [sys.executable, __file__, "--only", name, "--json", out.name]
-                    env = {**os.environ, "PYTHONPATH": side}
-                    done = subprocess.run([*argv, *(["--quick"] if quick else [])], env=env)
-                    if done.returncode:
-                        report.errors[f"{name} from {side}"] = f"exit {done.returncode}"
-                        continue
-                    for row in json.load(out)["rows"]:
-                        figures[side].setdefault(row["benchmark"], []).append(row["value"])
-                        units[row["benchmark"]] = row["unit"]
+        for side in _util.alternating(sides, rounds):
+            print(f"running {name} from {side} ...", file=sys.stderr, flush=True)
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                argv = [sys.executable, __file__, "--only", name, "--json", out.name]
+                argv += ["--quick"] if quick else []
+                done = subprocess.run(argv, **_util.in_checkout(side))
+                if done.returncode:
+                    report.errors[f"{name} from {side}"] = f"exit {done.returncode}"
+                    continue
+                for row in json.load(out)["rows"]:
+                    figures[side].setdefault(row["benchmark"], []).append(row["value"])
+                    units[row["benchmark"]] = row["unit"]
     for benchmark, values in figures[here].items():
         report.add(benchmark, statistics.median(values), units[benchmark])
         for side in sides[1:]:

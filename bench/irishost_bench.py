@@ -90,11 +90,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import _util
 import psutil
@@ -110,8 +109,6 @@ from irishost.supervisor.memory import PRIVATE_CPU_SHARE, Family, ProcessTree
 from irishost.wire import frames
 from irishost.wire.ring import Ring, segment_prefix
 from irishost.worker import process as worker
-
-T = TypeVar("T")
 
 BENCHMARKS = ("cpu-bound", "ring", "dispatch", "echo-overhead", "access-log", "preload-memory")
 
@@ -321,7 +318,9 @@ class Rig:
         probe: tuple[bytes, bytes],
         argv: Callable[[Path], list[str]] = irishost_argv,
         access: bool = False,
+        checkout: str | None = None,
     ):
+        """``checkout``: run irishost from that checkout (--compare)."""
         if workers is None:
             self.label = "plain iris.register"
         else:
@@ -340,7 +339,7 @@ class Rig:
                 command = [sys.executable, __file__, "--serve", str(config)]
             else:
                 command = argv(config)
-            self.service = _util.Child(command, self.label)
+            self.service = _util.Child(command, self.label, checkout)
             self.conn = iris.connect(port)
             self._wait_serving(*probe)
         except BaseException:
@@ -404,13 +403,6 @@ def timed_calls(operation: Callable[[], object], warmup: int, seconds: float) ->
         samples.append((stop - start) / 1000)
         if stop >= end:
             return samples
-
-
-def alternating(sides: Sequence[T], rounds: int) -> Iterator[T]:
-    """Each side once per round, in ABBA order (ABC CBA ...), so a slow drift
-    of the machine's load favours no side."""
-    for number in range(rounds):
-        yield from (sides if number % 2 == 0 else sides[::-1])
 
 
 # ---------------------------------------------------------------------------
@@ -500,7 +492,7 @@ def bench_cpu_bound(report: _util.Report, settings: Settings, directory: Path) -
         hosts = [stack.enter_context(Rig(directory, "PrimeHandler", CPU_WORKERS, probe))]
         hosts += compared_rigs(stack, settings, directory, "PrimeHandler", CPU_WORKERS, probe)
         totals = {rig: [0, 0.0, 0.0] for rig in (plain, *hosts)}
-        for rig in alternating((plain, *hosts), settings.rounds):
+        for rig in _util.alternating((plain, *hosts), settings.rounds):
             for index, value in enumerate(cpu_window(rig, settings)):
                 totals[rig][index] += value
     plain_requests, plain_seconds, plain_cpu = totals[plain]
@@ -538,9 +530,9 @@ def bench_ring(report: _util.Report, settings: Settings, directory: Path) -> Non
         ring_bench.ring_round_trips: [],
     }
     try:
-        for measure in alternating(tuple(rates), settings.rounds):
+        for measure in _util.alternating(tuple(rates), settings.rounds):
             rates[measure].append(measure(settings.ring_messages))
-        for measure in alternating(tuple(round_trips), settings.rounds):
+        for measure in _util.alternating(tuple(round_trips), settings.rounds):
             round_trips[measure] += measure(settings.ring_round_trips)
     finally:
         _reap_multiprocessing_children()
@@ -784,28 +776,10 @@ def compared_rigs(
     """The same service run by irishost from each ``--compare`` checkout."""
     rigs = []
     for checkout in settings.compare:
-        rig = stack.enter_context(Rig(directory, handler, workers, probe, checkout_argv(checkout)))
+        rig = stack.enter_context(Rig(directory, handler, workers, probe, checkout=checkout))
         rig.label += f" from {checkout}"
         rigs.append(rig)
     return rigs
-
-
-def checkout_argv(checkout: str) -> Callable[[Path], list[str]]:
-    """irishost run from another checkout: its iris and irishost come first on the path.
-
-    In the checkout's directory too: ``python -m`` puts the working directory
-    ahead of PYTHONPATH, and the fork servers are started with ``-m`` as well,
-    so run from this checkout's directory they would import this one's code.
-    """
-
-    def argv(config: Path) -> list[str]:
-        path = os.path.abspath(checkout)
-        return [
-            "env", "-C", path, f"PYTHONPATH={path}",
-            sys.executable, "-m", "irishost", "-c", str(config.resolve()),
-        ]  # fmt: skip
-
-    return argv
 
 
 def bench_echo_overhead(report: _util.Report, settings: Settings, directory: Path) -> None:
@@ -826,7 +800,7 @@ def bench_echo_overhead(report: _util.Report, settings: Settings, directory: Pat
         samples: dict[Rig, list[float]] = {rig: [] for rig in rigs}
         # Per process (irishost: supervisor, then its worker): CPU seconds.
         cpu = {rig: [0.0] * len(rig.processes()) for rig in rigs}
-        for rig in alternating(rigs, settings.rounds):
+        for rig in _util.alternating(rigs, settings.rounds):
             processes = rig.processes()
             before = [_cpu_seconds(process) for process in processes]
             samples[rig] += latency_window(rig, settings)
@@ -839,7 +813,7 @@ def bench_echo_overhead(report: _util.Report, settings: Settings, directory: Pat
         rest_cpu = dict.fromkeys(loaded_rigs, 0.0)  # the client (this process) and the relay
         machine_cpu = dict.fromkeys(loaded_rigs, 0.0)  # everything that ran meanwhile
         client = psutil.Process()
-        for rig in alternating(loaded_rigs, settings.rounds):
+        for rig in _util.alternating(loaded_rigs, settings.rounds):
             processes = [*rig.processes(), client, rig.relay.ps]
             before = [_cpu_seconds(process) for process in processes]
             machine_before = _cpu_split()[0]
@@ -955,9 +929,10 @@ def bench_access_log(report: _util.Report, settings: Settings, directory: Path) 
     pairs: list[tuple[Rig, Rig]] = []
     with contextlib.ExitStack() as stack:
         for checkout in (None, *settings.compare):
-            argv = irishost_argv if checkout is None else checkout_argv(checkout)
             off, on = (
-                stack.enter_context(Rig(directory, "EchoHandler", 1, probe, argv, access))
+                stack.enter_context(
+                    Rig(directory, "EchoHandler", 1, probe, access=access, checkout=checkout)
+                )
                 for access in (False, True)
             )
             if checkout is not None:
@@ -967,7 +942,7 @@ def bench_access_log(report: _util.Report, settings: Settings, directory: Path) 
         rigs = [rig for pair in pairs for rig in pair]
         answered = dict.fromkeys(rigs, 0)
         supervisor_cpu = dict.fromkeys(rigs, 0.0)
-        for rig in alternating(rigs, settings.rounds):
+        for rig in _util.alternating(rigs, settings.rounds):
             supervisor = rig.processes()[0]
             before = _cpu_seconds(supervisor)
             answered[rig] += load_window(rig, settings)

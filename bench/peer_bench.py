@@ -353,14 +353,13 @@ class Stack:
 
     def __init__(self, name: str, checkout: str = ""):
         self.name, self.checkout = name, checkout
-        self.env = {"PYTHONPATH": checkout} if checkout else None
         if name == "nats":
             self.server, self.port = start_nats()
         else:
             self.server, self.port = _util.start_relay(checkout=checkout or None)
         try:
             argv = [sys.executable, __file__, "--respond", name, str(self.port)]
-            self.responder = _util.Child(argv, f"{self.label} responder", env=self.env)
+            self.responder = _util.Child(argv, f"{self.label} responder", checkout or None)
             if self.responder.readline() != "ready":
                 raise RuntimeError(f"{name} responder misbehaved{self.responder.stderr_tail()}")
         except BaseException:
@@ -401,7 +400,7 @@ def measure_all(stacks: list[Stack], settings: argparse.Namespace) -> list[Resul
 def measure(stack: Stack, workload: str, concurrency: int, settings) -> Result:
     argv = [sys.executable, __file__, "--request", stack.name, str(stack.port), workload]
     argv += [str(concurrency), str(settings.seconds), str(settings.warmup)]
-    requester = _util.Child(argv, f"{stack.label} requester", env=stack.env)
+    requester = _util.Child(argv, f"{stack.label} requester", stack.checkout or None)
     processes = (requester, stack.responder, stack.server)
     try:
         timeout = settings.warmup + _util.READY_TIMEOUT

@@ -166,7 +166,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
             return
         self._closed.set()  # after end(): wait_closed() callers read close_reason
         for call in ended.calls:
-            call.waiter.resolve(ClosedError(ended.reason))
+            self._resolve(call, ClosedError(ended.reason))
         self._handoff.wake_all()
         self._close_tunnels(ended.tunnels, ended.reason)
         for subscription in ended.subscriptions:
@@ -208,7 +208,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
             self._writer.wait_for_room(now + timeout)
         waiter: Waiter[Any] = Waiter()
         call, data = session.request(cluster, request, timeout, now, waiter)
-        deadline = now + timeout
+        deadline = now + timeout  # the timeout checked by request()
         try:
             if self.log.is_debug():
                 self.log.debug("sending request", cluster=cluster, id=call.id, size=len(request))

@@ -524,8 +524,7 @@ class Session(Generic[_Waiter, _Tunnel, _Pool]):
         """The message as bytes, once the name, the message and the state allow sending."""
         check_name(name_kind, name)
         message = check_message(message_kind, message)
-        if self._closing:  # check_open(), inline: this runs per request
-            raise self.closed_error()
+        self.check_open()
         return message
 
     def _register(

@@ -195,8 +195,7 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
         self._out.clear()
         self._out_bytes = 0
         for call in ended.calls:
-            if not call.waiter.done():
-                call.waiter.set_exception(ClosedError(ended.reason))
+            self._resolve(call, ClosedError(ended.reason))
         self._close_tunnels(ended.tunnels, ended.reason)
         for subscription in ended.subscriptions:
             subscription.pool.cancel()
@@ -237,8 +236,10 @@ class Connection(MemberConnection[Tunnel], TunnelRoutes[Tunnel]):
             self._out_bytes = 0
             # Attached: nothing is queued before _attach set the transport.
             transport = cast(asyncio.Transport, self._transport)
-            if len(out) == 1 or size <= JOIN_LIMIT:
-                transport.write(out[0] if len(out) == 1 else b"".join(out))
+            if len(out) == 1:
+                transport.write(out[0])
+            elif size <= JOIN_LIMIT:
+                transport.write(b"".join(out))
             else:
                 # One at a time, each let go of once the transport has it: a
                 # join would hold the batch three times (packets, join, buffer).

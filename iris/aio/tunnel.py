@@ -51,11 +51,14 @@ class Tunnel(TunnelCore):
         validate_send(message, timeout)
         deadline = None if timeout is None else self._loop.time() + timeout
         # Behind another send of this tunnel, the timeout applies too.
-        try:
-            async with asyncio.timeout_at(deadline):
-                await self._send_lock.acquire()
-        except builtins.TimeoutError:  # asyncio's; iris's derives from it
-            raise TimeoutError(SEND_BEHIND_ANOTHER) from None
+        if deadline is None:
+            await self._send_lock.acquire()
+        else:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._send_lock.acquire()
+            except builtins.TimeoutError:  # asyncio's; iris's derives from it
+                raise TimeoutError(SEND_BEHIND_ANOTHER) from None
         try:
             for size_field, chunk in chunks.split(message, self._chunk_limit):
                 size = len(chunk)

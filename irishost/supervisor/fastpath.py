@@ -41,7 +41,7 @@ from ..ops.metrics import Outcome
 from ..wire.frames import request_frame, split_replies
 from .handle import WorkerHandle, WorkerUnreachable
 from .request_log import HostRequest, RequestLog
-from .worker_table import REPLY_OP, SUCCESS, HeldRequest, WorkerTable
+from .worker_table import HeldRequest, WorkerTable, reply_head
 
 _REQUEST = int(codec.Op.REQUEST)
 _encode_varint = codec.encode_varint
@@ -102,7 +102,7 @@ class FastPath:
                 if type(worker) is not WorkerHandle:  # it waits, or is refused
                     break
                 deadline = now + timeout_ms / 1000
-                head = REPLY_OP + data[pos + 1 : body] + SUCCESS  # reply_head, inline
+                head = reply_head(data[pos + 1 : body])
                 ticket = table.book(worker, conn, relay_id, deadline, length, now, head)
                 batch = batches.get(worker)
                 if batch is None:
@@ -152,7 +152,7 @@ class FastPath:
             # Retire the worker before its last reply goes out (see on_frame).
             if worker.max_requests and worker.served >= worker.max_requests:
                 switchboard.recycle(worker)
-            if len(payload) > codec.MAX_MESSAGE:  # refused by reply(), with a fault
+            if len(payload) > _MAX_MESSAGE:  # refused by reply(), with a fault
                 switchboard.answer(held, Outcome.OK, payload, worker)
                 continue
             out = self._sends.get(held.conn)

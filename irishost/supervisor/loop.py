@@ -43,8 +43,9 @@ from ..ops.control import Command, ControlError, ControlServer
 from ..ops.metrics import serve_optionally
 from ..ops.notify import Notifier
 from ..wire import frames
-from ..wire.ring import BatchWaiter, remove_stale_segments, segment_prefix
+from ..wire.ring import remove_stale_segments, segment_prefix
 from ..wire.wakeup import WakeupPipe
+from .batch_waiter import BatchWaiter
 from .generation import Generation
 from .handle import WorkerHandle, WorkerState
 from .relay_link import RelayLink, RelayState

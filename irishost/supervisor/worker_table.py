@@ -59,13 +59,13 @@ class IllegalTransition(Exception):
     """A change the state table does not allow: a bug in the supervisor."""
 
 
-REPLY_OP, SUCCESS = bytes((codec.Op.REPLY,)), b"\x01"
+_REPLY_OP, _SUCCESS = bytes((codec.Op.REPLY,)), b"\x01"
 
 
 def reply_head(id_octets: bytes) -> bytes:
     """A successful reply packet up to its payload's length: the opcode, the
     request's id (its varint, as the relay sent it) and the success flag."""
-    return REPLY_OP + id_octets + SUCCESS
+    return _REPLY_OP + id_octets + _SUCCESS
 
 
 class HeldRequest(NamedTuple):

@@ -324,17 +324,18 @@ def split_replies(batch: list[bytes]) -> tuple[list[int], list[bytes], list[byte
     rest: list[bytes] = []
     unpack = msgpack.unpackb
     for data in batch:
-        if data.startswith(_REPLY_HEAD):
-            try:
-                _, ticket, success, payload = unpack(data, use_list=False)
-            except Exception:  # msgpack raises several unrelated types; decode() says which
-                rest.append(data)
-                continue
-            if success is True and type(ticket) is int and type(payload) is bytes:
-                tickets.append(ticket)
-                payloads.append(payload)
-                continue
-        rest.append(data)
+        try:
+            if not data.startswith(_REPLY_HEAD):
+                raise ValueError("not a REPLY")
+            _, ticket, success, payload = unpack(data, use_list=False)
+        except Exception:  # msgpack raises several unrelated types; decode() says which
+            rest.append(data)
+            continue
+        if success is True and type(ticket) is int and type(payload) is bytes:
+            tickets.append(ticket)
+            payloads.append(payload)
+        else:
+            rest.append(data)
     return tickets, payloads, rest
 
 

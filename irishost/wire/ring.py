@@ -123,7 +123,6 @@ import psutil
 from .ordering import ORDERING, Ordering
 
 __all__ = [
-    "BatchWaiter",
     "DEFAULT_CAPACITY",
     "KernelOrderedRing",
     "Ordering",
@@ -778,10 +777,14 @@ def wait_readable(
     Lets one thread serve many workers with the same spin-then-sleep logic as
     :meth:`Ring.get`.  Returns an empty list on timeout, or early when one of
     ``wake_fds`` (a signal wake-up pipe, say) becomes readable; the caller
-    reads those itself. ``spin=False`` sleeps at once (see :class:`BatchWaiter`).
+    reads those itself. ``spin=False`` sleeps at once (the supervisor's loop
+    passes it under load: irishost.supervisor.loop.BatchWaiter).
     """
     if not rings and not wake_fds:
         raise ValueError("wait_readable() needs a ring or a wake fd")
+    readable = [ring for ring in rings if ring.readable()]
+    if readable:  # a busy loop's usual case: no spin, and no poll set to build
+        return readable
 
     def any_readable() -> bool:
         return any(ring.readable() for ring in rings)
@@ -793,43 +796,6 @@ def wait_readable(
         any_readable, flags, fds, _deadline(timeout), wake_fds, spin, counted_fds=counted
     )
     return [ring for ring in rings if ring.readable()]
-
-
-#: A turn that answers this many requests finds the machine busy (see BatchWaiter).
-BUSY_REPLIES = 4
-
-
-class BatchWaiter:
-    """:func:`wait_readable` for a loop that serves batches, spinning first
-    only while that pays.
-
-    A spin pays only while the peer runs on another core meanwhile. On two
-    cores a loaded host keeps four processes busy (client, relay, supervisor,
-    worker), so a spin that finds its answer has mostly kept the peer from a
-    core. So after a busy turn (BUSY_REPLIES or more replies), a loop on a
-    machine without a spare core sleeps at once; a quiet one still spins,
-    which shortens a lone request's round trip.
-    """
-
-    def __init__(self) -> None:
-        self._spare_core = spare_core()
-        self._spin = True
-
-    def wait(
-        self, rings: Sequence[Ring], timeout: float | None, wake_fds: Sequence[int] = ()
-    ) -> list[Ring]:
-        return wait_readable(rings, timeout, wake_fds, self._spin)
-
-    def after_turn(self, replies: int) -> None:
-        self._spin = replies < BUSY_REPLIES or self._spare_core
-
-
-def spare_core() -> bool:
-    """Whether this process may run on more than two cores (see BatchWaiter)."""
-    try:
-        return len(os.sched_getaffinity(0)) > 2
-    except AttributeError:  # not Linux
-        return (os.cpu_count() or 1) > 2
 
 
 def segment_prefix(cluster: str) -> str:

@@ -164,8 +164,7 @@ class WorkerCore:
         self._count(1)
         fault = self._executor.run_request(ticket, deadline, payload)
         if fault is not None:
-            self._count(-1)
-            self.send(frames.Reply(ticket, False, fault).encode())
+            self.answer(ticket, (False, fault))
 
     def _on_broadcast(self, payload: bytes) -> None:
         self._count(1)

@@ -61,6 +61,8 @@ class PooledExecutor(Generic[PoolT]):
 
     def __init__(self, core: WorkerCore, handler: Any, config: Config, inbox: Ring):
         self._core = core
+        self._log = core.log
+        self._errors = core.errors  # tracebacks, rate-limited, with service and worker
         self._handler = handler
         self._config = config
         self._inbox = inbox  # read by the executor's frame loop
@@ -71,7 +73,7 @@ class PooledExecutor(Generic[PoolT]):
         Made here, at boot, on the executor's own loop (iris.aio's pools
         belong to the loop they are made on).
         """
-        limits, errors = self._config.limits, self._core.errors
+        limits, errors = self._config.limits, self._errors
         self._requests = pool_class(
             "request", limits.request_threads, limits.request_memory, errors
         )

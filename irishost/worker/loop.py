@@ -38,8 +38,6 @@ class LoopExecutor(PooledExecutor[HandlerPool]):
 
     def __init__(self, core: WorkerCore, handler: Any, config: Config, inbox: Ring):
         super().__init__(core, handler, config, inbox)
-        self._log = core.log
-        self._errors = core.errors  # tracebacks, rate-limited, with service and worker
         self._runner = asyncio.Runner()  # boot and serve run on the same loop
         self._loop = self._runner.get_loop()
         self._drained: asyncio.Future[None] = self._loop.create_future()

@@ -35,8 +35,6 @@ class ThreadExecutor(PooledExecutor[HandlerPool]):
 
     def __init__(self, core: WorkerCore, handler: Any, config: Config, inbox: Ring):
         super().__init__(core, handler, config, inbox)
-        self._log = core.log
-        self._errors = core.errors
         self._no_thread = RateLimitedWarning(core.log, "could not start a handler thread")
 
     # -- life cycle ---------------------------------------------------------------
@@ -58,7 +56,8 @@ class ThreadExecutor(PooledExecutor[HandlerPool]):
 
     def serve(self) -> int:
         """The frame loop, on the main thread; it spins for the next frame only
-        while work is in flight, when one is due soon."""
+        while no work is in flight: a spin holds the GIL that handler threads
+        at work need (see Ring.get)."""
         core, inbox = self._core, self._inbox
         handle = core.handle
         while True:
