@@ -671,7 +671,8 @@ def compare_checkouts(names: list[str], checkouts: list[str], rounds: int, quick
     """Each benchmark run by this checkout and by each of ``checkouts``, in
     child processes taking turns (the order reversed every other round, so
     that neither side always runs first); each figure is the median of the
-    rounds, and this checkout's figures get their ratio to each other's.
+    rounds. Each other checkout's row shows its figure, and in the ratio
+    column this checkout's figure divided by it.
 
     A child is this script with a checkout's directory first on the path, so
     every side is measured by the same code.
@@ -695,15 +696,14 @@ def compare_checkouts(names: list[str], checkouts: list[str], rounds: int, quick
                     figures[side].setdefault(row["benchmark"], []).append(row["value"])
                     units[row["benchmark"]] = row["unit"]
     for benchmark, values in figures[here].items():
-        report.add(benchmark, statistics.median(values), units[benchmark])
+        ours = statistics.median(values)
+        report.add(benchmark, ours, units[benchmark])
         for side in sides[1:]:
             if theirs := figures[side].get(benchmark):
-                report.add(
-                    f"{benchmark}, against {side}",
-                    statistics.median(values),
-                    units[benchmark],
-                    baseline=statistics.median(theirs),
+                row = report.add(
+                    f"{benchmark}, {side}", statistics.median(theirs), units[benchmark]
                 )
+                row.ratio = ours / row.value if row.value else float("nan")
     return report
 
 
