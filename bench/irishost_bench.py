@@ -90,7 +90,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -741,26 +741,58 @@ def latency_window(rig: Rig, settings: Settings) -> list[float]:
     )
 
 
-def load_window(rig: Rig, settings: Settings) -> int:
-    """Echo requests answered in one window with LOAD_CONCURRENCY in flight
-    (iris.aio requesters, the cheapest client on the shared cores)."""
+@dataclass
+class LoadWindow:
+    """What one window of LOAD_CONCURRENCY echo requests in flight did."""
 
-    async def run() -> int:
+    answered: int
+    seconds: float
+    cpu: list[float]  # CPU seconds of each process load_window was given
+    machine: float  # CPU seconds of the whole machine: every process and interrupt
+
+
+def load_window(
+    rig: Rig, settings: Settings, processes: Sequence[psutil.Process] = ()
+) -> LoadWindow:
+    """LOAD_CONCURRENCY echo requesters (iris.aio, the cheapest client on the
+    shared cores) through a warm-up, then a window cut out of the middle by
+    snapshots of the count and the CPU times, as iris_bench cuts its own.
+
+    So connecting, the ramp up and the drain at the end, when batches are
+    small and the processes have just woken, fall outside the window: its
+    figures are the steady state with that many in flight.
+    """
+
+    def snapshot() -> tuple[float, list[float], float]:
+        return time.monotonic(), [_cpu_seconds(p) for p in processes], _cpu_split()[0]
+
+    async def run() -> LoadWindow:
         conn = await iris.aio.connect(rig.port)
         answered = 0
-        end = time.monotonic() + settings.latency_seconds
+        running = True
 
         async def lane() -> None:
             nonlocal answered
-            while time.monotonic() < end:
+            while running:
                 await conn.request(CLUSTER, ECHO_REQUEST, REPLY_TIMEOUT)
                 answered += 1
 
+        lanes = [asyncio.ensure_future(lane()) for _ in range(LOAD_CONCURRENCY)]
         try:
-            await asyncio.gather(*(lane() for _ in range(LOAD_CONCURRENCY)))
+            await asyncio.sleep(settings.warmup_seconds)
+            (started, cpu_before, machine_before), answered_before = snapshot(), answered
+            await asyncio.sleep(settings.latency_seconds)
+            (ended, cpu_after, machine_after), answered_after = snapshot(), answered
         finally:
+            running = False
+            await asyncio.gather(*lanes)  # a requester's error is raised here
             await conn.close()
-        return answered
+        return LoadWindow(
+            answered_after - answered_before,
+            ended - started,
+            [after - before for before, after in zip(cpu_before, cpu_after, strict=True)],
+            machine_after - machine_before,
+        )
 
     return asyncio.run(run())
 
@@ -807,23 +839,12 @@ def bench_echo_overhead(report: _util.Report, settings: Settings, directory: Pat
             for index, process in enumerate(processes):
                 cpu[rig][index] += _cpu_seconds(process) - before[index]
         loaded_rigs = [*rigs, *wide]
-        answered = dict.fromkeys(loaded_rigs, 0)
-        load_cpu = dict.fromkeys(loaded_rigs, 0.0)  # all of the service's processes
-        first_cpu = dict.fromkeys(loaded_rigs, 0.0)  # its first: irishost's supervisor
-        rest_cpu = dict.fromkeys(loaded_rigs, 0.0)  # the client (this process) and the relay
-        machine_cpu = dict.fromkeys(loaded_rigs, 0.0)  # everything that ran meanwhile
+        windows: dict[Rig, list[LoadWindow]] = {rig: [] for rig in loaded_rigs}
         client = psutil.Process()
         for rig in _util.alternating(loaded_rigs, settings.rounds):
+            # The service's processes (irishost's supervisor first), then the client and relay.
             processes = [*rig.processes(), client, rig.relay.ps]
-            before = [_cpu_seconds(process) for process in processes]
-            machine_before = _cpu_split()[0]
-            answered[rig] += load_window(rig, settings)
-            machine_cpu[rig] += _cpu_split()[0] - machine_before
-            after = [_cpu_seconds(process) for process in processes]
-            spent = [end - start for start, end in zip(before, after, strict=True)]
-            load_cpu[rig] += sum(spent[:-2])
-            first_cpu[rig] += spent[0]
-            rest_cpu[rig] += sum(spent[-2:])
+            windows[rig].append(load_window(rig, settings, processes))
     baseline = report.add_latencies(f"echo latency: {plain.label}", samples[plain])
     for host in hosts:
         target = ECHO_TARGET if host is hosts[0] else None
@@ -846,77 +867,98 @@ def bench_echo_overhead(report: _util.Report, settings: Settings, directory: Pat
             "us",
             baseline=plain_cpu,
         )
-    report_loaded(report, settings, plain, hosts, wide, answered, load_cpu, first_cpu)
-    report_saturation(report, settings, [plain, *hosts, *wide], answered, rest_cpu, machine_cpu)
+    loaded = {rig: Loaded.total(rig_windows) for rig, rig_windows in windows.items()}
+    report_loaded(report, plain, hosts, wide, loaded)
+    report_saturation(report, [plain, *hosts, *wide], loaded)
+
+
+@dataclass
+class Loaded:
+    """A rig's loaded windows added up: requests and CPU seconds."""
+
+    answered: int
+    seconds: float
+    service: float  # the service's processes: plain's one, or supervisor and workers
+    supervisor: float  # the service's first process: irishost's supervisor
+    client_relay: float  # the client (this process) and the relay
+    machine: float  # the whole machine
+
+    @classmethod
+    def total(cls, windows: list[LoadWindow]) -> Loaded:
+        """Of windows measured on [the service's processes..., client, relay]."""
+        return cls(
+            answered=sum(w.answered for w in windows),
+            seconds=sum(w.seconds for w in windows),
+            service=sum(sum(w.cpu[:-2]) for w in windows),
+            supervisor=sum(w.cpu[0] for w in windows),
+            client_relay=sum(sum(w.cpu[-2:]) for w in windows),
+            machine=sum(w.machine for w in windows),
+        )
+
+    @property
+    def rate(self) -> float:
+        return self.answered / self.seconds
+
+    def per_request(self, cpu_seconds: float) -> float:
+        """``cpu_seconds`` over these windows, in us per request."""
+        return cpu_seconds / self.answered * 1e6
 
 
 def report_loaded(
     report: _util.Report,
-    settings: Settings,
     plain: Rig,
     hosts: list[Rig],
     wide: list[Rig],
-    answered: dict[Rig, int],
-    load_cpu: dict[Rig, float],
-    supervisor_cpu: dict[Rig, float],
+    loaded: dict[Rig, Loaded],
 ) -> None:
     """echo-overhead's rows for its windows of LOAD_CONCURRENCY in flight."""
-    seconds = settings.rounds * settings.latency_seconds
-    loaded = f"{LOAD_CONCURRENCY} in flight"
-    plain_rate = answered[plain] / seconds
-    report.add(f"echo, {loaded}: {plain.label}", plain_rate, "requests/s")
+    in_flight = f"{LOAD_CONCURRENCY} in flight"
+    plain_rate = loaded[plain].rate
+    report.add(f"echo, {in_flight}: {plain.label}", plain_rate, "requests/s")
     targets = {hosts[0]: LOAD_TARGET, wide[0]: WIDE_TARGET}  # not the compared checkouts
     for rig in (*hosts, *wide):
         report.add(
-            f"echo, {loaded}: {rig.label}",
-            answered[rig] / seconds,
+            f"echo, {in_flight}: {rig.label}",
+            loaded[rig].rate,
             "requests/s",
             targets.get(rig),
             baseline=plain_rate,
         )
-    plain_load_cpu = load_cpu[plain] / answered[plain] * 1e6
-    report.add(f"echo CPU per request, {loaded}: {plain.label}", plain_load_cpu, "us")
+    plain_cpu = loaded[plain].per_request(loaded[plain].service)
+    report.add(f"echo CPU per request, {in_flight}: {plain.label}", plain_cpu, "us")
     for rig in (*hosts, *wide):
         report.add(
-            f"echo CPU per request, {loaded}: {rig.label}, supervisor + workers",
-            load_cpu[rig] / answered[rig] * 1e6,
+            f"echo CPU per request, {in_flight}: {rig.label}, supervisor + workers",
+            loaded[rig].per_request(loaded[rig].service),
             "us",
             LOAD_CPU_TARGET if rig is hosts[0] else None,
-            baseline=plain_load_cpu,
+            baseline=plain_cpu,
         )
         report.add(
-            f"echo CPU per request, {loaded}: {rig.label}, supervisor",
-            supervisor_cpu[rig] / answered[rig] * 1e6,
+            f"echo CPU per request, {in_flight}: {rig.label}, supervisor",
+            loaded[rig].per_request(loaded[rig].supervisor),
             "us",
             SUPERVISOR_TARGET if rig is hosts[0] else None,
         )
 
 
-def report_saturation(
-    report: _util.Report,
-    settings: Settings,
-    rigs: list[Rig],
-    answered: dict[Rig, int],
-    rest_cpu: dict[Rig, float],
-    machine_cpu: dict[Rig, float],
-) -> None:
+def report_saturation(report: _util.Report, rigs: list[Rig], loaded: dict[Rig, Loaded]) -> None:
     """What else each loaded window cost, and how busy the machine was.
 
     When the cores are all busy, a side's requests/s is the cores over the CPU
     per request of everything a request crosses (client, relay, service), so
     a host's share of that decides its ratio to the plain service, whatever
     the supervisor's own speed: the reason issue 19's figures need these."""
-    seconds = settings.rounds * settings.latency_seconds
-    loaded = f"{LOAD_CONCURRENCY} in flight"
+    in_flight = f"{LOAD_CONCURRENCY} in flight"
     for rig in rigs:
         report.add(
-            f"echo CPU per request, {loaded}: {rig.label}, client + relay",
-            rest_cpu[rig] / answered[rig] * 1e6,
+            f"echo CPU per request, {in_flight}: {rig.label}, client + relay",
+            loaded[rig].per_request(loaded[rig].client_relay),
             "us",
         )
         report.add(
-            f"echo, {loaded}: {rig.label}, cores busy (whole machine)",
-            machine_cpu[rig] / seconds,
+            f"echo, {in_flight}: {rig.label}, cores busy (whole machine)",
+            loaded[rig].machine / loaded[rig].seconds,
             "cores",
         )
 
@@ -940,31 +982,28 @@ def bench_access_log(report: _util.Report, settings: Settings, directory: Path) 
                 on.label += f" from {checkout}"
             pairs.append((off, on))
         rigs = [rig for pair in pairs for rig in pair]
-        answered = dict.fromkeys(rigs, 0)
-        supervisor_cpu = dict.fromkeys(rigs, 0.0)
+        windows: dict[Rig, list[LoadWindow]] = {rig: [] for rig in rigs}
         for rig in _util.alternating(rigs, settings.rounds):
-            supervisor = rig.processes()[0]
-            before = _cpu_seconds(supervisor)
-            answered[rig] += load_window(rig, settings)
-            supervisor_cpu[rig] += _cpu_seconds(supervisor) - before
-    seconds = settings.rounds * settings.latency_seconds
-    loaded = f"{LOAD_CONCURRENCY} in flight"
+            windows[rig].append(load_window(rig, settings, [rig.processes()[0]]))
+    in_flight = f"{LOAD_CONCURRENCY} in flight"
+
+    def figures(rig: Rig) -> tuple[float, float]:
+        """Requests/s, and the supervisor's CPU in us per request."""
+        answered = sum(w.answered for w in windows[rig])
+        supervisor = sum(w.cpu[0] for w in windows[rig])
+        return answered / sum(w.seconds for w in windows[rig]), supervisor / answered * 1e6
+
     for off, on in pairs:
-        baseline = answered[off] / seconds
-        report.add(f"echo, {loaded}: {off.label}", baseline, "requests/s")
+        (off_rate, off_cpu), (on_rate, on_cpu) = figures(off), figures(on)
+        report.add(f"echo, {in_flight}: {off.label}", off_rate, "requests/s")
         target = ACCESS_LOG_TARGET if off is pairs[0][0] else None
         report.add(
-            f"echo, {loaded}: {on.label}",
-            answered[on] / seconds,
-            "requests/s",
-            target,
-            baseline=baseline,
+            f"echo, {in_flight}: {on.label}", on_rate, "requests/s", target, baseline=off_rate
         )
-        off_cpu = supervisor_cpu[off] / answered[off] * 1e6
-        report.add(f"echo supervisor CPU per request, {loaded}: {off.label}", off_cpu, "us")
+        report.add(f"echo supervisor CPU per request, {in_flight}: {off.label}", off_cpu, "us")
         report.add(
-            f"echo supervisor CPU per request, {loaded}: {on.label}",
-            supervisor_cpu[on] / answered[on] * 1e6,
+            f"echo supervisor CPU per request, {in_flight}: {on.label}",
+            on_cpu,
             "us",
             baseline=off_cpu,
         )
@@ -1201,7 +1240,7 @@ def profile_echo(directory: str, settings: Settings, loaded: bool) -> None:
             answered = 0
             for _ in range(settings.rounds):
                 if loaded:
-                    answered += load_window(rig, settings)
+                    answered += load_window(rig, settings).answered
                 else:
                     samples += latency_window(rig, settings)
             workers = rig.processes()[1:]
