@@ -77,17 +77,21 @@ def reply_to(data: bytes) -> bytes:
     return frames.Reply(request.ticket, True, PAYLOAD).encode()
 
 
-def measure() -> dict[str, float]:
-    """us per request of each half, the best of RUNS runs of BATCHES batches."""
+def measure(workers: int) -> dict[str, float]:
+    """us per request of each half, the best of RUNS runs of BATCHES batches,
+    with ``workers`` ready workers sharing each batch."""
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "service.toml"
         path.write_text(CONFIG)
         config = load_config(path)
     table = WorkerTable()
-    inbox, outbox = Ring.create(), Ring.create()
-    worker = WorkerHandle(0, os.getpid(), inbox, outbox, max_requests=0)
-    table.add(worker)
-    table.transition(worker, Change.BOOTED)
+    handles = []
+    for slot in range(workers):
+        # Distinct pids, as real workers have; the rings are this process's.
+        handle = WorkerHandle(slot, os.getpid() + slot, Ring.create(), Ring.create(), 0)
+        table.add(handle)
+        table.transition(handle, Change.BOOTED)
+        handles.append(handle)
     switchboard = Switchboard(config, ContextLog(), table, recycle=lambda _: None)
     relay = RelayStandIn()
     switchboard.conn = relay  # type: ignore[assignment]  # the one method the fast path uses
@@ -108,24 +112,27 @@ def measure() -> dict[str, float]:
                 taken = fast.route_leading(packets)
                 request_seconds += time.perf_counter() - started
                 assert taken == len(packets), "the fast path left requests to the slow one"
-                outbox.put_batch([reply_to(frame) for frame in inbox.drain()])
+                for handle in handles:
+                    handle.outbox.put_batch([reply_to(frame) for frame in handle.inbox.drain()])
                 started = time.perf_counter()
-                rest = fast.answer_replies(worker, outbox.drain())
+                for handle in handles:
+                    rest = fast.answer_replies(handle, handle.outbox.drain())
+                    assert not rest, "a reply left the fast path"
                 fast.flush()
                 reply_seconds += time.perf_counter() - started
-                assert not rest, "a reply left the fast path"
             gc.enable()
             per = BATCHES * BATCH / 1e6
             best["requests"] = min(best["requests"], request_seconds / per)
             best["replies"] = min(best["replies"], reply_seconds / per)
     finally:
-        inbox.close()
-        outbox.close()
+        for handle in handles:
+            handle.inbox.close()
+            handle.outbox.close()
     best["total"] = best["requests"] + best["replies"]
     return best
 
 
-def compare(checkouts: list[str], rounds: int) -> None:
+def compare(checkouts: list[str], rounds: int, workers: int) -> None:
     """This checkout and each of ``checkouts`` in turns, as child processes
     (the order reversed every other round); the median of each side's figures."""
     here = str(Path(__file__).resolve().parent.parent)
@@ -133,7 +140,7 @@ def compare(checkouts: list[str], rounds: int) -> None:
     figures: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
     for side in _util.alternating(sides, rounds):
         done = subprocess.run(
-            [sys.executable, __file__, "--json"],
+            [sys.executable, __file__, "--json", "--workers", str(workers)],
             capture_output=True,
             text=True,
             **_util.in_checkout(side),
@@ -141,7 +148,10 @@ def compare(checkouts: list[str], rounds: int) -> None:
         if done.returncode:
             raise SystemExit(f"the run from {side} failed:\n{done.stderr}")
         figures[side].append(json.loads(done.stdout))
-    print(f"us of supervisor Python per request, batches of {BATCH}, median of {rounds} turns")
+    print(
+        f"us of supervisor Python per request, batches of {BATCH}, {workers} worker(s), "
+        f"median of {rounds} turns"
+    )
     print()
     print(
         "| checkout | requests (route_leading) | replies (drain + answer_replies + flush) | total "
@@ -162,14 +172,18 @@ def main() -> int:
     parser.add_argument("--compare", action="append", default=[], metavar="DIR")
     parser.add_argument("--rounds", type=int, default=5, help="with --compare: turns a side")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--workers", type=int, default=1, help="ready workers sharing a batch")
     args = parser.parse_args()
     if args.compare:
-        compare(args.compare, args.rounds)
+        compare(args.compare, args.rounds, args.workers)
     elif args.json:
-        print(json.dumps(measure()))
+        print(json.dumps(measure(args.workers)))
     else:
-        figures = measure()
-        print(f"us of supervisor Python per request, batches of {BATCH}, best of {RUNS}")
+        figures = measure(args.workers)
+        print(
+            f"us of supervisor Python per request, batches of {BATCH}, "
+            f"{args.workers} worker(s), best of {RUNS}"
+        )
         print()
         print("| requests (route_leading) | replies (drain + answer_replies + flush) | total |")
         print("|---|---|---|")

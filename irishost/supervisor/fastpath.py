@@ -41,6 +41,7 @@ from ..ops.metrics import Outcome
 from ..wire.frames import request_frame, split_replies
 from .handle import WorkerHandle, WorkerUnreachable
 from .request_log import HostRequest, RequestLog
+from .worker_choice import Refusing, WorkerChoice
 from .worker_table import HeldRequest, WorkerTable, reply_head
 
 _REQUEST = int(codec.Op.REQUEST)
@@ -64,7 +65,8 @@ class FastPathHost(Protocol):
     def answer(self) -> Callable[[HostRequest, Outcome, bytes | str, WorkerHandle | None], None]:
         """Switchboard.answer: the request, its outcome, the reply or fault, its worker."""
 
-    def pick_for_request(self, size: int, now: float) -> object: ...  # a WorkerHandle, or not
+    def choice(self, now: float) -> WorkerChoice | Refusing:
+        """Switchboard.choice: who takes requests now."""
 
 
 class FastPath:
@@ -82,12 +84,13 @@ class FastPath:
         of ``data``, one read of the relay connection (reader thread); return
         how many bytes they took. Dense on purpose: this runs per request."""
         switchboard = self.switchboard
-        conn, table, pick = switchboard.conn, switchboard.table, switchboard.pick_for_request
+        conn, table = switchboard.conn, switchboard.table
         batches: dict[WorkerHandle, tuple[list[int], list[bytes]]] = {}
         end, pos = len(data), 0
         now = time.monotonic()
         assert conn is not None  # set before the connection reads
         with table.lock:
+            choose = switchboard.choice(now).choose
             while pos < end and data[pos] == _REQUEST:
                 try:
                     relay_id, body = read_minimal_varint(data, pos + 1)
@@ -98,7 +101,7 @@ class FastPath:
                     timeout_ms, at = read_varint(data, at)
                 except (IndexError, NotFast):  # incomplete, or for the codec to judge
                     break
-                worker = pick(length, now)
+                worker = choose(length)
                 if type(worker) is not WorkerHandle:  # it waits, or is refused
                     break
                 deadline = now + timeout_ms / 1000

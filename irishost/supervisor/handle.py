@@ -72,6 +72,7 @@ class WorkerHandle:
         self.broken = False  # it sent a frame that does not decode: nothing more is read
         self.drain_deadline = 0.0  # when DRAINING: killed if still alive after this
         self.stalled_until = 0.0  # passed over until then; see put()
+        self.last_chosen = 0  # when it was last chosen for a request; see WorkerChoice
         self.memory = ProcessTree(pid)  # its memory, and its descendants'
         # Several supervisor threads write to the inbox. Reentrant: the relay's
         # reader holds it from booking a request to writing it (hold_inbox).

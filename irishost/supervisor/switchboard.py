@@ -28,6 +28,7 @@ unanswered (its caller got the relay's timeout).
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -43,12 +44,8 @@ from .bridge import TunnelBridge
 from .fastpath import FastPath
 from .handle import BEST_EFFORT_TIMEOUT, WorkerHandle, WorkerState, WorkerUnreachable
 from .request_log import HostRequest, RequestLog
+from .worker_choice import Refusal, Refusing, WorkerChoice
 from .worker_table import WorkerTable
-
-READY, DRAINING = WorkerState.READY, WorkerState.DRAINING
-# Added to a booting worker's load when picking one for a request: more than
-# any ready worker's count of requests in flight, so it comes after them all.
-BOOTING_LOAD = 1 << 62
 
 
 class WaitingRequest(NamedTuple):
@@ -63,28 +60,6 @@ class WaitingRequest(NamedTuple):
     @property
     def size(self) -> int:
         return len(self.payload)
-
-
-class Refusal(NamedTuple):
-    """Why no worker can take a request: its outcome, and the fault text for its caller."""
-
-    outcome: Outcome
-    text: str
-
-
-def no_room(open_workers: int, stalled: int, memory_cap: int, size: int) -> Refusal:
-    """Why none of the ``open_workers`` (``stalled`` of them) can take a request."""
-    if stalled == open_workers:
-        return Refusal(
-            Outcome.NO_ROOM,
-            f"all {open_workers} workers are stalled: none took a frame in time lately",
-        )
-    return Refusal(
-        Outcome.NO_ROOM,
-        f"all {open_workers} workers are at their request memory limit "
-        f"({memory_cap} bytes each, request is {size} bytes)"
-        + (f" or stalled ({stalled})" if stalled else ""),
-    )
 
 
 class Switchboard:
@@ -102,7 +77,7 @@ class Switchboard:
         self.dropped: iris.Connection | None = None  # the last connection drop() was told of
         self.bridges: dict[int, TunnelBridge] = {}
         self.served = 0
-        self._cursor = 0  # where the round-robin among equally loaded workers starts
+        self._clock = itertools.count(1)  # numbers each choice of a worker (WorkerChoice)
         self._waiting: deque[WaitingRequest] = deque()  # for a worker to be ready, oldest first
         self._waiting_bytes = 0
         self._delivery_dropped = RateLimitedWarning(log, "broadcast or event dropped")
@@ -144,7 +119,7 @@ class Switchboard:
         now = time.monotonic()
         waiting = WaitingRequest(conn, relay_id, now + timeout, payload, now)
         with self.table.lock:
-            choice = self.pick_for_request(len(payload), now)
+            choice = self.choice(now).choose(len(payload))
             if choice is None:
                 choice = self._wait_for_worker(waiting)
                 if choice is None:
@@ -211,9 +186,10 @@ class Switchboard:
                 (live if alive else expired).append(waiting)
             self._waiting = deque(live)
             self._waiting_bytes = sum(w.size for w in live)
+            workers = self.choice(now)
             while self._waiting:
                 waiting = self._waiting[0]
-                choice = self.pick_for_request(waiting.size, now)
+                choice = workers.choose(waiting.size)
                 if choice is None:
                     break
                 self._waiting.popleft()
@@ -224,45 +200,12 @@ class Switchboard:
         for waiting, choice, ticket in handed:
             self._hand_over(waiting, choice, ticket)
 
-    def pick_for_request(self, size: int, now: float) -> WorkerHandle | Refusal | None:
-        """The least loaded worker with room, a Refusal saying why none, or
-        None when no worker is ready at all (the request waits for one).
-
-        Ready workers come first. When none of them has room, a booting one
-        will do: the request waits in its ring until it is up. Ties go
-        round-robin, as on the relay: with quick handlers every worker is idle
-        whenever a request arrives, and the first one in the list would
-        otherwise get them all.
-        """
+    def choice(self, now: float) -> WorkerChoice | Refusing:
+        """Who takes requests now (see WorkerChoice); hold the table's lock
+        while choosing."""
         if not self.accepting:
-            return Refusal(Outcome.SHUTDOWN, "service is shutting down")
-        best: WorkerHandle | None = None
-        best_load = open_workers = ready = stalled = 0
-        workers, start = self.table.workers, self._cursor
-        count, room = len(workers), self._memory_cap - size
-        for step in range(count):  # per request: worker.stalled() inlined
-            worker = workers[(start + step) % count]
-            state = worker.state
-            if state is DRAINING:
-                continue
-            open_workers += 1
-            if state is READY:
-                ready += 1
-            if now < worker.stalled_until:
-                stalled += 1
-                continue
-            if worker.in_flight_bytes > room:
-                continue
-            # Ready ones first (a booting one weighs BOOTING_LOAD more), then the least loaded.
-            load = len(worker.in_flight) + (0 if state is READY else BOOTING_LOAD)
-            if best is None or load < best_load:
-                best, best_load = worker, load
-                self._cursor = (start + step + 1) % count
-        if not ready:
-            return None
-        if best is not None:
-            return best
-        return no_room(open_workers, stalled, self._memory_cap, size)
+            return Refusing()
+        return WorkerChoice(self.table.workers, now, self._memory_cap, self._clock)
 
     def broadcast(self, message: bytes) -> None:
         self._deliver(self.config.workers.broadcast, frames.Broadcast(message).encode())
