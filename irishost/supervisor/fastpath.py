@@ -147,22 +147,27 @@ class FastPath:
         """Queue the replies to the settled requests for flush()."""
         switchboard = self.switchboard
         answered: list[HeldRequest] = []
+        oversized: list[tuple[HeldRequest, bytes]] = []
+        sends = self._sends
         for held, payload in zip(settled, payloads, strict=True):
             if held is None:  # settled already: its worker's death answered it
                 continue
-            switchboard.served += 1
-            worker.served += 1
-            # Retire the worker before its last reply goes out (see on_frame).
-            if worker.max_requests and worker.served >= worker.max_requests:
-                switchboard.recycle(worker)
             if len(payload) > _MAX_MESSAGE:  # refused by reply(), with a fault
-                switchboard.answer(held, Outcome.OK, payload, worker)
+                oversized.append((held, payload))
                 continue
-            out = self._sends.get(held.conn)
+            out = sends.get(held.conn)
             if out is None:
-                out = self._sends[held.conn] = []
+                out = sends[held.conn] = []
             out += (held.head, _encode_varint(len(payload)), payload)
             answered.append(held)
+        served = len(answered) + len(oversized)
+        switchboard.served += served
+        worker.served += served
+        # Retire the worker before its last reply goes out (see on_frame).
+        if worker.max_requests and worker.served >= worker.max_requests:
+            switchboard.recycle(worker)
+        for held, payload in oversized:
+            switchboard.answer(held, Outcome.OK, payload, worker)
         self._answered.append((worker, answered))
 
     def flush(self) -> int:
