@@ -52,6 +52,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
+from .logs import LineBatch
+
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 JOURNAL_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
@@ -67,10 +69,13 @@ _DEBUG_PRIORITY = 7
 _HAS_PRIORITY = re.compile(r"<[0-7]>")
 
 # Records the writer may fall behind by before new ones are dropped. The
-# access log is the busiest source: at 20k requests/s this is half a second
-# of lines, enough to ride out a slow disk or journald catching up; a
-# stalled reader then holds at most this many records (a few MB) in memory.
+# access log is the busiest source, its lines in records of up to
+# ACCESS_LINES_PER_RECORD (iris.logs.LineBatch): at 50k requests/s this is
+# seconds of lines, enough to ride out a slow disk or journald catching up;
+# a stalled reader then holds at most this many records (about 20 MB of
+# access lines) in memory.
 QUEUE_RECORDS = 10_000
+ACCESS_LINES_PER_RECORD = 16
 # The writer flushes at most this much at once: a pipe write of up to
 # PIPE_BUF bytes is atomic, so lines of the processes sharing stderr (the
 # supervisor, its workers, an embedded relay) never interleave mid-line.
@@ -102,6 +107,12 @@ class _JournalFormatter(logging.Formatter):
         else:
             line = super().format(record)
         return prefix + line.replace("\n", "\n" + prefix)
+
+    def format_batch(self, record: logging.LogRecord, messages: list[str]) -> list[str]:
+        """A LineBatch's lines: :meth:`format`'s, the part before the message made once."""
+        prefix = f"<{_priority(record.levelno)}>"
+        head = f"{prefix}{record.levelname} {record.name}: "
+        return [(head + message).replace("\n", "\n" + prefix) for message in messages]
 
 
 def _is_plain(record: logging.LogRecord) -> bool:
@@ -135,6 +146,11 @@ class _PlainFormatter(logging.Formatter):
             when = self.formatTime(record)
             return f"{when} {record.levelname} {record.name}: {record.getMessage()}"
         return super().format(record)
+
+    def format_batch(self, record: logging.LogRecord, messages: list[str]) -> list[str]:
+        """A LineBatch's lines: :meth:`format`'s, the part before the message made once."""
+        head = f"{self.formatTime(record)} {record.levelname} {record.name}: "
+        return [head + message for message in messages]
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
         second = int(record.created)
@@ -225,10 +241,9 @@ class _Output(logging.StreamHandler):  # type: ignore[type-arg]
 
     def __init__(self, stream: TextIO | None, environ: Mapping[str, str]) -> None:
         super().__init__(sys.stderr if stream is None else stream)
-        if _is_journal(self.stream, environ):
-            self.setFormatter(_JournalFormatter())
-        else:
-            self.setFormatter(_PlainFormatter())
+        journal = _is_journal(self.stream, environ)
+        self._formatter = _JournalFormatter() if journal else _PlainFormatter()
+        self.setFormatter(self._formatter)
         # Records still queued for it, when behind a writer: no flush until 0.
         self.backlog: Callable[[], int] = lambda: 0
         self._pending: list[str] = []  # formatted lines not yet written
@@ -236,17 +251,23 @@ class _Output(logging.StreamHandler):  # type: ignore[type-arg]
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = self.format(record) + self.terminator
-            if self._unflushed + len(line) > FLUSH_BYTES:
-                self.flush()
-            self._pending.append(line)
-            self._unflushed += len(line)
+            if isinstance(record.msg, LineBatch):  # a line per message
+                for line in self._formatter.format_batch(record, record.msg.lines()):
+                    self._add(line + self.terminator)
+            else:
+                self._add(self.format(record) + self.terminator)
             if not self.backlog():
                 self.flush()
         except RecursionError:
             raise
         except Exception:
             self.handleError(record)
+
+    def _add(self, line: str) -> None:
+        if self._unflushed + len(line) > FLUSH_BYTES:
+            self.flush()
+        self._pending.append(line)
+        self._unflushed += len(line)
 
     def flush(self) -> None:
         """Write the gathered lines in one piece: stderr is line-buffered, so

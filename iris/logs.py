@@ -79,6 +79,26 @@ class HotRecord(logging.LogRecord):
         self.msecs = (created - int(created)) * 1000
 
 
+class LineBatch:
+    """Several lines of one logger, level and moment, logged as one HotRecord
+    (its ``msg``): the per-request access lines of a batch of replies cost
+    the thread that answers them one record and one queue entry.
+
+    ``iris.logfmt``'s writer writes each of :meth:`lines` as a line of its
+    own, with its own prefix; any other handler gets them joined (``str``),
+    as it would a message with a traceback. A subclass keeps its lines'
+    fields and renders them in :meth:`lines`, on the writer's thread.
+    """
+
+    __slots__ = ()
+
+    def lines(self) -> list[str]:
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
 class ContextLog:
     """A logger bound to key=value context, like log15's ``Logger.New``."""
 

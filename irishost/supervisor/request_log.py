@@ -6,9 +6,11 @@ host: counted in :class:`~irishost.ops.metrics.RequestStats` (the snapshot's
 ``durations`` and ``failures``, the metrics' histogram and failure counters),
 and logged on ``irishost.access`` when ``[logging] access`` is on.
 
-An access line costs the thread that answers the request a HotRecord and a
-queue entry; its text is made by the log writer (``iris.logfmt``), in the
-same "request key=value ..." form as ContextLog's lines.
+The access lines of a batch of answers cost the thread that answers them one
+HotRecord and one queue entry (a ``LineBatch`` of up to
+``ACCESS_LINES_PER_RECORD`` lines); their text is made by the log writer
+(``iris.logfmt``), a line per request, in the same "request key=value ..."
+form as ContextLog's lines.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import iris
-from iris.logs import HotRecord, format_pairs
+from iris.logfmt import ACCESS_LINES_PER_RECORD
+from iris.logs import HotRecord, LineBatch, format_pairs
 
 from ..config import Config
 from ..ops.metrics import Outcome, RequestStats
@@ -48,23 +51,24 @@ class HostRequest(Protocol):
     def size(self) -> int: ...  # bytes
 
 
-class _AccessLine:
-    """An access line's message, rendered only when it is written."""
+class _AccessLines(LineBatch):
+    """The access lines of a batch of answers, rendered only when written:
+    one worker and outcome, each request's size and seconds."""
 
-    __slots__ = ("context", "worker", "size", "seconds", "outcome")
+    __slots__ = ("context", "worker", "outcome", "requests")
 
-    def __init__(self, context: str, worker: object, size: int, seconds: float, outcome: Outcome):
+    def __init__(
+        self, context: str, worker: object, outcome: Outcome, requests: list[tuple[int, float]]
+    ):
         self.context = context
         self.worker = worker
-        self.size = size
-        self.seconds = seconds
         self.outcome = outcome
+        self.requests = requests  # (size, seconds) of each
 
-    def __str__(self) -> str:
-        return (
-            f"request {self.context} worker={self.worker} size={self.size} "
-            f"duration={self.seconds:.6f} outcome={self.outcome}"
-        )
+    def lines(self) -> list[str]:
+        head = f"request {self.context} worker={self.worker} size="
+        tail = f" outcome={self.outcome}"
+        return [f"{head}{size} duration={seconds:.6f}{tail}" for size, seconds in self.requests]
 
 
 class RequestLog:
@@ -101,6 +105,9 @@ class RequestLog:
         context = self._access
         if context is not None and access_logger.isEnabledFor(logging.INFO):
             slot = "-" if worker is None else worker.slot
-            for request, seconds in zip(requests, durations, strict=True):
-                line = _AccessLine(context, slot, request.size, seconds, outcome)
-                access_logger.handle(HotRecord(access_logger.name, logging.INFO, line))
+            rows = [(r.size, seconds) for r, seconds in zip(requests, durations, strict=True)]
+            for start in range(0, len(rows), ACCESS_LINES_PER_RECORD):
+                batch = _AccessLines(
+                    context, slot, outcome, rows[start : start + ACCESS_LINES_PER_RECORD]
+                )
+                access_logger.handle(HotRecord(access_logger.name, logging.INFO, batch))

@@ -17,7 +17,7 @@ import pytest
 from support import journal_stream, wait_for
 
 from iris.logfmt import configure_logging, tag_standard_streams
-from iris.logs import ContextLog
+from iris.logs import ContextLog, HotRecord, LineBatch
 
 PLAIN_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?P<rest>.*)")
 # One syslog priority, as journald reads it, and not a second one after it.
@@ -56,6 +56,33 @@ def test_plain_lines_carry_time_level_name_and_context(stream):
         'ERROR irishost.test: worker died service=primes how="killed by SIGKILL"',
         "CRITICAL irishost.test: cannot continue service=primes",
     ]
+
+
+class Sizes(LineBatch):
+    """A line per size, rendered when written."""
+
+    def __init__(self, sizes: list[int]):
+        self.sizes = sizes
+
+    def lines(self) -> list[str]:
+        return [f"request cluster=echo size={size}" for size in self.sizes]
+
+
+@pytest.mark.parametrize("journal", [False, True])
+def test_a_batch_of_lines_is_written_as_lines_each_with_its_prefix(stream, journal):
+    """The access log's records: one HotRecord, a line per message."""
+    configure_logging("info", stream, environ=journal_stream(stream) if journal else {})
+    access = logging.getLogger("irishost.access")
+    batch = Sizes([1, 22, 333])
+    access.handle(HotRecord(access.name, logging.INFO, batch))
+    lines = written(stream)
+    if not journal:
+        lines = [PLAIN_LINE.fullmatch(line)["rest"] for line in lines]
+    prefix = "<6>INFO" if journal else "INFO"
+    assert lines == [
+        f"{prefix} irishost.access: request cluster=echo size={size}" for size in (1, 22, 333)
+    ]
+    assert str(batch).splitlines() == [f"request cluster=echo size={s}" for s in (1, 22, 333)]
 
 
 def test_journal_lines_carry_priority_and_no_time(stream):
