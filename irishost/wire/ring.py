@@ -54,7 +54,11 @@ Four orderings keep a record whole; each is named for the access it protects:
 
 And one for waking, a Dekker handshake: a sleeper stores its ``*_waiting``
 flag, then loads the index; a publisher stores the index, then loads the
-flag (**K, store/load**, both sides).
+flag (**K, store/load**, both sides). On the TSO ring a publisher that
+finds ``reader_waiting`` raised lowers it as it signals ``data_fd``, so a
+sleep costs the writer one ``eventfd_write`` however many frames it
+publishes before the reader runs; the reader raises the flag again before
+each sleep, and a lowering always comes with a signal, so none is lost.
 
 Each side of one ring follows one of two disciplines, chosen per machine by
 :mod:`irishost.wire.ordering` and recorded in the header so that the side
@@ -624,6 +628,10 @@ class TsoRing(Ring):
         self._hdr64[_TAIL] = tail
         _fence()
         if self._hdr32[_READER_WAITING]:
+            # One signal a sleep: the flag is lowered with it, so the frames
+            # published before the reader is up make no more system calls.
+            # The reader raises it again before it next sleeps (K).
+            self._hdr32[_READER_WAITING] = 0
             os.eventfd_write(self.data_fd, 1)
 
     def _wait_space(self, size: int, deadline: float | None) -> bool:
