@@ -301,16 +301,23 @@ def decode(data: bytes) -> Frame:
 
 
 # The fast path's frames (see irishost/supervisor/fastpath.py). A REQUEST is
-# written and a successful REPLY read once per request, so these skip the
-# frame objects; what they make or accept is exactly what encode() makes and
-# decode() accepts.
+# written and read, and a REPLY written and read, once per request, so these
+# skip the frame objects; what they make or accept is exactly what encode()
+# makes and decode() accepts.
 _REQUEST = int(Kind.REQUEST)
+_REPLY = int(Kind.REPLY)
 _REPLY_HEAD = bytes((0x94, Kind.REPLY))  # msgpack: an array of 4, then the kind
 
 
 def request_frame(ticket: int, deadline: float, payload: bytes) -> bytes:
     """``Request(ticket, deadline, payload).encode()``, without the Request."""
     return _pack((_REQUEST, ticket, deadline, payload))
+
+
+def reply_frame(ticket: int, success: bool, payload: bytes | str) -> bytes:
+    """``Reply(ticket, success, payload).encode()``, without the Reply
+    (0.2 us against 0.6, on a worker's handler thread per request)."""
+    return _pack((_REPLY, ticket, success, payload))
 
 
 def split_replies(batch: list[bytes]) -> tuple[list[int], list[bytes], list[bytes]]:

@@ -222,7 +222,7 @@ class WorkerCore:
         if outcome is None:
             self.complete(frames.Expired(ticket).encode())
         else:
-            self.complete(frames.Reply(ticket, *outcome).encode())
+            self.complete(frames.reply_frame(ticket, *outcome))
 
     def complete(self, frame: bytes | None = None) -> None:
         """Counted work ended: send its answer, if it has one, and count it out.

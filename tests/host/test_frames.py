@@ -81,6 +81,10 @@ def test_a_tunnel_send_timeout_is_left_for_the_tunnel_to_check():
 
 def test_the_fast_path_frames_are_the_ones_encode_and_decode_know():
     assert frames.request_frame(7, 1.5, b"x") == frames.Request(7, 1.5, b"x").encode()
+    for success, payload in ((True, b"ok"), (False, "fault text")):
+        reply = frames.reply_frame(7, success, payload)
+        assert reply == frames.Reply(7, success, payload).encode()
+        assert frames.decode(reply) == frames.Reply(7, success, payload)
     others = [
         frames.Reply(7, False, "fault").encode(),
         frames.Expired(7).encode(),
