@@ -206,6 +206,31 @@ def test_ping_pong_with_a_ring_pair(make_ring, spawn):
     join_ok(child)
 
 
+def _echo_asleep(requests: Ring, replies: Ring) -> None:
+    while (frame := requests.get(timeout=10, spin=False)) != b"stop":
+        replies.put(frame, timeout=10)
+
+
+def test_readers_that_sleep_at_once_miss_no_wakeup(make_ring, spawn):
+    """Both readers sleep on their eventfd for every frame, and bursts of one
+    to three frames land while a reader is being woken. A wake-up lost (the
+    TSO publisher lowers the reader's flag as it signals; the reader raises
+    it again before each sleep) would cost a whole SLEEP_SLICE_SECONDS."""
+    requests, replies = make_ring(), make_ring()
+    child = spawn(_echo_asleep, requests, replies)
+    slowest = 0.0
+    for i in range(2000):
+        burst = [b"%d.%d" % (i, j) for j in range(1 + i % 3)]
+        start = time.monotonic()
+        for frame in burst:
+            requests.put(frame)
+        assert [replies.get(timeout=5, spin=False) for _ in burst] == burst
+        slowest = max(slowest, time.monotonic() - start)
+    requests.put(b"stop")
+    join_ok(child)
+    assert slowest < ring_module.SLEEP_SLICE_SECONDS / 2
+
+
 # ---------------------------------------------------------------- timeouts
 
 
