@@ -252,8 +252,13 @@ class _Output(logging.StreamHandler):  # type: ignore[type-arg]
     def emit(self, record: logging.LogRecord) -> None:
         try:
             if isinstance(record.msg, LineBatch):  # a line per message
-                for line in self._formatter.format_batch(record, record.msg.lines()):
-                    self._add(line + self.terminator)
+                lines = self._formatter.format_batch(record, record.msg.lines())
+                text = self.terminator.join(lines) + self.terminator
+                if len(text) <= FLUSH_BYTES:  # whole lines, in one write whatever comes
+                    self._add(text)
+                else:
+                    for line in lines:
+                        self._add(line + self.terminator)
             else:
                 self._add(self.format(record) + self.terminator)
             if not self.backlog():
