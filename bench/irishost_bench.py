@@ -50,6 +50,10 @@ a ratio holds for this machine at this moment; absolute figures on a shared
   worker, ``[logging] access`` off and on (stderr to a file, as a journald
   stream drains it). Target: on keeps >= 0.85x the requests/s of off. With
   ``--compare DIR`` the checkout DIR runs both ways in the same alternation.
+- handler-cost: LOAD_CONCURRENCY in flight against plain ``iris.register``
+  and irishost with 1 and 2 workers, for configs/primes.py handlers of
+  about 0, 15, 65 and 250 us of CPU a request: where, on this machine, a
+  second worker starts to pay. No target.
 
 - preload-memory: a handler module that builds about 200 MB of small
   containers at import, preloaded by irishost's fork server, 4 workers,
@@ -110,7 +114,15 @@ from irishost.wire import frames
 from irishost.wire.ring import Ring, segment_prefix
 from irishost.worker import process as worker
 
-BENCHMARKS = ("cpu-bound", "ring", "dispatch", "echo-overhead", "access-log", "preload-memory")
+BENCHMARKS = (
+    "cpu-bound",
+    "ring",
+    "dispatch",
+    "echo-overhead",
+    "access-log",
+    "handler-cost",
+    "preload-memory",
+)
 
 # The handlers both sides serve: the example services of configs/, so the
 # figures are those of the code the README runs. A module written into the
@@ -149,6 +161,8 @@ PRIME_REQUEST = str(PRIME_LIMIT).encode()
 CPU_REQUESTERS = 8
 CPU_WORKERS = 2
 ECHO_REQUEST = b"x"
+# handler-cost's handlers: primes below each, from about 0 to 250 us of CPU.
+HANDLER_COST_LIMITS = (2, 100, 400, 1000)
 # configs/async_echo.py's handler: echo-overhead runs it in irishost too, so the
 # event-loop worker's request path is measured beside the threaded one.
 ASYNC_ECHO = "AsyncEchoHandler"
@@ -752,11 +766,15 @@ class LoadWindow:
 
 
 def load_window(
-    rig: Rig, settings: Settings, processes: Sequence[psutil.Process] = ()
+    rig: Rig,
+    settings: Settings,
+    processes: Sequence[psutil.Process] = (),
+    request: bytes = ECHO_REQUEST,
 ) -> LoadWindow:
-    """LOAD_CONCURRENCY echo requesters (iris.aio, the cheapest client on the
-    shared cores) through a warm-up, then a window cut out of the middle by
-    snapshots of the count and the CPU times, as iris_bench cuts its own.
+    """LOAD_CONCURRENCY requesters of ``request`` (iris.aio, the cheapest
+    client on the shared cores) through a warm-up, then a window cut out of
+    the middle by snapshots of the count and the CPU times, as iris_bench
+    cuts its own.
 
     So connecting, the ramp up and the drain at the end, when batches are
     small and the processes have just woken, fall outside the window: its
@@ -774,7 +792,7 @@ def load_window(
         async def lane() -> None:
             nonlocal answered
             while running:
-                await conn.request(CLUSTER, ECHO_REQUEST, REPLY_TIMEOUT)
+                await conn.request(CLUSTER, request, REPLY_TIMEOUT)
                 answered += 1
 
         lanes = [asyncio.ensure_future(lane()) for _ in range(LOAD_CONCURRENCY)]
@@ -1010,6 +1028,45 @@ def bench_access_log(report: _util.Report, settings: Settings, directory: Path) 
 
 
 # ---------------------------------------------------------------------------
+# 5b. Where a second worker starts to pay, on this machine (issue 19).
+
+
+def bench_handler_cost(report: _util.Report, settings: Settings, directory: Path) -> None:
+    """LOAD_CONCURRENCY in flight against plain iris.register and irishost
+    with 1 and 2 workers, for handlers of growing CPU cost (primes below
+    each of HANDLER_COST_LIMITS). On 2 cores the client, the relay and the
+    supervisor take CPU too, so a second worker adds little capacity for
+    a handler that does nothing (echo-overhead) and pays once the handler's
+    own work dominates; this shows where."""
+    for limit in HANDLER_COST_LIMITS:
+        config = load_config(write_config(directory, f"cost{limit}", "PrimeHandler", 1, 1))
+        request = str(limit).encode()
+        seconds, answer = handler_seconds(config, request)
+        with contextlib.ExitStack() as stack:
+            rigs = [
+                stack.enter_context(Rig(directory, "PrimeHandler", workers, (request, answer)))
+                for workers in (None, 1, 2)
+            ]
+            windows: dict[Rig, list[LoadWindow]] = {rig: [] for rig in rigs}
+            for rig in _util.alternating(rigs, settings.rounds):
+                windows[rig].append(load_window(rig, settings, request=request))
+        rates = {
+            rig: sum(w.answered for w in ws) / sum(w.seconds for w in ws)
+            for rig, ws in windows.items()
+        }
+        name = f"handler-cost: primes below {limit} ({seconds * 1e6:.0f} us a request)"
+        plain = rates[rigs[0]]
+        report.add(f"{name}, {LOAD_CONCURRENCY} in flight: {rigs[0].label}", plain, "requests/s")
+        for rig in rigs[1:]:
+            report.add(
+                f"{name}, {LOAD_CONCURRENCY} in flight: {rig.label}",
+                rates[rig],
+                "requests/s",
+                baseline=plain,
+            )
+
+
+# ---------------------------------------------------------------------------
 # 6. Preloaded memory: what each worker holds of its own (issue 19, items 3 and 4).
 
 PRELOADED_MODULE = "hostbench_preloaded"
@@ -1169,6 +1226,7 @@ RUNNERS: dict[str, Callable[[_util.Report, Settings, Path], None]] = {
     "dispatch": bench_dispatch,
     "echo-overhead": bench_echo_overhead,
     "access-log": bench_access_log,
+    "handler-cost": bench_handler_cost,
     "preload-memory": bench_preload_memory,
 }
 
