@@ -1,6 +1,6 @@
 """Benchmark irishost against its product targets, all side by side in one run.
 
-Run as ``python bench/irishost_bench.py`` (under a minute; ``--quick`` for a
+Run as ``python bench/irishost_bench.py`` (about two minutes; ``--quick`` for a
 smoke test of a few seconds, ``--only NAME`` for one benchmark, ``--json
 FILE`` to keep the figures, ``--strict`` to exit 1 when a target is missed,
 ``--profile DIR`` to profile irishost's request path instead, sequential
@@ -586,6 +586,22 @@ def _reap_multiprocessing_children() -> None:
 def echo(payload: bytes) -> bytes:
     """The executor's task: the same nothing the EchoHandler does."""
     return payload
+
+
+@contextlib.contextmanager
+def work_directory() -> Iterator[Path]:
+    """A temporary directory that this process, and only this process, removes.
+
+    Not a ``TemporaryDirectory``: dispatch forks a worker from this process,
+    and a worker leaving on a drain runs the atexit handlers it inherited
+    (as irishost's own workers do), among them the one that would remove a
+    ``TemporaryDirectory`` from under the benchmarks that follow.
+    """
+    path = Path(tempfile.mkdtemp(prefix="irishost-bench-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -1289,8 +1305,7 @@ def profile_echo(directory: str, settings: Settings, loaded: bool) -> None:
     def profiled_argv(config: Path) -> list[str]:
         return [sys.executable, __file__, "--profiled-host", directory, str(config)]
 
-    with tempfile.TemporaryDirectory(prefix="irishost-bench-") as work:
-        workdir = Path(work)
+    with work_directory() as workdir:
         (workdir / f"{HANDLER_MODULE}.py").write_text(HANDLER_SOURCE)
         probe = (ECHO_REQUEST, ECHO_REQUEST)
         with Rig(workdir, "EchoHandler", 1, probe, profiled_argv) as rig:
@@ -1391,8 +1406,7 @@ def main(argv: list[str] | None = None) -> int:
     report = _util.Report(_util.machine(), "quick" if args.quick else "full")
     shm_before = _shm_names()
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="irishost-bench-") as work:
-        directory = Path(work)
+    with work_directory() as directory:
         (directory / f"{HANDLER_MODULE}.py").write_text(HANDLER_SOURCE)
         for name in _util.select(BENCHMARKS, args.only):
             print(f"running {name} ...", file=sys.stderr, flush=True)
