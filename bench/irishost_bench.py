@@ -872,13 +872,7 @@ def bench_echo_overhead(report: _util.Report, settings: Settings, directory: Pat
             samples[rig] += latency_window(rig, settings)
             for index, process in enumerate(processes):
                 cpu[rig][index] += _cpu_seconds(process) - before[index]
-        loaded_rigs = [*rigs, *wide]
-        windows: dict[Rig, list[LoadWindow]] = {rig: [] for rig in loaded_rigs}
-        client = psutil.Process()
-        for rig in _util.alternating(loaded_rigs, settings.rounds):
-            # The service's processes (irishost's supervisor first), then the client and relay.
-            processes = [*rig.processes(), client, rig.relay.ps]
-            windows[rig].append(load_window(rig, settings, processes))
+        loaded = loaded_windows([*rigs, *wide], settings)
     baseline = report.add_latencies(f"echo latency: {plain.label}", samples[plain])
     for host in hosts:
         target = ECHO_TARGET if host is hosts[0] else None
@@ -901,7 +895,6 @@ def bench_echo_overhead(report: _util.Report, settings: Settings, directory: Pat
             "us",
             baseline=plain_cpu,
         )
-    loaded = {rig: Loaded.total(rig_windows) for rig, rig_windows in windows.items()}
     report_loaded(report, plain, hosts, wide, loaded)
     report_saturation(report, [plain, *hosts, *wide], loaded)
 
@@ -936,6 +929,21 @@ class Loaded:
     def per_request(self, cpu_seconds: float) -> float:
         """``cpu_seconds`` over these windows, in us per request."""
         return cpu_seconds / self.answered * 1e6
+
+
+def loaded_windows(
+    rigs: list[Rig], settings: Settings, request: bytes = ECHO_REQUEST
+) -> dict[Rig, Loaded]:
+    """Each rig's windows of LOAD_CONCURRENCY ``request``s in flight, in
+    alternating rounds, added up; each window measured on the rig's service
+    processes (irishost's supervisor first), then the client (this process)
+    and the rig's relay, as Loaded.total reads them."""
+    client = psutil.Process()
+    windows: dict[Rig, list[LoadWindow]] = {rig: [] for rig in rigs}
+    for rig in _util.alternating(rigs, settings.rounds):
+        processes = [*rig.processes(), client, rig.relay.ps]
+        windows[rig].append(load_window(rig, settings, processes, request))
+    return {rig: Loaded.total(rig_windows) for rig, rig_windows in windows.items()}
 
 
 def report_loaded(
@@ -1015,20 +1023,12 @@ def bench_access_log(report: _util.Report, settings: Settings, directory: Path) 
                 off.label += f" from {checkout}"
                 on.label += f" from {checkout}"
             pairs.append((off, on))
-        rigs = [rig for pair in pairs for rig in pair]
-        windows: dict[Rig, list[LoadWindow]] = {rig: [] for rig in rigs}
-        for rig in _util.alternating(rigs, settings.rounds):
-            windows[rig].append(load_window(rig, settings, [rig.processes()[0]]))
+        loaded = loaded_windows([rig for pair in pairs for rig in pair], settings)
     in_flight = f"{LOAD_CONCURRENCY} in flight"
-
-    def figures(rig: Rig) -> tuple[float, float]:
-        """Requests/s, and the supervisor's CPU in us per request."""
-        answered = sum(w.answered for w in windows[rig])
-        supervisor = sum(w.cpu[0] for w in windows[rig])
-        return answered / sum(w.seconds for w in windows[rig]), supervisor / answered * 1e6
-
     for off, on in pairs:
-        (off_rate, off_cpu), (on_rate, on_cpu) = figures(off), figures(on)
+        off_rate, on_rate = loaded[off].rate, loaded[on].rate
+        off_cpu = loaded[off].per_request(loaded[off].supervisor)
+        on_cpu = loaded[on].per_request(loaded[on].supervisor)
         report.add(f"echo, {in_flight}: {off.label}", off_rate, "requests/s")
         target = ACCESS_LOG_TARGET if off is pairs[0][0] else None
         report.add(
@@ -1063,13 +1063,8 @@ def bench_handler_cost(report: _util.Report, settings: Settings, directory: Path
                 stack.enter_context(Rig(directory, "PrimeHandler", workers, (request, answer)))
                 for workers in (None, 1, 2)
             ]
-            windows: dict[Rig, list[LoadWindow]] = {rig: [] for rig in rigs}
-            for rig in _util.alternating(rigs, settings.rounds):
-                windows[rig].append(load_window(rig, settings, request=request))
-        rates = {
-            rig: sum(w.answered for w in ws) / sum(w.seconds for w in ws)
-            for rig, ws in windows.items()
-        }
+            loaded = loaded_windows(rigs, settings, request)
+        rates = {rig: figures.rate for rig, figures in loaded.items()}
         name = f"handler-cost: primes below {limit} ({seconds * 1e6:.0f} us a request)"
         plain = rates[rigs[0]]
         report.add(f"{name}, {LOAD_CONCURRENCY} in flight: {rigs[0].label}", plain, "requests/s")

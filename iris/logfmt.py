@@ -69,13 +69,12 @@ _DEBUG_PRIORITY = 7
 _HAS_PRIORITY = re.compile(r"<[0-7]>")
 
 # Records the writer may fall behind by before new ones are dropped. The
-# access log is the busiest source, its lines in records of up to
-# ACCESS_LINES_PER_RECORD (iris.logs.LineBatch): at 50k requests/s this is
+# access log is the busiest source, its lines in records of up to 16
+# (iris.logs.LineBatch; irishost's request_log): at 50k requests/s this is
 # seconds of lines, enough to ride out a slow disk or journald catching up;
 # a stalled reader then holds at most this many records (about 20 MB of
 # access lines) in memory.
 QUEUE_RECORDS = 10_000
-ACCESS_LINES_PER_RECORD = 16
 # The writer flushes at most this much at once: a pipe write of up to
 # PIPE_BUF bytes is atomic, so lines of the processes sharing stderr (the
 # supervisor, its workers, an embedded relay) never interleave mid-line.
@@ -101,15 +100,14 @@ class _JournalFormatter(logging.Formatter):
         super().__init__(JOURNAL_FORMAT)
 
     def format(self, record: logging.LogRecord) -> str:
-        prefix = f"<{_priority(record.levelno)}>"
         if _is_plain(record):  # JOURNAL_FORMAT, without logging's general machinery
-            line = f"{record.levelname} {record.name}: {record.getMessage()}"
-        else:
-            line = super().format(record)
-        return prefix + line.replace("\n", "\n" + prefix)
+            return self.format_batch(record, [record.getMessage()])[0]
+        prefix = f"<{_priority(record.levelno)}>"
+        return prefix + super().format(record).replace("\n", "\n" + prefix)
 
     def format_batch(self, record: logging.LogRecord, messages: list[str]) -> list[str]:
-        """A LineBatch's lines: :meth:`format`'s, the part before the message made once."""
+        """The lines of a plain record's messages (one, or a LineBatch's), the
+        part before the message made once."""
         prefix = f"<{_priority(record.levelno)}>"
         head = f"{prefix}{record.levelname} {record.name}: "
         return [(head + message).replace("\n", "\n" + prefix) for message in messages]
@@ -143,12 +141,12 @@ class _PlainFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         if _is_plain(record):  # PLAIN_FORMAT, without logging's general machinery
-            when = self.formatTime(record)
-            return f"{when} {record.levelname} {record.name}: {record.getMessage()}"
+            return self.format_batch(record, [record.getMessage()])[0]
         return super().format(record)
 
     def format_batch(self, record: logging.LogRecord, messages: list[str]) -> list[str]:
-        """A LineBatch's lines: :meth:`format`'s, the part before the message made once."""
+        """The lines of a plain record's messages (one, or a LineBatch's), the
+        part before the message made once."""
         head = f"{self.formatTime(record)} {record.levelname} {record.name}: "
         return [head + message for message in messages]
 

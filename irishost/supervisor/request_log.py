@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import iris
-from iris.logfmt import ACCESS_LINES_PER_RECORD
 from iris.logs import HotRecord, LineBatch, format_pairs
 
 from ..config import Config
@@ -30,6 +29,9 @@ from .handle import WorkerHandle
 
 # The access log's logger: one INFO line per request when [logging] access is on.
 access_logger = logging.getLogger("irishost.access")
+# Access lines per record at most: the log writer's queue bound is in records
+# (iris.logfmt.QUEUE_RECORDS), so this bounds what a stalled stderr holds.
+ACCESS_LINES_PER_RECORD = 16
 
 
 class HostRequest(Protocol):

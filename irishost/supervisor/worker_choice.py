@@ -108,22 +108,22 @@ class WorkerChoice:
         if heap:
             entry = heap[0]
             if entry[3].in_flight_bytes + size <= self._memory_cap:
-                return self._chosen(entry)
+                worker = self._count(entry)
+                heapq.heapreplace(heap, entry)  # the top, one more: sifted down
+                return worker
             for entry in sorted(heap):  # the least loaded one is full: rare
                 if entry[3].in_flight_bytes + size <= self._memory_cap:
-                    chosen = self._chosen(entry)
+                    worker = self._count(entry)
                     heapq.heapify(heap)
-                    return chosen
+                    return worker
         return no_room(self._open, self._stalled, self._memory_cap, size)
 
-    def _chosen(self, entry: _Entry) -> WorkerHandle:
-        """Count a request onto ``entry``'s worker; the worker. Keeps the heap
-        in order when ``entry`` is its top; the caller re-orders it otherwise."""
+    def _count(self, entry: _Entry) -> WorkerHandle:
+        """One more request for ``entry``'s worker, chosen now; the worker.
+        The caller puts the heap back in order."""
         worker: WorkerHandle = entry[3]
         entry[0] += 1
         entry[1] = worker.last_chosen = next(self._clock)
-        if entry is self._heap[0]:
-            heapq.heapreplace(self._heap, entry)  # the top, one more: sifted down
         return worker
 
 

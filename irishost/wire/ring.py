@@ -786,7 +786,7 @@ def wait_readable(
     :meth:`Ring.get`.  Returns an empty list on timeout, or early when one of
     ``wake_fds`` (a signal wake-up pipe, say) becomes readable; the caller
     reads those itself. ``spin=False`` sleeps at once (the supervisor's loop
-    passes it under load: irishost.supervisor.loop.BatchWaiter).
+    passes it under load: irishost.supervisor.batch_waiter.BatchWaiter).
     """
     if not rings and not wake_fds:
         raise ValueError("wait_readable() needs a ring or a wake fd")
